@@ -1,0 +1,196 @@
+"""Typed values that stages hand to each other.
+
+Artifacts holding modules or tensors are ``eq=False``: comparing two models element-wise is never
+what anyone means, and frozen does not deep-freeze a module anyway. Everything from
+:class:`SensitivityScores` on is plain data (floats, strings, tuples) so it can be written to
+JSON, compared in tests and read back without torch or ModelOpt installed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import attrs
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+Scope = Literal["language_model", "full_model"]
+Layout = Literal["packed", "padded"]
+Method = Literal["gradient", "kl_div"]
+
+
+@attrs.frozen(eq=False)
+class LoadedModel:
+    """A model and its tokenizer, as loaded (weights may sit on a GPU)."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    """What the user asked for: a directory, ``builtin:...`` or ``config:...``."""
+    architecture: str
+    """Class name of the loaded model, e.g. ``Qwen3VLForConditionalGeneration``."""
+    dtype: str
+    device: str
+    """Device of the first parameter; with ``device_map`` the model may span several."""
+
+
+@attrs.frozen(eq=False)
+class LanguageModel:
+    """The text decoder of a (vision-)language model and the pieces AutoQuant must see.
+
+    ``module`` is mutated in place by :class:`RunAutoQuant` (ModelOpt inserts quantizers into it);
+    a pipeline that needs the pristine model afterwards must load it again.
+    """
+
+    module: torch.nn.Module
+    """The decoder stack returning ``last_hidden_state`` (e.g. ``Qwen3VLTextModel``)."""
+    lm_head: torch.nn.Module
+    prefix: str
+    """Name of ``module`` inside ``full_model`` (``model.language_model``), empty for the root."""
+    head_name: str
+    """Name of ``lm_head`` inside ``full_model``."""
+    full_model: torch.nn.Module
+    vision_modules: tuple[str, ...]
+    """Names of vision towers/mergers kept out of quantization."""
+    scope: Scope
+    pad_token_id: int
+
+
+@attrs.frozen
+class CalibStats:
+    """How much text the calibration really saw; padding is counted apart on purpose."""
+
+    captions_path: str
+    captions_sha256: str
+    layout: Layout
+    seq_len: int
+    batch_size: int
+    max_samples: int
+    samples: int
+    real_tokens: int
+    total_tokens: int
+    batches: int
+    truncated_samples: int
+    """Captions longer than ``seq_len`` that were cut."""
+
+    @property
+    def padding_fraction(self) -> float:
+        return 0.0 if self.total_tokens == 0 else 1.0 - self.real_tokens / self.total_tokens
+
+
+@attrs.frozen(eq=False)
+class CalibData:
+    """Tokenised calibration batches.
+
+    Each batch is a dict with ``input_ids``, ``position_ids`` and ``labels`` (all ``[B, L]``
+    int64, on CPU), plus ``attention_mask`` for the padded layout. ``labels`` are unshifted
+    (Hugging Face convention) and hold -100 wherever no prediction should be scored: padding
+    and, in the packed layout, the first token of every caption so nothing is predicted across
+    a caption boundary.
+    """
+
+    batches: tuple[dict[str, torch.Tensor], ...]
+    captions_per_batch: tuple[int, ...]
+    stats: CalibStats
+
+
+@attrs.frozen
+class GroupScore:
+    """One AutoQuant recipe group: modules that must share a format (e.g. q/k/v)."""
+
+    name: str
+    """Full-model module path of the group, without ModelOpt's ``.quant_recipe`` suffix."""
+    module_names: tuple[str, ...]
+    formats: tuple[str, ...]
+    """Format names including ``NONE``, in ModelOpt's order."""
+    bits: tuple[float, ...]
+    scores: tuple[float, ...]
+    costs: tuple[float, ...]
+    best_format: str
+    """The format the effective-bits search picked for this group."""
+
+
+@attrs.frozen
+class SensitivityScores:
+    """AutoQuant's result reduced to plain numbers (no ModelOpt objects)."""
+
+    groups: tuple[GroupScore, ...]
+    formats: tuple[str, ...]
+    method: Method
+    scope: Scope
+    effective_bits_target: float
+    effective_bits_lm: float
+    """Bits reached over the language model's (and lm_head's) weights alone."""
+    effective_bits_model: float
+    """Bits reached over every weight AutoQuant costed (vision too in ``full_model`` scope)."""
+    total_score: float
+    satisfied: bool
+    calib_steps: int
+    score_steps: int
+    score_samples: int
+    autoquant_seconds: float
+
+
+@attrs.frozen
+class StageTiming:
+    stage: str
+    seconds: float
+
+
+@attrs.frozen
+class RunTimings:
+    """Wall time of every stage finished so far; the runner keeps this up to date."""
+
+    stages: tuple[StageTiming, ...] = ()
+
+    def add(self, stage: str, seconds: float) -> RunTimings:
+        return RunTimings((*self.stages, StageTiming(stage, seconds)))
+
+
+@attrs.frozen
+class ValidatedGroup:
+    """Measured damage of quantizing one recipe group alone."""
+
+    name: str
+    format: str
+    score: float
+    selection: Literal["top", "bottom", "random"]
+    delta_nll: float
+    kl_div: float
+
+
+@attrs.frozen
+class ValidationReport:
+    """How well the predicted ranking matches measured damage on held-out captions."""
+
+    groups: tuple[ValidatedGroup, ...]
+    baseline_nll: float
+    spearman_nll: float
+    kendall_nll: float
+    spearman_kl: float
+    kendall_kl: float
+    topk_overlap: float
+    k: int
+    joint_delta_nll: float
+    sum_delta_nll: float
+    holdout_samples: int
+    holdout_tokens: int
+    seconds: float
+    restored_exactly: bool
+
+
+@attrs.frozen(eq=False)
+class QuantState:
+    """ModelOpt's raw search state, kept only so WriteReports can save it if asked."""
+
+    state: dict[str, Any]
+
+
+@attrs.frozen
+class ReportPaths:
+    """Every file WriteReports wrote, so callers never have to guess names."""
+
+    directory: str
+    files: tuple[str, ...]
