@@ -87,7 +87,9 @@ def check_wiring(stages: Sequence[Stage], supplied: Iterable[type]) -> None:
         raise WiringError("the pipeline has no stages")
     for index, stage in enumerate(stages):
         if not isinstance(stage, Stage):
-            raise WiringError(f"pipeline step {index} ({stage!r}) is not a stage: it lacks requires/produces/run")
+            raise WiringError(
+                f"pipeline step {index} ({stage!r}) is not a stage: it lacks requires/produces/run"
+            )
         for need in stage.requires:
             if not any(issubclass(have, need) for have in available):
                 producers = ", ".join(stage_name(s) for s in stages[:index]) or "none"

@@ -1,0 +1,1 @@
+"""Per-layer quantization sensitivity of (vision-)language models with ModelOpt AutoQuant."""
