@@ -8,7 +8,7 @@ JSON, compared in tests and read back without torch or ModelOpt installed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
@@ -131,6 +131,8 @@ class SensitivityScores:
     score_steps: int
     score_samples: int
     autoquant_seconds: float
+    state_path: str | None = None
+    """Where ModelOpt's search state (its ``checkpoint=`` file) was saved, if anywhere."""
 
 
 @attrs.frozen
@@ -179,13 +181,6 @@ class ValidationReport:
     holdout_tokens: int
     seconds: float
     restored_exactly: bool
-
-
-@attrs.frozen(eq=False)
-class QuantState:
-    """ModelOpt's raw search state, kept only so WriteReports can save it if asked."""
-
-    state: dict[str, Any]
 
 
 @attrs.frozen

@@ -67,6 +67,8 @@ class AutoQuantSpec:
     """Extra wildcard patterns (full-model names) kept out of quantization."""
     allow_nonfinite: bool = False
     """Keep going when a score is NaN/inf instead of failing."""
+    checkpoint: str | None = None
+    """ModelOpt search-state file: saved after scoring, restored (skipping scoring) when present."""
 
 
 @attrs.frozen
@@ -80,7 +82,7 @@ class ReportSpec:
     output_dir: str | None = None
     """Where reports go; the CLI fills this in from ``--output``."""
     save_state: bool = False
-    """Also write ``<scheme>_autoquant_state.pt`` (ModelOpt's search state)."""
+    """Also copy ModelOpt's search state to ``<scheme>_autoquant_state.pt``."""
     plots: bool = True
 
 
