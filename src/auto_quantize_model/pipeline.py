@@ -76,6 +76,14 @@ class Artifacts:
         return tuple(type(x) for x in self._items)
 
 
+def _stages(items: Iterable[Stage]) -> tuple[Stage, ...]:
+    return tuple(items)
+
+
+def _supplied(items: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(items)
+
+
 def stage_name(stage: object) -> str:
     return type(stage).__name__
 
@@ -108,8 +116,8 @@ class Pipeline:
     already in memory.
     """
 
-    stages: tuple[Stage, ...] = attrs.field(converter=tuple)
-    supplied: tuple[Any, ...] = attrs.field(default=(), converter=tuple)
+    stages: tuple[Stage, ...] = attrs.field(converter=_stages)
+    supplied: tuple[Any, ...] = attrs.field(default=(), converter=_supplied)
 
     def check(self) -> None:
         check_wiring(self.stages, (type(x) for x in self.supplied))
