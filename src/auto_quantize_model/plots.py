@@ -1,0 +1,294 @@
+"""Pictures of a ranking: where in the network the sensitive groups sit, which ones lead, and
+(after validation) whether the predicted scores track the measured damage.
+
+matplotlib is imported inside :func:`write_plots` only, and through its object API (``Figure``,
+no ``pyplot``): nothing global changes, no GUI backend is touched, so plotting works headless and
+inside a notebook without switching the user's backend.
+
+Scores span many decades (1e-6 to 1e2 in one Qwen3-VL-4B run), so every score axis is
+logarithmic. A log axis has no place for 0 or negatives; each plot says in its title what it did
+with them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from auto_quantize_model.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from auto_quantize_model.artifacts import ValidationReport
+    from auto_quantize_model.manifest import Manifest, RankedGroup
+
+HEATMAP_KINDS = ("q/k/v", "o", "gate/up", "down", "lm_head")
+"""Heatmap rows: the recipe groups of a Qwen-style decoder layer, then the output head."""
+
+HEAD_COLUMN = "head"
+TOP_GROUPS = 30
+DPI = 150
+
+HEATMAP_STEM = "sensitivity-heatmap"
+TOP_STEM = "sensitivity-top"
+SCATTER_STEM = "validation-scatter"
+FORMATS = ("png", "svg")
+
+_PROJECTION_KIND = {
+    "q_proj": "q/k/v",
+    "k_proj": "q/k/v",
+    "v_proj": "q/k/v",
+    "qkv_proj": "q/k/v",
+    "o_proj": "o",
+    "gate_proj": "gate/up",
+    "up_proj": "gate/up",
+    "gate_up_proj": "gate/up",
+    "down_proj": "down",
+}
+_DECODER_GROUP = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:\w+\.)*?(" + "|".join(_PROJECTION_KIND) + r")$")
+_VISION_PART = re.compile(r"(?:^|\.)(?:visual|vision\w*)(?:\.|$)")
+_LM_PREFIX = re.compile(r"^(?:.*?\blanguage_model\.|model\.)")
+
+
+def grid_slot(name: str) -> tuple[int | None, str] | None:
+    """Where a group goes in the heatmap: ``(layer, kind)``, ``(None, "lm_head")``, or None.
+
+    Accepts our names (``model.language_model.layers.12.mlp.down_proj``), the previous tool's
+    older ones without ``model.``, a plain causal LM's ``model.layers.N...``, and ModelOpt's
+    ``.quant_recipe`` suffix. Vision towers also have ``layers.N.self_attn`` in some models, so
+    any name with a vision part is left out rather than mixed into the decoder rows.
+    """
+    name = name.removesuffix(".quant_recipe")
+    if _VISION_PART.search(name):
+        return None
+    if name == "lm_head" or name.endswith(".lm_head"):
+        return (None, "lm_head")
+    match = _DECODER_GROUP.search(name)
+    if match is None:
+        return None
+    return (int(match.group(1)), _PROJECTION_KIND[match.group(2)])
+
+
+def short_name(name: str) -> str:
+    """The group name without the language model's prefix, for axis labels."""
+    return _LM_PREFIX.sub("", name.removesuffix(".quant_recipe"))
+
+
+@attrs.frozen
+class ImportanceGrid:
+    """Heatmap data: ``values[row][column]``, rows = ``kinds``, columns = ``columns``.
+
+    A cell with no group is NaN. When several groups share a cell (q, k and v scored apart) the
+    cell shows the largest importance, like the manifest's max-over-formats importance.
+    """
+
+    kinds: tuple[str, ...]
+    columns: tuple[str, ...]
+    """Layer indices as text (every index from 0 to the largest seen), then ``head`` if present."""
+    values: tuple[tuple[float, ...], ...]
+    left_out: tuple[str, ...]
+    """Groups that fit no cell (vision, unknown module kinds)."""
+
+
+def importance_grid(groups: Iterable[RankedGroup]) -> ImportanceGrid:
+    """Place each group's importance on the layer-by-kind grid (pure; the heatmap draws this)."""
+    cells: dict[tuple[int | None, str], float] = {}
+    left_out = []
+    for group in groups:
+        slot = grid_slot(group.name)
+        if slot is None:
+            left_out.append(group.name)
+            continue
+        previous = cells.get(slot, -math.inf)
+        value = group.importance
+        cells[slot] = value if math.isnan(value) or value > previous else previous
+    layers = [layer for layer, _ in cells if layer is not None]
+    n_layers = max(layers) + 1 if layers else 0
+    has_head = (None, "lm_head") in cells
+    # Every decoder row once any layer is there (a missing kind shows as grey, which is news);
+    # the lm_head row only when the head was scored.
+    kinds = tuple(kind for kind in HEATMAP_KINDS if (has_head if kind == "lm_head" else n_layers > 0))
+    column_keys: list[int | None] = [*range(n_layers), *([None] if has_head else [])]
+    values = tuple(tuple(cells.get((column, kind), math.nan) for column in column_keys) for kind in kinds)
+    columns = tuple(HEAD_COLUMN if column is None else str(column) for column in column_keys)
+    return ImportanceGrid(kinds, columns, values, tuple(left_out))
+
+
+def _positive_finite(values: Iterable[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v) and v > 0]
+
+
+def _save(figure: Any, directory: Path, stem: str) -> list[Path]:
+    import matplotlib
+
+    written = []
+    for fmt in FORMATS:
+        buffer = io.BytesIO()
+        # Fixed SVG id salt and no dates: the same manifest gives byte-identical files. SVG text
+        # stays text (not glyph outlines): smaller, selectable, searchable.
+        with matplotlib.rc_context({"svg.hashsalt": "auto-quantize-model", "svg.fonttype": "none"}):
+            metadata = {"Date": None} if fmt == "svg" else {"Software": None}
+            figure.savefig(buffer, format=fmt, dpi=DPI, metadata=metadata)
+        path = directory / f"{stem}.{fmt}"
+        atomic_write_bytes(path, buffer.getvalue())  # readers never see half a picture
+        written.append(path)
+    return written
+
+
+def _heatmap(grid: ImportanceGrid, title: str) -> Any:
+    import matplotlib
+    import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.figure import Figure
+
+    data = np.array(grid.values, dtype=float)
+    positive = _positive_finite(data.ravel().tolist())
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9", under="#ffffff")
+    notes = ["grey: no group or non-finite"]
+    if positive:
+        low, high = min(positive), max(positive)
+        norm: Any = LogNorm(vmin=low, vmax=high if high > low else low * 10)
+        zero = np.isfinite(data) & (data <= 0)
+        if zero.any():
+            data = np.where(zero, low / 10, data)  # shown in the "under" colour, not as missing
+            notes.append("white: scored ≤ 0")
+    else:
+        norm = Normalize(vmin=0.0, vmax=1.0)
+        notes.append("no positive score to colour")
+    width = min(max(6.5, 2.5 + 0.3 * len(grid.columns)), 30.0)
+    figure = Figure(figsize=(width, 1.2 + 0.45 * len(grid.kinds)), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(data, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    step = 1 if len(grid.columns) <= 40 else math.ceil(len(grid.columns) / 40)
+    ticks = [i for i in range(len(grid.columns)) if i % step == 0 or grid.columns[i] == HEAD_COLUMN]
+    axes.set_xticks(ticks, [grid.columns[i] for i in ticks], fontsize=7)
+    axes.set_yticks(range(len(grid.kinds)), grid.kinds)
+    axes.set_xlabel("decoder layer")
+    axes.set_title(f"{title}\n({'; '.join(notes)})", fontsize=9)
+    colorbar = figure.colorbar(image, ax=axes, extend="min" if "white: scored ≤ 0" in notes else "neither")
+    colorbar.set_label("importance (log)" if positive else "importance")
+    return figure
+
+
+_KIND_COLOURS = dict(zip((*HEATMAP_KINDS, "other"), ("C0", "C1", "C2", "C3", "C4", "C7"), strict=True))
+
+
+def _top_bars(groups: Sequence[RankedGroup], scored: int, title: str) -> Any:
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    figure = Figure(figsize=(9.0, 1.6 + 0.24 * max(len(groups), 1)), layout="constrained")
+    axes = figure.add_subplot()
+    kinds = [(grid_slot(g.name) or (None, "other"))[1] for g in groups]
+    positions = range(len(groups))
+    axes.barh(
+        positions,
+        [g.importance for g in groups],
+        color=[_KIND_COLOURS[k] for k in kinds],
+    )
+    axes.set_yticks(positions, [f"{g.rank}. {short_name(g.name)}" for g in groups], fontsize=7)
+    axes.invert_yaxis()  # rank 1 on top
+    axes.set_xscale("log")
+    # Start a decade boundary below the smallest bar so even the shortest bar has a visible length.
+    axes.set_xlim(left=10 ** math.floor(math.log10(min(g.importance for g in groups)) - 1e-9))
+    axes.set_xlabel("importance (log)")
+    axes.set_title(f"{title}: top {len(groups)} of {scored} groups scored above 0", fontsize=9)
+    present = list(dict.fromkeys(kinds))
+    axes.legend(
+        handles=[Patch(color=_KIND_COLOURS[k], label=k) for k in present], fontsize=7, loc="lower right"
+    )
+    return figure
+
+
+def _coefficient(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def _scatter(validation: ValidationReport, title: str) -> Any:
+    from matplotlib.figure import Figure
+
+    points = [g for g in validation.groups if math.isfinite(g.score) and math.isfinite(g.delta_nll)]
+    dropped = len(validation.groups) - len(points)
+    figure = Figure(figsize=(6.5, 5.0), layout="constrained")
+    axes = figure.add_subplot()
+    for selection, marker in (("top", "o"), ("bottom", "s"), ("random", "^")):
+        chosen = [g for g in points if g.selection == selection]
+        if chosen:
+            axes.scatter(
+                [g.score for g in chosen], [g.delta_nll for g in chosen], marker=marker, label=selection
+            )
+    notes = []
+    for values, set_scale, what in (
+        ([g.score for g in points], axes.set_xscale, "score"),
+        ([g.delta_nll for g in points], axes.set_yscale, "ΔNLL"),
+    ):
+        if values and all(v > 0 for v in values):
+            set_scale("log")
+        elif values:
+            # symlog: linear within ±linthresh, logarithmic beyond, so ≤ 0 stays visible.
+            magnitudes = _positive_finite(abs(v) for v in values)
+            set_scale("symlog", linthresh=min(magnitudes) if magnitudes else 1e-6)
+            notes.append(f"{sum(v <= 0 for v in values)} {what} ≤ 0: symlog axis")
+    if dropped:
+        notes.append(f"{dropped} non-finite point(s) left out")
+    axes.set_xlabel("predicted score (AutoQuant)")
+    axes.set_ylabel("measured ΔNLL (held-out captions)")
+    header = (
+        f"{title}: Spearman {_coefficient(validation.spearman_nll)}, "
+        f"Kendall {_coefficient(validation.kendall_nll)}, n={len(points)}"
+    )
+    axes.set_title(header + (f"\n({'; '.join(notes)})" if notes else ""), fontsize=9)
+    if points:
+        axes.legend(fontsize=8)
+    axes.grid(True, which="major", alpha=0.3)
+    return figure
+
+
+def write_plots(
+    manifest: Manifest, directory: Path, validation: ValidationReport | None = None
+) -> tuple[Path, ...]:
+    """Write the plots as PNG and SVG into ``directory`` (created if needed); return their paths.
+
+    ``validation`` defaults to ``manifest.validation``. A plot with nothing to show is not
+    written: no heatmap when no group fits the layer grid, no bar chart when no group has a
+    positive finite importance, no scatter without validation points.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    validation = validation if validation is not None else manifest.validation
+    scheme = manifest.scheme.name
+    written: list[Path] = []
+
+    grid = importance_grid(manifest.groups)
+    if grid.kinds:
+        written += _save(_heatmap(grid, f"{scheme}: importance by layer and module"), directory, HEATMAP_STEM)
+
+    ranked = sorted(manifest.groups, key=lambda g: g.rank)
+    scored = [g for g in ranked if math.isfinite(g.importance) and g.importance > 0]
+    if scored:
+        written += _save(_top_bars(scored[:TOP_GROUPS], len(scored), scheme), directory, TOP_STEM)
+
+    if validation is not None and validation.groups:
+        written += _save(_scatter(validation, scheme), directory, SCATTER_STEM)
+    return tuple(written)
+
+
+_CAPTIONS = {
+    HEATMAP_STEM: "Importance by decoder layer and module kind (log colour scale)",
+    TOP_STEM: f"Top {TOP_GROUPS} groups by importance (log scale)",
+    SCATTER_STEM: "Predicted score vs measured ΔNLL",
+}
+
+
+def render_plots_markdown(paths: Sequence[Path], relative_to: Path) -> str:
+    """Markdown image links to the PNGs of :func:`write_plots` (SVG linked beside each)."""
+    lines = []
+    for png in (p for p in paths if p.suffix == ".png"):
+        caption = _CAPTIONS.get(png.stem, png.stem)
+        link = png.relative_to(relative_to).as_posix() if png.is_relative_to(relative_to) else str(png)
+        lines.append(f"![{caption}]({link})  \n[SVG]({link.removesuffix('.png')}.svg)")
+    return "\n\n".join(lines) + ("\n" if lines else "")
