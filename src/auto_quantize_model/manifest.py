@@ -2,6 +2,8 @@
 
 Ranks are 1-based and descending everywhere: rank 1 is the group whose quantization hurts most.
 The manifest is plain data so ``aqm report`` and ``aqm diff`` never need torch.
+Manifests converted from the previous tool (``origin == "legacy"``) lack some facts: numbers it
+never recorded are None, names it never recorded are ``""`` (reports print ``n/a`` for both).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ class SchemeInfo:
     method: str
     scope: str
     effective_bits_target: float
-    effective_bits_lm: float
+    effective_bits_lm: float | None
     effective_bits_model: float
     total_score: float
     satisfied: bool
     score_samples: int
-    calib_steps: int
-    score_steps: int
+    calib_steps: int | None
+    score_steps: int | None
 
 
 @attrs.frozen
@@ -41,13 +43,13 @@ class ModelInfo:
 @attrs.frozen
 class DatasetInfo:
     captions_path: str
-    captions_sha256: str
+    captions_sha256: str | None
     layout: str
     seq_len: int
     batch_size: int
     max_samples: int
     samples: int
-    real_tokens: int
+    real_tokens: int | None
     total_tokens: int
     batches: int
 
@@ -62,6 +64,7 @@ class RankedGroup:
     importance: float
     """Max score over the group's quantized (non-NONE) formats: the damage of the worst choice."""
     best_format: str
+    """The format the effective-bits search picked; ``""`` when unknown (legacy manifests)."""
     module_names: tuple[str, ...]
     formats: tuple[str, ...]
     bits: tuple[float, ...]

@@ -1,0 +1,451 @@
+"""WriteReports and ``aqm report``: the manifest, the per-layer tables and plots, on disk.
+
+Files (the previous tool's names, so existing scripts keep finding them):
+
+* ``<scheme>_quant_manifest.json``: the manifest (our schema, strict JSON);
+* ``per-layer-sensitivity.json``: the previous tool's shape (``scheme``, ``model``, ``dataset``,
+  ``autoquant_state``, ``layer_sensitivity: [{layer, num_bits, sensitivity, size_cost}]``) with
+  ``rank``, ``best_format`` and every format's bits/score/cost added to each row;
+* ``per-layer-sensitivity.md``: run summary, score health, plots and the ranked table;
+* ``plots/*.png|svg`` unless plots are off; ``<scheme>_autoquant_state.pt`` when asked for.
+
+Every table lists groups in manifest order, which is rank order, so ranks agree across the three
+files by construction. Every file is written atomically (:mod:`auto_quantize_model.fileio`).
+
+Report-only regeneration (:func:`regenerate_reports`) rewrites the JSON/Markdown/plots from a
+manifest and never rewrites the manifest itself. For the previous tool's manifests it needs an
+output folder other than the manifest's own, because that folder holds the previous tool's
+reports under the very same file names and those are the reference we compare against.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import attrs
+
+from auto_quantize_model.artifacts import ReportPaths, SensitivityScores
+from auto_quantize_model.errors import ConfigError, InputError
+from auto_quantize_model.fileio import (
+    atomic_copy,
+    atomic_write_text,
+    dumps_json,
+    manifest_from_dict,
+    manifest_to_json,
+    read_json,
+)
+from auto_quantize_model.legacy import legacy_manifest_from_dict, looks_like_legacy
+from auto_quantize_model.manifest import Manifest, RankedGroup
+from auto_quantize_model.pipeline import Artifacts
+from auto_quantize_model.ranking import NONE_FORMAT, headline_index
+from auto_quantize_model.specs import ReportSpec
+
+log = logging.getLogger("auto_quantize_model")
+
+MANIFEST_SUFFIX = "_quant_manifest.json"
+STATE_SUFFIX = "_autoquant_state.pt"
+LAYER_JSON = "per-layer-sensitivity.json"
+LAYER_MD = "per-layer-sensitivity.md"
+PLOTS_DIR = "plots"
+NOT_AVAILABLE = "n/a"
+
+
+def manifest_file_name(scheme: str) -> str:
+    return f"{scheme}{MANIFEST_SUFFIX}"
+
+
+def state_file_name(scheme: str) -> str:
+    return f"{scheme}{STATE_SUFFIX}"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading manifests
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Ours (recognised by ``schema_version``) or the previous tool's (recognised by its shape)."""
+    source = Path(path)
+    data = read_json(source)
+    if not isinstance(data, dict):
+        raise InputError(
+            f"{source} is not a quant manifest (top level is a JSON {type(data).__name__}, not an object)"
+        )
+    if "schema_version" in data:
+        return manifest_from_dict(data, source)
+    if looks_like_legacy(data):
+        return legacy_manifest_from_dict(data, source)
+    if isinstance(data.get("layer_sensitivity"), list):
+        raise InputError(
+            f"{source} is not a quant manifest (it looks like a per-layer sensitivity report; "
+            f"pass the *{MANIFEST_SUFFIX} next to it)"
+        )
+    keys = ", ".join(sorted(map(str, data))[:6]) or "none"
+    raise InputError(
+        f"{source} is not a quant manifest (no schema_version and no layer_sensitivity; keys: {keys})"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Pure rendering
+
+
+def _or_na(value: object) -> str:
+    return NOT_AVAILABLE if value is None or value == "" else str(value)
+
+
+def _num(value: float | None, spec: str = ".4e") -> str:
+    if value is None:
+        return NOT_AVAILABLE
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return format(value, spec)
+
+
+def _bits(value: float | None) -> str:
+    return _num(value, ".3f")
+
+
+def quantized_formats(groups: Sequence[RankedGroup]) -> tuple[str, ...]:
+    """Every non-NONE format any group was scored with, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for group in groups:
+        for name in group.formats:
+            if name != NONE_FORMAT:
+                seen.setdefault(name, None)
+    return tuple(seen)
+
+
+def padding_fraction(real_tokens: int | None, total_tokens: int) -> float | None:
+    if real_tokens is None or total_tokens <= 0:
+        return None
+    return 1.0 - real_tokens / total_tokens
+
+
+def layer_row(group: RankedGroup) -> dict[str, Any]:
+    """One ``layer_sensitivity`` entry: the previous tool's four keys first, then ours."""
+    head = headline_index(group.formats, group.scores)
+    return {
+        "layer": group.name,
+        "num_bits": group.bits[head],
+        "sensitivity": group.importance,
+        "size_cost": group.costs[head],
+        "rank": group.rank,
+        "best_format": group.best_format or None,
+        "formats": {
+            name: {"bits": bits, "score": score, "cost": cost}
+            for name, bits, score, cost in zip(
+                group.formats, group.bits, group.scores, group.costs, strict=True
+            )
+        },
+    }
+
+
+def render_layer_json(manifest: Manifest, *, state_file: str | None = None) -> dict[str, Any]:
+    """The ``per-layer-sensitivity.json`` document (plain data; :func:`dumps_json` writes it)."""
+    scheme = manifest.scheme
+    document: dict[str, Any] = {
+        "scheme": {
+            "name": scheme.name,
+            "auto_quantize_bits": scheme.effective_bits_target,
+            "auto_quantize_method": scheme.method,
+            "auto_quantize_score_size": scheme.score_samples,
+            "coverage_mode": scheme.scope,
+            "quant_formats": list(scheme.formats),
+        },
+        "model": {
+            "id": manifest.model.source,
+            "architecture": manifest.model.architecture or None,
+            "dtype": manifest.model.dtype or None,
+            "device": manifest.model.device or None,
+        },
+    }
+    dataset = manifest.dataset
+    if dataset is not None:
+        document["dataset"] = {
+            "captions_path": dataset.captions_path,
+            "captions_sha256": dataset.captions_sha256,
+            "max_calib_samples": dataset.max_samples,
+            "num_calib_samples": dataset.samples,
+            "calib_seq_len": dataset.seq_len,
+            "batch_size": dataset.batch_size,
+            "num_calib_batches": dataset.batches,
+            "layout": dataset.layout,
+            "real_tokens": dataset.real_tokens,
+            "total_tokens": dataset.total_tokens,
+            "padding_fraction": padding_fraction(dataset.real_tokens, dataset.total_tokens),
+        }
+    document["autoquant_state"] = {
+        "constraints": {"effective_bits": scheme.effective_bits_model},
+        "score": scheme.total_score,
+        "is_satisfied": scheme.satisfied,
+        "effective_bits_target": scheme.effective_bits_target,
+        "effective_bits_lm": scheme.effective_bits_lm,
+        "effective_bits_model": scheme.effective_bits_model,
+        "state_file": state_file,
+    }
+    document["origin"] = manifest.origin
+    document["layer_sensitivity"] = [layer_row(group) for group in manifest.groups]
+    return document
+
+
+def _header(manifest: Manifest) -> list[str]:
+    scheme, model = manifest.scheme, manifest.model
+    formats = ", ".join(f"`{name}`" for name in scheme.formats)
+    lines = [
+        f"# Per-layer quantization sensitivity: `{scheme.name}`",
+        "",
+        f"- **Scheme:** `{scheme.name}`: formats {formats}; method `{scheme.method}`; "
+        f"scope `{_or_na(scheme.scope)}`",
+        f"- **Model:** `{_or_na(model.source)}` ({_or_na(model.architecture)}, dtype {_or_na(model.dtype)}, "
+        f"device {_or_na(model.device)})",
+    ]
+    if manifest.origin == "legacy":
+        lines.append(
+            "- **Origin:** converted from the previous tool's manifest; facts it did not record show as n/a"
+        )
+    if manifest.created_at:
+        lines.append(f"- **Created:** {manifest.created_at}")
+    if manifest.versions:
+        lines.append(
+            "- **Versions:** " + ", ".join(f"{name} {version}" for name, version in manifest.versions)
+        )
+    lines += ["", "## Calibration data", ""]
+    dataset = manifest.dataset
+    if dataset is None:
+        lines.append("Not recorded.")
+    else:
+        padding = padding_fraction(dataset.real_tokens, dataset.total_tokens)
+        sha = "" if dataset.captions_sha256 is None else f" (sha256 `{dataset.captions_sha256[:16]}…`)"
+        lines += [
+            f"- **Captions:** `{dataset.captions_path}`{sha}",
+            f"- **Samples:** {dataset.samples} used of {dataset.max_samples} asked, "
+            f"{dataset.batches} batches of {dataset.batch_size}, seq_len {dataset.seq_len}, "
+            f"layout `{dataset.layout}`",
+            f"- **Tokens:** {_or_na(dataset.real_tokens)} real of {dataset.total_tokens} total "
+            f"(padding {NOT_AVAILABLE if padding is None else f'{padding:.1%}'})",
+        ]
+    lines += [
+        "",
+        "## Search result",
+        "",
+        f"- **Effective bits:** target {_bits(scheme.effective_bits_target)}, "
+        f"language model {_bits(scheme.effective_bits_lm)}, whole model {_bits(scheme.effective_bits_model)}",
+        f"- **Total score:** {_num(scheme.total_score)}",
+        f"- **Constraint satisfied:** {'yes' if scheme.satisfied else 'no'}",
+        f"- **Scoring:** {scheme.score_samples} samples, {_or_na(scheme.score_steps)} score steps, "
+        f"{_or_na(scheme.calib_steps)} calibration steps",
+    ]
+    if manifest.timings:
+        total = sum(t.seconds for t in manifest.timings)
+        lines += ["", "## Timings", "", "| Stage | Seconds |", "| :--- | ---: |"]
+        lines += [f"| {t.stage} | {t.seconds:.2f} |" for t in manifest.timings]
+        lines.append(f"| **total** | **{total:.2f}** |")
+    return lines
+
+
+def _validation(manifest: Manifest) -> list[str]:
+    report = manifest.validation
+    if report is None:
+        return []
+    return [
+        "",
+        "## Validation",
+        "",
+        f"- **Held-out:** {report.holdout_samples} samples, {report.holdout_tokens} tokens, "
+        f"baseline NLL {report.baseline_nll:.4f}",
+        f"- **Rank agreement (measured ΔNLL):** Spearman {report.spearman_nll:.3f}, "
+        f"Kendall {report.kendall_nll:.3f}; (KL) Spearman {report.spearman_kl:.3f}, "
+        f"Kendall {report.kendall_kl:.3f}",
+        f"- **Top-{report.k} overlap:** {report.topk_overlap:.2f}",
+        f"- **Additivity:** joint ΔNLL {report.joint_delta_nll:.4g} vs sum of single ΔNLL "
+        f"{report.sum_delta_nll:.4g}",
+        f"- **AutoQuant's chosen mix:** ΔNLL {report.chosen_delta_nll:.4g}",
+        *(f"- Note: {note}" for note in report.notes),
+    ]
+
+
+def _table(groups: Sequence[RankedGroup]) -> list[str]:
+    formats = quantized_formats(groups)
+    lines = [
+        "",
+        "## Ranked groups",
+        "",
+        "- **Rank** 1 is the group whose quantization hurts most; ties keep network order.",
+        "- **Importance:** the largest AutoQuant score over the quantized formats (higher = more harmful).",
+        "- **Score columns:** each format's score for the group (blank where the group was not offered it).",
+        "- **Bits / Size cost:** bits and compressed weight size of the format that sets the importance.",
+        "- **Best format:** what the effective-bits search chose for the group.",
+        "",
+        "| Rank | Layer | Best format | Importance | "
+        + "".join(f"{name} | " for name in formats)
+        + "Bits | Size cost |",
+        "| ---: | :--- | :--- | ---: | " + "---: | " * len(formats) + "---: | ---: |",
+    ]
+    for group in groups:
+        by_format = dict(zip(group.formats, group.scores, strict=True))
+        head = headline_index(group.formats, group.scores)
+        cells = [
+            str(group.rank),
+            f"`{group.name}`",
+            _or_na(group.best_format),
+            _num(group.importance),
+            *(_num(by_format[name]) if name in by_format else "" for name in formats),
+            format(group.bits[head], "g"),
+            _num(group.costs[head], ".3e"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(manifest: Manifest, *, health_section: str = "", plots_section: str = "") -> str:
+    """The whole ``per-layer-sensitivity.md``; the two sections come from the hooks below."""
+    lines = _header(manifest)
+    if health_section.strip():
+        lines += ["", health_section.strip()]
+    if plots_section.strip():
+        lines += ["", "## Plots", "", plots_section.strip()]
+    lines += _validation(manifest)
+    lines += _table(manifest.groups)
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks into sibling modules, imported when called: plots pulls in matplotlib (slow), and
+# ``aqm report``/``aqm diff`` readers should not pay for it unless they write pictures.
+
+
+def health_markdown(groups: Sequence[RankedGroup]) -> str:
+    """HOOK: the score-health section (:mod:`auto_quantize_model.health`)."""
+    from auto_quantize_model.health import render_health_markdown, score_health
+
+    return render_health_markdown(score_health(groups))
+
+
+def make_plots(manifest: Manifest, directory: Path) -> tuple[Path, ...]:
+    """HOOK: PNG + SVG plots into ``directory`` (:func:`auto_quantize_model.plots.write_plots`)."""
+    from auto_quantize_model.plots import write_plots
+
+    return write_plots(manifest, directory)
+
+
+def plots_markdown(paths: Sequence[Path], relative_to: Path) -> str:
+    """HOOK: Markdown embedding the PNGs among ``paths`` (links relative to the report)."""
+    if not paths:
+        return ""
+    from auto_quantize_model.plots import render_plots_markdown
+
+    return render_plots_markdown(paths, relative_to)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_reports(
+    manifest: Manifest,
+    output_dir: str | os.PathLike[str],
+    *,
+    write_manifest: bool = True,
+    plots: bool = True,
+    state_path: str | os.PathLike[str] | None = None,
+) -> ReportPaths:
+    """Write every report file for ``manifest`` into ``output_dir`` (created if needed).
+
+    ``state_path``: ModelOpt's search-state file to copy in as ``<scheme>_autoquant_state.pt``.
+    """
+    directory = Path(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    scheme = manifest.scheme.name
+    if write_manifest:
+        written.append(atomic_write_text(directory / manifest_file_name(scheme), manifest_to_json(manifest)))
+    state_file: str | None = None
+    if state_path is not None:
+        source, target = Path(state_path), directory / state_file_name(scheme)
+        if not source.is_file():
+            raise InputError(f"AutoQuant state file {source} does not exist: nothing to save")
+        if source.resolve() != target.resolve():
+            atomic_copy(source, target)
+        written.append(target)
+        state_file = target.name
+    layer_json = render_layer_json(manifest, state_file=state_file)
+    written.append(atomic_write_text(directory / LAYER_JSON, dumps_json(layer_json)))
+    plot_paths = make_plots(manifest, directory / PLOTS_DIR) if plots else ()
+    written.extend(plot_paths)
+    markdown = render_markdown(
+        manifest,
+        health_section=health_markdown(manifest.groups),
+        plots_section=plots_markdown(plot_paths, directory),
+    )
+    written.append(atomic_write_text(directory / LAYER_MD, markdown))
+    return ReportPaths(directory=str(directory), files=tuple(str(p) for p in written))
+
+
+@attrs.frozen
+class WriteReports:
+    """Write the manifest and reports; copies ModelOpt's state when ``spec.save_state``.
+
+    SensitivityScores is optional and read only for its ``state_path``: the path is machine- and
+    run-specific, so it stays out of the manifest (two identical runs must give identical
+    manifests).
+    """
+
+    requires: ClassVar[tuple[type, ...]] = (Manifest,)
+    optional: ClassVar[tuple[type, ...]] = (SensitivityScores,)
+    produces: ClassVar[type] = ReportPaths
+    spec: ReportSpec = attrs.field(factory=ReportSpec)
+
+    def run(self, inputs: Artifacts) -> ReportPaths:
+        if self.spec.output_dir is None:
+            raise ConfigError(
+                "WriteReports needs an output folder: set reports.output_dir (or pass --output)"
+            )
+        state_path: str | None = None
+        if self.spec.save_state:
+            scores = inputs.find(SensitivityScores)
+            state_path = None if scores is None else scores.state_path
+            if state_path is None:
+                raise ConfigError(
+                    "reports.save_state is true but RunAutoQuant saved no search state "
+                    "(set autoquant.checkpoint to a file path)"
+                )
+        return write_reports(
+            inputs.get(Manifest), self.spec.output_dir, plots=self.spec.plots, state_path=state_path
+        )
+
+
+def regenerate_reports(
+    manifest_path: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    plots: bool = True,
+) -> ReportPaths:
+    """Rewrite JSON/Markdown/plots from a manifest (``aqm report``); the manifest is never rewritten.
+
+    Our manifests default to their own folder. The previous tool's manifests need an
+    ``output_dir`` that is not their folder, so their original reports are never overwritten.
+    """
+    source = Path(manifest_path)
+    manifest = read_manifest(source)
+    if output_dir is None:
+        if manifest.origin == "legacy":
+            raise ConfigError(
+                f"{source} is a manifest of the previous tool; its folder holds that tool's reports "
+                "under the same names: pass an output folder (--output DIR)"
+            )
+        target = source.parent
+    else:
+        target = Path(output_dir)
+        if manifest.origin == "legacy" and target.resolve() == source.parent.resolve():
+            raise ConfigError(
+                f"{target} holds the previous tool's reports for {source.name}; "
+                "choose another output folder so they are not overwritten"
+            )
+    return write_reports(manifest, target, write_manifest=False, plots=plots)

@@ -1,0 +1,250 @@
+"""Ranking rules and the BuildManifest stage, on plain data (no model, no torch)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import subprocess
+import sys
+from typing import Any, cast
+
+import pytest
+
+from auto_quantize_model.artifacts import (
+    CalibData,
+    CalibStats,
+    GroupScore,
+    LoadedModel,
+    RunTimings,
+    SensitivityScores,
+)
+from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.manifest import SCHEMA_VERSION
+from auto_quantize_model.pipeline import Artifacts
+from auto_quantize_model.ranking import (
+    BuildManifest,
+    headline_index,
+    importance,
+    installed_versions,
+    rank_groups,
+    scheme_name,
+)
+from auto_quantize_model.specs import ManifestSpec
+
+INT8 = "INT8_DEFAULT_CFG"
+FP8 = "FP8_DEFAULT_CFG"
+
+
+def group(name: str, *scores: float, formats: tuple[str, ...] | None = None, best: str = INT8) -> GroupScore:
+    """A group scored with the given quantized formats plus NONE (score 0, 16 bits)."""
+    names = formats if formats is not None else (INT8, FP8)[: len(scores)]
+    return GroupScore(
+        name=name,
+        module_names=(name,),
+        formats=(*names, "NONE"),
+        bits=(*(8.0 for _ in names), 16.0),
+        scores=(*scores, 0.0),
+        costs=(*(100.0 for _ in names), 200.0),
+        best_format=best,
+    )
+
+
+def none_only(name: str) -> GroupScore:
+    return GroupScore(name, (name,), ("NONE",), (16.0,), (0.0,), (200.0,), "NONE")
+
+
+def scores_of(*groups: GroupScore, formats: tuple[str, ...] = (INT8,)) -> SensitivityScores:
+    return SensitivityScores(
+        groups=groups,
+        formats=formats,
+        method="gradient",
+        scope="language_model",
+        effective_bits_target=8.0,
+        effective_bits_lm=8.0,
+        effective_bits_model=8.0,
+        total_score=1.5,
+        satisfied=True,
+        calib_steps=4,
+        score_steps=2,
+        score_samples=16,
+        autoquant_seconds=1.0,
+    )
+
+
+# ---- importance ---------------------------------------------------------------------------------
+
+
+def test_importance_is_max_over_quantized_formats_ignoring_none() -> None:
+    assert importance((INT8, FP8, "NONE"), (0.25, 0.75, 9.0)) == 0.75
+
+
+def test_importance_without_quantized_format_is_zero() -> None:
+    assert importance(("NONE",), (0.0,)) == 0.0
+
+
+def test_importance_is_nan_when_any_quantized_score_is_nan() -> None:
+    # max() alone would give 0.5 or NaN depending on order; NaN must never hide.
+    assert math.isnan(importance((INT8, FP8, "NONE"), (0.5, math.nan, 0.0)))
+    assert math.isnan(importance((INT8, FP8, "NONE"), (math.nan, 0.5, 0.0)))
+
+
+def test_headline_format_is_the_one_setting_importance() -> None:
+    assert headline_index((INT8, FP8, "NONE"), (0.25, 0.75, 0.0)) == 1
+    assert headline_index((INT8, FP8, "NONE"), (0.5, 0.5, 0.0)) == 0  # first on ties
+    assert headline_index((INT8, FP8, "NONE"), (0.5, math.nan, 0.0)) == 1
+    assert headline_index(("NONE",), (0.0,)) == 0
+    assert headline_index((INT8, "NONE"), (0.0, 0.0)) == 0  # quantized format even at score 0
+
+
+# ---- rank_groups --------------------------------------------------------------------------------
+
+
+def test_ranks_descend_from_one_without_gaps() -> None:
+    ranked = rank_groups([group("a", 0.1), group("b", 3.0), group("c", 1.0)])
+    assert [(g.rank, g.name, g.importance) for g in ranked] == [(1, "b", 3.0), (2, "c", 1.0), (3, "a", 0.1)]
+
+
+def test_ties_keep_input_order() -> None:
+    groups = [none_only("v2"), group("x", 1.0), none_only("v0"), group("y", 0.0), none_only("v1")]
+    ranked = rank_groups(groups)
+    assert [g.name for g in ranked] == ["x", "v2", "v0", "y", "v1"]
+    # Deterministic: the same input gives the same ranking every time.
+    assert rank_groups(groups) == ranked
+
+
+def test_nan_ranks_first_then_infinities() -> None:
+    ranked = rank_groups(
+        [group("low", 0.5), group("ninf", -math.inf), group("inf", math.inf), group("nan", math.nan)]
+    )
+    assert [g.name for g in ranked] == ["nan", "inf", "low", "ninf"]
+    assert [g.rank for g in ranked] == [1, 2, 3, 4]
+    assert math.isnan(ranked[0].importance)
+
+
+def test_ranked_group_keeps_scores_costs_and_best_format() -> None:
+    source = group("a", 0.5, 0.25, best=FP8)
+    (ranked,) = rank_groups([source])
+    assert ranked.formats == source.formats
+    assert ranked.scores == source.scores
+    assert ranked.costs == source.costs
+    assert ranked.bits == source.bits
+    assert ranked.best_format == FP8
+    assert ranked.module_names == ("a",)
+
+
+def test_duplicate_group_is_refused() -> None:
+    with pytest.raises(ValueError, match="group a is listed twice"):
+        rank_groups([group("a", 0.1), group("a", 0.2)])
+
+
+def test_ragged_group_is_refused() -> None:
+    bad = GroupScore("a", ("a",), (INT8, "NONE"), (8.0, 16.0), (0.1,), (1.0, 2.0), INT8)
+    with pytest.raises(ValueError, match="group a: formats, bits, scores and costs differ"):
+        rank_groups([bad])
+
+
+def test_empty_input_ranks_to_nothing() -> None:
+    assert rank_groups([]) == ()
+
+
+# ---- scheme names -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("formats", "expected"),
+    [
+        ((INT8,), "wint8_aint8"),
+        ((FP8,), "wfp8_afp8"),
+        ((INT8, FP8), "wint8_aint8+wfp8_afp8"),
+        ((INT8, "NONE"), "wint8_aint8"),
+        (("w4a8_pc_pt",), "w4a8_pc_pt"),
+        (("NVFP4_AWQ_LITE_CFG",), "nvfp4_awq_lite"),
+        (("MXFP8_DEFAULT_CFG",), "wmxfp8_amxfp8"),
+    ],
+)
+def test_scheme_name_derived_from_formats(formats: tuple[str, ...], expected: str) -> None:
+    assert scheme_name(formats) == expected
+
+
+def test_explicit_scheme_name_wins() -> None:
+    assert scheme_name((INT8,), "int8_autoquant_lm_default") == "int8_autoquant_lm_default"
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "../x", ".hidden", "with space"])
+def test_scheme_name_unusable_in_file_names_is_refused(bad: str) -> None:
+    with pytest.raises(ConfigError, match="cannot be used in file names"):
+        scheme_name((INT8,), bad)
+
+
+def test_scheme_name_needs_a_quantized_format() -> None:
+    with pytest.raises(ConfigError, match="only NONE"):
+        scheme_name(("NONE",))
+
+
+# ---- BuildManifest ------------------------------------------------------------------------------
+
+
+def test_build_manifest_from_scores_alone() -> None:
+    scores = scores_of(group("a", 0.1), group("b", 0.9), none_only("v"))
+    manifest = BuildManifest().run(Artifacts.of([scores]))
+    assert manifest.schema_version == SCHEMA_VERSION
+    assert manifest.origin == "aqm"
+    assert manifest.scheme.name == "wint8_aint8"
+    assert manifest.scheme.total_score == 1.5
+    assert manifest.scheme.calib_steps == 4
+    assert manifest.dataset is None
+    assert manifest.model.source == ""
+    assert [(g.rank, g.name) for g in manifest.groups] == [(1, "b"), (2, "a"), (3, "v")]
+
+
+def test_build_manifest_records_model_dataset_timings_and_versions() -> None:
+    stats = CalibStats(
+        captions_path="/data/captions.txt",
+        captions_sha256="ab" * 32,
+        layout="packed",
+        seq_len=64,
+        batch_size=2,
+        max_samples=10,
+        samples=10,
+        real_tokens=100,
+        total_tokens=128,
+        batches=1,
+        truncated_samples=0,
+    )
+    calib = CalibData(batches=(), captions_per_batch=(10,), stats=stats)
+    loaded = LoadedModel(
+        model=cast(Any, None),
+        tokenizer=cast(Any, None),
+        source="builtin:tiny-qwen3-vl",
+        architecture="Qwen3VLForConditionalGeneration",
+        dtype="float32",
+        device="cpu",
+    )
+    timings = RunTimings().add("LoadModel", 1.5).add("RunAutoQuant", 2.0)
+    store = Artifacts.of([scores_of(group("a", 0.1)), calib, loaded, timings])
+    manifest = BuildManifest(ManifestSpec(scheme="my-run")).run(store)
+
+    assert manifest.scheme.name == "my-run"
+    assert manifest.model.architecture == "Qwen3VLForConditionalGeneration"
+    assert manifest.dataset is not None
+    assert (manifest.dataset.real_tokens, manifest.dataset.total_tokens) == (100, 128)
+    assert manifest.dataset.layout == "packed"
+    assert [(t.stage, t.seconds) for t in manifest.timings] == [("LoadModel", 1.5), ("RunAutoQuant", 2.0)]
+    created = dt.datetime.fromisoformat(manifest.created_at)
+    assert created.utcoffset() == dt.timedelta(0)
+    versions = dict(manifest.versions)
+    assert set(versions) == {"python", "torch", "transformers", "modelopt", "auto_quantize_model"}
+    assert versions["python"].count(".") == 2
+
+
+def test_installed_versions_and_report_modules_do_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "import auto_quantize_model.ranking as r, auto_quantize_model.reports\n"
+        "r.installed_versions()\n"
+        "heavy = [m for m in ('torch', 'transformers', 'modelopt', 'matplotlib') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""
+    assert installed_versions()[0][0] == "python"

@@ -1,0 +1,495 @@
+"""Manifest JSON, atomic writes, WriteReports and report-only regeneration, on crafted manifests."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from pytest_mock import MockerFixture
+
+from auto_quantize_model.artifacts import (
+    GroupScore,
+    ReportPaths,
+    SensitivityScores,
+    ValidatedGroup,
+    ValidationReport,
+)
+from auto_quantize_model.errors import AqmError, ConfigError, InputError
+from auto_quantize_model.fileio import (
+    atomic_copy,
+    atomic_write_bytes,
+    atomic_write_text,
+    manifest_from_dict,
+    manifest_to_dict,
+    manifest_to_json,
+)
+from auto_quantize_model.manifest import SCHEMA_VERSION, DatasetInfo, Manifest, ModelInfo, Timing
+from auto_quantize_model.pipeline import Artifacts, Pipeline
+from auto_quantize_model.ranking import BuildManifest, build_manifest
+from auto_quantize_model.reports import (
+    LAYER_JSON,
+    LAYER_MD,
+    WriteReports,
+    read_manifest,
+    regenerate_reports,
+    render_layer_json,
+    render_markdown,
+    write_reports,
+)
+from auto_quantize_model.specs import ManifestSpec, ReportSpec
+
+INT8 = "INT8_DEFAULT_CFG"
+FP8 = "FP8_DEFAULT_CFG"
+LM = "model.language_model.layers"
+
+
+def two_format_group(name: str, int8: float, fp8: float, best: str) -> GroupScore:
+    return GroupScore(
+        name=name,
+        module_names=(f"{name}.a", f"{name}.b"),
+        formats=(INT8, FP8, "NONE"),
+        bits=(8.0, 8.0, 16.0),
+        scores=(int8, fp8, 0.0),
+        costs=(10.0, 12.0, 20.0),
+        best_format=best,
+    )
+
+
+def crafted_scores(state_path: str | None = None) -> SensitivityScores:
+    """Ties (two 0.5, two kept-in-16-bit groups), a NaN, an infinity, two formats."""
+    groups = (
+        two_format_group(f"{LM}.0.self_attn.q_proj", 0.5, 0.25, FP8),
+        two_format_group(f"{LM}.0.mlp.gate_proj", 2.0, 3.0, "NONE"),
+        GroupScore("model.visual.blocks.0.attn.qkv", ("x",), ("NONE",), (16.0,), (0.0,), (5.0,), "NONE"),
+        two_format_group(f"{LM}.1.self_attn.q_proj", math.nan, 0.1, "NONE"),
+        two_format_group(f"{LM}.1.mlp.gate_proj", 0.25, 0.5, INT8),
+        GroupScore("model.visual.merger.linear_fc1", ("y",), ("NONE",), (16.0,), (0.0,), (7.0,), "NONE"),
+        two_format_group("lm_head", math.inf, 1.0, "NONE"),
+    )
+    return SensitivityScores(
+        groups=groups,
+        formats=(INT8, FP8),
+        method="gradient",
+        scope="language_model",
+        effective_bits_target=9.0,
+        effective_bits_lm=8.9,
+        effective_bits_model=8.95,
+        total_score=6.25,
+        satisfied=True,
+        calib_steps=8,
+        score_steps=4,
+        score_samples=32,
+        autoquant_seconds=3.0,
+        state_path=state_path,
+    )
+
+
+EXPECTED_ORDER = [
+    f"{LM}.1.self_attn.q_proj",  # NaN first
+    "lm_head",  # then inf
+    f"{LM}.0.mlp.gate_proj",
+    f"{LM}.0.self_attn.q_proj",  # 0.5 tie: network order
+    f"{LM}.1.mlp.gate_proj",
+    "model.visual.blocks.0.attn.qkv",  # 0 tie: network order
+    "model.visual.merger.linear_fc1",
+]
+
+
+def crafted_manifest(validation: ValidationReport | None = None) -> Manifest:
+    return build_manifest(
+        crafted_scores(),
+        ManifestSpec(),
+        model=ModelInfo("builtin:tiny-qwen3-vl", "Qwen3VLForConditionalGeneration", "float32", "cpu"),
+        dataset=DatasetInfo("/c.txt", "f" * 64, "packed", 64, 2, 8, 8, 300, 384, 3),
+        timings=[Timing("LoadModel", 1.25), Timing("RunAutoQuant", 2.5)],
+        validation=validation,
+        created_at="2025-01-02T03:04:05+00:00",
+        versions=(("python", "3.11.9"), ("torch", "2.13.0")),
+    )
+
+
+def validation_report() -> ValidationReport:
+    return ValidationReport(
+        groups=(ValidatedGroup("lm_head", INT8, math.inf, "top", 0.5, math.nan),),
+        baseline_nll=2.0,
+        spearman_nll=math.nan,
+        kendall_nll=0.5,
+        spearman_kl=0.25,
+        kendall_kl=-math.inf,
+        topk_overlap=1.0,
+        k=1,
+        joint_delta_nll=0.6,
+        sum_delta_nll=0.5,
+        holdout_samples=4,
+        holdout_tokens=40,
+        seconds=1.0,
+        restored_exactly=True,
+        notes=("Spearman is NaN: one group only",),
+    )
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def strict_loads(text: str) -> Any:
+    def refuse(token: str) -> Any:
+        raise AssertionError(f"non-JSON token {token} in output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def same_floats(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+# ---- manifest JSON ------------------------------------------------------------------------------
+
+
+def test_manifest_json_round_trips_including_nan_and_infinities() -> None:
+    manifest = crafted_manifest(validation_report())
+    text = manifest_to_json(manifest)
+    data = strict_loads(text)  # strict JSON: no bare NaN/Infinity tokens
+    assert data["groups"][0]["importance"] == "NaN"
+    assert data["groups"][1]["importance"] == "Infinity"
+    assert data["validation"]["kendall_kl"] == "-Infinity"
+    assert data["versions"] == {"python": "3.11.9", "torch": "2.13.0"}
+
+    back = manifest_from_dict(data, "m.json")
+    assert manifest_to_json(back) == text
+    assert math.isnan(back.groups[0].importance)
+    assert back.groups[1].importance == math.inf
+    assert back.validation is not None
+    assert back.validation.kendall_kl == -math.inf
+    assert all(
+        same_floats(x, y)
+        for a, b in zip(back.groups, manifest.groups, strict=True)
+        for x, y in zip(a.scores, b.scores, strict=True)
+    )
+    assert attrs.evolve(back, groups=(), validation=None) == attrs.evolve(
+        manifest, groups=(), validation=None
+    )
+
+
+def test_python_nan_tokens_are_read_too() -> None:
+    data = manifest_to_dict(crafted_manifest())
+    back = manifest_from_dict(json.loads(json.dumps(data)), "m.json")  # bare NaN/Infinity tokens
+    assert math.isnan(back.groups[0].importance)
+
+
+def test_unknown_schema_version_names_both_versions() -> None:
+    data = manifest_to_dict(crafted_manifest())
+    data["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(
+        AqmError, match=rf"schema_version {SCHEMA_VERSION + 1}.*reads schema_version {SCHEMA_VERSION}"
+    ):
+        manifest_from_dict(data, "m.json")
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda d: d.update(colour="red"), "colour"),
+        (lambda d: d["groups"][0].update(rank="1"), "groups"),
+        (lambda d: d["scheme"].update(satisfied="false"), "satisfied"),
+        (lambda d: d["groups"].reverse(), "listed by rank"),
+        (lambda d: d.update(schema_version="1"), "schema_version is '1'"),
+    ],
+)
+def test_malformed_manifest_is_a_user_error(change: Any, needle: str) -> None:
+    data = manifest_to_dict(crafted_manifest())
+    change(data)
+    with pytest.raises(InputError, match=re.escape(needle)) as caught:
+        manifest_from_dict(data, "runs/x/m.json")
+    assert str(caught.value).startswith("runs/x/m.json")
+    assert "\n" not in str(caught.value)
+
+
+# ---- read_manifest ------------------------------------------------------------------------------
+
+
+def test_read_manifest_reads_ours(tmp_path: Path) -> None:
+    manifest = crafted_manifest()
+    path = tmp_path / "m.json"
+    path.write_text(manifest_to_json(manifest), encoding="utf-8")
+    assert manifest_to_json(read_manifest(path)) == manifest_to_json(manifest)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("{not json", "is not a quant manifest (not JSON"),
+        ("[1, 2]", "is not a quant manifest (top level is a JSON list"),
+        ('{"layer_sensitivity": [], "scheme": {}}', "looks like a per-layer sensitivity report"),
+        ('{"hello": 1}', "no schema_version and no layer_sensitivity; keys: hello"),
+    ],
+)
+def test_read_manifest_refuses_what_is_not_one(tmp_path: Path, content: str, needle: str) -> None:
+    path = tmp_path / "x.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(AqmError, match=re.escape(needle)) as caught:
+        read_manifest(path)
+    assert str(path) in str(caught.value)
+
+
+def test_read_manifest_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        read_manifest(tmp_path / "nope.json")
+
+
+def test_read_manifest_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(InputError, match="not UTF-8"):
+        read_manifest(path)
+
+
+# ---- atomic writes ------------------------------------------------------------------------------
+
+
+def test_atomic_write_creates_readable_file(tmp_path: Path) -> None:
+    target = atomic_write_text(tmp_path / "a.txt", "héllo\n")
+    assert target.read_bytes() == "héllo\n".encode()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_atomic_write_keeps_mode_of_existing_file(tmp_path: Path) -> None:
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    target.chmod(0o600)
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_failed_rename_leaves_old_file_and_no_temp(tmp_path: Path, mocker: MockerFixture) -> None:
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    mocker.patch.object(Path, "replace", side_effect=OSError("disk full"))
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, mocker: MockerFixture) -> None:
+    mocker.patch("auto_quantize_model.fileio.os.fsync", side_effect=OSError("I/O error"))
+    with pytest.raises(OSError, match="I/O error"):
+        atomic_write_bytes(tmp_path / "b.bin", b"\x00" * 10)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_write_leaves_nothing(tmp_path: Path, mocker: MockerFixture) -> None:
+    mocker.patch("auto_quantize_model.fileio.os.fsync", side_effect=KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(tmp_path / "c.txt", "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_into_missing_folder_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        atomic_write_text(tmp_path / "no" / "a.txt", "x")
+
+
+def test_atomic_copy(tmp_path: Path, mocker: MockerFixture) -> None:
+    source = tmp_path / "src.pt"
+    source.write_bytes(os.urandom(3 << 20))
+    copied = atomic_copy(source, tmp_path / "dst.pt")
+    assert copied.read_bytes() == source.read_bytes()
+
+    mocker.patch.object(Path, "replace", side_effect=OSError("no space"))
+    with pytest.raises(OSError, match="no space"):
+        atomic_copy(source, tmp_path / "other.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.pt", "src.pt"]
+
+
+def test_atomic_copy_of_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file"):
+        atomic_copy(tmp_path / "nope.pt", tmp_path / "x.pt")
+
+
+# ---- rendering and WriteReports -----------------------------------------------------------------
+
+
+def markdown_ranks(text: str) -> list[tuple[int, str]]:
+    table = text.split("## Ranked groups", 1)[1]
+    rows = re.findall(r"^\| (\d+) \| `([^`]+)` \|", table, flags=re.MULTILINE)
+    return [(int(rank), name) for rank, name in rows]
+
+
+def test_ranks_agree_across_manifest_markdown_and_json(tmp_path: Path) -> None:
+    paths = write_reports(crafted_manifest(), tmp_path, plots=False)
+    manifest = read_manifest(tmp_path / "wint8_aint8+wfp8_afp8_quant_manifest.json")
+    from_manifest = [(g.rank, g.name) for g in manifest.groups]
+    layer_json = strict_loads((tmp_path / LAYER_JSON).read_text())
+    from_json = [(row["rank"], row["layer"]) for row in layer_json["layer_sensitivity"]]
+    from_md = markdown_ranks((tmp_path / LAYER_MD).read_text())
+
+    expected = list(enumerate(EXPECTED_ORDER, start=1))
+    assert from_manifest == expected
+    assert from_json == expected
+    assert from_md == expected
+    assert sorted(Path(p).name for p in paths.files) == sorted(
+        ["wint8_aint8+wfp8_afp8_quant_manifest.json", LAYER_JSON, LAYER_MD]
+    )
+
+
+def test_layer_json_keeps_previous_shape_and_adds_ours() -> None:
+    document = render_layer_json(crafted_manifest())
+    assert list(document)[:2] == ["scheme", "model"]
+    assert {"scheme", "model", "dataset", "autoquant_state", "layer_sensitivity"} <= set(document)
+    assert document["scheme"]["name"] == "wint8_aint8+wfp8_afp8"
+    assert document["autoquant_state"]["score"] == 6.25
+    assert document["autoquant_state"]["is_satisfied"] is True
+    assert document["dataset"]["padding_fraction"] == pytest.approx(1 - 300 / 384)
+    gate = document["layer_sensitivity"][2]
+    assert list(gate)[:4] == ["layer", "num_bits", "sensitivity", "size_cost"]
+    assert gate["layer"] == f"{LM}.0.mlp.gate_proj"
+    assert (gate["num_bits"], gate["sensitivity"], gate["size_cost"]) == (8.0, 3.0, 12.0)  # FP8 sets it
+    assert gate["best_format"] == "NONE"
+    assert gate["formats"][INT8] == {"bits": 8.0, "score": 2.0, "cost": 10.0}
+    assert gate["formats"]["NONE"]["bits"] == 16.0
+    vision = document["layer_sensitivity"][5]
+    assert (vision["num_bits"], vision["sensitivity"], vision["size_cost"]) == (16.0, 0.0, 5.0)
+
+
+def test_markdown_header_and_table_content() -> None:
+    text = render_markdown(crafted_manifest(validation_report()))
+    assert "# Per-layer quantization sensitivity: `wint8_aint8+wfp8_afp8`" in text
+    assert "layout `packed`" in text
+    assert "300 real of 384 total (padding 21.9%)" in text
+    assert "target 9.000, language model 8.900, whole model 8.950" in text
+    assert "**Constraint satisfied:** yes" in text
+    assert "| RunAutoQuant | 2.50 |" in text
+    assert "| **total** | **3.75** |" in text
+    assert "## Validation" in text
+    assert "- Note: Spearman is NaN: one group only" in text
+    assert (
+        "| Rank | Layer | Best format | Importance | INT8_DEFAULT_CFG | FP8_DEFAULT_CFG | Bits | Size cost |"
+        in text
+    )
+    assert f"| 1 | `{LM}.1.self_attn.q_proj` | NONE | NaN | NaN | 1.0000e-01 | 8 | 1.000e+01 |" in text
+    assert "| 6 | `model.visual.blocks.0.attn.qkv` | NONE | 0.0000e+00 |  |  | 16 | 5.000e+00 |" in text
+
+
+def test_write_reports_stage_needs_output_dir() -> None:
+    with pytest.raises(ConfigError, match="output folder"):
+        WriteReports().run(Artifacts.of([crafted_manifest()]))
+
+
+def test_pipeline_build_manifest_then_write_reports(tmp_path: Path) -> None:
+    state = tmp_path / "search.pt"
+    state.write_bytes(b"state")
+    out = tmp_path / "run"
+    store = Pipeline(
+        [BuildManifest(), WriteReports(ReportSpec(output_dir=str(out), save_state=True, plots=False))],
+        supplied=[crafted_scores(state_path=str(state))],
+    ).run()
+    paths = store.get(ReportPaths)
+    names = sorted(Path(p).name for p in paths.files)
+    assert names == sorted(
+        [
+            "wint8_aint8+wfp8_afp8_quant_manifest.json",
+            "wint8_aint8+wfp8_afp8_autoquant_state.pt",
+            LAYER_JSON,
+            LAYER_MD,
+        ]
+    )
+    assert (out / "wint8_aint8+wfp8_afp8_autoquant_state.pt").read_bytes() == b"state"
+    layer_json = strict_loads((out / LAYER_JSON).read_text())
+    assert layer_json["autoquant_state"]["state_file"] == "wint8_aint8+wfp8_afp8_autoquant_state.pt"
+    manifest = read_manifest(out / "wint8_aint8+wfp8_afp8_quant_manifest.json")
+    assert [g.name for g in manifest.groups] == EXPECTED_ORDER
+    assert [t.stage for t in manifest.timings] == []  # BuildManifest ran first: no stage had finished
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+
+
+def test_save_state_without_a_state_file_is_a_config_error(tmp_path: Path) -> None:
+    stage = WriteReports(ReportSpec(output_dir=str(tmp_path), save_state=True, plots=False))
+    with pytest.raises(ConfigError, match="saved no search state"):
+        stage.run(Artifacts.of([crafted_manifest(), crafted_scores()]))
+    with pytest.raises(InputError, match=r"gone\.pt does not exist"):
+        stage.run(Artifacts.of([crafted_manifest(), crafted_scores(state_path=str(tmp_path / "gone.pt"))]))
+
+
+def test_health_section_is_in_the_markdown(tmp_path: Path) -> None:
+    pytest.importorskip("auto_quantize_model.health")
+    write_reports(crafted_manifest(), tmp_path, plots=False)
+    text = (tmp_path / LAYER_MD).read_text()
+    assert "## Score health" in text
+    assert text.index("## Score health") < text.index("## Ranked groups")
+    assert not (tmp_path / "plots").exists()
+
+
+def test_plots_are_written_and_embedded(tmp_path: Path) -> None:
+    pytest.importorskip("auto_quantize_model.plots")
+    paths = write_reports(crafted_manifest(), tmp_path, write_manifest=False, plots=True)
+    pngs = sorted((tmp_path / "plots").glob("*.png"))
+    assert pngs
+    assert {p.with_suffix(".svg").exists() for p in pngs} == {True}
+    text = (tmp_path / LAYER_MD).read_text()
+    for png in pngs:
+        assert f"](plots/{png.name})" in text
+        assert str(png) in paths.files
+
+
+# ---- regeneration -------------------------------------------------------------------------------
+
+
+def test_regenerate_defaults_to_the_manifest_folder_and_keeps_the_manifest(tmp_path: Path) -> None:
+    write_reports(crafted_manifest(), tmp_path, plots=False)
+    manifest_path = tmp_path / "wint8_aint8+wfp8_afp8_quant_manifest.json"
+    before = manifest_path.read_bytes()
+    (tmp_path / LAYER_MD).write_text("stale")
+    paths = regenerate_reports(manifest_path, plots=False)
+    assert manifest_path.read_bytes() == before
+    assert markdown_ranks((tmp_path / LAYER_MD).read_text()) == list(enumerate(EXPECTED_ORDER, start=1))
+    assert sorted(Path(p).name for p in paths.files) == [LAYER_JSON, LAYER_MD]
+
+
+def tiny_legacy() -> dict[str, Any]:
+    return {
+        "scheme": {
+            "name": "old",
+            "auto_quantize_bits": 8.0,
+            "auto_quantize_method": "gradient",
+            "auto_quantize_score_size": 16,
+            "coverage_mode": "lm_only",
+            "quant_formats": [INT8],
+        },
+        "model": {"id": "/ckpt"},
+        "autoquant_state": {"constraints": {"effective_bits": 8.5}, "score": 1.0, "is_satisfied": True},
+        "layer_sensitivity": {
+            "a.quant_recipe": {
+                "formats": [f"{INT8}(effective-bits: 8.0)", "NONE(effective-bits: 16.0)"],
+                "scores": [0.5, 0.0],
+                "costs": [1.0, 2.0],
+            }
+        },
+    }
+
+
+def test_regenerate_legacy_needs_another_folder(tmp_path: Path) -> None:
+    source = write_json(tmp_path / "old_quant_manifest.json", tiny_legacy())
+    (tmp_path / LAYER_JSON).write_text("theirs")
+    with pytest.raises(ConfigError, match="pass an output folder"):
+        regenerate_reports(source, plots=False)
+    with pytest.raises(ConfigError, match="choose another output folder"):
+        regenerate_reports(source, tmp_path, plots=False)
+    assert (tmp_path / LAYER_JSON).read_text() == "theirs"
+
+    paths = regenerate_reports(source, tmp_path / "ours", plots=False)
+    assert sorted(Path(p).name for p in paths.files) == [LAYER_JSON, LAYER_MD]
+    rows = strict_loads((tmp_path / "ours" / LAYER_JSON).read_text())["layer_sensitivity"]
+    assert [(r["rank"], r["layer"], r["sensitivity"], r["best_format"]) for r in rows] == [
+        (1, "a", 0.5, None)
+    ]
