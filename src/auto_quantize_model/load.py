@@ -1,0 +1,417 @@
+"""Stage 1, ``LoadModel``: a checkpoint directory or a built-in source becomes a :class:`LoadedModel`.
+
+Built-in sources need no download:
+
+* ``builtin:tiny-qwen3-vl`` — a Qwen3-VL with a few small layers and random weights, plus the
+  tokenizer shipped in :mod:`auto_quantize_model.data`. It runs on CPU in milliseconds per
+  forward, so tests and examples go through the real transformers classes.
+* ``config:qwen3-vl-4b`` — the Qwen3-VL-4B-Instruct architecture with random weights, for timing
+  and memory benchmarks on a GPU without fetching 9 GB of weights. No Qwen tokenizer can be had
+  offline, so it is paired with the tiny tokenizer (all its ids are far below the 151,936-entry
+  vocabulary); token statistics therefore differ from the real model's.
+
+torch and transformers are imported inside functions so that ``aqm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+from auto_quantize_model.artifacts import LoadedModel
+from auto_quantize_model.data import tiny_tokenizer_dir
+from auto_quantize_model.errors import ConfigError, InputError
+from auto_quantize_model.specs import Dtype, LoadSpec
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from auto_quantize_model.pipeline import Artifacts
+
+log = logging.getLogger(__name__)
+
+TINY_QWEN3_VL = "builtin:tiny-qwen3-vl"
+QWEN3_VL_4B = "config:qwen3-vl-4b"
+BUILTIN_SOURCES = (TINY_QWEN3_VL, QWEN3_VL_4B)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""Any one of these marks a directory that ``AutoTokenizer`` can load."""
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+# Qwen3-VL-4B-Instruct, as published (config.json of the Hugging Face checkpoint).
+_QWEN3_VL_4B_TEXT: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-6,
+    "attention_bias": False,
+    "tie_word_embeddings": True,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 5_000_000.0,
+        "mrope_section": [24, 20, 20],
+        "mrope_interleaved": True,
+    },
+}
+_QWEN3_VL_4B_VISION: dict[str, Any] = {
+    "depth": 24,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_heads": 16,
+    "hidden_act": "gelu_pytorch_tanh",
+    "in_channels": 3,
+    "out_hidden_size": 2560,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "num_position_embeddings": 2304,
+    "deepstack_visual_indexes": [5, 11, 17],
+}
+
+
+def qwen3_vl_4b_config() -> PretrainedConfig:
+    """The Qwen3-VL-4B-Instruct architecture (about 4.44 B parameters with the vision tower)."""
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(
+        text_config=dict(_QWEN3_VL_4B_TEXT),
+        vision_config=dict(_QWEN3_VL_4B_VISION),
+        tie_word_embeddings=True,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+    )
+
+
+def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """A Qwen3-VL small enough for CPU tests yet shaped like the real one.
+
+    Text: 4 layers, hidden 128, 4 query / 2 KV heads (GQA), head_dim 32, interleaved mrope
+    [6, 5, 5] (same proportions as the real [24, 20, 20], summing to head_dim / 2), tied
+    embeddings. Hidden and intermediate sizes are multiples of 128 so block-wise formats with
+    block size 64 or 128 apply. Vision: depth 2 with a deepstack merger at layer 1. The image,
+    video and vision start/end ids are those of the tokenizer's own special tokens, so prompts
+    with ``<|image_pad|>`` mean what they would mean to the real model.
+    """
+    from transformers import Qwen3VLConfig
+
+    def token_id(token: str) -> int:
+        found = tokenizer.convert_tokens_to_ids(token)
+        if not isinstance(found, int) or found == tokenizer.unk_token_id:
+            raise ConfigError(f"tokenizer for {TINY_QWEN3_VL} lacks the special token {token}")
+        return found
+
+    vocab = len(tokenizer)
+    text = {
+        "vocab_size": vocab,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": [6, 5, 5],
+            "mrope_interleaved": True,
+        },
+    }
+    vision = {
+        "depth": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 4,
+        "out_hidden_size": 128,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [1],
+    }
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=True,
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
+    )
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``; CUDA asked but absent fails."""
+    import torch
+
+    if not _DEVICE_RE.match(device):
+        raise ConfigError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {device!r} asked for, but CUDA is not available here; use device='cpu'"
+            )
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    return device
+
+
+def resolve_dtype(dtype: Dtype, device: str) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA (what Qwen3-VL ships in), float32 on CPU (bf16 matmuls are slow there)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _describe(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, source: str) -> LoadedModel:
+    first = next(model.parameters())
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        architecture=type(model).__name__,
+        dtype=_dtype_name(first.dtype),
+        device=str(first.device),
+    )
+
+
+def load_tokenizer(directory: Path, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """A tokenizer with a pad token (eos stands in when the checkpoint defines none)."""
+    from transformers import AutoTokenizer
+
+    if not directory.exists():
+        raise InputError(f"tokenizer directory {directory} does not exist")
+    if not directory.is_dir():
+        raise InputError(f"tokenizer path {directory} is not a directory")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(
+            f"no tokenizer in {directory} (none of {', '.join(TOKENIZER_FILES)}); "
+            "pass tokenizer=<directory> to LoadModel"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load the tokenizer in {directory}: {_first_line(err)}") from err
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InputError(f"tokenizer in {directory} has neither a pad token nor an eos token")
+        log.info("tokenizer in %s has no pad token; using eos %r", directory, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_builtin(
+    name: str,
+    seed: int = 0,
+    dtype: Dtype = "auto",
+    device: str = "auto",
+    *,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """A model from :data:`BUILTIN_SOURCES` with random weights drawn from ``seed``.
+
+    Weights are created directly on ``device`` in ``dtype`` (a 4B model initialises in seconds on
+    a GPU instead of minutes on CPU). The global RNG state is restored afterwards, so building a
+    model does not shift the randomness of whatever runs next. The same seed on the same device
+    type gives the same weights.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    auto_class: Any = AutoModelForImageTextToText  # from_config is untyped
+    if name not in BUILTIN_SOURCES:
+        raise ConfigError(f"unknown built-in source {name!r}; known: {', '.join(BUILTIN_SOURCES)}")
+    where = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, where)
+    tokenizer = load_tokenizer(tiny_tokenizer_dir())
+    if name == TINY_QWEN3_VL:
+        config = tiny_qwen3_vl_config(tokenizer)
+    else:
+        config = qwen3_vl_4b_config()
+        if where == "cpu":
+            log.warning(
+                "%s on CPU: 4.4 B parameters take minutes to initialise and %s of memory",
+                name,
+                "9 GB" if torch_dtype != torch.float32 else "18 GB",
+            )
+        log.info(
+            "%s: random weights; no Qwen tokenizer is available offline, using the tiny tokenizer "
+            "(%d tokens) instead",
+            name,
+            len(tokenizer),
+        )
+    target = torch.device(where)
+    cuda_devices = [target.index or 0] if target.type == "cuda" else []
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with torch.random.fork_rng(devices=cuda_devices), target:
+        torch.manual_seed(seed)
+        model = auto_class.from_config(config, **kwargs)
+    model.eval()
+    return _describe(model, tokenizer, name)
+
+
+def read_checkpoint_config(directory: Path) -> PretrainedConfig:
+    """The config of a local checkpoint, with every way it can be unusable named."""
+    from transformers import AutoConfig
+
+    if not directory.exists():
+        raise InputError(f"model path {directory} does not exist")
+    if not directory.is_dir():
+        raise InputError(f"model path {directory} is not a directory (expected a Hugging Face checkout)")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{directory} is not a Hugging Face checkout: it has no config.json")
+    try:
+        json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{config_file} is not valid JSON: {err}") from err
+    try:
+        config: PretrainedConfig = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"{config_file}: transformers cannot read it: {_first_line(err)}") from err
+    return config
+
+
+def auto_class_for(config: PretrainedConfig, source: str) -> Any:
+    """Image-text-to-text when the architecture has one (VLMs), else causal LM; else refuse.
+
+    Choosing by the auto mappings rather than by trying and catching keeps real loading errors
+    (a missing shard, a bad dtype) from being mistaken for "wrong model kind".
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", "")
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    raise InputError(
+        f"{source}/config.json: model_type {model_type!r} has no language model "
+        "(neither an image-text-to-text nor a causal-LM architecture)"
+    )
+
+
+def _has_accelerate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def load_pretrained(spec: LoadSpec) -> LoadedModel:
+    """A local checkpoint through ``from_pretrained``; never touches the network.
+
+    With ``accelerate`` installed, weights stream straight onto the target device; without it
+    (it is not a dependency) they are read on CPU and moved, which costs host memory once.
+    ``spec.device_map`` always needs ``accelerate``.
+    """
+    import torch
+
+    directory = Path(spec.path)
+    config = read_checkpoint_config(directory)
+    auto_class = auto_class_for(config, spec.path)
+    tokenizer = load_tokenizer(Path(spec.tokenizer) if spec.tokenizer else directory, spec.padding_side)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    move_to: str | None = None
+    if spec.device_map is not None:
+        if not _has_accelerate():
+            raise ConfigError(
+                f"device_map={spec.device_map!r} needs the accelerate package; pip install accelerate"
+            )
+        kwargs["device_map"] = spec.device_map
+        kwargs["dtype"] = resolve_dtype(spec.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = resolve_device(spec.device)
+        kwargs["dtype"] = resolve_dtype(spec.dtype, device)
+        if device != "cpu":
+            if _has_accelerate():
+                kwargs["device_map"] = device
+            else:
+                move_to = device
+    if spec.attn_implementation is not None:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    try:
+        model = auto_class.from_pretrained(str(directory), **kwargs)
+    except OSError as err:
+        raise InputError(f"cannot load weights from {directory}: {_first_line(err)}") from err
+    if move_to is not None:
+        model.to(move_to)
+    model.eval()
+    return _describe(model, tokenizer, spec.path)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load(spec: LoadSpec) -> LoadedModel:
+    """Dispatch on ``spec.path``: ``builtin:``/``config:`` names, else a directory."""
+    if spec.path.startswith(("builtin:", "config:")):
+        if spec.device_map is not None:
+            log.info("%s: device_map is ignored for built-in sources; building on %s", spec.path, spec.device)
+        loaded = build_builtin(
+            spec.path, spec.seed, spec.dtype, spec.device, attn_implementation=spec.attn_implementation
+        )
+        if spec.tokenizer is not None:
+            return attrs.evolve(loaded, tokenizer=load_tokenizer(Path(spec.tokenizer), spec.padding_side))
+        loaded.tokenizer.padding_side = spec.padding_side
+        return loaded
+    return load_pretrained(spec)
+
+
+@attrs.frozen
+class LoadModel:
+    """Load a model and its tokenizer (GPU stage: weights go to ``spec.device``)."""
+
+    requires: ClassVar[tuple[type, ...]] = ()
+    optional: ClassVar[tuple[type, ...]] = ()
+    produces: ClassVar[type] = LoadedModel
+    spec: LoadSpec
+    """Required: there is no sensible default model (``LoadSpec("builtin:tiny-qwen3-vl")`` for a try)."""
+
+    def run(self, inputs: Artifacts) -> LoadedModel:
+        loaded = load(self.spec)
+        log.info(
+            "loaded %s (%s) as %s on %s", self.spec.path, loaded.architecture, loaded.dtype, loaded.device
+        )
+        return loaded

@@ -1,0 +1,50 @@
+"""Shared fixtures. torch/transformers are imported inside fixtures so pure tests stay fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from auto_quantize_model.data import builtin_captions_path
+
+if TYPE_CHECKING:
+    from auto_quantize_model.artifacts import LoadedModel
+
+TINY_SEED = 0
+"""Seed of the weights in ``tiny_checkpoint``; ``build_builtin(..., seed=TINY_SEED)`` rebuilds them."""
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``builtin:tiny-qwen3-vl`` saved by ``save_pretrained`` (weights + tokenizer); treat as read-only.
+
+    Integration tests load it back through ``from_pretrained`` so they exercise the same path as
+    a real checkpoint directory. Do not write into it: it is shared by the whole session.
+    """
+    from auto_quantize_model.load import TINY_QWEN3_VL, build_builtin
+
+    directory = tmp_path_factory.mktemp("tiny-qwen3-vl")
+    loaded = build_builtin(TINY_QWEN3_VL, seed=TINY_SEED, dtype="float32", device="cpu")
+    model: Any = loaded.model
+    model.save_pretrained(str(directory))
+    loaded.tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture
+def tiny_loaded() -> LoadedModel:
+    """A fresh in-memory ``builtin:tiny-qwen3-vl`` (CPU, fp32); fresh per test since stages mutate it."""
+    from auto_quantize_model.load import TINY_QWEN3_VL, build_builtin
+
+    return build_builtin(TINY_QWEN3_VL, seed=TINY_SEED, dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def captions_file(tmp_path: Path) -> Path:
+    """The first 40 bundled captions in a temporary UTF-8 file, one per line."""
+    lines = builtin_captions_path().read_text(encoding="utf-8").splitlines()[:40]
+    path = tmp_path / "captions.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
