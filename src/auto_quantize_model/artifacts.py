@@ -8,6 +8,7 @@ JSON, compared in tests and read back without torch or ModelOpt installed.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Literal
 
 import attrs
@@ -161,6 +162,8 @@ class ValidatedGroup:
     selection: Literal["top", "bottom", "random"]
     delta_nll: float
     kl_div: float
+    rank: int = 0
+    """Predicted rank among every scored group (1 = most sensitive); 0 when unknown."""
 
 
 @attrs.frozen
@@ -181,6 +184,14 @@ class ValidationReport:
     holdout_tokens: int
     seconds: float
     restored_exactly: bool
+    chosen_delta_nll: float = math.nan
+    """ΔNLL of the mix AutoQuant chose (every group on its best format) vs the baseline."""
+    holdout_source: str = ""
+    """The captions file the held-out text came from."""
+    holdout_excluded: int = 0
+    """Captions of that file skipped because calibration used them."""
+    notes: tuple[str, ...] = ()
+    """Why a figure is NaN, groups left out, reconstructed weights: one sentence each."""
 
 
 @attrs.frozen

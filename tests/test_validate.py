@@ -1,0 +1,614 @@
+"""ValidateSensitivity: the pure parts with plain data, the stage on a tiny Qwen3-VL with real ModelOpt."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import attrs
+import pytest
+
+from auto_quantize_model.artifacts import (
+    CalibData,
+    CalibStats,
+    GroupScore,
+    LanguageModel,
+    LoadedModel,
+    SensitivityScores,
+    ValidationReport,
+)
+from auto_quantize_model.calib import captions_sha256
+from auto_quantize_model.errors import AqmError, InputError
+from auto_quantize_model.pipeline import Artifacts
+from auto_quantize_model.specs import ValidateSpec
+from auto_quantize_model.validate import (
+    Candidate,
+    ValidateSensitivity,
+    captions_file,
+    correlation_notes,
+    holdout_batches,
+    holdout_captions,
+    load_holdout,
+    rank_candidates,
+    rank_overlap,
+    read_captions,
+    recipe_name,
+    select_groups,
+    strongest_format,
+    tokenize_captions,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+
+def group(
+    name: str, scores: tuple[float, ...], formats: tuple[str, ...] = ("INT8_DEFAULT_CFG", "NONE")
+) -> GroupScore:
+    return GroupScore(
+        name=name,
+        module_names=(f"{name}.proj",),
+        formats=formats,
+        bits=tuple(16.0 if f == "NONE" else 8.0 for f in formats),
+        scores=scores,
+        costs=tuple(1.0 for _ in formats),
+        best_format=formats[0],
+    )
+
+
+def ranked(n: int) -> tuple[Candidate, ...]:
+    candidates, _ = rank_candidates([group(f"g{i:02d}", (float(i), 0.0)) for i in range(n)])
+    return candidates
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_recipe_name_drops_the_effective_bits_suffix() -> None:
+    assert recipe_name("INT8_DEFAULT_CFG(effective-bits: 8.0)") == "INT8_DEFAULT_CFG"
+    assert recipe_name("NONE(effective-bits: 16.0)") == "NONE"
+    assert recipe_name("w8a8_per_channel") == "w8a8_per_channel"
+
+
+def test_strongest_format_is_the_max_score_over_quantized_formats() -> None:
+    g = group("a", (0.5, 2.0, 0.0), ("FP8_DEFAULT_CFG", "INT8_DEFAULT_CFG", "NONE"))
+    assert strongest_format(g) == ("INT8_DEFAULT_CFG", 2.0)
+    assert strongest_format(group("b", (0.0,), ("NONE",))) is None
+    nan_first = group("c", (math.nan, 1.0, 0.0), ("FP8_DEFAULT_CFG", "INT8_DEFAULT_CFG", "NONE"))
+    assert strongest_format(nan_first) == ("INT8_DEFAULT_CFG", 1.0)
+    fmt, score = strongest_format(group("d", (math.nan, 0.0))) or ("", 0.0)
+    assert fmt == "INT8_DEFAULT_CFG"
+    assert math.isnan(score)
+
+
+def test_rank_candidates_orders_descending_and_leaves_out_unmeasurable_groups() -> None:
+    groups = [
+        group("low", (1.0, 0.0)),
+        group("high", (9.0, 0.0)),
+        group("tie_b", (5.0, 0.0)),
+        group("tie_a", (5.0, 0.0)),
+        group("off", (0.0,), ("NONE",)),
+        group("broken", (math.nan, 0.0)),
+    ]
+    candidates, notes = rank_candidates(groups)
+    assert [c.name for c in candidates] == ["high", "tie_a", "tie_b", "low"]
+    assert [c.rank for c in candidates] == [1, 2, 3, 4]
+    assert len(notes) == 2
+    assert "without a quantized format" in notes[0]
+    assert "broken" in notes[1]
+
+
+def test_select_groups_sizes_disjoint_and_seeded() -> None:
+    candidates = ranked(20)
+    chosen = select_groups(candidates, k=3, seed=7)
+    assert [c.rank for c in chosen.top] == [1, 2, 3]
+    assert [c.rank for c in chosen.bottom] == [18, 19, 20]
+    assert len(chosen.random) == 3
+    assert all(3 < c.rank < 18 for c in chosen.random)
+    assert [c.rank for c in chosen.random] == sorted(c.rank for c in chosen.random)
+    names = [c.name for c, _ in chosen.labelled()]
+    assert len(names) == len(set(names)) == 9
+    assert select_groups(candidates, k=3, seed=7) == chosen
+    draws = {tuple(c.rank for c in select_groups(candidates, k=3, seed=s).random) for s in range(10)}
+    assert len(draws) > 1
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "sizes"),
+    [(0, 2, (0, 0, 0)), (1, 2, (1, 0, 0)), (3, 2, (2, 1, 0)), (5, 2, (2, 2, 1)), (6, 2, (2, 2, 2))],
+)
+def test_select_groups_with_few_candidates(n: int, k: int, sizes: tuple[int, int, int]) -> None:
+    chosen = select_groups(ranked(n), k=k, seed=0)
+    assert (len(chosen.top), len(chosen.bottom), len(chosen.random)) == sizes
+    names = [c.name for c, _ in chosen.labelled()]
+    assert len(names) == len(set(names))
+
+
+def test_read_captions_skips_blank_lines_and_strips(tmp_path: Path) -> None:
+    path = tmp_path / "c.txt"
+    path.write_text("  a cat \n\n\t\nA dog.\n", encoding="utf-8")
+    assert read_captions(path) == ("a cat", "A dog.")
+    with pytest.raises(InputError, match=r"missing\.txt"):
+        read_captions(tmp_path / "missing.txt")
+
+
+def test_builtin_names_the_package_captions() -> None:
+    path = captions_file("builtin")
+    assert path.parts[-3:] == ("auto_quantize_model", "data", "captions.txt")
+    assert captions_file("x/y.txt") == Path("x/y.txt")
+
+
+def test_holdout_captions_exclude_calibration_text_and_keep_order() -> None:
+    texts, skipped = holdout_captions(["a", "b ", "c", "d", "e"], ["b", "d"], limit=2, source="f.txt")
+    assert texts == ("a", "c")
+    assert skipped == 2
+    with pytest.raises(AqmError, match=r"^f\.txt: no held-out captions left"):
+        holdout_captions(["a", "b"], ["a", "b", "c"], limit=5, source="f.txt")
+
+
+def _stats(path: Path, samples: int, sha: str = "") -> CalibStats:
+    return CalibStats(
+        captions_path=str(path),
+        captions_sha256=sha,
+        layout="packed",
+        seq_len=32,
+        batch_size=4,
+        max_samples=samples,
+        samples=samples,
+        real_tokens=0,
+        total_tokens=0,
+        batches=0,
+        truncated_samples=0,
+    )
+
+
+def test_load_holdout_rereads_the_calibration_captions(tmp_path: Path) -> None:
+    calib_file = tmp_path / "calib.txt"
+    calib_file.write_text("one\ntwo\n\nthree\nfour\n", encoding="utf-8")
+    other = tmp_path / "other.txt"
+    other.write_text("four\nthree\nfive\ntwo\nsix\n", encoding="utf-8")
+    used = ("one", "two", "three")
+    calib = CalibData(batches=(), captions_per_batch=(), stats=_stats(calib_file, 3, captions_sha256(used)))
+    texts, skipped, source, notes = load_holdout(ValidateSpec(holdout_captions=str(other)), calib)
+    assert texts == ("four", "five", "six")  # "four" was not among the 3 calibration captions
+    assert skipped == 2
+    assert source == str(other)
+    assert notes == (f"{other}: only 3 held-out caption(s), 64 asked",)
+    same_file = ValidateSpec(holdout_captions=str(calib_file))
+    texts, skipped, _, _ = load_holdout(same_file, calib)
+    assert (texts, skipped) == (("four",), 3)
+    all_used = attrs.evolve(calib, stats=_stats(calib_file, 4, captions_sha256((*used, "four"))))
+    with pytest.raises(AqmError, match=r"calib\.txt: no held-out captions left"):
+        load_holdout(same_file, all_used)
+
+
+def test_load_holdout_refuses_a_calibration_file_changed_since(tmp_path: Path) -> None:
+    calib_file = tmp_path / "calib.txt"
+    calib_file.write_text("one\ntwo\nthree\n", encoding="utf-8")
+    calib = CalibData(
+        batches=(), captions_per_batch=(), stats=_stats(calib_file, 2, captions_sha256(("1", "2")))
+    )
+    with pytest.raises(AqmError, match=r"calib\.txt: its first 2 captions changed since calibration"):
+        load_holdout(ValidateSpec(holdout_captions=str(calib_file)), calib)
+
+
+def test_correlation_notes_say_why_a_value_is_nan() -> None:
+    assert correlation_notes("rho", [1.0, 2.0], [3.0, 4.0], 1.0) == ()
+    assert "scores are all equal" in correlation_notes("rho", [1.0, 1.0], [3.0, 4.0], math.nan)[0]
+    assert "measured values are all equal" in correlation_notes("rho", [1.0, 2.0], [0.0, 0.0], math.nan)[0]
+    assert "fewer than 2" in correlation_notes("rho", [1.0], [0.0], math.nan)[0]
+
+
+def test_rank_overlap_compares_predicted_and_measured_top_k() -> None:
+    candidates = ranked(4)  # importance g03 > g02 > g01 > g00
+    measured = [0.1, 0.4, 0.3, math.nan]  # for g03, g02, g01, g00: damage top-2 is g02, g01
+    assert rank_overlap(candidates, measured, 2) == 0.5
+    assert rank_overlap(candidates, [4.0, 3.0, 2.0, 1.0], 2) == 1.0
+    assert rank_overlap(candidates, [1.0, 2.0, 3.0, 4.0], 2) == 0.0
+
+
+class WordTokenizer:
+    """Stands in for a Hugging Face tokenizer: one id per whitespace word."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
+        assert add_special_tokens is False
+        return {
+            "input_ids": [[self.vocab.setdefault(w, len(self.vocab) + 1) for w in t.split()] for t in texts]
+        }
+
+
+def test_tokenize_captions_truncates_and_drops_one_token_captions() -> None:
+    ids = tokenize_captions(WordTokenizer(), ["a b c d", "x", "e f"], max_len=3)
+    assert ids == [[1, 2, 3], [6, 7]]
+
+
+def test_holdout_batches_one_caption_per_row_with_padding_out_of_the_loss() -> None:
+    import torch
+
+    from auto_quantize_model.lm_forward import target_index
+
+    lists = [[5, 6, 7], [8, 9], [1, 2, 3, 4], [3, 3]]
+    batches = holdout_batches(lists, pad_id=0, rows=3)
+    assert [b["input_ids"].shape for b in batches] == [torch.Size([3, 3]), torch.Size([1, 4])]
+    first = batches[0]
+    assert first["input_ids"].tolist() == [[8, 9, 0], [3, 3, 0], [5, 6, 7]]
+    assert first["labels"].tolist() == [[8, 9, -100], [3, 3, -100], [5, 6, 7]]
+    assert first["position_ids"].tolist() == [[0, 1, 2]] * 3
+    targets = torch.cat([target_index(b)[1] for b in batches])
+    assert targets.numel() == sum(len(x) - 1 for x in lists)
+    assert sorted(targets.tolist()) == sorted(t for x in lists for t in x[1:])
+
+
+# --------------------------------------------------------------------------------------------
+# The stage on a tiny Qwen3-VL with real ModelOpt AutoQuant
+
+WORDS = {
+    "who": ("a man", "a woman", "two children", "an old dog", "a small cat", "three birds"),
+    "does": ("walks", "sits", "sleeps", "waits", "plays", "runs"),
+    "where": ("near the river", "on a red bench", "in the park", "by the window", "under a tree"),
+}
+CALIB_SAMPLES = 24
+
+
+def caption_lines() -> list[str]:
+    lines = [f"{a} {b} {c} ." for a, b, c in itertools.product(*WORDS.values())]
+    return lines[::3][:60]
+
+
+def word_tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for line in caption_lines() for w in line.split()})
+    vocab = {"[PAD]": 0, "[UNK]": 1} | {w: i + 2 for i, w in enumerate(words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]"
+    )
+
+
+def tiny_qwen3_vl() -> Any:
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [2, 3, 3],
+        "mrope_interleaved": True,
+    }
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": 128,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 256,
+            "rope_parameters": rope,
+            "tie_word_embeddings": True,
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 16,
+            "deepstack_visual_indexes": [0],
+        },
+        tie_word_embeddings=True,
+        image_token_id=120,
+        video_token_id=121,
+        vision_start_token_id=122,
+        vision_end_token_id=123,
+    )
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(config)  # type: ignore[no-untyped-call]
+    return model.eval()  # type: ignore[no-untyped-call]
+
+
+def scores_artifact(state: dict[str, Any]) -> SensitivityScores:
+    """The plain scores artifact from ModelOpt's search state, as RunAutoQuant hands it on."""
+    from auto_quantize_model.autoquant import scores_from_state, textlm_name_map
+
+    summary = scores_from_state(state, textlm_name_map("model.language_model", "lm_head"))
+    return SensitivityScores(
+        groups=summary.groups,
+        formats=tuple(sorted({f for g in summary.groups for f in g.formats if f != "NONE"})),
+        method="gradient",
+        scope="language_model",
+        effective_bits_target=8.0,
+        effective_bits_lm=summary.effective_bits_lm,
+        effective_bits_model=summary.effective_bits_model,
+        total_score=summary.total_score,
+        satisfied=summary.satisfied,
+        calib_steps=2,
+        score_steps=2,
+        score_samples=12,
+        autoquant_seconds=0.0,
+    )
+
+
+@attrs.frozen(eq=False)
+class Run:
+    """Everything a slow test needs to judge one validation run."""
+
+    report: ValidationReport
+    inputs: Artifacts
+    pristine: Any
+    batch: dict[str, torch.Tensor]
+    logits_before: torch.Tensor
+    logits_after: torch.Tensor
+    weights_before: dict[str, torch.Tensor]
+    weights_after: dict[str, torch.Tensor]
+    recipes_before: dict[str, str]
+    recipes_after: dict[str, str]
+
+
+def autoquant_and_validate(tmp_path: Path, formats: list[str], spec: ValidateSpec) -> Run:
+    import modelopt.torch.quantization as mtq
+    import torch
+    from modelopt.torch.opt.utils import named_hparams
+
+    from auto_quantize_model.lm_forward import TextLM, next_token_loss, selected_logits
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(caption_lines()) + "\n", encoding="utf-8")
+    tokenizer = word_tokenizer()
+    model = tiny_qwen3_vl()
+    pristine = copy.deepcopy(model)
+    decoder, head = model.model.language_model, model.lm_head
+
+    calib_ids = tokenize_captions(tokenizer, read_captions(captions)[:CALIB_SAMPLES], 32)
+    calib_batches = holdout_batches(calib_ids, pad_id=0, rows=6)
+    _, state = mtq.auto_quantize(
+        TextLM(decoder, head),
+        constraints={"effective_bits": 8.0},
+        quantization_formats=formats,
+        data_loader=calib_batches,
+        forward_step=lambda m, b: m(b),
+        loss_func=next_token_loss,
+        num_calib_steps=2,
+        num_score_steps=2,
+        verbose=False,
+        method="gradient",
+    )
+    scores = scores_artifact(state)
+    hparams = {
+        n.removesuffix(".quant_recipe"): h for n, h in named_hparams(model) if n.endswith(".quant_recipe")
+    }
+
+    lm = LanguageModel(
+        module=decoder,
+        lm_head=head,
+        prefix="model.language_model",
+        head_name="lm_head",
+        full_model=model,
+        vision_modules=("model.visual",),
+        scope="language_model",
+        pad_token_id=0,
+    )
+    loaded = LoadedModel(
+        model=model, tokenizer=tokenizer, source="test", architecture="Qwen3VL", dtype="float32", device="cpu"
+    )
+    calib = CalibData(
+        batches=tuple(calib_batches),
+        captions_per_batch=tuple(b["input_ids"].shape[0] for b in calib_batches),
+        stats=_stats(captions, CALIB_SAMPLES, captions_sha256(read_captions(captions)[:CALIB_SAMPLES])),
+    )
+    inputs = Artifacts.of([loaded, lm, calib, scores])
+
+    batch = holdout_batches(tokenize_captions(tokenizer, caption_lines()[-8:], 32), pad_id=0)[0]
+
+    def snapshot() -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
+        with torch.inference_mode():
+            logits = selected_logits(decoder, head, batch)
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        recipes = {n: str(h.active) for n, h in hparams.items()}
+        return logits, weights, recipes
+
+    logits_before, weights_before, recipes_before = snapshot()
+    report = ValidateSensitivity(attrs.evolve(spec, holdout_captions=str(captions))).run(inputs)
+    logits_after, weights_after, recipes_after = snapshot()
+    return Run(
+        report=report,
+        inputs=inputs,
+        pristine=pristine,
+        batch=batch,
+        logits_before=logits_before,
+        logits_after=logits_after,
+        weights_before=weights_before,
+        weights_after=weights_after,
+        recipes_before=recipes_before,
+        recipes_after=recipes_after,
+    )
+
+
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    pytest.importorskip("modelopt.torch.quantization")
+    return autoquant_and_validate(
+        tmp_path_factory.mktemp("int8"), ["INT8_DEFAULT_CFG"], ValidateSpec(k=2, seed=3, holdout_samples=20)
+    )
+
+
+@pytest.mark.slow
+def test_correlations_are_within_range_or_nan(int8_run: Run) -> None:
+    report = int8_run.report
+    for value in (report.spearman_nll, report.kendall_nll, report.spearman_kl, report.kendall_kl):
+        assert math.isnan(value) or -1.0 <= value <= 1.0
+    assert 0.0 <= report.topk_overlap <= 1.0
+    assert report.k == 2
+    assert all(math.isfinite(g.delta_nll) and g.kl_div >= 0.0 for g in report.groups)
+    assert any(g.kl_div > 0.0 for g in report.groups)
+    assert math.isfinite(report.baseline_nll)
+    assert report.seconds > 0.0
+
+
+@pytest.mark.slow
+def test_model_is_restored_bit_exactly(int8_run: Run) -> None:
+    import torch
+
+    assert int8_run.report.restored_exactly
+    assert torch.equal(int8_run.logits_before, int8_run.logits_after)
+    assert int8_run.recipes_before == int8_run.recipes_after
+    assert int8_run.weights_before.keys() == int8_run.weights_after.keys()
+    assert all(torch.equal(int8_run.weights_before[n], w) for n, w in int8_run.weights_after.items())
+
+
+@pytest.mark.slow
+def test_baseline_is_the_unquantized_model(int8_run: Run) -> None:
+    """With every group on NONE the model computes what it did before AutoQuant touched it."""
+    report = int8_run.report
+    assert report.baseline_nll == pytest.approx(pristine_nll(int8_run), rel=1e-6)
+
+
+def pristine_nll(run: Run, model: Any = None) -> float:
+    """Mean held-out NLL of the model before AutoQuant (or of ``model``), computed independently."""
+    import torch
+
+    from auto_quantize_model.lm_forward import selected_logits, target_index
+
+    tokenizer = run.inputs.get(LoadedModel).tokenizer
+    texts, _, _, _ = load_holdout(
+        ValidateSpec(holdout_captions=run.report.holdout_source, holdout_samples=run.report.holdout_samples),
+        run.inputs.get(CalibData),
+    )
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in holdout_batches(tokenize_captions(tokenizer, texts, 32), pad_id=0):
+            source = run.pristine if model is None else model
+            logits = selected_logits(source.model.language_model, source.lm_head, batch)
+            _, targets = target_index(batch)
+            nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+            total += nll.double().item()
+            count += targets.numel()
+    return total / count
+
+
+@pytest.mark.slow
+def test_held_out_captions_are_disjoint_from_calibration(int8_run: Run) -> None:
+    report = int8_run.report
+    calib = int8_run.inputs.get(CalibData)
+    calib_text = set(read_captions(Path(calib.stats.captions_path))[: calib.stats.samples])
+    texts, _, _, _ = load_holdout(
+        ValidateSpec(holdout_captions=report.holdout_source, holdout_samples=20), calib
+    )
+    assert report.holdout_excluded == CALIB_SAMPLES
+    assert report.holdout_samples == len(texts) == 20
+    assert not calib_text & set(texts)
+    assert report.holdout_tokens == sum(len(t.split()) - 1 for t in texts)
+
+
+@pytest.mark.slow
+def test_selection_sizes_and_ranks(int8_run: Run) -> None:
+    report = int8_run.report
+    scores = int8_run.inputs.get(SensitivityScores)
+    by_kind = {
+        kind: [g for g in report.groups if g.selection == kind] for kind in ("top", "bottom", "random")
+    }
+    assert {kind: len(gs) for kind, gs in by_kind.items()} == {"top": 2, "bottom": 2, "random": 2}
+    assert len({g.name for g in report.groups}) == 6
+    assert sorted(g.rank for g in by_kind["top"]) == [1, 2]
+    n_groups = len(scores.groups)
+    assert sorted(g.rank for g in by_kind["bottom"]) == [n_groups - 1, n_groups]
+    assert all(g.format == "INT8_DEFAULT_CFG" for g in report.groups)
+
+
+@pytest.mark.slow
+def test_additivity_fields_are_finite(int8_run: Run) -> None:
+    report = int8_run.report
+    top = [g for g in report.groups if g.selection == "top"]
+    assert math.isfinite(report.joint_delta_nll)
+    assert report.sum_delta_nll == pytest.approx(math.fsum(g.delta_nll for g in top))
+    assert math.isfinite(report.chosen_delta_nll)
+
+
+@pytest.mark.slow
+def test_folded_smoothing_is_undone_for_the_baseline_and_put_back(tmp_path: Path) -> None:
+    """ModelOpt folds the chosen SmoothQuant scale into the weights; the baseline must not see it."""
+    import torch
+
+    pytest.importorskip("modelopt.torch.quantization")
+    run = autoquant_and_validate(
+        tmp_path, ["INT8_SMOOTHQUANT_CFG", "INT8_DEFAULT_CFG"], ValidateSpec(k=1, holdout_samples=12)
+    )
+    report = run.report
+    assert any("fold smoothing" in note for note in report.notes), report.notes
+    if run.recipes_before["lm_head"].startswith("INT8_SMOOTHQUANT_CFG"):  # tied to the embedding
+        assert any("model.language_model.embed_tokens.weight" in note for note in report.notes)
+    assert report.baseline_nll == pytest.approx(pristine_nll(run), rel=1e-5)
+    assert report.restored_exactly
+    assert torch.equal(run.logits_before, run.logits_after)
+    assert all(torch.equal(run.weights_before[n], w) for n, w in run.weights_after.items())
+    assert {g.format for g in report.groups} <= {"INT8_SMOOTHQUANT_CFG", "INT8_DEFAULT_CFG"}
+
+    # Without the unfolding, "no quantization" is a different model: that is what the stage avoids.
+    from modelopt.torch.opt.utils import named_hparams
+
+    model = run.inputs.get(LanguageModel).full_model
+    for _, hparam in named_hparams(model, unique=True):
+        hparam.active = next(r for r in hparam.choices if recipe_name(r) == "NONE")
+    assert abs(pristine_nll(run, model) - report.baseline_nll) > 1e-3 * report.baseline_nll
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", ["language_model", "full_model"])
+def test_pipeline_validates_after_autoquant(
+    tiny_loaded: LoadedModel, scope: Literal["language_model", "full_model"]
+) -> None:
+    """The real stages in a row; validation reuses what RunAutoQuant left on the model."""
+    import torch
+
+    pytest.importorskip("modelopt.torch.quantization")
+    from auto_quantize_model.autoquant import RunAutoQuant
+    from auto_quantize_model.calib import BuildCalibLoader
+    from auto_quantize_model.extract import ExtractLM
+    from auto_quantize_model.lm_forward import selected_logits
+    from auto_quantize_model.pipeline import Pipeline
+    from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec
+
+    calib_spec = CalibSpec(max_samples=24, seq_len=48, batch_size=4)
+    before = Pipeline(
+        [
+            ExtractLM(ExtractSpec(scope=scope)),
+            BuildCalibLoader(calib_spec),
+            RunAutoQuant(AutoQuantSpec(score_size=8)),
+        ],
+        supplied=[tiny_loaded],
+    ).run()
+    lm = before.get(LanguageModel)
+    batch = before.get(CalibData).batches[0]
+    with torch.inference_mode():
+        logits_before = selected_logits(lm.module, lm.lm_head, batch)
+    after = Pipeline(
+        [ValidateSensitivity(ValidateSpec(k=2, holdout_samples=16))], supplied=list(before)
+    ).run()
+    report = after.get(ValidationReport)
+    with torch.inference_mode():
+        logits_after = selected_logits(lm.module, lm.lm_head, batch)
+
+    assert torch.equal(logits_before, logits_after)
+    assert report.restored_exactly
+    assert report.holdout_excluded == 24
+    assert report.holdout_samples == 16
+    assert report.holdout_source.endswith("captions.txt")
+    assert len(report.groups) == 6
+    scored = {g.name for g in before.get(SensitivityScores).groups}
+    assert {g.name for g in report.groups} <= scored
+    assert not any(".visual" in g.name for g in report.groups)
+    for value in (report.spearman_nll, report.kendall_nll, report.spearman_kl, report.kendall_kl):
+        assert math.isnan(value) or -1.0 <= value <= 1.0
+    assert math.isfinite(report.joint_delta_nll)
+    assert math.isfinite(report.sum_delta_nll)
