@@ -1,0 +1,628 @@
+"""Stage 4, ``RunAutoQuant``: ModelOpt's AutoQuant on the language model, reduced to plain scores.
+
+What ModelOpt does in ``mtq.auto_quantize`` (0.47), and what this stage adds around it:
+
+* Calibration: for each format, ``num_calib_steps`` leading batches of the loader. Scoring:
+  ``num_score_steps`` leading batches again (the loader restarts from its first batch). Sizes are
+  given in captions here and turned into leading batches with :func:`leading_steps`, so the same
+  settings mean the same text in the packed and padded layouts.
+* ``scope="language_model"`` runs on :class:`~auto_quantize_model.lm_forward.TextLM` (decoder +
+  lm_head under one root); ``scope="full_model"`` runs on the whole VLM with the vision modules
+  disabled. Disabled groups are costed by ModelOpt at 16 bits and would dilute the budget, so
+  the constraint passed is raised until the LM alone meets the user's target
+  (:func:`model_constraint`); both effective-bits figures are reported.
+* ModelOpt enables gradient checkpointing on Hugging Face models while scoring and leaves it on,
+  and leaves modules in train mode: both are undone here. For ``TextLM`` (not an HF model)
+  ModelOpt would require grads on every parameter; :func:`register_textlm_support` gives it the
+  HF treatment instead (only the embedding needs grad; decoder layers recompute in backward).
+* ``checkpoint=``: ModelOpt loads the file at the start of the search when it exists, saves
+  after calibrating any format not restored from it (calibration state per format), and saves
+  again after scoring (``candidate_stats``). A rerun with the file therefore skips the
+  calibration of every format already saved, and skips scoring entirely once scores are saved;
+  only the cheap format search runs again. ModelOpt refuses a file whose method, formats or
+  recipe groups differ, but not one made with other data or step counts: a settings record
+  next to it (``<checkpoint>.settings.json``) closes that gap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+import attrs
+
+from auto_quantize_model import formats as fmt
+from auto_quantize_model.artifacts import CalibData, GroupScore, LanguageModel, SensitivityScores
+from auto_quantize_model.errors import AqmError, ConfigError
+from auto_quantize_model.fileio import atomic_write_text
+from auto_quantize_model.specs import AutoQuantSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from auto_quantize_model.pipeline import Artifacts
+
+log = logging.getLogger("auto_quantize_model")
+
+RECIPE_SUFFIX = ".quant_recipe"
+NO_QUANT = "NONE"
+_LABEL = re.compile(r"^(?P<name>.*?)\s*\(effective-bits:\s*(?P<bits>[^()]*)\)\s*$")
+STATE_FILE = "autoquant_state.pt"
+SETTINGS_SUFFIX = ".settings.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def leading_steps(captions_per_batch: Sequence[int], size: int | None) -> tuple[int, int]:
+    """Fewest leading batches holding at least ``size`` captions: ``(batches, captions)``.
+
+    ModelOpt always reads the loader from its first batch, so "the first N batches" is the only
+    subset it can be given. ``None`` means every batch; a size beyond the data uses every batch.
+    """
+    if size is None:
+        return len(captions_per_batch), sum(captions_per_batch)
+    covered = 0
+    for steps, count in enumerate(captions_per_batch, start=1):
+        covered += count
+        if covered >= size:
+            return steps, covered
+    return len(captions_per_batch), covered
+
+
+def model_constraint(target_bits: float, lm_weights: int, other_weights: int) -> float:
+    """The effective-bits constraint over every costed weight that holds the LM at ``target_bits``.
+
+    ModelOpt's budget is ``sum(cost) <= bits / 16 * sum(weights)`` over all groups, and the
+    ``other_weights`` (disabled vision layers) always cost 16 bits each.
+    """
+    total = lm_weights + other_weights
+    if total <= 0:
+        raise ValueError("no weights to quantize")
+    return (target_bits * lm_weights + 16.0 * other_weights) / total
+
+
+def parse_label(label: str) -> tuple[str, float]:
+    """``"INT8_DEFAULT_CFG(effective-bits: 8.0)"`` -> ``("INT8_DEFAULT_CFG", 8.0)``."""
+    match = _LABEL.match(label)
+    if match is None:
+        raise ValueError(f"unexpected ModelOpt recipe label {label!r}")
+    return match["name"], float(match["bits"])
+
+
+def _number(value: Any) -> float:
+    """A float from a Python number or a one-element tensor (ModelOpt stores both)."""
+    item = getattr(value, "item", None)
+    return float(item() if callable(item) else value)
+
+
+def textlm_name_map(prefix: str, head_name: str) -> Callable[[str], str]:
+    """Maps module names inside ``TextLM`` (``decoder.*``, ``lm_head``) to full-model names."""
+
+    def full_name(name: str) -> str:
+        if name == "lm_head" or name.startswith("lm_head."):
+            return head_name + name.removeprefix("lm_head")
+        if name == "decoder":
+            return prefix
+        if name.startswith("decoder."):
+            rest = name.removeprefix("decoder.")
+            return f"{prefix}.{rest}" if prefix else rest
+        return name
+
+    return full_name
+
+
+def lm_membership(prefix: str, head_name: str) -> Callable[[str], bool]:
+    """Whether a full-model module name belongs to the language model (decoder or head)."""
+
+    def is_lm(name: str) -> bool:
+        if name == head_name or name.startswith(head_name + "."):
+            return True
+        return not prefix or name == prefix or name.startswith(prefix + ".")
+
+    return is_lm
+
+
+@attrs.frozen
+class StateSummary:
+    """ModelOpt's search state as plain numbers, split into the LM part and the whole."""
+
+    groups: tuple[GroupScore, ...]
+    """LM groups that had at least one format to choose from, in ModelOpt's order."""
+    disabled: tuple[str, ...]
+    """LM groups ModelOpt could only leave unquantized (``disabled_layers``); costed at 16 bits."""
+    other: tuple[str, ...]
+    """Groups outside the language model (vision), all of them costed too."""
+    effective_bits_lm: float
+    effective_bits_model: float
+    total_score: float
+    satisfied: bool
+    method: str
+    lm_weights: float
+    other_weights: float
+    nonfinite: tuple[str, ...]
+    """LM groups with a NaN or infinite score for some format."""
+
+
+def scores_from_state(
+    state: Mapping[str, Any],
+    name_map: Callable[[str], str] = lambda name: name,
+    is_lm: Callable[[str], bool] = lambda name: True,
+) -> StateSummary:
+    """Convert ``mtq.auto_quantize``'s returned state into plain :class:`GroupScore` tuples.
+
+    ``state["candidate_stats"]`` maps ``"<module>.quant_recipe"`` to ``formats`` (recipe objects
+    whose ``str()`` is ``"NAME(effective-bits: B)"``), ``scores``, ``costs`` (weights x bits/16),
+    ``module_names`` and, in 0.47, ``uncompressed_cost``; ``state["best"]`` holds the chosen
+    ``recipe`` per key, ``constraints.effective_bits``, ``score`` and ``is_satisfied``.
+    ``name_map`` turns the names ModelOpt saw into full-model names; ``is_lm`` (on mapped names)
+    says which groups belong to the language model: only those are returned as groups, but every
+    group counts toward the whole-model effective bits. Nothing here needs torch or ModelOpt.
+    """
+    stats: Mapping[str, Mapping[str, Any]] = state["candidate_stats"]
+    best: Mapping[str, Any] = state.get("best", {})
+    chosen: Mapping[str, Any] = best.get("recipe", {})
+
+    groups: list[GroupScore] = []
+    disabled: list[str] = []
+    other: list[str] = []
+    nonfinite: list[str] = []
+    lm_cost = lm_weights = all_cost = all_weights = 0.0
+    for key, entry in stats.items():
+        name = name_map(key.removesuffix(RECIPE_SUFFIX))
+        modules = tuple(name_map(m) for m in entry.get("module_names", ())) or (name,)
+        labels = [parse_label(str(recipe)) for recipe in entry["formats"]]
+        names = tuple(label for label, _ in labels)
+        costs = tuple(_number(c) for c in entry["costs"])
+        scores = tuple(_number(s) for s in entry["scores"])
+        if "uncompressed_cost" in entry:
+            weights = _number(entry["uncompressed_cost"])
+        else:
+            weights = costs[names.index(NO_QUANT)]
+        picked = chosen.get(key)
+        best_name = parse_label(str(picked))[0] if picked is not None else NO_QUANT
+        best_cost = costs[names.index(best_name)] if best_name in names else weights
+        all_cost += best_cost
+        all_weights += weights
+        if not all(is_lm(m) for m in modules):
+            other.append(name)
+            continue
+        lm_cost += best_cost
+        lm_weights += weights
+        if all(label == NO_QUANT for label in names):
+            disabled.append(name)
+            continue
+        if not all(math.isfinite(s) for s, label in zip(scores, names, strict=True) if label != NO_QUANT):
+            nonfinite.append(name)
+        groups.append(
+            GroupScore(
+                name=name,
+                module_names=modules,
+                formats=names,
+                bits=tuple(bits for _, bits in labels),
+                scores=scores,
+                costs=costs,
+                best_format=best_name,
+            )
+        )
+
+    constraints = best.get("constraints", {})
+    if "effective_bits" in constraints:
+        bits_model = _number(constraints["effective_bits"])
+    else:
+        bits_model = 16.0 * all_cost / all_weights if all_weights else math.nan
+    score = best.get("score")
+    total = _number(score) if score is not None else math.nan
+    if math.isinf(total) and not chosen:
+        total = math.nan  # ModelOpt's "no search ran" default
+    return StateSummary(
+        groups=tuple(groups),
+        disabled=tuple(disabled),
+        other=tuple(other),
+        effective_bits_lm=16.0 * lm_cost / lm_weights if lm_weights else math.nan,
+        effective_bits_model=bits_model,
+        total_score=total,
+        satisfied=bool(best.get("is_satisfied", False)),
+        method=str(state.get("method", "")),
+        lm_weights=lm_weights,
+        other_weights=all_weights - lm_weights,
+        nonfinite=tuple(nonfinite),
+    )
+
+
+def nonfinite_message(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return (
+        f"AutoQuant produced NaN or infinite sensitivity scores for {len(names)} recipe group(s): {shown}; "
+        "the forward/backward pass overflowed (try float32 or bfloat16, or fewer/shorter captions), "
+        "or set autoquant.allow_nonfinite = true to keep going"
+    )
+
+
+def checkpoint_file(path: str) -> str:
+    """The file ModelOpt really uses for ``checkpoint=path`` (a folder gets ``rank0.pth``)."""
+    if Path(path).is_dir() or path.endswith(os.sep) or not Path(path).suffix:
+        return str(Path(path) / "rank0.pth")
+    return path
+
+
+def settings_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between two settings records, as ``key: old -> new``."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+# --------------------------------------------------------------------------------------------------
+# ModelOpt glue
+# --------------------------------------------------------------------------------------------------
+
+
+_registered = False
+
+
+def _is_textlm(model: nn.Module) -> bool:
+    from auto_quantize_model.lm_forward import TextLM
+
+    return isinstance(model, TextLM)
+
+
+@contextlib.contextmanager
+def _textlm_checkpointing(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing on the decoder while ModelOpt scores, switched off afterwards.
+
+    Mirrors ModelOpt's Hugging Face support: reentrant checkpointing, checkpointed layers in
+    train mode (that is when HF recomputes them) and every other module in eval mode.
+    """
+    decoder = getattr(model, "decoder", None)
+    supported = bool(getattr(decoder, "supports_gradient_checkpointing", False)) and hasattr(
+        decoder, "gradient_checkpointing_enable"
+    )
+    if decoder is None or not supported:
+        yield
+        return
+    was_on = bool(getattr(decoder, "is_gradient_checkpointing", False))
+    decoder.gradient_checkpointing_enable({"use_reentrant": True})
+    for module in decoder.modules():
+        module.training = hasattr(module, "gradient_checkpointing")
+    try:
+        yield
+    finally:
+        if not was_on:
+            decoder.gradient_checkpointing_disable()
+        model.eval()
+
+
+def _embedding_grad_only(param_name: str, model: nn.Module) -> bool:
+    # A grad on the embedding output makes autograd reach every layer's output, which is all
+    # the score needs; weight gradients of the other layers would only cost memory.
+    return "embed" in param_name
+
+
+def register_textlm_support() -> None:
+    """Let ModelOpt score ``TextLM`` like a Hugging Face model (idempotent, process-wide)."""
+    global _registered
+    if _registered:
+        return
+    from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher
+
+    AutoQuantizeGradientSearcher.register_custom_support(
+        _is_textlm, _textlm_checkpointing, _embedding_grad_only
+    )
+    _registered = True
+
+
+@contextlib.contextmanager
+def _named_custom_formats(names: Sequence[str]) -> Iterator[list[Any]]:
+    """The ``quantization_formats`` list, with our custom formats known to ModelOpt by name.
+
+    ModelOpt labels a config dict it does not know ``CUSTOM_<i>``, and that label sticks to its
+    recipe objects (the scores, the reports, ValidateSensitivity's format switch). Registered for
+    the duration of the call as attributes of ModelOpt's config module, our formats are looked up
+    by name like presets, so every label carries our name.
+    """
+    import modelopt.torch.quantization.config as mtq_config
+
+    added: list[str] = []
+    entries: list[Any] = []
+    try:
+        for name in names:
+            config = fmt.modelopt_config(name)
+            if isinstance(config, dict):
+                if hasattr(mtq_config, name):
+                    raise ConfigError(f"format {name} clashes with a ModelOpt attribute of the same name")
+                setattr(mtq_config, name, config)
+                mtq_config.choices.add(name)
+                added.append(name)
+            entries.append(name)
+        yield entries
+    finally:
+        for name in added:
+            mtq_config.choices.discard(name)
+            delattr(mtq_config, name)
+
+
+def _quantizable_weights(root: nn.Module, skip: Callable[[str], bool]) -> int:
+    """Weights of the layers ModelOpt costs (linear and convolution), outside ``skip``."""
+    from torch import nn
+
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
+    total = 0
+    for name, module in root.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, kinds) and weight is not None and not skip(name):
+            total += int(weight.numel())
+    return total
+
+
+def _matching_layers(root: nn.Module, name_map: Callable[[str], str], patterns: Sequence[str]) -> list[str]:
+    """Names inside ``root`` of the layers whose full-model name matches a user pattern.
+
+    Users write full-model names; inside ``TextLM`` ModelOpt sees ``decoder.*``, so patterns are
+    resolved here into exact names rather than handed to ModelOpt as they are.
+    """
+    matched: list[str] = []
+    unused = list(patterns)
+    for name, _ in root.named_modules():
+        hits = [p for p in patterns if name and fnmatch.fnmatchcase(name_map(name), p)]
+        if hits:
+            matched.append(name)
+            unused = [p for p in unused if p not in hits]
+    for pattern in unused:
+        log.warning("autoquant.disabled_layers: %r matches no layer of the language model", pattern)
+    return matched
+
+
+def _input_device(lm: LanguageModel) -> torch.device:
+    embeddings = getattr(lm.module, "get_input_embeddings", None)
+    if callable(embeddings):
+        with contextlib.suppress(Exception):
+            found = embeddings()
+            weight = getattr(found, "weight", None)
+            if weight is not None:
+                return cast("torch.device", weight.device)
+    return next(lm.module.parameters()).device
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def _turn_off_checkpointing(model: nn.Module) -> None:
+    """Undo what ModelOpt leaves behind on HF models: checkpointing on, layers in train mode."""
+    for module in model.modules():
+        disable = getattr(module, "gradient_checkpointing_disable", None)
+        if getattr(module, "is_gradient_checkpointing", False) and callable(disable):
+            disable()
+    model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class RunAutoQuant:
+    """Score every LM recipe group with ModelOpt AutoQuant (GPU stage; also runs on CPU).
+
+    Mutates the model in place: ModelOpt's quantizers and per-group recipe choices stay on the
+    modules (ValidateSensitivity reuses them), set to the formats the search picked. Every module
+    is left in eval mode with gradient checkpointing off, whatever ModelOpt switched on.
+    """
+
+    requires: ClassVar[tuple[type, ...]] = (LanguageModel, CalibData)
+    optional: ClassVar[tuple[type, ...]] = ()
+    produces: ClassVar[type] = SensitivityScores
+    spec: AutoQuantSpec = attrs.field(factory=AutoQuantSpec)
+
+    def run(self, inputs: Artifacts) -> SensitivityScores:
+        lm = inputs.get(LanguageModel)
+        calib = inputs.get(CalibData)
+        spec = self.spec
+        device = _input_device(lm)
+        self._check(calib, device.type)
+
+        score_steps, score_samples = leading_steps(calib.captions_per_batch, spec.score_size)
+        calib_steps, calib_samples = leading_steps(calib.captions_per_batch, spec.calib_size)
+        available = sum(calib.captions_per_batch)
+        for what, size in (("score_size", spec.score_size), ("calib_size", spec.calib_size)):
+            if size is not None and size > available:
+                log.warning(
+                    "autoquant.%s %d exceeds the %d calibration captions; using all of them",
+                    what,
+                    size,
+                    available,
+                )
+
+        from auto_quantize_model.lm_forward import TextLM, forward_step_for, next_token_loss
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
+            import modelopt.torch.quantization as mtq
+
+        if lm.scope == "language_model":
+            root: nn.Module = TextLM(lm.module, lm.lm_head)
+            name_map = textlm_name_map(lm.prefix, lm.head_name)
+            is_lm: Callable[[str], bool] = lambda name: True  # noqa: E731
+            disabled = _matching_layers(root, name_map, spec.disabled_layers)
+            other_weights = 0
+            lm_weights = _quantizable_weights(root, lambda name: False)
+            register_textlm_support()
+        else:
+            root = lm.full_model
+            name_map = lambda name: name  # noqa: E731
+            is_lm = lm_membership(lm.prefix, lm.head_name)
+            vision = [pattern for v in lm.vision_modules for pattern in (v, f"{v}.*")]
+            disabled = vision + _matching_layers(root, name_map, spec.disabled_layers)
+            lm_weights = _quantizable_weights(root, lambda name: not is_lm(name))
+            other_weights = _quantizable_weights(root, is_lm)
+        if lm_weights == 0:
+            raise AqmError("the language model has no linear layers for AutoQuant to quantize")
+        constraint = model_constraint(spec.effective_bits, lm_weights, other_weights)
+
+        state_path = self._prepare_checkpoint(lm, calib, calib_steps, score_steps)
+        batches = [_to_device(batch, device) for batch in calib.batches]
+        forward_step = forward_step_for(lm, root)
+        method_args: dict[str, Any] = {"method": spec.method}
+        if spec.method == "gradient":
+            method_args["loss_func"] = next_token_loss
+
+        if device.type == "cuda":
+            log.info(
+                "ModelOpt may JIT-build its CUDA extension on its first use on a fresh machine "
+                "(about a minute, once); later runs reuse the build"
+            )
+        log.info(
+            "AutoQuant: %s on %s (%s scope), %s, effective bits %g over the LM%s; calibration %d batch(es) "
+            "/ %d captions, scoring %d batch(es) / %d captions",
+            "+".join(spec.formats),
+            device,
+            lm.scope,
+            spec.method,
+            spec.effective_bits,
+            f" (constraint {constraint:.4f} over the whole model)" if other_weights else "",
+            calib_steps,
+            calib_samples,
+            score_steps,
+            score_samples,
+        )
+        root.eval()
+        started = time.perf_counter()
+        try:
+            with _named_custom_formats(spec.formats) as quantization_formats, warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="AutoQuantize: Huggingface model detected.*")
+                _, state = mtq.auto_quantize(
+                    root,
+                    constraints={"effective_bits": constraint},
+                    quantization_formats=quantization_formats,
+                    data_loader=batches,
+                    forward_step=forward_step,
+                    disabled_layers=disabled or None,
+                    num_calib_steps=calib_steps,
+                    num_score_steps=score_steps,
+                    verbose=False,
+                    checkpoint=state_path,
+                    **method_args,
+                )
+        finally:
+            _turn_off_checkpointing(lm.full_model)
+            _turn_off_checkpointing(root)
+        seconds = time.perf_counter() - started
+
+        summary = scores_from_state(state, name_map, is_lm)
+        if summary.method != spec.method:
+            raise AqmError(f"ModelOpt ran method {summary.method!r}, asked for {spec.method!r}")
+        if summary.nonfinite:
+            if not spec.allow_nonfinite:
+                raise AqmError(nonfinite_message(summary.nonfinite))
+            log.warning("%s (kept: allow_nonfinite)", nonfinite_message(summary.nonfinite).split(";")[0])
+        if other_weights and abs(summary.other_weights - other_weights) > 0.5:
+            log.warning(
+                "AutoQuant costed %d non-LM weights, %d were expected: the LM effective bits may miss the "
+                "target slightly",
+                int(summary.other_weights),
+                other_weights,
+            )
+        if not summary.satisfied:
+            log.warning("AutoQuant found no choice meeting the effective-bits constraint")
+        log.info(
+            "AutoQuant: %d LM groups scored in %.1f s; effective bits %.3f (LM), %.3f (all costed weights)",
+            len(summary.groups),
+            seconds,
+            summary.effective_bits_lm,
+            summary.effective_bits_model,
+        )
+        return SensitivityScores(
+            groups=summary.groups,
+            formats=tuple(spec.formats),
+            method=spec.method,
+            scope=lm.scope,
+            effective_bits_target=spec.effective_bits,
+            effective_bits_lm=summary.effective_bits_lm,
+            effective_bits_model=summary.effective_bits_model,
+            total_score=summary.total_score,
+            satisfied=summary.satisfied,
+            calib_steps=calib_steps,
+            score_steps=score_steps,
+            score_samples=score_samples,
+            autoquant_seconds=seconds,
+            state_path=checkpoint_file(state_path),
+        )
+
+    def _check(self, calib: CalibData, device: str) -> None:
+        spec = self.spec
+        fmt.check_formats(spec.formats, device)
+        fmt.check_effective_bits(spec.effective_bits, spec.formats)
+        if spec.method not in ("gradient", "kl_div"):
+            raise ConfigError(f"autoquant.method must be 'gradient' or 'kl_div', got {spec.method!r}")
+        for key, value in (("score_size", spec.score_size), ("calib_size", spec.calib_size)):
+            if value is not None and not value > 0:
+                raise ConfigError(f"autoquant.{key} must be > 0, got {value}")
+        if not calib.batches or sum(calib.captions_per_batch) == 0:
+            raise ConfigError("AutoQuant got no calibration batches: the captions produced no tokens")
+        if len(calib.captions_per_batch) != len(calib.batches):
+            raise ValueError("CalibData.captions_per_batch does not match its batches")
+
+    def _settings(
+        self, lm: LanguageModel, calib: CalibData, calib_steps: int, score_steps: int
+    ) -> dict[str, Any]:
+        """What the saved calibration and scores depend on (the budget is not: it is re-searched)."""
+        spec = self.spec
+        stats = calib.stats
+        return {
+            "formats": list(spec.formats),
+            "method": spec.method,
+            "scope": lm.scope,
+            "disabled_layers": list(spec.disabled_layers),
+            "calib_steps": calib_steps,
+            "score_steps": score_steps,
+            "captions_sha256": stats.captions_sha256,
+            "layout": stats.layout,
+            "seq_len": stats.seq_len,
+            "batch_size": stats.batch_size,
+            "samples": stats.samples,
+            "real_tokens": stats.real_tokens,
+        }
+
+    def _prepare_checkpoint(
+        self, lm: LanguageModel, calib: CalibData, calib_steps: int, score_steps: int
+    ) -> str:
+        """The checkpoint path to hand ModelOpt; refuses one saved under other settings."""
+        path = self.spec.checkpoint
+        if path is None:
+            path = str(Path(tempfile.mkdtemp(prefix="aqm-autoquant-")) / STATE_FILE)
+        real = Path(checkpoint_file(path))
+        record = real.with_name(real.name + SETTINGS_SUFFIX)
+        current = self._settings(lm, calib, calib_steps, score_steps)
+        if real.exists():
+            if not record.exists():
+                raise ConfigError(
+                    f"autoquant.checkpoint {real} has no settings record ({record.name}), so it cannot be "
+                    "told apart from a run with other data; delete it or point autoquant.checkpoint elsewhere"
+                )
+            saved = json.loads(record.read_text(encoding="utf-8"))
+            changed = settings_mismatch(saved, current)
+            if changed:
+                raise ConfigError(
+                    f"autoquant.checkpoint {real} was saved with other settings ({'; '.join(changed)}); "
+                    "delete it or point autoquant.checkpoint elsewhere"
+                )
+            log.info("AutoQuant: resuming from %s (saved calibration and scores are reused)", real)
+        else:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(record, json.dumps(current, indent=1, sort_keys=True) + "\n")
+        return path

@@ -1,0 +1,532 @@
+"""RunAutoQuant: pure conversions of ModelOpt's state, then real AutoQuant runs on a tiny Qwen3-VL."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import pytest
+
+from auto_quantize_model.artifacts import CalibData, CalibStats, LanguageModel, Scope, SensitivityScores
+from auto_quantize_model.autoquant import (
+    RunAutoQuant,
+    checkpoint_file,
+    leading_steps,
+    lm_membership,
+    model_constraint,
+    nonfinite_message,
+    parse_label,
+    scores_from_state,
+    settings_mismatch,
+    textlm_name_map,
+)
+from auto_quantize_model.errors import AqmError, ConfigError
+from auto_quantize_model.pipeline import Artifacts
+from auto_quantize_model.specs import AutoQuantSpec
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_leading_steps_counts_captions_not_batches() -> None:
+    assert leading_steps((8, 8, 8, 8), 16) == (2, 16)
+    assert leading_steps((8, 8, 8, 8), 17) == (3, 24)
+    assert leading_steps((40, 3), 10) == (1, 40)  # packed rows hold many captions
+    assert leading_steps((8, 8), 100) == (2, 16)  # more than there is: everything
+    assert leading_steps((8, 8, 5), None) == (3, 21)
+
+
+def test_model_constraint_holds_the_lm_at_its_target() -> None:
+    lm, vision = 300, 100
+    constraint = model_constraint(6.0, lm, vision)
+    assert constraint == pytest.approx(8.5)
+    # the LM at exactly 6 bits and the vision at 16 spend exactly the whole-model budget
+    assert (6.0 * lm + 16.0 * vision) / (lm + vision) == pytest.approx(constraint)
+    assert model_constraint(6.0, lm, 0) == 6.0
+    assert model_constraint(16.0, lm, vision) == 16.0
+
+
+def test_parse_label() -> None:
+    assert parse_label("INT8_DEFAULT_CFG(effective-bits: 8.0)") == ("INT8_DEFAULT_CFG", 8.0)
+    assert parse_label("NVFP4_DEFAULT_CFG(effective-bits: 4.5)") == ("NVFP4_DEFAULT_CFG", 4.5)
+    assert parse_label("wint4-b64_aint8-token(effective-bits: 4.0)") == ("wint4-b64_aint8-token", 4.0)
+    with pytest.raises(ValueError, match="unexpected ModelOpt recipe label"):
+        parse_label("INT8_DEFAULT_CFG")
+
+
+def test_name_maps() -> None:
+    full = textlm_name_map("model.language_model", "lm_head")
+    assert full("decoder.layers.3.mlp.up_proj") == "model.language_model.layers.3.mlp.up_proj"
+    assert full("decoder") == "model.language_model"
+    assert full("lm_head") == "lm_head"
+    assert textlm_name_map("", "embed_out")("lm_head") == "embed_out"
+    assert textlm_name_map("", "lm_head")("decoder.layers.0.self_attn.q_proj") == "layers.0.self_attn.q_proj"
+    is_lm = lm_membership("model.language_model", "lm_head")
+    assert is_lm("model.language_model.layers.0.mlp.up_proj")
+    assert is_lm("lm_head")
+    assert not is_lm("model.visual.blocks.0.attn.qkv")
+    assert not is_lm("model.language_model_extra.x")
+
+
+class FakeRecipe:
+    """Stands in for ModelOpt's QuantRecipe: only its ``str()`` matters."""
+
+    def __init__(self, name: str, bits: float) -> None:
+        self.label = f"{name}(effective-bits: {bits})"
+
+    def __str__(self) -> str:
+        return self.label
+
+
+class FakeScalar:
+    """Stands in for a one-element tensor (KL-divergence scores arrive that way)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def item(self) -> float:
+        return self.value
+
+
+INT4, INT8, NONE = (
+    FakeRecipe("INT4_AWQ_CFG", 4.0),
+    FakeRecipe("INT8_DEFAULT_CFG", 8.0),
+    FakeRecipe("NONE", 16.0),
+)
+
+
+def _state(
+    prefix: str, extra: dict[str, Any] | None = None, chosen: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    head = "lm_head"
+    stats: dict[str, Any] = {
+        f"{prefix}.layers.0.self_attn.q_proj.quant_recipe": {
+            "formats": [INT8, NONE],
+            "scores": [FakeScalar(2.0), 0],
+            "costs": [50.0, 100.0],
+            "module_names": [f"{prefix}.layers.0.self_attn.{p}_proj" for p in "qkv"],
+            "uncompressed_cost": 100.0,
+        },
+        f"{prefix}.layers.0.mlp.down_proj.quant_recipe": {  # no uncompressed_cost: older ModelOpt
+            "formats": [INT4, INT8, NONE],
+            "scores": [3.0, 1.0, 0.0],
+            "costs": [25.0, 50.0, 100.0],
+            "module_names": [f"{prefix}.layers.0.mlp.down_proj"],
+        },
+        f"{head}.quant_recipe": {
+            "formats": [INT8, NONE],
+            "scores": [5.0, 0.0],
+            "costs": [100.0, 200.0],
+            "module_names": [head],
+            "uncompressed_cost": 200.0,
+        },
+        **(extra or {}),
+    }
+    best = {
+        f"{prefix}.layers.0.self_attn.q_proj.quant_recipe": INT8,
+        f"{prefix}.layers.0.mlp.down_proj.quant_recipe": INT4,
+        f"{head}.quant_recipe": NONE,
+        **(chosen or {}),
+    }
+    return {
+        "method": "gradient",
+        "candidate_stats": stats,
+        "best": {"recipe": best, "constraints": {"effective_bits": 9.5}, "score": 5.0, "is_satisfied": True},
+    }
+
+
+def test_scores_from_state_textlm() -> None:
+    summary = scores_from_state(_state("decoder"), textlm_name_map("model.language_model", "lm_head"))
+    names = [g.name for g in summary.groups]
+    assert names == [
+        "model.language_model.layers.0.self_attn.q_proj",
+        "model.language_model.layers.0.mlp.down_proj",
+        "lm_head",
+    ]
+    q, down, head = summary.groups
+    assert q.module_names == tuple(f"model.language_model.layers.0.self_attn.{p}_proj" for p in "qkv")
+    assert q.formats == ("INT8_DEFAULT_CFG", "NONE")
+    assert q.bits == (8.0, 16.0)
+    assert q.scores == (2.0, 0.0)
+    assert all(type(s) is float for s in q.scores)
+    assert (q.best_format, down.best_format, head.best_format) == ("INT8_DEFAULT_CFG", "INT4_AWQ_CFG", "NONE")
+    assert down.formats == ("INT4_AWQ_CFG", "INT8_DEFAULT_CFG", "NONE")
+    assert down.costs == (25.0, 50.0, 100.0)
+    # chosen costs 50 + 25 + 200 over weights 100 + 100 + 200
+    assert summary.effective_bits_lm == pytest.approx(16 * 275 / 400)
+    assert summary.effective_bits_model == 9.5  # ModelOpt's own figure, as reported
+    assert (summary.total_score, summary.satisfied, summary.method) == (5.0, True, "gradient")
+    assert (summary.lm_weights, summary.other_weights) == (400, 0)
+    assert (summary.disabled, summary.other, summary.nonfinite) == ((), (), ())
+
+
+def test_scores_from_state_full_model_keeps_vision_out_of_groups_and_lm_bits() -> None:
+    prefix = "model.language_model"
+    extra = {
+        "model.visual.blocks.0.attn.qkv.quant_recipe": {
+            "formats": [NONE],
+            "scores": [0.0],
+            "costs": [300.0],
+            "module_names": ["model.visual.blocks.0.attn.qkv"],
+            "uncompressed_cost": 300.0,
+        },
+        f"{prefix}.layers.1.mlp.down_proj.quant_recipe": {  # disabled by the user: NONE only
+            "formats": [NONE],
+            "scores": [0.0],
+            "costs": [100.0],
+            "module_names": [f"{prefix}.layers.1.mlp.down_proj"],
+            "uncompressed_cost": 100.0,
+        },
+    }
+    chosen = {
+        "model.visual.blocks.0.attn.qkv.quant_recipe": NONE,
+        f"{prefix}.layers.1.mlp.down_proj.quant_recipe": NONE,
+    }
+    state = _state(prefix, extra, chosen)
+    del state["best"]["constraints"]  # fall back to our own whole-model arithmetic
+    summary = scores_from_state(state, is_lm=lm_membership(prefix, "lm_head"))
+    assert [g.name for g in summary.groups] == [
+        f"{prefix}.layers.0.self_attn.q_proj",
+        f"{prefix}.layers.0.mlp.down_proj",
+        "lm_head",
+    ]
+    assert summary.other == ("model.visual.blocks.0.attn.qkv",)
+    assert summary.disabled == (f"{prefix}.layers.1.mlp.down_proj",)
+    # LM: chosen 50 + 25 + 200 + 100 (disabled, 16 bits) over 500; whole: + 300 vision at 16 bits
+    assert summary.effective_bits_lm == pytest.approx(16 * 375 / 500)
+    assert summary.effective_bits_model == pytest.approx(16 * 675 / 800)
+    assert (summary.lm_weights, summary.other_weights) == (500, 300)
+    # the constraint RunAutoQuant would pass for this LM target lands exactly on the whole-model figure
+    assert model_constraint(summary.effective_bits_lm, 500, 300) == pytest.approx(
+        summary.effective_bits_model
+    )
+
+
+def test_scores_from_state_flags_nonfinite_scores() -> None:
+    state = _state("decoder")
+    state["candidate_stats"]["lm_head.quant_recipe"]["scores"] = [math.nan, 0.0]
+    state["candidate_stats"]["decoder.layers.0.mlp.down_proj.quant_recipe"]["scores"] = [math.inf, 1.0, 0.0]
+    summary = scores_from_state(state, textlm_name_map("model.language_model", "lm_head"))
+    assert summary.nonfinite == ("model.language_model.layers.0.mlp.down_proj", "lm_head")
+    message = nonfinite_message(summary.nonfinite)
+    assert "2 recipe group(s): model.language_model.layers.0.mlp.down_proj, lm_head" in message
+    assert "allow_nonfinite" in message
+    assert "\n" not in message
+    many = nonfinite_message([f"g{i}" for i in range(8)])
+    assert "g0, g1, g2, g3, g4 and 3 more" in many
+
+
+def test_checkpoint_helpers(tmp_path: Path) -> None:
+    assert checkpoint_file(str(tmp_path / "state.pt")) == str(tmp_path / "state.pt")
+    assert checkpoint_file(str(tmp_path)) == str(tmp_path / "rank0.pth")
+    assert checkpoint_file(str(tmp_path / "noext")) == str(tmp_path / "noext" / "rank0.pth")
+    assert settings_mismatch({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == ["b: 2 -> 3", "c: None -> 4"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Real AutoQuant on a tiny Qwen3-VL (random weights) on CPU
+# --------------------------------------------------------------------------------------------------
+
+PREFIX, HEAD, VISION = "model.language_model", "lm_head", "model.visual"
+
+
+def _tiny_model() -> nn.Module:
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 1024,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
+            "tie_word_embeddings": True,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 16,
+            "deepstack_visual_indexes": [0],
+        },
+        tie_word_embeddings=True,
+        image_token_id=500,
+        video_token_id=501,
+        vision_start_token_id=502,
+        vision_end_token_id=503,
+    )
+    torch.manual_seed(0)
+    model: nn.Module = Qwen3VLForConditionalGeneration(config)  # type: ignore[no-untyped-call]
+    return model.eval()
+
+
+def _language_model(model: nn.Module, scope: Scope) -> LanguageModel:
+    return LanguageModel(
+        module=model.get_submodule(PREFIX),
+        lm_head=model.get_submodule(HEAD),
+        prefix=PREFIX,
+        head_name=HEAD,
+        full_model=model,
+        vision_modules=(VISION,),
+        scope=scope,
+        pad_token_id=0,
+    )
+
+
+def _calib(batches: int = 3, rows: int = 2, length: int = 16) -> CalibData:
+    """Packed-style rows: two captions per row, positions restarting, no loss across the boundary."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    half = length // 2
+    data = []
+    for _ in range(batches):
+        ids = torch.randint(0, 500, (rows, length), generator=generator)
+        positions = torch.arange(half).repeat(2).expand(rows, length).clone()
+        labels = ids.clone()
+        labels[:, 0] = -100
+        labels[:, half] = -100
+        data.append({"input_ids": ids, "position_ids": positions, "labels": labels})
+    captions = 2 * rows
+    stats = CalibStats(
+        captions_path="hand-built",
+        captions_sha256="0" * 64,
+        layout="packed",
+        seq_len=length,
+        batch_size=rows,
+        max_samples=captions * batches,
+        samples=captions * batches,
+        real_tokens=rows * length * batches,
+        total_tokens=rows * length * batches,
+        batches=batches,
+        truncated_samples=0,
+    )
+    return CalibData(batches=tuple(data), captions_per_batch=(captions,) * batches, stats=stats)
+
+
+def _linear_names(model: nn.Module, keep: Callable[[str], bool]) -> set[str]:
+    from torch import nn
+
+    return {name for name, module in model.named_modules() if isinstance(module, nn.Linear) and keep(name)}
+
+
+def _weights(model: nn.Module, keep: Callable[[str], bool]) -> int:
+    from torch import nn
+
+    kinds = (nn.Linear, nn.Conv3d)
+    return sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, kinds) and keep(n))
+
+
+@pytest.fixture(scope="module")
+def quiet_modelopt() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import modelopt.torch.quantization  # noqa: F401  (import once, quietly)
+
+
+def _run(scope: Scope, spec: AutoQuantSpec, tmp: Path) -> tuple[nn.Module, SensitivityScores]:
+    """One RunAutoQuant on a fresh tiny model; the search state goes under ``tmp``, not /tmp."""
+    import tempfile
+
+    model = _tiny_model()
+    if spec.checkpoint is None:
+        spec = attrs.evolve(spec, checkpoint=str(Path(tempfile.mkdtemp(dir=tmp)) / "state.pt"))
+    stage = RunAutoQuant(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = stage.run(Artifacts.of([_language_model(model, scope), _calib()]))
+    return model, result
+
+
+def _load_state(result: SensitivityScores) -> dict[str, Any]:
+    import torch
+
+    assert result.state_path is not None
+    state: dict[str, Any] = torch.load(result.state_path, weights_only=False)
+    return state
+
+
+def _assert_sound(
+    model: nn.Module,
+    result: SensitivityScores,
+    scope: Scope,
+    disabled: Callable[[str], bool] = lambda n: False,
+) -> None:
+    """Every LM linear scored (but the disabled), nothing from vision, budget met, model left clean."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    is_lm = lm_membership(PREFIX, HEAD)
+    scored = {m for g in result.groups for m in g.module_names}
+    assert scored == _linear_names(model, lambda n: is_lm(n) and not disabled(n))
+    for name in _linear_names(model, disabled):
+        layer: Any = model.get_submodule(name)
+        assert not layer.weight_quantizer.is_enabled, name
+    assert not any(m.startswith(VISION) for g in result.groups for m in (g.name, *g.module_names))
+    for group in result.groups:
+        assert all(math.isfinite(s) for s in group.scores), group
+        assert group.formats[-1] == "NONE"
+        assert group.best_format in group.formats
+        assert set(group.formats) == {*result.formats, "NONE"}
+        assert any(s != 0.0 for s, f in zip(group.scores, group.formats, strict=True) if f != "NONE"), group
+        # the search's choice is what the model now carries
+        layer = model.get_submodule(group.module_names[0])
+        assert layer.weight_quantizer.is_enabled == (group.best_format != "NONE"), group
+    assert result.satisfied
+    assert result.effective_bits_lm <= result.effective_bits_target + 1e-9
+    lm_weights = _weights(model, is_lm)
+    vision_weights = _weights(model, lambda n: not is_lm(n)) if scope == "full_model" else 0
+    expected_model = (result.effective_bits_lm * lm_weights + 16.0 * vision_weights) / (
+        lm_weights + vision_weights
+    )
+    assert result.effective_bits_model == pytest.approx(expected_model)
+    vision_quantizers = [
+        m for n, m in model.named_modules() if n.startswith(VISION) and isinstance(m, TensorQuantizer)
+    ]
+    assert not any(q.is_enabled for q in vision_quantizers)
+    if scope == "language_model":
+        assert vision_quantizers == []
+    assert not any(m.training for m in model.modules())
+    assert not model.is_gradient_checkpointing
+    assert not model.get_submodule(PREFIX).is_gradient_checkpointing
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("quiet_modelopt")
+def test_language_model_scope_gradient_int8_fp8(tmp_path: Path) -> None:
+    from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher
+
+    spec = AutoQuantSpec(
+        formats=("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"),
+        effective_bits=11.0,
+        score_size=4,
+        disabled_layers=(f"{PREFIX}.layers.1.mlp.*",),  # full-model names, though TextLM is the root
+    )
+    model, result = _run("language_model", spec, tmp_path)
+    _assert_sound(model, result, "language_model", lambda n: n.startswith(f"{PREFIX}.layers.1.mlp."))
+    assert (result.method, result.scope, result.calib_steps, result.score_steps, result.score_samples) == (
+        "gradient",
+        "language_model",
+        3,
+        1,
+        4,
+    )
+    assert _load_state(result)["method"] == "gradient"
+    assert result.effective_bits_lm == result.effective_bits_model
+    # TextLM is scored like an HF model: embedding-only grads and checkpointed decoder layers
+    assert any(entry[0].__name__ == "_is_textlm" for entry in AutoQuantizeGradientSearcher._custom_support)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("quiet_modelopt")
+def test_full_model_scope_kl_div_int8_budget_excludes_vision(tmp_path: Path) -> None:
+    # 12 bits over the LM alone; over the whole model (vision at 16 bits) INT8 could not even reach 12
+    spec = AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), method="kl_div", effective_bits=12.0, score_size=2)
+    model, result = _run("full_model", spec, tmp_path)
+    _assert_sound(model, result, "full_model")
+    assert _load_state(result)["method"] == "kl_div"
+    assert result.effective_bits_model > result.effective_bits_lm
+    assert result.effective_bits_lm > 8.0  # the budget was used, not undercut to pay for vision
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("quiet_modelopt")
+def test_full_model_scope_gradient_int8_fp8(tmp_path: Path) -> None:
+    spec = AutoQuantSpec(formats=("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"), effective_bits=10.0, score_size=4)
+    model, result = _run("full_model", spec, tmp_path)
+    _assert_sound(model, result, "full_model")
+    assert _load_state(result)["method"] == "gradient"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("quiet_modelopt")
+def test_language_model_kl_div_custom_format_and_checkpoint_resume(tmp_path: Path, mocker: Any) -> None:
+    from auto_quantize_model import lm_forward
+
+    checkpoint = tmp_path / "search" / "state.pt"
+    spec = AutoQuantSpec(
+        formats=("INT8_DEFAULT_CFG", "wint4-b64_aint8-token"),
+        method="kl_div",
+        effective_bits=8.0,
+        score_size=4,
+        checkpoint=str(checkpoint),
+    )
+    model, first = _run("language_model", spec, tmp_path)
+    _assert_sound(model, first, "language_model")
+    assert {g.formats for g in first.groups} == {("wint4-b64_aint8-token", "INT8_DEFAULT_CFG", "NONE")}
+    assert first.groups[0].bits == (4.0, 8.0, 16.0)
+    assert first.state_path == str(checkpoint)
+    assert checkpoint.is_file()
+    record = json.loads(checkpoint.with_name("state.pt.settings.json").read_text(encoding="utf-8"))
+    assert (record["formats"], record["score_steps"]) == (list(spec.formats), 1)
+
+    # rerun on a fresh model: calibration and scores come from the file, no forward pass at all
+    forwards = mocker.spy(lm_forward, "selected_logits")
+    model, again = _run("language_model", spec, tmp_path)
+    assert forwards.call_count == 0
+    assert again.groups == first.groups
+    assert attrs.evolve(again, autoquant_seconds=0.0) == attrs.evolve(first, autoquant_seconds=0.0)
+
+    # other settings with the same file are refused before anything runs
+    with pytest.raises(ConfigError, match=r"state\.pt was saved with other settings \(score_steps: 1 -> 2\)"):
+        _run("language_model", attrs.evolve(spec, score_size=5), tmp_path)
+    assert forwards.call_count == 0
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("quiet_modelopt")
+def test_nonfinite_scores_fail_unless_allowed(tmp_path: Path, mocker: Any) -> None:
+    import modelopt.torch.quantization as mtq
+
+    def fake_auto_quantize(model: nn.Module, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+        state = _state("decoder")
+        state["candidate_stats"]["lm_head.quant_recipe"]["scores"] = [math.nan, 0.0]
+        return model, state
+
+    mocker.patch.object(mtq, "auto_quantize", side_effect=fake_auto_quantize)
+    spec = AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), effective_bits=8.0)
+    with pytest.raises(
+        AqmError, match=r"NaN or infinite sensitivity scores for 1 recipe group\(s\): lm_head;"
+    ):
+        _run("language_model", spec, tmp_path)
+    _, result = _run("language_model", attrs.evolve(spec, allow_nonfinite=True), tmp_path)
+    assert math.isnan(result.groups[-1].scores[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (AutoQuantSpec(formats=("NVFP4_DEFAULT_CFG",), effective_bits=4.5), "needs a CUDA GPU"),
+        (AutoQuantSpec(formats=("FP8_KV_CFG",)), "KV-cache preset"),
+        (AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), effective_bits=6.0), "below the minimum reachable"),
+        (AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), effective_bits=17.0), r"must be in \(0, 16\]"),
+        (AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), score_size=0), "score_size must be > 0"),
+        (AutoQuantSpec(formats=("int8_default",)), "did you mean 'INT8_DEFAULT_CFG'"),
+    ],
+)
+def test_bad_settings_refused_before_modelopt(spec: AutoQuantSpec, message: str) -> None:
+    model = _tiny_model()
+    with pytest.raises(ConfigError, match=message):
+        RunAutoQuant(spec).run(Artifacts.of([_language_model(model, "language_model"), _calib()]))
+    assert not any("Quant" in type(m).__name__ for m in model.modules())  # ModelOpt never touched it

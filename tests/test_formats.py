@@ -1,0 +1,350 @@
+"""The format registry: grammar, refusals, and agreement with the installed ModelOpt."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import subprocess
+import sys
+import warnings
+from typing import Any
+
+import pytest
+
+from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.formats import (
+    CUSTOM_EXAMPLES,
+    CustomFormat,
+    all_formats,
+    check_effective_bits,
+    check_formats,
+    inert_reason,
+    linear_quantizers,
+    local_quantizer,
+    min_effective_bits,
+    modelopt_config,
+    parse_custom,
+    resolve_format,
+)
+
+# --------------------------------------------------------------------------------------------------
+# Pure: grammar, lookup, validation
+# --------------------------------------------------------------------------------------------------
+
+
+def test_registry_imports_without_torch() -> None:
+    code = (
+        "import sys; import auto_quantize_model.formats as f; f.all_formats(); "
+        "f.check_formats(['INT8_DEFAULT_CFG', 'wint4-b128_a16'], 'cpu'); "
+        "assert 'torch' not in sys.modules and 'modelopt' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "canonical", "bits"),
+    [
+        ("wint8_aint8", "wint8-pc_aint8-tensor", 8.0),
+        ("wint8-pc_aint8-token", "wint8-pc_aint8-token", 8.0),
+        ("wint4-b128_aint8-token", "wint4-b128_aint8-token", 4.0),
+        ("wint4-b64_a16", "wint4-b64_a16", 4.0),
+        ("wint4_a16", "wint4-b128_a16", 4.0),
+        ("wfp8_afp8", "wfp8-pt_afp8-tensor", 8.0),
+        ("wfp8-pc_afp8-token", "wfp8-pc_afp8-token", 8.0),
+        ("wint8-b32_afp8", "wint8-b32_afp8-tensor", 8.0),
+    ],
+)
+def test_custom_names_parse(name: str, canonical: str, bits: float) -> None:
+    spec = parse_custom(name)
+    assert spec is not None
+    assert spec.name == canonical
+    assert spec.bits == bits
+    info = resolve_format(name)
+    assert (info.name, info.kind, info.bits, info.modelopt_name) == (name, "custom", bits, None)
+
+
+@pytest.mark.parametrize(
+    "name", ["wint3_aint8", "wint8_a16-token", "wint8_aint8-channel", "wint8-b16_aint8", "int8_aint8", ""]
+)
+def test_names_outside_the_grammar_are_not_custom(name: str) -> None:
+    assert parse_custom(name) is None
+
+
+def test_custom_quant_cfg_shapes() -> None:
+    spec = parse_custom("wint4-b64_aint8-token")
+    assert spec is not None
+    cfg = spec.quant_cfg()
+    assert cfg["algorithm"] == "max"
+    assert cfg["quant_cfg"] == [
+        {"quantizer_name": "*", "enable": False},
+        {
+            "quantizer_name": "*weight_quantizer",
+            "cfg": {"num_bits": 4, "block_sizes": {-1: 64, "type": "static"}},
+        },
+        {
+            "quantizer_name": "*input_quantizer",
+            "cfg": {"num_bits": 8, "axis": None, "type": "dynamic", "block_sizes": {-1: None}},
+        },
+    ]
+    weight_only = parse_custom("wfp8-pc_a16")
+    assert weight_only is not None
+    entries = weight_only.quant_cfg()["quant_cfg"]
+    assert entries[1]["cfg"] == {"num_bits": (4, 3), "axis": 0}
+    assert entries[2] == {"quantizer_name": "*input_quantizer", "enable": False}
+    # a fresh dict every time: ModelOpt may keep or mutate what it is given
+    assert spec.quant_cfg() is not spec.quant_cfg()
+
+
+@pytest.mark.parametrize(
+    ("typo", "suggestion"),
+    [
+        ("INT8_DEFAULT", "INT8_DEFAULT_CFG"),
+        ("int8_default_cfg", "INT8_DEFAULT_CFG"),
+        ("FP8_DEFAULT_CGF", "FP8_DEFAULT_CFG"),
+        ("wint8_aint9", "wint8_aint8"),
+        ("wfp8-afp8", "wfp8_afp8"),
+        ("wfp8_afp16", "wfp8_a16"),
+    ],
+)
+def test_unknown_name_suggests_closest(typo: str, suggestion: str) -> None:
+    with pytest.raises(
+        ConfigError, match=rf"unknown quantization format '{typo}'; did you mean '{suggestion}'"
+    ):
+        resolve_format(typo)
+
+
+def test_unknown_name_without_anything_close() -> None:
+    with pytest.raises(ConfigError, match="unknown quantization format 'zzz'") as err:
+        resolve_format("zzz")
+    assert "did you mean" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("FP8_KV_CFG", "KV-cache preset"),
+        ("NVFP4_KV_ROTATE_CFG", "KV-cache preset"),
+        ("NVFP4_MLP_ONLY_CFG", "would enable no quantizer while being costed at 4.5 bits"),
+        ("MXFP4_MLP_WEIGHT_ONLY_CFG", "would enable no quantizer while being costed at 4 bits"),
+        ("NVFP4_EXPERTS_ONLY_CFG", "name modules"),
+        ("NVFP4_SVDQUANT_DEFAULT_CFG", "svdquant"),
+        ("MAMBA_MOE_FP8_AGGRESSIVE_CFG", "use FP8_DEFAULT_CFG"),
+    ],
+)
+def test_refused_presets_are_refused_with_reason(name: str, reason: str) -> None:
+    assert not resolve_format(name).usable
+    with pytest.raises(ConfigError, match=rf"format {name} cannot be used for AutoQuant: .*{reason}"):
+        check_formats([name], "cuda")
+
+
+@pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "W4A8_NVFP4_FP8_CFG"])
+def test_cuda_only_formats_refused_on_cpu(name: str) -> None:
+    with pytest.raises(ConfigError, match=rf"format {name} needs a CUDA GPU .* this run is on cpu"):
+        check_formats(["INT8_DEFAULT_CFG", name], "cpu")
+    check_formats(["INT8_DEFAULT_CFG", name], "cuda:0")
+
+
+def test_duplicates_refused() -> None:
+    with pytest.raises(ConfigError, match="format INT8_DEFAULT_CFG is listed twice"):
+        check_formats(["INT8_DEFAULT_CFG", "INT8_DEFAULT_CFG"], "cpu")
+    with pytest.raises(
+        ConfigError, match="format wint8_aint8 quantizes linear layers exactly like INT8_DEFAULT"
+    ):
+        check_formats(["INT8_DEFAULT_CFG", "wint8_aint8"], "cpu")
+    with pytest.raises(
+        ConfigError, match="wint8-pc_aint8-tensor quantizes linear layers exactly like wint8_aint8"
+    ):
+        check_formats(["wint8_aint8", "wint8-pc_aint8-tensor"], "cpu")
+    # same quantizers, different calibration: both allowed
+    check_formats(["INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG"], "cpu")
+
+
+def test_check_formats_accepts_usual_sets() -> None:
+    check_formats(["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"], "cpu")
+    check_formats(["wint4-b128_aint8-token", "wint8-pc_aint8-token", "W4A8_AWQ_BETA_CFG"], "cpu")
+    with pytest.raises(ConfigError, match="no quantization format given"):
+        check_formats([], "cpu")
+
+
+def test_min_effective_bits_and_budget_checks() -> None:
+    assert min_effective_bits(["INT8_DEFAULT_CFG", "wint4-b64_a16"]) == 4.0
+    assert min_effective_bits(["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"]) == 4.5
+    check_effective_bits(8.0, ["INT8_DEFAULT_CFG"])
+    check_effective_bits(16.0, ["INT8_DEFAULT_CFG"])
+    with pytest.raises(
+        ConfigError, match=r"effective_bits 6 is below the minimum reachable with these formats \(8:"
+    ):
+        check_effective_bits(6.0, ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+    for bad in (0.0, -1.0, 16.5, float("nan")):
+        with pytest.raises(ConfigError, match=r"effective_bits must be in \(0, 16\]"):
+            check_effective_bits(bad, ["INT8_DEFAULT_CFG"])
+
+
+def test_all_formats_lists_presets_and_examples() -> None:
+    formats = all_formats()
+    names = [f.name for f in formats]
+    assert len(names) == len(set(names))
+    assert set(CUSTOM_EXAMPLES) <= set(names)
+    for info in formats:
+        assert info.bits > 0
+        assert (info.modelopt_name is not None) == (info.kind == "preset")
+        if info.equivalent is not None:
+            spec = parse_custom(info.equivalent)
+            assert spec is not None
+            assert spec.name == info.equivalent
+            assert spec.bits == info.bits
+
+
+def test_local_quantizer_replays_matching() -> None:
+    cfg: list[dict[str, Any]] = [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
+        {"quantizer_name": "*mlp*input_quantizer", "cfg": {"num_bits": 8}},
+        {"quantizer_name": "*", "parent_class": "nn.Embedding", "enable": False},
+    ]
+    found = linear_quantizers(cfg)
+    assert found["weight_quantizer"].enabled
+    assert found["weight_quantizer"].cfg == {"num_bits": 8, "axis": 0}
+    assert not found["input_quantizer"].enabled
+    assert inert_reason(cfg) is None
+    mlp_only = {"quantizer_name": "*mlp*weight_quantizer", "cfg": {"num_bits": 4}}
+    assert inert_reason([mlp_only]) == "unconfigured"
+    assert inert_reason([cfg[0], mlp_only]) == "disabled"
+    switched_off = {"quantizer_name": "weight_quantizer", "enable": False}
+    toggled = local_quantizer([*cfg, switched_off], "weight_quantizer")
+    assert not toggled.enabled
+    assert toggled.configured
+
+
+# --------------------------------------------------------------------------------------------------
+# Against the installed ModelOpt
+# --------------------------------------------------------------------------------------------------
+
+
+def _quiet_import() -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import modelopt.torch.quantization.config as mtq_config
+    return mtq_config
+
+
+@pytest.mark.slow
+def test_preset_table_matches_modelopt() -> None:
+    """Every ModelOpt preset is in the table with ModelOpt's cost, and the refusals are proven."""
+    mtq_config = _quiet_import()
+    from modelopt.torch.quantization.algorithms import QuantRecipe
+
+    presets = {f.name: f for f in all_formats() if f.kind == "preset"}
+    assert set(presets) == set(mtq_config.choices)
+    for name, info in presets.items():
+        raw = getattr(mtq_config, name)
+        assert QuantRecipe(name).compression * 16 == pytest.approx(info.bits), name
+        algo = raw.get("algorithm")
+        assert (algo["method"] if isinstance(algo, dict) else algo) == info.algorithm, name
+        reason = inert_reason(raw["quant_cfg"])
+        if "KV-cache" in (info.refused or ""):
+            assert reason == "unconfigured", name
+        elif "name modules" in (info.refused or ""):
+            assert reason == "disabled", name
+        else:
+            assert reason is None, name
+        if info.refused is not None and "Mamba-MoE" in info.refused:
+            same_as = info.refused.rsplit(" ", 1)[-1]
+            assert linear_quantizers(raw["quant_cfg"]) == linear_quantizers(
+                getattr(mtq_config, same_as)["quant_cfg"]
+            )
+        if info.equivalent is not None:
+            spec = parse_custom(info.equivalent)
+            assert spec is not None
+            ours = spec.quant_cfg()
+            assert linear_quantizers(ours["quant_cfg"]) == linear_quantizers(raw["quant_cfg"]), name
+            assert ours["algorithm"] == algo, name
+
+
+@pytest.mark.slow
+def test_local_quantizer_agrees_with_modelopt_application() -> None:
+    """Apply every preset to one layer the way auto_quantize does and compare with the pure replay."""
+    mtq_config = _quiet_import()
+    import torch
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg
+    from modelopt.torch.quantization.nn import QuantModuleRegistry, SequentialQuantizer, TensorQuantizer
+
+    layer = QuantModuleRegistry.convert(torch.nn.Linear(32, 32))
+    for name in sorted(mtq_config.choices):
+        raw = getattr(mtq_config, name)
+        for attr in ("weight_quantizer", "input_quantizer", "output_quantizer"):
+            setattr(layer, attr, TensorQuantizer())
+        set_quantizer_by_cfg(layer, copy.deepcopy(raw["quant_cfg"]))
+        for local, expected in linear_quantizers(raw["quant_cfg"]).items():
+            quantizer = getattr(layer, local)
+            if isinstance(quantizer, SequentialQuantizer):
+                enabled = any(q.is_enabled for q in quantizer)
+                assert isinstance(expected.cfg, list), name
+            else:
+                enabled = quantizer.is_enabled
+                if expected.configured and enabled:
+                    assert quantizer.num_bits == expected.cfg["num_bits"], (name, local)
+            assert enabled == expected.enabled, (name, local)
+
+
+def _all_custom_specs() -> list[CustomFormat]:
+    specs = []
+    for weight, granularity in itertools.product(("int4", "int8", "fp8"), ("pc", "pt", "b32", "b64", "b128")):
+        for act in ("a16", "aint8-tensor", "aint8-token", "afp8-tensor", "afp8-token"):
+            spec = parse_custom(f"w{weight}-{granularity}_{act}")
+            assert spec is not None
+            specs.append(spec)
+    return specs
+
+
+@pytest.mark.slow
+def test_every_custom_format_quantizes_on_cpu() -> None:
+    """Each grammar combination builds a valid config, costs what we say, and really quantizes."""
+    _quiet_import()
+    import torch
+    from modelopt.torch.quantization import quantize
+    from modelopt.torch.quantization.algorithms import QuantRecipe
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 128)
+    for spec in _all_custom_specs():
+        assert QuantRecipe(spec.quant_cfg(), name=spec.name).compression * 16 == spec.bits, spec.name
+        model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32))
+        reference = model(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize(model, spec.quant_cfg(), lambda m: m(x))
+        out = model(x)
+        assert torch.isfinite(out).all(), spec.name
+        assert not torch.equal(out, reference), spec.name
+        layer: Any = model[0]
+        weight_q = layer.weight_quantizer
+        assert isinstance(weight_q, TensorQuantizer)
+        assert weight_q.is_enabled, spec.name
+        assert weight_q.num_bits == spec.weight_cfg()["num_bits"], spec.name
+        if spec.weight_granularity == "pc":
+            assert (weight_q.axis, weight_q.amax.numel()) == (0, 64), spec.name
+        elif spec.weight_granularity == "pt":
+            assert (weight_q.axis, weight_q.amax.numel()) == (None, 1), spec.name
+        else:
+            block = int(spec.weight_granularity[1:])
+            assert (weight_q.block_sizes or {}).get(-1) == block, spec.name
+            assert weight_q.amax.numel() == 64 * 128 // block, spec.name
+        input_q = layer.input_quantizer
+        assert input_q.is_enabled == (spec.activation != "16"), spec.name
+        if spec.activation != "16":
+            assert input_q.num_bits == (spec.input_cfg() or {})["num_bits"], spec.name
+            if spec.activation_granularity == "token":
+                # dynamic, one scale per (batch, position): reduced over the hidden dimension only
+                assert (input_q._dynamic, input_q.axis) == (True, (0, 1)), spec.name
+            else:
+                assert (input_q._dynamic, input_q.amax.numel()) == (False, 1), spec.name
+
+
+@pytest.mark.slow
+def test_modelopt_config_returns_names_for_presets_and_dicts_for_custom() -> None:
+    assert modelopt_config("FP8_DEFAULT_CFG") == "FP8_DEFAULT_CFG"
+    custom = modelopt_config("wint8_aint8")
+    assert isinstance(custom, dict)
+    assert custom["quant_cfg"][1]["cfg"] == {"num_bits": 8, "axis": 0}
