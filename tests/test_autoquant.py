@@ -530,3 +530,50 @@ def test_bad_settings_refused_before_modelopt(spec: AutoQuantSpec, message: str)
     with pytest.raises(ConfigError, match=message):
         RunAutoQuant(spec).run(Artifacts.of([_language_model(model, "language_model"), _calib()]))
     assert not any("Quant" in type(m).__name__ for m in model.modules())  # ModelOpt never touched it
+
+
+def test_caption_segments_skip_padding() -> None:
+    from auto_quantize_model.autoquant import caption_segments
+
+    # two captions (3 and 2 tokens) then a padding segment of pad id 0
+    positions = [0, 1, 2, 0, 1, 0, 1]
+    tokens = [5, 6, 7, 8, 9, 0, 0]
+    assert caption_segments(positions, tokens, pad_id=0) == [(0, 3), (3, 5)]
+
+
+def test_limit_scored_captions_masks_only_captions_past_score_size() -> None:
+    import torch
+
+    from auto_quantize_model.autoquant import limit_scored_captions
+
+    first = {
+        "input_ids": torch.tensor([[5, 6, 7, 8]]),
+        "position_ids": torch.tensor([[0, 1, 0, 1]]),
+        "labels": torch.tensor([[-100, 6, -100, 8]]),
+    }
+    second = {
+        "input_ids": torch.tensor([[1, 2, 3, 4, 9], [7, 7, 7, 0, 0]]),
+        "position_ids": torch.tensor([[0, 1, 0, 1, 2], [0, 1, 2, 0, 1]]),
+        "labels": torch.tensor([[-100, 2, -100, 4, 9], [-100, 7, 7, -100, -100]]),
+    }
+    batches, scored = limit_scored_captions([first, second], [2, 3], score_steps=2, score_size=3, pad_id=0)
+    assert scored == 3
+    assert batches[0] is first
+    # caption 3 (first of batch two) stays; captions 4 and 5 lose their labels
+    assert batches[1]["labels"].tolist() == [[-100, 2, -100, -100, -100], [-100, -100, -100, -100, -100]]
+    assert second["labels"].tolist()[0] == [-100, 2, -100, 4, 9]  # the caller's batch is not mutated
+
+
+def test_limit_scored_captions_leaves_whole_batches_alone() -> None:
+    import torch
+
+    from auto_quantize_model.autoquant import limit_scored_captions
+
+    batch = {
+        "input_ids": torch.tensor([[5, 6]]),
+        "position_ids": torch.tensor([[0, 1]]),
+        "labels": torch.tensor([[-100, 6]]),
+    }
+    batches, scored = limit_scored_captions([batch, batch], [1, 1], score_steps=1, score_size=1, pad_id=0)
+    assert scored == 1
+    assert batches == [batch, batch]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import itertools
 import json
 import logging
 import math
@@ -82,6 +83,58 @@ def leading_steps(captions_per_batch: Sequence[int], size: int | None) -> tuple[
         if covered >= size:
             return steps, covered
     return len(captions_per_batch), covered
+
+
+def caption_segments(
+    position_ids: Sequence[int], input_ids: Sequence[int], pad_id: int
+) -> list[tuple[int, int]]:
+    """``(start, end)`` of every caption in one row; padding segments are left out.
+
+    A caption starts wherever positions restart at 0 (packed rows hold several, padded rows one
+    whose padding continues its positions). A segment made only of pad tokens is padding.
+    """
+    starts = [i for i, pos in enumerate(position_ids) if pos == 0]
+    bounds = [*starts, len(position_ids)]
+    return [
+        (start, end)
+        for start, end in itertools.pairwise(bounds)
+        if any(token != pad_id for token in input_ids[start:end])
+    ]
+
+
+def limit_scored_captions(
+    batches: Sequence[dict[str, torch.Tensor]],
+    captions_per_batch: Sequence[int],
+    score_steps: int,
+    score_size: int,
+    pad_id: int,
+) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """Score exactly ``score_size`` captions even when a packed batch holds hundreds.
+
+    The last scoring batch gets ``-100`` labels on the captions past ``score_size``: the loss (and
+    the kl_div logits) skip them, and since attention never crosses a caption boundary they leave
+    the other captions' outputs untouched. Calibration does not read labels, except that lm_head's
+    input is taken at labelled positions only. Returns the batches and the captions scored.
+    """
+    out = list(batches)
+    before = sum(captions_per_batch[: score_steps - 1])
+    keep = score_size - before
+    last = score_steps - 1
+    if last < 0 or keep >= captions_per_batch[last]:
+        return out, min(score_size, sum(captions_per_batch[:score_steps]))
+    batch = dict(out[last])
+    labels = batch["labels"].clone()
+    positions = batch["position_ids"].tolist()
+    tokens = batch["input_ids"].tolist()
+    seen = 0
+    for row, (row_pos, row_ids) in enumerate(zip(positions, tokens, strict=True)):
+        for start, end in caption_segments(row_pos, row_ids, pad_id):
+            if seen >= keep:
+                labels[row, start:end] = -100
+            seen += 1
+    batch["labels"] = labels
+    out[last] = batch
+    return out, score_size
 
 
 def model_constraint(target_bits: float, lm_weights: int, other_weights: int) -> float:
@@ -475,7 +528,10 @@ class RunAutoQuant:
         constraint = model_constraint(spec.effective_bits, lm_weights, other_weights)
 
         state_path = self._prepare_checkpoint(lm, calib, calib_steps, score_steps)
-        batches = [_to_device(batch, device) for batch in calib.batches]
+        scored, score_samples = limit_scored_captions(
+            calib.batches, calib.captions_per_batch, score_steps, spec.score_size, lm.pad_token_id
+        )
+        batches = [_to_device(batch, device) for batch in scored]
         forward_step = forward_step_for(lm, root)
         method_args: dict[str, Any] = {"method": spec.method}
         if spec.method == "gradient":
