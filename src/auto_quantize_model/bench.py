@@ -719,10 +719,15 @@ def _load_spec(s: BenchSettings) -> LoadSpec:
     )
 
 
-def _autoquant_spec(s: BenchSettings, score_size: int) -> AutoQuantSpec:
+def _autoquant_spec(s: BenchSettings, score_size: int, state_dir: str) -> AutoQuantSpec:
+    """``state_dir``: a fresh folder for ModelOpt's search state (an existing file would be resumed)."""
     method: Any = s.method
     return AutoQuantSpec(
-        formats=s.formats, method=method, effective_bits=s.effective_bits, score_size=score_size
+        formats=s.formats,
+        method=method,
+        effective_bits=s.effective_bits,
+        score_size=score_size,
+        checkpoint=str(Path(state_dir) / "autoquant_state.pt"),
     )
 
 
@@ -764,8 +769,11 @@ def run_layout(s: BenchSettings, layout: str, calib: CalibSpec, score_size: int)
     device = loaded.device
     checksum = weight_checksum(loaded.model)
     store = _continue([ExtractLM(), _calib_stage(calib, layout)], store)
-    with track_peak_gpu_memory(device) as peaks:
-        store = _continue([_autoquant_stage(s, score_size)], store)
+    with (
+        tempfile.TemporaryDirectory(prefix="aqm-bench-") as state_dir,
+        track_peak_gpu_memory(device) as peaks,
+    ):
+        store = _continue([_autoquant_stage(s, score_size, state_dir)], store)
     store = _continue([BuildManifest()], store)
     data = store.get(CalibData)
     scores = store.get(SensitivityScores)
@@ -794,10 +802,10 @@ def run_layout(s: BenchSettings, layout: str, calib: CalibSpec, score_size: int)
     return attrs.evolve(run, leftover_gpu_bytes=release_memory(device))
 
 
-def _autoquant_stage(s: BenchSettings, score_size: int) -> Stage:
+def _autoquant_stage(s: BenchSettings, score_size: int, state_dir: str) -> Stage:
     from auto_quantize_model.autoquant import RunAutoQuant
 
-    return RunAutoQuant(_autoquant_spec(s, score_size))
+    return RunAutoQuant(_autoquant_spec(s, score_size, state_dir))
 
 
 def run_pipeline(s: BenchSettings) -> PipelineRun:
@@ -817,7 +825,7 @@ def run_pipeline(s: BenchSettings) -> PipelineRun:
             LoadModel(_load_spec(s)),
             ExtractLM(),
             BuildCalibLoader(_calib_spec(s, "packed")),
-            _autoquant_stage(s, s.score_size),
+            _autoquant_stage(s, s.score_size, out),
             BuildManifest(),
             WriteReports(ReportSpec(output_dir=out, plots=s.plots)),
         ]
@@ -860,9 +868,10 @@ def warm_up(s: BenchSettings) -> tuple[Warmup, LoadedModel, str]:
         captions_sha256=captions_sha256(captions),
     )
     log.info("bench: warm-up AutoQuant (one caption; not measured)")
-    started = time.perf_counter()
-    _continue([ExtractLM(), _autoquant_stage(s, 1)], store.with_(tiny))
-    seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory(prefix="aqm-bench-") as state_dir:
+        started = time.perf_counter()
+        _continue([ExtractLM(), _autoquant_stage(s, 1, state_dir)], store.with_(tiny))
+        seconds = time.perf_counter() - started
     return Warmup(extensions=extensions, autoquant_seconds=seconds), loaded, checksum
 
 

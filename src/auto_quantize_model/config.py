@@ -103,7 +103,9 @@ def _is_special_source(key: tuple[str, str], value: str) -> bool:
     """True for values that name something bundled rather than a file (never resolved)."""
     if key == ("model", "path"):
         return value.startswith(("builtin:", "config:"))
-    if key in {("calib", "captions"), ("validate", "holdout_captions")}:
+    if key == ("validate", "holdout_captions"):
+        return value in {"builtin", "builtin-holdout"}
+    if key == ("calib", "captions"):
         return value == "builtin"
     return False
 
@@ -677,7 +679,7 @@ def preflight(spec: PipelineSpec, *, source: str | None = None) -> None:
 
 
 def _check_text_file(key: str, value: str, bad: Callable[..., None]) -> None:
-    if value == "builtin":
+    if value in {"builtin", "builtin-holdout"}:
         return
     path = Path(value)
     if not path.exists():

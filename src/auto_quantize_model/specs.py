@@ -91,7 +91,9 @@ class ValidateSpec:
     k: int = 5
     """How many top, bottom and random groups to measure."""
     seed: int = 0
-    holdout_captions: str = "builtin"
-    """Held-out text; captions used for calibration are skipped."""
+    holdout_captions: str = "builtin-holdout"
+    """Held-out text: ``builtin-holdout`` (128 bundled captions never used for calibration by
+    default), ``builtin`` (the calibration captions file) or a file; captions used for
+    calibration are always skipped."""
     holdout_samples: int = 64
     additivity: bool = True

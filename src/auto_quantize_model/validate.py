@@ -57,6 +57,7 @@ log = logging.getLogger("auto_quantize_model")
 
 NO_QUANT = "NONE"
 BUILTIN = "builtin"
+BUILTIN_HOLDOUT = "builtin-holdout"
 ROWS_PER_BATCH = 16
 """Held-out captions per forward pass; one caption per row, so the batch is short and cheap."""
 
@@ -173,6 +174,8 @@ def builtin_captions() -> Path:
 
 
 def captions_file(name: str) -> Path:
+    if name == BUILTIN_HOLDOUT:
+        return Path(str(resources.files("auto_quantize_model") / "data" / "holdout-captions.txt"))
     return builtin_captions() if name == BUILTIN else Path(name)
 
 

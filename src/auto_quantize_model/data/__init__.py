@@ -17,6 +17,15 @@ def builtin_captions_path() -> Path:
     return DATA_DIR / "captions.txt"
 
 
+def builtin_holdout_path() -> Path:
+    """128 more captions of ours, disjoint from ``captions.txt``, for held-out validation.
+
+    Calibrating on all 512 bundled captions (the 4B pipelines do) leaves none of ``captions.txt``
+    to validate on; this file is never used for calibration by default.
+    """
+    return DATA_DIR / "holdout-captions.txt"
+
+
 def tiny_tokenizer_dir() -> Path:
     """A ``save_pretrained`` directory loadable with ``AutoTokenizer.from_pretrained``.
 
