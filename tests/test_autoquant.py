@@ -577,3 +577,30 @@ def test_limit_scored_captions_leaves_whole_batches_alone() -> None:
     batches, scored = limit_scored_captions([batch, batch], [1, 1], score_steps=1, score_size=1, pad_id=0)
     assert scored == 1
     assert batches == [batch, batch]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("quiet_modelopt")
+def test_releasing_output_diffs_keeps_scores_identical(tmp_path: Path, mocker: Any) -> None:
+    import auto_quantize_model.autoquant as aq
+
+    spec = AutoQuantSpec(formats=("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"), effective_bits=12.0, score_size=8)
+    released: list[int] = []
+    real_release = aq.release_output_diffs
+
+    def counting_release(model: nn.Module) -> list[Any]:
+        hooks = real_release(model)
+        released.append(len(hooks))
+        return hooks
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    mocker.patch.object(aq, "release_output_diffs", counting_release)
+    model_a, freed = _run("language_model", spec, tmp_path / "a")
+    assert released  # hooks went on every scored linear
+    assert released[0] > 0
+    assert not any(hasattr(m, "output_diff_dict") for m in model_a.modules())
+
+    mocker.patch.object(aq, "release_output_diffs", return_value=[])
+    _, kept = _run("language_model", spec, tmp_path / "b")
+    assert [g.scores for g in freed.groups] == [g.scores for g in kept.groups]

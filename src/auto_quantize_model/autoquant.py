@@ -26,6 +26,7 @@ What ModelOpt does in ``mtq.auto_quantize`` (0.47), and what this stage adds aro
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fnmatch
 import itertools
@@ -463,6 +464,108 @@ def _turn_off_checkpointing(model: nn.Module) -> None:
     model.eval()
 
 
+class ForwardCounter:
+    """Counts ModelOpt's calls of ``forward_step``, split into calibration and scoring.
+
+    The counts prove what a resumed run skipped (restored calibration runs no calibration step,
+    restored scores no scoring step). Mutable on purpose: it lives only for one stage call.
+    """
+
+    def __init__(self, forward_step: Callable[[nn.Module, Any], Any]) -> None:
+        self._forward_step = forward_step
+        self.scoring_started = False
+        self.calibration = 0
+        self.scoring = 0
+        self._release_hooks: list[Any] = []
+
+    def step(self, model: nn.Module, batch: Any) -> Any:
+        if self.scoring_started:
+            self.scoring += 1
+            if not self._release_hooks:
+                self._release_hooks = release_output_diffs(model)
+        else:
+            self.calibration += 1
+        return self._forward_step(model, batch)
+
+    def remove_hooks(self) -> None:
+        for handle in self._release_hooks:
+            handle.remove()
+        self._release_hooks = []
+
+
+def release_output_diffs(model: nn.Module) -> list[Any]:
+    """Free each module's quantization-error tensors as soon as its score is accumulated.
+
+    ModelOpt's gradient scoring keeps ``Q(Y) - Y`` of every quantized linear (``output_diff_dict``)
+    until the next forward overwrites it: with gradient checkpointing that is one activation-sized
+    tensor per linear and format for the whole model at once (about 9 GB for Qwen3-VL-4B at 4,096
+    tokens per step). A backward hook registered after ModelOpt's own runs right after it and drops
+    the tensors, so only the layer being recomputed holds them. Scores are unchanged.
+    """
+
+    def drop(module: nn.Module, grad_input: Any, grad_output: Any) -> None:
+        module.__dict__.pop("output_diff_dict", None)
+
+    return [
+        module.register_full_backward_hook(drop)
+        for module in model.modules()
+        if hasattr(module, "_backward_hook_handle")
+    ]
+
+
+@contextlib.contextmanager
+def _scoring_phase(counter: ForwardCounter) -> Iterator[None]:
+    """Tell ``counter`` when ModelOpt starts scoring: its searchers' ``estimate_sensitivity_scores``.
+
+    ModelOpt calls ``forward_step`` for both phases and says which only in progress bars, so the
+    searchers' scoring entry point is wrapped for the duration of the call.
+    """
+    from modelopt.torch.quantization import algorithms
+
+    classes = [
+        cls
+        for cls in vars(algorithms).values()
+        if isinstance(cls, type) and "estimate_sensitivity_scores" in vars(cls)
+    ]
+    originals = {cls: vars(cls)["estimate_sensitivity_scores"] for cls in classes}
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def estimate(self: Any, *args: Any, **kwargs: Any) -> Any:
+            counter.scoring_started = True
+            return original(self, *args, **kwargs)
+
+        return estimate
+
+    # ModelOpt 0.47 keeps ``candidate_stats`` as a defaultdict but restores it from a checkpoint
+    # saved after calibration as a plain (empty) dict, so scoring after such a resume fails with
+    # a KeyError in ``initialize_candidate_stats``: give it its defaultdict back first.
+    fillers = {
+        cls: vars(cls)["initialize_candidate_stats"]
+        for cls in vars(algorithms).values()
+        if isinstance(cls, type) and "initialize_candidate_stats" in vars(cls)
+    }
+
+    def with_defaultdict(original: Callable[..., Any]) -> Callable[..., Any]:
+        def initialize(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not isinstance(self.candidate_stats, collections.defaultdict):
+                self.candidate_stats = collections.defaultdict(dict, self.candidate_stats)
+            return original(self, *args, **kwargs)
+
+        return initialize
+
+    for cls, original in originals.items():
+        setattr(cls, "estimate_sensitivity_scores", wrap(original))  # noqa: B010
+    for cls, original in fillers.items():
+        setattr(cls, "initialize_candidate_stats", with_defaultdict(original))  # noqa: B010
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            setattr(cls, "estimate_sensitivity_scores", original)  # noqa: B010
+        for cls, original in fillers.items():
+            setattr(cls, "initialize_candidate_stats", original)  # noqa: B010
+
+
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
@@ -532,7 +635,8 @@ class RunAutoQuant:
             calib.batches, calib.captions_per_batch, score_steps, spec.score_size, lm.pad_token_id
         )
         batches = [_to_device(batch, device) for batch in scored]
-        forward_step = forward_step_for(lm, root)
+        counter = ForwardCounter(forward_step_for(lm, root))
+        forward_step = counter.step
         method_args: dict[str, Any] = {"method": spec.method}
         if spec.method == "gradient":
             method_args["loss_func"] = next_token_loss
@@ -557,9 +661,18 @@ class RunAutoQuant:
             score_samples,
         )
         root.eval()
+        # Nothing in ModelOpt's search is known to draw random numbers; seeded anyway so that a
+        # future one cannot make two runs of the same inputs differ.
+        import torch
+
+        torch.manual_seed(0)
         started = time.perf_counter()
         try:
-            with _named_custom_formats(spec.formats) as quantization_formats, warnings.catch_warnings():
+            with (
+                _named_custom_formats(spec.formats) as quantization_formats,
+                warnings.catch_warnings(),
+                _scoring_phase(counter),
+            ):
                 warnings.filterwarnings("ignore", message="AutoQuantize: Huggingface model detected.*")
                 _, state = mtq.auto_quantize(
                     root,
@@ -575,9 +688,11 @@ class RunAutoQuant:
                     **method_args,
                 )
         finally:
+            counter.remove_hooks()
             _turn_off_checkpointing(lm.full_model)
             _turn_off_checkpointing(root)
         seconds = time.perf_counter() - started
+        log.info("AutoQuant forward steps: calibration %d, scoring %d", counter.calibration, counter.scoring)
 
         summary = scores_from_state(state, name_map, is_lm)
         if summary.method != spec.method:
@@ -617,6 +732,8 @@ class RunAutoQuant:
             score_samples=score_samples,
             autoquant_seconds=seconds,
             state_path=checkpoint_file(state_path),
+            calib_forward_steps=counter.calibration,
+            score_forward_steps=counter.scoring,
         )
 
     def _check(self, calib: CalibData, device: str) -> None:
