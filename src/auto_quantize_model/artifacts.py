@@ -134,6 +134,10 @@ class SensitivityScores:
     autoquant_seconds: float
     state_path: str | None = None
     """Where ModelOpt's search state (its ``checkpoint=`` file) was saved, if anywhere."""
+    calib_forward_steps: int | None = None
+    """Forward steps ModelOpt ran to calibrate in this process (0 when all was restored)."""
+    score_forward_steps: int | None = None
+    """Forward steps ModelOpt ran to score in this process (0 when the scores were restored)."""
 
 
 @attrs.frozen

@@ -14,16 +14,13 @@ Layouts compared:
 * ``reference``: one caption per batch, no padding anywhere, so nothing but the caption itself
   reaches the model. It is the ground truth a packed run should reproduce.
 
-Scored captions. ModelOpt scores the *leading* ``num_score_steps`` batches, and RunAutoQuant turns
-``score_size`` captions into the fewest leading batches holding at least that many
-(:func:`~auto_quantize_model.autoquant.leading_steps`). A packed batch holds hundreds of captions,
-so packed scores more captions than ``score_size`` (e.g. 297 for 128 with the bundled captions).
-A ranking comparison is only meaningful on the same captions, so the reference run is given the
-packed run's scored caption count (:func:`reference_score_size`); the padded run keeps the user's
-``score_size`` (the previous tool's setting, so its time is what that tool paid) unless
-``--match-scoring`` asks it to score the packed run's captions too. The tables say how many
-captions each run scored, and every agreement row says whether the two sets were the same.
-Calibration always sees every caption in every layout.
+Scored captions. ModelOpt scores the *leading* ``num_score_steps`` batches, and a packed batch
+holds hundreds of captions. RunAutoQuant therefore takes the fewest leading batches holding
+``score_size`` captions and masks the labels of the captions past ``score_size`` in the last one,
+so every layout scores exactly the first ``score_size`` captions of the file. A ranking comparison
+is only meaningful on the same captions: the tables show how many captions each run scored and
+every agreement row says whether the two runs scored the same number (in file order, that means
+the same captions). Calibration sees every caption in every layout.
 """
 
 from __future__ import annotations
@@ -124,7 +121,6 @@ class BenchSettings:
     scaling: tuple[ScalingSource, ...] = ()
     pipeline: bool = True
     plots: bool = True
-    match_scoring: bool = False
     top_k: int = 10
 
 
@@ -172,6 +168,9 @@ class LayoutRun:
     score_captions: int
     score_size: int
     """The ``score_size`` RunAutoQuant was given (captions)."""
+    calib_forward_steps: int | None
+    """Forward steps ModelOpt really ran to calibrate (all formats together), as RunAutoQuant counted."""
+    score_forward_steps: int | None
     effective_bits_lm: float
     weight_checksum: str
     leftover_gpu_bytes: int | None
@@ -191,6 +190,13 @@ class Agreement:
     kendall: float
     top_k: int
     top_k_overlap: float
+    ratio_spread: float
+    """Coefficient of variation of the per-group importance ratio first/second.
+
+    Near 0 means one run is the other up to a global scale (what packed vs reference should give:
+    only the loss weighting differs). Rank statistics can stay high while this grows: on the tiny
+    model, scoring other captions kept Spearman at 0.99 but raised this from 1% to 12%.
+    """
     same_score_captions: bool
     """Whether both runs scored exactly the same captions (otherwise the figures mix two effects)."""
 
@@ -288,15 +294,6 @@ def reference_calib_data(
     return CalibData(batches=tuple(batches), captions_per_batch=(1,) * len(batches), stats=stats)
 
 
-def reference_score_size(packed_captions_per_batch: Sequence[int], score_size: int) -> int:
-    """Captions a packed run really scores for ``score_size``: give this to a one-caption-a-batch run.
-
-    RunAutoQuant scores the fewest leading batches holding ``score_size`` captions; with one
-    caption per batch, a run given this many captions scores exactly the packed run's captions.
-    """
-    return leading_steps(packed_captions_per_batch, score_size)[1]
-
-
 def steps_for(captions_per_batch: Sequence[int], score_size: int | None) -> tuple[int, int, int, int]:
     """``(calib_steps, calib_captions, score_steps, score_captions)`` as RunAutoQuant will use them.
 
@@ -323,6 +320,21 @@ def stage_seconds(timings: Sequence[tuple[str, float]]) -> tuple[tuple[str, floa
     return tuple((STAGE_LABELS.get(name, name), seconds) for name, seconds in timings)
 
 
+def ratio_spread(first: Sequence[float], second: Sequence[float]) -> float:
+    """Coefficient of variation (population) of ``first[i] / second[i]``; NaN if a ratio is undefined."""
+    if len(first) != len(second):
+        raise ValueError(f"ratio spread needs paired values, got {len(first)} and {len(second)}")
+    pairs = list(zip(first, second, strict=True))
+    if len(pairs) < 2 or any(not (math.isfinite(a) and math.isfinite(b) and b != 0) for a, b in pairs):
+        return math.nan
+    ratios = [a / b for a, b in pairs]
+    mean = math.fsum(ratios) / len(ratios)
+    if mean == 0:
+        return math.nan
+    variance = math.fsum((r - mean) ** 2 for r in ratios) / len(ratios)
+    return math.sqrt(variance) / abs(mean)
+
+
 def agreement(first: LayoutRun, second: LayoutRun, k: int = 10) -> Agreement:
     """Spearman, Kendall τ-b and top-``k`` overlap of two runs' per-group importances.
 
@@ -344,6 +356,7 @@ def agreement(first: LayoutRun, second: LayoutRun, k: int = 10) -> Agreement:
         kendall=kendall_tau_b(x, y),
         top_k=k,
         top_k_overlap=top_k_overlap(order_a, order_b, k),
+        ratio_spread=ratio_spread(x, y),
         same_score_captions=same,
     )
 
@@ -441,12 +454,21 @@ def agreement_table(found: Sequence[Agreement]) -> str:
             _fmt(a.spearman, ".4f"),
             _fmt(a.kendall, ".4f"),
             _fmt(a.top_k_overlap, ".2f"),
+            _fmt(100.0 * a.ratio_spread, ".1f") + ("%" if math.isfinite(a.ratio_spread) else ""),
             "yes" if a.same_score_captions else "no",
         ]
         for a in found
     ]
     k = found[0].top_k if found else 10
-    headers = ["pair", "groups", "Spearman", "Kendall τ-b", f"top-{k} overlap", "same scored captions"]
+    headers = [
+        "pair",
+        "groups",
+        "Spearman",
+        "Kendall τ-b",
+        f"top-{k} overlap",
+        "importance ratio spread",
+        "same scored captions",
+    ]
     return render_table(headers, rows)
 
 
@@ -793,6 +815,8 @@ def run_layout(s: BenchSettings, layout: str, calib: CalibSpec, score_size: int)
         calib_captions=leading_steps(data.captions_per_batch, None)[1],
         score_captions=scores.score_samples,
         score_size=score_size,
+        calib_forward_steps=scores.calib_forward_steps,
+        score_forward_steps=scores.score_forward_steps,
         effective_bits_lm=scores.effective_bits_lm,
         weight_checksum=checksum,
         leftover_gpu_bytes=None,
@@ -907,36 +931,18 @@ def run_bench(s: BenchSettings) -> BenchReport:
     """Warm-up, the layouts, the whole pipeline and the scaling runs, in that order."""
     warmup, loaded, first_checksum = warm_up(s)
     env = environment(s, loaded)
-    captions = read_captions(s.captions, s.max_samples)
-    token_lists = tokenize_captions(loaded.tokenizer, captions)
-    from auto_quantize_model.calib import make_calib_data
-
-    packed = make_calib_data(
-        token_lists,
-        _calib_spec(s, "packed"),
-        pad_id=pad_token_id(loaded.tokenizer),
-        captions_path=captions_label(s.captions),
-        captions_sha256=captions_sha256(captions),
-    )
-    matched = reference_score_size(packed.captions_per_batch, s.score_size)
     device = loaded.device
-    del loaded, packed
+    del loaded
     release_memory(device)
-    if matched != s.score_size:
-        log.info(
-            "bench: packed batches hold %d captions for score size %d; the reference run scores those %d%s",
-            matched,
-            s.score_size,
-            matched,
-            " (and so does padded: --match-scoring)" if s.match_scoring else "",
-        )
+    captions = read_captions(s.captions, s.max_samples)
 
-    runs: list[LayoutRun] = []
-    for layout in s.layouts:
-        score_size = s.score_size
-        if layout == "reference" or (layout == "padded" and s.match_scoring):
-            score_size = matched
-        runs.append(run_layout(s, layout, _calib_spec(s, layout), score_size))
+    runs = [run_layout(s, layout, _calib_spec(s, layout), s.score_size) for layout in s.layouts]
+    scored = {run.layout: run.score_captions for run in runs}
+    if len(set(scored.values())) > 1:
+        log.warning(
+            "bench: the layouts scored different numbers of captions (%s): their rankings mix two effects",
+            ", ".join(f"{layout} {count}" for layout, count in scored.items()),
+        )
 
     pipeline = run_pipeline(s) if s.pipeline else None
 
@@ -1022,12 +1028,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--skip-scaling", action="store_true")
     add("--skip-pipeline", action="store_true", help="do not time the whole six-stage pipeline")
     add("--no-plots", action="store_true", help="whole-pipeline run without plots (faster reports)")
-    add(
-        "--match-scoring",
-        action="store_true",
-        help="padded scores the captions the packed run scores (otherwise it scores --score-size captions, "
-        "as the previous tool did)",
-    )
     add("--top-k", type=_positive_int, default=10)
     add("--json", type=Path, default=None, metavar="OUT.json", help="also write every number here")
     return parser
@@ -1056,7 +1056,6 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         scaling=scaling,
         pipeline=not args.skip_pipeline,
         plots=not args.no_plots,
-        match_scoring=args.match_scoring,
         top_k=args.top_k,
     )
 

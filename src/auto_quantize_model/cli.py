@@ -133,9 +133,16 @@ def _header(source: str, overrides: Sequence[str]) -> str:
 
 
 def _run_one(spec: PipelineSpec, folder: Path) -> Artifacts:
+    """Run ``spec`` into ``folder``; running out of GPU memory becomes a one-line error."""
     from auto_quantize_model.config import build_pipeline
+    from auto_quantize_model.runs import is_out_of_memory, out_of_memory_error
 
-    return build_pipeline(for_folder(spec, folder), folder).run()
+    try:
+        return build_pipeline(for_folder(spec, folder), folder).run()
+    except StageError as err:
+        if is_out_of_memory(err.cause):
+            raise out_of_memory_error(err.stage, spec) from err
+        raise
 
 
 def _written_files(store: Artifacts) -> list[Path]:
@@ -153,14 +160,15 @@ STATE_FILE = "autoquant_search_state.pt"
 
 
 def for_folder(spec: PipelineSpec, folder: Path) -> PipelineSpec:
-    """The spec as run in ``folder``: saving the search state needs a checkpoint file to copy.
+    """The spec as run in ``folder``: ModelOpt's search state is always saved there.
 
-    The checkpoint goes into the run folder (never shared between runs); ``pipeline.toml`` keeps
-    the spec as the user wrote it, so repeating it into a new folder starts a fresh search.
+    The checkpoint goes into the run folder (never shared between runs), so rerunning into the
+    same folder resumes; ``pipeline.toml`` keeps the spec as the user wrote it, so repeating it
+    into a new folder starts a fresh search.
     """
     import attrs
 
-    if spec.reports.save_state and spec.autoquant.checkpoint is None:
+    if spec.autoquant.checkpoint is None:
         autoquant = attrs.evolve(spec.autoquant, checkpoint=str(folder / STATE_FILE))
         return attrs.evolve(spec, autoquant=autoquant)
     return spec
@@ -194,31 +202,105 @@ def execute(
     header: str,
     title: str,
     after: Callable[[Path, list[Path]], list[Path]] | None = None,
+    force: bool = False,
+    command: Sequence[str] = (),
 ) -> int:
     """Run a checked pipeline (one point or a whole sweep) into ``folder``; returns the exit code.
 
     ``after`` may add files once a single run succeeded (the legacy driver's report aliases).
+    A single run checks ``folder`` itself (fresh, resumable or refused: :mod:`runs`); a sweep's
+    folder must have been checked with :func:`check_output_dir`.
     """
     from auto_quantize_model.config import spec_to_toml
     from auto_quantize_model.fileio import atomic_write_text
 
+    if len(points) == 1 and not points[0].settings:
+        return _execute_single(
+            spec, points[0].spec, folder, header=header, force=force, after=after, command=command
+        )
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     toml_path = folder / PIPELINE_FILE
     atomic_write_text(toml_path, spec_to_toml(spec, header=header))
     started = time.perf_counter()
-    if len(points) == 1 and not points[0].settings:
-        try:
-            store = _run_one(points[0].spec, folder)
-        except BaseException:
-            _cleanup_after_failure(folder, created, [toml_path])
-            raise
-        files = [toml_path, *_written_files(store)]
-        if after is not None:
-            files += after(folder, files)
-        _print_summary(folder, files, time.perf_counter() - started, _manifest_of(store))
-        return 0
-    return _execute_sweep(points, folder, header=header, started=started, title=title)
+    try:
+        return _execute_sweep(points, folder, header=header, started=started, title=title)
+    except BaseException:
+        _cleanup_after_failure(folder, created, [toml_path])
+        raise
+
+
+def _execute_single(
+    spec: PipelineSpec,
+    point: PipelineSpec,
+    folder: Path,
+    *,
+    header: str,
+    force: bool,
+    after: Callable[[Path, list[Path]], list[Path]] | None,
+    command: Sequence[str],
+) -> int:
+    """One run with its ``run.json``; reruns into an interrupted run's folder resume it.
+
+    A failure that leaves nothing worth keeping (no search state yet) removes what this command
+    wrote, the folder too if it made it; a later failure keeps the folder, marked
+    ``failed: <reason>``, so that the same command resumes it.
+    """
+    from auto_quantize_model.artifacts import SensitivityScores
+    from auto_quantize_model.config import spec_to_toml
+    from auto_quantize_model.fileio import atomic_write_text
+    from auto_quantize_model.runs import (
+        COMPLETE,
+        FAILED,
+        RUNNING,
+        failure_reason,
+        open_run_folder,
+        read_run,
+        run_record,
+        write_run,
+    )
+
+    run = open_run_folder(folder, spec, force)
+    previous = read_run(folder) if run.resume else None
+    folder.mkdir(parents=True, exist_ok=True)
+    toml_path = folder / PIPELINE_FILE
+    if run.resume:
+        logging.getLogger(PACKAGE_LOGGER).info(
+            "resuming the interrupted run in %s (saved calibration and scores are reused)", folder
+        )
+    else:
+        atomic_write_text(toml_path, spec_to_toml(spec, header=header))
+    own = [toml_path, folder / "run.json"]
+    write_run(folder, run_record(run, spec, RUNNING, command=command, previous=previous))
+    started = time.perf_counter()
+    try:
+        store = _run_one(point, folder)
+    except BaseException as err:
+        if run.resume or run.worth_keeping(own):
+            reason = f"{FAILED}: {failure_reason(err)}"
+            write_run(folder, run_record(run, spec, reason, command=command, previous=previous))
+            if not isinstance(err, KeyboardInterrupt):
+                logging.getLogger(PACKAGE_LOGGER).info(
+                    "the run folder %s is kept; the same command resumes it", folder
+                )
+        else:
+            _cleanup_after_failure(folder, run.created, [*own, folder / (STATE_FILE + ".settings.json")])
+        raise
+    files = [toml_path, *_written_files(store)]
+    if after is not None:
+        files += after(folder, files)
+    manifest = _manifest_of(store)
+    scores = store.find(SensitivityScores)
+    steps = None
+    if scores is not None and scores.calib_forward_steps is not None:
+        steps = {"calibration": scores.calib_forward_steps, "scoring": scores.score_forward_steps or 0}
+    device = manifest.model.device if manifest is not None else None
+    record = run_record(
+        run, spec, COMPLETE, command=command, device=device, forward_steps=steps, previous=previous
+    )
+    files.append(write_run(folder, record))
+    _print_summary(folder, files, time.perf_counter() - started, manifest)
+    return 0
 
 
 def _execute_sweep(
@@ -266,15 +348,65 @@ def _output_for(args_output: str | None, spec: PipelineSpec, stem: str) -> Path:
     return new_run_dir(stem)
 
 
+def check_captions(points: Sequence[SweepPoint]) -> None:
+    """Read every captions file before any model loads: empty, blank, not UTF-8 or too short fail now."""
+    from auto_quantize_model.calib import read_captions
+
+    seen: set[tuple[str, int]] = set()
+    for point in points:
+        key = (point.spec.calib.captions, point.spec.calib.max_samples)
+        if key not in seen:
+            seen.add(key)
+            read_captions(*key)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from auto_quantize_model.config import load_pipeline
     from auto_quantize_model.sweep import expand_sweep
 
     spec = load_pipeline(args.file, args.set)
     points = expand_sweep(spec, source=args.file)
+    check_captions(points)
     folder = _output_for(args.output, spec, Path(args.file).stem)
-    check_output_dir(folder, args.force)
-    return execute(spec, points, folder, header=_header(args.file, args.set), title=args.file)
+    if len(points) > 1 or points[0].settings:
+        check_output_dir(folder, args.force)
+    return execute(
+        spec,
+        points,
+        folder,
+        header=_header(args.file, args.set),
+        title=args.file,
+        force=args.force,
+        command=args.command_line,
+    )
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from auto_quantize_model.config import load_pipeline
+    from auto_quantize_model.runs import COMPLETE, read_run
+    from auto_quantize_model.sweep import expand_sweep
+
+    folder = Path(args.folder)
+    record = read_run(folder)
+    if record is None or not (folder / PIPELINE_FILE).is_file():
+        raise InputError(f"{folder}: not a run folder (no run.json and {PIPELINE_FILE} written by aqm run)")
+    if record["status"] == COMPLETE and not args.force:
+        raise InputError(f"{folder}: the run is already complete; nothing to resume (--force runs it again)")
+    file = str(folder / PIPELINE_FILE)
+    spec = load_pipeline(file)
+    points = expand_sweep(spec, source=file)
+    if len(points) > 1 or points[0].settings:
+        raise InputError(f"{folder}: resuming a sweep is not supported; rerun the points that failed")
+    check_captions(points)
+    return execute(
+        spec,
+        points,
+        folder,
+        header=_header(file, ()),
+        title=file,
+        force=args.force,
+        command=args.command_line,
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -449,8 +581,18 @@ def cmd_qwen3_lm_int8(args: argparse.Namespace) -> int:
         points = expand_sweep(spec, source=source)
     except AqmError as err:
         raise _in_flag_terms(err) from None
-    check_output_dir(folder, args.force)
-    return execute(spec, points, folder, header=_header(source, ()), title=source, after=_legacy_aliases)
+    if len(points) > 1 or points[0].settings:
+        check_output_dir(folder, args.force)
+    return execute(
+        spec,
+        points,
+        folder,
+        header=_header(source, ()),
+        title=source,
+        after=_legacy_aliases,
+        force=args.force,
+        command=args.command_line,
+    )
 
 
 # --------------------------------------------------------------------------- parser
@@ -482,6 +624,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", metavar="DIR", help="output folder (default: runs/<time>-<file name>)")
     run.add_argument("--force", action="store_true", help="write into a folder that already holds a run")
     run.set_defaults(func=cmd_run)
+
+    resume = sub.add_parser(
+        "resume", parents=[common], help="finish an interrupted run, reusing its calibration and scores"
+    )
+    resume.add_argument("folder", help="the run folder (holds run.json and pipeline.toml)")
+    resume.add_argument("--force", action="store_true", help="run a complete run again from scratch")
+    resume.set_defaults(func=cmd_resume)
 
     validate = sub.add_parser(
         "validate", parents=[common], help="check a pipeline file and its inputs, loading no model"
@@ -549,6 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     debug = bool(args.debug)
+    args.command_line = ["aqm", *(sys.argv[1:] if argv is None else argv)]
     configure_logging(debug)
     try:
         code: int = args.func(args)

@@ -77,7 +77,7 @@ def device_name(requested: str) -> str:
         if torch.cuda.is_available():
             index = int(requested.partition(":")[2] or 0)
             return f"{requested} ({torch.cuda.get_device_name(index)})"
-    except Exception:  # noqa: BLE001 - a name is nice to have, never worth failing the run
+    except Exception:  # a name is nice to have, never worth failing the run
         pass
     return requested
 
@@ -186,7 +186,7 @@ def open_run_folder(folder: Path, spec: PipelineSpec, force: bool) -> RunFolder:
         return RunFolder(folder, created=False, resume=False, started_at=now)
     if record is not None and record["status"] == COMPLETE:
         raise InputError(
-            f"output folder {folder} already holds a complete run; pass --force to run it again, "
+            f"output folder {folder} already holds a run (complete); pass --force to run it again, "
             "or choose another --output"
         )
     if not is_resumable(record):
@@ -252,8 +252,8 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 def out_of_memory_error(stage: str, spec: PipelineSpec) -> OutOfMemory:
     batch, seq_len = spec.calib.batch_size, spec.calib.seq_len
-    smaller = max(1, batch // 2)
+    smaller, shorter = max(1, batch // 2), max(1, seq_len // 2)
     return OutOfMemory(
         f"out of GPU memory in stage {stage} (calib.batch_size {batch}, calib.seq_len {seq_len}); "
-        f"try smaller ones, e.g. --set calib.batch_size={smaller} or --set calib.seq_len={max(1, seq_len // 2)}"
+        f"try smaller ones, e.g. --set calib.batch_size={smaller} or --set calib.seq_len={shorter}"
     )

@@ -1,0 +1,55 @@
+"""The README's examples run as shown and its quoted output is what the code prints today."""
+
+from __future__ import annotations
+
+import os
+import re
+import runpy
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+SEEDS = ROOT.parent / "shared" / "reference" / "seed-manifests"
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_first_command_installs_and_runs_the_tiny_default() -> None:
+    first = _blocks("bash")[0].strip().splitlines()
+    assert "pip install -c constraints.txt -e ." in first[0]
+    assert "aqm run pipelines/tiny-qwen3-vl.toml" in first[0]
+    assert "nox -s tests" in first[1]
+    assert (ROOT / "pipelines" / "tiny-qwen3-vl.toml").is_file()
+
+
+@pytest.mark.slow
+def test_python_example_runs_as_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (example,) = _blocks("python")
+    script = tmp_path / "example.py"
+    script.write_text(example, encoding="utf-8")
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        os.chdir(cwd)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [line.split()[0] for line in printed[-5:]] == ["1", "2", "3", "4", "5"]
+    out = tmp_path / "runs" / "tiny-python"
+    assert (out / "tiny_int8_fp8_quant_manifest.json").is_file()
+    assert (out / "per-layer-sensitivity.md").is_file()
+
+
+@pytest.mark.skipif(not SEEDS.is_dir(), reason="../shared/reference/seed-manifests is absent (user clone)")
+def test_quoted_int8_vs_fp8_diff_is_current() -> None:
+    from auto_quantize_model.diff import diff_paths
+
+    text = diff_paths(SEEDS / "wint8_aint8", SEEDS / "wfp8_afp8")
+    quoted = README.read_text(encoding="utf-8")
+    for line in text.splitlines():
+        if line.startswith("| ") and "---" not in line:
+            assert line in quoted, f"README's INT8 vs FP8 diff is stale at: {line}"
