@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pytest_mock import MockerFixture
 
 from auto_quantize_model import cli
 from auto_quantize_model.config import PipelineSpec, load_pipeline, spec_from_dict
@@ -547,3 +548,11 @@ def test_legacy_driver_runs_with_the_previous_file_names(tmp_path: Path) -> None
     assert spec.calib.layout == "padded"
     manifest = json.loads((out / "int8_autoquant_lm_default_quant_manifest.json").read_text("utf-8"))
     assert manifest["scheme"]["name"] == "int8_autoquant_lm_default"
+
+
+def test_bench_subcommand_hands_its_flags_to_the_benchmark(mocker: MockerFixture) -> None:
+    from auto_quantize_model import bench, cli
+
+    run = mocker.patch.object(bench, "main", return_value=0)
+    assert cli.main(["bench", "--model", "builtin:tiny-qwen3-vl", "--skip-scaling"]) == 0
+    run.assert_called_once_with(["--model", "builtin:tiny-qwen3-vl", "--skip-scaling"])

@@ -114,8 +114,8 @@ def limit_scored_captions(
 
     The last scoring batch gets ``-100`` labels on the captions past ``score_size``: the loss (and
     the kl_div logits) skip them, and since attention never crosses a caption boundary they leave
-    the other captions' outputs untouched. Calibration does not read labels, except that lm_head's
-    input is taken at labelled positions only. Returns the batches and the captions scored.
+    the other captions' outputs untouched. Only the scoring phase gets these copies (calibration
+    keeps every caption). Returns the batches and the captions scored.
     """
     out = list(batches)
     before = sum(captions_per_batch[: score_steps - 1])
@@ -471,8 +471,11 @@ class ForwardCounter:
     restored scores no scoring step). Mutable on purpose: it lives only for one stage call.
     """
 
-    def __init__(self, forward_step: Callable[[nn.Module, Any], Any]) -> None:
+    def __init__(
+        self, forward_step: Callable[[nn.Module, Any], Any], score_view: Mapping[int, Any] | None = None
+    ) -> None:
         self._forward_step = forward_step
+        self._score_view = dict(score_view or {})
         self.scoring_started = False
         self.calibration = 0
         self.scoring = 0
@@ -483,9 +486,14 @@ class ForwardCounter:
             self.scoring += 1
             if not self._release_hooks:
                 self._release_hooks = release_output_diffs(model)
+            batch = self.scoring_view(batch)
         else:
             self.calibration += 1
         return self._forward_step(model, batch)
+
+    def scoring_view(self, batch: Any) -> Any:
+        """The label-limited copy of ``batch`` that scoring uses (``batch`` itself if none)."""
+        return self._score_view.get(id(batch), batch)
 
     def remove_hooks(self) -> None:
         for handle in self._release_hooks:
@@ -604,7 +612,7 @@ class RunAutoQuant:
                     available,
                 )
 
-        from auto_quantize_model.lm_forward import TextLM, forward_step_for, next_token_loss
+        from auto_quantize_model.lm_forward import TextLM, forward_step_for, next_token_loss, target_index
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
@@ -634,12 +642,24 @@ class RunAutoQuant:
         scored, score_samples = limit_scored_captions(
             calib.batches, calib.captions_per_batch, score_steps, spec.score_size, lm.pad_token_id
         )
-        batches = [_to_device(batch, device) for batch in scored]
-        counter = ForwardCounter(forward_step_for(lm, root))
+        batches = [_to_device(batch, device) for batch in calib.batches]
+        # calibration sees every caption; scoring sees the label-limited copies
+        score_view = {
+            id(batches[i]): _to_device(scored[i], device)
+            for i in range(score_steps)
+            if scored[i] is not calib.batches[i]
+        }
+        scored_targets = sum(int(target_index(batch)[1].numel()) for batch in scored[:score_steps])
+        counter = ForwardCounter(forward_step_for(lm, root), score_view)
         forward_step = counter.step
         method_args: dict[str, Any] = {"method": spec.method}
         if spec.method == "gradient":
-            method_args["loss_func"] = next_token_loss
+            # a sum over tokens with one constant divisor: every scored token weighs the same
+            # whichever batch holds it, so packed, padded and one-caption-per-batch score alike
+            divisor = max(1, scored_targets)
+            method_args["loss_func"] = lambda logits, batch: next_token_loss(
+                logits, counter.scoring_view(batch), normalizer=divisor
+            )
 
         if device.type == "cuda":
             log.info(

@@ -44,13 +44,25 @@ LEGACY_ALIASES = (
 _handler: logging.Handler | None = None
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of each record, not at setup.
+
+    ``main`` may run several times in one process (tests, notebooks) with stderr swapped in
+    between; a handler holding the old stream would write into a closed file.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure_logging(debug: bool = False) -> None:
     """Progress lines of the package logger go to stderr; stdout carries results only."""
     global _handler
     logger = logging.getLogger(PACKAGE_LOGGER)
     if _handler is not None:
         logger.removeHandler(_handler)
-    _handler = logging.StreamHandler(sys.stderr)
+    _handler = _CurrentStderr(sys.stderr)
     _handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
     logger.addHandler(_handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -646,6 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", metavar="DIR", help="where to write (default: next to the manifest)")
     report.set_defaults(func=cmd_report)
 
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="packed vs padded calibration benchmark, one process, one model (aqm bench --help)",
+    )
     formats = sub.add_parser("formats", parents=[common], help="list every format name and where it runs")
     formats.set_defaults(func=cmd_formats)
 
@@ -692,6 +709,12 @@ def _print_error(err: AqmError, debug: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["bench"]:
+        # the benchmark owns its flags (``aqm bench --help`` lists them)
+        from auto_quantize_model import bench
+
+        return bench.main(given[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -75,10 +75,21 @@ def selected_logits(decoder: nn.Module, lm_head: nn.Module, batch: dict[str, tor
     return logits
 
 
-def next_token_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy (fp32) of :func:`selected_logits` against the real next tokens."""
+def next_token_loss(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], normalizer: float | None = None
+) -> torch.Tensor:
+    """Cross-entropy (fp32) of :func:`selected_logits` against the real next tokens.
+
+    Without ``normalizer`` it is the batch mean. With one it is the batch's sum divided by that
+    constant: AutoQuant's gradient score squares per-token gradients, so a per-batch mean would
+    weigh a token by 1/(tokens in its batch)^2 and make scores depend on how captions were
+    batched; a run-wide constant keeps every token's weight equal in every layout.
+    """
     _, targets = target_index(batch)
-    return nn.functional.cross_entropy(logits.float(), targets.to(logits.device), reduction="mean")
+    if normalizer is None:
+        return nn.functional.cross_entropy(logits.float(), targets.to(logits.device), reduction="mean")
+    total = nn.functional.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
+    return total / normalizer
 
 
 def forward_step_for(lm: LanguageModel, root: nn.Module) -> Any:
