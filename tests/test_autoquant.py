@@ -611,3 +611,52 @@ def test_releasing_output_diffs_keeps_scores_identical(tmp_path: Path, mocker: A
     mocker.patch.object(aq, "release_output_diffs", return_value=[])
     _, kept = _run("language_model", spec, tmp_path / "b")
     assert [g.scores for g in freed.groups] == [g.scores for g in kept.groups]
+
+
+def test_chunked_loss_backward_matches_one_backward() -> None:
+    import torch
+
+    from auto_quantize_model.lm_forward import chunked_loss_backward, selected_logits, target_index
+
+    torch.manual_seed(0)
+    decoder = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 8))
+    head = torch.nn.Linear(8, 50)
+
+    class Decoder(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, **_: Any) -> Any:
+            return (decoder(input_ids),)
+
+    batch = {
+        "input_ids": torch.randint(0, 50, (3, 11)),
+        "position_ids": torch.arange(11).repeat(3, 1),
+        "labels": torch.randint(0, 50, (3, 11)),
+    }
+    batch["labels"][1, 4:] = -100
+    logits = selected_logits(Decoder(), head, batch)
+    expected = torch.nn.functional.cross_entropy(logits, target_index(batch)[1], reduction="sum") / 7.0
+    expected.backward()  # type: ignore[no-untyped-call]
+    want = [p.grad.clone() for p in (*decoder.parameters(), *head.parameters()) if p.grad is not None]
+    for p in (*decoder.parameters(), *head.parameters()):
+        p.grad = None
+    value = chunked_loss_backward(Decoder(), head, batch, normalizer=7.0, chunk_tokens=4)
+    got = [p.grad for p in (*decoder.parameters(), *head.parameters()) if p.grad is not None]
+    assert value == pytest.approx(float(expected), rel=1e-6)
+    assert len(got) == len(want) == 5  # embedding, linear w+b, head w+b
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("quiet_modelopt")
+def test_lm_head_chunking_leaves_scores_unchanged(tmp_path: Path, mocker: Any) -> None:
+    import auto_quantize_model.lm_forward as lf
+
+    spec = AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), effective_bits=12.0, score_size=8)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, whole = _run("language_model", spec, tmp_path / "a")
+    mocker.patch.object(lf, "HEAD_CHUNK_TOKENS", 5)
+    _, chunked = _run("language_model", spec, tmp_path / "b")
+    for a, b in zip(whole.groups, chunked.groups, strict=True):
+        assert a.name == b.name
+        assert a.scores == pytest.approx(b.scores, rel=1e-4)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fnmatch
+import importlib
 import itertools
 import json
 import logging
@@ -36,6 +37,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -491,6 +493,28 @@ class ForwardCounter:
             self.calibration += 1
         return self._forward_step(model, batch)
 
+    def backward_step_for(
+        self, decoder_path: str, head_path: str, normalizer: float
+    ) -> Callable[[nn.Module, Any], None]:
+        """ModelOpt's ``forward_backward_step`` for gradient scores: lm_head in chunks, counted.
+
+        The loss is a sum over tokens with one run-wide divisor: AutoQuant's score squares
+        per-token gradients, so a per-batch mean would weigh a token by 1/(tokens in its batch)^2
+        and make scores depend on how captions were batched; this way packed, padded and one
+        caption per batch score every token alike.
+        """
+        from auto_quantize_model.lm_forward import chunked_loss_backward
+
+        def forward_backward_step(model: nn.Module, batch: Any) -> None:
+            self.scoring += 1
+            if not self._release_hooks:
+                self._release_hooks = release_output_diffs(model)
+            decoder = model.get_submodule(decoder_path) if decoder_path else model
+            head = model.get_submodule(head_path)
+            chunked_loss_backward(decoder, head, self.scoring_view(batch), normalizer)
+
+        return forward_backward_step
+
     def scoring_view(self, batch: Any) -> Any:
         """The label-limited copy of ``batch`` that scoring uses (``batch`` itself if none)."""
         return self._score_view.get(id(batch), batch)
@@ -499,6 +523,29 @@ class ForwardCounter:
         for handle in self._release_hooks:
             handle.remove()
         self._release_hooks = []
+
+
+def import_off_stack(name: str) -> Any:
+    """Import ``name`` on a short-lived thread and return the module.
+
+    Importing ModelOpt imports pulp, whose solver probes keep a traceback from import time. Its
+    frames' ``f_back`` chain would pin the importing caller's locals (here: the whole model) for
+    the life of the process, so a second model loaded in the same process would sit next to the
+    first on the GPU. A fresh thread's stack has no caller frames to pin.
+    """
+    found: dict[str, Any] = {}
+
+    def target() -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
+            found["module"] = importlib.import_module(name)
+
+    thread = threading.Thread(target=target, name=f"import {name}")
+    thread.start()
+    thread.join()
+    if "module" not in found:  # the import failed: repeat it here so its error surfaces normally
+        return importlib.import_module(name)
+    return found["module"]
 
 
 def release_output_diffs(model: nn.Module) -> list[Any]:
@@ -612,11 +659,9 @@ class RunAutoQuant:
                     available,
                 )
 
-        from auto_quantize_model.lm_forward import TextLM, forward_step_for, next_token_loss, target_index
+        from auto_quantize_model.lm_forward import TextLM, decoder_and_head, forward_step_for, target_index
 
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
-            import modelopt.torch.quantization as mtq
+        mtq = import_off_stack("modelopt.torch.quantization")
 
         if lm.scope == "language_model":
             root: nn.Module = TextLM(lm.module, lm.lm_head)
@@ -656,9 +701,8 @@ class RunAutoQuant:
         if spec.method == "gradient":
             # a sum over tokens with one constant divisor: every scored token weighs the same
             # whichever batch holds it, so packed, padded and one-caption-per-batch score alike
-            divisor = max(1, scored_targets)
-            method_args["loss_func"] = lambda logits, batch: next_token_loss(
-                logits, counter.scoring_view(batch), normalizer=divisor
+            method_args["forward_backward_step"] = counter.backward_step_for(
+                *decoder_and_head(lm, root), normalizer=max(1, scored_targets)
             )
 
         if device.type == "cuda":

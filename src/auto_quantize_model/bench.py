@@ -659,7 +659,9 @@ def _extension_dir(name: str) -> Path | None:
 
 def warm_cuda_extensions(formats: Sequence[str]) -> tuple[tuple[str, str, float], ...]:
     """Load (JIT-building on a fresh machine, ~1 min) ModelOpt's CUDA extensions the formats use."""
-    from modelopt.torch.quantization import extensions
+    from auto_quantize_model.autoquant import import_off_stack
+
+    extensions = import_off_stack("modelopt.torch.quantization.extensions")
 
     wanted: list[tuple[str, Any]] = [("modelopt_cuda_ext", extensions.get_cuda_ext)]
     if any("FP8" in name.upper() for name in formats):

@@ -719,7 +719,9 @@ def modelopt_config(name: str) -> dict[str, Any] | str:
     """
     info = resolve_format(name)
     if info.kind == "preset":
-        import modelopt.torch.quantization.config as mtq_config
+        from auto_quantize_model.autoquant import import_off_stack
+
+        mtq_config = import_off_stack("modelopt.torch.quantization.config")
 
         assert info.modelopt_name is not None
         if not hasattr(mtq_config, info.modelopt_name):

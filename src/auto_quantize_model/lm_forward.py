@@ -75,29 +75,62 @@ def selected_logits(decoder: nn.Module, lm_head: nn.Module, batch: dict[str, tor
     return logits
 
 
-def next_token_loss(
-    logits: torch.Tensor, batch: dict[str, torch.Tensor], normalizer: float | None = None
-) -> torch.Tensor:
-    """Cross-entropy (fp32) of :func:`selected_logits` against the real next tokens.
-
-    Without ``normalizer`` it is the batch mean. With one it is the batch's sum divided by that
-    constant: AutoQuant's gradient score squares per-token gradients, so a per-batch mean would
-    weigh a token by 1/(tokens in its batch)^2 and make scores depend on how captions were
-    batched; a run-wide constant keeps every token's weight equal in every layout.
-    """
+def next_token_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy (fp32) of :func:`selected_logits` against the real next tokens."""
     _, targets = target_index(batch)
-    if normalizer is None:
-        return nn.functional.cross_entropy(logits.float(), targets.to(logits.device), reduction="mean")
-    total = nn.functional.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
-    return total / normalizer
+    return nn.functional.cross_entropy(logits.float(), targets.to(logits.device), reduction="mean")
+
+
+HEAD_CHUNK_TOKENS = 1024
+"""Positions per lm_head chunk when scoring: 1,024 x 151,936 logits is ~0.6 GB in fp32."""
+
+
+def chunked_loss_backward(
+    decoder: nn.Module,
+    lm_head: nn.Module,
+    batch: dict[str, torch.Tensor],
+    normalizer: float,
+    chunk_tokens: int | None = None,
+) -> float:
+    """Backward of ``sum(CE) / normalizer`` with lm_head run on a few positions at a time.
+
+    The decoder runs forward and backward once; lm_head (and the loss) run per chunk of target
+    positions against a detached copy of the hidden states, whose gradient is then sent through
+    the decoder in one go. Rows of lm_head's output are independent, so per-chunk backward passes
+    give exactly the gradients of the whole, while full-vocabulary logits exist for one chunk at a
+    time. Returns the loss value.
+    """
+    hidden = decoder_hidden(decoder, batch)
+    flat, targets = target_index(batch)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device))
+    targets = targets.to(hidden.device)
+    detached = picked.detach().requires_grad_(True)
+    step = chunk_tokens or HEAD_CHUNK_TOKENS
+    total = 0.0
+    for start in range(0, detached.shape[0], step):
+        logits = lm_head(detached[start : start + step])
+        assert isinstance(logits, torch.Tensor)
+        loss = (
+            nn.functional.cross_entropy(logits.float(), targets[start : start + step], reduction="sum")
+            / normalizer
+        )
+        torch.autograd.backward(loss)
+        total += float(loss.detach())
+    if detached.grad is not None and picked.requires_grad:
+        torch.autograd.backward(picked, detached.grad)
+    return total
+
+
+def decoder_and_head(lm: LanguageModel, root: nn.Module) -> tuple[str, str]:
+    """Paths of decoder and lm_head inside ``root`` (a :class:`TextLM` or the full model)."""
+    if isinstance(root, TextLM):
+        return "decoder", "lm_head"
+    return lm.prefix, lm.head_name
 
 
 def forward_step_for(lm: LanguageModel, root: nn.Module) -> Any:
     """A ModelOpt ``forward_step`` that finds decoder and head inside whatever root it is given."""
-    if isinstance(root, TextLM):
-        decoder_path, head_path = "decoder", "lm_head"
-    else:
-        decoder_path, head_path = lm.prefix, lm.head_name
+    decoder_path, head_path = decoder_and_head(lm, root)
 
     def forward_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         decoder = model.get_submodule(decoder_path) if decoder_path else model
