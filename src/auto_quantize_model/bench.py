@@ -1063,14 +1063,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def _ensure_logging() -> None:
-    logger = logging.getLogger("auto_quantize_model")
-    if logger.handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    from auto_quantize_model.cli import configure_logging
+
+    configure_logging()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
