@@ -525,6 +525,21 @@ class ForwardCounter:
         self._release_hooks = []
 
 
+def cuda_extension_built(name: str = "modelopt_cuda_ext") -> bool:
+    """Whether torch's JIT cache already holds a built ModelOpt extension.
+
+    Best effort (it reads torch's private build-directory helper): False when it cannot tell,
+    which only costs a log line that may be unnecessary.
+    """
+    try:
+        from torch.utils import cpp_extension
+
+        directory = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:
+        return False
+    return any(directory.glob("*.so"))
+
+
 def import_off_stack(name: str) -> Any:
     """Import ``name`` on a short-lived thread and return the module.
 
@@ -705,10 +720,10 @@ class RunAutoQuant:
                 *decoder_and_head(lm, root), normalizer=max(1, scored_targets)
             )
 
-        if device.type == "cuda":
+        if device.type == "cuda" and not cuda_extension_built():
             log.info(
-                "ModelOpt may JIT-build its CUDA extension on its first use on a fresh machine "
-                "(about a minute, once); later runs reuse the build"
+                "ModelOpt's CUDA extension is not built on this machine yet (or its cache is "
+                "unreadable): its first use JIT-builds it, about a minute, once per machine"
             )
         log.info(
             "AutoQuant: %s on %s (%s scope), %s, effective bits %g over the LM%s; calibration %d batch(es) "

@@ -647,19 +647,9 @@ def release_memory(device: str) -> int | None:
     return int(torch.cuda.memory_allocated(_cuda_index(device)))
 
 
-def _extension_dir(name: str) -> Path | None:
-    """Where torch's JIT builder keeps an extension (private torch API, so best effort)."""
-    try:
-        from torch.utils import cpp_extension
-
-        return Path(cpp_extension._get_build_directory(name, verbose=False))
-    except Exception:
-        return None
-
-
 def warm_cuda_extensions(formats: Sequence[str]) -> tuple[tuple[str, str, float], ...]:
     """Load (JIT-building on a fresh machine, ~1 min) ModelOpt's CUDA extensions the formats use."""
-    from auto_quantize_model.autoquant import import_off_stack
+    from auto_quantize_model.autoquant import cuda_extension_built, import_off_stack
 
     extensions = import_off_stack("modelopt.torch.quantization.extensions")
 
@@ -673,8 +663,7 @@ def warm_cuda_extensions(formats: Sequence[str]) -> tuple[tuple[str, str, float]
         if hasattr(getter, "extension"):
             found.append((name, "already loaded in this process", 0.0))
             continue
-        directory = _extension_dir(name)
-        prebuilt = directory is not None and any(directory.glob("*.so"))
+        prebuilt = cuda_extension_built(name)
         if not prebuilt:
             log.info(
                 "ModelOpt's CUDA extension %s is not built on this machine: building it now "
