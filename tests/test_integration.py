@@ -1,0 +1,114 @@
+"""All six stages on CPU with the real transformers classes and real ModelOpt.
+
+The tiny Qwen3-VL is saved with ``save_pretrained`` and reloaded through ``from_pretrained``
+(the ``tiny_checkpoint`` fixture), so the load path is the one a real checkout takes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from auto_quantize_model.artifacts import LanguageModel, SensitivityScores
+from auto_quantize_model.autoquant import RunAutoQuant
+from auto_quantize_model.calib import BuildCalibLoader
+from auto_quantize_model.extract import ExtractLM
+from auto_quantize_model.load import LoadModel
+from auto_quantize_model.manifest import Manifest
+from auto_quantize_model.pipeline import Pipeline
+from auto_quantize_model.ranking import BuildManifest
+from auto_quantize_model.reports import WriteReports, read_manifest
+from auto_quantize_model.specs import (
+    AutoQuantSpec,
+    CalibSpec,
+    ExtractSpec,
+    LoadSpec,
+    ManifestSpec,
+    ReportSpec,
+)
+
+PREFIX = "model.language_model"
+TARGET_BITS = 12.0
+
+
+def _expected_groups(layers: int) -> set[str]:
+    kinds = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    return {f"{PREFIX}.layers.{i}.{kind}" for i in range(layers) for kind in kinds} | {"lm_head"}
+
+
+def _markdown_ranking(text: str) -> list[tuple[int, str]]:
+    return [(int(m[1]), m[2]) for m in re.finditer(r"^\| (\d+) \| `([^`]+)` \|", text, flags=re.M)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("formats", "method", "scope"),
+    [
+        (("INT8_DEFAULT_CFG",), "gradient", "language_model"),
+        (("FP8_DEFAULT_CFG",), "kl_div", "language_model"),
+        (("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"), "gradient", "full_model"),
+        (("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"), "kl_div", "full_model"),
+    ],
+)
+def test_six_stages_end_to_end(
+    tiny_checkpoint: Path, tmp_path: Path, formats: tuple[str, ...], method: str, scope: str
+) -> None:
+    out = tmp_path / "run"
+    store = Pipeline(
+        [
+            LoadModel(LoadSpec(path=str(tiny_checkpoint), device="cpu")),
+            ExtractLM(ExtractSpec(scope=scope)),  # type: ignore[arg-type]
+            BuildCalibLoader(CalibSpec(max_samples=48, seq_len=64, batch_size=4)),
+            RunAutoQuant(
+                AutoQuantSpec(
+                    formats=formats,
+                    method=method,  # type: ignore[arg-type]
+                    effective_bits=TARGET_BITS,
+                    score_size=16,
+                    checkpoint=str(tmp_path / "state.pt"),
+                )
+            ),
+            BuildManifest(ManifestSpec(scheme="it")),
+            WriteReports(ReportSpec(output_dir=str(out), save_state=True, plots=False)),
+        ]
+    ).run()
+    lm = store.get(LanguageModel)
+    scores = store.get(SensitivityScores)
+    manifest = store.get(Manifest)
+    layers = int(getattr(lm.module, "config").num_hidden_layers)  # noqa: B009
+
+    # every LM linear group scored, with every asked format, and nothing from the vision tower
+    assert {g.name for g in scores.groups} == _expected_groups(layers)
+    assert all(set(formats) <= set(g.formats) for g in scores.groups)
+    assert not [n for g in scores.groups for n in g.module_names if ".visual" in n]
+    assert all(math.isfinite(s) for g in scores.groups for s in g.scores)
+    enabled_in_vision = [
+        name
+        for name, module in lm.full_model.named_modules()
+        if name.startswith("model.visual") and getattr(module, "is_enabled", False)
+    ]
+    assert enabled_in_vision == []
+    assert scores.method == method
+    assert scores.scope == scope
+
+    # the budget holds over the LM, whatever the vision tower weighs
+    assert scores.effective_bits_lm <= TARGET_BITS + 1e-6
+    if scope == "full_model":
+        assert scores.effective_bits_model > scores.effective_bits_lm  # vision costed at 16 bits
+
+    # one ranking, everywhere: in memory, the manifest on disk, the JSON and the Markdown report
+    ranking = [(g.rank, g.name) for g in manifest.groups]
+    assert [r for r, _ in ranking] == list(range(1, len(ranking) + 1))
+    on_disk = read_manifest(out / "it_quant_manifest.json")
+    assert [(g.rank, g.name) for g in on_disk.groups] == ranking
+    layer_json = json.loads((out / "per-layer-sensitivity.json").read_text(encoding="utf-8"))
+    assert [(row["rank"], row["layer"]) for row in layer_json["layer_sensitivity"]] == ranking
+    markdown = (out / "per-layer-sensitivity.md").read_text(encoding="utf-8")
+    assert _markdown_ranking(markdown) == ranking
+    importances = [g.importance for g in manifest.groups]
+    assert importances == sorted(importances, reverse=True)
+    assert (out / "it_autoquant_state.pt").is_file()
