@@ -19,11 +19,12 @@ from transformers.models.qwen3_vl import Qwen3VLTextConfig, Qwen3VLTextModel
 
 from auto_quantize_model.calib import packed_batches, padded_batches
 from auto_quantize_model.lm_forward import next_token_loss, selected_logits
+from conftest import TINY_HIDDEN, tiny_qwen3_vl_text
 
 pytestmark = pytest.mark.slow
 
 VOCAB = 101
-HIDDEN = 64
+HIDDEN = TINY_HIDDEN
 SEQ_LEN = 16
 TOL = 1e-5
 # Lengths chosen so rows hold several captions, a caption fills a whole row (16), single-token
@@ -35,22 +36,7 @@ Batch = dict[str, torch.Tensor]
 
 def tiny_lm(attn_implementation: str) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    config = Qwen3VLTextConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=64,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [2, 3, 3],
-            "mrope_interleaved": True,
-        },
-    )
+    config = Qwen3VLTextConfig(**tiny_qwen3_vl_text(VOCAB, max_positions=64))
     config._attn_implementation = attn_implementation
     decoder = Qwen3VLTextModel(config)
     decoder.train(False)
@@ -159,3 +145,36 @@ def test_negative_control_without_packed_mask_leaks(
     leaky = [{**b, "attention_mask": torch.ones_like(b["input_ids"])} for b in packed]
     logits, _ = run(decoder, head, leaky)
     assert (logits - reference[0]).abs().max().item() > 1e3 * TOL
+
+
+def test_flash_attention_gets_packed_rows_as_one_row() -> None:
+    """Flash attention splits packed captions only within a single row: rows are joined for it."""
+    from types import SimpleNamespace
+
+    from auto_quantize_model.lm_forward import decoder_hidden
+
+    seen: list[tuple[int, ...]] = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, implementation: str) -> None:
+            super().__init__()
+            self.config = SimpleNamespace(_attn_implementation=implementation)
+            self.embed = torch.nn.Embedding(20, 3)
+
+        def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, **_: object) -> object:
+            seen.append(tuple(input_ids.shape))
+            assert position_ids.shape == input_ids.shape
+            return SimpleNamespace(last_hidden_state=self.embed(input_ids) + position_ids[..., None])
+
+    batch = {
+        "input_ids": torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]]),
+        "position_ids": torch.tensor([[0, 1, 0, 1], [0, 1, 0, 1]]),
+        "labels": torch.tensor([[-100, 2, -100, 4], [-100, 6, -100, -100]]),
+    }
+    flash = Recorder("flash_attention_2")
+    sdpa = Recorder("sdpa")
+    sdpa.embed.load_state_dict(flash.embed.state_dict())
+    joined = decoder_hidden(flash, batch)
+    rows = decoder_hidden(sdpa, batch)
+    assert seen == [(1, 8), (2, 4)]
+    torch.testing.assert_close(joined, rows)

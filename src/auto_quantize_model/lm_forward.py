@@ -58,11 +58,29 @@ def target_index(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     return flat, nxt[keep]
 
 
+def uses_flash_attention(decoder: nn.Module) -> bool:
+    implementation = getattr(getattr(decoder, "config", None), "_attn_implementation", None)
+    return isinstance(implementation, str) and "flash" in implementation
+
+
 def decoder_hidden(decoder: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = decoder(**model_inputs(batch))
+    """``last_hidden_state`` ``[B, L, H]`` of the decoder for a calibration batch.
+
+    Packed rows rely on positions restarting at each caption to keep captions apart. sdpa and
+    eager turn that into a block-diagonal mask for any number of rows, but flash attention (in
+    transformers 5.x) only splits sequences by position when the batch is a single row, so with
+    flash attention the rows are laid end to end as one row and the result is reshaped back.
+    """
+    inputs = model_inputs(batch)
+    rows, length = batch["input_ids"].shape
+    if rows > 1 and "attention_mask" not in batch and uses_flash_attention(decoder):
+        inputs["input_ids"] = inputs["input_ids"].reshape(1, rows * length)
+        if "position_ids" in inputs:
+            inputs["position_ids"] = inputs["position_ids"].reshape(1, rows * length)
+    out = decoder(**inputs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     assert isinstance(hidden, torch.Tensor)
-    return hidden
+    return hidden.reshape(rows, length, hidden.shape[-1])
 
 
 def selected_logits(decoder: nn.Module, lm_head: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
