@@ -28,6 +28,7 @@ from auto_quantize_model.autoquant import (
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import AutoQuantSpec
+from conftest import tiny_qwen3_vl
 
 if TYPE_CHECKING:
     from torch import nn
@@ -240,45 +241,7 @@ PREFIX, HEAD, VISION = "model.language_model", "lm_head", "model.visual"
 
 
 def _tiny_model() -> nn.Module:
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    config = Qwen3VLConfig(
-        text_config={
-            "vocab_size": 512,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "max_position_embeddings": 1024,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [2, 3, 3],
-                "mrope_interleaved": True,
-            },
-            "tie_word_embeddings": True,
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "patch_size": 16,
-            "deepstack_visual_indexes": [0],
-        },
-        tie_word_embeddings=True,
-        image_token_id=500,
-        video_token_id=501,
-        vision_start_token_id=502,
-        vision_end_token_id=503,
-    )
-    torch.manual_seed(0)
-    model: nn.Module = Qwen3VLForConditionalGeneration(config)  # type: ignore[no-untyped-call]
-    return model.eval()
+    return tiny_qwen3_vl(vocab_size=512, max_positions=1024, vision_depth=2, first_special_id=500)
 
 
 def _language_model(model: nn.Module, scope: Scope) -> LanguageModel:
@@ -660,3 +623,19 @@ def test_lm_head_chunking_leaves_scores_unchanged(tmp_path: Path, mocker: Any) -
     for a, b in zip(whole.groups, chunked.groups, strict=True):
         assert a.name == b.name
         assert a.scores == pytest.approx(b.scores, rel=1e-4)
+
+
+def test_scores_from_state_prefers_unclamped_raw_scores() -> None:
+    # ModelOpt clamped INT8 to INT4's 3.0 (and would hide INT8 > INT4); the raw record has 3.5
+    raw = {
+        "decoder.layers.0.mlp.down_proj.quant_recipe": {str(INT4): 3.0, str(INT8): 3.5, str(NONE): 0.0},
+        # incomplete record: that group keeps candidate_stats' scores
+        "decoder.layers.0.self_attn.q_proj.quant_recipe": {str(INT8): 9.0},
+    }
+    summary = scores_from_state(
+        _state("decoder"), textlm_name_map("model.language_model", "lm_head"), raw_scores=raw
+    )
+    q, down, _ = summary.groups
+    assert down.scores == (3.0, 3.5, 0.0)
+    assert q.scores == (2.0, 0.0)
+    assert summary.total_score == 5.0  # the search's own figure is unchanged

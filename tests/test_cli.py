@@ -17,7 +17,8 @@ from pytest_mock import MockerFixture
 from auto_quantize_model import cli
 from auto_quantize_model.config import PipelineSpec, load_pipeline, spec_from_dict
 from auto_quantize_model.errors import InputError, StageError
-from auto_quantize_model.manifest import SCHEMA_VERSION, Manifest, ModelInfo, RankedGroup, SchemeInfo
+from auto_quantize_model.manifest import Manifest, ModelInfo
+from conftest import ranked_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny-qwen3-vl.toml"
@@ -405,39 +406,16 @@ def test_legacy_driver_errors_name_the_flag(tmp_path: Path, capsys: pytest.Captu
 
 
 def our_manifest() -> Manifest:
-    names = [f"model.language_model.layers.{i}.mlp.down_proj" for i in range(3)]
-    groups = tuple(
-        RankedGroup(
-            name=name,
-            rank=rank,
-            importance=float(10 - rank),
-            best_format="INT8_DEFAULT_CFG",
-            module_names=(name,),
-            formats=("INT8_DEFAULT_CFG", "NONE"),
-            bits=(8.0, 16.0),
-            scores=(float(10 - rank), 0.0),
-            costs=(1.0, 2.0),
-        )
-        for rank, name in enumerate(names, start=1)
-    )
-    scheme = SchemeInfo(
-        name=cli.LEGACY_SCHEME,
-        formats=("INT8_DEFAULT_CFG",),
-        method="gradient",
-        scope="language_model",
-        effective_bits_target=8.0,
-        effective_bits_lm=8.0,
-        effective_bits_model=8.0,
+    return ranked_manifest(
+        [f"model.language_model.layers.{i}.mlp.down_proj" for i in range(3)],
+        scheme=cli.LEGACY_SCHEME,
+        target=8.0,
+        bits=8.0,
         total_score=3.0,
-        satisfied=True,
-        score_samples=4,
-        calib_steps=1,
-        score_steps=1,
+        model=ModelInfo(
+            source="/ckpt", architecture="Qwen3VLForConditionalGeneration", dtype="bf16", device="cuda"
+        ),
     )
-    model = ModelInfo(
-        source="/ckpt", architecture="Qwen3VLForConditionalGeneration", dtype="bf16", device="cuda"
-    )
-    return Manifest(schema_version=SCHEMA_VERSION, scheme=scheme, model=model, dataset=None, groups=groups)
 
 
 def test_legacy_report_only_regenerates_with_the_old_names(

@@ -18,25 +18,9 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from conftest import comparable_manifest, tiny_pipeline_toml
 
-PIPELINE = """\
-[model]
-path = "builtin:tiny-qwen3-vl"
-device = "cpu"
-[calib]
-max_samples = 12
-seq_len = 32
-batch_size = 2
-[autoquant]
-formats = ["INT8_DEFAULT_CFG"]
-effective_bits = 12.0
-score_size = 8
-[manifest]
-scheme = "t"
-[reports]
-plots = false
-"""
+pytestmark = pytest.mark.slow
 
 DRIVER = """\
 import os, signal, sys
@@ -82,14 +66,6 @@ def aqm(*argv: str, driver: Path | None = None, mode: str = "") -> subprocess.Co
     )
 
 
-def comparable(folder: Path) -> dict[str, Any]:
-    """The manifest without what legitimately differs between runs (wall times, creation time)."""
-    data: dict[str, Any] = json.loads((folder / "t_quant_manifest.json").read_text(encoding="utf-8"))
-    data.pop("timings")
-    data.pop("created_at")
-    return data
-
-
 def run_record(folder: Path) -> dict[str, Any]:
     record: dict[str, Any] = json.loads((folder / "run.json").read_text(encoding="utf-8"))
     return record
@@ -98,7 +74,7 @@ def run_record(folder: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("resume")
-    (root / "p.toml").write_text(PIPELINE, encoding="utf-8")
+    (root / "p.toml").write_text(tiny_pipeline_toml(), encoding="utf-8")
     (root / "driver.py").write_text(DRIVER, encoding="utf-8")
     reference = root / "reference"
     done = aqm("run", str(root / "p.toml"), "--output", str(reference))
@@ -133,7 +109,7 @@ def test_killed_during_scoring_resumes_without_calibrating(files: dict[str, Path
     reference_steps = run_record(files["reference"])["forward_steps"]
     assert record["forward_steps"] == {"calibration": 0, "scoring": reference_steps["scoring"]}
     assert "AutoQuant forward steps: calibration 0, scoring" in resumed.stderr
-    assert comparable(out) == comparable(files["reference"])
+    assert comparable_manifest(out) == comparable_manifest(files["reference"])
 
     again = aqm("run", pipeline, "--output", str(out))
     assert again.returncode == 2
@@ -154,4 +130,4 @@ def test_killed_after_scoring_resumes_without_forward_steps(files: dict[str, Pat
     assert record["status"] == "complete"
     assert record["resumed"] is True
     assert record["forward_steps"] == {"calibration": 0, "scoring": 0}
-    assert comparable(out) == comparable(files["reference"])
+    assert comparable_manifest(out) == comparable_manifest(files["reference"])

@@ -10,7 +10,7 @@ import pytest
 
 from auto_quantize_model.config import PipelineSpec, spec_from_dict
 from auto_quantize_model.errors import ConfigError, InputError
-from auto_quantize_model.manifest import SCHEMA_VERSION, Manifest, ModelInfo, RankedGroup, SchemeInfo
+from auto_quantize_model.manifest import Manifest, ModelInfo
 from auto_quantize_model.sweep import (
     INDEX_NAME,
     PointResult,
@@ -21,6 +21,7 @@ from auto_quantize_model.sweep import (
     render_index,
     run_sweep,
 )
+from conftest import ranked_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,36 +34,8 @@ def make_spec(sweep: dict[str, list[object]] | None = None, **tables: object) ->
 
 
 def fake_manifest(names: list[str], bits: float) -> Manifest:
-    groups = tuple(
-        RankedGroup(
-            name=name,
-            rank=rank,
-            importance=float(10 - rank),
-            best_format="INT8_DEFAULT_CFG",
-            module_names=(name,),
-            formats=("INT8_DEFAULT_CFG", "NONE"),
-            bits=(8.0, 16.0),
-            scores=(float(10 - rank), 0.0),
-            costs=(1.0, 2.0),
-        )
-        for rank, name in enumerate(names, start=1)
-    )
-    scheme = SchemeInfo(
-        name="s",
-        formats=("INT8_DEFAULT_CFG",),
-        method="gradient",
-        scope="language_model",
-        effective_bits_target=12.0,
-        effective_bits_lm=bits,
-        effective_bits_model=bits,
-        total_score=1.0,
-        satisfied=True,
-        score_samples=4,
-        calib_steps=1,
-        score_steps=1,
-    )
     model = ModelInfo(source="builtin:tiny-qwen3-vl", architecture="X", dtype="float32", device="cpu")
-    return Manifest(schema_version=SCHEMA_VERSION, scheme=scheme, model=model, dataset=None, groups=groups)
+    return ranked_manifest(names, scheme="s", target=12.0, bits=bits, total_score=1.0, model=model)
 
 
 def test_no_sweep_is_one_point_holding_the_spec() -> None:

@@ -40,6 +40,7 @@ from auto_quantize_model.validate import (
     strongest_format,
     tokenize_captions,
 )
+from conftest import tiny_qwen3_vl
 
 if TYPE_CHECKING:
     import torch
@@ -275,49 +276,6 @@ def word_tokenizer() -> Any:
     )
 
 
-def tiny_qwen3_vl() -> Any:
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    rope = {
-        "rope_type": "default",
-        "rope_theta": 10000.0,
-        "mrope_section": [2, 3, 3],
-        "mrope_interleaved": True,
-    }
-    config = Qwen3VLConfig(
-        text_config={
-            "vocab_size": 128,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "max_position_embeddings": 256,
-            "rope_parameters": rope,
-            "tie_word_embeddings": True,
-        },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "patch_size": 16,
-            "deepstack_visual_indexes": [0],
-        },
-        tie_word_embeddings=True,
-        image_token_id=120,
-        video_token_id=121,
-        vision_start_token_id=122,
-        vision_end_token_id=123,
-    )
-    torch.manual_seed(0)
-    model = Qwen3VLForConditionalGeneration(config)  # type: ignore[no-untyped-call]
-    return model.eval()  # type: ignore[no-untyped-call]
-
-
 def scores_artifact(state: dict[str, Any]) -> SensitivityScores:
     """The plain scores artifact from ModelOpt's search state, as RunAutoQuant hands it on."""
     from auto_quantize_model.autoquant import scores_from_state, textlm_name_map
@@ -366,7 +324,7 @@ def autoquant_and_validate(tmp_path: Path, formats: list[str], spec: ValidateSpe
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(caption_lines()) + "\n", encoding="utf-8")
     tokenizer = word_tokenizer()
-    model = tiny_qwen3_vl()
+    model = tiny_qwen3_vl(vocab_size=128, max_positions=256, vision_depth=1, first_special_id=120)
     pristine = copy.deepcopy(model)
     decoder, head = model.model.language_model, model.lm_head
 

@@ -26,6 +26,7 @@ What ModelOpt does in ``mtq.auto_quantize`` (0.47), and what this stage adds aro
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import fnmatch
@@ -36,6 +37,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -218,6 +220,7 @@ def scores_from_state(
     state: Mapping[str, Any],
     name_map: Callable[[str], str] = lambda name: name,
     is_lm: Callable[[str], bool] = lambda name: True,
+    raw_scores: Mapping[str, Mapping[str, float]] | None = None,
 ) -> StateSummary:
     """Convert ``mtq.auto_quantize``'s returned state into plain :class:`GroupScore` tuples.
 
@@ -228,6 +231,12 @@ def scores_from_state(
     ``name_map`` turns the names ModelOpt saw into full-model names; ``is_lm`` (on mapped names)
     says which groups belong to the language model: only those are returned as groups, but every
     group counts toward the whole-model effective bits. Nothing here needs torch or ModelOpt.
+
+    ``raw_scores`` (``"<module>.quant_recipe"`` -> format label -> score) replaces the scores of
+    ``candidate_stats``, which ModelOpt clamps so that no format scores above a cheaper-or-equal
+    one listed before it (``min(score, previous)``): that hides non-monotone formats and gives a
+    second same-bit format (FP8 after INT8) the first one's score. The search result still comes
+    from the clamped scores, as ModelOpt ran it.
     """
     stats: Mapping[str, Mapping[str, Any]] = state["candidate_stats"]
     best: Mapping[str, Any] = state.get("best", {})
@@ -245,6 +254,9 @@ def scores_from_state(
         names = tuple(label for label, _ in labels)
         costs = tuple(_number(c) for c in entry["costs"])
         scores = tuple(_number(s) for s in entry["scores"])
+        raw = (raw_scores or {}).get(key)
+        if raw is not None and all(str(recipe) in raw for recipe in entry["formats"]):
+            scores = tuple(_number(raw[str(recipe)]) for recipe in entry["formats"])
         if "uncompressed_cost" in entry:
             weights = _number(entry["uncompressed_cost"])
         else:
@@ -525,6 +537,25 @@ class ForwardCounter:
         self._release_hooks = []
 
 
+RAW_SCORES_SUFFIX = ".raw-scores.json"
+
+
+def collect_raw_scores(root: nn.Module) -> dict[str, dict[str, float]]:
+    """Each recipe group's unclamped score per format, read from ModelOpt's hparams.
+
+    Only meaningful right after scoring ran in this process: a search restored from a
+    checkpoint has no per-module importances (use the sidecar file written then).
+    """
+    from modelopt.torch.opt.utils import named_hparams
+    from modelopt.torch.quantization.algorithms import QuantRecipeHparam
+
+    raw: dict[str, dict[str, float]] = {}
+    for name, hparam in named_hparams(root, configurable=True, unique=True):
+        if isinstance(hparam, QuantRecipeHparam):
+            raw[name] = {str(recipe): float(hparam.get_score(recipe)) for recipe in hparam.choices}
+    return raw
+
+
 def cuda_extension_built(name: str = "modelopt_cuda_ext") -> bool:
     """Whether torch's JIT cache already holds a built ModelOpt extension.
 
@@ -773,7 +804,15 @@ class RunAutoQuant:
         seconds = time.perf_counter() - started
         log.info("AutoQuant forward steps: calibration %d, scoring %d", counter.calibration, counter.scoring)
 
-        summary = scores_from_state(state, name_map, is_lm)
+        raw_file = Path(checkpoint_file(state_path))
+        raw_file = raw_file.with_name(raw_file.name + RAW_SCORES_SUFFIX)
+        raw: dict[str, dict[str, float]] | None = None
+        if counter.scoring:
+            raw = collect_raw_scores(root)
+            atomic_write_text(raw_file, json.dumps(raw, sort_keys=True))
+        elif raw_file.is_file():  # scores restored from the checkpoint: read what that run saw
+            raw = json.loads(raw_file.read_text(encoding="utf-8"))
+        summary = scores_from_state(state, name_map, is_lm, raw)
         if summary.method != spec.method:
             raise AqmError(f"ModelOpt ran method {summary.method!r}, asked for {spec.method!r}")
         if summary.nonfinite:
@@ -856,7 +895,10 @@ class RunAutoQuant:
         """The checkpoint path to hand ModelOpt; refuses one saved under other settings."""
         path = self.spec.checkpoint
         if path is None:
-            path = str(Path(tempfile.mkdtemp(prefix="aqm-autoquant-")) / STATE_FILE)
+            # nowhere asked for: keep it for this process (WriteReports may still copy it), no longer
+            scratch = tempfile.mkdtemp(prefix="aqm-autoquant-")
+            atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+            path = str(Path(scratch) / STATE_FILE)
         real = Path(checkpoint_file(path))
         record = real.with_name(real.name + SETTINGS_SUFFIX)
         current = self._settings(lm, calib, calib_steps, score_steps)

@@ -150,7 +150,9 @@ def _run_one(spec: PipelineSpec, folder: Path) -> Artifacts:
     from auto_quantize_model.runs import is_out_of_memory, out_of_memory_error
 
     try:
-        return build_pipeline(for_folder(spec, folder), folder).run()
+        # ModelOpt prints progress on stdout; stdout is for results (the summary), so route it away
+        with contextlib.redirect_stdout(sys.stderr):
+            return build_pipeline(for_folder(spec, folder), folder).run()
     except StageError as err:
         if is_out_of_memory(err.cause):
             raise out_of_memory_error(err.stage, spec) from err
