@@ -486,9 +486,13 @@ class ForwardCounter:
     """
 
     def __init__(
-        self, forward_step: Callable[[nn.Module, Any], Any], score_view: Mapping[int, Any] | None = None
+        self,
+        forward_step: Callable[[nn.Module, Any], Any],
+        score_view: Mapping[int, Any] | None = None,
+        calibration_step: Callable[[nn.Module, Any], Any] | None = None,
     ) -> None:
         self._forward_step = forward_step
+        self._calibration_step = calibration_step
         self._score_view = dict(score_view or {})
         self.scoring_started = False
         self.calibration = 0
@@ -503,6 +507,8 @@ class ForwardCounter:
             batch = self.scoring_view(batch)
         else:
             self.calibration += 1
+            if self._calibration_step is not None:
+                return self._calibration_step(model, batch)
         return self._forward_step(model, batch)
 
     def backward_step_for(
@@ -705,7 +711,13 @@ class RunAutoQuant:
                     available,
                 )
 
-        from auto_quantize_model.lm_forward import TextLM, decoder_and_head, forward_step_for, target_index
+        from auto_quantize_model.lm_forward import (
+            TextLM,
+            calibration_step_for,
+            decoder_and_head,
+            forward_step_for,
+            target_index,
+        )
 
         mtq = import_off_stack("modelopt.torch.quantization")
 
@@ -741,7 +753,9 @@ class RunAutoQuant:
             if scored[i] is not calib.batches[i]
         }
         scored_targets = sum(int(target_index(batch)[1].numel()) for batch in scored[:score_steps])
-        counter = ForwardCounter(forward_step_for(lm, root), score_view)
+        counter = ForwardCounter(
+            forward_step_for(lm, root), score_view, calibration_step=calibration_step_for(lm, root)
+        )
         forward_step = counter.step
         method_args: dict[str, Any] = {"method": spec.method}
         if spec.method == "gradient":

@@ -99,8 +99,13 @@ def next_token_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tor
     return nn.functional.cross_entropy(logits.float(), targets.to(logits.device), reduction="mean")
 
 
-HEAD_CHUNK_TOKENS = 1024
-"""Positions per lm_head chunk when scoring: 1,024 x 151,936 logits is ~0.6 GB in fp32."""
+HEAD_CHUNK_TOKENS = 256
+"""Positions per lm_head chunk in calibration and gradient scoring.
+
+Each lm_head call also materialises a fake-quantized copy of its weight (151,936 x 2,560 in
+bf16, ~0.8 GB on Qwen3-VL-4B), so chunks trade a little time for peak memory: 256 positions keep
+the logits, their fp32 copy and gradients under ~0.5 GB.
+"""
 
 
 def chunked_loss_backward(
@@ -137,6 +142,26 @@ def chunked_loss_backward(
     if detached.grad is not None and picked.requires_grad:
         torch.autograd.backward(picked, detached.grad)
     return total
+
+
+def calibration_step_for(lm: LanguageModel, root: nn.Module) -> Any:
+    """A forward for ModelOpt's calibration: every quantizer sees the batch, no logits are kept.
+
+    Calibration only collects activation statistics, so lm_head runs chunk by chunk on the
+    labelled positions and its outputs are dropped at once.
+    """
+    decoder_path, head_path = decoder_and_head(lm, root)
+
+    def calibration_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+        decoder = model.get_submodule(decoder_path) if decoder_path else model
+        head = model.get_submodule(head_path)
+        hidden = decoder_hidden(decoder, batch)
+        flat, _ = target_index(batch)
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device))
+        for start in range(0, picked.shape[0], HEAD_CHUNK_TOKENS):
+            head(picked[start : start + HEAD_CHUNK_TOKENS])
+
+    return calibration_step
 
 
 def decoder_and_head(lm: LanguageModel, root: nn.Module) -> tuple[str, str]:
