@@ -403,6 +403,7 @@ def test_settings_from_args_defaults_and_parsing() -> None:
     assert defaults.model == "builtin:tiny-qwen3-vl"
     assert defaults.layouts == LAYOUTS
     assert defaults.scaling == (ScalingSource("builtin", 128), ScalingSource("builtin", 512))
+    assert defaults.rounds == 1
     assert (defaults.max_samples, defaults.seq_len, defaults.batch_size, defaults.score_size) == (
         512,
         512,
@@ -419,9 +420,12 @@ def test_settings_from_args_defaults_and_parsing() -> None:
             "packed",
             "--skip-scaling",
             "--skip-pipeline",
+            "--rounds",
+            "2",
         ]
     )
     chosen = settings_from_args(args)
+    assert chosen.rounds == 2
     assert chosen.formats == ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG")
     assert chosen.layouts == ("packed", "reference")
     assert chosen.scaling == ()
@@ -513,3 +517,22 @@ def test_main_runs_every_layout_on_the_tiny_model(tmp_path: Path, capsys: pytest
     assert data["agreements"][0]["same_score_captions"] is True
     assert data["pipeline"]["files_written"] >= 3
     assert [p["captions"] for p in data["scaling"]] == [12]
+
+
+def test_rounds_report_the_last_run_of_each_layout(mocker: Any) -> None:
+    import auto_quantize_model.bench as bench
+
+    calls: list[str] = []
+
+    def fake_run(s: Any, layout: str, calib: Any, score_size: int) -> Any:
+        calls.append(layout)
+        return mocker.Mock(layout=layout, autoquant_seconds=float(len(calls)), score_captions=1)
+
+    mocker.patch.object(bench, "warm_up", return_value=(mocker.Mock(), mocker.Mock(device="cpu"), "c"))
+    mocker.patch.object(bench, "environment", return_value=mocker.Mock())
+    mocker.patch.object(bench, "run_layout", side_effect=fake_run)
+    mocker.patch.object(bench, "agreements", return_value=())
+    settings = bench.BenchSettings(layouts=("padded", "packed"), pipeline=False, rounds=2, max_samples=8)
+    report = bench.run_bench(settings)
+    assert calls == ["padded", "packed", "padded", "packed"]
+    assert [(r.layout, r.autoquant_seconds) for r in report.layouts] == [("padded", 3.0), ("packed", 4.0)]
