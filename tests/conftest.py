@@ -195,3 +195,62 @@ def ranked_manifest(
         score_steps=1,
     )
     return Manifest(schema_version=SCHEMA_VERSION, scheme=info, model=model, dataset=None, groups=groups)
+
+
+def six_stages(
+    checkpoint: Path,
+    out: Path,
+    *,
+    device: str,
+    formats: tuple[str, ...],
+    method: str,
+    scope: str,
+    max_samples: int,
+    score_size: int,
+    validate: bool = False,
+    scheme: str | None = None,
+    state: Path | None = None,
+) -> Any:
+    """The full pipeline (optionally with validation) on a saved tiny checkpoint; returns the store.
+
+    Shared by the CPU integration tests and the GPU tests so both exercise the same composition.
+    """
+    from auto_quantize_model.autoquant import RunAutoQuant
+    from auto_quantize_model.calib import BuildCalibLoader
+    from auto_quantize_model.extract import ExtractLM
+    from auto_quantize_model.load import LoadModel
+    from auto_quantize_model.pipeline import Pipeline
+    from auto_quantize_model.ranking import BuildManifest
+    from auto_quantize_model.reports import WriteReports
+    from auto_quantize_model.specs import (
+        AutoQuantSpec,
+        CalibSpec,
+        ExtractSpec,
+        LoadSpec,
+        ManifestSpec,
+        ReportSpec,
+        ValidateSpec,
+    )
+    from auto_quantize_model.validate import ValidateSensitivity
+
+    stages: list[Any] = [
+        LoadModel(LoadSpec(path=str(checkpoint), device=device)),
+        ExtractLM(ExtractSpec(scope=scope)),  # type: ignore[arg-type]
+        BuildCalibLoader(CalibSpec(max_samples=max_samples, seq_len=64, batch_size=4)),
+        RunAutoQuant(
+            AutoQuantSpec(
+                formats=formats,
+                method=method,  # type: ignore[arg-type]
+                effective_bits=12.0,
+                score_size=score_size,
+                checkpoint=None if state is None else str(state),
+            )
+        ),
+    ]
+    if validate:
+        stages.append(ValidateSensitivity(ValidateSpec(k=2, holdout_samples=16)))
+    stages += [
+        BuildManifest(ManifestSpec(scheme=scheme)),
+        WriteReports(ReportSpec(output_dir=str(out), save_state=state is not None, plots=False)),
+    ]
+    return Pipeline(stages).run()

@@ -12,24 +12,8 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.artifacts import LanguageModel, SensitivityScores, ValidationReport
-from auto_quantize_model.autoquant import RunAutoQuant
-from auto_quantize_model.calib import BuildCalibLoader
-from auto_quantize_model.extract import ExtractLM
-from auto_quantize_model.load import LoadModel
 from auto_quantize_model.manifest import Manifest
-from auto_quantize_model.pipeline import Pipeline
-from auto_quantize_model.ranking import BuildManifest
-from auto_quantize_model.reports import WriteReports
-from auto_quantize_model.specs import (
-    AutoQuantSpec,
-    CalibSpec,
-    ExtractSpec,
-    LoadSpec,
-    ManifestSpec,
-    ReportSpec,
-    ValidateSpec,
-)
-from auto_quantize_model.validate import ValidateSensitivity
+from conftest import six_stages
 
 torch = pytest.importorskip("torch")
 
@@ -52,19 +36,17 @@ def test_tiny_pipeline_on_cuda(
     tiny_checkpoint: Path, tmp_path: Path, formats: tuple[str, ...], method: str, scope: str
 ) -> None:
     out = tmp_path / "out"
-    store = Pipeline(
-        [
-            LoadModel(LoadSpec(path=str(tiny_checkpoint), device="cuda")),
-            ExtractLM(ExtractSpec(scope=scope)),  # type: ignore[arg-type]
-            BuildCalibLoader(CalibSpec(max_samples=96, seq_len=64, batch_size=4)),
-            RunAutoQuant(
-                AutoQuantSpec(formats=formats, method=method, effective_bits=12.0, score_size=32)  # type: ignore[arg-type]
-            ),
-            ValidateSensitivity(ValidateSpec(k=2, holdout_samples=16)),
-            BuildManifest(ManifestSpec()),
-            WriteReports(ReportSpec(output_dir=str(out), plots=False)),
-        ]
-    ).run()
+    store = six_stages(
+        tiny_checkpoint,
+        out,
+        device="cuda",
+        formats=formats,
+        method=method,
+        scope=scope,
+        max_samples=96,
+        score_size=32,
+        validate=True,
+    )
     lm = store.get(LanguageModel)
     assert next(lm.module.parameters()).dtype == torch.bfloat16
     scores = store.get(SensitivityScores)

@@ -14,22 +14,9 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.artifacts import LanguageModel, SensitivityScores
-from auto_quantize_model.autoquant import RunAutoQuant
-from auto_quantize_model.calib import BuildCalibLoader
-from auto_quantize_model.extract import ExtractLM
-from auto_quantize_model.load import LoadModel
 from auto_quantize_model.manifest import Manifest
-from auto_quantize_model.pipeline import Pipeline
-from auto_quantize_model.ranking import BuildManifest
-from auto_quantize_model.reports import WriteReports, read_manifest
-from auto_quantize_model.specs import (
-    AutoQuantSpec,
-    CalibSpec,
-    ExtractSpec,
-    LoadSpec,
-    ManifestSpec,
-    ReportSpec,
-)
+from auto_quantize_model.reports import read_manifest
+from conftest import six_stages
 
 PREFIX = "model.language_model"
 TARGET_BITS = 12.0
@@ -58,24 +45,18 @@ def test_six_stages_end_to_end(
     tiny_checkpoint: Path, tmp_path: Path, formats: tuple[str, ...], method: str, scope: str
 ) -> None:
     out = tmp_path / "run"
-    store = Pipeline(
-        [
-            LoadModel(LoadSpec(path=str(tiny_checkpoint), device="cpu")),
-            ExtractLM(ExtractSpec(scope=scope)),  # type: ignore[arg-type]
-            BuildCalibLoader(CalibSpec(max_samples=48, seq_len=64, batch_size=4)),
-            RunAutoQuant(
-                AutoQuantSpec(
-                    formats=formats,
-                    method=method,  # type: ignore[arg-type]
-                    effective_bits=TARGET_BITS,
-                    score_size=16,
-                    checkpoint=str(tmp_path / "state.pt"),
-                )
-            ),
-            BuildManifest(ManifestSpec(scheme="it")),
-            WriteReports(ReportSpec(output_dir=str(out), save_state=True, plots=False)),
-        ]
-    ).run()
+    store = six_stages(
+        tiny_checkpoint,
+        out,
+        device="cpu",
+        formats=formats,
+        method=method,
+        scope=scope,
+        max_samples=48,
+        score_size=16,
+        scheme="it",
+        state=tmp_path / "state.pt",
+    )
     lm = store.get(LanguageModel)
     scores = store.get(SensitivityScores)
     manifest = store.get(Manifest)
