@@ -112,6 +112,7 @@ def _by_accessors(model: nn.Module) -> tuple[str, str] | None:
         return None
     try:
         decoder, head = get_decoder(), get_head()
+    # not a stub of ours: transformers' base accessors raise this for models that lack them
     except (AttributeError, NotImplementedError, TypeError):
         return None
     if decoder is model or not _fits(decoder, head):
