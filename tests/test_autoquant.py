@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import warnings
@@ -16,6 +17,7 @@ from auto_quantize_model.artifacts import CalibData, CalibStats, LanguageModel, 
 from auto_quantize_model.autoquant import (
     RunAutoQuant,
     checkpoint_file,
+    frozen_heap,
     leading_steps,
     lm_membership,
     model_constraint,
@@ -301,6 +303,36 @@ def _weights(model: nn.Module, keep: Callable[[str], bool]) -> int:
     return sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, kinds) and keep(n))
 
 
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_frozen_heap_skips_old_objects_but_collects_new_garbage() -> None:
+    import weakref
+
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0
+        cycle = _Cycle()
+        alive = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert alive() is None  # garbage made inside is still collected
+    assert gc.get_freeze_count() == 0
+
+
+def test_frozen_heap_leaves_a_callers_freeze_alone() -> None:
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
 @pytest.fixture(scope="module")
 def quiet_modelopt() -> None:
     with warnings.catch_warnings():
@@ -376,7 +408,7 @@ def _assert_sound(
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("quiet_modelopt")
-def test_language_model_scope_gradient_int8_fp8(tmp_path: Path) -> None:
+def test_language_model_scope_gradient_int8_fp8(tmp_path: Path, mocker: Any) -> None:
     from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher
 
     spec = AutoQuantSpec(
@@ -385,7 +417,20 @@ def test_language_model_scope_gradient_int8_fp8(tmp_path: Path) -> None:
         score_size=4,
         disabled_layers=(f"{PREFIX}.layers.1.mlp.*",),  # full-model names, though TextLM is the root
     )
+    collect = gc.collect
+    frozen_during_collect: list[int] = []
+
+    def recording_collect(*args: Any) -> int:
+        frozen_during_collect.append(gc.get_freeze_count())
+        return collect(*args)
+
+    mocker.patch("gc.collect", recording_collect)
     model, result = _run("language_model", spec, tmp_path)
+    mocker.stopall()
+    # ModelOpt's full collections around scoring ran with the older heap frozen, and it was thawed
+    assert frozen_during_collect
+    assert all(count > 0 for count in frozen_during_collect)
+    assert gc.get_freeze_count() == 0
     _assert_sound(model, result, "language_model", lambda n: n.startswith(f"{PREFIX}.layers.1.mlp."))
     assert (result.method, result.scope, result.calib_steps, result.score_steps, result.score_samples) == (
         "gradient",

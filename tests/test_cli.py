@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -457,6 +458,22 @@ def test_legacy_report_only_without_a_manifest(tmp_path: Path, capsys: pytest.Ca
     assert "no *_quant_manifest.json" in capsys.readouterr().err
 
 
+def test_import_libraries_times_only_what_is_missing(
+    mocker: MockerFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    mocker.patch.object(cli, "HEAVY_LIBRARIES", ("colorsys", "no_such_library_here"))
+    mocker.patch.dict(sys.modules)
+    sys.modules.pop("colorsys", None)
+    with caplog.at_level(logging.INFO, logger="auto_quantize_model"):
+        assert cli.import_libraries() > 0
+    assert "colorsys" in sys.modules
+    # the library that cannot be imported is left for its stage to report, and not claimed
+    assert "imported colorsys in" in caplog.text
+    assert "no_such_library_here" not in caplog.text
+    mocker.patch.object(cli, "HEAVY_LIBRARIES", ("colorsys",))
+    assert cli.import_libraries() == 0.0
+
+
 # --------------------------------------------------------------------------- real runs (slow)
 
 
@@ -477,6 +494,23 @@ def test_run_the_tiny_pipeline(tmp_path: Path) -> None:
     assert "[1/7] LoadModel ..." in result.stderr
     assert "[7/7] WriteReports done in" in result.stderr
     assert "ValidateSensitivity done in" in result.stderr
+    # a fresh process imports the heavy libraries before the first stage, timed on their own
+    imported = result.stderr.index("imported torch, transformers, modelopt.torch.quantization in ")
+    assert imported < result.stderr.index("[1/7] LoadModel ...")
+    assert "(importing libraries " in result.stdout
+    seconds = json.loads((folder / "run.json").read_text("utf-8"))["seconds"]
+    assert list(seconds) == [
+        "library_imports",
+        "LoadModel",
+        "ExtractLM",
+        "BuildCalibLoader",
+        "RunAutoQuant",
+        "ValidateSensitivity",
+        "BuildManifest",
+        "WriteReports",
+    ]
+    assert seconds["library_imports"] > 0
+    assert all(value >= 0 for value in seconds.values())
     # summary on stdout names every written file, and they all exist
     listed = [Path(line.strip()) for line in result.stdout.splitlines() if line.startswith("  /")]
     assert folder / "pipeline.toml" in listed

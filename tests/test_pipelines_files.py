@@ -117,4 +117,5 @@ def test_random_bench_is_the_4b_architecture_on_cuda() -> None:
     assert spec.model.path == "config:qwen3-vl-4b"
     assert spec.model.device == "cuda"
     assert (spec.calib.max_samples, spec.calib.seq_len, spec.calib.batch_size) == (512, 512, 8)
+    assert spec.validate is None  # the timing target is the six stages; random weights rank nothing
     expand_sweep(spec)

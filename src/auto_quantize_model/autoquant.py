@@ -30,6 +30,7 @@ import atexit
 import collections
 import contextlib
 import fnmatch
+import gc
 import importlib
 import itertools
 import json
@@ -391,6 +392,27 @@ def register_textlm_support() -> None:
         _is_textlm, _textlm_checkpointing, _embedding_grad_only
     )
     _registered = True
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep the objects that exist now out of the garbage collector's passes for a while.
+
+    ModelOpt runs two full ``gc.collect()`` passes around scoring to free GPU memory. Each walks
+    every object of the process (torch, transformers and ModelOpt with all they import, the
+    model's modules): 0.7 s of a 3.5 s packed AutoQuant on an H100 host, more than the scoring
+    step itself. What those passes are for (tensors left over from calibration) is created after
+    this point and stays collectable; the frozen objects go back to the collector afterwards. A
+    process that froze its heap itself is left as it is, since unfreezing would undo its freeze.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @contextlib.contextmanager
@@ -796,6 +818,7 @@ class RunAutoQuant:
                 _named_custom_formats(spec.formats) as quantization_formats,
                 warnings.catch_warnings(),
                 _scoring_phase(counter),
+                frozen_heap(),
             ):
                 warnings.filterwarnings("ignore", message="AutoQuantize: Huggingface model detected.*")
                 _, state = mtq.auto_quantize(

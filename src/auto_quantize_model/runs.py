@@ -217,6 +217,7 @@ def run_record(
     device: str | None = None,
     forward_steps: Mapping[str, int] | None = None,
     previous: Mapping[str, Any] | None = None,
+    seconds: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     record: dict[str, Any] = {
         "status": status,
@@ -232,6 +233,8 @@ def run_record(
         record["first_started_at"] = previous.get("first_started_at", previous.get("started_at"))
     if forward_steps is not None:
         record["forward_steps"] = dict(forward_steps)
+    if seconds is not None:
+        record["seconds"] = dict(seconds)
     return record
 
 
