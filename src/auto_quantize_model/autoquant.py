@@ -400,10 +400,12 @@ def frozen_heap() -> Iterator[None]:
 
     ModelOpt runs two full ``gc.collect()`` passes around scoring to free GPU memory. Each walks
     every object of the process (torch, transformers and ModelOpt with all they import, the
-    model's modules): 0.7 s of a 3.5 s packed AutoQuant on an H100 host, more than the scoring
-    step itself. What those passes are for (tensors left over from calibration) is created after
-    this point and stays collectable; the frozen objects go back to the collector afterwards. A
-    process that froze its heap itself is left as it is, since unfreezing would undo its freeze.
+    model's modules), a fixed cost paid whatever the data. Same-process A/B
+    (``tests/bench/frozen_heap_ab.py``, BENCHMARKS.md): 2.29 -> 1.56 s for the tiny model on CPU;
+    within noise for a packed 4B run on an H100 host (3.00 vs 2.99 s). What those passes are for
+    (tensors left over from calibration) is created after this point and stays collectable; the
+    frozen objects go back to the collector afterwards. A process that froze its heap itself is
+    left as it is, since unfreezing would undo its freeze.
     """
     if gc.get_freeze_count():
         yield
