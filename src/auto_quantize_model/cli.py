@@ -151,10 +151,11 @@ HEAVY_LIBRARIES = ("torch", "transformers", "modelopt.torch.quantization")
 def import_libraries() -> float:
     """Import torch, transformers and ModelOpt before the first stage; seconds spent (0 if loaded).
 
-    They would otherwise be imported inside LoadModel and RunAutoQuant, and their 10-15 s on a
-    fresh process (more than the six stages on a GPU) would read as stage time. Imported here,
-    the stage timings are the work itself and the import cost is reported on its own line. A
-    library that fails to import is left for its stage to report as a one-line error.
+    They would otherwise be imported inside LoadModel and RunAutoQuant, and their 16-21 s in a
+    fresh process on the lent H100 image (more than the six stages there) would read as stage
+    time. Imported here, the stage timings are the work itself and the import cost is reported on
+    its own line. A library that fails to import is left for its stage to report as a one-line
+    error.
     """
     missing = [name for name in HEAVY_LIBRARIES if name not in sys.modules]
     if not missing:
