@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from auto_quantize_model.data import builtin_captions_path
-from auto_quantize_model.manifest import SCHEMA_VERSION, Manifest, ModelInfo, RankedGroup, SchemeInfo
+from auto_quantize_model.io.manifest import SCHEMA_VERSION, Manifest, ModelInfo, RankedGroup, SchemeInfo
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -29,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Integration tests load it back through ``from_pretrained`` so they exercise the same path as
     a real checkpoint directory. Do not write into it: it is shared by the whole session.
     """
-    from auto_quantize_model.load import TINY_QWEN3_VL, build_builtin
+    from auto_quantize_model.backend.models import TINY_QWEN3_VL, build_builtin
 
     directory = tmp_path_factory.mktemp("tiny-qwen3-vl")
     loaded = build_builtin(TINY_QWEN3_VL, seed=TINY_SEED, dtype="float32", device="cpu")
@@ -42,7 +42,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tiny_loaded() -> LoadedModel:
     """A fresh in-memory ``builtin:tiny-qwen3-vl`` (CPU, fp32); fresh per test since stages mutate it."""
-    from auto_quantize_model.load import TINY_QWEN3_VL, build_builtin
+    from auto_quantize_model.backend.models import TINY_QWEN3_VL, build_builtin
 
     return build_builtin(TINY_QWEN3_VL, seed=TINY_SEED, dtype="float32", device="cpu")
 
@@ -215,13 +215,7 @@ def six_stages(
 
     Shared by the CPU integration tests and the GPU tests so both exercise the same composition.
     """
-    from auto_quantize_model.autoquant import RunAutoQuant
-    from auto_quantize_model.calib import BuildCalibLoader
-    from auto_quantize_model.extract import ExtractLM
-    from auto_quantize_model.load import LoadModel
     from auto_quantize_model.pipeline import Pipeline
-    from auto_quantize_model.ranking import BuildManifest
-    from auto_quantize_model.reports import WriteReports
     from auto_quantize_model.specs import (
         AutoQuantSpec,
         CalibSpec,
@@ -231,7 +225,13 @@ def six_stages(
         ReportSpec,
         ValidateSpec,
     )
-    from auto_quantize_model.validate import ValidateSensitivity
+    from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
+    from auto_quantize_model.stages.build_manifest import BuildManifest
+    from auto_quantize_model.stages.extract_lm import ExtractLM
+    from auto_quantize_model.stages.load_model import LoadModel
+    from auto_quantize_model.stages.run_autoquant import RunAutoQuant
+    from auto_quantize_model.stages.validate_sensitivity import ValidateSensitivity
+    from auto_quantize_model.stages.write_reports import WriteReports
 
     stages: list[Any] = [
         LoadModel(LoadSpec(path=str(checkpoint), device=device)),

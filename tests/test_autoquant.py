@@ -14,8 +14,7 @@ import attrs
 import pytest
 
 from auto_quantize_model.artifacts import CalibData, CalibStats, LanguageModel, Scope, SensitivityScores
-from auto_quantize_model.autoquant import (
-    RunAutoQuant,
+from auto_quantize_model.backend.modelopt.autoquant import (
     checkpoint_file,
     frozen_heap,
     leading_steps,
@@ -30,6 +29,7 @@ from auto_quantize_model.autoquant import (
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import AutoQuantSpec
+from auto_quantize_model.stages.run_autoquant import RunAutoQuant
 from conftest import tiny_qwen3_vl
 
 if TYPE_CHECKING:
@@ -469,7 +469,7 @@ def test_full_model_scope_gradient_int8_fp8(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("quiet_modelopt")
 def test_language_model_kl_div_custom_format_and_checkpoint_resume(tmp_path: Path, mocker: Any) -> None:
-    from auto_quantize_model import lm_forward
+    from auto_quantize_model.backend import lm_forward
 
     checkpoint = tmp_path / "search" / "state.pt"
     spec = AutoQuantSpec(
@@ -548,7 +548,7 @@ def test_bad_settings_refused_before_modelopt(spec: AutoQuantSpec, message: str)
 
 
 def test_caption_segments_skip_padding() -> None:
-    from auto_quantize_model.autoquant import caption_segments
+    from auto_quantize_model.backend.modelopt.autoquant import caption_segments
 
     # two captions (3 and 2 tokens) then a padding segment of pad id 0
     positions = [0, 1, 2, 0, 1, 0, 1]
@@ -559,7 +559,7 @@ def test_caption_segments_skip_padding() -> None:
 def test_limit_scored_captions_masks_only_captions_past_score_size() -> None:
     import torch
 
-    from auto_quantize_model.autoquant import limit_scored_captions
+    from auto_quantize_model.backend.modelopt.autoquant import limit_scored_captions
 
     first = {
         "input_ids": torch.tensor([[5, 6, 7, 8]]),
@@ -582,7 +582,7 @@ def test_limit_scored_captions_masks_only_captions_past_score_size() -> None:
 def test_limit_scored_captions_leaves_whole_batches_alone() -> None:
     import torch
 
-    from auto_quantize_model.autoquant import limit_scored_captions
+    from auto_quantize_model.backend.modelopt.autoquant import limit_scored_captions
 
     batch = {
         "input_ids": torch.tensor([[5, 6]]),
@@ -597,7 +597,7 @@ def test_limit_scored_captions_leaves_whole_batches_alone() -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("quiet_modelopt")
 def test_releasing_output_diffs_keeps_scores_identical(tmp_path: Path, mocker: Any) -> None:
-    import auto_quantize_model.autoquant as aq
+    import auto_quantize_model.backend.modelopt.autoquant as aq
 
     spec = AutoQuantSpec(formats=("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"), effective_bits=12.0, score_size=8)
     released: list[int] = []
@@ -624,7 +624,7 @@ def test_releasing_output_diffs_keeps_scores_identical(tmp_path: Path, mocker: A
 def test_chunked_loss_backward_matches_one_backward() -> None:
     import torch
 
-    from auto_quantize_model.lm_forward import chunked_loss_backward, selected_logits, target_index
+    from auto_quantize_model.backend.lm_forward import chunked_loss_backward, selected_logits, target_index
 
     torch.manual_seed(0)
     decoder = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 8))
@@ -657,7 +657,7 @@ def test_chunked_loss_backward_matches_one_backward() -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("quiet_modelopt")
 def test_lm_head_chunking_leaves_scores_unchanged(tmp_path: Path, mocker: Any) -> None:
-    import auto_quantize_model.lm_forward as lf
+    import auto_quantize_model.backend.lm_forward as lf
 
     spec = AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), effective_bits=12.0, score_size=8)
     (tmp_path / "a").mkdir()

@@ -11,7 +11,7 @@ import attrs
 import pytest
 
 from auto_quantize_model.artifacts import LoadedModel
-from auto_quantize_model.bench import (
+from auto_quantize_model.bench.harness import (
     LAYOUTS,
     BenchReport,
     BenchSettings,
@@ -46,9 +46,9 @@ from auto_quantize_model.bench import (
     track_peak_gpu_memory,
     weight_checksum,
 )
-from auto_quantize_model.calib import IGNORE_INDEX, make_calib_data
+from auto_quantize_model.core.batching import IGNORE_INDEX, make_calib_data
 from auto_quantize_model.errors import ConfigError
-from auto_quantize_model.fileio import dumps_json
+from auto_quantize_model.io.atomic import dumps_json
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import CalibSpec
 
@@ -520,7 +520,7 @@ def test_main_runs_every_layout_on_the_tiny_model(tmp_path: Path, capsys: pytest
 
 
 def test_rounds_report_the_last_run_of_each_layout(mocker: Any) -> None:
-    import auto_quantize_model.bench as bench
+    import auto_quantize_model.bench.harness as bench
 
     calls: list[str] = []
 

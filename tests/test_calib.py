@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from auto_quantize_model.artifacts import CalibData, LoadedModel
-from auto_quantize_model.calib import (
-    BuildCalibLoader,
+from auto_quantize_model.core.batching import (
     captions_label,
     captions_sha256,
     check_calib_spec,
@@ -31,6 +30,7 @@ from auto_quantize_model.calib import (
 from auto_quantize_model.errors import AqmError, ConfigError, InputError, WiringError
 from auto_quantize_model.pipeline import Artifacts, Stage, check_wiring
 from auto_quantize_model.specs import CalibSpec
+from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
 
 PAD = 0
 X = -100  # IGNORE_INDEX, short so expected tensors stay readable
@@ -373,5 +373,5 @@ def test_stage_checks_numbers_before_reading_the_file(tmp_path: Path) -> None:
 
 
 def test_importing_the_stage_module_does_not_import_torch() -> None:
-    code = "import sys, auto_quantize_model.calib; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, auto_quantize_model.stages.build_calib_loader; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

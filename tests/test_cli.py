@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from pytest_mock import MockerFixture
 
-from auto_quantize_model import cli
-from auto_quantize_model.config import PipelineSpec, load_pipeline, spec_from_dict
+from auto_quantize_model.app import cli
 from auto_quantize_model.errors import InputError, StageError
-from auto_quantize_model.manifest import Manifest, ModelInfo
+from auto_quantize_model.io.manifest import Manifest, ModelInfo
+from auto_quantize_model.io.pipeline_file import PipelineSpec, load_pipeline, spec_from_dict
 from conftest import ranked_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def heavy_modules_after(call: str) -> tuple[list[str], str]:
     """Run ``call`` (Python code using ``main``) in a fresh interpreter; which heavy modules got imported."""
     code = (
         "import sys, io, contextlib\n"
-        "from auto_quantize_model.cli import main\n"
+        "from auto_quantize_model.app.cli import main\n"
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
         "    try:\n"
@@ -82,7 +82,7 @@ def test_help_itself_takes_well_under_a_second() -> None:
     code = (
         "import time, io, contextlib\n"
         "t = time.perf_counter()\n"
-        "from auto_quantize_model.cli import main\n"
+        "from auto_quantize_model.app.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try:\n"
         "        main(['run', '--help'])\n"
@@ -422,7 +422,7 @@ def our_manifest() -> Manifest:
 def test_legacy_report_only_regenerates_with_the_old_names(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from auto_quantize_model.reports import write_reports
+    from auto_quantize_model.render.reports import write_reports
 
     write_reports(our_manifest(), tmp_path, plots=False)
     (tmp_path / "per-layer-sensitivity.md").unlink()
@@ -563,7 +563,8 @@ def test_legacy_driver_runs_with_the_previous_file_names(tmp_path: Path) -> None
 
 
 def test_bench_subcommand_hands_its_flags_to_the_benchmark(mocker: MockerFixture) -> None:
-    from auto_quantize_model import bench, cli
+    from auto_quantize_model.app import cli
+    from auto_quantize_model.bench import harness as bench
 
     run = mocker.patch.object(bench, "main", return_value=0)
     assert cli.main(["bench", "--model", "builtin:tiny-qwen3-vl", "--skip-scaling"]) == 0

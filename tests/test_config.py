@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from auto_quantize_model.config import (
+from auto_quantize_model.errors import ConfigError, InputError
+from auto_quantize_model.io.pipeline_file import (
     PipelineSpec,
     apply_overrides,
     load_pipeline,
@@ -20,7 +21,6 @@ from auto_quantize_model.config import (
     stage_names,
     toml_value,
 )
-from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, LoadSpec, ReportSpec, ValidateSpec
 
 TINY = '[model]\npath = "builtin:tiny-qwen3-vl"\ndevice = "cpu"\n'
@@ -499,7 +499,7 @@ def test_preflight_is_torch_free_and_fast_enough_to_run_first() -> None:
 
     code = (
         "import sys\n"
-        "from auto_quantize_model.config import spec_from_dict, preflight\n"
+        "from auto_quantize_model.io.pipeline_file import spec_from_dict, preflight\n"
         "raw = {'model': {'path': 'builtin:tiny-qwen3-vl', 'device': 'cpu'}}\n"
         "preflight(spec_from_dict(raw, source='t'))\n"
         "print(sorted(m for m in ('torch', 'transformers', 'modelopt') if m in sys.modules))\n"
@@ -509,7 +509,7 @@ def test_preflight_is_torch_free_and_fast_enough_to_run_first() -> None:
 
 
 def test_build_pipeline_assembles_stages_in_order(tmp_path: Path) -> None:
-    from auto_quantize_model.config import build_pipeline
+    from auto_quantize_model.io.pipeline_file import build_pipeline
 
     spec = _spec(validate={"k": 2})
     pipeline = build_pipeline(spec, tmp_path / "out")

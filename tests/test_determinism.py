@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from auto_quantize_model import cli
+from auto_quantize_model.app import cli
 from conftest import comparable_manifest, tiny_pipeline_toml
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from auto_quantize_model.diff import (
+from auto_quantize_model.core.diff import (
     RankMove,
     TopKOverlap,
     diff_manifests,
@@ -17,7 +17,7 @@ from auto_quantize_model.diff import (
     resolve_manifest_path,
 )
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.manifest import SCHEMA_VERSION, Manifest, ModelInfo, RankedGroup, SchemeInfo
+from auto_quantize_model.io.manifest import SCHEMA_VERSION, Manifest, ModelInfo, RankedGroup, SchemeInfo
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-manifests"
 INT8 = "wint8_aint8/wint8_aint8_autoquant_lm_quant_manifest.json"
@@ -171,7 +171,7 @@ def test_resolve_manifest_path(tmp_path: Path) -> None:
 
 
 def test_diff_paths_on_our_manifests(tmp_path: Path) -> None:
-    from auto_quantize_model.fileio import manifest_to_json
+    from auto_quantize_model.io.atomic import manifest_to_json
 
     folder_a = tmp_path / "a"
     folder_a.mkdir()
@@ -189,7 +189,7 @@ def test_diff_paths_on_our_manifests(tmp_path: Path) -> None:
 def _legacy(relative: str) -> Manifest:
     if not SEEDS.is_dir():
         pytest.skip(f"previous tool's manifests not found at {SEEDS} (../shared absent)")
-    from auto_quantize_model.legacy import legacy_manifest_from_dict
+    from auto_quantize_model.io.legacy import legacy_manifest_from_dict
 
     path = SEEDS / relative
     return legacy_manifest_from_dict(json.loads(path.read_text()), path)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from auto_quantize_model import cli
+from auto_quantize_model.app import cli
 from auto_quantize_model.data import tiny_tokenizer_dir
 
 BASE = """\
@@ -230,7 +230,7 @@ def test_out_of_memory_names_stage_and_sizes(
 ) -> None:
     import torch
 
-    from auto_quantize_model.load import LoadModel
+    from auto_quantize_model.stages.load_model import LoadModel
 
     def out_of_memory(self: Any, inputs: Any) -> Any:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -13,21 +13,21 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from auto_quantize_model.artifacts import LanguageModel, LoadedModel
-from auto_quantize_model.errors import InputError
-from auto_quantize_model.extract import (
+from auto_quantize_model.backend.lm_forward import IGNORE_INDEX, next_token_loss, selected_logits
+from auto_quantize_model.backend.locate import (
     ACCESSOR_FALLBACK,
     LAYOUTS,
-    ExtractLM,
     LMLocation,
     extract_language_model,
     find_language_model,
     outside_modules,
     pad_token_id_of,
 )
-from auto_quantize_model.lm_forward import IGNORE_INDEX, next_token_loss, selected_logits
-from auto_quantize_model.load import LoadModel
+from auto_quantize_model.errors import InputError
 from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.specs import ExtractSpec, LoadSpec
+from auto_quantize_model.stages.extract_lm import ExtractLM
+from auto_quantize_model.stages.load_model import LoadModel
 
 VOCAB, HIDDEN = 32, 8
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from auto_quantize_model.errors import ConfigError
-from auto_quantize_model.formats import (
+from auto_quantize_model.core.formats import (
     CUSTOM_EXAMPLES,
     CustomFormat,
     all_formats,
@@ -26,6 +25,7 @@ from auto_quantize_model.formats import (
     parse_custom,
     resolve_format,
 )
+from auto_quantize_model.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------
 # Pure: grammar, lookup, validation
@@ -34,7 +34,7 @@ from auto_quantize_model.formats import (
 
 def test_registry_imports_without_torch() -> None:
     code = (
-        "import sys; import auto_quantize_model.formats as f; f.all_formats(); "
+        "import sys; import auto_quantize_model.core.formats as f; f.all_formats(); "
         "f.check_formats(['INT8_DEFAULT_CFG', 'wint4-b128_a16'], 'cpu'); "
         "assert 'torch' not in sys.modules and 'modelopt' not in sys.modules, sorted(sys.modules)"
     )

@@ -9,14 +9,8 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.artifacts import GroupScore
-from auto_quantize_model.health import (
-    NonFinite,
-    NonMonotone,
-    Tie,
-    render_health_markdown,
-    score_health,
-)
-from auto_quantize_model.manifest import RankedGroup
+from auto_quantize_model.core.health import NonFinite, NonMonotone, Tie, render_health_markdown, score_health
+from auto_quantize_model.io.manifest import RankedGroup
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-manifests"
 
@@ -132,7 +126,7 @@ def test_long_lists_are_cut() -> None:
 def _legacy(relative: str) -> list[RankedGroup]:
     if not SEEDS.is_dir():
         pytest.skip(f"previous tool's manifests not found at {SEEDS} (../shared absent)")
-    from auto_quantize_model.legacy import legacy_manifest_from_dict
+    from auto_quantize_model.io.legacy import legacy_manifest_from_dict
 
     path = SEEDS / relative
     return list(legacy_manifest_from_dict(json.loads(path.read_text()), path).groups)

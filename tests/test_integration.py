@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.artifacts import LanguageModel, SensitivityScores
-from auto_quantize_model.manifest import Manifest
-from auto_quantize_model.reports import read_manifest
+from auto_quantize_model.io.manifest import Manifest
+from auto_quantize_model.render.reports import read_manifest
 from conftest import six_stages
 
 PREFIX = "model.language_model"

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.fileio import manifest_from_dict, manifest_to_json
-from auto_quantize_model.legacy import legacy_manifest_from_dict, looks_like_legacy, parse_format
-from auto_quantize_model.reports import LAYER_JSON, LAYER_MD, read_manifest, regenerate_reports
+from auto_quantize_model.io.atomic import manifest_from_dict, manifest_to_json
+from auto_quantize_model.io.legacy import legacy_manifest_from_dict, looks_like_legacy, parse_format
+from auto_quantize_model.render.reports import LAYER_JSON, LAYER_MD, read_manifest, regenerate_reports
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-manifests"
 SEED_FOLDERS = ("wint8_aint8", "wfp8_afp8", "int8_lm_default_legacy")

@@ -13,13 +13,10 @@ import torch
 from pytest_mock import MockerFixture
 
 from auto_quantize_model.artifacts import LoadedModel
-from auto_quantize_model.data import DATA_DIR, builtin_captions_path, tiny_tokenizer_dir
-from auto_quantize_model.errors import AqmError, ConfigError, InputError
-from auto_quantize_model.load import (
+from auto_quantize_model.backend.models import (
     BUILTIN_SOURCES,
     QWEN3_VL_4B,
     TINY_QWEN3_VL,
-    LoadModel,
     auto_class_for,
     build_builtin,
     load_tokenizer,
@@ -29,8 +26,11 @@ from auto_quantize_model.load import (
     resolve_dtype,
     tiny_qwen3_vl_config,
 )
+from auto_quantize_model.data import DATA_DIR, builtin_captions_path, tiny_tokenizer_dir
+from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.specs import LoadSpec
+from auto_quantize_model.stages.load_model import LoadModel
 
 TINY_SEED = 0  # the seed conftest.tiny_checkpoint was built with
 QWEN_SPECIALS = (
@@ -249,7 +249,7 @@ def test_load_errors_table(tmp_path: Path) -> None:
 def test_device_map_without_accelerate_is_refused(tmp_path: Path, mocker: MockerFixture) -> None:
     _write_tiny_config(tmp_path)
     _copy_tokenizer(tmp_path)
-    mocker.patch("auto_quantize_model.load._has_accelerate", return_value=False)
+    mocker.patch("auto_quantize_model.backend.models._has_accelerate", return_value=False)
     with pytest.raises(ConfigError, match=r"^device_map='auto' needs the accelerate package"):
         LoadModel(LoadSpec(str(tmp_path), device_map="auto")).run(Artifacts())
 

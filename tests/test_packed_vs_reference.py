@@ -25,15 +25,15 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.artifacts import CalibData, LoadedModel, SensitivityScores
-from auto_quantize_model.bench import BuildReferenceCalib, weight_checksum
-from auto_quantize_model.calib import BuildCalibLoader
-from auto_quantize_model.extract import ExtractLM
-from auto_quantize_model.load import LoadModel
-from auto_quantize_model.manifest import Manifest
+from auto_quantize_model.bench.harness import BuildReferenceCalib, weight_checksum
+from auto_quantize_model.core.stats import kendall_tau_b, spearman, top_k_overlap
+from auto_quantize_model.io.manifest import Manifest
 from auto_quantize_model.pipeline import Pipeline, Stage
-from auto_quantize_model.ranking import BuildManifest
 from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, LoadSpec
-from auto_quantize_model.stats import kendall_tau_b, spearman, top_k_overlap
+from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
+from auto_quantize_model.stages.build_manifest import BuildManifest
+from auto_quantize_model.stages.extract_lm import ExtractLM
+from auto_quantize_model.stages.load_model import LoadModel
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ Run = tuple[CalibData, SensitivityScores, Manifest, str]
 
 def _run(checkpoint: Path, calib: Stage, state: Path) -> Run:
     """Load afresh (AutoQuant mutates the model), calibrate, score and rank; plus the weight checksum."""
-    from auto_quantize_model.autoquant import RunAutoQuant
+    from auto_quantize_model.stages.run_autoquant import RunAutoQuant
 
     load = Pipeline([LoadModel(LoadSpec(path=str(checkpoint), device="cpu", dtype="float32"))]).run()
     checksum = weight_checksum(load.get(LoadedModel).model)

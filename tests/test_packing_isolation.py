@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from transformers.models.qwen3_vl import Qwen3VLTextConfig, Qwen3VLTextModel
 
-from auto_quantize_model.calib import packed_batches, padded_batches
-from auto_quantize_model.lm_forward import next_token_loss, selected_logits
+from auto_quantize_model.backend.lm_forward import next_token_loss, selected_logits
+from auto_quantize_model.core.batching import packed_batches, padded_batches
 from conftest import TINY_HIDDEN, tiny_qwen3_vl_text
 
 pytestmark = pytest.mark.slow
@@ -151,7 +151,7 @@ def test_flash_attention_gets_packed_rows_as_one_row() -> None:
     """Flash attention splits packed captions only within a single row: rows are joined for it."""
     from types import SimpleNamespace
 
-    from auto_quantize_model.lm_forward import decoder_hidden
+    from auto_quantize_model.backend.lm_forward import decoder_hidden
 
     seen: list[tuple[int, ...]] = []
 

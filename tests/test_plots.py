@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.artifacts import ValidatedGroup, ValidationReport
-from auto_quantize_model.manifest import SCHEMA_VERSION, Manifest, ModelInfo, RankedGroup, SchemeInfo
-from auto_quantize_model.plots import (
+from auto_quantize_model.io.manifest import SCHEMA_VERSION, Manifest, ModelInfo, RankedGroup, SchemeInfo
+from auto_quantize_model.render.plots import (
     HEATMAP_STEM,
     SCATTER_STEM,
     TOP_STEM,
@@ -226,7 +226,7 @@ def test_render_plots_markdown(tmp_path: Path) -> None:
 def test_real_manifests(tmp_path: Path, relative: str, has_head: bool, scored: int) -> None:
     if not SEEDS.is_dir():
         pytest.skip(f"previous tool's manifests not found at {SEEDS} (../shared absent)")
-    from auto_quantize_model.legacy import legacy_manifest_from_dict
+    from auto_quantize_model.io.legacy import legacy_manifest_from_dict
 
     path = SEEDS / relative
     manifest = legacy_manifest_from_dict(json.loads(path.read_text()), path)

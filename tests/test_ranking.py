@@ -18,18 +18,18 @@ from auto_quantize_model.artifacts import (
     RunTimings,
     SensitivityScores,
 )
-from auto_quantize_model.errors import ConfigError
-from auto_quantize_model.manifest import SCHEMA_VERSION
-from auto_quantize_model.pipeline import Artifacts
-from auto_quantize_model.ranking import (
-    BuildManifest,
+from auto_quantize_model.core.ranking import (
     headline_index,
     importance,
     installed_versions,
     rank_groups,
     scheme_name,
 )
+from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.io.manifest import SCHEMA_VERSION
+from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import ManifestSpec
+from auto_quantize_model.stages.build_manifest import BuildManifest
 
 INT8 = "INT8_DEFAULT_CFG"
 FP8 = "FP8_DEFAULT_CFG"
@@ -240,7 +240,7 @@ def test_build_manifest_records_model_dataset_timings_and_versions() -> None:
 def test_installed_versions_and_report_modules_do_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import auto_quantize_model.ranking as r, auto_quantize_model.reports\n"
+        "import auto_quantize_model.core.ranking as r, auto_quantize_model.render.reports\n"
         "r.installed_versions()\n"
         "heavy = [m for m in ('torch', 'transformers', 'modelopt', 'matplotlib') if m in sys.modules]\n"
         "print(','.join(heavy))\n"

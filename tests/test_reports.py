@@ -21,8 +21,9 @@ from auto_quantize_model.artifacts import (
     ValidatedGroup,
     ValidationReport,
 )
+from auto_quantize_model.core.ranking import build_manifest
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
-from auto_quantize_model.fileio import (
+from auto_quantize_model.io.atomic import (
     atomic_copy,
     atomic_write_bytes,
     atomic_write_text,
@@ -30,13 +31,11 @@ from auto_quantize_model.fileio import (
     manifest_to_dict,
     manifest_to_json,
 )
-from auto_quantize_model.manifest import SCHEMA_VERSION, DatasetInfo, Manifest, ModelInfo, Timing
+from auto_quantize_model.io.manifest import SCHEMA_VERSION, DatasetInfo, Manifest, ModelInfo, Timing
 from auto_quantize_model.pipeline import Artifacts, Pipeline
-from auto_quantize_model.ranking import BuildManifest, build_manifest
-from auto_quantize_model.reports import (
+from auto_quantize_model.render.reports import (
     LAYER_JSON,
     LAYER_MD,
-    WriteReports,
     read_manifest,
     regenerate_reports,
     render_layer_json,
@@ -44,6 +43,8 @@ from auto_quantize_model.reports import (
     write_reports,
 )
 from auto_quantize_model.specs import ManifestSpec, ReportSpec
+from auto_quantize_model.stages.build_manifest import BuildManifest
+from auto_quantize_model.stages.write_reports import WriteReports
 
 INT8 = "INT8_DEFAULT_CFG"
 FP8 = "FP8_DEFAULT_CFG"
@@ -282,14 +283,14 @@ def test_failed_rename_leaves_old_file_and_no_temp(tmp_path: Path, mocker: Mocke
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path, mocker: MockerFixture) -> None:
-    mocker.patch("auto_quantize_model.fileio.os.fsync", side_effect=OSError("I/O error"))
+    mocker.patch("auto_quantize_model.io.atomic.os.fsync", side_effect=OSError("I/O error"))
     with pytest.raises(OSError, match="I/O error"):
         atomic_write_bytes(tmp_path / "b.bin", b"\x00" * 10)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_write_leaves_nothing(tmp_path: Path, mocker: MockerFixture) -> None:
-    mocker.patch("auto_quantize_model.fileio.os.fsync", side_effect=KeyboardInterrupt)
+    mocker.patch("auto_quantize_model.io.atomic.os.fsync", side_effect=KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         atomic_write_text(tmp_path / "c.txt", "x")
     assert list(tmp_path.iterdir()) == []
@@ -422,7 +423,7 @@ def test_save_state_without_a_state_file_is_a_config_error(tmp_path: Path) -> No
 
 
 def test_health_section_is_in_the_markdown(tmp_path: Path) -> None:
-    pytest.importorskip("auto_quantize_model.health")
+    pytest.importorskip("auto_quantize_model.core.health")
     write_reports(crafted_manifest(), tmp_path, plots=False)
     text = (tmp_path / LAYER_MD).read_text()
     assert "## Score health" in text
@@ -431,7 +432,7 @@ def test_health_section_is_in_the_markdown(tmp_path: Path) -> None:
 
 
 def test_plots_are_written_and_embedded(tmp_path: Path) -> None:
-    pytest.importorskip("auto_quantize_model.plots")
+    pytest.importorskip("auto_quantize_model.render.plots")
     paths = write_reports(crafted_manifest(), tmp_path, write_manifest=False, plots=True)
     pngs = sorted((tmp_path / "plots").glob("*.png"))
     assert pngs

@@ -45,14 +45,14 @@ if mode == "scoring":
 
     searcher.estimate_sensitivity_scores = estimate
 elif mode == "after-scoring":
-    from auto_quantize_model.ranking import BuildManifest
+    from auto_quantize_model.stages.build_manifest import BuildManifest
 
     def kill(self, inputs):
         os.kill(os.getpid(), signal.SIGKILL)
 
     BuildManifest.run = kill
 
-from auto_quantize_model.cli import main
+from auto_quantize_model.app.cli import main
 
 sys.exit(main(sys.argv[2:]))
 """

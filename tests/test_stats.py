@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from auto_quantize_model.stats import average_ranks, kendall_tau_b, spearman, top_k_overlap, top_k_shared
+from auto_quantize_model.core.stats import average_ranks, kendall_tau_b, spearman, top_k_overlap, top_k_shared
 
 
 def test_average_ranks_share_the_mean_rank_of_ties() -> None:

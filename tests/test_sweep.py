@@ -8,10 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from auto_quantize_model.config import PipelineSpec, spec_from_dict
-from auto_quantize_model.errors import ConfigError, InputError
-from auto_quantize_model.manifest import Manifest, ModelInfo
-from auto_quantize_model.sweep import (
+from auto_quantize_model.app.sweep import (
     INDEX_NAME,
     PointResult,
     SweepPoint,
@@ -21,6 +18,9 @@ from auto_quantize_model.sweep import (
     render_index,
     run_sweep,
 )
+from auto_quantize_model.errors import ConfigError, InputError
+from auto_quantize_model.io.manifest import Manifest, ModelInfo
+from auto_quantize_model.io.pipeline_file import PipelineSpec, spec_from_dict
 from conftest import ranked_manifest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,13 +20,8 @@ from auto_quantize_model.artifacts import (
     SensitivityScores,
     ValidationReport,
 )
-from auto_quantize_model.calib import captions_sha256
-from auto_quantize_model.errors import AqmError, InputError
-from auto_quantize_model.pipeline import Artifacts
-from auto_quantize_model.specs import ValidateSpec
-from auto_quantize_model.validate import (
+from auto_quantize_model.backend.measure import (
     Candidate,
-    ValidateSensitivity,
     captions_file,
     correlation_notes,
     holdout_batches,
@@ -40,6 +35,11 @@ from auto_quantize_model.validate import (
     strongest_format,
     tokenize_captions,
 )
+from auto_quantize_model.core.batching import captions_sha256
+from auto_quantize_model.errors import AqmError, InputError
+from auto_quantize_model.pipeline import Artifacts
+from auto_quantize_model.specs import ValidateSpec
+from auto_quantize_model.stages.validate_sensitivity import ValidateSensitivity
 from conftest import tiny_qwen3_vl
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ def test_tokenize_captions_truncates_and_drops_one_token_captions() -> None:
 def test_holdout_batches_one_caption_per_row_with_padding_out_of_the_loss() -> None:
     import torch
 
-    from auto_quantize_model.lm_forward import target_index
+    from auto_quantize_model.backend.lm_forward import target_index
 
     lists = [[5, 6, 7], [8, 9], [1, 2, 3, 4], [3, 3]]
     batches = holdout_batches(lists, pad_id=0, rows=3)
@@ -278,7 +278,7 @@ def word_tokenizer() -> Any:
 
 def scores_artifact(state: dict[str, Any]) -> SensitivityScores:
     """The plain scores artifact from ModelOpt's search state, as RunAutoQuant hands it on."""
-    from auto_quantize_model.autoquant import scores_from_state, textlm_name_map
+    from auto_quantize_model.backend.modelopt.autoquant import scores_from_state, textlm_name_map
 
     summary = scores_from_state(state, textlm_name_map("model.language_model", "lm_head"))
     return SensitivityScores(
@@ -319,7 +319,7 @@ def autoquant_and_validate(tmp_path: Path, formats: list[str], spec: ValidateSpe
     import torch
     from modelopt.torch.opt.utils import named_hparams
 
-    from auto_quantize_model.lm_forward import TextLM, next_token_loss, selected_logits
+    from auto_quantize_model.backend.lm_forward import TextLM, next_token_loss, selected_logits
 
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(caption_lines()) + "\n", encoding="utf-8")
@@ -436,7 +436,7 @@ def pristine_nll(run: Run, model: Any = None) -> float:
     """Mean held-out NLL of the model before AutoQuant (or of ``model``), computed independently."""
     import torch
 
-    from auto_quantize_model.lm_forward import selected_logits, target_index
+    from auto_quantize_model.backend.lm_forward import selected_logits, target_index
 
     tokenizer = run.inputs.get(LoadedModel).tokenizer
     texts, _, _, _ = load_holdout(
@@ -530,12 +530,12 @@ def test_pipeline_validates_after_autoquant(
     import torch
 
     pytest.importorskip("modelopt.torch.quantization")
-    from auto_quantize_model.autoquant import RunAutoQuant
-    from auto_quantize_model.calib import BuildCalibLoader
-    from auto_quantize_model.extract import ExtractLM
-    from auto_quantize_model.lm_forward import selected_logits
+    from auto_quantize_model.backend.lm_forward import selected_logits
     from auto_quantize_model.pipeline import Pipeline
     from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec
+    from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
+    from auto_quantize_model.stages.extract_lm import ExtractLM
+    from auto_quantize_model.stages.run_autoquant import RunAutoQuant
 
     calib_spec = CalibSpec(max_samples=24, seq_len=48, batch_size=4)
     before = Pipeline(

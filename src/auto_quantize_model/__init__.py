@@ -19,15 +19,10 @@ if TYPE_CHECKING:
         SensitivityScores,
         ValidationReport,
     )
-    from auto_quantize_model.autoquant import RunAutoQuant
-    from auto_quantize_model.calib import BuildCalibLoader
     from auto_quantize_model.errors import AqmError
-    from auto_quantize_model.extract import ExtractLM
-    from auto_quantize_model.load import LoadModel
-    from auto_quantize_model.manifest import Manifest
+    from auto_quantize_model.io.manifest import Manifest
     from auto_quantize_model.pipeline import Artifacts, Pipeline, Stage
-    from auto_quantize_model.ranking import BuildManifest
-    from auto_quantize_model.reports import WriteReports, read_manifest
+    from auto_quantize_model.render.reports import read_manifest
     from auto_quantize_model.specs import (
         AutoQuantSpec,
         CalibSpec,
@@ -37,20 +32,26 @@ if TYPE_CHECKING:
         ReportSpec,
         ValidateSpec,
     )
-    from auto_quantize_model.validate import ValidateSensitivity
+    from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
+    from auto_quantize_model.stages.build_manifest import BuildManifest
+    from auto_quantize_model.stages.extract_lm import ExtractLM
+    from auto_quantize_model.stages.load_model import LoadModel
+    from auto_quantize_model.stages.run_autoquant import RunAutoQuant
+    from auto_quantize_model.stages.validate_sensitivity import ValidateSensitivity
+    from auto_quantize_model.stages.write_reports import WriteReports
 
 _EXPORTS = {
     "Pipeline": "pipeline",
     "Artifacts": "pipeline",
     "Stage": "pipeline",
-    "LoadModel": "load",
-    "ExtractLM": "extract",
-    "BuildCalibLoader": "calib",
-    "RunAutoQuant": "autoquant",
-    "ValidateSensitivity": "validate",
-    "BuildManifest": "ranking",
-    "WriteReports": "reports",
-    "read_manifest": "reports",
+    "LoadModel": "stages.load_model",
+    "ExtractLM": "stages.extract_lm",
+    "BuildCalibLoader": "stages.build_calib_loader",
+    "RunAutoQuant": "stages.run_autoquant",
+    "ValidateSensitivity": "stages.validate_sensitivity",
+    "BuildManifest": "stages.build_manifest",
+    "WriteReports": "stages.write_reports",
+    "read_manifest": "render.reports",
     "LoadSpec": "specs",
     "ExtractSpec": "specs",
     "CalibSpec": "specs",
@@ -65,7 +66,7 @@ _EXPORTS = {
     "ValidationReport": "artifacts",
     "RunTimings": "artifacts",
     "ReportPaths": "artifacts",
-    "Manifest": "manifest",
+    "Manifest": "io.manifest",
     "AqmError": "errors",
 }
 

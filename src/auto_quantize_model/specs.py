@@ -2,7 +2,7 @@
 
 These classes hold parameters only. Stages hold a spec (``LoadModel(LoadSpec(...))``) so the
 Python API and the TOML files share one definition of every knob and its default.
-Strict structuring from TOML lives in :mod:`auto_quantize_model.config`.
+Strict structuring from TOML lives in :mod:`auto_quantize_model.io.pipeline_file`.
 """
 
 from __future__ import annotations

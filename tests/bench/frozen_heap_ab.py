@@ -17,14 +17,14 @@ import gc
 import statistics
 from collections.abc import Sequence
 
-import auto_quantize_model.autoquant as aq
+import auto_quantize_model.backend.modelopt.autoquant as aq
 from auto_quantize_model.artifacts import SensitivityScores
-from auto_quantize_model.autoquant import RunAutoQuant
-from auto_quantize_model.calib import BuildCalibLoader
-from auto_quantize_model.extract import ExtractLM
-from auto_quantize_model.load import LoadModel
 from auto_quantize_model.pipeline import Pipeline
 from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, LoadSpec
+from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
+from auto_quantize_model.stages.extract_lm import ExtractLM
+from auto_quantize_model.stages.load_model import LoadModel
+from auto_quantize_model.stages.run_autoquant import RunAutoQuant
 
 ScoreTable = list[tuple[float, ...]]
 

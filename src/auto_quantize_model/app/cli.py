@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 from auto_quantize_model.errors import AqmError, ConfigError, InputError, StageError
 
 if TYPE_CHECKING:
+    from auto_quantize_model.app.sweep import SweepPoint
     from auto_quantize_model.artifacts import ReportPaths
-    from auto_quantize_model.config import PipelineSpec
-    from auto_quantize_model.manifest import Manifest
+    from auto_quantize_model.io.manifest import Manifest
+    from auto_quantize_model.io.pipeline_file import PipelineSpec
     from auto_quantize_model.pipeline import Artifacts
-    from auto_quantize_model.sweep import SweepPoint
 
 PACKAGE_LOGGER = "auto_quantize_model"
 PIPELINE_FILE = "pipeline.toml"
@@ -160,7 +160,7 @@ def import_libraries() -> float:
     missing = [name for name in HEAVY_LIBRARIES if name not in sys.modules]
     if not missing:
         return 0.0
-    from auto_quantize_model.autoquant import import_off_stack
+    from auto_quantize_model.backend.modelopt.autoquant import import_off_stack
 
     started = time.perf_counter()
     imported: list[str] = []
@@ -179,8 +179,8 @@ def import_libraries() -> float:
 
 def _run_one(spec: PipelineSpec, folder: Path) -> Artifacts:
     """Run ``spec`` into ``folder``; running out of GPU memory becomes a one-line error."""
-    from auto_quantize_model.config import build_pipeline
-    from auto_quantize_model.runs import is_out_of_memory, out_of_memory_error
+    from auto_quantize_model.app.runs import is_out_of_memory, out_of_memory_error
+    from auto_quantize_model.io.pipeline_file import build_pipeline
 
     try:
         # ModelOpt prints progress on stdout; stdout is for results (the summary), so route it away
@@ -222,7 +222,7 @@ def for_folder(spec: PipelineSpec, folder: Path) -> PipelineSpec:
 
 
 def _manifest_of(store: Artifacts) -> Manifest | None:
-    from auto_quantize_model.manifest import Manifest
+    from auto_quantize_model.io.manifest import Manifest
 
     return store.find(Manifest)
 
@@ -261,8 +261,8 @@ def execute(
     A single run checks ``folder`` itself (fresh, resumable or refused: :mod:`runs`); a sweep's
     folder must have been checked with :func:`check_output_dir`.
     """
-    from auto_quantize_model.config import spec_to_toml
-    from auto_quantize_model.fileio import atomic_write_text
+    from auto_quantize_model.io.atomic import atomic_write_text
+    from auto_quantize_model.io.pipeline_file import spec_to_toml
 
     if len(points) == 1 and not points[0].settings:
         return _execute_single(
@@ -297,10 +297,7 @@ def _execute_single(
     wrote, the folder too if it made it; a later failure keeps the folder, marked
     ``failed: <reason>``, so that the same command resumes it.
     """
-    from auto_quantize_model.artifacts import RunTimings, SensitivityScores
-    from auto_quantize_model.config import spec_to_toml
-    from auto_quantize_model.fileio import atomic_write_text
-    from auto_quantize_model.runs import (
+    from auto_quantize_model.app.runs import (
         COMPLETE,
         FAILED,
         RUNNING,
@@ -310,6 +307,9 @@ def _execute_single(
         run_record,
         write_run,
     )
+    from auto_quantize_model.artifacts import RunTimings, SensitivityScores
+    from auto_quantize_model.io.atomic import atomic_write_text
+    from auto_quantize_model.io.pipeline_file import spec_to_toml
 
     run = open_run_folder(folder, spec, force)
     previous = read_run(folder) if run.resume else None
@@ -371,9 +371,9 @@ def _execute_sweep(
 ) -> int:
     import attrs
 
-    from auto_quantize_model.config import spec_to_toml
-    from auto_quantize_model.fileio import atomic_write_text
-    from auto_quantize_model.sweep import INDEX_NAME, run_sweep
+    from auto_quantize_model.app.sweep import INDEX_NAME, run_sweep
+    from auto_quantize_model.io.atomic import atomic_write_text
+    from auto_quantize_model.io.pipeline_file import spec_to_toml
 
     def run_point(point: SweepPoint, point_dir: Path) -> Manifest | None:
         spec = point.spec
@@ -413,7 +413,7 @@ def _output_for(args_output: str | None, spec: PipelineSpec, stem: str) -> Path:
 
 def check_captions(points: Sequence[SweepPoint]) -> None:
     """Read every captions file before any model loads: empty, blank, not UTF-8 or too short fail now."""
-    from auto_quantize_model.calib import read_captions
+    from auto_quantize_model.core.batching import read_captions
 
     seen: set[tuple[str, int]] = set()
     for point in points:
@@ -424,8 +424,8 @@ def check_captions(points: Sequence[SweepPoint]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from auto_quantize_model.config import load_pipeline
-    from auto_quantize_model.sweep import expand_sweep
+    from auto_quantize_model.app.sweep import expand_sweep
+    from auto_quantize_model.io.pipeline_file import load_pipeline
 
     spec = load_pipeline(args.file, args.set)
     points = expand_sweep(spec, source=args.file)
@@ -445,9 +445,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from auto_quantize_model.config import load_pipeline
-    from auto_quantize_model.runs import COMPLETE, read_run
-    from auto_quantize_model.sweep import expand_sweep
+    from auto_quantize_model.app.runs import COMPLETE, read_run
+    from auto_quantize_model.app.sweep import expand_sweep
+    from auto_quantize_model.io.pipeline_file import load_pipeline
 
     folder = Path(args.folder)
     record = read_run(folder)
@@ -473,8 +473,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from auto_quantize_model.config import load_pipeline, stage_names
-    from auto_quantize_model.sweep import expand_sweep
+    from auto_quantize_model.app.sweep import expand_sweep
+    from auto_quantize_model.io.pipeline_file import load_pipeline, stage_names
 
     spec = load_pipeline(args.file, args.set)
     points = expand_sweep(spec, source=args.file)
@@ -488,7 +488,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from auto_quantize_model.reports import regenerate_reports
+    from auto_quantize_model.render.reports import regenerate_reports
 
     paths = regenerate_reports(Path(args.manifest), Path(args.output) if args.output else None)
     print(f"aqm: {len(paths.files)} files in {paths.directory}:")
@@ -498,7 +498,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_formats(args: argparse.Namespace) -> int:
-    from auto_quantize_model.formats import CUSTOM_GRAMMAR, all_formats
+    from auto_quantize_model.core.formats import CUSTOM_GRAMMAR, all_formats
 
     rows = [("name", "bits", "weights", "activations", "runs on")]
     refused: list[str] = []
@@ -522,11 +522,11 @@ def cmd_formats(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from auto_quantize_model.diff import diff_paths
+    from auto_quantize_model.core.diff import diff_paths
 
     text = diff_paths(Path(args.a), Path(args.b))
     if args.output:
-        from auto_quantize_model.fileio import atomic_write_text
+        from auto_quantize_model.io.atomic import atomic_write_text
 
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -585,7 +585,7 @@ def legacy_raw_spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _legacy_aliases(folder: Path, files: list[Path]) -> list[Path]:
-    from auto_quantize_model.fileio import atomic_copy
+    from auto_quantize_model.io.atomic import atomic_copy
 
     written = []
     for ours, theirs in LEGACY_ALIASES:
@@ -613,7 +613,7 @@ def cmd_qwen3_lm_int8(args: argparse.Namespace) -> int:
     if args.report_only:
         if not args.output_dir:
             raise InputError("--report-only needs --output-dir (the folder holding the manifest)")
-        from auto_quantize_model.reports import read_manifest, regenerate_reports
+        from auto_quantize_model.render.reports import read_manifest, regenerate_reports
 
         folder = Path(args.output_dir)
         manifest_path = _find_manifest(folder)
@@ -630,8 +630,8 @@ def cmd_qwen3_lm_int8(args: argparse.Namespace) -> int:
     if not args.model_dir:
         raise InputError("--model-dir is required (a Qwen3-VL checkpoint folder), unless --report-only")
 
-    from auto_quantize_model.config import resolve_paths, spec_from_dict
-    from auto_quantize_model.sweep import expand_sweep
+    from auto_quantize_model.app.sweep import expand_sweep
+    from auto_quantize_model.io.pipeline_file import resolve_paths, spec_from_dict
 
     source = "aqm qwen3-lm-int8"
     folder = Path(args.output_dir) if args.output_dir else new_run_dir("qwen3-lm-int8")
@@ -763,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     if given[:1] == ["bench"]:
         # the benchmark owns its flags (``aqm bench --help`` lists them)
-        from auto_quantize_model import bench
+        from auto_quantize_model.bench import harness as bench
 
         return bench.main(given[1:])
     parser = build_parser()

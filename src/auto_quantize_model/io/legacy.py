@@ -4,13 +4,13 @@ Their layout: ``scheme`` (name, ``auto_quantize_bits``, method, score size, ``co
 ``quant_formats``), ``model.id``, optionally ``dataset``, ``autoquant_state`` (constraint, score,
 satisfied) and ``layer_sensitivity``: recipe group (``<module>.quant_recipe``) -> formats spelled
 ``NAME(effective-bits: B)``, scores, costs. Their ``rank``/``sensitivity_ranking`` run ascending;
-we ignore both and rank with :func:`~auto_quantize_model.ranking.rank_groups`, which reproduces
+we ignore both and rank with :func:`~auto_quantize_model.core.ranking.rank_groups`, which reproduces
 the descending order of their own ``per-layer-sensitivity.json`` exactly (ties, all the
 zero-score vision groups, stay in the order the manifest lists them).
 
 What we keep verbatim: group names (the older layout's keys lack the ``model.`` prefix; we do not
 guess one), format names, scores, costs, scheme name, ``quant_formats`` and ``coverage_mode``
-(as the scope). What they never recorded is None or ``""`` (see :mod:`auto_quantize_model.manifest`):
+(as the scope). What they never recorded is None or ``""`` (see :mod:`auto_quantize_model.io.manifest`):
 the format the search picked per group, the effective bits reached over the language model, step
 counts, token counts, the captions' hash, the model's architecture/dtype/device, and which modules
 share a group (each group lists just its own module).
@@ -23,9 +23,9 @@ import re
 from typing import Any
 
 from auto_quantize_model.artifacts import GroupScore
+from auto_quantize_model.core.ranking import rank_groups
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.manifest import SCHEMA_VERSION, DatasetInfo, Manifest, ModelInfo, SchemeInfo
-from auto_quantize_model.ranking import rank_groups
+from auto_quantize_model.io.manifest import SCHEMA_VERSION, DatasetInfo, Manifest, ModelInfo, SchemeInfo
 
 RECIPE_SUFFIX = ".quant_recipe"
 LEGACY_LAYOUT = "padded"

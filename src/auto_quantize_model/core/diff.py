@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from auto_quantize_model.core.health import is_none_format
+from auto_quantize_model.core.stats import kendall_tau_b, spearman, top_k_shared
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.health import is_none_format
-from auto_quantize_model.stats import kendall_tau_b, spearman, top_k_shared
 
 if TYPE_CHECKING:
-    from auto_quantize_model.manifest import Manifest, RankedGroup
+    from auto_quantize_model.io.manifest import Manifest, RankedGroup
 
 MANIFEST_GLOB = "*_quant_manifest.json"
 LISTED_ONLY = 20
@@ -233,7 +233,7 @@ def diff_paths(a: Path, b: Path, ks: Sequence[int] = (10, 25, 50), moved: int = 
 
     Runs are labelled by scheme name; when both share one, by file path instead.
     """
-    from auto_quantize_model.reports import read_manifest
+    from auto_quantize_model.render.reports import read_manifest
 
     path_a, path_b = resolve_manifest_path(a), resolve_manifest_path(b)
     manifest_a, manifest_b = read_manifest(path_a), read_manifest(path_b)

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from auto_quantize_model.errors import AqmError, InputError
-from auto_quantize_model.fileio import atomic_write_text
+from auto_quantize_model.io.atomic import atomic_write_text
 
 if TYPE_CHECKING:
-    from auto_quantize_model.config import PipelineSpec
+    from auto_quantize_model.io.pipeline_file import PipelineSpec
 
 RUN_FILE = "run.json"
 PIPELINE_FILE = "pipeline.toml"
@@ -83,7 +83,7 @@ def device_name(requested: str) -> str:
 
 
 def spec_dict(spec: PipelineSpec) -> dict[str, Any]:
-    from auto_quantize_model.config import spec_to_dict
+    from auto_quantize_model.io.pipeline_file import spec_to_dict
 
     return spec_to_dict(spec)
 
@@ -172,7 +172,7 @@ def open_run_folder(folder: Path, spec: PipelineSpec, force: bool) -> RunFolder:
     * a complete run, or another tool's output: refused unless ``--force`` (which starts over,
       dropping the old search state so nothing is mixed).
     """
-    from auto_quantize_model.cli import check_output_dir
+    from auto_quantize_model.app.cli import check_output_dir
 
     now = utc_now()
     if not folder.exists():
@@ -195,7 +195,7 @@ def open_run_folder(folder: Path, spec: PipelineSpec, force: bool) -> RunFolder:
     old_file = folder / PIPELINE_FILE
     if not old_file.is_file():
         raise InputError(f"output folder {folder} holds an interrupted run without its {PIPELINE_FILE}")
-    from auto_quantize_model.config import load_pipeline
+    from auto_quantize_model.io.pipeline_file import load_pipeline
 
     changed = changed_settings(load_pipeline(old_file), spec)
     if changed:

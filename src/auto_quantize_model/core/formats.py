@@ -719,7 +719,7 @@ def modelopt_config(name: str) -> dict[str, Any] | str:
     """
     info = resolve_format(name)
     if info.kind == "preset":
-        from auto_quantize_model.autoquant import import_off_stack
+        from auto_quantize_model.backend.modelopt.autoquant import import_off_stack
 
         mtq_config = import_off_stack("modelopt.torch.quantization.config")
 

@@ -10,7 +10,7 @@ Files (the previous tool's names, so existing scripts keep finding them):
 * ``plots/*.png|svg`` unless plots are off; ``<scheme>_autoquant_state.pt`` when asked for.
 
 Every table lists groups in manifest order, which is rank order, so ranks agree across the three
-files by construction. Every file is written atomically (:mod:`auto_quantize_model.fileio`).
+files by construction. Every file is written atomically (:mod:`auto_quantize_model.io.atomic`).
 
 Report-only regeneration (:func:`regenerate_reports`) rewrites the JSON/Markdown/plots from a
 manifest and never rewrites the manifest itself. For the previous tool's manifests it needs an
@@ -25,13 +25,12 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import attrs
-
-from auto_quantize_model.artifacts import ReportPaths, SensitivityScores
+from auto_quantize_model.artifacts import ReportPaths
+from auto_quantize_model.core.ranking import NONE_FORMAT, headline_index
 from auto_quantize_model.errors import ConfigError, InputError
-from auto_quantize_model.fileio import (
+from auto_quantize_model.io.atomic import (
     atomic_copy,
     atomic_write_text,
     dumps_json,
@@ -39,11 +38,8 @@ from auto_quantize_model.fileio import (
     manifest_to_json,
     read_json,
 )
-from auto_quantize_model.legacy import legacy_manifest_from_dict, looks_like_legacy
-from auto_quantize_model.manifest import Manifest, RankedGroup
-from auto_quantize_model.pipeline import Artifacts
-from auto_quantize_model.ranking import NONE_FORMAT, headline_index
-from auto_quantize_model.specs import ReportSpec
+from auto_quantize_model.io.legacy import legacy_manifest_from_dict, looks_like_legacy
+from auto_quantize_model.io.manifest import Manifest, RankedGroup
 
 log = logging.getLogger("auto_quantize_model")
 
@@ -322,15 +318,15 @@ def render_markdown(manifest: Manifest, *, health_section: str = "", plots_secti
 
 
 def health_markdown(groups: Sequence[RankedGroup]) -> str:
-    """HOOK: the score-health section (:mod:`auto_quantize_model.health`)."""
-    from auto_quantize_model.health import render_health_markdown, score_health
+    """HOOK: the score-health section (:mod:`auto_quantize_model.core.health`)."""
+    from auto_quantize_model.core.health import render_health_markdown, score_health
 
     return render_health_markdown(score_health(groups))
 
 
 def make_plots(manifest: Manifest, directory: Path) -> tuple[Path, ...]:
-    """HOOK: PNG + SVG plots into ``directory`` (:func:`auto_quantize_model.plots.write_plots`)."""
-    from auto_quantize_model.plots import write_plots
+    """HOOK: PNG + SVG plots into ``directory`` (:func:`auto_quantize_model.render.plots.write_plots`)."""
+    from auto_quantize_model.render.plots import write_plots
 
     return write_plots(manifest, directory)
 
@@ -339,7 +335,7 @@ def plots_markdown(paths: Sequence[Path], relative_to: Path) -> str:
     """HOOK: Markdown embedding the PNGs among ``paths`` (links relative to the report)."""
     if not paths:
         return ""
-    from auto_quantize_model.plots import render_plots_markdown
+    from auto_quantize_model.render.plots import render_plots_markdown
 
     return render_plots_markdown(paths, relative_to)
 
@@ -386,39 +382,6 @@ def write_reports(
     )
     written.append(atomic_write_text(directory / LAYER_MD, markdown))
     return ReportPaths(directory=str(directory), files=tuple(str(p) for p in written))
-
-
-@attrs.frozen
-class WriteReports:
-    """Write the manifest and reports; copies ModelOpt's state when ``spec.save_state``.
-
-    SensitivityScores is optional and read only for its ``state_path``: the path is machine- and
-    run-specific, so it stays out of the manifest (two identical runs must give identical
-    manifests).
-    """
-
-    requires: ClassVar[tuple[type, ...]] = (Manifest,)
-    optional: ClassVar[tuple[type, ...]] = (SensitivityScores,)
-    produces: ClassVar[type] = ReportPaths
-    spec: ReportSpec = attrs.field(factory=ReportSpec)
-
-    def run(self, inputs: Artifacts) -> ReportPaths:
-        if self.spec.output_dir is None:
-            raise ConfigError(
-                "WriteReports needs an output folder: set reports.output_dir (or pass --output)"
-            )
-        state_path: str | None = None
-        if self.spec.save_state:
-            scores = inputs.find(SensitivityScores)
-            state_path = None if scores is None else scores.state_path
-            if state_path is None:
-                raise ConfigError(
-                    "reports.save_state is true but RunAutoQuant saved no search state "
-                    "(set autoquant.checkpoint to a file path)"
-                )
-        return write_reports(
-            inputs.get(Manifest), self.spec.output_dir, plots=self.spec.plots, state_path=state_path
-        )
 
 
 def regenerate_reports(

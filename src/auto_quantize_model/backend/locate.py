@@ -14,18 +14,17 @@ out of quantization.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from auto_quantize_model.artifacts import LanguageModel, LoadedModel
+from auto_quantize_model.artifacts import LanguageModel
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.specs import ExtractSpec
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from auto_quantize_model.pipeline import Artifacts
 
 log = logging.getLogger(__name__)
 
@@ -195,26 +194,3 @@ def extract_language_model(model: nn.Module, tokenizer: Any, spec: ExtractSpec) 
         scope=spec.scope,
         pad_token_id=pad_token_id_of(tokenizer, getattr(model, "config", None)),
     )
-
-
-@attrs.frozen
-class ExtractLM:
-    """Pick out the text decoder and lm_head; the full model is kept for ``full_model`` scope."""
-
-    requires: ClassVar[tuple[type, ...]] = (LoadedModel,)
-    optional: ClassVar[tuple[type, ...]] = ()
-    produces: ClassVar[type] = LanguageModel
-    spec: ExtractSpec = attrs.field(factory=ExtractSpec)
-
-    def run(self, inputs: Artifacts) -> LanguageModel:
-        loaded = inputs.get(LoadedModel)
-        lm = extract_language_model(loaded.model, loaded.tokenizer, self.spec)
-        log.info(
-            "language model: %s (%s) + %s; kept out: %s; scope %s",
-            lm.prefix or "<root>",
-            type(lm.module).__name__,
-            lm.head_name,
-            ", ".join(lm.vision_modules) or "nothing",
-            lm.scope,
-        )
-        return lm

@@ -36,7 +36,7 @@ LISTED_NAMES = 8
 
 
 class ScoredGroup(Protocol):
-    """What the checks read; both :class:`~auto_quantize_model.manifest.RankedGroup` and
+    """What the checks read; both :class:`~auto_quantize_model.io.manifest.RankedGroup` and
     :class:`~auto_quantize_model.artifacts.GroupScore` fit, so health runs before ranking too."""
 
     @property

@@ -27,7 +27,7 @@ from typing import IO, Any
 import cattrs
 
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.manifest import SCHEMA_VERSION, Manifest
+from auto_quantize_model.io.manifest import SCHEMA_VERSION, Manifest
 
 NONFINITE_TO_STR: dict[float, str] = {math.inf: "Infinity", -math.inf: "-Infinity"}
 STR_TO_NONFINITE: dict[str, float] = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}

@@ -653,7 +653,7 @@ def preflight(spec: PipelineSpec, *, source: str | None = None) -> None:
         elif not (folder / "config.json").is_file():
             bad("model.path", f"{model_path} has no config.json: not a Hugging Face checkout", InputError)
     else:
-        from auto_quantize_model.load import BUILTIN_SOURCES
+        from auto_quantize_model.backend.models import BUILTIN_SOURCES
 
         if model_path not in BUILTIN_SOURCES:
             hint = _did_you_mean(model_path, BUILTIN_SOURCES)
@@ -690,7 +690,7 @@ def _check_text_file(key: str, value: str, bad: Callable[..., None]) -> None:
 
 def _format_problems(spec: PipelineSpec) -> list[tuple[str, str]]:
     """(key, message) for unknown/unrunnable formats and an unreachable bit budget, deduplicated."""
-    from auto_quantize_model import formats
+    from auto_quantize_model.core import formats
 
     names = spec.autoquant.formats
     bits = spec.autoquant.effective_bits
@@ -730,13 +730,13 @@ def build_pipeline(spec: PipelineSpec, output_dir: str | os.PathLike[str]) -> Pi
     Stage modules are imported here, not at the top, so reading and checking a pipeline file
     never pays for torch.
     """
-    from auto_quantize_model.autoquant import RunAutoQuant
-    from auto_quantize_model.calib import BuildCalibLoader
-    from auto_quantize_model.extract import ExtractLM
-    from auto_quantize_model.load import LoadModel
     from auto_quantize_model.pipeline import Pipeline
-    from auto_quantize_model.ranking import BuildManifest
-    from auto_quantize_model.reports import WriteReports
+    from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
+    from auto_quantize_model.stages.build_manifest import BuildManifest
+    from auto_quantize_model.stages.extract_lm import ExtractLM
+    from auto_quantize_model.stages.load_model import LoadModel
+    from auto_quantize_model.stages.run_autoquant import RunAutoQuant
+    from auto_quantize_model.stages.write_reports import WriteReports
 
     reports = attrs.evolve(spec.reports, output_dir=os.fspath(output_dir))
     stages: list[Any] = [
@@ -746,7 +746,7 @@ def build_pipeline(spec: PipelineSpec, output_dir: str | os.PathLike[str]) -> Pi
         RunAutoQuant(spec.autoquant),
     ]
     if spec.validate is not None:
-        from auto_quantize_model.validate import ValidateSensitivity
+        from auto_quantize_model.stages.validate_sensitivity import ValidateSensitivity
 
         stages.append(ValidateSensitivity(spec.validate))
     stages += [BuildManifest(spec.manifest), WriteReports(reports)]

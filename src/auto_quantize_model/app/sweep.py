@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from auto_quantize_model.config import (
+from auto_quantize_model.errors import AqmError, ConfigError
+from auto_quantize_model.io.pipeline_file import (
     PATH_KEYS,
     PipelineSpec,
     preflight,
@@ -27,10 +28,9 @@ from auto_quantize_model.config import (
     spec_to_dict,
     toml_value,
 )
-from auto_quantize_model.errors import AqmError, ConfigError
 
 if TYPE_CHECKING:
-    from auto_quantize_model.manifest import Manifest
+    from auto_quantize_model.io.manifest import Manifest
 
 log = logging.getLogger("auto_quantize_model")
 
@@ -162,7 +162,7 @@ def run_sweep(
     ``sweep-index.md`` is rewritten after each point, so an interrupted sweep still shows what
     finished. KeyboardInterrupt is not caught: Ctrl-C stops the whole sweep.
     """
-    from auto_quantize_model.fileio import atomic_write_text
+    from auto_quantize_model.io.atomic import atomic_write_text
 
     output_dir.mkdir(parents=True, exist_ok=True)
     results: list[PointResult] = []

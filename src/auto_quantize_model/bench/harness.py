@@ -9,7 +9,7 @@ previous one is freed first, and a weight checksum proves each reload gave the s
 Layouts compared:
 
 * ``padded``: the previous tool's batches (each caption padded to ``seq_len``), built by
-  :class:`~auto_quantize_model.calib.BuildCalibLoader`;
+  :class:`~auto_quantize_model.stages.build_calib_loader.BuildCalibLoader`;
 * ``packed``: the default layout, built the same way;
 * ``reference``: one caption per batch, no padding anywhere, so nothing but the caption itself
   reaches the model. It is the ground truth a packed run should reproduce.
@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 
 from auto_quantize_model.artifacts import CalibData, CalibStats, LoadedModel, RunTimings, SensitivityScores
-from auto_quantize_model.autoquant import leading_steps
-from auto_quantize_model.calib import (
+from auto_quantize_model.backend.modelopt.autoquant import leading_steps
+from auto_quantize_model.core.batching import (
     BUILTIN_CAPTIONS,
     captions_label,
     captions_sha256,
@@ -55,9 +55,9 @@ from auto_quantize_model.calib import (
     tokenize_captions,
     truncate,
 )
+from auto_quantize_model.core.stats import kendall_tau_b, spearman, top_k_overlap
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, Dtype, LoadSpec, ReportSpec
-from auto_quantize_model.stats import kendall_tau_b, spearman, top_k_overlap
 
 if TYPE_CHECKING:
     from torch import nn
@@ -269,7 +269,7 @@ def reference_calib_data(
 ) -> CalibData:
     """One caption per batch, each exactly as long as the caption: no padding and no neighbour.
 
-    Each batch is :func:`~auto_quantize_model.calib.packed_batches` of a single caption, so it
+    Each batch is :func:`~auto_quantize_model.core.batching.packed_batches` of a single caption, so it
     carries the same keys and label convention as a packed batch (positions ``0..n-1``, no
     ``attention_mask``, label -100 on the first token, which no position predicts anyway). The
     stats say ``packed``, the closest :data:`~auto_quantize_model.artifacts.Layout` (the layout type
@@ -652,7 +652,7 @@ def release_memory(device: str) -> int | None:
 
 def warm_cuda_extensions(formats: Sequence[str]) -> tuple[tuple[str, str, float], ...]:
     """Load (JIT-building on a fresh machine, ~1 min) ModelOpt's CUDA extensions the formats use."""
-    from auto_quantize_model.autoquant import cuda_extension_built, import_off_stack
+    from auto_quantize_model.backend.modelopt.autoquant import cuda_extension_built, import_off_stack
 
     extensions = import_off_stack("modelopt.torch.quantization.extensions")
 
@@ -761,7 +761,7 @@ def _calib_spec(
 
 
 def _calib_stage(spec: CalibSpec, layout: str) -> Stage:
-    from auto_quantize_model.calib import BuildCalibLoader
+    from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
 
     return BuildReferenceCalib(spec) if layout == "reference" else BuildCalibLoader(spec)
 
@@ -774,10 +774,10 @@ def _continue(stages: Sequence[Stage], store: Artifacts | None = None) -> Artifa
 
 def run_layout(s: BenchSettings, layout: str, calib: CalibSpec, score_size: int) -> LayoutRun:
     """Load afresh, build ``layout``'s batches, AutoQuant, rank; the model is freed on return."""
-    from auto_quantize_model.extract import ExtractLM
-    from auto_quantize_model.load import LoadModel
-    from auto_quantize_model.manifest import Manifest
-    from auto_quantize_model.ranking import BuildManifest
+    from auto_quantize_model.io.manifest import Manifest
+    from auto_quantize_model.stages.build_manifest import BuildManifest
+    from auto_quantize_model.stages.extract_lm import ExtractLM
+    from auto_quantize_model.stages.load_model import LoadModel
 
     log.info("bench: %s layout (%s captions, score size %d)", layout, calib.max_samples, score_size)
     store = _continue([LoadModel(_load_spec(s))])
@@ -821,7 +821,7 @@ def run_layout(s: BenchSettings, layout: str, calib: CalibSpec, score_size: int)
 
 
 def _autoquant_stage(s: BenchSettings, score_size: int, state_dir: str) -> Stage:
-    from auto_quantize_model.autoquant import RunAutoQuant
+    from auto_quantize_model.stages.run_autoquant import RunAutoQuant
 
     return RunAutoQuant(_autoquant_spec(s, score_size, state_dir))
 
@@ -829,12 +829,13 @@ def _autoquant_stage(s: BenchSettings, score_size: int, state_dir: str) -> Stage
 def run_pipeline(s: BenchSettings) -> PipelineRun:
     """All six stages in one Pipeline (packed layout), reports into a temporary folder."""
     from auto_quantize_model.artifacts import ReportPaths
-    from auto_quantize_model.calib import BuildCalibLoader
-    from auto_quantize_model.extract import ExtractLM
-    from auto_quantize_model.load import LoadModel, resolve_device
+    from auto_quantize_model.backend.models import resolve_device
     from auto_quantize_model.pipeline import Pipeline
-    from auto_quantize_model.ranking import BuildManifest
-    from auto_quantize_model.reports import WriteReports
+    from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
+    from auto_quantize_model.stages.build_manifest import BuildManifest
+    from auto_quantize_model.stages.extract_lm import ExtractLM
+    from auto_quantize_model.stages.load_model import LoadModel
+    from auto_quantize_model.stages.write_reports import WriteReports
 
     device = resolve_device(s.device)
     log.info("bench: whole pipeline (six stages, packed layout)")
@@ -870,8 +871,8 @@ def warm_up(s: BenchSettings) -> tuple[Warmup, LoadedModel, str]:
 
     Returns the (now mutated) loaded model for its tokenizer, and its pristine weight checksum.
     """
-    from auto_quantize_model.extract import ExtractLM
-    from auto_quantize_model.load import LoadModel
+    from auto_quantize_model.stages.extract_lm import ExtractLM
+    from auto_quantize_model.stages.load_model import LoadModel
 
     store = _continue([LoadModel(_load_spec(s))])
     loaded = store.get(LoadedModel)
@@ -1076,7 +1077,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def _ensure_logging() -> None:
-    from auto_quantize_model.cli import configure_logging
+    from auto_quantize_model.app.cli import configure_logging
 
     configure_logging()
 
@@ -1091,7 +1092,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = run_bench(settings)
         text = render_report(report)
         if args.json is not None:
-            from auto_quantize_model.fileio import atomic_write_text, dumps_json
+            from auto_quantize_model.io.atomic import atomic_write_text, dumps_json
 
             atomic_write_text(args.json, dumps_json(report_to_dict(report)))
     except AqmError as err:

@@ -39,18 +39,15 @@ import os
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-import attrs
-
-from auto_quantize_model.artifacts import CalibData, CalibStats, LoadedModel
+from auto_quantize_model.artifacts import CalibData, CalibStats
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.specs import CalibSpec
 
 if TYPE_CHECKING:
     import torch
 
-    from auto_quantize_model.pipeline import Artifacts
 
 log = logging.getLogger("auto_quantize_model")
 
@@ -327,41 +324,3 @@ def make_calib_data(
 
 
 # --------------------------------------------------------------------------- stage
-
-
-@attrs.frozen
-class BuildCalibLoader:
-    """Captions file -> :class:`CalibData`; only the loaded model's tokenizer is used."""
-
-    requires: ClassVar[tuple[type, ...]] = (LoadedModel,)
-    optional: ClassVar[tuple[type, ...]] = ()
-    produces: ClassVar[type] = CalibData
-    spec: CalibSpec = attrs.field(factory=CalibSpec)
-
-    def run(self, inputs: Artifacts) -> CalibData:
-        spec = self.spec
-        check_calib_spec(spec)
-        tokenizer = inputs.get(LoadedModel).tokenizer
-        captions = read_captions(spec.captions, spec.max_samples)
-        token_lists = tokenize_captions(tokenizer, captions)
-        data = make_calib_data(
-            token_lists,
-            spec,
-            pad_id=pad_token_id(tokenizer),
-            captions_path=captions_label(spec.captions),
-            captions_sha256=captions_sha256(captions),
-        )
-        stats = data.stats
-        log.info(
-            "calibration: %d captions, %d real tokens in %d (%.1f%% padding), %d %s batches%s",
-            stats.samples,
-            stats.real_tokens,
-            stats.total_tokens,
-            100.0 * stats.padding_fraction,
-            stats.batches,
-            stats.layout,
-            f", {stats.truncated_samples} captions cut to {stats.seq_len} tokens"
-            if stats.truncated_samples
-            else "",
-        )
-        return data

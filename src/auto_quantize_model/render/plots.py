@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from auto_quantize_model.fileio import atomic_write_bytes
+from auto_quantize_model.io.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import ValidationReport
-    from auto_quantize_model.manifest import Manifest, RankedGroup
+    from auto_quantize_model.io.manifest import Manifest, RankedGroup
 
 HEATMAP_KINDS = ("q/k/v", "o", "gate/up", "down", "lm_head")
 """Heatmap rows: the recipe groups of a Qwen-style decoder layer, then the output head."""

@@ -19,7 +19,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-    from auto_quantize_model.pipeline import Artifacts
 
 log = logging.getLogger(__name__)
 
@@ -397,21 +396,3 @@ def load(spec: LoadSpec) -> LoadedModel:
         loaded.tokenizer.padding_side = spec.padding_side
         return loaded
     return load_pretrained(spec)
-
-
-@attrs.frozen
-class LoadModel:
-    """Load a model and its tokenizer (GPU stage: weights go to ``spec.device``)."""
-
-    requires: ClassVar[tuple[type, ...]] = ()
-    optional: ClassVar[tuple[type, ...]] = ()
-    produces: ClassVar[type] = LoadedModel
-    spec: LoadSpec
-    """Required: there is no sensible default model (``LoadSpec("builtin:tiny-qwen3-vl")`` for a try)."""
-
-    def run(self, inputs: Artifacts) -> LoadedModel:
-        loaded = load(self.spec)
-        log.info(
-            "loaded %s (%s) as %s on %s", self.spec.path, loaded.architecture, loaded.dtype, loaded.device
-        )
-        return loaded

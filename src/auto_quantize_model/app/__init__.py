@@ -1,0 +1,1 @@
+"""The shell around the pipeline: command line, run folders, sweeps."""

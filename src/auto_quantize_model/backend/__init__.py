@@ -1,0 +1,1 @@
+"""Everything that touches torch, transformers or ModelOpt (imported lazily by callers)."""

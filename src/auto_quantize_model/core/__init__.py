@@ -1,0 +1,1 @@
+"""Pure logic (no torch): formats, ranking, statistics, health, diff, batching rules."""

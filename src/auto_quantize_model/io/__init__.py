@@ -1,0 +1,1 @@
+"""Files in and out: pipeline files, manifests, atomic writes."""

@@ -1,0 +1,1 @@
+"""Markdown, JSON and plots made from plain records."""

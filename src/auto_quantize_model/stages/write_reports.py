@@ -1,0 +1,47 @@
+"""The ``WriteReports`` stage."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+
+from auto_quantize_model.artifacts import ReportPaths, SensitivityScores
+from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.io.manifest import Manifest
+from auto_quantize_model.pipeline import Artifacts
+from auto_quantize_model.render.reports import write_reports
+from auto_quantize_model.specs import ReportSpec
+
+
+@attrs.frozen
+class WriteReports:
+    """Write the manifest and reports; copies ModelOpt's state when ``spec.save_state``.
+
+    SensitivityScores is optional and read only for its ``state_path``: the path is machine- and
+    run-specific, so it stays out of the manifest (two identical runs must give identical
+    manifests).
+    """
+
+    requires: ClassVar[tuple[type, ...]] = (Manifest,)
+    optional: ClassVar[tuple[type, ...]] = (SensitivityScores,)
+    produces: ClassVar[type] = ReportPaths
+    spec: ReportSpec = attrs.field(factory=ReportSpec)
+
+    def run(self, inputs: Artifacts) -> ReportPaths:
+        if self.spec.output_dir is None:
+            raise ConfigError(
+                "WriteReports needs an output folder: set reports.output_dir (or pass --output)"
+            )
+        state_path: str | None = None
+        if self.spec.save_state:
+            scores = inputs.find(SensitivityScores)
+            state_path = None if scores is None else scores.state_path
+            if state_path is None:
+                raise ConfigError(
+                    "reports.save_state is true but RunAutoQuant saved no search state "
+                    "(set autoquant.checkpoint to a file path)"
+                )
+        return write_reports(
+            inputs.get(Manifest), self.spec.output_dir, plots=self.spec.plots, state_path=state_path
+        )
