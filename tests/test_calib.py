@@ -373,5 +373,8 @@ def test_stage_checks_numbers_before_reading_the_file(tmp_path: Path) -> None:
 
 
 def test_importing_the_stage_module_does_not_import_torch() -> None:
-    code = "import sys, auto_quantize_model.stages.build_calib_loader; assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, auto_quantize_model.stages.build_calib_loader; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

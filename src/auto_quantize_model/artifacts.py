@@ -138,6 +138,25 @@ class SensitivityScores:
     """Forward steps ModelOpt ran to calibrate in this process (0 when all was restored)."""
     score_forward_steps: int | None = None
     """Forward steps ModelOpt ran to score in this process (0 when the scores were restored)."""
+    warnings: tuple[str, ...] = ()
+    """Settings that could not be honoured as written (e.g. ``score_size`` beyond the data), one
+    sentence each: recorded in the manifest so a reader sees them, never a silent clamp."""
+
+
+@attrs.frozen(eq=False)
+class QuantSearch:
+    """The model as RunAutoQuant left it, handed on so that later stages can reuse its search.
+
+    Every recipe group of ``model`` carries ModelOpt's ``QuantRecipeHparam`` with each candidate
+    format's quantizers calibrated; ValidateSensitivity switches groups between them. Being an
+    artifact (not an implicit property of the mutated model) lets the wiring check refuse a
+    pipeline that would need it but only has scores read from disk.
+    """
+
+    model: torch.nn.Module
+    """The full model (module names as in :attr:`GroupScore.module_names`), quantizers inside."""
+    formats: tuple[str, ...]
+    method: Method
 
 
 @attrs.frozen

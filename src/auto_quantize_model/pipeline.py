@@ -27,11 +27,14 @@ class Stage(Protocol):
     """A step of a pipeline: frozen parameters in, one artifact out.
 
     ``requires`` must all be present before ``run``; ``optional`` are used when present.
+    ``produces`` is one type, or a tuple of types when a stage hands on several artifacts (then
+    ``run`` returns a tuple in that order): every channel between stages is then visible to the
+    wiring check, including the in-memory model state RunAutoQuant leaves for validation.
     """
 
     requires: ClassVar[tuple[type, ...]]
     optional: ClassVar[tuple[type, ...]]
-    produces: ClassVar[type]
+    produces: ClassVar[type | tuple[type, ...]]
 
     def run(self, inputs: Artifacts) -> Any: ...
 
@@ -88,6 +91,27 @@ def stage_name(stage: object) -> str:
     return type(stage).__name__
 
 
+def produced_types(stage: Stage) -> tuple[type, ...]:
+    """``stage.produces`` as a tuple, whether the stage declares one artifact type or several."""
+    produces = stage.produces
+    return produces if isinstance(produces, tuple) else (produces,)
+
+
+def _as_tuple(produced: Any, stage: Stage) -> tuple[Any, ...]:
+    kinds = produced_types(stage)
+    items = produced if isinstance(stage.produces, tuple) else (produced,)
+    if not isinstance(items, tuple) or len(items) != len(kinds):
+        raise TypeError(f"produced {type(produced).__name__}, declared {_names(kinds)}")
+    for item, kind in zip(items, kinds, strict=True):
+        if not isinstance(item, kind):
+            raise TypeError(f"produced {type(item).__name__}, declared {kind.__name__}")
+    return items
+
+
+def _names(kinds: Sequence[type]) -> str:
+    return ", ".join(k.__name__ for k in kinds)
+
+
 def check_wiring(stages: Sequence[Stage], supplied: Iterable[type]) -> None:
     """Fail before any work if a stage needs something nothing earlier provides."""
     available: list[type] = [RunTimings, *supplied]
@@ -105,7 +129,7 @@ def check_wiring(stages: Sequence[Stage], supplied: Iterable[type]) -> None:
                     f"stage {stage_name(stage)} needs a {need.__name__} artifact, but no earlier stage "
                     f"produces one (earlier stages: {producers}) and none was supplied"
                 )
-        available.append(stage.produces)
+        available.extend(produced_types(stage))
 
 
 @attrs.frozen
@@ -141,11 +165,12 @@ class Pipeline:
             except Exception as err:
                 raise StageError(name, err) from err
             seconds = time.perf_counter() - started
-            if not isinstance(produced, stage.produces):
-                raise StageError(
-                    name,
-                    TypeError(f"produced {type(produced).__name__}, declared {stage.produces.__name__}"),
-                )
-            store = store.with_(produced).with_(store.get(RunTimings).add(name, seconds))
+            try:
+                items = _as_tuple(produced, stage)
+            except TypeError as err:
+                raise StageError(name, err) from err
+            for item in items:
+                store = store.with_(item)
+            store = store.with_(store.get(RunTimings).add(name, seconds))
             log.info("[%d/%d] %s done in %.2f s", index, total, name, seconds)
         return store
