@@ -30,7 +30,7 @@ from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import AutoQuantSpec
 from auto_quantize_model.stages.run_autoquant import RunAutoQuant
-from conftest import tiny_qwen3_vl
+from builders import tiny_qwen3_vl
 
 if TYPE_CHECKING:
     from torch import nn
