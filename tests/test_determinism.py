@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.app import cli
-from conftest import comparable_manifest, tiny_pipeline_toml
+from builders import comparable_manifest, tiny_pipeline_toml
 
 
 @pytest.mark.slow
