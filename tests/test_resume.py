@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import comparable_manifest, tiny_pipeline_toml
+from builders import comparable_manifest, tiny_pipeline_toml
 
 pytestmark = pytest.mark.slow
 
