@@ -19,7 +19,7 @@ from transformers.models.qwen3_vl import Qwen3VLTextConfig, Qwen3VLTextModel
 
 from auto_quantize_model.backend.lm_forward import next_token_loss, selected_logits
 from auto_quantize_model.core.batching import packed_batches, padded_batches
-from conftest import TINY_HIDDEN, tiny_qwen3_vl_text
+from builders import TINY_HIDDEN, tiny_qwen3_vl_text
 
 pytestmark = pytest.mark.slow
 
