@@ -19,7 +19,7 @@ from auto_quantize_model.app import cli
 from auto_quantize_model.errors import InputError, StageError
 from auto_quantize_model.io.manifest import Manifest, ModelInfo
 from auto_quantize_model.io.pipeline_file import PipelineSpec, load_pipeline, spec_from_dict
-from conftest import ranked_manifest
+from builders import INT8, descending, manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny-qwen3-vl.toml"
@@ -407,8 +407,10 @@ def test_legacy_driver_errors_name_the_flag(tmp_path: Path, capsys: pytest.Captu
 
 
 def our_manifest() -> Manifest:
-    return ranked_manifest(
-        [f"model.language_model.layers.{i}.mlp.down_proj" for i in range(3)],
+    return manifest(
+        descending([f"model.language_model.layers.{i}.mlp.down_proj" for i in range(3)]),
+        fmt=INT8,
+        score_samples=4,
         scheme=cli.LEGACY_SCHEME,
         target=8.0,
         bits=8.0,
