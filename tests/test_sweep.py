@@ -21,7 +21,7 @@ from auto_quantize_model.app.sweep import (
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.manifest import Manifest, ModelInfo
 from auto_quantize_model.io.pipeline_file import PipelineSpec, spec_from_dict
-from conftest import ranked_manifest
+from builders import INT8, descending, manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,9 @@ def make_spec(sweep: dict[str, list[object]] | None = None, **tables: object) ->
 
 def fake_manifest(names: list[str], bits: float) -> Manifest:
     model = ModelInfo(source="builtin:tiny-qwen3-vl", architecture="X", dtype="float32", device="cpu")
-    return ranked_manifest(names, scheme="s", target=12.0, bits=bits, total_score=1.0, model=model)
+    return manifest(
+        descending(names), fmt=INT8, score_samples=4, scheme="s", target=12.0, bits=bits, model=model
+    )
 
 
 def test_no_sweep_is_one_point_holding_the_spec() -> None:
