@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import attrs
 
@@ -32,9 +32,14 @@ class Stage(Protocol):
     wiring check, including the in-memory model state RunAutoQuant leaves for validation.
     """
 
-    requires: ClassVar[tuple[type, ...]]
-    optional: ClassVar[tuple[type, ...]]
-    produces: ClassVar[type | tuple[type, ...]]
+    @property
+    def requires(self) -> tuple[type, ...]: ...
+
+    @property
+    def optional(self) -> tuple[type, ...]: ...
+
+    @property
+    def produces(self) -> type | tuple[type, ...]: ...
 
     def run(self, inputs: Artifacts) -> Any: ...
 

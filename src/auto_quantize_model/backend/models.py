@@ -15,7 +15,6 @@ torch and transformers are imported inside functions so that ``aqm --help`` stay
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from auto_quantize_model.artifacts import LoadedModel
+from auto_quantize_model.backend.model_types import check_model_type, read_config_json
 from auto_quantize_model.data import tiny_tokenizer_dir
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.specs import Dtype, LoadSpec
@@ -296,15 +296,32 @@ def read_checkpoint_config(directory: Path) -> PretrainedConfig:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise InputError(f"{directory} is not a Hugging Face checkout: it has no config.json")
-    try:
-        json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{config_file} is not valid JSON: {err}") from err
+    raw = read_config_json(config_file)
+    check_model_type(raw["model_type"], config_file)
     try:
         config: PretrainedConfig = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        # transformers raises whatever its config class trips over on odd values
         raise InputError(f"{config_file}: transformers cannot read it: {_first_line(err)}") from err
     return config
+
+
+def unreadable_weights(directory: Path) -> str | None:
+    """The first weight file in ``directory`` whose header cannot be read, with the reason.
+
+    ``from_pretrained`` reports a truncated or garbage shard as a bare deserialisation error
+    that names no file; opening each shard's header finds the culprit cheaply (no tensor data
+    is read).
+    """
+    from safetensors import safe_open
+
+    for shard in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(shard), framework="pt") as opened:
+                opened.keys()
+        except Exception as err:  # safetensors raises its own SafetensorError and OSErrors
+            return f"{shard}: {_first_line(err)}"
+    return None
 
 
 def auto_class_for(config: PretrainedConfig, source: str) -> Any:
@@ -370,8 +387,18 @@ def load_pretrained(spec: LoadSpec) -> LoadedModel:
         kwargs["attn_implementation"] = spec.attn_implementation
     try:
         model = auto_class.from_pretrained(str(directory), **kwargs)
-    except OSError as err:
-        raise InputError(f"cannot load weights from {directory}: {_first_line(err)}") from err
+    except Exception as err:
+        culprit = unreadable_weights(directory)
+        if culprit is not None:
+            raise InputError(
+                f"cannot load weights: {culprit} (truncated or not a safetensors file; copy it again)"
+            ) from err
+        # a checkpoint transformers cannot build (odd config values, missing shards) fails with
+        # any exception type; the folder and the first line say more than a traceback would
+        raise InputError(
+            f"cannot load weights from {directory} (model_type {getattr(config, 'model_type', '?')!r}): "
+            f"{type(err).__name__}: {_first_line(err)}"
+        ) from err
     if move_to is not None:
         model.to(move_to)
     model.eval()
