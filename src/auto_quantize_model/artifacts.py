@@ -95,6 +95,10 @@ class CalibData:
     batches: tuple[dict[str, torch.Tensor], ...]
     captions_per_batch: tuple[int, ...]
     stats: CalibStats
+    captions: tuple[str, ...] = ()
+    """The caption texts calibrated on, in order (``stats.samples`` of them): validation leaves
+    them out of its held-out text. Empty when whoever built the batches did not record them;
+    validation then refuses to run rather than risk measuring on calibration text."""
 
 
 @attrs.frozen
