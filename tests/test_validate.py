@@ -14,7 +14,6 @@ import pytest
 from auto_quantize_model.artifacts import (
     CalibData,
     CalibStats,
-    GroupScore,
     LanguageModel,
     LoadedModel,
     SensitivityScores,
@@ -40,28 +39,15 @@ from auto_quantize_model.errors import AqmError, InputError
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import ValidateSpec
 from auto_quantize_model.stages.validate_sensitivity import ValidateSensitivity
-from conftest import tiny_qwen3_vl
+from builders import NONE, fp8, group, int8, tiny_qwen3_vl
+from fakes import FakeTokenizer
 
 if TYPE_CHECKING:
     import torch
 
 
-def group(
-    name: str, scores: tuple[float, ...], formats: tuple[str, ...] = ("INT8_DEFAULT_CFG", "NONE")
-) -> GroupScore:
-    return GroupScore(
-        name=name,
-        module_names=(f"{name}.proj",),
-        formats=formats,
-        bits=tuple(16.0 if f == "NONE" else 8.0 for f in formats),
-        scores=scores,
-        costs=tuple(1.0 for _ in formats),
-        best_format=formats[0],
-    )
-
-
 def ranked(n: int) -> tuple[Candidate, ...]:
-    candidates, _ = rank_candidates([group(f"g{i:02d}", (float(i), 0.0)) for i in range(n)])
+    candidates, _ = rank_candidates([group(f"g{i:02d}", int8(float(i)), NONE) for i in range(n)])
     return candidates
 
 
@@ -76,24 +62,24 @@ def test_recipe_name_drops_the_effective_bits_suffix() -> None:
 
 
 def test_strongest_format_is_the_max_score_over_quantized_formats() -> None:
-    g = group("a", (0.5, 2.0, 0.0), ("FP8_DEFAULT_CFG", "INT8_DEFAULT_CFG", "NONE"))
+    g = group("a", fp8(0.5), int8(2.0), NONE)
     assert strongest_format(g) == ("INT8_DEFAULT_CFG", 2.0)
-    assert strongest_format(group("b", (0.0,), ("NONE",))) is None
-    nan_first = group("c", (math.nan, 1.0, 0.0), ("FP8_DEFAULT_CFG", "INT8_DEFAULT_CFG", "NONE"))
+    assert strongest_format(group("b", NONE)) is None
+    nan_first = group("c", fp8(math.nan), int8(1.0), NONE)
     assert strongest_format(nan_first) == ("INT8_DEFAULT_CFG", 1.0)
-    fmt, score = strongest_format(group("d", (math.nan, 0.0))) or ("", 0.0)
+    fmt, score = strongest_format(group("d", int8(math.nan), NONE)) or ("", 0.0)
     assert fmt == "INT8_DEFAULT_CFG"
     assert math.isnan(score)
 
 
 def test_rank_candidates_orders_descending_and_leaves_out_unmeasurable_groups() -> None:
     groups = [
-        group("low", (1.0, 0.0)),
-        group("high", (9.0, 0.0)),
-        group("tie_b", (5.0, 0.0)),
-        group("tie_a", (5.0, 0.0)),
-        group("off", (0.0,), ("NONE",)),
-        group("broken", (math.nan, 0.0)),
+        group("low", int8(1.0), NONE),
+        group("high", int8(9.0), NONE),
+        group("tie_b", int8(5.0), NONE),
+        group("tie_a", int8(5.0), NONE),
+        group("off", NONE),
+        group("broken", int8(math.nan), NONE),
     ]
     candidates, notes = rank_candidates(groups)
     assert [c.name for c in candidates] == ["high", "tie_a", "tie_b", "low"]
@@ -212,21 +198,8 @@ def test_rank_overlap_compares_predicted_and_measured_top_k() -> None:
     assert rank_overlap(candidates, [1.0, 2.0, 3.0, 4.0], 2) == 0.0
 
 
-class WordTokenizer:
-    """Stands in for a Hugging Face tokenizer: one id per whitespace word."""
-
-    def __init__(self) -> None:
-        self.vocab: dict[str, int] = {}
-
-    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
-        assert add_special_tokens is False
-        return {
-            "input_ids": [[self.vocab.setdefault(w, len(self.vocab) + 1) for w in t.split()] for t in texts]
-        }
-
-
 def test_tokenize_captions_truncates_and_drops_one_token_captions() -> None:
-    ids = tokenize_captions(WordTokenizer(), ["a b c d", "x", "e f"], max_len=3)
+    ids = tokenize_captions(FakeTokenizer(first_id=1, forbid_special_tokens=True), ["a b c d", "x", "e f"], max_len=3)
     assert ids == [[1, 2, 3], [6, 7]]
 
 
