@@ -199,7 +199,8 @@ def test_rank_overlap_compares_predicted_and_measured_top_k() -> None:
 
 
 def test_tokenize_captions_truncates_and_drops_one_token_captions() -> None:
-    ids = tokenize_captions(FakeTokenizer(first_id=1, forbid_special_tokens=True), ["a b c d", "x", "e f"], max_len=3)
+    tokenizer = FakeTokenizer(first_id=1, forbid_special_tokens=True)
+    ids = tokenize_captions(tokenizer, ["a b c d", "x", "e f"], max_len=3)
     assert ids == [[1, 2, 3], [6, 7]]
 
 
