@@ -349,4 +349,3 @@ def test_stage_checks_numbers_before_reading_the_file(tmp_path: Path) -> None:
     stage = BuildCalibLoader(CalibSpec(captions=str(tmp_path / "missing.txt"), seq_len=0))
     with pytest.raises(ConfigError, match=r"calib\.seq_len"):
         stage.run(Artifacts.of([loaded_with(FakeTokenizer())]))
-
