@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import subprocess
-import sys
 from typing import Any, cast
 
 import pytest
@@ -30,45 +28,11 @@ from auto_quantize_model.io.manifest import SCHEMA_VERSION
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import ManifestSpec
 from auto_quantize_model.stages.build_manifest import BuildManifest
+from builders import NONE, fp8, group, int8
+from builders import scores as scores_of
 
 INT8 = "INT8_DEFAULT_CFG"
 FP8 = "FP8_DEFAULT_CFG"
-
-
-def group(name: str, *scores: float, formats: tuple[str, ...] | None = None, best: str = INT8) -> GroupScore:
-    """A group scored with the given quantized formats plus NONE (score 0, 16 bits)."""
-    names = formats if formats is not None else (INT8, FP8)[: len(scores)]
-    return GroupScore(
-        name=name,
-        module_names=(name,),
-        formats=(*names, "NONE"),
-        bits=(*(8.0 for _ in names), 16.0),
-        scores=(*scores, 0.0),
-        costs=(*(100.0 for _ in names), 200.0),
-        best_format=best,
-    )
-
-
-def none_only(name: str) -> GroupScore:
-    return GroupScore(name, (name,), ("NONE",), (16.0,), (0.0,), (200.0,), "NONE")
-
-
-def scores_of(*groups: GroupScore, formats: tuple[str, ...] = (INT8,)) -> SensitivityScores:
-    return SensitivityScores(
-        groups=groups,
-        formats=formats,
-        method="gradient",
-        scope="language_model",
-        effective_bits_target=8.0,
-        effective_bits_lm=8.0,
-        effective_bits_model=8.0,
-        total_score=1.5,
-        satisfied=True,
-        calib_steps=4,
-        score_steps=2,
-        score_samples=16,
-        autoquant_seconds=1.0,
-    )
 
 
 # ---- importance ---------------------------------------------------------------------------------
@@ -100,12 +64,12 @@ def test_headline_format_is_the_one_setting_importance() -> None:
 
 
 def test_ranks_descend_from_one_without_gaps() -> None:
-    ranked = rank_groups([group("a", 0.1), group("b", 3.0), group("c", 1.0)])
+    ranked = rank_groups([group("a", int8(0.1), NONE), group("b", int8(3.0), NONE), group("c", int8(1.0), NONE)])
     assert [(g.rank, g.name, g.importance) for g in ranked] == [(1, "b", 3.0), (2, "c", 1.0), (3, "a", 0.1)]
 
 
 def test_ties_keep_input_order() -> None:
-    groups = [none_only("v2"), group("x", 1.0), none_only("v0"), group("y", 0.0), none_only("v1")]
+    groups = [group("v2", NONE), group("x", int8(1.0), NONE), group("v0", NONE), group("y", int8(0.0), NONE), group("v1", NONE)]
     ranked = rank_groups(groups)
     assert [g.name for g in ranked] == ["x", "v2", "v0", "y", "v1"]
     # Deterministic: the same input gives the same ranking every time.
@@ -114,7 +78,7 @@ def test_ties_keep_input_order() -> None:
 
 def test_nan_ranks_first_then_infinities() -> None:
     ranked = rank_groups(
-        [group("low", 0.5), group("ninf", -math.inf), group("inf", math.inf), group("nan", math.nan)]
+        [group("low", int8(0.5), NONE), group("ninf", int8(-math.inf), NONE), group("inf", int8(math.inf), NONE), group("nan", int8(math.nan), NONE)]
     )
     assert [g.name for g in ranked] == ["nan", "inf", "low", "ninf"]
     assert [g.rank for g in ranked] == [1, 2, 3, 4]
@@ -122,7 +86,7 @@ def test_nan_ranks_first_then_infinities() -> None:
 
 
 def test_ranked_group_keeps_scores_costs_and_best_format() -> None:
-    source = group("a", 0.5, 0.25, best=FP8)
+    source = group("a", int8(0.5), fp8(0.25), NONE, best=FP8)
     (ranked,) = rank_groups([source])
     assert ranked.formats == source.formats
     assert ranked.scores == source.scores
@@ -134,7 +98,7 @@ def test_ranked_group_keeps_scores_costs_and_best_format() -> None:
 
 def test_duplicate_group_is_refused() -> None:
     with pytest.raises(ValueError, match="group a is listed twice"):
-        rank_groups([group("a", 0.1), group("a", 0.2)])
+        rank_groups([group("a", int8(0.1), NONE), group("a", int8(0.2), NONE)])
 
 
 def test_ragged_group_is_refused() -> None:
@@ -185,7 +149,7 @@ def test_scheme_name_needs_a_quantized_format() -> None:
 
 
 def test_build_manifest_from_scores_alone() -> None:
-    scores = scores_of(group("a", 0.1), group("b", 0.9), none_only("v"))
+    scores = scores_of(group("a", int8(0.1), NONE), group("b", int8(0.9), NONE), group("v", NONE))
     manifest = BuildManifest().run(Artifacts.of([scores]))
     assert manifest.schema_version == SCHEMA_VERSION
     assert manifest.origin == "aqm"
@@ -221,7 +185,7 @@ def test_build_manifest_records_model_dataset_timings_and_versions() -> None:
         device="cpu",
     )
     timings = RunTimings().add("LoadModel", 1.5).add("RunAutoQuant", 2.0)
-    store = Artifacts.of([scores_of(group("a", 0.1)), calib, loaded, timings])
+    store = Artifacts.of([scores_of(group("a", int8(0.1), NONE)), calib, loaded, timings])
     manifest = BuildManifest(ManifestSpec(scheme="my-run")).run(store)
 
     assert manifest.scheme.name == "my-run"
@@ -235,16 +199,3 @@ def test_build_manifest_records_model_dataset_timings_and_versions() -> None:
     versions = dict(manifest.versions)
     assert set(versions) == {"python", "torch", "transformers", "modelopt", "auto_quantize_model"}
     assert versions["python"].count(".") == 2
-
-
-def test_installed_versions_and_report_modules_do_not_import_torch() -> None:
-    code = (
-        "import sys\n"
-        "import auto_quantize_model.core.ranking as r, auto_quantize_model.render.reports\n"
-        "r.installed_versions()\n"
-        "heavy = [m for m in ('torch', 'transformers', 'modelopt', 'matplotlib') if m in sys.modules]\n"
-        "print(','.join(heavy))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == ""
-    assert installed_versions()[0][0] == "python"
