@@ -14,12 +14,10 @@ from auto_quantize_model.artifacts import (
     GroupScore,
     LoadedModel,
     RunTimings,
-    SensitivityScores,
 )
 from auto_quantize_model.core.ranking import (
     headline_index,
     importance,
-    installed_versions,
     rank_groups,
     scheme_name,
 )
@@ -64,12 +62,20 @@ def test_headline_format_is_the_one_setting_importance() -> None:
 
 
 def test_ranks_descend_from_one_without_gaps() -> None:
-    ranked = rank_groups([group("a", int8(0.1), NONE), group("b", int8(3.0), NONE), group("c", int8(1.0), NONE)])
+    ranked = rank_groups(
+        [group("a", int8(0.1), NONE), group("b", int8(3.0), NONE), group("c", int8(1.0), NONE)]
+    )
     assert [(g.rank, g.name, g.importance) for g in ranked] == [(1, "b", 3.0), (2, "c", 1.0), (3, "a", 0.1)]
 
 
 def test_ties_keep_input_order() -> None:
-    groups = [group("v2", NONE), group("x", int8(1.0), NONE), group("v0", NONE), group("y", int8(0.0), NONE), group("v1", NONE)]
+    groups = [
+        group("v2", NONE),
+        group("x", int8(1.0), NONE),
+        group("v0", NONE),
+        group("y", int8(0.0), NONE),
+        group("v1", NONE),
+    ]
     ranked = rank_groups(groups)
     assert [g.name for g in ranked] == ["x", "v2", "v0", "y", "v1"]
     # Deterministic: the same input gives the same ranking every time.
@@ -78,7 +84,12 @@ def test_ties_keep_input_order() -> None:
 
 def test_nan_ranks_first_then_infinities() -> None:
     ranked = rank_groups(
-        [group("low", int8(0.5), NONE), group("ninf", int8(-math.inf), NONE), group("inf", int8(math.inf), NONE), group("nan", int8(math.nan), NONE)]
+        [
+            group("low", int8(0.5), NONE),
+            group("ninf", int8(-math.inf), NONE),
+            group("inf", int8(math.inf), NONE),
+            group("nan", int8(math.nan), NONE),
+        ]
     )
     assert [g.name for g in ranked] == ["nan", "inf", "low", "ninf"]
     assert [g.rank for g in ranked] == [1, 2, 3, 4]
