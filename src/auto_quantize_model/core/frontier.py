@@ -637,7 +637,12 @@ def _point(
     )
 
 
-def _flag_non_monotone(points: Sequence[FrontierPoint]) -> tuple[FrontierPoint, ...]:
+def flag_non_monotone(points: Sequence[FrontierPoint]) -> tuple[FrontierPoint, ...]:
+    """Mark each point (budgets ascending) whose predicted score is worse than the previous one's.
+
+    Only steps between reachable points count (below the cheapest mix every point is the same
+    mix); differences within 1e-9 relative are summation noise between equal mixes, not a step.
+    """
     out = list(points[:1])
     for previous, current in itertools.pairwise(points):
         worse = current.total_score > previous.total_score and not math.isclose(
@@ -699,7 +704,7 @@ def solve_frontier(space: SearchSpace, budgets: Iterable[float], *, workers: int
     return Frontier(
         method=space.method,
         groups=tuple(rows[i].name for i in reported),
-        points=_flag_non_monotone(points),
+        points=flag_non_monotone(points),
         format_bits=tuple(sorted(seen.items(), key=lambda item: (item[0] == NO_QUANT, item[1]))),
         min_bits_lm=cheapest_point.effective_bits_lm,
         min_bits_model=cheapest_point.effective_bits_model,

@@ -1,0 +1,323 @@
+"""The budget frontier as files: ``frontier.md``, ``frontier.json`` and two pictures.
+
+* ``frontier-score``: predicted total score against the LM effective bits each budget reaches.
+  A step to a larger budget should never predict more damage; where it does (ModelOpt's kl_div
+  bisection can), the point is drawn as a red cross.
+* ``frontier-formats``: which format every group takes at every budget (groups in network
+  order, budgets left to right), with a strip above counting the groups that changed format
+  at each step: where the budget is spent, and which layers flip first.
+
+matplotlib is imported inside the plotting functions only, through its object API with the Agg
+canvas (no ``pyplot``, no global backend switch).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from auto_quantize_model.core.frontier import Frontier, FrontierPoint, step_changes
+from auto_quantize_model.io.atomic import atomic_write_bytes, atomic_write_text, dumps_json
+from auto_quantize_model.render.plots import short_name
+
+MARKDOWN_FILE = "frontier.md"
+JSON_FILE = "frontier.json"
+SCORE_STEM = "frontier-score"
+FORMATS_STEM = "frontier-formats"
+PICTURE_TYPES = ("png", "svg")
+DPI = 150
+CHANGES_SHOWN = 12
+"""Format changes listed per budget step in the Markdown; the JSON keeps them all."""
+
+
+def _flags(point: FrontierPoint) -> list[str]:
+    flags = []
+    if not point.reachable:
+        flags.append("unreachable")
+    elif not point.satisfied:
+        flags.append("not satisfied")
+    if point.non_monotone:
+        flags.append("non-monotone")
+    return flags
+
+
+def frontier_to_dict(frontier: Frontier, *, run_budget: float | None = None) -> dict[str, Any]:
+    """Plain JSON data: the summary, then one record per budget with every group's format.
+
+    ``formats`` lists follow ``groups``; ``changes`` name the groups that differ from the
+    previous budget, so a reader can follow one layer without diffing lists.
+    """
+    changes = step_changes(frontier)
+    points = []
+    for point, changed in zip(frontier.points, changes, strict=True):
+        record = attrs.asdict(point)
+        record["formats"] = list(point.formats)
+        record["changes"] = [attrs.asdict(change) for change in changed]
+        points.append(record)
+    return {
+        "method": frontier.method,
+        "run_budget": run_budget,
+        "exact_order": frontier.exact_order,
+        "lm_weights": frontier.lm_weights,
+        "other_weights": frontier.other_weights,
+        "min_bits_lm": frontier.min_bits_lm,
+        "min_bits_model": frontier.min_bits_model,
+        "seconds": frontier.seconds,
+        "formats": [{"name": name, "bits": bits} for name, bits in frontier.format_bits],
+        "groups": list(frontier.groups),
+        "points": points,
+    }
+
+
+def _format_counts(point: FrontierPoint, order: Sequence[str]) -> str:
+    counts = Counter(point.formats)
+    return ", ".join(f"{name} {counts[name]}" for name in order if counts[name])
+
+
+def render_markdown(
+    frontier: Frontier, *, title: str, run_budget: float | None = None, pictures: Sequence[Path] = ()
+) -> str:
+    """The frontier as a Markdown page; ``pictures`` are linked relative to the page's folder."""
+    order = [name for name, _ in frontier.format_bits]
+    points = frontier.points
+    unreachable = [p for p in points if not p.reachable]
+    unsatisfied = [p for p in points if p.reachable and not p.satisfied]
+    non_monotone = [p for p in points if p.non_monotone]
+    lines = [
+        f"# Budget frontier: {title}",
+        "",
+        f"ModelOpt's {frontier.method} search re-solved at {len(points)} effective-bits budgets from one "
+        f"scoring pass, {len(frontier.groups)} language-model groups "
+        f"({frontier.lm_weights:,.0f} LM weights"
+        + (
+            f", {frontier.other_weights:,.0f} non-LM weights held at 16 bits"
+            if frontier.other_weights
+            else ""
+        )
+        + f"), in {frontier.seconds:.1f} s.",
+        f"Budgets are bits per LM weight; the cheapest mix reaches {frontier.min_bits_lm:.3f} "
+        f"({frontier.min_bits_model:.3f} over every costed weight).",
+        "Predicted score: the sum of the chosen formats' scores as the search sees them "
+        "(each format clamped to at most the score of the one with fewer bits); lower is better.",
+        "",
+    ]
+    if not frontier.exact_order:
+        lines += [
+            "> Groups ModelOpt could only leave unquantized were placed without knowing its order: bits "
+            "and scores are exact, but among formats with equal scores and costs (e.g. FP8 clamped to "
+            "INT8's score) the choice may differ from ModelOpt's.",
+            "",
+        ]
+    if unreachable:
+        lines.append(
+            f"- {len(unreachable)} budget(s) below the cheapest mix (unreachable; ModelOpt refuses them): "
+            f"their rows show that mix."
+        )
+    if unsatisfied:
+        lines.append(
+            f"- {len(unsatisfied)} budget(s) where ModelOpt's search reports its constraint not satisfied "
+            "(kl_div keeps its last bisection step even when it overshoots)."
+        )
+    if non_monotone:
+        listed = ", ".join(f"{p.budget:g}" for p in non_monotone[:10])
+        lines.append(
+            f"- {len(non_monotone)} non-monotone step(s): more budget, worse predicted score (at {listed})."
+        )
+    if unreachable or unsatisfied or non_monotone:
+        lines.append("")
+    lines += [
+        "| budget | LM bits | model bits | predicted score | formats | changed | flags |",
+        "| ---: | ---: | ---: | ---: | :--- | ---: | :--- |",
+    ]
+    changes = step_changes(frontier)
+    for point, changed in zip(points, changes, strict=True):
+        marker = " (run)" if run_budget is not None and abs(point.budget - run_budget) <= 1e-9 else ""
+        lines.append(
+            f"| {point.budget:g}{marker} | {point.effective_bits_lm:.3f} | {point.effective_bits_model:.3f} "
+            f"| {point.total_score:.4e} | {_format_counts(point, order)} | {len(changed)} "
+            f"| {', '.join(_flags(point))} |"
+        )
+    steps = [(a, b, c) for (a, b), c in zip(itertools.pairwise(points), changes[1:], strict=True) if c]
+    if steps:
+        lines += ["", "## What changes at each step", ""]
+        for before, after, changed in steps:
+            shown = ", ".join(
+                f"`{short_name(c.group)}` {c.before} → {c.after}" for c in changed[:CHANGES_SHOWN]
+            )
+            more = f" and {len(changed) - CHANGES_SHOWN} more" if len(changed) > CHANGES_SHOWN else ""
+            lines.append(f"- **{before.budget:g} → {after.budget:g}**: {shown}{more}")
+    pngs = [p for p in pictures if p.suffix == ".png"]
+    if pngs:
+        lines += ["", "## Plots", ""]
+        for png in pngs:
+            lines.append(f"![{png.stem}]({png.name})  \n[SVG]({png.with_suffix('.svg').name})")
+            lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------------------
+
+
+def _save(figure: Any, directory: Path, stem: str) -> list[Path]:
+    """PNG and SVG without dates or random ids: the same frontier gives the same bytes."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    written = []
+    for kind in PICTURE_TYPES:
+        buffer = io.BytesIO()
+        with matplotlib.rc_context({"svg.hashsalt": "auto-quantize-model-frontier", "svg.fonttype": "none"}):
+            metadata = {"Date": None} if kind == "svg" else {"Software": None}
+            figure.savefig(buffer, format=kind, dpi=DPI, metadata=metadata)
+        written.append(atomic_write_bytes(directory / f"{stem}.{kind}", buffer.getvalue()))
+    return written
+
+
+def _kind(point: FrontierPoint) -> str:
+    if not point.reachable:
+        return "unreachable (cheapest mix)"
+    if point.non_monotone:
+        return "non-monotone step"
+    if not point.satisfied:
+        return "not satisfied"
+    return "ModelOpt's choice"
+
+
+def _score_figure(frontier: Frontier, title: str, run_budget: float | None) -> Any:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 4.6), layout="constrained")
+    axes = figure.add_subplot()
+    points = [p for p in frontier.points if math.isfinite(p.total_score)]
+    x = [p.effective_bits_lm for p in points]
+    y = [p.total_score for p in points]
+    axes.plot(x, y, color="C0", linewidth=1.0, zorder=1)
+    kinds = [
+        ("unreachable (cheapest mix)", "o", "0.6"),
+        ("non-monotone step", "X", "C3"),
+        ("not satisfied", "s", "C1"),
+        ("ModelOpt's choice", "o", "C0"),
+    ]
+    for label, marker, colour in kinds:
+        chosen = [p for p in points if _kind(p) == label]
+        if chosen:
+            axes.scatter(
+                [p.effective_bits_lm for p in chosen],
+                [p.total_score for p in chosen],
+                marker=marker,
+                s=22,
+                color=colour,
+                label=f"{label} ({len(chosen)})",
+                zorder=2,
+            )
+    notes = []
+    if y and all(v > 0 for v in y):
+        axes.set_yscale("log")
+    elif y:
+        magnitudes = [abs(v) for v in y if v != 0]
+        axes.set_yscale("symlog", linthresh=min(magnitudes) if magnitudes else 1e-12)
+        notes.append("scores ≤ 0 present: symlog axis")
+    if run_budget is not None:
+        try:
+            run = frontier.point(run_budget)
+            axes.axvline(
+                run.effective_bits_lm, color="0.3", linestyle="--", linewidth=0.8, label="run's budget"
+            )
+        except KeyError:
+            notes.append(f"run's budget {run_budget:g} not among the points")
+    axes.set_xlabel("effective bits reached (language model)")
+    axes.set_ylabel("predicted total score (lower is better)")
+    header = f"{title}: {frontier.method} frontier, {len(frontier.points)} budgets"
+    axes.set_title(header + (f"\n({'; '.join(notes)})" if notes else ""), fontsize=9)
+    axes.grid(True, which="major", alpha=0.3)
+    if points:
+        axes.legend(fontsize=7)
+    return figure
+
+
+def _formats_figure(frontier: Frontier, title: str) -> Any:
+    import matplotlib
+    import numpy as np
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    names = [name for name, _ in frontier.format_bits]
+    index = {name: i for i, name in enumerate(names)}
+    grid = np.array([[index[f] for f in p.formats] for p in frontier.points], dtype=float).T
+    palette = matplotlib.colormaps["viridis"].resampled(max(len(names) - 1, 1))
+    colours = [palette(i) for i in range(len(names) - 1)] + ["#e8e8e8"]  # NONE (16 bits) pale
+    if names[-1] != "NONE":
+        colours = [palette(i) for i in range(len(names))]
+    cmap = ListedColormap(colours)
+    norm = BoundaryNorm([i - 0.5 for i in range(len(names) + 1)], cmap.N)
+    counts = [len(c) for c in step_changes(frontier)]
+
+    n_groups, n_points = grid.shape
+    height = min(2.2 + 0.12 * n_groups, 16.0)
+    width = min(max(6.5, 3.0 + 0.05 * n_points), 18.0)
+    figure = Figure(figsize=(width, height), layout="constrained")
+    strip, heat = figure.subplots(2, 1, sharex=True, height_ratios=[1, 6])
+    positions = list(range(n_points))
+    strip.bar(positions, counts, width=0.9, color="C3")
+    strip.set_ylabel("changed", fontsize=7)
+    strip.tick_params(labelsize=7)
+    heat.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    step = max(1, math.ceil(n_points / 24))
+    ticks = positions[::step]
+    heat.set_xticks(ticks, [f"{frontier.points[i].budget:g}" for i in ticks], fontsize=7, rotation=90)
+    row_step = max(1, math.ceil(n_groups / 60))
+    rows = list(range(0, n_groups, row_step))
+    heat.set_yticks(rows, [short_name(frontier.groups[i]) for i in rows], fontsize=6)
+    heat.set_xlabel("budget (LM effective bits)")
+    unreachable = [i for i, p in enumerate(frontier.points) if not p.reachable]
+    if unreachable:
+        heat.axvspan(-0.5, max(unreachable) + 0.5, color="black", alpha=0.15, linewidth=0)
+    bits = dict(frontier.format_bits)
+    heat.legend(
+        handles=[Patch(color=colours[i], label=f"{name} ({bits[name]:g} b)") for i, name in enumerate(names)],
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+    )
+    note = "; shaded: unreachable budgets (cheapest mix)" if unreachable else ""
+    strip.set_title(
+        f"{title}: format of every group per budget, and groups changed per step{note}", fontsize=9
+    )
+    return figure
+
+
+def write_frontier(
+    frontier: Frontier,
+    directory: str | Path,
+    *,
+    title: str = "frontier",
+    run_budget: float | None = None,
+    plots: bool = True,
+) -> tuple[Path, ...]:
+    """Write ``frontier.md``, ``frontier.json`` and (``plots``) the two pictures; return every path.
+
+    ``run_budget`` (the budget ModelOpt itself ran at) is marked in the table, the JSON and the
+    score plot. Files are written atomically: a reader never sees half a report.
+    """
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    pictures: list[Path] = []
+    if plots and frontier.points:
+        pictures += _save(_score_figure(frontier, title, run_budget), folder, SCORE_STEM)
+        pictures += _save(_formats_figure(frontier, title), folder, FORMATS_STEM)
+    data = dumps_json(frontier_to_dict(frontier, run_budget=run_budget))
+    json_path = atomic_write_text(folder / JSON_FILE, data)
+    markdown = render_markdown(frontier, title=title, run_budget=run_budget, pictures=pictures)
+    md_path = atomic_write_text(folder / MARKDOWN_FILE, markdown)
+    return (md_path, json_path, *pictures)

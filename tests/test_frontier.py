@@ -1,0 +1,549 @@
+"""The budget frontier: budget parsing, the replayed searches, the reports, and exactness vs ModelOpt."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from auto_quantize_model.core.frontier import (
+    REMAINING_LM,
+    REMAINING_OTHER,
+    FrontierPoint,
+    SearchRow,
+    SearchSpace,
+    fixed_row,
+    flag_non_monotone,
+    lp_problem,
+    model_constraint,
+    parse_budgets,
+    search_scores,
+    solve_frontier,
+    space_from_scores,
+    space_from_state,
+    step_changes,
+)
+from auto_quantize_model.errors import ConfigError, InputError
+from auto_quantize_model.render.frontier import JSON_FILE, MARKDOWN_FILE, frontier_to_dict, write_frontier
+from builders import FP8, INT8, group
+
+# --------------------------------------------------------------------------------------------------
+# Budgets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_parse_budgets_range_includes_its_stop_and_stays_on_the_grid() -> None:
+    assert parse_budgets("4.5:8:0.25") == tuple(4.5 + 0.25 * i for i in range(15))
+    tenths = parse_budgets("4.5:5:0.1")
+    assert tenths == (4.5, 4.6, 4.7, 4.8, 4.9, 5.0)  # not 4.800000000000001, and 5.0 is included
+    assert parse_budgets("4:5:0.3") == (4.0, 4.3, 4.6, 4.9)  # a stop off the grid is not added
+    assert parse_budgets(" 6, 8.5 ,7,6") == (6.0, 7.0, 8.5)  # sorted, duplicates dropped
+    assert parse_budgets("7.5") == (7.5,)
+    assert parse_budgets("16") == (16.0,)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("eight", "'eight' is not a number"),
+        ("6,,7", "'' is not a number"),
+        ("4:8", "three parts"),
+        ("4:8:1:2", "three parts"),
+        ("8:4:0.5", "start 8 is above stop 4"),
+        ("4:8:0", "step must be a positive number"),
+        ("4:8:-1", "step must be a positive number"),
+        ("4:8:x", "step 'x' is not a number"),
+        ("0", "outside (0, 16]"),
+        ("17", "outside (0, 16]"),
+        ("nan", "outside (0, 16]"),
+        ("1:16:1e-6", "at most 10000"),
+    ],
+)
+def test_parse_budgets_errors_name_the_text_and_the_forms(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_budgets(text)
+    assert f"budgets {text!r}" in str(err.value)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_model_constraint_is_run_autoquants() -> None:
+    from auto_quantize_model.backend.modelopt.plan import model_constraint as stage_constraint
+
+    for bits, lm, other in ((11.0, 106_496, 0), (12.0, 106_496, 113_152), (4.25, 3_000_000_017, 400_000_001)):
+        assert model_constraint(bits, float(lm), float(other)) == stage_constraint(bits, lm, other)
+    with pytest.raises(InputError, match="no weights"):
+        model_constraint(8.0, 0.0, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic search spaces
+# --------------------------------------------------------------------------------------------------
+
+FORMATS = (("W4", 4.0), ("INT8", 8.0), ("NONE", 16.0))
+
+
+def _row(name: str, weights: float, raw: Sequence[float], *, lm: bool = True) -> SearchRow:
+    """A row offering W4, INT8 and NONE with ``raw`` scores (clamped as ModelOpt does)."""
+    return SearchRow(
+        name=name,
+        formats=tuple(f for f, _ in FORMATS),
+        bits=tuple(b for _, b in FORMATS),
+        costs=tuple(weights * b / 16 for _, b in FORMATS),
+        scores=search_scores(raw),
+        weights=weights,
+        lm=lm,
+    )
+
+
+def _space(method: str = "gradient") -> SearchSpace:
+    """Six groups of different sizes, scores of order 0.01-1 (CBC's tolerances do not bite there)."""
+    raws = [
+        (0.9, 0.05, 0.0),
+        (0.4, 0.3, 0.0),
+        (2.0, 0.01, 0.0),
+        (0.07, 0.09, 0.0),
+        (1.3, 0.6, 0.0),
+        (0.2, 0.02, 0.0),
+    ]
+    sizes = [4096.0, 1024.0, 8192.0, 2048.0, 4096.0, 16384.0]
+    rows = tuple(
+        _row(f"layers.{i}.proj", size, raw) for i, (size, raw) in enumerate(zip(sizes, raws, strict=True))
+    )
+    return SearchSpace(rows=rows, method="gradient" if method == "gradient" else "kl_div")
+
+
+def _brute_force_best(space: SearchSpace, budget: float) -> float:
+    """The lowest total search score of any mix within ``budget`` LM bits (every mix tried)."""
+    limit = sum(r.weights for r in space.rows) * budget / 16
+    best = math.inf
+    for choice in itertools.product(*(range(len(r.formats)) for r in space.rows)):
+        cost = sum(r.costs[i] for r, i in zip(space.rows, choice, strict=True))
+        if cost <= limit:
+            best = min(best, sum(r.scores[i] for r, i in zip(space.rows, choice, strict=True)))
+    return best
+
+
+def test_search_scores_clamp_like_modelopt() -> None:
+    # a format may not score above the one with fewer bits before it; NONE gets the running min
+    assert search_scores([0.5, 0.7, 0.0]) == (0.5, 0.5, 0.0)
+    assert search_scores([0.5, 0.2, -0.1]) == (0.5, 0.2, -0.1)
+    clamped = search_scores([3.0, 3.5, 1.0, 0.0])
+    assert search_scores(clamped) == clamped  # idempotent: clamped manifests go through unchanged
+    # ModelOpt's min(score, previous) keeps its first argument unless the second is smaller, and
+    # nothing is smaller than NaN nor NaN smaller than anything: a NaN score stays, and does not spread
+    first, second = search_scores([math.nan, 1.0]), search_scores([1.0, math.nan])
+    assert math.isnan(first[0])
+    assert first[1] == 1.0
+    assert second[0] == 1.0
+    assert math.isnan(second[1])
+
+
+def test_gradient_frontier_is_optimal_and_monotone_on_a_well_scaled_space() -> None:
+    space = _space()
+    budgets = (4.0, 5.0, 6.5, 8.0, 10.0, 12.5, 16.0)
+    frontier = solve_frontier(space, budgets, workers=1)
+    assert [p.budget for p in frontier.points] == list(budgets)
+    for point in frontier.points:
+        assert point.reachable
+        assert point.satisfied
+        assert point.effective_bits_lm <= point.budget + 1e-9
+        assert point.total_score == pytest.approx(_brute_force_best(space, point.budget), rel=1e-9, abs=1e-12)
+    scores = [p.total_score for p in frontier.points]
+    assert scores == sorted(scores, reverse=True)
+    assert not any(p.non_monotone for p in frontier.points)
+    everything = frontier.point(16.0)
+    assert everything.formats == ("NONE",) * 6
+    assert everything.total_score == 0.0
+    assert everything.effective_bits_lm == 16.0
+    cheapest = frontier.point(4.0)  # exactly the cheapest mix: reachable, W4 everywhere
+    assert cheapest.formats == ("W4",) * 6
+    assert frontier.min_bits_lm == 4.0
+    assert frontier.format_bits == (("W4", 4.0), ("INT8", 8.0), ("NONE", 16.0))
+
+
+@pytest.mark.parametrize("method", ["gradient", "kl_div"])
+def test_budgets_below_the_cheapest_mix_are_unreachable(method: str) -> None:
+    space = _space(method)
+    frontier = solve_frontier(space, (2.0, 3.99, 16.0), workers=1)
+    low, almost, top = frontier.points
+    for point in (low, almost):
+        assert not point.reachable
+        assert not point.satisfied
+        assert point.formats == ("W4",) * 6  # the cheapest mix, which reaches the minimum
+        assert point.effective_bits_lm == frontier.min_bits_lm == 4.0
+    assert top.reachable
+    assert top.formats == ("NONE",) * 6
+
+
+def test_kl_div_replays_the_threshold_bisection() -> None:
+    space = _space("kl_div")
+    frontier = solve_frontier(space, (4.0, 6.0, 9.0, 12.0, 16.0))
+    assert frontier.point(16.0).formats == ("NONE",) * 6
+    for point in frontier.points:
+        # one threshold explains every group's pick: the first format scoring at most it
+        picks = [r.formats.index(f) for r, f in zip(space.rows, point.formats, strict=True)]
+        low = max((r.scores[i] for r, i in zip(space.rows, picks, strict=True)), default=-math.inf)
+        for row, pick in zip(space.rows, picks, strict=True):
+            assert all(score > low for score in row.scores[:pick]), (point.budget, row.name)
+        # satisfied is ModelOpt's check of the last step: within the budget, or not
+        within = point.effective_bits_model <= point.constraint + 1e-12
+        assert point.satisfied == within
+
+
+def _point(budget: float, score: float, *, reachable: bool = True) -> FrontierPoint:
+    return FrontierPoint(
+        budget=budget,
+        constraint=budget,
+        formats=("INT8",),
+        effective_bits_lm=budget,
+        effective_bits_model=budget,
+        total_score=score,
+        reachable=reachable,
+        satisfied=reachable,
+    )
+
+
+def test_non_monotone_flags_mark_more_budget_with_a_worse_score() -> None:
+    points = flag_non_monotone(
+        [
+            _point(4.0, 9.0, reachable=False),
+            _point(5.0, 10.0),  # worse than an unreachable point: not a step of the search
+            _point(6.0, 7.0),
+            _point(7.0, 7.5),  # worse: flagged
+            _point(8.0, 7.5),  # equal: fine
+            _point(9.0, 7.5 * (1 + 1e-13)),  # rounding noise: fine
+            _point(10.0, 1.0),
+        ]
+    )
+    assert [p.non_monotone for p in points] == [False, False, False, True, False, False, False]
+
+
+def test_tiny_scores_leave_cbc_short_of_the_optimum_and_the_flags_show_it() -> None:
+    # ModelOpt's LP with scores around 1e-8 (what the tiny test model scores): CBC's absolute
+    # tolerances dwarf the objective, so more budget can come back with a worse mix
+    tiny = SearchSpace(
+        rows=tuple(attrs.evolve(r, scores=tuple(s * 1e-7 for s in r.scores)) for r in _space().rows),
+        method="gradient",
+    )
+    frontier = solve_frontier(tiny, (4.0, 5.0, 6.5, 8.0, 10.0, 12.5, 16.0), workers=1)
+    flagged = [p for p in frontier.points if p.non_monotone]
+    for point in flagged:
+        previous = frontier.points[frontier.points.index(point) - 1]
+        assert point.total_score > previous.total_score
+    best = [_brute_force_best(tiny, p.budget) for p in frontier.points]
+    assert all(p.total_score >= b - 1e-18 for p, b in zip(frontier.points, best, strict=True))
+
+
+def test_worker_processes_give_the_in_process_answer() -> None:
+    space = _space()
+    budgets = (4.5, 5.5, 7.0, 9.0, 11.0)
+    parallel = solve_frontier(space, budgets, workers=2)
+    serial = solve_frontier(space, budgets, workers=1)
+    assert parallel.points == serial.points
+    with pytest.raises(ConfigError, match="workers must be at least 1"):
+        solve_frontier(space, budgets, workers=0)
+
+
+def test_solve_frontier_refuses_budgets_outside_the_range() -> None:
+    with pytest.raises(ConfigError, match="outside"):
+        solve_frontier(_space(), (8.0, 17.0))
+    with pytest.raises(ConfigError, match="no budgets"):
+        solve_frontier(_space(), ())
+
+
+def test_non_lm_weights_are_charged_16_bits() -> None:
+    space = _space()
+    vision = SearchSpace(
+        rows=(fixed_row("visual.blocks.0", 8192.0, lm=False), *space.rows), method="gradient"
+    )
+    frontier = solve_frontier(vision, (8.0,), workers=1)
+    point = frontier.point(8.0)
+    assert frontier.groups == tuple(r.name for r in space.rows)  # the vision row is no column
+    assert frontier.other_weights == 8192.0
+    assert point.constraint == model_constraint(8.0, vision.lm_weights, 8192.0)
+    lm = vision.lm_weights
+    assert point.effective_bits_model == pytest.approx(
+        (point.effective_bits_lm * lm + 16 * 8192.0) / (lm + 8192.0), rel=1e-12
+    )
+    assert point.effective_bits_lm <= 8.0 + 1e-9
+    assert point.total_score == solve_frontier(space, (8.0,), workers=1).point(8.0).total_score
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the search space from scores or from a ModelOpt state
+# --------------------------------------------------------------------------------------------------
+
+
+def _scored_groups() -> list[Any]:
+    return [
+        group(
+            "model.layers.0.q_proj",
+            ("INT8", 8.0, 0.5),
+            ("FP8", 8.0, 0.7),
+            ("NONE", 16.0, 0.0),
+            costs=(4.0, 4.0, 8.0),
+        ),
+        group(
+            "model.layers.0.o_proj",
+            ("INT8", 8.0, 0.2),
+            ("FP8", 8.0, 0.1),
+            ("NONE", 16.0, 0.0),
+            costs=(2.0, 2.0, 4.0),
+        ),
+    ]
+
+
+def test_space_from_scores_clamps_and_pads_the_weights_it_was_not_given() -> None:
+    space = space_from_scores(_scored_groups(), "gradient", lm_weights=20.0, other_weights=6.0)
+    q, o, rest_lm, rest_other = space.rows
+    assert q.scores == (0.5, 0.5, 0.0)  # FP8 clamped to INT8's score, as ModelOpt searched
+    assert o.scores == (0.2, 0.1, 0.0)
+    assert (rest_lm.name, rest_lm.weights, rest_lm.lm) == (REMAINING_LM, 8.0, True)
+    assert (rest_other.name, rest_other.weights, rest_other.lm) == (REMAINING_OTHER, 6.0, False)
+    assert not space.exact_order
+    assert (space.lm_weights, space.other_weights) == (20.0, 6.0)
+    exact = space_from_scores(_scored_groups(), "gradient")
+    assert exact.exact_order
+    assert len(exact.rows) == 2
+    with pytest.raises(InputError, match="lm_weights = 5 is smaller than the 12 weights"):
+        space_from_scores(_scored_groups(), "gradient", lm_weights=5.0)
+
+
+def test_space_from_scores_places_fixed_rows_in_modelopts_order() -> None:
+    disabled = fixed_row("model.layers.0.mlp", 16.0, lm=True)
+    order = ("model.layers.0.q_proj", "model.layers.0.mlp", "model.layers.0.o_proj")
+    space = space_from_scores(_scored_groups(), "kl_div", fixed=[disabled], order=order)
+    assert tuple(r.name for r in space.rows) == order
+    assert space.exact_order
+    assert [r.reported for r in space.rows] == [True, False, True]
+    with pytest.raises(InputError, match="must name every group"):
+        space_from_scores(_scored_groups(), "kl_div", fixed=[disabled], order=order[:2])
+
+
+def test_space_from_state_reads_candidate_stats() -> None:
+    vision_entry: dict[str, Any] = {
+        "formats": ["NONE(effective-bits: 16.0)"],
+        "scores": [0],
+        "costs": [64.0],
+        "module_names": ["visual.proj"],
+        "uncompressed_cost": 64.0,
+    }
+    state: dict[str, Any] = {
+        "method": "kl_div",
+        "candidate_stats": {
+            "visual.proj.quant_recipe": vision_entry,
+            "decoder.layers.0.q_proj.quant_recipe": {
+                "formats": [
+                    f"{INT8}(effective-bits: 8.0)",
+                    f"{FP8}(effective-bits: 8.0)",
+                    "NONE(effective-bits: 16.0)",
+                ],
+                "scores": [0.25, 0.25, 0],
+                "costs": [16.0, 16.0, 32.0],
+                "module_names": ["decoder.layers.0.q_proj", "decoder.layers.0.k_proj"],
+            },
+        },
+    }
+    space = space_from_state(
+        state, lambda n: n.replace("decoder.", "model.", 1), lambda n: n.startswith("model.")
+    )
+    vision, q = space.rows
+    assert (vision.name, vision.lm, vision.weights, vision.reported) == ("visual.proj", False, 64.0, False)
+    assert (q.name, q.formats, q.bits, q.weights) == (
+        "model.layers.0.q_proj",
+        (INT8, FP8, "NONE"),
+        (8.0, 8.0, 16.0),
+        32.0,
+    )
+    assert space.method == "kl_div"
+    with pytest.raises(InputError, match="method"):
+        space_from_state({**state, "method": "random"})
+    broken = {
+        "method": "gradient",
+        "candidate_stats": {"x.quant_recipe": {**vision_entry, "formats": ["NONE"]}},
+    }
+    with pytest.raises(InputError, match="not NAME"):
+        space_from_state(broken)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------
+
+
+def test_frontier_files_hold_every_point_and_what_changed(tmp_path: Path) -> None:
+    frontier = solve_frontier(_space(), (3.0, 5.0, 8.0, 16.0), workers=1)
+    paths = write_frontier(frontier, tmp_path, title="synthetic", run_budget=8.0, plots=False)
+    assert [p.name for p in paths] == [MARKDOWN_FILE, JSON_FILE]
+    data = json.loads((tmp_path / JSON_FILE).read_text(encoding="utf-8"))
+    assert data == json.loads(json.dumps(frontier_to_dict(frontier, run_budget=8.0)))
+    assert data["groups"] == list(frontier.groups)
+    assert [p["budget"] for p in data["points"]] == [3.0, 5.0, 8.0, 16.0]
+    for record, changes in zip(data["points"], step_changes(frontier), strict=True):
+        assert len(record["formats"]) == len(frontier.groups)
+        assert [c["group"] for c in record["changes"]] == [c.group for c in changes]
+    assert data["points"][0]["reachable"] is False
+    last = data["points"][-1]
+    assert {c["after"] for c in last["changes"]} == {"NONE"}
+    text = (tmp_path / MARKDOWN_FILE).read_text(encoding="utf-8")
+    assert "| 8 (run) |" in text
+    assert "unreachable" in text
+    assert "## What changes at each step" in text
+    assert "→ NONE" in text
+
+
+@pytest.mark.slow
+def test_frontier_pictures_are_written(tmp_path: Path) -> None:
+    frontier = solve_frontier(_space("kl_div"), (3.0, 4.5, 6.0, 8.0, 12.0, 16.0))
+    paths = write_frontier(frontier, tmp_path, title="synthetic", run_budget=8.0)
+    names = {p.name for p in paths}
+    assert {
+        "frontier-score.png",
+        "frontier-score.svg",
+        "frontier-formats.png",
+        "frontier-formats.svg",
+    } <= names
+    assert all(p.stat().st_size > 1000 for p in paths)
+    assert "![frontier-formats](frontier-formats.png)" in (tmp_path / MARKDOWN_FILE).read_text(
+        encoding="utf-8"
+    )
+    again = tmp_path / "again"
+    write_frontier(attrs.evolve(frontier, seconds=0.0), again, title="synthetic", run_budget=8.0)
+    assert (again / "frontier-formats.svg").read_bytes() == (tmp_path / "frontier-formats.svg").read_bytes()
+
+
+# --------------------------------------------------------------------------------------------------
+# Exactness against ModelOpt 0.47 (real auto_quantize on the tiny Qwen3-VL, CPU)
+# --------------------------------------------------------------------------------------------------
+
+
+def _modelopt_runs(
+    tmp_path: Path, scope: str, method: str, budgets: Sequence[float], disabled: tuple[str, ...] = ()
+) -> tuple[list[Any], dict[str, Any]]:
+    """RunAutoQuant at each budget on one checkpoint: the first run scores, the others only search."""
+    from auto_quantize_model.specs import AutoQuantSpec
+    from test_autoquant import _load_state, _run
+
+    checkpoint = str(tmp_path / "state.pt")
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for bits in budgets:
+            spec = AutoQuantSpec(
+                formats=(INT8, FP8),
+                method=method,  # type: ignore[arg-type]
+                effective_bits=bits,
+                score_size=4,
+                disabled_layers=disabled,
+                checkpoint=checkpoint,
+            )
+            results.append(_run(scope, spec, tmp_path)[1])  # type: ignore[arg-type]
+    return results, _load_state(results[0])
+
+
+def _assert_matches(frontier: Any, results: Sequence[Any]) -> None:
+    for result in results:
+        point = frontier.point(result.effective_bits_target)
+        assert frontier.groups == tuple(g.name for g in result.groups)
+        assert point.formats == tuple(g.best_format for g in result.groups), result.effective_bits_target
+        assert point.total_score == result.total_score
+        assert point.effective_bits_model == result.effective_bits_model
+        assert point.effective_bits_lm == result.effective_bits_lm
+        assert point.satisfied == result.satisfied
+
+
+@pytest.mark.slow
+def test_gradient_choice_is_modelopts_at_each_budget(tmp_path: Path) -> None:
+    """INT8 and FP8 tie on clamped scores everywhere here, so CBC's tie-breaks are under test too;
+    the disabled MLP of layer 1 puts one-format rows in the middle of ModelOpt's order."""
+    from modelopt.torch.quantization.algorithms import _resolve_best_recipe
+
+    from auto_quantize_model.backend.modelopt.plan import textlm_name_map
+    from test_autoquant import HEAD, PREFIX
+
+    budgets = (11.0, 10.0, 13.5)
+    results, state = _modelopt_runs(
+        tmp_path, "language_model", "gradient", budgets, disabled=(f"{PREFIX}.layers.1.mlp.*",)
+    )
+    name_map = textlm_name_map(PREFIX, HEAD)
+    space = space_from_state(state, name_map)
+    assert space.exact_order
+    assert any(not r.reported for r in space.rows[:-1])  # fixed rows sit inside the order
+    _assert_matches(solve_frontier(space, budgets), results)
+
+    # the same space rebuilt from plain scores: raw scores, the fixed rows and the order
+    fixed = [fixed_row(r.name, r.weights, lm=r.lm) for r in space.rows if not r.reported]
+    rebuilt = space_from_scores(
+        results[0].groups, "gradient", fixed=fixed, order=[r.name for r in space.rows]
+    )
+    assert rebuilt.rows == space.rows
+    _assert_matches(solve_frontier(rebuilt, budgets), results)
+
+    # ModelOpt's own re-solve (get_auto_quantize_config's) over many more budgets
+    many = parse_budgets("10:16:0.5")
+    frontier = solve_frontier(space, many)
+    lm, other = space.lm_weights, space.other_weights
+    for point in frontier.points:
+        if not point.reachable:
+            continue
+        chosen = _resolve_best_recipe(state, {"effective_bits": model_constraint(point.budget, lm, other)})
+        theirs = {
+            name_map(key.removesuffix(".quant_recipe")): str(r).split("(")[0] for key, r in chosen.items()
+        }
+        assert point.formats == tuple(theirs[g] for g in frontier.groups), point.budget
+
+
+def _mps(problem: Any, path: Path) -> bytes:
+    problem.writeMPS(str(path), rename=1)
+    return path.read_bytes()
+
+
+@pytest.mark.slow
+def test_lp_problem_writes_modelopts_mps_file(tmp_path: Path) -> None:
+    from modelopt.torch.opt.searcher import LPS
+
+    rows = _space().rows
+    costs, scores = [list(r.costs) for r in rows], [list(r.scores) for r in rows]
+    for lower in (None, 0.99, 0.9):
+        theirs = LPS(
+            name="AutoQuantize",
+            constraints={"weight": (lower * 9000.0 if lower else lower, 9000.0)},
+            constraints_to_candidate_costs={"weight": costs},
+            candidate_scores=scores,
+        )
+        variables = theirs._build_selection_vars()
+        problem = theirs._build_objective_problem(variables)
+        for constraint in (
+            *theirs._build_one_hot_constraints(variables),
+            *theirs._build_budget_constraints(variables),
+        ):
+            problem += constraint
+        mine, _ = lp_problem(costs, scores, 9000.0, lower)
+        assert _mps(mine, tmp_path / "mine.mps") == _mps(problem, tmp_path / "theirs.mps"), lower
+
+
+@pytest.mark.slow
+def test_kl_div_choice_is_modelopts_with_vision_rows_first(tmp_path: Path) -> None:
+    from auto_quantize_model.backend.modelopt.plan import lm_membership
+    from test_autoquant import HEAD, PREFIX
+
+    budgets = (12.0, 10.0, 14.0)
+    results, state = _modelopt_runs(tmp_path, "full_model", "kl_div", budgets)
+    space = space_from_state(state, is_lm=lm_membership(PREFIX, HEAD))
+    assert not space.rows[0].lm  # the vision tower's rows come first
+    _assert_matches(solve_frontier(space, budgets), results)
+    # without ModelOpt's order (today's SensitivityScores): kl_div's bisection does not depend on it
+    plain = space_from_scores(
+        results[0].groups, "kl_div", lm_weights=space.lm_weights, other_weights=space.other_weights
+    )
+    assert not plain.exact_order
+    _assert_matches(solve_frontier(plain, budgets), results)
