@@ -8,27 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from auto_quantize_model.artifacts import GroupScore
 from auto_quantize_model.core.health import NonFinite, NonMonotone, Tie, render_health_markdown, score_health
-from auto_quantize_model.io.manifest import RankedGroup
+from builders import NONE, group, ranked_group
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-manifests"
 
-
-def group(name: str, *entries: tuple[str, float, float]) -> GroupScore:
-    """A group from (format, bits, score) triples; costs do not matter to health."""
-    return GroupScore(
-        name=name,
-        module_names=(name,),
-        formats=tuple(f for f, _, _ in entries),
-        bits=tuple(b for _, b, _ in entries),
-        scores=tuple(s for _, _, s in entries),
-        costs=tuple(1.0 for _ in entries),
-        best_format=entries[0][0],
-    )
-
-
-NONE = ("NONE", 16.0, 0.0)
 
 CRAFTED = (
     group("fine", ("INT8", 8.0, 1.5), NONE),
@@ -77,9 +61,9 @@ def test_same_bits_never_non_monotone_and_nan_left_to_its_own_check() -> None:
 
 def test_ranked_groups_work_too() -> None:
     ranked = [
-        RankedGroup("b", 1, 3.0, "INT8", ("b",), ("INT8", "NONE"), (8.0, 16.0), (3.0, 0.0), (1.0, 2.0)),
-        RankedGroup("a", 2, 3.0, "INT8", ("a",), ("INT8", "NONE"), (8.0, 16.0), (3.0, 0.0), (1.0, 2.0)),
-        RankedGroup("c", 3, 1.0, "INT8", ("c",), ("INT8", "NONE"), (8.0, 16.0), (1.0, 0.0), (1.0, 2.0)),
+        ranked_group("b", 1, 3.0),
+        ranked_group("a", 2, 3.0),
+        ranked_group("c", 3, 1.0),
     ]
     health = score_health(ranked)
     assert health.ties == (Tie(3.0, ("b", "a")),)  # rank order kept
