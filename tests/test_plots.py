@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.artifacts import ValidatedGroup, ValidationReport
-from auto_quantize_model.io.manifest import SCHEMA_VERSION, Manifest, ModelInfo, RankedGroup, SchemeInfo
 from auto_quantize_model.render.plots import (
     HEATMAP_STEM,
     SCATTER_STEM,
@@ -22,6 +21,7 @@ from auto_quantize_model.render.plots import (
     short_name,
     write_plots,
 )
+from builders import manifest as make_manifest
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-manifests"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -52,22 +52,6 @@ def test_short_name() -> None:
     assert short_name("language_model.layers.1.mlp.gate_proj.quant_recipe") == "layers.1.mlp.gate_proj"
     assert short_name("model.layers.2.self_attn.q_proj") == "layers.2.self_attn.q_proj"
     assert short_name("lm_head") == "lm_head"
-
-
-def group(name: str, rank: int, importance: float) -> RankedGroup:
-    return RankedGroup(
-        name, rank, importance, "INT8", (name,), ("INT8", "NONE"), (8.0, 16.0), (importance, 0.0), (1.0, 2.0)
-    )
-
-
-def make_manifest(entries: list[tuple[str, float]], validation: ValidationReport | None = None) -> Manifest:
-    groups = tuple(group(name, i + 1, imp) for i, (name, imp) in enumerate(entries))
-    scheme = SchemeInfo(
-        "test_scheme", ("INT8",), "gradient", "language_model", 8.0, 8.0, 8.0, 1.0, True, 8, 1, 1
-    )
-    return Manifest(
-        SCHEMA_VERSION, scheme, ModelInfo("test", "Test", "fp32", "cpu"), None, groups, validation=validation
-    )
 
 
 L = "model.language_model.layers."
