@@ -17,7 +17,8 @@ from auto_quantize_model.core.diff import (
     resolve_manifest_path,
 )
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.io.manifest import SCHEMA_VERSION, Manifest, ModelInfo, RankedGroup, SchemeInfo
+from auto_quantize_model.io.manifest import Manifest
+from builders import manifest
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-manifests"
 INT8 = "wint8_aint8/wint8_aint8_autoquant_lm_quant_manifest.json"
@@ -25,29 +26,11 @@ FP8 = "wfp8_afp8/wfp8_afp8_autoquant_lm_quant_manifest.json"
 INT8_OLD_LAYOUT = "int8_lm_default_legacy/int8_autoquant_lm_default_quant_manifest.json"
 
 
-def manifest(scheme: str, groups: list[tuple[str, float]], unquantized: tuple[str, ...] = ()) -> Manifest:
-    """Groups given most sensitive first, scored with one INT8 format; ``unquantized`` offer NONE only."""
-    ranked = [
-        RankedGroup(name, i + 1, imp, "INT8", (name,), ("INT8", "NONE"), (8.0, 16.0), (imp, 0.0), (1.0, 2.0))
-        for i, (name, imp) in enumerate(groups)
-    ]
-    ranked += [
-        RankedGroup(name, len(ranked) + i + 1, 0.0, "NONE", (name,), ("NONE",), (16.0,), (0.0,), (2.0,))
-        for i, name in enumerate(unquantized)
-    ]
-    scheme_info = SchemeInfo(
-        scheme, ("INT8",), "gradient", "language_model", 8.0, 8.0, 8.0, 1.0, True, 8, 1, 1
-    )
-    return Manifest(
-        SCHEMA_VERSION, scheme_info, ModelInfo("test", "Test", "fp32", "cpu"), None, tuple(ranked)
-    )
-
-
 LM = "model.language_model.layers.0."
 # A is one of our runs: names carry "model.", plus a vision group offering NONE only.
 RUN_A = manifest(
-    "run_a",
-    [
+    scheme="run_a",
+    groups=[
         (LM + "mlp.down_proj", 5.0),  # a
         ("model.language_model.layers.9.mlp.down_proj", 4.5),  # only in A
         (LM + "mlp.gate_proj", 4.0),  # b
@@ -60,8 +43,8 @@ RUN_A = manifest(
 # B is the previous tool's older layout: no "model." prefix; one group of its own at manifest rank 5.
 OLD = "language_model.layers.0."
 RUN_B = manifest(
-    "run_b",
-    [
+    scheme="run_b",
+    groups=[
         (OLD + "mlp.down_proj", 50.0),  # a
         (OLD + "self_attn.q_proj", 40.0),  # c
         ("lm_head", 20.0),  # e
@@ -117,8 +100,8 @@ def test_identical_runs() -> None:
 
 def test_names_matched_exactly_when_stripping_would_merge_groups() -> None:
     # "model.x" and "x" in one run are two groups; stripping "model." would fold them into one.
-    clash = manifest("clash", [("model.lm_head", 2.0), ("lm_head", 1.0)])
-    d = diff_manifests(clash, manifest("plain", [("lm_head", 3.0), ("other", 1.0)]))
+    clash = manifest(scheme="clash", groups=[("model.lm_head", 2.0), ("lm_head", 1.0)])
+    d = diff_manifests(clash, manifest(scheme="plain", groups=[("lm_head", 3.0), ("other", 1.0)]))
     assert not d.names_normalised
     assert d.common == 1
     assert d.only_a == ("model.lm_head",)
@@ -146,7 +129,7 @@ def test_markdown() -> None:
 
 
 def test_markdown_with_nothing_moved_and_undefined_coefficients() -> None:
-    single = manifest("single", [("lm_head", 1.0)])
+    single = manifest(scheme="single", groups=[("lm_head", 1.0)])
     text = render_diff_markdown(diff_manifests(single, single), "A", "B", level=3)
     assert text.startswith("### Ranking diff: A (A) vs B (B)\n")
     assert "| Spearman rho (importance) | n/a |" in text
