@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.core.health import NonFinite, NonMonotone, Tie, render_health_markdown, score_health
+from auto_quantize_model.io.manifest import RankedGroup
 from builders import NONE, group, ranked_group
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-manifests"
