@@ -13,19 +13,27 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import pytest
 
-from auto_quantize_model.artifacts import CalibData, CalibStats, LanguageModel, Scope, SensitivityScores
-from auto_quantize_model.backend.modelopt.autoquant import (
-    checkpoint_file,
-    frozen_heap,
+from auto_quantize_model.artifacts import (
+    CalibData,
+    CalibStats,
+    LanguageModel,
+    QuantSearch,
+    Scope,
+    SensitivityScores,
+)
+from auto_quantize_model.backend.modelopt import search as search_module
+from auto_quantize_model.backend.modelopt.checkpoint import checkpoint_file, settings_mismatch
+from auto_quantize_model.backend.modelopt.patches import frozen_heap
+from auto_quantize_model.backend.modelopt.plan import (
+    caption_segments,
     leading_steps,
+    limit_scored_captions,
     lm_membership,
     model_constraint,
-    nonfinite_message,
-    parse_label,
-    scores_from_state,
-    settings_mismatch,
     textlm_name_map,
 )
+from auto_quantize_model.backend.modelopt.state import nonfinite_message, scores_from_state
+from auto_quantize_model.core.scores import parse_label
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import AutoQuantSpec
@@ -34,6 +42,8 @@ from builders import tiny_qwen3_vl
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from auto_quantize_model.backend.modelopt.search import AutoQuantize
 
 # --------------------------------------------------------------------------------------------------
 # Pure helpers
@@ -340,17 +350,22 @@ def quiet_modelopt() -> None:
         import modelopt.torch.quantization  # noqa: F401  (import once, quietly)
 
 
-def _run(scope: Scope, spec: AutoQuantSpec, tmp: Path) -> tuple[nn.Module, SensitivityScores]:
+def _run(
+    scope: Scope, spec: AutoQuantSpec, tmp: Path, auto_quantize: AutoQuantize | None = None
+) -> tuple[nn.Module, SensitivityScores]:
     """One RunAutoQuant on a fresh tiny model; the search state goes under ``tmp``, not /tmp."""
     import tempfile
 
     model = _tiny_model()
     if spec.checkpoint is None:
         spec = attrs.evolve(spec, checkpoint=str(Path(tempfile.mkdtemp(dir=tmp)) / "state.pt"))
-    stage = RunAutoQuant(spec)
+    stage = RunAutoQuant(spec, auto_quantize=auto_quantize)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = stage.run(Artifacts.of([_language_model(model, scope), _calib()]))
+        result, search = stage.run(Artifacts.of([_language_model(model, scope), _calib()]))
+    assert isinstance(search, QuantSearch)
+    assert search.model is model  # the searched model, quantizers inside, handed on
+    assert (search.formats, search.method) == (result.formats, result.method)
     return model, result
 
 
@@ -420,8 +435,16 @@ def test_language_model_scope_gradient_int8_fp8(tmp_path: Path, mocker: Any) -> 
     collect = gc.collect
     frozen_during_collect: list[int] = []
 
+    def registered() -> bool:
+        return any(
+            entry[0].__name__ == "_is_textlm" for entry in AutoQuantizeGradientSearcher._custom_support
+        )
+
+    textlm_registered: list[bool] = []
+
     def recording_collect(*args: Any) -> int:
         frozen_during_collect.append(gc.get_freeze_count())
+        textlm_registered.append(registered())
         return collect(*args)
 
     mocker.patch("gc.collect", recording_collect)
@@ -441,8 +464,10 @@ def test_language_model_scope_gradient_int8_fp8(tmp_path: Path, mocker: Any) -> 
     )
     assert _load_state(result)["method"] == "gradient"
     assert result.effective_bits_lm == result.effective_bits_model
-    # TextLM is scored like an HF model: embedding-only grads and checkpointed decoder layers
-    assert any(entry[0].__name__ == "_is_textlm" for entry in AutoQuantizeGradientSearcher._custom_support)
+    # TextLM is scored like an HF model (embedding-only grads, checkpointed decoder layers) while
+    # ModelOpt scores, and ModelOpt's registry is as it was once the stage is done
+    assert any(textlm_registered)
+    assert not registered()
 
 
 @pytest.mark.slow
@@ -510,46 +535,48 @@ def test_language_model_kl_div_custom_format_and_checkpoint_resume(tmp_path: Pat
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("quiet_modelopt")
-def test_nonfinite_scores_fail_unless_allowed(tmp_path: Path, mocker: Any) -> None:
-    import modelopt.torch.quantization as mtq
-
+def test_nonfinite_scores_fail_unless_allowed(tmp_path: Path) -> None:
     def fake_auto_quantize(model: nn.Module, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
         state = _state("decoder")
         state["candidate_stats"]["lm_head.quant_recipe"]["scores"] = [math.nan, 0.0]
         return model, state
 
-    mocker.patch.object(mtq, "auto_quantize", side_effect=fake_auto_quantize)
     spec = AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), effective_bits=8.0)
     with pytest.raises(
         AqmError, match=r"NaN or infinite sensitivity scores for 1 recipe group\(s\): lm_head;"
     ):
-        _run("language_model", spec, tmp_path)
-    _, result = _run("language_model", attrs.evolve(spec, allow_nonfinite=True), tmp_path)
+        _run("language_model", spec, tmp_path, fake_auto_quantize)
+    _, result = _run("language_model", attrs.evolve(spec, allow_nonfinite=True), tmp_path, fake_auto_quantize)
     assert math.isnan(result.groups[-1].scores[0])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("spec", "message"),
+    ("settings", "message"),
     [
-        (AutoQuantSpec(formats=("NVFP4_DEFAULT_CFG",), effective_bits=4.5), "needs a CUDA GPU"),
-        (AutoQuantSpec(formats=("FP8_KV_CFG",)), "KV-cache preset"),
-        (AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), effective_bits=6.0), "below the minimum reachable"),
-        (AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), effective_bits=17.0), r"must be in \(0, 16\]"),
-        (AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), score_size=0), "score_size must be > 0"),
-        (AutoQuantSpec(formats=("int8_default",)), "did you mean 'INT8_DEFAULT_CFG'"),
+        ({"formats": ("NVFP4_DEFAULT_CFG",), "effective_bits": 4.5}, "needs a CUDA GPU"),
+        ({"formats": ("FP8_KV_CFG",)}, "KV-cache preset"),
+        ({"formats": ("INT8_DEFAULT_CFG",), "effective_bits": 6.0}, "below the minimum reachable"),
+        ({"formats": ("INT8_DEFAULT_CFG",), "effective_bits": 17.0}, r"must be in \(0, 16\]"),
+        ({"formats": ("INT8_DEFAULT_CFG",), "score_size": 0}, "score_size:? must be > 0"),
+        ({"formats": ("int8_default",)}, "did you mean 'INT8_DEFAULT_CFG'"),
     ],
 )
-def test_bad_settings_refused_before_modelopt(spec: AutoQuantSpec, message: str) -> None:
+def test_bad_settings_refused_before_modelopt(settings: dict[str, Any], message: str) -> None:
     model = _tiny_model()
+
+    def run() -> None:
+        # out-of-range values are refused by the spec itself, the rest by the stage before ModelOpt
+        RunAutoQuant(AutoQuantSpec(**settings)).run(
+            Artifacts.of([_language_model(model, "language_model"), _calib()])
+        )
+
     with pytest.raises(ConfigError, match=message):
-        RunAutoQuant(spec).run(Artifacts.of([_language_model(model, "language_model"), _calib()]))
+        run()
     assert not any("Quant" in type(m).__name__ for m in model.modules())  # ModelOpt never touched it
 
 
 def test_caption_segments_skip_padding() -> None:
-    from auto_quantize_model.backend.modelopt.autoquant import caption_segments
-
     # two captions (3 and 2 tokens) then a padding segment of pad id 0
     positions = [0, 1, 2, 0, 1, 0, 1]
     tokens = [5, 6, 7, 8, 9, 0, 0]
@@ -558,8 +585,6 @@ def test_caption_segments_skip_padding() -> None:
 
 def test_limit_scored_captions_masks_only_captions_past_score_size() -> None:
     import torch
-
-    from auto_quantize_model.backend.modelopt.autoquant import limit_scored_captions
 
     first = {
         "input_ids": torch.tensor([[5, 6, 7, 8]]),
@@ -582,8 +607,6 @@ def test_limit_scored_captions_masks_only_captions_past_score_size() -> None:
 def test_limit_scored_captions_leaves_whole_batches_alone() -> None:
     import torch
 
-    from auto_quantize_model.backend.modelopt.autoquant import limit_scored_captions
-
     batch = {
         "input_ids": torch.tensor([[5, 6]]),
         "position_ids": torch.tensor([[0, 1]]),
@@ -597,8 +620,7 @@ def test_limit_scored_captions_leaves_whole_batches_alone() -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("quiet_modelopt")
 def test_releasing_output_diffs_keeps_scores_identical(tmp_path: Path, mocker: Any) -> None:
-    import auto_quantize_model.backend.modelopt.autoquant as aq
-
+    aq = search_module
     spec = AutoQuantSpec(formats=("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"), effective_bits=12.0, score_size=8)
     released: list[int] = []
     real_release = aq.release_output_diffs

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from auto_quantize_model.backend.modelopt.formats import modelopt_config
 from auto_quantize_model.core.formats import (
     CUSTOM_EXAMPLES,
     CustomFormat,
@@ -19,7 +20,6 @@ from auto_quantize_model.core.formats import (
     linear_quantizers,
     local_quantizer,
     min_effective_bits,
-    modelopt_config,
     parse_custom,
     resolve_format,
 )

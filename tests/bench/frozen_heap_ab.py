@@ -17,7 +17,7 @@ import gc
 import statistics
 from collections.abc import Sequence
 
-import auto_quantize_model.backend.modelopt.autoquant as aq
+import auto_quantize_model.backend.modelopt.patches as aq
 from auto_quantize_model.artifacts import SensitivityScores
 from auto_quantize_model.pipeline import Pipeline
 from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, LoadSpec

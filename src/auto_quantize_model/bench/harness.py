@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 
 from auto_quantize_model.artifacts import CalibData, CalibStats, LoadedModel, RunTimings, SensitivityScores
-from auto_quantize_model.backend.modelopt.autoquant import leading_steps
+from auto_quantize_model.backend.modelopt.plan import leading_steps
 from auto_quantize_model.core.batching import (
     BUILTIN_CAPTIONS,
     captions_label,
@@ -652,7 +652,8 @@ def release_memory(device: str) -> int | None:
 
 def warm_cuda_extensions(formats: Sequence[str]) -> tuple[tuple[str, str, float], ...]:
     """Load (JIT-building on a fresh machine, ~1 min) ModelOpt's CUDA extensions the formats use."""
-    from auto_quantize_model.backend.modelopt.autoquant import cuda_extension_built, import_off_stack
+    from auto_quantize_model.backend.modelopt import import_off_stack
+    from auto_quantize_model.backend.modelopt.search import cuda_extension_built
 
     extensions = import_off_stack("modelopt.torch.quantization.extensions")
 

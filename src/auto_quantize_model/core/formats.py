@@ -710,28 +710,6 @@ def check_effective_bits(target: float, names: Iterable[str]) -> None:
         )
 
 
-def modelopt_config(name: str) -> dict[str, Any] | str:
-    """What to pass to ``mtq.auto_quantize(quantization_formats=[...])`` for this format.
-
-    Presets are passed by name, so ModelOpt labels its results with that name; custom formats
-    are a fresh config dict (ModelOpt labels them ``CUSTOM_<index>``). Imports ModelOpt lazily,
-    only to confirm that a preset exists in the installed version.
-    """
-    info = resolve_format(name)
-    if info.kind == "preset":
-        from auto_quantize_model.backend.modelopt.autoquant import import_off_stack
-
-        mtq_config = import_off_stack("modelopt.torch.quantization.config")
-
-        assert info.modelopt_name is not None
-        if not hasattr(mtq_config, info.modelopt_name):
-            raise ConfigError(f"format {name} is not defined by the installed ModelOpt version")
-        return info.modelopt_name
-    spec = parse_custom(name)
-    assert spec is not None
-    return spec.quant_cfg()
-
-
 # --------------------------------------------------------------------------------------------------
 # Replaying auto_quantize's per-layer matching on a config (pure)
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,374 @@
+"""Every run-time change to ModelOpt, torch or the interpreter that a search needs, each undone on exit.
+
+Each patch is a context manager that puts back exactly what it replaced (a class's own
+attribute, or its absence), so nothing outlives the ``mtq.auto_quantize`` call: a second search
+in the same process, or a caller using ModelOpt directly afterwards, sees ModelOpt as installed.
+They reach into private names of ModelOpt 0.47; :func:`~auto_quantize_model.backend.modelopt.import_modelopt`
+refuses other versions. Patching classes is process-wide while it lasts: two searches must not
+run at the same time in one process (they could not share a GPU's worth of model anyway).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import gc
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from auto_quantize_model.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@contextlib.contextmanager
+def swapped(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name = value`` for a while; afterwards the owner's own attribute, or its absence, is back.
+
+    Restoring "own" matters for classes: a method inherited from a base is shadowed while patched
+    and must be deleted again, not copied down onto the subclass.
+    """
+    own = vars(owner)
+    had = name in own
+    original = own.get(name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)
+
+
+def _classes_defining(module: Any, method: str) -> list[type]:
+    """Classes of ``module`` that define ``method`` themselves (each searcher overrides its own)."""
+    return [cls for cls in vars(module).values() if isinstance(cls, type) and method in vars(cls)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring TextLM like a Hugging Face model
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_textlm(model: nn.Module) -> bool:
+    from auto_quantize_model.backend.lm_forward import TextLM
+
+    return isinstance(model, TextLM)
+
+
+@contextlib.contextmanager
+def _textlm_checkpointing(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing on the decoder while ModelOpt scores, switched off afterwards.
+
+    Mirrors ModelOpt's Hugging Face support: reentrant checkpointing, checkpointed layers in
+    train mode (that is when HF recomputes them) and every other module in eval mode.
+    """
+    decoder = getattr(model, "decoder", None)
+    supported = bool(getattr(decoder, "supports_gradient_checkpointing", False)) and hasattr(
+        decoder, "gradient_checkpointing_enable"
+    )
+    if decoder is None or not supported:
+        yield
+        return
+    was_on = bool(getattr(decoder, "is_gradient_checkpointing", False))
+    decoder.gradient_checkpointing_enable({"use_reentrant": True})
+    for module in decoder.modules():
+        module.training = hasattr(module, "gradient_checkpointing")
+    try:
+        yield
+    finally:
+        if not was_on:
+            decoder.gradient_checkpointing_disable()
+        model.eval()
+
+
+def _embedding_grad_only(param_name: str, model: nn.Module) -> bool:
+    # A grad on the embedding output makes autograd reach every layer's output, which is all
+    # the score needs; weight gradients of the other layers would only cost memory.
+    return "embed" in param_name
+
+
+@contextlib.contextmanager
+def textlm_support() -> Iterator[None]:
+    """ModelOpt scores ``TextLM`` like a Hugging Face model while this lasts.
+
+    For a model it does not recognise, gradient scoring would require grads on every parameter;
+    registered here (``register_custom_support``), only the embedding needs a grad and decoder
+    layers recompute in backward. Undo: our entry leaves the searcher's ``_custom_support`` list,
+    which is then as it was.
+    """
+    from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher
+
+    AutoQuantizeGradientSearcher.register_custom_support(
+        _is_textlm, _textlm_checkpointing, _embedding_grad_only
+    )
+    try:
+        yield
+    finally:
+        registry: list[Any] = AutoQuantizeGradientSearcher._custom_support
+        for index in range(len(registry) - 1, -1, -1):
+            if registry[index][0] is _is_textlm:
+                del registry[index]
+                break
+
+
+# --------------------------------------------------------------------------------------------------
+# Searcher methods wrapped for one call
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def scoring_phase(on_start: Callable[[], None]) -> Iterator[None]:
+    """Call ``on_start`` when ModelOpt starts scoring: its searchers' ``estimate_sensitivity_scores``.
+
+    ModelOpt calls ``forward_step`` for both phases and says which only in progress bars, so the
+    searchers' scoring entry point is wrapped. Undo: each class's own method is put back.
+    """
+    from modelopt.torch.quantization import algorithms
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def estimate(self: Any, *args: Any, **kwargs: Any) -> Any:
+            on_start()
+            return original(self, *args, **kwargs)
+
+        return estimate
+
+    with contextlib.ExitStack() as stack:
+        for cls in _classes_defining(algorithms, "estimate_sensitivity_scores"):
+            original = vars(cls)["estimate_sensitivity_scores"]
+            stack.enter_context(swapped(cls, "estimate_sensitivity_scores", wrap(original)))
+        yield
+
+
+@contextlib.contextmanager
+def candidate_stats_fix() -> Iterator[None]:
+    """Scoring after a resume from a calibration-only checkpoint works (a ModelOpt 0.47 bug).
+
+    ModelOpt keeps ``candidate_stats`` as a defaultdict but restores it from a checkpoint saved
+    after calibration as a plain (empty) dict, so scoring then fails with a KeyError in
+    ``initialize_candidate_stats``: the wrapper gives it its defaultdict back first. Undo: each
+    class's own method is put back.
+    """
+    from modelopt.torch.quantization import algorithms
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def initialize(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not isinstance(self.candidate_stats, collections.defaultdict):
+                self.candidate_stats = collections.defaultdict(dict, self.candidate_stats)
+            return original(self, *args, **kwargs)
+
+        return initialize
+
+    with contextlib.ExitStack() as stack:
+        for cls in _classes_defining(algorithms, "initialize_candidate_stats"):
+            original = vars(cls)["initialize_candidate_stats"]
+            stack.enter_context(swapped(cls, "initialize_candidate_stats", wrap(original)))
+        yield
+
+
+@contextlib.contextmanager
+def atomic_state_save(before_replace: Callable[[Any, Path, Path], None]) -> Iterator[None]:
+    """ModelOpt's search state is written to a temporary file and renamed over the real one.
+
+    ModelOpt 0.47 ``torch.save``s straight onto the checkpoint path, so a kill or a full disk
+    mid-write leaves a truncated file that every later resume fails on. Here ModelOpt's own save
+    runs with the path pointed at a temporary file beside the real one; the file is fsync'ed,
+    ``before_replace(searcher, real, temporary)`` runs (it writes files that must describe this
+    very state, before the state becomes visible), then ``os.replace`` makes it the state at once.
+    Undo: ``BaseSearcher.save_search_checkpoint`` is put back.
+    """
+    from modelopt.torch.opt.searcher import BaseSearcher
+
+    original = vars(BaseSearcher)["save_search_checkpoint"]
+
+    def save(self: Any, verbose: bool = False) -> None:
+        path = self._get_checkpoint_path()
+        if path is None:
+            return
+        real = Path(path)
+        real.parent.mkdir(parents=True, exist_ok=True)
+        temporary = real.with_name(f".{real.name}.{os.getpid()}.tmp.pt")
+        config = self.config
+        configured = config["checkpoint"]
+        config["checkpoint"] = str(temporary)
+        try:
+            original(self, verbose=verbose)
+            _fsync(temporary)
+            before_replace(self, real, temporary)
+            temporary.replace(real)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+            raise
+        finally:
+            config["checkpoint"] = configured
+        _fsync(real.parent)
+
+    with swapped(BaseSearcher, "save_search_checkpoint", save):
+        yield
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk; file systems that cannot are left alone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def checked_state_load(
+    on_loaded: Callable[[Any, bool], None], on_unreadable: Callable[[Path, BaseException], None]
+) -> Iterator[None]:
+    """A search state that cannot be read is handed to ``on_unreadable`` and the search starts fresh.
+
+    ModelOpt 0.47 fails the whole call (``EOFError``, a zip or unpickling error) when the file it
+    would resume from is truncated or garbage, so a folder with such a file could never be
+    resumed. Wrapped, a failed load calls ``on_unreadable(path, error)`` (which moves the file
+    aside), resets the searcher to its defaults and reports "nothing loaded"; every load then
+    calls ``on_loaded(searcher, loaded)``, which may still drop restored parts it cannot trust.
+    Undo: each class's own method is put back.
+    """
+    from modelopt.torch.opt.searcher import BaseSearcher
+    from modelopt.torch.quantization import algorithms
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def load(self: Any, *args: Any, **kwargs: Any) -> bool:
+            try:
+                loaded = bool(original(self, *args, **kwargs))
+            except Exception as err:
+                path = self._get_checkpoint_path()
+                on_unreadable(Path(path if path is not None else self.config["checkpoint"]), err)
+                self.reset_search()
+                loaded = False
+            on_loaded(self, loaded)
+            return loaded
+
+        return load
+
+    owners = [BaseSearcher, *_classes_defining(algorithms, "load_search_checkpoint")]
+    with contextlib.ExitStack() as stack:
+        for cls in dict.fromkeys(owners):
+            original = vars(cls)["load_search_checkpoint"]
+            stack.enter_context(swapped(cls, "load_search_checkpoint", wrap(original)))
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# Model modes, the collector, ModelOpt's config module, its warnings
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def modes_restored(*models: nn.Module) -> Iterator[None]:
+    """Every module's train/eval flag and gradient checkpointing as they were before ModelOpt ran.
+
+    ModelOpt's Hugging Face support switches gradient checkpointing on for scoring and leaves it
+    on, with checkpointed layers in train mode (it also restores the model's train flag only at
+    the root). Undo: checkpointing that was off is switched off again, and each module's own
+    ``training`` flag is put back (not ``.eval()``: a caller's mix is kept as it was).
+    """
+    modules = {id(m): m for model in models for m in model.modules()}
+    training = {key: module.training for key, module in modules.items()}
+    checkpointing = {
+        key: bool(getattr(module, "is_gradient_checkpointing", False)) for key, module in modules.items()
+    }
+    try:
+        yield
+    finally:
+        for key, module in modules.items():
+            disable = getattr(module, "gradient_checkpointing_disable", None)
+            now_on = bool(getattr(module, "is_gradient_checkpointing", False))
+            if now_on and not checkpointing[key] and callable(disable):
+                disable()
+        for key, module in modules.items():
+            module.training = training[key]
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep the objects that exist now out of the garbage collector's passes for a while.
+
+    ModelOpt runs two full ``gc.collect()`` passes around scoring to free GPU memory. Each walks
+    every object of the process (torch, transformers and ModelOpt with all they import, the
+    model's modules), a fixed cost paid whatever the data. Same-process A/B
+    (``tests/bench/frozen_heap_ab.py``, BENCHMARKS.md): 2.29 -> 1.56 s for the tiny model on CPU;
+    within noise for a packed 4B run on an H100 host (3.00 vs 2.99 s). What those passes are for
+    (tensors left over from calibration) is created after this point and stays collectable.
+    Undo: the frozen objects go back to the collector. A process that froze its heap itself is
+    left as it is, since unfreezing would undo its freeze.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
+def named_custom_formats(names: Sequence[str]) -> Iterator[list[Any]]:
+    """The ``quantization_formats`` list, with our custom formats known to ModelOpt by name.
+
+    ModelOpt labels a config dict it does not know ``CUSTOM_<i>``, and that label sticks to its
+    recipe objects (the scores, the reports, ValidateSensitivity's format switch). Registered for
+    the duration of the call as attributes of ModelOpt's config module (and in its ``choices``),
+    our formats are looked up by name like presets, so every label carries our name. Undo: the
+    attributes and choices added are removed.
+    """
+    import modelopt.torch.quantization.config as mtq_config
+
+    from auto_quantize_model.backend.modelopt.formats import modelopt_config
+
+    added: list[str] = []
+    entries: list[Any] = []
+    try:
+        for name in names:
+            config = modelopt_config(name)
+            if isinstance(config, dict):
+                if hasattr(mtq_config, name):
+                    raise ConfigError(f"format {name} clashes with a ModelOpt attribute of the same name")
+                setattr(mtq_config, name, config)
+                mtq_config.choices.add(name)
+                added.append(name)
+            entries.append(name)
+        yield entries
+    finally:
+        for name in added:
+            mtq_config.choices.discard(name)
+            delattr(mtq_config, name)
+
+
+QUIETED_WARNINGS = (
+    # ModelOpt's searcher on every fresh start (no file at the checkpoint path yet): we log
+    # "no saved search state at X, starting fresh" instead. A leading ANSI colour code is
+    # allowed, as ModelOpt colours the text when stderr is a terminal.
+    r".*Per-rank checkpoint .* not found, falling back to ",
+    r".*Checkpoint .* does not exist! Initializing from scratch",
+    # Its Hugging Face support announcing checkpointing that modes_restored switches off again.
+    r".*AutoQuantize: Huggingface model detected - Enabling gradient checkpointing",
+)
+
+
+@contextlib.contextmanager
+def known_warnings_quieted() -> Iterator[None]:
+    """ModelOpt's warnings that describe normal operation, hidden; every other warning still shows.
+
+    Undo: the interpreter's warning filters are restored (``warnings.catch_warnings``).
+    """
+    with warnings.catch_warnings():
+        for pattern in QUIETED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield

@@ -1,0 +1,208 @@
+"""ModelOpt's search state read as plain numbers.
+
+``scores_from_state`` needs neither torch nor ModelOpt (the state's recipe objects are only
+``str()``-ed); :func:`collect_raw_scores` reads ModelOpt's hparams off a searched model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from auto_quantize_model.artifacts import GroupScore
+from auto_quantize_model.core.scores import NO_QUANT, group_name, parse_label
+from auto_quantize_model.errors import AqmError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+log = logging.getLogger("auto_quantize_model")
+
+RawScores = dict[str, dict[str, float]]
+"""``"<module>.quant_recipe"`` -> recipe label -> unclamped score."""
+
+
+def _number(value: Any) -> float:
+    """A float from a Python number or a one-element tensor (ModelOpt stores both)."""
+    item = getattr(value, "item", None)
+    return float(item() if callable(item) else value)
+
+
+def _identity(name: str) -> str:
+    return name
+
+
+def _everything(name: str) -> bool:
+    return True
+
+
+@attrs.frozen
+class StateSummary:
+    """ModelOpt's search state as plain numbers, split into the LM part and the whole."""
+
+    groups: tuple[GroupScore, ...]
+    """LM groups that had at least one format to choose from, in ModelOpt's order."""
+    disabled: tuple[str, ...]
+    """LM groups ModelOpt could only leave unquantized (``disabled_layers``); costed at 16 bits."""
+    other: tuple[str, ...]
+    """Groups outside the language model (vision), all of them costed too."""
+    effective_bits_lm: float
+    effective_bits_model: float
+    total_score: float
+    satisfied: bool
+    method: str
+    lm_weights: float
+    other_weights: float
+    nonfinite: tuple[str, ...]
+    """LM groups with a NaN or infinite score for some format."""
+
+
+def scores_from_state(
+    state: Mapping[str, Any],
+    name_map: Callable[[str], str] = _identity,
+    is_lm: Callable[[str], bool] = _everything,
+    raw_scores: Mapping[str, Mapping[str, float]] | None = None,
+) -> StateSummary:
+    """Convert ``mtq.auto_quantize``'s returned state into plain :class:`GroupScore` tuples.
+
+    ``state["candidate_stats"]`` maps ``"<module>.quant_recipe"`` to ``formats`` (recipe objects
+    whose ``str()`` is ``"NAME(effective-bits: B)"``), ``scores``, ``costs`` (weights x bits/16),
+    ``module_names`` and, in 0.47, ``uncompressed_cost``; ``state["best"]`` holds the chosen
+    ``recipe`` per key, ``constraints.effective_bits``, ``score`` and ``is_satisfied``.
+    ``name_map`` turns the names ModelOpt saw into full-model names; ``is_lm`` (on mapped names)
+    says which groups belong to the language model: only those are returned as groups, but every
+    group counts toward the whole-model effective bits.
+
+    ``raw_scores`` (``"<module>.quant_recipe"`` -> format label -> score) replaces the scores of
+    ``candidate_stats``, which ModelOpt clamps so that no format scores above a cheaper-or-equal
+    one listed before it (``min(score, previous)``): that hides non-monotone formats and gives a
+    second same-bit format (FP8 after INT8) the first one's score. The search result still comes
+    from the clamped scores, as ModelOpt ran it.
+    """
+    stats: Mapping[str, Mapping[str, Any]] = state["candidate_stats"]
+    best: Mapping[str, Any] = state.get("best", {})
+    chosen: Mapping[str, Any] = best.get("recipe", {})
+
+    groups: list[GroupScore] = []
+    disabled: list[str] = []
+    other: list[str] = []
+    nonfinite: list[str] = []
+    lm_cost = lm_weights = all_cost = all_weights = 0.0
+    for key, entry in stats.items():
+        name = name_map(group_name(key))
+        modules = tuple(name_map(m) for m in entry.get("module_names", ())) or (name,)
+        labels = [parse_label(str(recipe)) for recipe in entry["formats"]]
+        names = tuple(label for label, _ in labels)
+        costs = tuple(_number(c) for c in entry["costs"])
+        scores = tuple(_number(s) for s in entry["scores"])
+        raw = (raw_scores or {}).get(key)
+        if raw is not None and all(str(recipe) in raw for recipe in entry["formats"]):
+            scores = tuple(_number(raw[str(recipe)]) for recipe in entry["formats"])
+        if "uncompressed_cost" in entry:
+            weights = _number(entry["uncompressed_cost"])
+        else:
+            weights = costs[names.index(NO_QUANT)]
+        picked = chosen.get(key)
+        best_name = parse_label(str(picked))[0] if picked is not None else NO_QUANT
+        best_cost = costs[names.index(best_name)] if best_name in names else weights
+        all_cost += best_cost
+        all_weights += weights
+        if not all(is_lm(m) for m in modules):
+            other.append(name)
+            continue
+        lm_cost += best_cost
+        lm_weights += weights
+        if all(label == NO_QUANT for label in names):
+            disabled.append(name)
+            continue
+        if not all(math.isfinite(s) for s, label in zip(scores, names, strict=True) if label != NO_QUANT):
+            nonfinite.append(name)
+        groups.append(
+            GroupScore(
+                name=name,
+                module_names=modules,
+                formats=names,
+                bits=tuple(bits for _, bits in labels),
+                scores=scores,
+                costs=costs,
+                best_format=best_name,
+            )
+        )
+
+    constraints = best.get("constraints", {})
+    if "effective_bits" in constraints:
+        bits_model = _number(constraints["effective_bits"])
+    else:
+        bits_model = 16.0 * all_cost / all_weights if all_weights else math.nan
+    score = best.get("score")
+    total = _number(score) if score is not None else math.nan
+    if math.isinf(total) and not chosen:
+        total = math.nan  # ModelOpt's "no search ran" default
+    return StateSummary(
+        groups=tuple(groups),
+        disabled=tuple(disabled),
+        other=tuple(other),
+        effective_bits_lm=16.0 * lm_cost / lm_weights if lm_weights else math.nan,
+        effective_bits_model=bits_model,
+        total_score=total,
+        satisfied=bool(best.get("is_satisfied", False)),
+        method=str(state.get("method", "")),
+        lm_weights=lm_weights,
+        other_weights=all_weights - lm_weights,
+        nonfinite=tuple(nonfinite),
+    )
+
+
+def nonfinite_message(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return (
+        f"AutoQuant produced NaN or infinite sensitivity scores for {len(names)} recipe group(s): {shown}; "
+        "the forward/backward pass overflowed (try float32 or bfloat16, or fewer/shorter captions), "
+        "or set autoquant.allow_nonfinite = true to keep going"
+    )
+
+
+def collect_raw_scores(root: nn.Module) -> RawScores:
+    """Each recipe group's unclamped score per format, read from ModelOpt's hparams.
+
+    Only meaningful right after scoring ran in this process: a search restored from a
+    checkpoint has no per-module importances (the raw-score sidecar written then holds them).
+    """
+    from modelopt.torch.opt.utils import named_hparams
+    from modelopt.torch.quantization.algorithms import QuantRecipeHparam
+
+    raw: RawScores = {}
+    for name, hparam in named_hparams(root, configurable=True, unique=True):
+        if isinstance(hparam, QuantRecipeHparam):
+            raw[name] = {str(recipe): float(hparam.get_score(recipe)) for recipe in hparam.choices}
+    return raw
+
+
+def quantized_in_place(model: nn.Module) -> bool:
+    """Whether ModelOpt already put quantizers into ``model`` (a previous search in this process)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return any(isinstance(module, TensorQuantizer) for module in model.modules())
+
+
+def review_summary(summary: StateSummary, method: str, allow_nonfinite: bool, other_weights: int) -> None:
+    """Refuse a result that is not what was asked for; log what is merely imperfect."""
+    if summary.method != method:
+        raise AqmError(f"ModelOpt ran method {summary.method!r}, asked for {method!r}")
+    if summary.nonfinite:
+        if not allow_nonfinite:
+            raise AqmError(nonfinite_message(summary.nonfinite))
+        log.warning("%s (kept: allow_nonfinite)", nonfinite_message(summary.nonfinite).split(";")[0])
+    if other_weights and abs(summary.other_weights - other_weights) > 0.5:
+        log.warning(
+            "AutoQuant costed %d non-LM weights, %d were expected: the LM effective bits may miss the "
+            "target slightly",
+            int(summary.other_weights),
+            other_weights,
+        )
+    if not summary.satisfied:
+        log.warning("AutoQuant found no choice meeting the effective-bits constraint")
