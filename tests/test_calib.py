@@ -5,34 +5,54 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import attrs
 import pytest
 import torch
 
 from auto_quantize_model.artifacts import CalibData, LoadedModel
+from auto_quantize_model.backend.lm_forward import as_tensors
 from auto_quantize_model.core.batching import (
-    captions_label,
-    captions_sha256,
+    MemoryBudget,
     check_calib_spec,
-    make_calib_data,
+    check_padded_memory,
     pack_rows,
-    packed_batches,
+    packed_columns,
     pad_token_id,
-    padded_batches,
-    parse_captions,
-    read_captions,
+    padded_columns,
+    padded_memory,
     tokenize_captions,
     truncate,
 )
+from auto_quantize_model.core.captions import captions_label, captions_sha256, parse_captions, read_captions
 from auto_quantize_model.errors import AqmError, ConfigError, InputError, WiringError
 from auto_quantize_model.pipeline import Artifacts, Stage, check_wiring
 from auto_quantize_model.specs import CalibSpec
-from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
+from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader, make_calib_data
 from fakes import FakeTokenizer
 
 PAD = 0
 X = -100  # IGNORE_INDEX, short so expected tensors stay readable
+
+Batch = dict[str, torch.Tensor]
+
+
+def packed_batches(
+    token_lists: Sequence[Sequence[int]], seq_len: int, batch_size: int, pad_id: int
+) -> tuple[list[Batch], list[int]]:
+    """The packed layout as the stage hands it on: pure rows turned into int64 tensors."""
+    columns, counts = packed_columns(token_lists, seq_len, batch_size, pad_id)
+    assert all(isinstance(row, list) for c in columns for rows_ in c.values() for row in rows_)  # plain data
+    return [as_tensors(c) for c in columns], counts
+
+
+def padded_batches(
+    token_lists: Sequence[Sequence[int]], seq_len: int, batch_size: int, pad_id: int
+) -> tuple[list[Batch], list[int]]:
+    columns, counts = padded_columns(token_lists, seq_len, batch_size, pad_id)
+    return [as_tensors(c) for c in columns], counts
 
 
 def write(tmp_path: Path, content: str | bytes, name: str = "captions.txt") -> Path:
@@ -133,14 +153,22 @@ def test_tokenize_captions_refuses_a_caption_without_tokens() -> None:
         tokenize_captions(FakeTokenizer(), ["a", "   "])
 
 
-def test_pad_token_id_falls_back_to_eos_then_zero() -> None:
+def test_pad_token_id_falls_back_to_the_config_then_eos_and_refuses_neither() -> None:
+    """One rule for every padding (calibration, held-out rows, scoring limits): pad, config, eos."""
     tok = FakeTokenizer()
     tok.pad_token_id = 7
     assert pad_token_id(tok) == 7
     tok.pad_token_id = None
     assert pad_token_id(tok) == 2
+    text_config = SimpleNamespace(pad_token_id=5)
+    config = SimpleNamespace(pad_token_id=6, get_text_config=lambda: text_config)
+    assert pad_token_id(tok, config) == 5
+    text_config.pad_token_id = None
+    assert pad_token_id(tok, config) == 6
     tok.eos_token_id = None
-    assert pad_token_id(tok) == 0
+    with pytest.raises(InputError, match=r"set pad_token in tokenizer_config\.json"):
+        pad_token_id(tok)
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=[4, 9])) == 4
 
 
 def test_truncate_counts_only_captions_longer_than_seq_len() -> None:
@@ -300,7 +328,8 @@ def test_every_real_token_is_in_exactly_one_place_in_both_layouts() -> None:
     ("field", "value"), [("seq_len", 0), ("batch_size", -1), ("max_samples", 0), ("layout", "ragged")]
 )
 def test_check_calib_spec(field: str, value: Any) -> None:
-    with pytest.raises(ConfigError, match=rf"calib\.{field}"):
+    # numbers are refused by CalibSpec itself where it validates them, else by the check
+    with pytest.raises(ConfigError, match=rf"(calib|CalibSpec)\.{field}"):
         check_calib_spec(CalibSpec(**{field: value}))
 
 
@@ -331,6 +360,8 @@ def test_stage_builds_calib_data_from_a_file(tmp_path: Path) -> None:
     assert data.captions_per_batch == (3,)
     assert s.captions_path == str(path.resolve())
     assert s.captions_sha256 == hashlib.sha256(b"a red bus\ntwo dogs on grass\nthe sea\n").hexdigest()
+    assert data.captions == ("a red bus", "two dogs on grass", "the sea")  # validation leaves these out
+    assert captions_sha256(data.captions) == s.captions_sha256
 
 
 def test_stage_is_wired_as_a_stage_and_runs_the_padded_layout(tmp_path: Path) -> None:
@@ -346,6 +377,56 @@ def test_stage_is_wired_as_a_stage_and_runs_the_padded_layout(tmp_path: Path) ->
 
 
 def test_stage_checks_numbers_before_reading_the_file(tmp_path: Path) -> None:
-    stage = BuildCalibLoader(CalibSpec(captions=str(tmp_path / "missing.txt"), seq_len=0))
-    with pytest.raises(ConfigError, match=r"calib\.seq_len"):
+    def build_and_run() -> None:
+        stage = BuildCalibLoader(CalibSpec(captions=str(tmp_path / "missing.txt"), seq_len=0))
+        stage.run(Artifacts.of([loaded_with(FakeTokenizer())]))
+
+    with pytest.raises(ConfigError, match=r"(calib|CalibSpec)\.seq_len"):
+        build_and_run()
+
+
+# --------------------------------------------------------------------------- memory
+
+
+GIB = 2**30
+BUDGET = MemoryBudget(host_bytes=24 * GIB, device_bytes=24 * GIB, hidden_size=2560, layers=36)
+
+
+def test_padded_memory_estimate() -> None:
+    need = padded_memory(512, CalibSpec(seq_len=512, batch_size=8, layout="padded"), BUDGET)
+    assert need.batches == 512 * 512 * 4 * 8  # samples x positions x 4 int64 columns
+    assert need.mask == 8 * 512 * 512
+    assert need.activations == 8 * 512 * 2560 * 36 * 2 + need.mask
+    check_padded_memory(512, 40, CalibSpec(seq_len=512, batch_size=8, layout="padded"), BUDGET)
+
+
+def test_an_absurd_padded_seq_len_is_refused_with_an_estimate_and_the_fix() -> None:
+    spec = CalibSpec(seq_len=10**7, batch_size=8, max_samples=8, layout="padded")
+    with pytest.raises(ConfigError) as err:
+        check_padded_memory(8, 37, spec, BUDGET)
+    message = str(err.value)
+    assert message.startswith('calib.seq_len: 10000000 with calib.layout = "padded" needs about 2.38 GiB')
+    assert "8 captions x 10000000 positions x 4 columns x 8 bytes" in message
+    assert "and 4.47 GiB more while they are built" in message
+    assert "roughly 741 TiB of activations per batch of 8" in message
+    assert "hidden states of 36 layers x 2560 in 2-byte elements plus a 728 TiB attention mask" in message
+    assert "more than the model device's 24 GiB" in message
+    assert "set calib.seq_len = 37" in message
+    assert 'calib.layout = "packed"' in message
+    assert "\n" not in message
+    # the packed layout never pads a caption to seq_len: nothing to refuse
+    check_padded_memory(8, 37, attrs.evolve(spec, layout="packed"), BUDGET)
+
+
+def test_the_host_side_alone_can_refuse() -> None:
+    spec = CalibSpec(seq_len=4096, batch_size=1, max_samples=100_000, layout="padded")
+    small = MemoryBudget(host_bytes=8 * GIB, device_bytes=10**15)
+    with pytest.raises(ConfigError, match=r"more than this machine's 8 GiB of memory; the longest caption"):
+        check_padded_memory(100_000, 30, spec, small)
+
+
+def test_stage_refuses_an_absurd_padded_seq_len_before_building_rows(tmp_path: Path) -> None:
+    path = write(tmp_path, "a b\nc d e\n")
+    stage = BuildCalibLoader(CalibSpec(captions=str(path), max_samples=2, seq_len=10**12, layout="padded"))
+    with pytest.raises(ConfigError, match=r"calib\.seq_len: 1000000000000 .* set calib\.seq_len = 3"):
         stage.run(Artifacts.of([loaded_with(FakeTokenizer())]))

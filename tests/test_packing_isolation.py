@@ -11,6 +11,7 @@ to each other and these tests fail (the negative control shows by how much).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from torch import nn
 from transformers.models.qwen3_vl import Qwen3VLTextConfig, Qwen3VLTextModel
 
 from auto_quantize_model.backend.lm_forward import next_token_loss, selected_logits
-from auto_quantize_model.core.batching import packed_batches, padded_batches
+from auto_quantize_model.specs import CalibSpec
+from auto_quantize_model.stages.build_calib_loader import make_calib_data
 from builders import TINY_HIDDEN, tiny_qwen3_vl_text
 
 pytestmark = pytest.mark.slow
@@ -32,6 +34,31 @@ TOL = 1e-5
 LENGTHS = (5, 1, 9, 3, 16, 7, 2, 12, 4, 6, 1, 8, 3)
 
 Batch = dict[str, torch.Tensor]
+
+
+def _layout(
+    layout: Literal["packed", "padded"],
+    caps: Sequence[Sequence[int]],
+    seq_len: int,
+    batch_size: int,
+    pad_id: int,
+) -> tuple[list[Batch], list[int]]:
+    """Batches exactly as BuildCalibLoader hands them on (pure rows made int64 tensors)."""
+    spec = CalibSpec(max_samples=len(caps), seq_len=seq_len, batch_size=batch_size, layout=layout)
+    data = make_calib_data(caps, spec, pad_id=pad_id, captions_path="test", captions_sha256="")
+    return list(data.batches), list(data.captions_per_batch)
+
+
+def packed_batches(
+    caps: Sequence[Sequence[int]], seq_len: int, batch_size: int, pad_id: int
+) -> tuple[list[Batch], list[int]]:
+    return _layout("packed", caps, seq_len, batch_size, pad_id)
+
+
+def padded_batches(
+    caps: Sequence[Sequence[int]], seq_len: int, batch_size: int, pad_id: int
+) -> tuple[list[Batch], list[int]]:
+    return _layout("padded", caps, seq_len, batch_size, pad_id)
 
 
 def tiny_lm(attn_implementation: str) -> tuple[nn.Module, nn.Module]:

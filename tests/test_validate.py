@@ -6,7 +6,7 @@ import copy
 import itertools
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import attrs
 import pytest
@@ -16,37 +16,39 @@ from auto_quantize_model.artifacts import (
     CalibStats,
     LanguageModel,
     LoadedModel,
+    QuantSearch,
     SensitivityScores,
     ValidationReport,
 )
 from auto_quantize_model.backend.measure import (
     Candidate,
-    captions_file,
     correlation_notes,
-    holdout_batches,
+    held_out_set,
     holdout_captions,
-    load_holdout,
     rank_candidates,
     rank_overlap,
-    read_captions,
-    recipe_name,
     select_groups,
-    strongest_format,
-    tokenize_captions,
+    selection_notes,
 )
-from auto_quantize_model.core.batching import captions_sha256
-from auto_quantize_model.errors import AqmError, InputError
-from auto_quantize_model.pipeline import Artifacts
+from auto_quantize_model.core.batching import encode, holdout_columns, scorable
+from auto_quantize_model.core.captions import caption_file, captions_sha256, read_caption_file
+from auto_quantize_model.core.ranking import rank_groups
+from auto_quantize_model.core.scores import recipe_name
+from auto_quantize_model.errors import AqmError, InputError, WiringError
+from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.specs import ValidateSpec
 from auto_quantize_model.stages.validate_sensitivity import ValidateSensitivity
-from builders import NONE, fp8, group, int8, tiny_qwen3_vl
-from fakes import FakeTokenizer
+from builders import NONE, fp8, group, int8, scores, tiny_qwen3_vl
+from fakes import FakeTokenizer, fake_loaded
 
 if TYPE_CHECKING:
     import torch
 
 
 def ranked(n: int) -> tuple[Candidate, ...]:
+    """``n`` candidates ``g00``.. scored 0, 1, ... (so ``g00`` ranks last); none for ``n == 0``."""
+    if n == 0:
+        return ()
     candidates, _ = rank_candidates([group(f"g{i:02d}", int8(float(i)), NONE) for i in range(n)])
     return candidates
 
@@ -61,18 +63,21 @@ def test_recipe_name_drops_the_effective_bits_suffix() -> None:
     assert recipe_name("w8a8_per_channel") == "w8a8_per_channel"
 
 
-def test_strongest_format_is_the_max_score_over_quantized_formats() -> None:
-    g = group("a", fp8(0.5), int8(2.0), NONE)
-    assert strongest_format(g) == ("INT8_DEFAULT_CFG", 2.0)
-    assert strongest_format(group("b", NONE)) is None
-    nan_first = group("c", fp8(math.nan), int8(1.0), NONE)
-    assert strongest_format(nan_first) == ("INT8_DEFAULT_CFG", 1.0)
-    fmt, score = strongest_format(group("d", int8(math.nan), NONE)) or ("", 0.0)
-    assert fmt == "INT8_DEFAULT_CFG"
-    assert math.isnan(score)
+def test_the_measured_format_is_the_one_setting_the_manifest_importance() -> None:
+    candidates, notes = rank_candidates(
+        [
+            group("a", fp8(0.5), int8(2.0), NONE),
+            group("b", NONE),
+            group("c", fp8(math.nan), int8(1.0), NONE),  # NaN importance, as in the manifest
+            group("d", int8(math.nan), NONE),
+        ]
+    )
+    assert [(c.name, c.format, c.importance) for c in candidates] == [("a", "INT8_DEFAULT_CFG", 2.0)]
+    assert "1 group(s) without a quantized format" in notes[0]
+    assert notes[1] == "2 group(s) with NaN scores left out: c, d"
 
 
-def test_rank_candidates_orders_descending_and_leaves_out_unmeasurable_groups() -> None:
+def test_rank_candidates_orders_as_the_manifest_and_leaves_out_unmeasurable_groups() -> None:
     groups = [
         group("low", int8(1.0), NONE),
         group("high", int8(9.0), NONE),
@@ -82,11 +87,54 @@ def test_rank_candidates_orders_descending_and_leaves_out_unmeasurable_groups() 
         group("broken", int8(math.nan), NONE),
     ]
     candidates, notes = rank_candidates(groups)
-    assert [c.name for c in candidates] == ["high", "tie_a", "tie_b", "low"]
-    assert [c.rank for c in candidates] == [1, 2, 3, 4]
+    # ties in network order, and "broken" (NaN) keeps rank 1 although it is not measured
+    assert [c.name for c in candidates] == ["high", "tie_b", "tie_a", "low"]
+    assert [c.rank for c in candidates] == [2, 3, 4, 5]
     assert len(notes) == 2
     assert "without a quantized format" in notes[0]
     assert "broken" in notes[1]
+
+
+def test_a_validated_group_ranks_as_in_the_manifest() -> None:
+    """Ties (equal importance, zeros) in network order and NaN first, exactly as the manifest ranks."""
+    groups = [
+        group("zero_a", int8(0.0), NONE),
+        group("tie_1", fp8(0.5), int8(3.0), NONE),
+        group("vision", NONE),
+        group("nan", int8(math.nan), fp8(1.0), NONE),
+        group("tie_2", int8(3.0), NONE),
+        group("inf", int8(math.inf), NONE),
+        group("zero_b", int8(0.0), NONE),
+        group("layers.10", int8(2.0), NONE),
+        group("layers.2", int8(2.0), NONE),
+    ]
+    manifest = {g.name: g for g in rank_groups(groups)}
+    candidates, _ = rank_candidates(groups)
+    assert {c.name: c.rank for c in candidates} == {
+        name: g.rank for name, g in manifest.items() if name not in ("nan", "vision")
+    }
+    assert all(c.importance == manifest[c.name].importance for c in candidates)
+    assert [c.name for c in candidates] == [
+        "inf", "tie_1", "tie_2", "layers.10", "layers.2", "zero_a", "zero_b"
+    ]  # fmt: skip
+    head = next(c for c in candidates if c.name == "tie_1")
+    assert head.format == "INT8_DEFAULT_CFG"
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        [],
+        [group("vision", NONE)],
+        [group("nan", int8(math.nan), NONE), group("vision", NONE)],
+        [group("inf", int8(math.inf), NONE)],
+    ],
+)
+def test_an_empty_ranking_is_a_clear_error(groups: list[Any]) -> None:
+    with pytest.raises(
+        AqmError, match=r"^nothing to validate: none of the \d+ recipe group\(s\) has a finite"
+    ):
+        rank_candidates(groups)
 
 
 def test_select_groups_sizes_disjoint_and_seeded() -> None:
@@ -115,18 +163,35 @@ def test_select_groups_with_few_candidates(n: int, k: int, sizes: tuple[int, int
     assert len(names) == len(set(names))
 
 
-def test_read_captions_skips_blank_lines_and_strips(tmp_path: Path) -> None:
+def test_k_beyond_the_groups_is_a_note_saying_what_was_asked_and_measured() -> None:
+    assert selection_notes(2, 6, select_groups(ranked(6), k=2, seed=0)) == ()
+    (few,) = selection_notes(2, 5, select_groups(ranked(5), k=2, seed=0))
+    assert few == (
+        "validate.k = 2 asks for 2 top, 2 bottom and 2 random groups, but only 5 group(s) can be "
+        "validated: measured 2 top, 2 bottom and 1 random"
+    )
+    (beyond,) = selection_notes(10, 3, select_groups(ranked(3), k=10, seed=0))
+    assert beyond.startswith("validate.k = 10 asks for 10 top")
+    assert beyond.endswith("measured 3 top, 0 bottom and 0 random; the top-k overlap uses k = 3")
+
+
+def test_read_caption_file_skips_blank_lines_and_strips(tmp_path: Path) -> None:
     path = tmp_path / "c.txt"
     path.write_text("  a cat \n\n\t\nA dog.\n", encoding="utf-8")
-    assert read_captions(path) == ("a cat", "A dog.")
+    assert read_caption_file(path) == ("a cat", "A dog.")
     with pytest.raises(InputError, match=r"missing\.txt"):
-        read_captions(tmp_path / "missing.txt")
+        read_caption_file(tmp_path / "missing.txt")
 
 
 def test_builtin_names_the_package_captions() -> None:
-    path = captions_file("builtin")
+    path = caption_file("builtin")
     assert path.parts[-3:] == ("auto_quantize_model", "data", "captions.txt")
-    assert captions_file("x/y.txt") == Path("x/y.txt")
+    assert caption_file("builtin-holdout").parts[-3:] == (
+        "auto_quantize_model",
+        "data",
+        "holdout-captions.txt",
+    )
+    assert caption_file("x/y.txt") == Path("x/y.txt")
 
 
 def test_holdout_captions_exclude_calibration_text_and_keep_order() -> None:
@@ -153,34 +218,75 @@ def _stats(path: Path, samples: int, sha: str = "") -> CalibStats:
     )
 
 
-def test_load_holdout_rereads_the_calibration_captions(tmp_path: Path) -> None:
-    calib_file = tmp_path / "calib.txt"
-    calib_file.write_text("one\ntwo\n\nthree\nfour\n", encoding="utf-8")
-    other = tmp_path / "other.txt"
-    other.write_text("four\nthree\nfive\ntwo\nsix\n", encoding="utf-8")
-    used = ("one", "two", "three")
-    calib = CalibData(batches=(), captions_per_batch=(), stats=_stats(calib_file, 3, captions_sha256(used)))
-    texts, skipped, source, notes = load_holdout(ValidateSpec(holdout_captions=str(other)), calib)
-    assert texts == ("four", "five", "six")  # "four" was not among the 3 calibration captions
-    assert skipped == 2
-    assert source == str(other)
-    assert notes == (f"{other}: only 3 held-out caption(s), 64 asked",)
-    same_file = ValidateSpec(holdout_captions=str(calib_file))
-    texts, skipped, _, _ = load_holdout(same_file, calib)
-    assert (texts, skipped) == (("four",), 3)
-    all_used = attrs.evolve(calib, stats=_stats(calib_file, 4, captions_sha256((*used, "four"))))
-    with pytest.raises(AqmError, match=r"calib\.txt: no held-out captions left"):
-        load_holdout(same_file, all_used)
-
-
-def test_load_holdout_refuses_a_calibration_file_changed_since(tmp_path: Path) -> None:
-    calib_file = tmp_path / "calib.txt"
-    calib_file.write_text("one\ntwo\nthree\n", encoding="utf-8")
-    calib = CalibData(
-        batches=(), captions_per_batch=(), stats=_stats(calib_file, 2, captions_sha256(("1", "2")))
+def _calib(path: Path, used: tuple[str, ...]) -> CalibData:
+    return CalibData(
+        batches=(), captions_per_batch=(), stats=_stats(path, len(used), captions_sha256(used)), captions=used
     )
-    with pytest.raises(AqmError, match=r"calib\.txt: its first 2 captions changed since calibration"):
-        load_holdout(ValidateSpec(holdout_captions=str(calib_file)), calib)
+
+
+def test_held_out_set_leaves_out_the_calibration_texts_it_is_handed(tmp_path: Path) -> None:
+    calib_file = tmp_path / "calib.txt"
+    calib_file.write_text("one a\ntwo a\n\nthree a\nfour a\n", encoding="utf-8")
+    other = tmp_path / "other.txt"
+    other.write_text("four a\nthree a\nfive a\ntwo a\nsix a\n", encoding="utf-8")
+    calib = _calib(calib_file, ("one a", "two a", "three a"))
+    calib_file.rename(tmp_path / "moved.txt")  # validation never reads the calibration file again
+    held = held_out_set(ValidateSpec(holdout_captions=str(other)), calib, FakeTokenizer())
+    assert held.texts == ("four a", "five a", "six a")  # "four a" was not among the 3 calibration captions
+    assert held.skipped == 2
+    assert held.source == str(other)
+    assert held.notes == (
+        f"validate.holdout_samples = 64 asked, 3 used: {other} has 3 caption(s) calibration did not use",
+    )
+    (tmp_path / "moved.txt").rename(calib_file)
+    held = held_out_set(ValidateSpec(holdout_captions=str(calib_file)), calib, FakeTokenizer())
+    assert (held.texts, held.skipped) == (("four a",), 3)
+    all_used = _calib(calib_file, ("one a", "two a", "three a", "four a"))
+    with pytest.raises(AqmError, match=r"calib\.txt: no held-out captions left"):
+        held_out_set(ValidateSpec(holdout_captions=str(calib_file)), all_used, FakeTokenizer())
+
+
+def test_held_out_set_counts_captions_too_short_to_score(tmp_path: Path) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text("one\ntwo words\nthree\nfour more words\n", encoding="utf-8")
+    spec = ValidateSpec(holdout_captions=str(other), holdout_samples=3)
+    held = held_out_set(spec, _calib(tmp_path / "c.txt", ("x y",)), FakeTokenizer())
+    assert held.texts == ("one", "two words", "three")
+    assert len(held.token_lists) == 1
+    assert held.notes == (
+        f"validate.holdout_samples = 3 asked, 1 used: {other} has 3 caption(s) calibration did not use, "
+        "2 of them shorter than 2 tokens",
+    )
+
+
+def test_held_out_set_refuses_calibration_data_without_its_texts(tmp_path: Path) -> None:
+    calib = CalibData(batches=(), captions_per_batch=(), stats=_stats(tmp_path / "calib.txt", 2))
+    with pytest.raises(AqmError, match=r"carries 0 caption text\(s\) for 2 calibration samples"):
+        held_out_set(ValidateSpec(), calib, FakeTokenizer())
+
+
+def test_validation_of_scores_read_from_disk_is_refused_before_anything_runs() -> None:
+    """Scores alone do not hold ModelOpt's search: validation needs RunAutoQuant's QuantSearch."""
+    lm = LanguageModel(
+        module=cast(Any, None),
+        lm_head=cast(Any, None),
+        prefix="",
+        head_name="lm_head",
+        full_model=cast(Any, None),
+        vision_modules=(),
+        scope="language_model",
+        pad_token_id=0,
+    )
+    supplied = [
+        fake_loaded(FakeTokenizer()),
+        lm,
+        _calib(Path("c.txt"), ("a b",)),
+        scores(group("g", int8(1.0))),
+    ]
+    with pytest.raises(WiringError, match=r"ValidateSensitivity needs a QuantSearch artifact"):
+        Pipeline([ValidateSensitivity()], supplied=supplied).check()
+    search = QuantSearch(model=cast(Any, None), formats=("INT8_DEFAULT_CFG",), method="gradient")
+    Pipeline([ValidateSensitivity()], supplied=[*supplied, search]).check()
 
 
 def test_correlation_notes_say_why_a_value_is_nan() -> None:
@@ -192,25 +298,26 @@ def test_correlation_notes_say_why_a_value_is_nan() -> None:
 
 def test_rank_overlap_compares_predicted_and_measured_top_k() -> None:
     candidates = ranked(4)  # importance g03 > g02 > g01 > g00
-    measured = [0.1, 0.4, 0.3, math.nan]  # for g03, g02, g01, g00: damage top-2 is g02, g01
+    measured = [0.1, 0.4, 0.3, math.nan]  # for g03, g02, g01, g00: NaN first, so top-2 is g00, g02
     assert rank_overlap(candidates, measured, 2) == 0.5
     assert rank_overlap(candidates, [4.0, 3.0, 2.0, 1.0], 2) == 1.0
     assert rank_overlap(candidates, [1.0, 2.0, 3.0, 4.0], 2) == 0.0
+    assert rank_overlap(candidates, [1.0, 1.0, 1.0, 1.0], 2) == 1.0  # measured ties: in rank order
 
 
-def test_tokenize_captions_truncates_and_drops_one_token_captions() -> None:
+def test_scorable_truncates_and_drops_one_token_captions() -> None:
     tokenizer = FakeTokenizer(first_id=1, forbid_special_tokens=True)
-    ids = tokenize_captions(tokenizer, ["a b c d", "x", "e f"], max_len=3)
+    ids = scorable(encode(tokenizer, ["a b c d", "x", "e f"]), max_len=3)
     assert ids == [[1, 2, 3], [6, 7]]
 
 
 def test_holdout_batches_one_caption_per_row_with_padding_out_of_the_loss() -> None:
     import torch
 
-    from auto_quantize_model.backend.lm_forward import target_index
+    from auto_quantize_model.backend.lm_forward import as_tensors, target_index
 
     lists = [[5, 6, 7], [8, 9], [1, 2, 3, 4], [3, 3]]
-    batches = holdout_batches(lists, pad_id=0, rows=3)
+    batches = [as_tensors(b) for b in holdout_columns(lists, pad_id=0, rows=3)]
     assert [b["input_ids"].shape for b in batches] == [torch.Size([3, 3]), torch.Size([1, 4])]
     first = batches[0]
     assert first["input_ids"].tolist() == [[8, 9, 0], [3, 3, 0], [5, 6, 7]]
@@ -252,7 +359,8 @@ def word_tokenizer() -> Any:
 
 def scores_artifact(state: dict[str, Any]) -> SensitivityScores:
     """The plain scores artifact from ModelOpt's search state, as RunAutoQuant hands it on."""
-    from auto_quantize_model.backend.modelopt.autoquant import scores_from_state, textlm_name_map
+    from auto_quantize_model.backend.modelopt.plan import textlm_name_map
+    from auto_quantize_model.backend.modelopt.state import scores_from_state
 
     summary = scores_from_state(state, textlm_name_map("model.language_model", "lm_head"))
     return SensitivityScores(
@@ -293,7 +401,7 @@ def autoquant_and_validate(tmp_path: Path, formats: list[str], spec: ValidateSpe
     import torch
     from modelopt.torch.opt.utils import named_hparams
 
-    from auto_quantize_model.backend.lm_forward import TextLM, next_token_loss, selected_logits
+    from auto_quantize_model.backend.lm_forward import TextLM, as_tensors, next_token_loss, selected_logits
 
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(caption_lines()) + "\n", encoding="utf-8")
@@ -302,8 +410,9 @@ def autoquant_and_validate(tmp_path: Path, formats: list[str], spec: ValidateSpe
     pristine = copy.deepcopy(model)
     decoder, head = model.model.language_model, model.lm_head
 
-    calib_ids = tokenize_captions(tokenizer, read_captions(captions)[:CALIB_SAMPLES], 32)
-    calib_batches = holdout_batches(calib_ids, pad_id=0, rows=6)
+    calib_texts = read_caption_file(captions)[:CALIB_SAMPLES]
+    calib_ids = scorable(encode(tokenizer, calib_texts), 32)
+    calib_batches = [as_tensors(b) for b in holdout_columns(calib_ids, pad_id=0, rows=6)]
     _, state = mtq.auto_quantize(
         TextLM(decoder, head),
         constraints={"effective_bits": 8.0},
@@ -316,7 +425,7 @@ def autoquant_and_validate(tmp_path: Path, formats: list[str], spec: ValidateSpe
         verbose=False,
         method="gradient",
     )
-    scores = scores_artifact(state)
+    found = scores_artifact(state)
     hparams = {
         n.removesuffix(".quant_recipe"): h for n, h in named_hparams(model) if n.endswith(".quant_recipe")
     }
@@ -337,11 +446,13 @@ def autoquant_and_validate(tmp_path: Path, formats: list[str], spec: ValidateSpe
     calib = CalibData(
         batches=tuple(calib_batches),
         captions_per_batch=tuple(b["input_ids"].shape[0] for b in calib_batches),
-        stats=_stats(captions, CALIB_SAMPLES, captions_sha256(read_captions(captions)[:CALIB_SAMPLES])),
+        stats=_stats(captions, CALIB_SAMPLES, captions_sha256(calib_texts)),
+        captions=calib_texts,
     )
-    inputs = Artifacts.of([loaded, lm, calib, scores])
+    search = QuantSearch(model=model, formats=tuple(formats), method="gradient")
+    inputs = Artifacts.of([loaded, lm, calib, found, search])
 
-    batch = holdout_batches(tokenize_captions(tokenizer, caption_lines()[-8:], 32), pad_id=0)[0]
+    batch = as_tensors(holdout_columns(scorable(encode(tokenizer, caption_lines()[-8:]), 32), pad_id=0)[0])
 
     def snapshot() -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
         with torch.inference_mode():
@@ -410,16 +521,16 @@ def pristine_nll(run: Run, model: Any = None) -> float:
     """Mean held-out NLL of the model before AutoQuant (or of ``model``), computed independently."""
     import torch
 
-    from auto_quantize_model.backend.lm_forward import selected_logits, target_index
+    from auto_quantize_model.backend.lm_forward import as_tensors, selected_logits, target_index
 
-    tokenizer = run.inputs.get(LoadedModel).tokenizer
-    texts, _, _, _ = load_holdout(
+    held = held_out_set(
         ValidateSpec(holdout_captions=run.report.holdout_source, holdout_samples=run.report.holdout_samples),
         run.inputs.get(CalibData),
+        run.inputs.get(LoadedModel).tokenizer,
     )
     total, count = 0.0, 0
     with torch.inference_mode():
-        for batch in holdout_batches(tokenize_captions(tokenizer, texts, 32), pad_id=0):
+        for batch in map(as_tensors, holdout_columns(held.token_lists, pad_id=0)):
             source = run.pristine if model is None else model
             logits = selected_logits(source.model.language_model, source.lm_head, batch)
             _, targets = target_index(batch)
@@ -433,10 +544,12 @@ def pristine_nll(run: Run, model: Any = None) -> float:
 def test_held_out_captions_are_disjoint_from_calibration(int8_run: Run) -> None:
     report = int8_run.report
     calib = int8_run.inputs.get(CalibData)
-    calib_text = set(read_captions(Path(calib.stats.captions_path))[: calib.stats.samples])
-    texts, _, _, _ = load_holdout(
-        ValidateSpec(holdout_captions=report.holdout_source, holdout_samples=20), calib
-    )
+    calib_text = set(read_caption_file(Path(calib.stats.captions_path))[: calib.stats.samples])
+    texts = held_out_set(
+        ValidateSpec(holdout_captions=report.holdout_source, holdout_samples=20),
+        calib,
+        int8_run.inputs.get(LoadedModel).tokenizer,
+    ).texts
     assert report.holdout_excluded == CALIB_SAMPLES
     assert report.holdout_samples == len(texts) == 20
     assert not calib_text & set(texts)
@@ -456,6 +569,33 @@ def test_selection_sizes_and_ranks(int8_run: Run) -> None:
     n_groups = len(scores.groups)
     assert sorted(g.rank for g in by_kind["bottom"]) == [n_groups - 1, n_groups]
     assert all(g.format == "INT8_DEFAULT_CFG" for g in report.groups)
+    manifest = {g.name: g for g in rank_groups(scores.groups)}
+    assert all(
+        (g.rank, g.score) == (manifest[g.name].rank, manifest[g.name].importance) for g in report.groups
+    )
+
+
+@pytest.mark.slow
+def test_settings_beyond_the_data_are_noted_not_clamped_silently(
+    int8_run: Run, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second validation of the same search (the first put the model back) asks for too much."""
+    n_groups = len(int8_run.inputs.get(SensitivityScores).groups)
+    spec = ValidateSpec(k=50, holdout_samples=1000, holdout_captions=int8_run.report.holdout_source)
+    with caplog.at_level("WARNING", logger="auto_quantize_model"):
+        report = ValidateSensitivity(spec).run(int8_run.inputs)
+    held_out = len(caption_lines()) - CALIB_SAMPLES
+    expected = (
+        f"validate.k = 50 asks for 50 top, 50 bottom and 50 random groups, but only {n_groups} group(s) "
+        f"can be validated: measured {n_groups} top, 0 bottom and 0 random; the top-k overlap uses "
+        f"k = {n_groups}",
+        f"validate.holdout_samples = 1000 asked, {held_out} used: {spec.holdout_captions} has {held_out} "
+        "caption(s) calibration did not use",
+    )
+    assert all(note in report.notes for note in expected), report.notes
+    assert all(f"validation: {note}" in caplog.messages for note in expected)
+    assert (report.k, len(report.groups), report.holdout_samples) == (n_groups, n_groups, held_out)
+    assert report.restored_exactly
 
 
 @pytest.mark.slow
@@ -505,7 +645,6 @@ def test_pipeline_validates_after_autoquant(
 
     pytest.importorskip("modelopt.torch.quantization")
     from auto_quantize_model.backend.lm_forward import selected_logits
-    from auto_quantize_model.pipeline import Pipeline
     from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec
     from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
     from auto_quantize_model.stages.extract_lm import ExtractLM
@@ -541,6 +680,8 @@ def test_pipeline_validates_after_autoquant(
     assert len(report.groups) == 6
     scored = {g.name for g in before.get(SensitivityScores).groups}
     assert {g.name for g in report.groups} <= scored
+    manifest = {g.name: g.rank for g in rank_groups(before.get(SensitivityScores).groups)}
+    assert all(g.rank == manifest[g.name] for g in report.groups)
     assert not any(".visual" in g.name for g in report.groups)
     for value in (report.spearman_nll, report.kendall_nll, report.spearman_kl, report.kendall_kl):
         assert math.isnan(value) or -1.0 <= value <= 1.0

@@ -7,15 +7,41 @@ previous tool (batch x seq x 151,936 floats).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from auto_quantize_model.core.batching import IGNORE_INDEX as IGNORE_INDEX
+
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import LanguageModel
+    from auto_quantize_model.core.batching import Columns
 
-IGNORE_INDEX = -100
+
+def as_tensors(columns: Columns) -> dict[str, torch.Tensor]:
+    """A batch of plain rows (:mod:`~auto_quantize_model.core.batching`) as int64 CPU tensors."""
+    return {key: torch.tensor(rows, dtype=torch.int64) for key, rows in columns.items()}
+
+
+def input_device(decoder: nn.Module) -> torch.device:
+    """Where a batch must go: the input embeddings' device (with ``device_map`` the model spans
+    several), else the first parameter's, else the CPU."""
+    embeddings = getattr(decoder, "get_input_embeddings", None)
+    if callable(embeddings):
+        with contextlib.suppress(Exception):
+            weight = getattr(embeddings(), "weight", None)
+            if isinstance(weight, torch.Tensor):
+                return weight.device
+    for param in decoder.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 class TextLM(nn.Module):

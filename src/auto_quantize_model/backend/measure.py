@@ -1,24 +1,15 @@
-"""ValidateSensitivity: measure, on held-out captions, the damage AutoQuant only predicted.
+"""Held-out measurement for ValidateSensitivity: the damage AutoQuant only predicted.
 
-AutoQuant's score is a Taylor/Fisher proxy. This stage quantizes a few recipe groups one at a
-time (everything else in full precision) and measures the real increase in next-token loss
-(ΔNLL) and the KL divergence to the unquantized model, then says how well the predicted ranking
-matches the measured one.
+AutoQuant's score is a Taylor/Fisher proxy. Validation quantizes a few recipe groups one at a
+time (everything else in full precision, through
+:class:`~auto_quantize_model.backend.modelopt.recipe_switch.RecipeSwitch`) and measures the real
+increase in next-token loss (ΔNLL) and the KL divergence to the unquantized model on captions
+calibration never saw, then says how well the predicted ranking matches the measured one.
 
-It reuses the model :class:`RunAutoQuant` left in memory instead of loading it again: every
-recipe group still carries ModelOpt's ``QuantRecipeHparam`` with each candidate format's
-quantizers calibrated, and setting ``hparam.active`` swaps a group's quantizers between them.
-Everything is put back at the end, bit for bit (the report says whether that check passed).
-
-One ModelOpt detail matters here. At the end of its search ModelOpt folds the weight-side
-smoothing scale of the chosen recipe into the weights (``QuantRecipe.fold_pqs_to_weights``): for
-SmoothQuant/AWQ-style formats the weights become ``W * s`` and that recipe's input quantizer
-multiplies activations by ``1 / s``. Switched to any other recipe, or to no quantization, such a
-layer would compute with ``W * s`` and no ``1 / s``: a badly wrong "unquantized" model. So while
-a folded layer is not on its chosen recipe, this stage gives it back ``W`` (reconstructed as
-``W' * (1 / s)``, exact to the rounding of the weight dtype) and swaps ``W'`` back bit-exactly
-whenever the chosen recipe is active again. With tied embeddings a folded lm_head also rescales
-the embedding table (same tensor); the reconstruction undoes that too while it is in place.
+The predicted side is the manifest's: importance, the format that sets it and the rank (ties in
+network order, NaN first) all come from :mod:`auto_quantize_model.core.scores`, so a validated
+group's rank is its rank in the manifest. Nothing here imports torch at module level; the pure
+helpers (ranking, selection, held-out text, notes) take plain data.
 """
 
 from __future__ import annotations
@@ -26,64 +17,46 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
-from collections.abc import Mapping, Sequence
-from importlib import resources
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
-from auto_quantize_model.artifacts import (
-    CalibData,
-    GroupScore,
-)
+from auto_quantize_model.artifacts import ValidatedGroup, ValidationReport
 from auto_quantize_model.core import stats
-from auto_quantize_model.errors import AqmError, InputError
-from auto_quantize_model.specs import ValidateSpec
+from auto_quantize_model.core.batching import encode, holdout_columns, scorable
+from auto_quantize_model.core.captions import caption_file, read_caption_file
+from auto_quantize_model.core.scores import (
+    has_quantized_format,
+    headline_index,
+    importance,
+    rank_order,
+    ranks,
+)
+from auto_quantize_model.errors import AqmError, ConfigError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-log = logging.getLogger("auto_quantize_model")
+    from auto_quantize_model.artifacts import CalibData, GroupScore, LanguageModel
+    from auto_quantize_model.backend.modelopt.recipe_switch import RecipeSwitch
+    from auto_quantize_model.specs import ValidateSpec
 
-NO_QUANT = "NONE"
-BUILTIN = "builtin"
-BUILTIN_HOLDOUT = "builtin-holdout"
-ROWS_PER_BATCH = 16
-"""Held-out captions per forward pass; one caption per row, so the batch is short and cheap."""
+log = logging.getLogger("auto_quantize_model")
 
 Selection = Literal["top", "bottom", "random"]
 
-_BITS_SUFFIX = re.compile(r"\(effective-bits:[^()]*\)\s*$")
-
 
 # --------------------------------------------------------------------------------------------
-# Pure helpers: plain inputs, plain outputs
+# What to measure (pure)
 
 
-def recipe_name(recipe: object) -> str:
-    """ModelOpt's recipe label without its ``(effective-bits: x)`` suffix, e.g. ``INT8_DEFAULT_CFG``."""
-    return _BITS_SUFFIX.sub("", str(recipe)).strip()
-
-
-def strongest_format(group: GroupScore) -> tuple[str, float] | None:
-    """The quantized format the group's importance comes from, and that importance.
-
-    Importance is the largest score over the group's quantized formats (the manifest's
-    definition). None when the group has no quantized format (disabled layers). NaN scores are
-    skipped; a group whose quantized scores are all NaN gets NaN importance.
-    """
-    quantized = [
-        (fmt, score) for fmt, score in zip(group.formats, group.scores, strict=True) if fmt != NO_QUANT
-    ]
-    if not quantized:
-        return None
-    ordered = [pair for pair in quantized if not math.isnan(pair[1])]
-    if not ordered:
-        return quantized[0][0], math.nan
-    return max(ordered, key=lambda pair: pair[1])
+def check_validate_spec(spec: ValidateSpec) -> None:
+    for key in ("k", "holdout_samples"):
+        value = getattr(spec, key)
+        if value < 1:
+            raise ConfigError(f"validate.{key} must be >= 1, got {value}")
 
 
 @attrs.frozen
@@ -92,40 +65,46 @@ class Candidate:
 
     name: str
     format: str
+    """The format that sets the group's importance (the manifest's headline format)."""
     importance: float
     rank: int
-    """1 = most sensitive, over every candidate (the manifest's order, ties broken by name)."""
+    """The group's rank in the manifest: 1 = most sensitive, over every group."""
 
 
 def rank_candidates(groups: Sequence[GroupScore]) -> tuple[tuple[Candidate, ...], tuple[str, ...]]:
-    """Groups ordered most sensitive first, and notes on the groups left out.
+    """Groups that can be measured, most sensitive first with their manifest ranks, and notes on
+    the groups left out.
 
     Left out: groups with no quantized format (nothing to measure) and groups whose importance
-    is NaN (they have no place in a ranking).
+    is NaN (they rank first in the manifest but have no place in a correlation). Their ranks
+    still count, so the ranks of the others are the manifest's.
     """
+    values = [importance(g.formats, g.scores) for g in groups]
+    ranked = ranks(values)
+    unquantizable = [g.name for g in groups if not has_quantized_format(g.formats)]
+    nan_groups = [
+        g.name
+        for g, v in zip(groups, values, strict=True)
+        if has_quantized_format(g.formats) and math.isnan(v)
+    ]
+    kept = [
+        Candidate(g.name, g.formats[headline_index(g.formats, g.scores)], value, rank)
+        for g, value, rank in zip(groups, values, ranked, strict=True)
+        if has_quantized_format(g.formats) and not math.isnan(value)
+    ]
     notes: list[str] = []
-    kept: list[tuple[str, str, float]] = []
-    unquantizable: list[str] = []
-    nan_groups: list[str] = []
-    for group in groups:
-        picked = strongest_format(group)
-        if picked is None:
-            unquantizable.append(group.name)
-        elif math.isnan(picked[1]):
-            nan_groups.append(group.name)
-        else:
-            kept.append((group.name, picked[0], picked[1]))
     if unquantizable:
         notes.append(f"{len(unquantizable)} group(s) without a quantized format left out")
     if nan_groups:
         shown = ", ".join(nan_groups[:5]) + (" ..." if len(nan_groups) > 5 else "")
         notes.append(f"{len(nan_groups)} group(s) with NaN scores left out: {shown}")
-    kept.sort(key=lambda item: (-item[2], item[0]))
-    ranked = tuple(
-        Candidate(name=name, format=fmt, importance=score, rank=index)
-        for index, (name, fmt, score) in enumerate(kept, start=1)
-    )
-    return ranked, tuple(notes)
+    if not any(math.isfinite(c.importance) for c in kept):
+        raise AqmError(
+            f"nothing to validate: none of the {len(groups)} recipe group(s) has a finite score for a "
+            f"quantized format ({len(unquantizable)} offer only NONE, {len(nan_groups)} scored NaN, "
+            f"{len(kept)} infinite); read the score health in the report before validating"
+        )
+    return tuple(sorted(kept, key=lambda c: c.rank)), tuple(notes)
 
 
 @attrs.frozen
@@ -161,30 +140,22 @@ def select_groups(ranked: Sequence[Candidate], k: int, seed: int) -> GroupSelect
     return GroupSelection(top=top, bottom=bottom, random=tuple(sorted(drawn, key=lambda c: c.rank)))
 
 
-def builtin_captions() -> Path:
-    """The captions file shipped with the package (``auto_quantize_model/data/captions.txt``)."""
-    return Path(str(resources.files("auto_quantize_model") / "data" / "captions.txt"))
+def selection_notes(k: int, candidates: int, selection: GroupSelection) -> tuple[str, ...]:
+    """What ``validate.k`` asked for and what could be measured, when the groups fall short."""
+    if candidates >= 3 * k:
+        return ()
+    note = (
+        f"validate.k = {k} asks for {k} top, {k} bottom and {k} random groups, but only {candidates} "
+        f"group(s) can be validated: measured {len(selection.top)} top, {len(selection.bottom)} bottom "
+        f"and {len(selection.random)} random"
+    )
+    if k > candidates:
+        note += f"; the top-k overlap uses k = {candidates}"
+    return (note,)
 
 
-def captions_file(name: str) -> Path:
-    if name == BUILTIN_HOLDOUT:
-        return Path(str(resources.files("auto_quantize_model") / "data" / "holdout-captions.txt"))
-    return builtin_captions() if name == BUILTIN else Path(name)
-
-
-def read_captions(path: Path) -> tuple[str, ...]:
-    """Every caption of a file, parsed exactly as the calibration loader parses it."""
-    from auto_quantize_model.core.batching import parse_captions
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: captions file not found") from None
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot read captions ({err.strerror or type(err).__name__})") from None
-    return tuple(parse_captions(text.removeprefix("\ufeff")))
+# --------------------------------------------------------------------------------------------
+# Held-out text
 
 
 def holdout_captions(
@@ -206,71 +177,44 @@ def holdout_captions(
     return tuple(fresh[:limit]), skipped
 
 
-def correlation_notes(label: str, xs: Sequence[float], ys: Sequence[float], value: float) -> tuple[str, ...]:
-    """Why a correlation came out NaN, in words a report can show."""
-    if not math.isnan(value):
-        return ()
-    if len(xs) < 2:
-        why = f"fewer than 2 measured groups ({len(xs)})"
-    elif any(math.isnan(v) for v in (*xs, *ys)):
-        why = "a NaN among the values"
-    elif len(set(xs)) == 1:
-        why = "the predicted scores are all equal"
-    elif len(set(ys)) == 1:
-        why = "the measured values are all equal"
-    else:
-        why = "no untied pair"
-    return (f"{label} is NaN: {why}",)
+@attrs.frozen
+class HeldOut:
+    """The held-out captions validation measures on, as token ids, and where they came from."""
+
+    texts: tuple[str, ...]
+    token_lists: tuple[tuple[int, ...], ...]
+    """One per text that has at least 2 tokens (cut to the calibration ``seq_len``)."""
+    skipped: int
+    """Captions of the source skipped because calibration used them."""
+    source: str
+    notes: tuple[str, ...]
 
 
-def rank_overlap(candidates: Sequence[Candidate], measured: Sequence[float], k: int) -> float:
-    """Share of the top ``k`` by predicted importance that are also top ``k`` by measured damage."""
-    predicted = [c.name for c in sorted(candidates, key=lambda c: (-c.importance, c.name))]
-    pairs = sorted(zip(candidates, measured, strict=True), key=lambda p: (-_nan_low(p[1]), p[0].name))
-    return stats.top_k_overlap(predicted, [c.name for c, _ in pairs], k)
-
-
-def _nan_low(value: float) -> float:
-    return -math.inf if math.isnan(value) else value
-
-
-# --------------------------------------------------------------------------------------------
-# Held-out batches
-
-
-def tokenize_captions(tokenizer: Any, captions: Sequence[str], max_len: int) -> list[list[int]]:
-    """Token ids per caption without special tokens, cut to ``max_len``; captions of < 2 tokens
-    predict nothing and are dropped."""
-    encoded = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
-    return [list(ids[:max_len]) for ids in encoded if len(ids[:max_len]) >= 2]
-
-
-def holdout_batches(
-    token_lists: Sequence[Sequence[int]], pad_id: int, rows: int = ROWS_PER_BATCH
-) -> list[dict[str, torch.Tensor]]:
-    """One caption per row, right-padded, in :mod:`lm_forward`'s batch format.
-
-    Padding sits after the caption, so causal attention keeps it out of every real position
-    (no attention mask needed) and its ``-100`` labels keep it out of the loss. Captions are
-    grouped by length to keep padding small; the mean loss does not depend on the order.
-    """
-    import torch
-
-    from auto_quantize_model.backend.lm_forward import IGNORE_INDEX
-
-    order = sorted(range(len(token_lists)), key=lambda i: (len(token_lists[i]), i))
-    batches: list[dict[str, torch.Tensor]] = []
-    for start in range(0, len(order), rows):
-        chunk = [token_lists[i] for i in order[start : start + rows]]
-        length = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), length), IGNORE_INDEX, dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            labels[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        positions = torch.arange(length, dtype=torch.long).expand(len(chunk), -1).clone()
-        batches.append({"input_ids": input_ids, "position_ids": positions, "labels": labels})
-    return batches
+def held_out_set(spec: ValidateSpec, calib: CalibData, tokenizer: Any) -> HeldOut:
+    """The first ``spec.holdout_samples`` captions of ``spec.holdout_captions`` that calibration
+    did not see (its texts travel in :attr:`CalibData.captions`), tokenised."""
+    if len(calib.captions) != calib.stats.samples:
+        raise AqmError(
+            f"the calibration data carries {len(calib.captions)} caption text(s) for {calib.stats.samples} "
+            "calibration samples, so held-out text cannot be told from calibration text; build it with "
+            "BuildCalibLoader (or pass captions= to make_calib_data)"
+        )
+    source = str(caption_file(spec.holdout_captions))
+    texts, skipped = holdout_captions(
+        read_caption_file(spec.holdout_captions), calib.captions, spec.holdout_samples, source
+    )
+    token_lists = tuple(tuple(ids) for ids in scorable(encode(tokenizer, texts), calib.stats.seq_len))
+    if not token_lists:
+        raise AqmError(f"{source}: no held-out caption has 2 or more tokens")
+    notes: tuple[str, ...] = ()
+    if len(token_lists) < spec.holdout_samples:
+        short = len(texts) - len(token_lists)
+        notes = (
+            f"validate.holdout_samples = {spec.holdout_samples} asked, {len(token_lists)} used: {source} "
+            f"has {len(texts)} caption(s) calibration did not use"
+            + (f", {short} of them shorter than 2 tokens" if short else ""),
+        )
+    return HeldOut(texts, token_lists, skipped, source, notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,6 +240,9 @@ class PassResult:
     def kl(self) -> float:
         return self.kl_sum / self.tokens
 
+    def same_as(self, other: PassResult) -> bool:
+        return self.nll_sum == other.nll_sum and bool(self.token_nll.equal(other.token_nll))
+
 
 @attrs.frozen(eq=False)
 class HeldOutEval:
@@ -311,6 +258,15 @@ class HeldOutEval:
     decoder: nn.Module
     lm_head: nn.Module
     batches: tuple[dict[str, torch.Tensor], ...]
+
+    @classmethod
+    def on(cls, lm: LanguageModel, token_lists: Sequence[Sequence[int]]) -> HeldOutEval:
+        """Held-out batches padded with the model's pad id, on the decoder's input device."""
+        from auto_quantize_model.backend.lm_forward import as_tensors, input_device, to_device
+
+        device = input_device(lm.module)
+        batches = holdout_columns(token_lists, lm.pad_token_id)
+        return cls(lm.module, lm.lm_head, tuple(to_device(as_tensors(b), device) for b in batches))
 
     def run(
         self, reference: Sequence[torch.Tensor] | None = None, keep: bool = False
@@ -347,162 +303,161 @@ class HeldOutEval:
         return result, kept
 
 
-class RecipeSwitch:
-    """Puts recipe groups on chosen formats and everything back exactly as it was found.
+@attrs.frozen(eq=False)
+class Measurement:
+    """Every pass of one validation: the baseline, each group alone, the top groups together."""
 
-    Holds the ModelOpt hparams of the model and, for layers whose chosen recipe's smoothing scale
-    was folded into the weights, both weight versions (see the module docstring). Not a frozen
-    value: it exists to mutate the model, and only inside :meth:`ValidateSensitivity.run`.
+    baseline: PassResult
+    """Every group unquantized (groups with a fixed format stay on it)."""
+    single: tuple[tuple[Candidate, Selection, PassResult], ...]
+    joint: PassResult | None
+    """The top groups quantized together (additivity), when asked for."""
+    chosen: PassResult
+    """The model as AutoQuant chose it, before validation touched it."""
+    restored: bool
+    """Switches, folded weights, the baseline and the chosen model all came back bit for bit."""
+
+    def delta_nll(self, result: PassResult) -> float:
+        return (result.nll_sum - self.baseline.nll_sum) / self.baseline.tokens
+
+
+def measure(
+    evaluator: HeldOutEval,
+    switch: RecipeSwitch,
+    groups: Sequence[GroupScore],
+    selection: GroupSelection,
+    additivity: bool,
+) -> Measurement:
+    """Measure each selected group alone (and the top ones together), then put the model back.
+
+    The model is restored in a ``finally``, and the restore is checked: the weights bit for bit,
+    the baseline pass and the chosen model's pass identical to before.
     """
-
-    def __init__(self, root: nn.Module) -> None:
-        import torch
-        from modelopt.torch.opt.utils import named_hparams
-        from modelopt.torch.quantization.algorithms import QuantRecipeHparam
-
-        self.by_module: dict[str, Any] = {}
-        for name, hparam in named_hparams(root):
-            if isinstance(hparam, QuantRecipeHparam):
-                self.by_module[name.removesuffix(".quant_recipe")] = hparam
-        unique: dict[int, Any] = {}
-        for hparam in self.by_module.values():
-            unique.setdefault(id(hparam), hparam)
-        self.hparams = tuple(unique.values())
-        self.chosen = {id(h): h.active for h in self.hparams}
-        self.recipes = {id(h): {recipe_name(r): r for r in h.choices} for h in self.hparams}
-        self.stuck = tuple(h for h in self.hparams if NO_QUANT not in self.recipes[id(h)])
-        """Groups that cannot be unquantized (a fixed format): they stay on it throughout."""
-        self.stuck_ids = {id(h) for h in self.stuck}
-
-        # Layers whose chosen recipe's smoothing was folded into the weights.
-        self.folded: dict[str, tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]] = {}
-        self.fold_skipped: list[str] = []
-        seen_weights: set[int] = set()
-        with torch.no_grad():
-            for name, hparam in self.by_module.items():
-                module = root.get_submodule(name)
-                scale = _input_pre_quant_scale(module)
-                if scale is None or _weight_pre_quant_scale(module) is not None:
-                    continue
-                weight = getattr(module, "weight", None)
-                if (
-                    not isinstance(weight, torch.Tensor)
-                    or weight.ndim != 2
-                    or scale.numel() != weight.shape[1]
-                    or id(weight) in seen_weights
-                ):
-                    self.fold_skipped.append(name)
-                    continue
-                seen_weights.add(id(weight))
-                folded = weight.detach().clone()
-                unfolded = (folded.float() * scale.float().reshape(1, -1).to(folded.device)).to(folded.dtype)
-                self.folded[name] = (weight, hparam, folded, unfolded)
-        self.state = dict.fromkeys(self.folded, "folded")
-        owners: dict[int, list[str]] = {}
-        for pname, param in root.named_parameters(remove_duplicate=False):
-            owners.setdefault(id(param), []).append(pname)
-        self.shared = tuple(
-            f"{name}.weight = {' = '.join(n for n in owners[id(weight)] if n != name + '.weight')}"
-            for name, (weight, _, _, _) in self.folded.items()
-            if len(owners.get(id(weight), ())) > 1
-        )
-        """Folded weights that other modules use too (tied embeddings), as ``a.weight = b.weight``."""
-
-    def hparam_of(self, group: GroupScore) -> Any:
-        """The one hparam every module of ``group`` carries; AqmError when the model lacks it."""
-        found = {id(self.by_module[m]): self.by_module[m] for m in group.module_names if m in self.by_module}
-        missing = [m for m in group.module_names if m not in self.by_module]
-        if missing or len(found) != 1:
-            what = f"module {missing[0]} carries no AutoQuant recipe" if missing else "modules span groups"
-            raise AqmError(
-                f"recipe group {group.name}: {what}; ValidateSensitivity needs the model RunAutoQuant "
-                "left in memory in this same pipeline"
+    by_name = {g.name: g for g in groups}
+    hparam_ids = {c.name: id(switch.hparam_of(by_name[c.name])) for c, _ in selection.labelled()}
+    single: list[tuple[Candidate, Selection, PassResult]] = []
+    joint: PassResult | None = None
+    try:
+        chosen_before, _ = evaluator.run()
+        switch.apply({})
+        baseline, reference = evaluator.run(keep=True)
+        for candidate, label in selection.labelled():
+            switch.apply({hparam_ids[candidate.name]: candidate.format})
+            result, _ = evaluator.run(reference)
+            single.append((candidate, label, result))
+            log.debug(
+                "validate %s (%s): NLL %.6g, KL %.6g", candidate.name, candidate.format, result.nll, result.kl
             )
-        return next(iter(found.values()))
-
-    def apply(self, formats: Mapping[int, str]) -> None:
-        """Every group on NONE except the hparams (by ``id``) in ``formats``, on the named format."""
-        import torch
-
-        for hparam in self.hparams:
-            key = id(hparam)
-            if key in formats:
-                hparam.active = self.recipes[key][formats[key]]
-            elif key not in self.stuck_ids:
-                hparam.active = self.recipes[key][NO_QUANT]
-        with torch.no_grad():
-            for name, (weight, hparam, folded, unfolded) in self.folded.items():
-                want = "folded" if hparam.active == self.chosen[id(hparam)] else "unfolded"
-                if self.state[name] != want:
-                    weight.data.copy_(folded if want == "folded" else unfolded)
-                    self.state[name] = want
-
-    def restore(self) -> bool:
-        """Every group back on its chosen recipe and every folded weight back bit for bit."""
-        import torch
-
-        for hparam in self.hparams:
-            hparam.active = self.chosen[id(hparam)]
-        exact = True
-        with torch.no_grad():
-            for name, (weight, _, folded, _) in self.folded.items():
-                if self.state[name] != "folded":
-                    weight.data.copy_(folded)
-                    self.state[name] = "folded"
-                exact = exact and bool(torch.equal(weight, folded))
-        return exact and all(h.active == self.chosen[id(h)] for h in self.hparams)
-
-
-def _input_pre_quant_scale(module: nn.Module) -> torch.Tensor | None:
-    quantizer = getattr(module, "input_quantizer", None)
-    scale = getattr(quantizer, "pre_quant_scale", None)
-    return scale if scale is not None and hasattr(scale, "numel") else None
-
-
-def _weight_pre_quant_scale(module: nn.Module) -> torch.Tensor | None:
-    quantizer = getattr(module, "weight_quantizer", None)
-    scale = getattr(quantizer, "pre_quant_scale", None)
-    return scale if scale is not None and hasattr(scale, "numel") else None
+        if additivity and selection.top:
+            switch.apply({hparam_ids[c.name]: c.format for c in selection.top})
+            joint, _ = evaluator.run(reference)
+        switch.apply({})
+        baseline_after, _ = evaluator.run(reference)
+        del reference
+    finally:
+        weights_back = switch.restore()
+    chosen_after, _ = evaluator.run()
+    restored = (
+        weights_back
+        and baseline_after.same_as(baseline)
+        and baseline_after.kl_sum == 0.0
+        and chosen_after.same_as(chosen_before)
+    )
+    return Measurement(baseline, tuple(single), joint, chosen_before, restored)
 
 
 # --------------------------------------------------------------------------------------------
-# The stage
+# The report
 
 
-def load_holdout(spec: ValidateSpec, calib: CalibData) -> tuple[tuple[str, ...], int, str, tuple[str, ...]]:
-    """Held-out captions, how many were skipped as calibration text, their source, and notes.
+def correlation_notes(label: str, xs: Sequence[float], ys: Sequence[float], value: float) -> tuple[str, ...]:
+    """Why a correlation came out NaN, in words a report can show."""
+    if not math.isnan(value):
+        return ()
+    if len(xs) < 2:
+        why = f"fewer than 2 measured groups ({len(xs)})"
+    elif any(math.isnan(v) for v in (*xs, *ys)):
+        why = "a NaN among the values"
+    elif len(set(xs)) == 1:
+        why = "the predicted scores are all equal"
+    elif len(set(ys)) == 1:
+        why = "the measured values are all equal"
+    else:
+        why = "no untied pair"
+    return (f"{label} is NaN: {why}",)
 
-    The calibration captions are read again as the loader read them: the first ``stats.samples``
-    captions of ``stats.captions_path``. Their hash must match the one recorded at calibration,
-    otherwise the file changed since and calibration text could leak into the held-out set.
+
+def rank_overlap(candidates: Sequence[Candidate], measured: Sequence[float], k: int) -> float:
+    """Share of the top ``k`` by predicted importance that are also top ``k`` by measured damage.
+
+    Both sides are ordered by the manifest's rule (:func:`~auto_quantize_model.core.scores.rank_order`):
+    ``candidates`` by their rank, the measured values descending with NaN first and ties in rank order.
     """
-    from auto_quantize_model.core import batching as calib_loader
+    predicted = [c.name for c in sorted(candidates, key=lambda c: c.rank)]
+    by_rank = sorted(zip(candidates, measured, strict=True), key=lambda pair: pair[0].rank)
+    order = rank_order([value for _, value in by_rank])
+    return stats.top_k_overlap(predicted, [by_rank[i][0].name for i in order], k)
 
-    stats_ = calib.stats
-    calibration = calib_loader.read_captions(stats_.captions_path, stats_.samples)
-    if stats_.captions_sha256 and calib_loader.captions_sha256(calibration) != stats_.captions_sha256:
-        raise AqmError(
-            f"{captions_file(stats_.captions_path)}: its first {stats_.samples} captions changed since "
-            "calibration (sha256 differs), so held-out text cannot be told from calibration text; "
-            "rerun the pipeline from calibration"
-        )
-    holdout_path = captions_file(spec.holdout_captions)
-    texts, skipped = holdout_captions(
-        read_captions(holdout_path), calibration, spec.holdout_samples, str(holdout_path)
+
+def validation_report(
+    measurement: Measurement,
+    held_out: HeldOut,
+    k: int,
+    notes: Sequence[str],
+    seconds: float,
+) -> ValidationReport:
+    """The report: rank agreement, top-k overlap, additivity, and every note on what fell short."""
+    candidates = [c for c, _, _ in measurement.single]
+    predicted = [c.importance for c in candidates]
+    delta_nll = [measurement.delta_nll(r) for _, _, r in measurement.single]
+    kl = [r.kl for _, _, r in measurement.single]
+    notes = list(notes)
+    if not measurement.restored:
+        notes.append("the model did not come back bit-exactly after validation")
+    correlations: dict[str, float] = {}
+    for what, ys, measure_ in (
+        ("Spearman(score, dNLL)", delta_nll, stats.spearman),
+        ("Kendall(score, dNLL)", delta_nll, stats.kendall_tau_b),
+        ("Spearman(score, KL)", kl, stats.spearman),
+        ("Kendall(score, KL)", kl, stats.kendall_tau_b),
+    ):
+        correlations[what] = measure_(predicted, ys)
+        notes.extend(correlation_notes(what, predicted, ys, correlations[what]))
+    top = {c.name for c, label, _ in measurement.single if label == "top"}
+    joint = measurement.joint
+    k_used = min(k, len(candidates))
+    return ValidationReport(
+        groups=tuple(
+            ValidatedGroup(
+                name=c.name,
+                format=c.format,
+                score=c.importance,
+                selection=label,
+                delta_nll=d,
+                kl_div=q,
+                rank=c.rank,
+            )
+            for (c, label, _), d, q in zip(measurement.single, delta_nll, kl, strict=True)
+        ),
+        baseline_nll=measurement.baseline.nll,
+        spearman_nll=correlations["Spearman(score, dNLL)"],
+        kendall_nll=correlations["Kendall(score, dNLL)"],
+        spearman_kl=correlations["Spearman(score, KL)"],
+        kendall_kl=correlations["Kendall(score, KL)"],
+        topk_overlap=rank_overlap(candidates, delta_nll, k_used),
+        k=k_used,
+        joint_delta_nll=measurement.delta_nll(joint) if joint is not None else math.nan,
+        sum_delta_nll=(
+            math.fsum(d for c, d in zip(candidates, delta_nll, strict=True) if c.name in top)
+            if joint is not None
+            else math.nan
+        ),
+        holdout_samples=len(held_out.token_lists),
+        holdout_tokens=measurement.baseline.tokens,
+        seconds=seconds,
+        restored_exactly=measurement.restored,
+        chosen_delta_nll=measurement.delta_nll(measurement.chosen),
+        holdout_source=held_out.source,
+        holdout_excluded=held_out.skipped,
+        notes=tuple(notes),
     )
-    notes: tuple[str, ...] = ()
-    if len(texts) < spec.holdout_samples:
-        notes = (f"{holdout_path}: only {len(texts)} held-out caption(s), {spec.holdout_samples} asked",)
-    return texts, skipped, str(holdout_path), notes
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    import torch
-
-    for param in module.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}

@@ -1,4 +1,4 @@
-"""Stage 3: captions become calibration batches, in one of two layouts.
+"""How captions become batches: the packed and padded calibration layouts and held-out rows.
 
 ``padded`` is what the previous tool did: one caption per row, right-padded to ``seq_len``, an
 ``attention_mask`` hiding the padding. With ~12-token captions and ``seq_len`` 512 that is ~98%
@@ -29,148 +29,90 @@ captions of a row attend to each other under ``flash_attention_2``; run it with 
 
 Captions are tokenised without special tokens: a caption is plain text, not a chat turn or a
 document. (Qwen tokenizers add nothing anyway; others would add a BOS to every caption.)
+
+Everything here is pure: batches are plain lists of ints (:data:`Columns`), so the rules can be
+tested without torch; the stage turns them into int64 tensors
+(:func:`auto_quantize_model.backend.lm_forward.as_tensors`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
 from collections.abc import Sequence
-from importlib import resources
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from auto_quantize_model.artifacts import CalibData, CalibStats
+import attrs
+
+from auto_quantize_model.artifacts import CalibStats
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.specs import CalibSpec
 
-if TYPE_CHECKING:
-    import torch
-
-
-log = logging.getLogger("auto_quantize_model")
-
-BUILTIN_CAPTIONS = "builtin"
-"""The ``captions`` value meaning the captions file shipped inside the package."""
-_BUILTIN_RESOURCE = "data/captions.txt"
 IGNORE_INDEX = -100
-"""Label value that no loss is computed for (same as ``lm_forward.IGNORE_INDEX``; kept here so
-this module does not import torch at import time)."""
+"""Label value that no loss is computed for (Hugging Face's convention)."""
 LAYOUTS = ("packed", "padded")
+ROWS_PER_BATCH = 16
+"""Held-out captions per forward pass; one caption per row, so the batch is short and cheap."""
 
-Batch = dict[str, "torch.Tensor"]
+Columns = dict[str, list[list[int]]]
+"""One batch as plain data: column name (``input_ids``, ``labels``, ...) -> rows of ints."""
 
-
-# --------------------------------------------------------------------------- captions
-
-
-def captions_label(captions: str | os.PathLike[str]) -> str:
-    """What the stats and the manifest record as the captions' origin: ``builtin`` or an absolute path."""
-    if str(captions) == BUILTIN_CAPTIONS:
-        return BUILTIN_CAPTIONS
-    return str(Path(captions).resolve())
-
-
-def _read_bytes(captions: str | os.PathLike[str]) -> tuple[str, bytes]:
-    if str(captions) == BUILTIN_CAPTIONS:
-        resource = resources.files("auto_quantize_model").joinpath(_BUILTIN_RESOURCE)
-        name = f"built-in captions file {resource}"
-        try:
-            return name, resource.read_bytes()
-        except OSError as err:
-            raise InputError(
-                f"{name} cannot be read ({err.strerror or type(err).__name__}): the package install is "
-                "incomplete; reinstall it or set calib.captions to a file"
-            ) from err
-    path = Path(captions)
-    name = f"captions file {path}"
-    if not path.exists():
-        raise InputError(f"{name} does not exist")
-    if path.is_dir():
-        raise InputError(f"{name} is a directory, not a text file with one caption per line")
-    try:
-        return name, path.read_bytes()
-    except OSError as err:
-        raise InputError(f"{name} cannot be read: {err.strerror or type(err).__name__}") from err
-
-
-def parse_captions(text: str) -> list[str]:
-    """Non-blank lines, stripped, in order.
-
-    Surrounding whitespace (including a Windows ``\\r``) is not part of a caption: it would only
-    change the first or last token.
-    """
-    return [line.strip() for line in text.split("\n") if line.strip()]
-
-
-def read_captions(captions: str | os.PathLike[str], max_samples: int) -> tuple[str, ...]:
-    """The first ``max_samples`` captions of a UTF-8 file (or of the built-in one for ``builtin``).
-
-    Asking for more captions than the file holds is an error rather than a silent shortfall:
-    ``max_samples`` is what the report says was used.
-    """
-    if max_samples <= 0:
-        raise ConfigError(f"calib.max_samples: must be > 0, got {max_samples}")
-    name, data = _read_bytes(captions)
-    if not data:
-        raise InputError(f"{name} is empty: expected one caption per line")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(
-            f"{name} is not UTF-8: byte 0x{data[err.start]:02x} at byte offset {err.start} ({err.reason})"
-        ) from err
-    found = parse_captions(text.removeprefix("\ufeff"))
-    if not found:
-        raise InputError(f"{name} holds only blank lines: expected one caption per line")
-    if len(found) < max_samples:
-        raise ConfigError(
-            f"{name} holds {len(found)} captions but calib.max_samples asks for {max_samples}: "
-            f"lower calib.max_samples to {len(found)} or fewer, or use a larger file"
-        )
-    return tuple(found[:max_samples])
-
-
-def captions_sha256(captions: Sequence[str]) -> str:
-    """Hash of the captions actually used, one per line with a trailing newline.
-
-    For a clean file (no blank lines, no surrounding spaces) read in full, this equals the file's
-    own ``sha256sum``; in every case two runs with equal hashes calibrated on the same text.
-    """
-    digest = hashlib.sha256()
-    for caption in captions:
-        digest.update(caption.encode("utf-8"))
-        digest.update(b"\n")
-    return digest.hexdigest()
+PADDED_COLUMNS = 4
+"""``input_ids``, ``attention_mask``, ``position_ids`` and ``labels``: int64 each."""
+INT64_BYTES = 8
+LIST_BYTES_PER_POSITION = 60
+"""What building a padded position costs in Python lists before it becomes a tensor: a pointer
+per column (4 x 8 bytes) plus the int object of its position id (28 bytes above 256)."""
 
 
 # --------------------------------------------------------------------------- tokens
 
 
-def tokenize_captions(tokenizer: Any, captions: Sequence[str]) -> list[list[int]]:
-    """Token ids of each caption, without special tokens; every caption must give at least one."""
+def encode(tokenizer: Any, captions: Sequence[str]) -> list[list[int]]:
+    """Token ids of each caption, without special tokens (see the module docstring)."""
     encoded = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
     token_lists = [[int(t) for t in ids] for ids in encoded]
     if len(token_lists) != len(captions):
         raise ValueError(f"tokenizer returned {len(token_lists)} sequences for {len(captions)} captions")
+    return token_lists
+
+
+def tokenize_captions(tokenizer: Any, captions: Sequence[str]) -> list[list[int]]:
+    """Calibration's token ids: every caption must give at least one token (it was asked for)."""
+    token_lists = encode(tokenizer, captions)
     for index, ids in enumerate(token_lists):
         if not ids:
             raise InputError(f"caption #{index + 1} ({captions[index][:40]!r}) gives no tokens")
     return token_lists
 
 
-def pad_token_id(tokenizer: Any) -> int:
-    """The id padding uses: the tokenizer's pad token, else its EOS, else 0.
+def scorable(token_lists: Sequence[Sequence[int]], max_len: int) -> list[list[int]]:
+    """Held-out token ids cut to ``max_len``; captions of fewer than 2 tokens predict nothing and
+    are dropped (the caller reports how many)."""
+    return [list(ids[:max_len]) for ids in token_lists if len(ids[:max_len]) >= 2]
 
-    Its value never reaches a loss or a real token's attention; in the padded layout it does feed
-    activation-range calibration, as it did in the previous tool.
+
+def pad_token_id(tokenizer: Any, config: Any = None) -> int:
+    """The one pad id of a model: the tokenizer's pad token, else the (text) config's, else EOS.
+
+    Calibration rows, held-out rows and the scoring-only label limits all pad with it. Its value
+    never reaches a loss or a real token's attention; in the padded layout it does feed
+    activation-range calibration, as it did in the previous tool, so a model that defines
+    neither a pad nor an EOS token is refused rather than padded with an arbitrary id.
     """
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
+    candidates: list[Any] = [getattr(tokenizer, "pad_token_id", None)]
+    if config is not None:
+        get_text_config = getattr(config, "get_text_config", None)
+        text_config = get_text_config() if callable(get_text_config) else None
+        candidates += [getattr(text_config, "pad_token_id", None), getattr(config, "pad_token_id", None)]
+    candidates.append(getattr(tokenizer, "eos_token_id", None))
+    for value in candidates:
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
-    return 0
+        if isinstance(value, list | tuple) and value and isinstance(value[0], int):
+            return int(value[0])
+    raise InputError(
+        "neither the tokenizer nor the model config defines a pad or eos token; "
+        "set pad_token in tokenizer_config.json"
+    )
 
 
 def truncate(token_lists: Sequence[Sequence[int]], seq_len: int) -> tuple[list[list[int]], int]:
@@ -187,7 +129,7 @@ def _check_lengths(token_lists: Sequence[Sequence[int]], seq_len: int) -> None:
             raise ValueError(f"caption {index} has {len(ids)} tokens; expected 1..{seq_len} (truncate first)")
 
 
-# --------------------------------------------------------------------------- batching (pure)
+# --------------------------------------------------------------------------- batching
 
 
 def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
@@ -209,22 +151,16 @@ def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
     return rows
 
 
-def _as_batch(columns: dict[str, list[list[int]]]) -> Batch:
-    import torch
-
-    return {key: torch.tensor(rows, dtype=torch.int64) for key, rows in columns.items()}
-
-
-def packed_batches(
+def packed_columns(
     token_lists: Sequence[Sequence[int]], seq_len: int, batch_size: int, pad_id: int
-) -> tuple[list[Batch], list[int]]:
+) -> tuple[list[Columns], list[int]]:
     """Packed batches (``input_ids``, ``position_ids``, ``labels``) and the captions in each.
 
     See the module docstring for why there is no ``attention_mask``.
     """
     _check_lengths(token_lists, seq_len)
     rows = pack_rows([len(ids) for ids in token_lists], seq_len)
-    batches: list[Batch] = []
+    batches: list[Columns] = []
     counts: list[int] = []
     for start in range(0, len(rows), batch_size):
         group = rows[start : start + batch_size]
@@ -240,20 +176,20 @@ def packed_batches(
                 labels += [IGNORE_INDEX, *caption[1:]]
             built.append((ids, pos, labels))
         width = max(len(ids) for ids, _, _ in built)
-        columns: dict[str, list[list[int]]] = {"input_ids": [], "position_ids": [], "labels": []}
+        columns: Columns = {"input_ids": [], "position_ids": [], "labels": []}
         for ids, pos, labels in built:
             pad = width - len(ids)
             columns["input_ids"].append(ids + [pad_id] * pad)
             columns["position_ids"].append(pos + list(range(pad)))
             columns["labels"].append(labels + [IGNORE_INDEX] * pad)
-        batches.append(_as_batch(columns))
+        batches.append(columns)
         counts.append(sum(len(row) for row in group))
     return batches, counts
 
 
-def padded_batches(
+def padded_columns(
     token_lists: Sequence[Sequence[int]], seq_len: int, batch_size: int, pad_id: int
-) -> tuple[list[Batch], list[int]]:
+) -> tuple[list[Columns], list[int]]:
     """One caption per row, right-padded to ``seq_len`` (the previous tool's layout).
 
     ``position_ids`` are ``0..seq_len-1`` for the whole row: real tokens get ``0..n-1`` and padding
@@ -262,16 +198,11 @@ def padded_batches(
     with right padding, no query row is ever fully masked.
     """
     _check_lengths(token_lists, seq_len)
-    batches: list[Batch] = []
+    batches: list[Columns] = []
     counts: list[int] = []
     for start in range(0, len(token_lists), batch_size):
         group = token_lists[start : start + batch_size]
-        columns: dict[str, list[list[int]]] = {
-            "input_ids": [],
-            "attention_mask": [],
-            "position_ids": [],
-            "labels": [],
-        }
+        columns: Columns = {"input_ids": [], "attention_mask": [], "position_ids": [], "labels": []}
         for caption in group:
             real = list(caption)
             pad = seq_len - len(real)
@@ -279,9 +210,36 @@ def padded_batches(
             columns["attention_mask"].append([1] * len(real) + [0] * pad)
             columns["position_ids"].append(list(range(seq_len)))
             columns["labels"].append(real + [IGNORE_INDEX] * pad)
-        batches.append(_as_batch(columns))
+        batches.append(columns)
         counts.append(len(group))
     return batches, counts
+
+
+def holdout_columns(
+    token_lists: Sequence[Sequence[int]], pad_id: int, rows: int = ROWS_PER_BATCH
+) -> list[Columns]:
+    """Held-out batches: one caption per row, right-padded, every token of it scored.
+
+    Padding sits after the caption, so causal attention keeps it out of every real position
+    (no attention mask needed) and its ``IGNORE_INDEX`` labels keep it out of the loss. Captions
+    are grouped by length to keep padding small; the mean loss does not depend on the order.
+    """
+    order = sorted(range(len(token_lists)), key=lambda i: (len(token_lists[i]), i))
+    batches: list[Columns] = []
+    for start in range(0, len(order), rows):
+        chunk = [list(token_lists[i]) for i in order[start : start + rows]]
+        length = max(len(ids) for ids in chunk)
+        batches.append(
+            {
+                "input_ids": [ids + [pad_id] * (length - len(ids)) for ids in chunk],
+                "position_ids": [list(range(length)) for _ in chunk],
+                "labels": [ids + [IGNORE_INDEX] * (length - len(ids)) for ids in chunk],
+            }
+        )
+    return batches
+
+
+# --------------------------------------------------------------------------- checks
 
 
 def check_calib_spec(spec: CalibSpec) -> None:
@@ -294,18 +252,123 @@ def check_calib_spec(spec: CalibSpec) -> None:
         raise ConfigError(f"calib.layout: unknown layout {spec.layout!r} (known: {', '.join(LAYOUTS)})")
 
 
-def make_calib_data(
+@attrs.frozen
+class MemoryBudget:
+    """What the padded layout may use, and what its activations scale with (read off the model)."""
+
+    host_bytes: int
+    """Physical memory of this machine: the batches are built and kept here."""
+    device_bytes: int
+    """Memory of the device the model runs on (``host_bytes`` on CPU)."""
+    hidden_size: int | None = None
+    layers: int | None = None
+    element_bytes: int = 2
+    """Bytes per activation element (2 for bfloat16/float16, 4 for float32)."""
+
+
+@attrs.frozen
+class PaddedMemory:
+    """Rough memory of padded calibration: a lower bound, so refusing on it never refuses a run
+    that could fit."""
+
+    batches: int
+    """The int64 batches: samples x seq_len positions x 4 columns x 8 bytes."""
+    building: int
+    """Python lists alive while those batches are built, on top of them."""
+    activations: int
+    """One batch through the model: the hidden states every layer keeps for the backward pass,
+    plus the boolean ``[batch, seq_len, seq_len]`` mask the padding mask is expanded to."""
+    mask: int
+
+
+def padded_memory(samples: int, spec: CalibSpec, budget: MemoryBudget) -> PaddedMemory:
+    positions = samples * spec.seq_len
+    rows = min(spec.batch_size, samples)
+    mask = rows * spec.seq_len * spec.seq_len
+    hidden = rows * spec.seq_len * (budget.hidden_size or 0) * (budget.layers or 0) * budget.element_bytes
+    return PaddedMemory(
+        batches=positions * PADDED_COLUMNS * INT64_BYTES,
+        building=positions * LIST_BYTES_PER_POSITION,
+        activations=hidden + mask,
+        mask=mask,
+    )
+
+
+def byte_text(count: float) -> str:
+    """``1.5 GiB``: binary units, three significant digits."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if count < 1024 or unit == "PiB":
+            return f"{count:.3g} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_padded_memory(samples: int, longest: int, spec: CalibSpec, budget: MemoryBudget) -> None:
+    """Refuse a padded calibration that cannot fit before a single row is built.
+
+    Every padded caption costs ``seq_len`` positions whatever its length, so a typo'd
+    ``seq_len`` (10**7) would otherwise fill the machine's memory in Python lists and die there,
+    or reach the GPU and fail on the attention mask. ``longest`` (tokens of the longest caption)
+    is the ``seq_len`` the message suggests.
+    """
+    if spec.layout != "padded":
+        return
+    need = padded_memory(samples, spec, budget)
+    host_over = need.batches + need.building > budget.host_bytes
+    device_over = need.activations > budget.device_bytes
+    if not (host_over or device_over):
+        return
+    rows = min(spec.batch_size, samples)
+    dims = (
+        f"hidden states of {budget.layers} layers x {budget.hidden_size} in {budget.element_bytes}-byte "
+        "elements plus "
+        if budget.hidden_size and budget.layers
+        else ""
+    )
+    over = [
+        *([f"this machine's {byte_text(budget.host_bytes)} of memory"] if host_over else []),
+        *([f"the model device's {byte_text(budget.device_bytes)}"] if device_over else []),
+    ]
+    fit = max(1, min(longest, spec.seq_len))
+    raise ConfigError(
+        f'calib.seq_len: {spec.seq_len} with calib.layout = "padded" needs about '
+        f"{byte_text(need.batches)} of int64 batches ({samples} captions x {spec.seq_len} positions x "
+        f"{PADDED_COLUMNS} columns x {INT64_BYTES} bytes, and {byte_text(need.building)} more while they "
+        f"are built) and roughly {byte_text(need.activations)} of activations per batch of {rows} "
+        f"({dims}a {byte_text(need.mask)} attention mask): more than {' and '.join(over)}; the longest "
+        f'caption has {longest} tokens, so set calib.seq_len = {fit}, or use calib.layout = "packed" '
+        "(rows only as long as their captions)"
+    )
+
+
+# --------------------------------------------------------------------------- calibration data
+
+
+@attrs.frozen
+class CalibColumns:
+    """Calibration batches as plain data, with what :class:`CalibData` records about them."""
+
+    batches: tuple[Columns, ...]
+    captions_per_batch: tuple[int, ...]
+    stats: CalibStats
+
+
+def _positions(columns: Columns) -> int:
+    return sum(len(row) for row in columns["input_ids"])
+
+
+def calib_columns(
     token_lists: Sequence[Sequence[int]],
     spec: CalibSpec,
     *,
     pad_id: int,
     captions_path: str,
     captions_sha256: str,
-) -> CalibData:
-    """Truncate, batch in ``spec.layout`` and count: the whole stage minus file and tokenizer."""
+) -> CalibColumns:
+    """Truncate, batch in ``spec.layout`` and count: the whole stage minus files, tokenizer and torch."""
     check_calib_spec(spec)
     cut_lists, truncated = truncate(token_lists, spec.seq_len)
-    build = packed_batches if spec.layout == "packed" else padded_batches
+    build = packed_columns if spec.layout == "packed" else padded_columns
     batches, counts = build(cut_lists, spec.seq_len, spec.batch_size, pad_id)
     stats = CalibStats(
         captions_path=captions_path,
@@ -316,11 +379,8 @@ def make_calib_data(
         max_samples=spec.max_samples,
         samples=len(cut_lists),
         real_tokens=sum(len(ids) for ids in cut_lists),
-        total_tokens=sum(int(batch["input_ids"].numel()) for batch in batches),
+        total_tokens=sum(_positions(batch) for batch in batches),
         batches=len(batches),
         truncated_samples=truncated,
     )
-    return CalibData(batches=tuple(batches), captions_per_batch=tuple(counts), stats=stats)
-
-
-# --------------------------------------------------------------------------- stage
+    return CalibColumns(batches=tuple(batches), captions_per_batch=tuple(counts), stats=stats)

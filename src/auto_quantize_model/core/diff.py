@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from auto_quantize_model.core.health import is_none_format
+from auto_quantize_model.core.scores import coefficient_text, group_name, has_quantized_format
 from auto_quantize_model.core.stats import kendall_tau_b, spearman, top_k_shared
 from auto_quantize_model.errors import InputError
 
@@ -85,23 +85,19 @@ class ManifestDiff:
     """True when names were matched without a leading ``model.`` (see the module docstring)."""
 
 
-def _base_name(name: str) -> str:
-    return name.removesuffix(".quant_recipe")
-
-
 def _stripped(name: str) -> str:
-    return _base_name(name).removeprefix("model.")
+    return group_name(name).removeprefix("model.")
 
 
 def _ranked(manifest: Manifest) -> tuple[list[RankedGroup], int]:
     """Groups with a quantized format, most sensitive first, and how many were left out."""
     ordered = sorted(manifest.groups, key=lambda g: g.rank)
-    ranked = [g for g in ordered if any(not is_none_format(f) for f in g.formats)]
+    ranked = [g for g in ordered if has_quantized_format(g.formats)]
     return ranked, len(ordered) - len(ranked)
 
 
 def _keyed(groups: Sequence[RankedGroup], strip: bool) -> dict[str, RankedGroup]:
-    key = _stripped if strip else _base_name
+    key = _stripped if strip else group_name
     return {key(g.name): g for g in groups}
 
 
@@ -149,10 +145,6 @@ def diff_manifests(
     )
 
 
-def _coefficient(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.3f}"
-
-
 def _only_section(title: str, names: Sequence[str]) -> list[str]:
     if not names:
         return [f"**{title}:** none", ""]
@@ -179,8 +171,8 @@ def render_diff_markdown(diff: ManifestDiff, label_a: str, label_b: str, level: 
             f"{diff.unranked_b} in B."
         )
     lines += ["", "| measure | value |", "| :--- | ---: |"]
-    lines.append(f"| Spearman rho (importance) | {_coefficient(diff.spearman)} |")
-    lines.append(f"| Kendall tau-b (importance) | {_coefficient(diff.kendall)} |")
+    lines.append(f"| Spearman rho (importance) | {coefficient_text(diff.spearman)} |")
+    lines.append(f"| Kendall tau-b (importance) | {coefficient_text(diff.kendall)} |")
     for overlap in diff.top_k:
         share = "n/a" if math.isnan(overlap.fraction) else f"{overlap.fraction:.0%}"
         lines.append(f"| top-{overlap.k} overlap | {overlap.shared}/{overlap.size} ({share}) |")

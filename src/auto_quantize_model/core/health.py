@@ -27,7 +27,8 @@ from typing import Protocol
 
 import attrs
 
-NONE_FORMAT = "NONE"
+from auto_quantize_model.core.scores import NO_QUANT, importance, is_none_format, quantized_scores
+
 NONE_BITS = 16.0
 """What an unquantized module costs and scores when the manifest does not list ``NONE`` itself."""
 
@@ -47,11 +48,6 @@ class ScoredGroup(Protocol):
     def bits(self) -> tuple[float, ...]: ...
     @property
     def scores(self) -> tuple[float, ...]: ...
-
-
-def is_none_format(name: str) -> bool:
-    """``NONE`` as ModelOpt names it, also in the previous tool's ``NONE(effective-bits: 16.0)``."""
-    return name == NONE_FORMAT or name.startswith(NONE_FORMAT + "(")
 
 
 @attrs.frozen
@@ -113,15 +109,11 @@ class ScoreHealth:
         return not (self.non_finite or self.zero or self.ties or self.non_monotone)
 
 
-def _quantized_scores(group: ScoredGroup) -> list[float]:
-    return [s for f, s in zip(group.formats, group.scores, strict=True) if not is_none_format(f)]
-
-
 def _with_reference(group: ScoredGroup) -> list[tuple[str, float, float]]:
     """(format, bits, score) triples, plus ``NONE`` at 16 bits scoring 0 when the group omits it."""
     triples = list(zip(group.formats, group.bits, group.scores, strict=True))
     if not any(is_none_format(f) for f in group.formats):
-        triples.append((NONE_FORMAT, NONE_BITS, 0.0))
+        triples.append((NO_QUANT, NONE_BITS, 0.0))
     return triples
 
 
@@ -144,8 +136,8 @@ def _non_monotone(group: ScoredGroup) -> list[NonMonotone]:
 def score_health(groups: Sequence[ScoredGroup]) -> ScoreHealth:
     """Run every check over ``groups`` (scores as AutoQuant reported them).
 
-    Importance is recomputed as the max over quantized formats (the manifest's definition) so the
-    checks also work on raw :class:`~auto_quantize_model.artifacts.GroupScore` values.
+    Importance is recomputed by the manifest's rule (:mod:`auto_quantize_model.core.scores`), so
+    the checks also work on raw :class:`~auto_quantize_model.artifacts.GroupScore` values.
     """
     non_finite: list[NonFinite] = []
     zero: list[str] = []
@@ -159,17 +151,17 @@ def score_health(groups: Sequence[ScoredGroup]) -> ScoreHealth:
             if not math.isfinite(s)
         )
         non_monotone.extend(_non_monotone(group))
-        quantized = _quantized_scores(group)
+        quantized = quantized_scores(group.formats, group.scores)
         if not quantized:
             unquantized.append(group.name)
             continue
         if not all(math.isfinite(s) for s in quantized):
             continue
-        importance = max(quantized)
-        if importance == 0.0:
+        value = importance(group.formats, group.scores)
+        if value == 0.0:
             zero.append(group.name)
         else:
-            by_importance[importance].append(group.name)
+            by_importance[value].append(group.name)
     ties = tuple(Tie(value, tuple(names)) for value, names in by_importance.items() if len(names) > 1)
     return ScoreHealth(
         groups=len(groups),

@@ -1,22 +1,11 @@
-"""BuildManifest: turn sensitivity scores into the ranked, self-describing manifest.
+"""BuildManifest's pure half: ranked groups, scheme naming and the manifest record.
 
-Ranking rules (the same for our runs and for the previous tool's manifests):
+The ranking rules (importance, NaN first, ties in network order) are defined once in
+:mod:`auto_quantize_model.core.scores` and shared with validation, plots, health and diff; the
+same rules serve our runs and the previous tool's manifests.
 
-* importance of a group = its largest score over the quantized formats (everything but ``NONE``):
-  the damage of the worst choice the search could make there. A group with no quantized format
-  (e.g. a vision layer kept in 16 bits) has importance 0: quantizing it is not on the table.
-* rank 1 is the most sensitive group; ranks are 1..n with no gaps and no shared ranks.
-* NaN importance (any quantized score NaN) ranks first, ahead of +inf: a score that blew up says
-  the quantized layer broke the forward or backward pass, and hiding it at the bottom of a long
-  table is the worst place for it. Only runs with ``allow_nonfinite`` get here at all.
-* ties keep the input order, which is the order the groups sit in the network (ModelOpt lists
-  them in module order). This is what Python's stable ``sorted(..., reverse=True)`` gave the
-  previous tool, so its manifests (105 zero-score vision groups) come out in exactly its order,
-  and it is deterministic because module order is. Sorting ties by name instead would put
-  ``layers.10`` before ``layers.2``.
-
-Everything here is pure except :meth:`BuildManifest.run`, which reads the clock and the installed
-package versions and hands them to :func:`build_manifest`.
+Everything here is pure except :func:`installed_versions` and :func:`utc_now_iso`, which
+:class:`~auto_quantize_model.stages.build_manifest.BuildManifest` calls for the environment.
 """
 
 from __future__ import annotations
@@ -35,7 +24,15 @@ from auto_quantize_model.artifacts import (
     SensitivityScores,
     ValidationReport,
 )
-from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.core.scores import (
+    NO_QUANT,
+    has_quantized_format,
+    importance,
+    is_none_format,
+    rank_order,
+)
+from auto_quantize_model.core.scores import headline_index as headline_index
+from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.io.manifest import (
     SCHEMA_VERSION,
     DatasetInfo,
@@ -47,8 +44,9 @@ from auto_quantize_model.io.manifest import (
 )
 from auto_quantize_model.specs import ManifestSpec
 
-NONE_FORMAT = "NONE"
-"""ModelOpt's name for "leave this group unquantized"."""
+NONE_FORMAT = NO_QUANT
+"""Old name of :data:`auto_quantize_model.core.scores.NO_QUANT`, kept until render/reports.py
+imports that instead."""
 
 PRESET_SCHEME_NAMES: dict[str, str] = {
     "INT8_DEFAULT_CFG": "wint8_aint8",
@@ -82,43 +80,8 @@ VERSIONED_DISTRIBUTIONS: tuple[tuple[str, str], ...] = (
 )
 
 
-def importance(formats: Sequence[str], scores: Sequence[float]) -> float:
-    """Largest score over quantized formats; NaN if any of them is NaN; 0 if there is none."""
-    quantized = [score for name, score in zip(formats, scores, strict=True) if name != NONE_FORMAT]
-    if not quantized:
-        return 0.0
-    if any(math.isnan(score) for score in quantized):
-        return math.nan
-    return max(quantized)
-
-
-def headline_index(formats: Sequence[str], scores: Sequence[float]) -> int:
-    """Index of the format a one-format summary row shows (bits, cost): the one setting the importance.
-
-    The first quantized format with the importance score (NaN counts as the largest); with no
-    quantized format, the first format (``NONE``). For a one-format run this is that format,
-    which is what the previous tool's ``num_bits``/``size_cost`` columns showed.
-    """
-    if not formats:
-        raise ValueError("a group without formats has no headline format")
-    target = importance(formats, scores)
-    for index, (name, score) in enumerate(zip(formats, scores, strict=True)):
-        if name == NONE_FORMAT:
-            continue
-        if (math.isnan(target) and math.isnan(score)) or score == target:
-            return index
-    return 0
-
-
-def _sort_key(item: tuple[int, float]) -> tuple[int, float, int]:
-    position, value = item
-    if math.isnan(value):
-        return (0, 0.0, position)
-    return (1, -value, position)
-
-
 def rank_groups(groups: Sequence[GroupScore]) -> tuple[RankedGroup, ...]:
-    """Rank groups most sensitive first (see the module docstring for ties and NaN)."""
+    """Rank groups most sensitive first (ties and NaN: :mod:`auto_quantize_model.core.scores`)."""
     seen: set[str] = set()
     for group in groups:
         if group.name in seen:
@@ -130,16 +93,15 @@ def rank_groups(groups: Sequence[GroupScore]) -> tuple[RankedGroup, ...]:
                 f"group {group.name}: formats, bits, scores and costs differ in length "
                 f"({len(group.formats)}, {len(group.bits)}, {len(group.scores)}, {len(group.costs)})"
             )
-    values = [(position, importance(g.formats, g.scores)) for position, g in enumerate(groups)]
-    order = sorted(values, key=_sort_key)
+    values = [importance(g.formats, g.scores) for g in groups]
     ranked = []
-    for rank, (position, value) in enumerate(order, start=1):
+    for rank, position in enumerate(rank_order(values), start=1):
         group = groups[position]
         ranked.append(
             RankedGroup(
                 name=group.name,
                 rank=rank,
-                importance=value,
+                importance=values[position],
                 best_format=group.best_format,
                 module_names=group.module_names,
                 formats=group.formats,
@@ -149,6 +111,27 @@ def rank_groups(groups: Sequence[GroupScore]) -> tuple[RankedGroup, ...]:
             )
         )
     return tuple(ranked)
+
+
+def check_ranking(groups: Sequence[GroupScore]) -> None:
+    """Refuse a ranking without a single finite importance: it would rank nothing a user can act on.
+
+    Reached with no groups at all, or with every quantized score NaN/infinite (a run that kept
+    going with ``autoquant.allow_nonfinite``).
+    """
+    scored = [g for g in groups if has_quantized_format(g.formats)]
+    if any(math.isfinite(importance(g.formats, g.scores)) for g in scored):
+        return
+    detail = (
+        "AutoQuant reported no recipe group"
+        if not groups
+        else f"none of the {len(groups)} recipe group(s) has a finite score for a quantized format "
+        f"({len(groups) - len(scored)} offer only NONE, {len(scored)} scored NaN or infinite)"
+    )
+    raise AqmError(
+        f"empty ranking: {detail}; check that the language model is in the loss graph (score health "
+        "lists groups scored 0 or NaN) and that autoquant.formats quantize its layers"
+    )
 
 
 def format_scheme_part(format_name: str) -> str:
@@ -169,7 +152,7 @@ def scheme_name(formats: Sequence[str], explicit: str | None = None) -> str:
                 "(use letters, digits and . _ + -, starting with a letter or digit)"
             )
         return explicit
-    parts = [format_scheme_part(name) for name in formats if name != NONE_FORMAT]
+    parts = [format_scheme_part(name) for name in formats if not is_none_format(name)]
     if not parts:
         raise ConfigError("cannot name the scheme: no quantization format was scored (only NONE)")
     return "+".join(parts)
@@ -228,7 +211,11 @@ def build_manifest(
     created_at: str = "",
     versions: tuple[tuple[str, str], ...] = (),
 ) -> Manifest:
-    """The whole manifest from plain inputs; the clock and environment come in as arguments."""
+    """The whole manifest from plain inputs; the clock and environment come in as arguments.
+
+    An empty ranking (:func:`check_ranking`) is an error, not a manifest of nothing.
+    """
+    check_ranking(scores.groups)
     return Manifest(
         schema_version=SCHEMA_VERSION,
         scheme=scheme_info(scores, scheme_name(scores.formats, spec.scheme)),

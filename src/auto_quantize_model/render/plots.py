@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from auto_quantize_model.core.scores import coefficient_text, group_name, worst
 from auto_quantize_model.io.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def grid_slot(name: str) -> tuple[int | None, str] | None:
     ``.quant_recipe`` suffix. Vision towers also have ``layers.N.self_attn`` in some models, so
     any name with a vision part is left out rather than mixed into the decoder rows.
     """
-    name = name.removesuffix(".quant_recipe")
+    name = group_name(name)
     if _VISION_PART.search(name):
         return None
     if name == "lm_head" or name.endswith(".lm_head"):
@@ -76,7 +77,7 @@ def grid_slot(name: str) -> tuple[int | None, str] | None:
 
 def short_name(name: str) -> str:
     """The group name without the language model's prefix, for axis labels."""
-    return _LM_PREFIX.sub("", name.removesuffix(".quant_recipe"))
+    return _LM_PREFIX.sub("", group_name(name))
 
 
 @attrs.frozen
@@ -84,7 +85,8 @@ class ImportanceGrid:
     """Heatmap data: ``values[row][column]``, rows = ``kinds``, columns = ``columns``.
 
     A cell with no group is NaN. When several groups share a cell (q, k and v scored apart) the
-    cell shows the largest importance, like the manifest's max-over-formats importance.
+    cell shows the worst of their importances, by the rule importance itself uses (the largest,
+    NaN if any is NaN).
     """
 
     kinds: tuple[str, ...]
@@ -104,9 +106,7 @@ def importance_grid(groups: Iterable[RankedGroup]) -> ImportanceGrid:
         if slot is None:
             left_out.append(group.name)
             continue
-        previous = cells.get(slot, -math.inf)
-        value = group.importance
-        cells[slot] = value if math.isnan(value) or value > previous else previous
+        cells[slot] = worst((cells[slot], group.importance)) if slot in cells else group.importance
     layers = [layer for layer, _ in cells if layer is not None]
     n_layers = max(layers) + 1 if layers else 0
     has_head = (None, "lm_head") in cells
@@ -205,10 +205,6 @@ def _top_bars(groups: Sequence[RankedGroup], scored: int, title: str) -> Any:
     return figure
 
 
-def _coefficient(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.3f}"
-
-
 def _scatter(validation: ValidationReport, title: str) -> Any:
     from matplotlib.figure import Figure
 
@@ -239,8 +235,8 @@ def _scatter(validation: ValidationReport, title: str) -> Any:
     axes.set_xlabel("predicted score (AutoQuant)")
     axes.set_ylabel("measured ΔNLL (held-out captions)")
     header = (
-        f"{title}: Spearman {_coefficient(validation.spearman_nll)}, "
-        f"Kendall {_coefficient(validation.kendall_nll)}, n={len(points)}"
+        f"{title}: Spearman {coefficient_text(validation.spearman_nll)}, "
+        f"Kendall {coefficient_text(validation.kendall_nll)}, n={len(points)}"
     )
     axes.set_title(header + (f"\n({'; '.join(notes)})" if notes else ""), fontsize=9)
     if points:

@@ -1,22 +1,29 @@
-"""The ``BuildCalibLoader`` stage."""
+"""The ``BuildCalibLoader`` stage: captions file -> tokenised calibration batches.
+
+The batching rules are pure (:mod:`auto_quantize_model.core.batching`, lists of ints); this module
+reads the file, asks the tokenizer and turns the rows into the int64 tensors :class:`CalibData`
+holds. torch is imported only when a batch is built.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, ClassVar
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
 from auto_quantize_model.artifacts import CalibData, LoadedModel
 from auto_quantize_model.core.batching import (
-    captions_label,
-    captions_sha256,
+    MemoryBudget,
+    calib_columns,
     check_calib_spec,
-    make_calib_data,
+    check_padded_memory,
     pad_token_id,
-    read_captions,
     tokenize_captions,
 )
+from auto_quantize_model.core.captions import captions_label, captions_sha256, read_captions
 from auto_quantize_model.specs import CalibSpec
 
 if TYPE_CHECKING:
@@ -24,10 +31,61 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("auto_quantize_model")
 
+_ELEMENT_BYTES = {"float32": 4, "float64": 8}
+"""Bytes per activation element by the loaded dtype's name; anything else (bf16, fp16) is 2."""
+
+
+def make_calib_data(
+    token_lists: Sequence[Sequence[int]],
+    spec: CalibSpec,
+    *,
+    pad_id: int,
+    captions_path: str,
+    captions_sha256: str,
+    captions: Sequence[str] = (),
+) -> CalibData:
+    """Truncate, batch in ``spec.layout``, count and build the tensors: the stage minus file and tokenizer."""
+    from auto_quantize_model.backend.lm_forward import as_tensors
+
+    built = calib_columns(
+        token_lists, spec, pad_id=pad_id, captions_path=captions_path, captions_sha256=captions_sha256
+    )
+    return CalibData(
+        batches=tuple(as_tensors(batch) for batch in built.batches),
+        captions_per_batch=built.captions_per_batch,
+        stats=built.stats,
+        captions=tuple(captions),
+    )
+
+
+def memory_budget(loaded: LoadedModel) -> MemoryBudget:
+    """This machine's memory, the model device's, and the model's hidden size and depth."""
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        host = 2**62  # unknown: never refuse on the host side
+    device = host
+    if loaded.device.startswith("cuda"):
+        import torch
+
+        device = int(torch.cuda.get_device_properties(torch.device(loaded.device)).total_memory)
+    config: Any = getattr(loaded.model, "config", None)
+    get_text_config = getattr(config, "get_text_config", None)
+    text: Any = get_text_config() if callable(get_text_config) else config
+    hidden = getattr(text, "hidden_size", None)
+    layers = getattr(text, "num_hidden_layers", None)
+    return MemoryBudget(
+        host_bytes=host,
+        device_bytes=device,
+        hidden_size=hidden if isinstance(hidden, int) else None,
+        layers=layers if isinstance(layers, int) else None,
+        element_bytes=_ELEMENT_BYTES.get(loaded.dtype.removeprefix("torch."), 2),
+    )
+
 
 @attrs.frozen
 class BuildCalibLoader:
-    """Captions file -> :class:`CalibData`; only the loaded model's tokenizer is used."""
+    """Captions file -> :class:`CalibData`; only the loaded model's tokenizer and config are used."""
 
     requires: ClassVar[tuple[type, ...]] = (LoadedModel,)
     optional: ClassVar[tuple[type, ...]] = ()
@@ -37,15 +95,20 @@ class BuildCalibLoader:
     def run(self, inputs: Artifacts) -> CalibData:
         spec = self.spec
         check_calib_spec(spec)
-        tokenizer = inputs.get(LoadedModel).tokenizer
+        loaded = inputs.get(LoadedModel)
+        tokenizer = loaded.tokenizer
         captions = read_captions(spec.captions, spec.max_samples)
         token_lists = tokenize_captions(tokenizer, captions)
+        if spec.layout == "padded":
+            longest = max(len(ids) for ids in token_lists)
+            check_padded_memory(len(token_lists), longest, spec, memory_budget(loaded))
         data = make_calib_data(
             token_lists,
             spec,
-            pad_id=pad_token_id(tokenizer),
+            pad_id=pad_token_id(tokenizer, getattr(loaded.model, "config", None)),
             captions_path=captions_label(spec.captions),
             captions_sha256=captions_sha256(captions),
+            captions=captions,
         )
         stats = data.stats
         log.info(
