@@ -45,6 +45,7 @@ from auto_quantize_model.render.reports import (
 from auto_quantize_model.specs import ManifestSpec, ReportSpec
 from auto_quantize_model.stages.build_manifest import BuildManifest
 from auto_quantize_model.stages.write_reports import WriteReports
+from builders import scores
 
 INT8 = "INT8_DEFAULT_CFG"
 FP8 = "FP8_DEFAULT_CFG"
@@ -74,16 +75,13 @@ def crafted_scores(state_path: str | None = None) -> SensitivityScores:
         GroupScore("model.visual.merger.linear_fc1", ("y",), ("NONE",), (16.0,), (0.0,), (7.0,), "NONE"),
         two_format_group("lm_head", math.inf, 1.0, "NONE"),
     )
-    return SensitivityScores(
-        groups=groups,
+    return scores(
+        *groups,
         formats=(INT8, FP8),
-        method="gradient",
-        scope="language_model",
         effective_bits_target=9.0,
         effective_bits_lm=8.9,
         effective_bits_model=8.95,
         total_score=6.25,
-        satisfied=True,
         calib_steps=8,
         score_steps=4,
         score_samples=32,
