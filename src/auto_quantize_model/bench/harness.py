@@ -1078,7 +1078,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def _ensure_logging() -> None:
-    from auto_quantize_model.app.cli import configure_logging
+    from auto_quantize_model.app.logs import configure_logging
 
     configure_logging()
 
