@@ -227,20 +227,20 @@ def test_non_monotone_flags_mark_more_budget_with_a_worse_score() -> None:
     assert [p.non_monotone for p in points] == [False, False, False, True, False, False, False]
 
 
-def test_tiny_scores_leave_cbc_short_of_the_optimum_and_the_flags_show_it() -> None:
-    # ModelOpt's LP with scores around 1e-8 (what the tiny test model scores): CBC's absolute
-    # tolerances dwarf the objective, so more budget can come back with a worse mix
+def test_tiny_scores_leave_cbc_short_of_the_optimum_as_in_modelopt() -> None:
+    """Scores around 1e-7 (what the tiny test model scores) sit below CBC's absolute tolerances:
+    CBC stops at its first mix and calls it optimal. ModelOpt's search does the same, so the
+    frontier reproduces it rather than fixing it; if a CBC release changes this, so does ModelOpt."""
     tiny = SearchSpace(
         rows=tuple(attrs.evolve(r, scores=tuple(s * 1e-7 for s in r.scores)) for r in _space().rows),
         method="gradient",
     )
-    frontier = solve_frontier(tiny, (4.0, 5.0, 6.5, 8.0, 10.0, 12.5, 16.0), workers=1)
-    flagged = [p for p in frontier.points if p.non_monotone]
-    for point in flagged:
-        previous = frontier.points[frontier.points.index(point) - 1]
-        assert point.total_score > previous.total_score
+    frontier = solve_frontier(tiny, (4.0, 6.5, 10.0, 16.0), workers=1)
     best = [_brute_force_best(tiny, p.budget) for p in frontier.points]
-    assert all(p.total_score >= b - 1e-18 for p, b in zip(frontier.points, best, strict=True))
+    assert all(p.satisfied for p in frontier.points)
+    assert all(p.total_score >= b for p, b in zip(frontier.points, best, strict=True))
+    assert any(p.total_score > 1.01 * b for p, b in zip(frontier.points, best, strict=True))
+    assert frontier.point(16.0).formats != ("NONE",) * 6  # the well-scaled space gets all NONE here
 
 
 def test_worker_processes_give_the_in_process_answer() -> None:

@@ -20,7 +20,10 @@ How ModelOpt 0.47 searches (``modelopt/torch/quantization/algorithms.py``):
   INT8's score) and CBC breaks such ties by the problem's exact layout: column names
   ``z<row>_<format>`` sorted as text, rows in order. The same problem is built here, row for
   row, so CBC makes the same choice; groups with one format only (disabled layers, a vision
-  tower) are rows too and must stay in place, or the tie-breaks move.
+  tower) are rows too and must stay in place, or the tie-breaks move. CBC's tolerances are
+  absolute: with scores of order 1e-7 (a tiny model) it stops at its first mix and calls it
+  optimal, and with larger ones it can still stop ~1 % above the optimum. ModelOpt keeps what
+  CBC returns, and so does this module (:attr:`FrontierPoint.non_monotone` shows the damage).
 * ``kl_div``: 100 bisection steps on a score threshold; each group takes its first format
   scoring at most the threshold. The last step's choice is kept even when an earlier one met
   the budget (``is_satisfied`` then says False). Replayed step by step here.
@@ -100,9 +103,9 @@ def _budget_value(text: str, part: str) -> float:
 def parse_budgets(text: str) -> tuple[float, ...]:
     """Effective-bits budgets from ``7.5``, ``6,7,8.5`` or ``4.5:8:0.25`` (stop included).
 
-    Range values are computed as ``start + i * step`` (not accumulated) and rounded to 9
-    decimals, so ``4.5:5:0.1`` ends at exactly 5.0 rather than 4.999999999999999; the stop is
-    included when it lies within 1e-9 of a step. Returned sorted, without duplicates.
+    Range values after the start are ``start + i * step`` (not accumulated) rounded to 9
+    decimals, so ``4.5:5:0.1`` holds 4.8 rather than 4.800000000000001 and ends at exactly 5.0;
+    the stop is included when it lies within 1e-9 of a step. Returned sorted, without duplicates.
     """
     stripped = text.strip()
     if not stripped:
@@ -125,8 +128,7 @@ def parse_budgets(text: str) -> tuple[float, ...]:
         count = math.floor((stop - start) / step + 1e-9) + 1
         if count > MAX_BUDGETS:
             raise ConfigError(f"budgets {text!r}: {count} budgets; at most {MAX_BUDGETS} (use a larger step)")
-        values = [round(start + index * step, 9) for index in range(count)]
-        values = [min(value, stop) for value in values]
+        values = [start] + [min(round(start + index * step, 9), stop) for index in range(1, count)]
     else:
         values = [_budget_value(text, part) for part in stripped.split(",")]
     return tuple(sorted(set(values)))
@@ -656,8 +658,10 @@ def flag_non_monotone(points: Sequence[FrontierPoint]) -> tuple[FrontierPoint, .
 def solve_frontier(space: SearchSpace, budgets: Iterable[float], *, workers: int | None = None) -> Frontier:
     """ModelOpt's format choice at every budget (LM effective bits), as its own search would make it.
 
-    ``workers`` caps the CBC worker processes (default: one per available CPU; 1 solves in this
-    process). kl_div needs no CBC and always runs here.
+    Budgets are sorted and deduplicated. Each gradient budget is one CBC solve (0.1-0.5 s for
+    250 groups x 5 formats), shared among ``workers`` subprocesses (default: one per available
+    CPU; 1 solves in this process); measured for 299 budgets x 250 groups x 5 formats: 28 s on
+    one core, 2.6 s on 16. kl_div needs no CBC and always runs here (1.7-4.8 s for the same).
     """
     started = time.perf_counter()
     ordered = sorted({float(b) for b in budgets})
