@@ -14,15 +14,30 @@ from pathlib import Path
 import pytest
 from pytest_mock import MockerFixture
 
-from auto_quantize_model.app import cli
+from auto_quantize_model.app import cli, folders, legacy_driver
+from auto_quantize_model.app.run_service import RunService, import_libraries
 from auto_quantize_model.errors import InputError, StageError
 from auto_quantize_model.io.manifest import Manifest, ModelInfo
 from auto_quantize_model.io.pipeline_file import PipelineSpec, load_pipeline, spec_from_dict
+from auto_quantize_model.pipeline import Artifacts
 from builders import INT8, descending, manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny-qwen3-vl.toml"
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-manifests"
+
+QUICK = RunService(library_importer=lambda: 0.0)
+"""The real service minus the 11-16 s library import: for runs whose pipeline never starts."""
+
+
+def failing_with(error: BaseException) -> RunService:
+    """A run service whose pipeline fails at once with ``error`` (nothing loaded, nothing imported)."""
+
+    def run(spec: PipelineSpec, folder: Path) -> Artifacts:
+        raise error
+
+    return RunService(pipeline_runner=run, library_importer=lambda: 0.0)
+
 
 needs_seeds = pytest.mark.skipif(
     not SEEDS.is_dir(), reason=f"previous tool's manifests not available ({SEEDS} is absent)"
@@ -147,23 +162,19 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "usage: aqm" in capsys.readouterr().err
 
 
-def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    def interrupted(args: object) -> int:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli, "cmd_validate", interrupted)
-    assert cli.main(["validate", str(TINY)]) == 130
+def test_ctrl_c_exits_130(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    service = failing_with(KeyboardInterrupt())
+    assert cli.main(["run", str(TINY), "--output", str(out)], service=service) == 130
     assert "aqm: interrupted" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_a_bug_in_a_stage_exits_1_and_points_at_debug(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def broken(args: object) -> int:
-        raise StageError("RunAutoQuant", ZeroDivisionError("division by zero"))
-
-    monkeypatch.setattr(cli, "cmd_validate", broken)
-    assert cli.main(["validate", str(TINY)]) == 1
+    service = failing_with(StageError("RunAutoQuant", ZeroDivisionError("division by zero")))
+    assert cli.main(["run", str(TINY), "--output", str(tmp_path / "out")], service=service) == 1
     err = capsys.readouterr().err
     assert "aqm: error: stage RunAutoQuant failed: division by zero" in err
     assert "--debug" in err
@@ -173,27 +184,27 @@ def test_a_bug_in_a_stage_exits_1_and_points_at_debug(
 
 
 def test_check_output_dir(tmp_path: Path) -> None:
-    cli.check_output_dir(tmp_path / "new", force=False)
+    folders.check_output_dir(tmp_path / "new", force=False)
     (tmp_path / "empty").mkdir()
-    cli.check_output_dir(tmp_path / "empty", force=False)
+    folders.check_output_dir(tmp_path / "empty", force=False)
     for marker in ("run.json", "x_quant_manifest.json", "sweep-index.md"):
         folder = tmp_path / marker.replace(".", "_")
         folder.mkdir()
         (folder / marker).write_text("{}", "utf-8")
         with pytest.raises(InputError, match=rf"already holds a run \({marker}\); pass --force"):
-            cli.check_output_dir(folder, force=False)
-        cli.check_output_dir(folder, force=True)
+            folders.check_output_dir(folder, force=False)
+        folders.check_output_dir(folder, force=True)
     (tmp_path / "file").write_text("x", "utf-8")
     with pytest.raises(InputError, match="exists and is not a folder"):
-        cli.check_output_dir(tmp_path / "file", force=True)
+        folders.check_output_dir(tmp_path / "file", force=True)
 
 
 def test_new_run_dir_never_reuses_a_folder(tmp_path: Path) -> None:
-    first = cli.new_run_dir("tiny", tmp_path)
+    first = folders.new_run_dir("tiny", tmp_path)
     assert first.parent == tmp_path / "runs"
     assert first.name.endswith("-tiny")
     first.mkdir(parents=True)
-    second = cli.new_run_dir("tiny", tmp_path)
+    second = folders.new_run_dir("tiny", tmp_path)
     assert second != first
     assert not second.exists()
 
@@ -202,45 +213,41 @@ def test_run_refuses_a_folder_holding_another_run(tmp_path: Path, capsys: pytest
     out = tmp_path / "out"
     out.mkdir()
     (out / "run.json").write_text("{}", "utf-8")
-    assert cli.main(["run", str(TINY), "--output", str(out)]) == 2
+    assert cli.main(["run", str(TINY), "--output", str(out)], service=QUICK) == 2
     assert "already holds a run (run.json)" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["run.json"]
 
 
 def test_bad_input_leaves_no_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert cli.main(["run", str(TINY), "--output", str(out), "--set", "calib.seq_len=0"]) == 2
+    assert cli.main(["run", str(TINY), "--output", str(out), "--set", "calib.seq_len=0"], service=QUICK) == 2
     assert "calib.seq_len: must be > 0" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_a_failed_run_that_wrote_nothing_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def failing(spec: object, folder: Path) -> object:
-        raise StageError("BuildCalibLoader", InputError("captions file x.txt is empty"))
-
-    monkeypatch.setattr(cli, "_run_one", failing)
-    out = tmp_path / "out"
-    assert cli.main(["run", str(TINY), "--output", str(out)]) == 2
+    service = failing_with(StageError("BuildCalibLoader", InputError("captions file x.txt is empty")))
+    out = tmp_path / "deeper" / "out"
+    assert cli.main(["run", str(TINY), "--output", str(out)], service=service) == 2
     assert "stage BuildCalibLoader failed: captions file x.txt is empty" in capsys.readouterr().err
     assert not out.exists()
+    assert not out.parent.exists()  # the folders the run made, and only those
 
 
 def test_a_failing_sweep_point_is_recorded_and_the_exit_code_says_so(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from auto_quantize_model.pipeline import Artifacts
-
-    def run_one(spec: object, folder: Path) -> Artifacts:
+    def run_one(spec: PipelineSpec, folder: Path) -> Artifacts:
         if "64" in folder.name:
             raise StageError("RunAutoQuant", InputError("out of memory"))
         return Artifacts()
 
-    monkeypatch.setattr(cli, "_run_one", run_one)
+    service = RunService(pipeline_runner=run_one, library_importer=lambda: 0.0)
     out = tmp_path / "out"
     argv = ["run", str(TINY), "--output", str(out), "--set", "sweep.calib.seq_len=[32, 64]"]
-    assert cli.main(argv) == 1
+    assert cli.main(argv, service=service) == 1
     captured = capsys.readouterr()
     assert "1 of 2 sweep points failed" in captured.err
     index = (out / "sweep-index.md").read_text("utf-8")
@@ -314,7 +321,7 @@ def test_diff_two_previous_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def legacy_spec(*argv: str) -> PipelineSpec:
     args = cli.build_parser().parse_args(["qwen3-lm-int8", *argv])
-    return spec_from_dict(cli.legacy_raw_spec(args), source="t")
+    return spec_from_dict(legacy_driver.legacy_raw_spec(args), source="t")
 
 
 def test_legacy_driver_defaults_match_the_previous_tool() -> None:
@@ -370,7 +377,7 @@ def our_manifest() -> Manifest:
         descending([f"model.language_model.layers.{i}.mlp.down_proj" for i in range(3)]),
         fmt=INT8,
         score_samples=4,
-        scheme=cli.LEGACY_SCHEME,
+        scheme=legacy_driver.LEGACY_SCHEME,
         target=8.0,
         bits=8.0,
         total_score=3.0,
@@ -422,17 +429,15 @@ def test_legacy_report_only_without_a_manifest(tmp_path: Path, capsys: pytest.Ca
 def test_import_libraries_times_only_what_is_missing(
     mocker: MockerFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
-    mocker.patch.object(cli, "HEAVY_LIBRARIES", ("colorsys", "no_such_library_here"))
     mocker.patch.dict(sys.modules)
     sys.modules.pop("colorsys", None)
     with caplog.at_level(logging.INFO, logger="auto_quantize_model"):
-        assert cli.import_libraries() > 0
+        assert import_libraries(("colorsys", "no_such_library_here")) > 0
     assert "colorsys" in sys.modules
     # the library that cannot be imported is left for its stage to report, and not claimed
     assert "imported colorsys in" in caplog.text
     assert "no_such_library_here" not in caplog.text
-    mocker.patch.object(cli, "HEAVY_LIBRARIES", ("colorsys",))
-    assert cli.import_libraries() == 0.0
+    assert import_libraries(("colorsys",)) == 0.0
 
 
 # --------------------------------------------------------------------------- real runs (slow)

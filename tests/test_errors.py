@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from auto_quantize_model.app import cli
+from auto_quantize_model.app.run_service import RunService
 from auto_quantize_model.data import tiny_tokenizer_dir
 
 BASE = """\
@@ -31,6 +32,10 @@ scheme = "t"
 [reports]
 plots = false
 """
+
+QUICK = RunService(library_importer=lambda: 0.0)
+"""The real run service without importing torch, transformers and ModelOpt up front: each case
+imports only what its stages reach before they fail."""
 
 Setup = Callable[[Path], list[str]]
 """Builds the inputs of one case under the test's folder; returns the ``aqm`` arguments."""
@@ -216,7 +221,7 @@ def test_bad_input_fails_cleanly(
     argv = setup(tmp_path)
     out = tmp_path / "out"
     before = _files(out)
-    assert cli.main(argv) == code
+    assert cli.main(argv, service=QUICK) == code
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("aqm: error:")]
     assert lines, err
@@ -236,7 +241,7 @@ def test_out_of_memory_names_stage_and_sizes(
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(LoadModel, "run", out_of_memory)
-    assert cli.main(run_with("calib.batch_size=4")(tmp_path)) == 1
+    assert cli.main(run_with("calib.batch_size=4")(tmp_path), service=QUICK) == 1
     err = capsys.readouterr().err
     assert (
         "aqm: error: out of GPU memory in stage LoadModel (calib.batch_size 4, calib.seq_len 32); "

@@ -2,38 +2,49 @@
 
 A run folder holds ``pipeline.toml`` (the effective spec), ``run.json`` and, once AutoQuant has
 calibrated, ModelOpt's search state. ``run.json`` says ``running`` while a run is under way,
-``complete`` once every file is written and ``failed: <reason>`` after an error. A process
-killed outright leaves ``running``; both that and ``failed`` can be resumed by running the same
-pipeline into the same folder (``aqm run FILE --output DIR`` or ``aqm resume DIR``): the saved
-calibration and scores are reused. A failure before anything worth keeping was written removes
-what the command wrote (and the folder if it made it), so a typo leaves nothing behind.
+``complete`` once every file is written and ``failed: <reason>`` after an error; it names the
+process that owns the run and lists every file the run wrote (relative paths), which is how
+``--force`` knows what to remove. A process killed outright leaves ``running``; the next run or
+``aqm resume`` sees that the owner is gone (the folder's lock is free, the pid no longer that
+process), says the run was interrupted, and resumes it like a ``failed`` one: the saved
+calibration and scores are reused.
 
-Only the standard library is imported here: the CLI reads and checks folders before torch.
+Only the standard library, attrs and cattrs are imported here: folders are read before torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import cattrs
 
+from auto_quantize_model.app.folders import (
+    PIPELINE_FILE,
+    RUN_FILE,
+    aqm_files,
+    check_output_dir,
+    is_aqm_pipeline,
+    remove_files,
+)
+from auto_quantize_model.app.lock import FolderBusy, Holder, Owner, is_alive
+from auto_quantize_model.app.logs import PACKAGE_LOGGER
 from auto_quantize_model.errors import AqmError, InputError
-from auto_quantize_model.io.atomic import atomic_write_text
+from auto_quantize_model.io.atomic import make_converter
 
 if TYPE_CHECKING:
     from auto_quantize_model.io.pipeline_file import PipelineSpec
 
-RUN_FILE = "run.json"
-PIPELINE_FILE = "pipeline.toml"
-STATE_FILE = "autoquant_search_state.pt"
-"""ModelOpt's ``checkpoint=`` file inside the run folder (the CLI always passes one)."""
+log = logging.getLogger(PACKAGE_LOGGER)
+
 RUNNING = "running"
 COMPLETE = "complete"
 FAILED = "failed"
@@ -44,6 +55,9 @@ _DISTRIBUTIONS = (
     ("auto_quantize_model", "auto-quantize-model"),
 )
 
+Pairs = tuple[tuple[str, str], ...]
+Seconds = tuple[tuple[str, float], ...]
+
 
 class OutOfMemory(AqmError):
     """The accelerator ran out of memory; the message names the stage and the sizes in use."""
@@ -51,21 +65,93 @@ class OutOfMemory(AqmError):
     exit_code = 1
 
 
+@attrs.frozen
+class ForwardSteps:
+    """AutoQuant forward passes this process ran; 0 calibration steps means it resumed them."""
+
+    calibration: int
+    scoring: int
+
+
+@attrs.frozen
+class RunRecord:
+    """``run.json``: the state of the run in a folder, who runs it and what it wrote."""
+
+    status: str
+    """``running``, ``complete`` or ``failed: <first line of the error>``."""
+    started_at: str
+    ended_at: str | None
+    resumed: bool
+    command: tuple[str, ...]
+    spec_sha256: str
+    versions: Pairs
+    device: str
+    owner: Owner | None = None
+    """The process running (or that ran) the run; absent in records of aqm before 0.2."""
+    first_started_at: str | None = None
+    """For a resumed run: when the first attempt started."""
+    forward_steps: ForwardSteps | None = None
+    seconds: Seconds | None = None
+    """Library imports and each stage, in run order."""
+    files: tuple[str, ...] = ()
+    """Every file the run wrote, relative to the folder (``run.json`` included)."""
+    sweep: bool = False
+    """The folder holds a sweep (its points in subfolders); sweeps are never resumed."""
+
+    @property
+    def is_resumable(self) -> bool:
+        return not self.sweep and (self.status == RUNNING or self.status.startswith(FAILED))
+
+
+_OMITTED_WHEN_NONE = ("owner", "first_started_at", "forward_steps", "seconds")
+
+
+def _make_converter() -> cattrs.Converter:
+    """The manifest's strict converter, tolerant of keys a newer aqm may add; pairs as JSON objects."""
+    converter = make_converter().copy(forbid_extra_keys=False)
+
+    def is_pairs(kind: Any) -> bool:
+        return kind in (Pairs, Seconds)
+
+    def structure_pairs(value: Any, kind: Any) -> tuple[tuple[str, Any], ...]:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected an object, got {value!r}")
+        item = str if kind == Pairs else float
+        return tuple((str(key), converter.structure(v, item)) for key, v in value.items())
+
+    converter.register_unstructure_hook_func(is_pairs, dict)
+    converter.register_structure_hook_func(is_pairs, structure_pairs)
+    return converter
+
+
+_CONVERTER = _make_converter()
+
+
+def record_to_json(record: RunRecord) -> str:
+    data: dict[str, Any] = _CONVERTER.unstructure(record)
+    for key in _OMITTED_WHEN_NONE:
+        if data[key] is None:
+            del data[key]
+    if not data["sweep"]:
+        del data["sweep"]
+    return json.dumps(data, indent=1) + "\n"
+
+
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def versions() -> dict[str, str]:
+def versions() -> Pairs:
     """Versions from package metadata: no heavy import just to name them."""
     from importlib.metadata import PackageNotFoundError, version
 
-    found = {"python": platform.python_version()}
+    found = [("python", platform.python_version())]
     for key, dist in _DISTRIBUTIONS:
         try:
-            found[key] = version(dist)
+            found.append((key, version(dist)))
         except PackageNotFoundError:
-            found[key] = "not installed"
-    return found
+            found.append((key, "not installed"))
+    return tuple(found)
 
 
 def device_name(requested: str) -> str:
@@ -115,8 +201,12 @@ def changed_settings(old: PipelineSpec, new: PipelineSpec) -> list[str]:
     ]
 
 
-def read_run(folder: Path) -> dict[str, Any] | None:
-    """The folder's ``run.json`` record, or None when it has none or it is not one of ours."""
+def read_run(folder: Path) -> RunRecord | None:
+    """The folder's ``run.json`` record; None when it has none or it is not one of ours.
+
+    A file that is ours (it has a ``status``) but does not structure is an error naming it: the
+    folder's state is unknown, and guessing could resume the wrong run.
+    """
     path = folder / RUN_FILE
     if not path.is_file():
         return None
@@ -126,18 +216,24 @@ def read_run(folder: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(data, dict) or not isinstance(data.get("status"), str):
         return None
-    return data
+    try:
+        record: RunRecord = _CONVERTER.structure(data, RunRecord)
+    except Exception as err:  # ClassValidationError (an ExceptionGroup) or a plain TypeError
+        details = (
+            "; ".join(cattrs.transform_error(err)) if isinstance(err, cattrs.BaseValidationError) else err
+        )
+        raise InputError(
+            f"{path} is not a valid run record ({details}); pass --force to start over in {folder}"
+        ) from err
+    return record
 
 
-def write_run(folder: Path, record: Mapping[str, Any]) -> Path:
-    return atomic_write_text(folder / RUN_FILE, json.dumps(record, indent=1) + "\n")
+Writer = Callable[[Path, str], Path]
+"""Writes text to a file atomically (injected so that tests can make the disk full)."""
 
 
-def is_resumable(record: Mapping[str, Any] | None) -> bool:
-    if record is None:
-        return False
-    status = str(record.get("status", ""))
-    return status == RUNNING or status.startswith(FAILED)
+def write_run(folder: Path, record: RunRecord, writer: Writer) -> Path:
+    return writer(folder / RUN_FILE, record_to_json(record))
 
 
 @attrs.frozen
@@ -150,51 +246,71 @@ class RunFolder:
     resume: bool
     """The folder holds an interrupted run of the same pipeline; its saved state is reused."""
     started_at: str
-
-    @property
-    def state_file(self) -> Path:
-        return self.path / STATE_FILE
-
-    def worth_keeping(self, own: Sequence[Path]) -> bool:
-        """Whether anything besides this command's bookkeeping files is there (a checkpoint...)."""
-        if not self.path.is_dir():
-            return False
-        bookkeeping = {p.name for p in own} | {RUN_FILE, PIPELINE_FILE, STATE_FILE + ".settings.json"}
-        return any(p.name not in bookkeeping for p in self.path.iterdir())
+    previous: RunRecord | None = None
+    """The record of the interrupted run being resumed."""
 
 
-def open_run_folder(folder: Path, spec: PipelineSpec, force: bool) -> RunFolder:
-    """Decide, before any work, whether ``folder`` starts fresh, resumes, or is refused.
+def refuse_live_owner(folder: Path, record: RunRecord) -> None:
+    """Belt and braces beside the lock: a ``running`` record whose owner runs on this host."""
+    if record.status == RUNNING and record.owner is not None and is_alive(record.owner):
+        raise FolderBusy(folder, Holder(record.owner, record.command))
 
-    * missing or empty or unrelated: fresh;
-    * an interrupted run (``running``/``failed``) of the same effective pipeline: resume;
+
+def remove_previous_run(folder: Path, record: RunRecord | None) -> list[Path]:
+    """``--force``: remove what earlier aqm runs wrote in ``folder`` (never other files)."""
+    files = aqm_files(folder, record.files if record is not None else ())
+    stuck = remove_files(folder, files)
+    if stuck:
+        raise InputError(f"--force: cannot remove {stuck[0]} left by the previous run in {folder}")
+    if files:
+        log.info("--force: removed %d files of the previous run in %s", len(files), folder)
+    return files
+
+
+def open_run_folder(folder: Path, spec: PipelineSpec, *, force: bool, created: bool) -> RunFolder:
+    """Decide, before any work and while holding the folder's lock, whether ``folder`` starts fresh,
+    resumes, or is refused.
+
+    * just made, empty or unrelated: fresh;
+    * an interrupted run (``running`` with its owner gone, or ``failed``) of the same effective
+      pipeline: resume;
     * the same with other settings: refused, naming every changed key (``--force`` starts over);
-    * a complete run, or another tool's output: refused unless ``--force`` (which starts over,
-      dropping the old search state so nothing is mixed).
+    * a complete run, or another tool's output: refused unless ``--force``, which first removes
+      every file of the previous run so nothing of it is mixed into or left beside the new one.
     """
-    from auto_quantize_model.app.cli import check_output_dir
-
     now = utc_now()
-    if not folder.exists():
+    if created:
         return RunFolder(folder, created=True, resume=False, started_at=now)
-    if not folder.is_dir():
-        raise InputError(f"output {folder} exists and is not a folder")
-    record = read_run(folder)
+    try:
+        record = read_run(folder)
+    except InputError:
+        if not force:
+            raise
+        record = None
+    if record is not None:
+        refuse_live_owner(folder, record)
     if force:
-        for name in (STATE_FILE, STATE_FILE + ".settings.json"):
-            (folder / name).unlink(missing_ok=True)
+        remove_previous_run(folder, record)
+        check_output_dir(folder, force=True)
         return RunFolder(folder, created=False, resume=False, started_at=now)
-    if record is not None and record["status"] == COMPLETE:
+    if record is not None and (record.status == COMPLETE or record.sweep):
+        what = "a sweep" if record.sweep else "a run"
         raise InputError(
-            f"output folder {folder} already holds a run (complete); pass --force to run it again, "
+            f"output folder {folder} already holds {what} ({record.status}); pass --force to run it again, "
             "or choose another --output"
         )
-    if not is_resumable(record):
+    if record is None or not record.is_resumable:
         check_output_dir(folder, force=False)
         return RunFolder(folder, created=False, resume=False, started_at=now)
+    if record.status == RUNNING:
+        who = f"its {record.owner.describe()}" if record.owner is not None else "its process"
+        log.info("the run in %s was interrupted (%s is gone)", folder, who)
     old_file = folder / PIPELINE_FILE
-    if not old_file.is_file():
-        raise InputError(f"output folder {folder} holds an interrupted run without its {PIPELINE_FILE}")
+    if not old_file.is_file() or not is_aqm_pipeline(old_file):
+        raise InputError(
+            f"output folder {folder} holds an interrupted run without its {PIPELINE_FILE}; "
+            "pass --force to start over"
+        )
     from auto_quantize_model.io.pipeline_file import load_pipeline
 
     changed = changed_settings(load_pipeline(old_file), spec)
@@ -204,8 +320,7 @@ def open_run_folder(folder: Path, spec: PipelineSpec, force: bool) -> RunFolder:
             f"({'; '.join(changed)}); rerun with the same settings to resume, pass --force to start "
             "over, or choose another --output"
         )
-    assert record is not None
-    return RunFolder(folder, created=False, resume=True, started_at=now)
+    return RunFolder(folder, created=False, resume=True, started_at=now, previous=record)
 
 
 def run_record(
@@ -214,33 +329,35 @@ def run_record(
     status: str,
     *,
     command: Sequence[str],
+    files: Sequence[str],
     device: str | None = None,
-    forward_steps: Mapping[str, int] | None = None,
-    previous: Mapping[str, Any] | None = None,
-    seconds: Mapping[str, float] | None = None,
-) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "status": status,
-        "started_at": run.started_at,
-        "ended_at": None if status == RUNNING else utc_now(),
-        "resumed": run.resume,
-        "command": list(command),
-        "spec_sha256": spec_hash(spec),
-        "versions": versions(),
-        "device": device_name(device or spec.model.device),
-    }
+    forward_steps: ForwardSteps | None = None,
+    seconds: Seconds | None = None,
+) -> RunRecord:
+    previous = run.previous
+    first = None
     if previous is not None and run.resume:
-        record["first_started_at"] = previous.get("first_started_at", previous.get("started_at"))
-    if forward_steps is not None:
-        record["forward_steps"] = dict(forward_steps)
-    if seconds is not None:
-        record["seconds"] = dict(seconds)
-    return record
+        first = previous.first_started_at or previous.started_at
+    return RunRecord(
+        status=status,
+        started_at=run.started_at,
+        ended_at=None if status == RUNNING else utc_now(),
+        resumed=run.resume,
+        command=tuple(command),
+        spec_sha256=spec_hash(spec),
+        versions=versions(),
+        device=device_name(device or spec.model.device),
+        owner=Owner.me(),
+        first_started_at=first,
+        forward_steps=forward_steps,
+        seconds=seconds,
+        files=tuple(files),
+    )
 
 
 def failure_reason(err: BaseException) -> str:
     if isinstance(err, KeyboardInterrupt):
-        return "interrupted"
+        return str(err) or "interrupted"
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 

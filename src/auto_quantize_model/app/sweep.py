@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from auto_quantize_model.app.folders import INDEX_NAME
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.io.pipeline_file import (
     PATH_KEYS,
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("auto_quantize_model")
 
-INDEX_NAME = "sweep-index.md"
 _MAX_FOLDER = 96
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 

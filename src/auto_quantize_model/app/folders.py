@@ -1,0 +1,272 @@
+"""Output folders: creating them with clear errors, and knowing which of their files are aqm's.
+
+Two promises rest on this module. A path mistake (a read-only folder, a parent that is a file, a
+name too long, a full disk) is one line naming the path and the OS's reason, never a traceback.
+And aqm only ever removes files it wrote: the files a run lists in its ``run.json`` plus the
+names only aqm writes (manifests, reports, plots, search states and their side files, sweep
+points). A user's ``notes.txt`` in the same folder is never touched.
+
+Only the standard library and our error types are imported: folders are checked before torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from auto_quantize_model.errors import InputError
+
+RUN_FILE = "run.json"
+PIPELINE_FILE = "pipeline.toml"
+INDEX_NAME = "sweep-index.md"
+PIPELINE_HEADER = "# Effective pipeline written by aqm"
+"""First line of every ``pipeline.toml`` aqm writes; tells it apart from a user's own file."""
+RUN_MARKERS = (RUN_FILE, INDEX_NAME)
+"""Files whose presence means a folder already holds a run (besides any ``*_quant_manifest.json``)."""
+
+MANIFEST_SUFFIX = "_quant_manifest.json"
+SAVED_STATE_SUFFIX = "_autoquant_state.pt"
+PLOTS_DIR = "plots"
+PLOT_SUFFIXES = (".png", ".svg")
+REPORT_NAMES = (
+    "per-layer-sensitivity.md",
+    "per-layer-sensitivity.json",
+    "layer-sensitivity-report.md",  # the previous driver's names (aqm qwen3-lm-int8)
+    "layer-sensitivity-report.json",
+)
+_OWN_NAMES = frozenset({RUN_FILE, PIPELINE_FILE, INDEX_NAME, *REPORT_NAMES})
+"""Not the lock file: only its holder removes it (see :mod:`lock`)."""
+_TEMP = re.compile(r"^\.(?P<name>.+?)\.[^.]+\.tmp(\.pt)?$")
+"""An atomic write's temporary file (``.<name>.<random>.tmp``, ``.tmp.pt`` for the search state),
+left only by a killed process."""
+
+
+class OutputError(InputError):
+    """An output path cannot be created or written; the message names the path and the OS's reason."""
+
+
+def os_reason(err: OSError) -> str:
+    return err.strerror or str(err) or type(err).__name__
+
+
+def file_above(path: Path) -> Path | None:
+    """The nearest ancestor of ``path`` that exists and is not a folder."""
+    for parent in path.parents:
+        with contextlib.suppress(OSError):
+            if parent.exists():
+                return None if parent.is_dir() else parent
+    return None
+
+
+def describe_os_error(err: OSError, fallback: Path) -> str:
+    """``PATH: reason`` for an OS error, naming the file the user knows rather than a temporary one."""
+    path = Path(err.filename) if isinstance(err.filename, str) else fallback
+    temp = _TEMP.match(path.name)
+    if temp is not None:  # an atomic write's temporary file: name the file it was to become
+        path = path.with_name(temp.group("name"))
+    if err.errno == errno.ENOTDIR:
+        blocker = file_above(path)
+        if blocker is not None:
+            return f"{path}: {blocker} is a file, not a folder"
+    return f"{path}: {os_reason(err)}"
+
+
+def output_error(path: Path, err: OSError, doing: str = "write") -> OutputError:
+    """The one-line error for an OS failure while doing something to ``path``."""
+    return OutputError(f"cannot {doing} {describe_os_error(err, path)}")
+
+
+def make_folder(path: Path) -> list[Path]:
+    """Create ``path`` and its missing parents; returns the folders made, outermost first.
+
+    The list lets a failed run remove exactly the folders it made (:func:`remove_made`).
+    """
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise OutputError(f"output {path} exists and is not a folder")
+            return []
+        missing = [path]
+        missing += [p for p in path.parents if not p.exists()]
+    except OSError as err:  # e.g. a name too long for the file system
+        raise output_error(path, err, "create output folder") from None
+    made: list[Path] = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if folder.is_dir():
+                continue  # made by someone else meanwhile: theirs, not ours
+            remove_made(made)
+            raise OutputError(
+                f"cannot create output folder {path}: {folder} is a file, not a folder"
+            ) from None
+        except OSError as err:
+            remove_made(made)
+            raise output_error(path, err, "create output folder") from None
+        made.append(folder)
+    return made
+
+
+def remove_made(made: Sequence[Path]) -> None:
+    """Remove the folders of :func:`make_folder`, innermost first, each only if empty."""
+    for folder in reversed(made):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def check_output_dir(path: Path, force: bool) -> None:
+    """Refuse to write into a folder that already holds another run, unless ``force``.
+
+    A run is recognised by a ``run.json``, a ``sweep-index.md`` or a ``*_quant_manifest.json``;
+    an empty or unrelated folder is fine to use, except that a ``pipeline.toml`` aqm did not write
+    is never overwritten (``--force`` or not): it is most likely the user's source file.
+    """
+    try:
+        if not path.exists():
+            return
+        if not path.is_dir():
+            raise OutputError(f"output {path} exists and is not a folder")
+        found = [name for name in RUN_MARKERS if (path / name).exists()]
+        found += sorted(p.name for p in path.glob(f"*{MANIFEST_SUFFIX}"))
+    except OSError as err:
+        raise output_error(path, err, "read output folder") from None
+    if found and not force:
+        raise InputError(
+            f"output folder {path} already holds a run ({found[0]}); pass --force to write over it, "
+            "or choose another --output"
+        )
+    toml = path / PIPELINE_FILE
+    if toml.is_file() and not is_aqm_pipeline(toml):
+        raise InputError(
+            f"{toml} was not written by aqm, and aqm writes the run's effective pipeline under that name; "
+            "choose another --output"
+        )
+
+
+def new_run_dir(stem: str, base: Path | None = None) -> Path:
+    """``runs/<date>-<time>-<stem>`` under the working directory, never an existing folder."""
+    root = (base if base is not None else Path.cwd()) / "runs"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate = root / f"{stamp}-{stem}"
+    number = 2
+    while candidate.exists():
+        candidate = root / f"{stamp}-{stem}-{number}"
+        number += 1
+    return candidate
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("auto-quantize-model")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def pipeline_header(source: str, overrides: Sequence[str] = ()) -> str:
+    """The comment on top of a written ``pipeline.toml``; its first line marks the file as aqm's."""
+    now = datetime.now().isoformat(timespec="seconds")
+    lines = [f"{PIPELINE_HEADER.removeprefix('# ')} {package_version()} on {now}.", f"Source: {source}"]
+    lines += [f"Override: --set {text}" for text in overrides]
+    lines.append("Repeat this run with: aqm run pipeline.toml --output NEW_FOLDER")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- aqm's own files
+
+
+def is_aqm_pipeline(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(PIPELINE_HEADER)).decode("utf-8", errors="replace") == PIPELINE_HEADER
+    except OSError:
+        return False
+
+
+@functools.cache
+def _state_names() -> tuple[str, tuple[str, ...], str]:
+    """The search-state file names, from the resume protocol that writes them (a torch-free module)."""
+    from auto_quantize_model.backend.modelopt import checkpoint
+
+    sides = (checkpoint.SETTINGS_SUFFIX, checkpoint.RAW_SCORES_SUFFIX)
+    return checkpoint.STATE_FILE, sides, checkpoint.CORRUPT_SUFFIX
+
+
+def is_aqm_name(name: str) -> bool:
+    """Whether a file of this name in a run folder can only have been written by aqm."""
+    state, sides, corrupt = _state_names()
+    temp = _TEMP.match(name)
+    if temp is not None:
+        name = temp.group("name")
+    name = name.removesuffix(corrupt)  # a state file set aside as unreadable
+    if name in _OWN_NAMES or name == state or name.endswith((MANIFEST_SUFFIX, SAVED_STATE_SUFFIX)):
+        return True
+    stem = next((name.removesuffix(s) for s in sides if name.endswith(s)), None)
+    return stem is not None and stem.endswith(".pt")
+
+
+def _point_folders(folder: Path) -> Iterator[Path]:
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink() and is_aqm_pipeline(child / PIPELINE_FILE):
+            yield child
+
+
+def aqm_files(folder: Path, listed: Iterable[str] = ()) -> list[Path]:
+    """The files in ``folder`` that aqm wrote: ``listed`` (relative paths, from ``run.json``) and
+    every file under a name only aqm writes, sweep points' files included. Sorted, existing only."""
+    found: set[Path] = set()
+    root = folder.resolve()
+    for name in listed:
+        path = folder / name
+        if root in path.resolve().parents and (path.is_file() or path.is_symlink()):
+            found.add(path)
+    if not folder.is_dir():
+        return sorted(found)
+    for child in folder.iterdir():
+        if (child.is_file() or child.is_symlink()) and is_aqm_name(child.name):
+            found.add(child)
+    # a user's own pipeline file under aqm's name is theirs, whatever a record says
+    found = {p for p in found if p.name != PIPELINE_FILE or is_aqm_pipeline(p)}
+    plots = folder / PLOTS_DIR
+    if plots.is_dir() and not plots.is_symlink():
+        found.update(p for p in plots.iterdir() if p.is_file() and p.suffix in PLOT_SUFFIXES)
+    for point in _point_folders(folder):
+        found.update(aqm_files(point))
+    return sorted(found)
+
+
+def remove_files(folder: Path, files: Iterable[Path]) -> list[Path]:
+    """Remove ``files``, then every folder below ``folder`` that this left empty; returns the files
+    that could not be removed (their OS errors are the caller's to report)."""
+    stuck: list[Path] = []
+    parents: set[Path] = set()
+    for path in files:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            stuck.append(path)
+            continue
+        parents.update(p for p in path.parents if folder in p.parents)
+    for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+    return stuck
+
+
+def relative_names(folder: Path, files: Iterable[Path]) -> tuple[str, ...]:
+    """``files`` as POSIX paths relative to ``folder`` (those outside it are left out), in order."""
+    names: list[str] = []
+    for path in files:
+        with contextlib.suppress(ValueError):
+            name = Path(os.path.relpath(path, folder)).as_posix()
+            if not name.startswith("../") and name not in names:
+                names.append(name)
+    return tuple(names)

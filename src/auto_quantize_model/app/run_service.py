@@ -1,0 +1,568 @@
+"""The run lifecycle behind ``aqm run``, ``aqm resume``, ``aqm report`` and ``diff --output``.
+
+The CLI parses and checks; everything that touches an output folder happens here, in one
+:class:`RunService` whose collaborators are injected: the pipeline runner, the library import,
+the report writer and the text writer. Tests hand in fakes (a runner that fails, a writer whose
+disk is full) instead of patching module paths, and never pay for torch.
+
+A run, single or sweep:
+
+1. makes its folder (a path problem is one line: :mod:`folders`) and takes the folder's lock
+   (a live owner is named and the run refused: :mod:`lock`);
+2. decides fresh, resume or refuse (:func:`runs.open_run_folder`); ``--force`` first removes
+   the previous run's files, and only those;
+3. writes ``pipeline.toml`` and ``run.json`` (``running``, owner, files), runs, and records
+   ``complete`` with every file written;
+4. on failure removes what this attempt wrote, except the search state and its bookkeeping when
+   there is one to resume from (then ``run.json`` says ``failed: <reason>``). A failure to write
+   that record (a full disk) is logged and never hides the original error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import attrs
+
+from auto_quantize_model.app.folders import (
+    INDEX_NAME,
+    PIPELINE_FILE,
+    RUN_FILE,
+    OutputError,
+    aqm_files,
+    check_output_dir,
+    describe_os_error,
+    file_above,
+    make_folder,
+    os_reason,
+    output_error,
+    relative_names,
+    remove_files,
+    remove_made,
+)
+from auto_quantize_model.app.lock import FolderLock
+from auto_quantize_model.app.logs import PACKAGE_LOGGER
+from auto_quantize_model.app.runs import (
+    COMPLETE,
+    FAILED,
+    RUNNING,
+    ForwardSteps,
+    RunFolder,
+    RunRecord,
+    Writer,
+    failure_reason,
+    is_out_of_memory,
+    open_run_folder,
+    out_of_memory_error,
+    read_run,
+    refuse_live_owner,
+    remove_previous_run,
+    run_record,
+    utc_now,
+    write_run,
+)
+from auto_quantize_model.errors import StageError
+
+if TYPE_CHECKING:
+    from auto_quantize_model.app.sweep import SweepPoint
+    from auto_quantize_model.artifacts import ReportPaths
+    from auto_quantize_model.io.manifest import Manifest
+    from auto_quantize_model.io.pipeline_file import PipelineSpec
+    from auto_quantize_model.pipeline import Artifacts
+
+log = logging.getLogger(PACKAGE_LOGGER)
+
+PipelineRunner = Callable[["PipelineSpec", Path], "Artifacts"]
+"""Runs a spec (already pointed at the folder's search state) with reports going to the folder."""
+ReportWriter = Callable[[Path, "Path | None"], "ReportPaths"]
+"""``aqm report``: regenerate the reports of a manifest into a folder (None: the manifest's)."""
+AfterRun = Callable[[Path], list[Path]]
+"""Writes extra files once a run succeeded (the legacy driver's report aliases); returns them."""
+
+HEAVY_LIBRARIES = ("torch", "transformers", "modelopt.torch.quantization")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a run: unwinds like Ctrl-C, so the record and the lock are settled."""
+
+    exit_code = 143
+
+
+# --------------------------------------------------------------------------- default collaborators
+
+
+def import_libraries(names: Sequence[str] = HEAVY_LIBRARIES) -> float:
+    """Import torch, transformers and ModelOpt before the first stage; seconds spent (0 if loaded).
+
+    They would otherwise be imported inside LoadModel and RunAutoQuant, and their 16-21 s in a
+    fresh process on the lent H100 image (more than the six stages there) would read as stage
+    time. Imported here, the stage timings are the work itself and the import cost is reported on
+    its own line. A library that fails to import is left for its stage to report as a one-line
+    error.
+    """
+    missing = [name for name in names if name not in sys.modules]
+    if not missing:
+        return 0.0
+    from auto_quantize_model.backend.modelopt import import_off_stack
+
+    started = time.perf_counter()
+    imported: list[str] = []
+    for name in missing:
+        try:
+            # ModelOpt on its own thread, like RunAutoQuant: see import_off_stack
+            import_off_stack(name) if name.startswith("modelopt") else importlib.import_module(name)
+        except ImportError:
+            continue
+        imported.append(name)
+    seconds = time.perf_counter() - started
+    if imported:
+        log.info("imported %s in %.1f s", ", ".join(imported), seconds)
+    return seconds
+
+
+def run_pipeline(spec: PipelineSpec, folder: Path) -> Artifacts:
+    """Run ``spec`` into ``folder``; running out of GPU memory becomes a one-line error."""
+    from auto_quantize_model.io.pipeline_file import build_pipeline
+
+    try:
+        # ModelOpt prints progress on stdout; stdout is for results (the summary), so route it away
+        with contextlib.redirect_stdout(sys.stderr):
+            return build_pipeline(spec, folder).run()
+    except StageError as err:
+        if is_out_of_memory(err.cause):
+            raise out_of_memory_error(err.stage, spec) from err
+        raise
+
+
+def regenerate_reports(manifest: Path, output: Path | None) -> ReportPaths:
+    from auto_quantize_model.render.reports import regenerate_reports as regenerate
+
+    return regenerate(manifest, output)
+
+
+def write_text(path: Path, text: str) -> Path:
+    from auto_quantize_model.io.atomic import atomic_write_text
+
+    return atomic_write_text(path, text)
+
+
+def state_file_in(folder: Path) -> Path:
+    from auto_quantize_model.backend.modelopt.checkpoint import STATE_FILE
+
+    return folder / STATE_FILE
+
+
+def for_folder(spec: PipelineSpec, folder: Path) -> PipelineSpec:
+    """The spec as run in ``folder``: ModelOpt's search state is always saved there.
+
+    The checkpoint goes into the run folder (never shared between runs), so rerunning into the
+    same folder resumes; ``pipeline.toml`` keeps the spec as the user wrote it, so repeating it
+    into a new folder starts a fresh search.
+    """
+    if spec.autoquant.checkpoint is None:
+        autoquant = attrs.evolve(spec.autoquant, checkpoint=str(state_file_in(folder)))
+        return attrs.evolve(spec, autoquant=autoquant)
+    return spec
+
+
+def state_files(spec: PipelineSpec) -> list[Path]:
+    """ModelOpt's search state of ``spec`` and the files kept beside it (existing ones)."""
+    from auto_quantize_model.backend.modelopt.checkpoint import StateFiles
+
+    if spec.autoquant.checkpoint is None:
+        return []
+    return [
+        path for path in StateFiles.for_checkpoint(spec.autoquant.checkpoint).all_files() if path.is_file()
+    ]
+
+
+def has_search_state(spec: PipelineSpec) -> bool:
+    """Whether ModelOpt saved a search state to resume from (its side files alone are not one)."""
+    from auto_quantize_model.backend.modelopt.checkpoint import checkpoint_file
+
+    checkpoint = spec.autoquant.checkpoint
+    return checkpoint is not None and Path(checkpoint_file(checkpoint)).is_file()
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while a run works (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@attrs.frozen
+class RunRequest:
+    """A checked pipeline to run into ``folder``: one point, or a sweep's points."""
+
+    spec: PipelineSpec
+    """As the user wrote it (with overrides): what ``pipeline.toml`` keeps."""
+    points: tuple[SweepPoint, ...]
+    folder: Path
+    header: str
+    """Comment lines on top of ``pipeline.toml`` (source, overrides, how to repeat)."""
+    title: str = ""
+    force: bool = False
+    command: tuple[str, ...] = ()
+    after: AfterRun | None = None
+
+    @property
+    def is_sweep(self) -> bool:
+        return len(self.points) > 1 or bool(self.points[0].settings)
+
+
+@attrs.frozen
+class _Claim:
+    """A folder made (as far as needed) and locked for one command."""
+
+    folder: Path
+    made: tuple[Path, ...]
+    lock: FolderLock
+
+    @property
+    def created(self) -> bool:
+        return bool(self.made) and self.made[-1] == self.folder
+
+
+# --------------------------------------------------------------------------- the service
+
+
+@attrs.frozen
+class RunService:
+    """Runs pipelines into folders and writes reports; every side effect goes through a collaborator."""
+
+    pipeline_runner: PipelineRunner = run_pipeline
+    library_importer: Callable[[], float] = import_libraries
+    report_writer: ReportWriter = regenerate_reports
+    text_writer: Writer = write_text
+
+    # ------------------------------------------------------------- runs
+
+    def run(self, request: RunRequest) -> int:
+        """Run ``request``; returns the exit code (a sweep with failed points exits 1)."""
+        with self._claim(request.folder, request.command) as claim:
+            if request.is_sweep:
+                return self._sweep(request, claim)
+            return self._single(request, claim)
+
+    @contextlib.contextmanager
+    def _claim(self, folder: Path, command: Sequence[str]) -> Iterator[_Claim]:
+        made = make_folder(folder)
+        try:
+            lock = FolderLock.acquire(folder, tuple(command))
+        except OSError as err:
+            remove_made(made)
+            raise OutputError(f"cannot write in output folder {folder}: {os_reason(err)}") from None
+        except BaseException:
+            remove_made(made)
+            raise
+        try:
+            with lock:
+                yield _Claim(folder, tuple(made), lock)
+        finally:
+            remove_made(made)  # only the empty ones: a run that wrote nothing leaves nothing
+
+    def _write(self, path: Path, text: str) -> Path:
+        try:
+            return self.text_writer(path, text)
+        except OSError as err:
+            raise output_error(path, err) from None
+
+    def _single(self, request: RunRequest, claim: _Claim) -> int:
+        from auto_quantize_model.io.pipeline_file import spec_to_toml
+
+        folder, spec = request.folder, request.spec
+        run = open_run_folder(folder, spec, force=request.force, created=claim.created)
+        effective = for_folder(request.points[0].spec, folder)
+        toml = folder / PIPELINE_FILE
+        before = frozenset(aqm_files(folder))
+        record = _Recorder(self, run, spec, request.command)
+        try:
+            if run.resume:
+                log.info(
+                    "resuming the interrupted run in %s (saved calibration and scores are reused)", folder
+                )
+            else:
+                self._write(toml, spec_to_toml(spec, header=request.header))
+            record.write(RUNNING, [toml, folder / RUN_FILE])
+        except BaseException:
+            self._clean_after_failure(folder, before, keep=())
+            raise
+        started = time.perf_counter()
+        try:
+            with sigterm_unwinds():
+                imports = self.library_importer()
+                store = self._run_point(effective, folder)
+                extra = self._after(request, folder)
+        except BaseException as err:
+            kit = [toml, folder / RUN_FILE, *state_files(effective)]
+            if run.resume or has_search_state(effective):
+                self._clean_after_failure(folder, before, keep=kit)
+                record.write_failure(err, [p for p in kit if p.is_file()])
+                if not isinstance(err, KeyboardInterrupt):
+                    log.info("the run folder %s is kept; the same command resumes it", folder)
+            else:
+                self._clean_after_failure(folder, before, keep=())
+            raise
+        written = [toml, *_report_files(store), *extra]
+        files = [*written, *(p for p in state_files(effective) if p not in written), folder / RUN_FILE]
+        manifest = _manifest_of(store)
+        done = record.write(
+            COMPLETE,
+            files,
+            device=manifest.model.device if manifest is not None else None,
+            forward_steps=_forward_steps(store),
+            seconds=(("library_imports", round(imports, 3)), *_stage_seconds(store)),
+        )
+        _print_summary(folder, [*written, done], time.perf_counter() - started, manifest, imports)
+        return 0
+
+    def _after(self, request: RunRequest, folder: Path) -> list[Path]:
+        if request.after is None:
+            return []
+        try:
+            return request.after(folder)
+        except OSError as err:
+            raise output_error(folder, err) from None
+
+    def _run_point(self, spec: PipelineSpec, folder: Path) -> Artifacts:
+        """Run one point; an OS error inside a stage becomes one line naming the path and reason."""
+        try:
+            return self.pipeline_runner(spec, folder)
+        except StageError as err:
+            if isinstance(err.cause, OSError):
+                raise StageError(err.stage, OutputError(describe_os_error(err.cause, folder))) from err
+            raise
+
+    def _clean_after_failure(self, folder: Path, before: frozenset[Path], keep: Sequence[Path]) -> None:
+        """Remove the files of aqm's that this attempt added, except ``keep``; never anything else."""
+        doomed = [p for p in aqm_files(folder) if p not in before and p not in keep]
+        stuck = remove_files(folder, doomed)
+        for path in stuck:
+            log.warning("could not remove %s after the failure", path)
+
+    def _sweep(self, request: RunRequest, claim: _Claim) -> int:
+        from auto_quantize_model.app.sweep import run_sweep
+        from auto_quantize_model.io.pipeline_file import spec_to_toml
+
+        folder = request.folder
+        if not claim.created:
+            previous = _read_previous(folder, request.force)
+            if previous is not None:
+                refuse_live_owner(folder, previous)
+            if request.force:
+                remove_previous_run(folder, previous)
+            check_output_dir(folder, request.force)
+        run = RunFolder(folder, created=claim.created, resume=False, started_at=utc_now())
+        record = _Recorder(self, run, request.spec, request.command, sweep=True)
+        toml = folder / PIPELINE_FILE
+        before = frozenset(aqm_files(folder))
+        try:
+            self._write(toml, spec_to_toml(request.spec, header=request.header))
+            record.write(RUNNING, [toml, folder / RUN_FILE])
+        except BaseException:
+            self._clean_after_failure(folder, before, keep=())
+            raise
+
+        def run_point(point: SweepPoint, point_dir: Path) -> Manifest | None:
+            spec = point.spec
+            if spec.autoquant.checkpoint is not None:
+                # Points must never share a search state: each gets its own next to its outputs.
+                name = Path(spec.autoquant.checkpoint).name
+                spec = attrs.evolve(
+                    spec, autoquant=attrs.evolve(spec.autoquant, checkpoint=str(point_dir / name))
+                )
+            make_folder(point_dir)
+            point_header = f"{request.header}\nSweep point: {point.label}"
+            self._write(point_dir / PIPELINE_FILE, spec_to_toml(spec, header=point_header))
+            return _manifest_of(self._run_point(for_folder(spec, point_dir), point_dir))
+
+        started = time.perf_counter()
+        try:
+            with sigterm_unwinds():
+                self.library_importer()
+                results = run_sweep(request.points, folder, run_point, title=request.title)
+        except BaseException as err:
+            if (folder / INDEX_NAME).is_file():
+                record.write_failure(err, aqm_files(folder))
+            else:
+                self._clean_after_failure(folder, before, keep=())
+            raise
+        failed = [r for r in results if not r.ok]
+        status = f"{FAILED}: {len(failed)} of {len(results)} sweep points failed" if failed else COMPLETE
+        record.write(status, [*aqm_files(folder), folder / RUN_FILE])
+        print(f"aqm: sweep done in {time.perf_counter() - started:.1f} s; index: {folder / INDEX_NAME}")
+        for result in results:
+            print(f"  {result.status:<8} {result.point.folder}  ({result.seconds:.1f} s)")
+        if failed:
+            print(
+                f"aqm: error: {len(failed)} of {len(results)} sweep points failed; see {folder / INDEX_NAME}",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+
+    # ------------------------------------------------------------- reports and other outputs
+
+    def report(self, manifest: Path, output: Path | None) -> ReportPaths:
+        """``aqm report``: regenerate reports; an OS failure leaves no new file and reads as one line."""
+        target = output if output is not None else manifest.parent
+        made = make_folder(output) if output is not None else []
+        before = frozenset(aqm_files(target))
+        try:
+            return self.report_writer(manifest, output)
+        except OSError as err:
+            self._clean_after_failure(target, before, keep=())
+            raise output_error(target, err) from None
+        finally:
+            remove_made(made)
+
+    def write_output(self, path: Path, text: str) -> Path:
+        """Write one result file (``aqm diff --output``), refusing a folder and naming OS failures."""
+        if path.is_dir():
+            raise OutputError(f"--output {path} is a folder; name a file in it, e.g. {path / 'diff.md'}")
+        blocker = file_above(path)
+        if blocker is not None:
+            raise OutputError(f"cannot write {path}: {blocker} is a file, not a folder")
+        made = make_folder(path.parent)
+        try:
+            return self._write(path, text)
+        except BaseException:
+            remove_made(made)
+            raise
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@attrs.frozen
+class _Recorder:
+    """Writes one run's ``run.json`` as it moves from running to complete or failed."""
+
+    service: RunService
+    run: RunFolder
+    spec: PipelineSpec
+    command: Sequence[str]
+    sweep: bool = False
+
+    def write(
+        self,
+        status: str,
+        files: Sequence[Path],
+        *,
+        device: str | None = None,
+        forward_steps: ForwardSteps | None = None,
+        seconds: tuple[tuple[str, float], ...] | None = None,
+    ) -> Path:
+        record: RunRecord = run_record(
+            self.run,
+            self.spec,
+            status,
+            command=self.command,
+            files=relative_names(self.run.path, files),
+            device=device,
+            forward_steps=forward_steps,
+            seconds=seconds,
+        )
+        if self.sweep:
+            record = attrs.evolve(record, sweep=True)
+        try:
+            return write_run(self.run.path, record, self.service.text_writer)
+        except OSError as err:
+            raise output_error(self.run.path / RUN_FILE, err) from None
+
+    def write_failure(self, err: BaseException, files: Sequence[Path]) -> None:
+        """Record ``failed: <reason>``; if even that cannot be written, say so and let ``err`` go on."""
+        try:
+            self.write(f"{FAILED}: {failure_reason(err)}", files)
+        except Exception as secondary:
+            log.error(
+                "could not record the failure in %s (%s); the next run will find it interrupted",
+                self.run.path / RUN_FILE,
+                secondary,
+            )
+
+
+def _read_previous(folder: Path, force: bool) -> RunRecord | None:
+    from auto_quantize_model.errors import InputError
+
+    try:
+        return read_run(folder)
+    except InputError:
+        if force:
+            return None
+        raise
+
+
+def _report_files(store: Artifacts) -> list[Path]:
+    from auto_quantize_model.artifacts import ReportPaths
+
+    paths = store.find(ReportPaths)
+    return [] if paths is None else [Path(name) for name in paths.files]
+
+
+def _manifest_of(store: Artifacts) -> Manifest | None:
+    from auto_quantize_model.io.manifest import Manifest
+
+    return store.find(Manifest)
+
+
+def _forward_steps(store: Artifacts) -> ForwardSteps | None:
+    from auto_quantize_model.artifacts import SensitivityScores
+
+    scores = store.find(SensitivityScores)
+    if scores is None or scores.calib_forward_steps is None:
+        return None
+    return ForwardSteps(calibration=scores.calib_forward_steps, scoring=scores.score_forward_steps or 0)
+
+
+def _stage_seconds(store: Artifacts) -> tuple[tuple[str, float], ...]:
+    from auto_quantize_model.artifacts import RunTimings
+
+    timings = store.find(RunTimings)
+    return tuple((t.stage, round(t.seconds, 3)) for t in (timings.stages if timings else ()))
+
+
+def _print_summary(
+    folder: Path, files: Sequence[Path], seconds: float, manifest: Manifest | None, imports: float = 0.0
+) -> None:
+    split = f" (importing libraries {imports:.1f} s, the stages {seconds - imports:.1f} s)" if imports else ""
+    print(f"aqm: done in {seconds:.1f} s{split}; {len(files)} files in {folder}:")
+    for path in files:
+        print(f"  {path}")
+    if manifest is not None:
+        scheme = manifest.scheme
+        print(
+            f"aqm: scheme {scheme.name}: effective bits {scheme.effective_bits_lm:.3f} "
+            f"(target {scheme.effective_bits_target:g}), {len(manifest.groups)} groups ranked"
+        )
+        for group in manifest.groups[:5]:
+            print(f"  #{group.rank} {group.name} (importance {group.importance:.4g})")
+
+
+def print_summary(folder: Path, files: Sequence[Path], manifest: Manifest | None = None) -> None:
+    """The file list of a command that ran no pipeline (``--report-only``)."""
+    _print_summary(folder, files, 0.0, manifest)
