@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,15 @@ from auto_quantize_model.io.pipeline_file import (
     stage_names,
     toml_value,
 )
-from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, LoadSpec, ReportSpec, ValidateSpec
+from auto_quantize_model.specs import (
+    AutoQuantSpec,
+    CalibSpec,
+    LoadSpec,
+    ManifestSpec,
+    ReportSpec,
+    SpecError,
+    ValidateSpec,
+)
 
 TINY = '[model]\npath = "builtin:tiny-qwen3-vl"\ndevice = "cpu"\n'
 
@@ -177,6 +186,97 @@ allow_nonfinite = "false"
         "calib.nmu_samples",
         "calib.seq_len",
         "model.path",
+    ]
+
+
+RANGE_CASES: list[tuple[Any, str, str, str]] = [
+    # (the Python call, the same value as --set, the spec class, the problem)
+    (lambda: CalibSpec(max_samples=0), "calib.max_samples=0", "CalibSpec", "must be > 0, got 0"),
+    (lambda: CalibSpec(seq_len=-3), "calib.seq_len=-3", "CalibSpec", "must be > 0, got -3"),
+    (lambda: AutoQuantSpec(score_size=0), "autoquant.score_size=0", "AutoQuantSpec", "must be > 0, got 0"),
+    (lambda: AutoQuantSpec(calib_size=0), "autoquant.calib_size=0", "AutoQuantSpec", "must be > 0, got 0"),
+    (
+        lambda: AutoQuantSpec(effective_bits=16.5),
+        "autoquant.effective_bits=16.5",
+        "AutoQuantSpec",
+        "must be in (0, 16], got 16.5",
+    ),
+    (
+        lambda: AutoQuantSpec(formats=()),
+        "autoquant.formats=[]",
+        "AutoQuantSpec",
+        "empty: name at least one format (aqm formats lists them)",
+    ),
+    (lambda: ValidateSpec(k=0), "validate.k=0", "ValidateSpec", "must be > 0, got 0"),
+    (
+        lambda: ValidateSpec(holdout_samples=0),
+        "validate.holdout_samples=0",
+        "ValidateSpec",
+        "must be > 0, got 0",
+    ),
+    (
+        lambda: ManifestSpec(scheme="../x"),
+        "manifest.scheme='../x'",
+        "ManifestSpec",
+        "scheme name '../x' cannot be used in file names "
+        "(use letters, digits and . _ + -, starting with a letter or digit)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "setting", "owner", "problem"), RANGE_CASES, ids=[c[1] for c in RANGE_CASES]
+)
+def test_python_and_toml_users_get_the_same_range_error(
+    make: Any, setting: str, owner: str, problem: str, tmp_path: Path
+) -> None:
+    key = setting.partition("=")[0]
+    with pytest.raises(SpecError) as info:
+        make()
+    assert str(info.value) == f"{owner}.{key.partition('.')[2]}: {problem}"
+    path = write(tmp_path, TINY)
+    assert problems(path, (setting,)) == [f"{path}: {key}: {problem} (from --set {setting})"]
+
+
+def test_a_string_is_not_a_tuple_of_formats() -> None:
+    with pytest.raises(
+        SpecError, match=r"AutoQuantSpec\.formats: expected a tuple of format names, got the str"
+    ):
+        AutoQuantSpec(formats="INT8_DEFAULT_CFG")
+    with pytest.raises(SpecError, match=r"AutoQuantSpec\.disabled_layers: expected a tuple"):
+        AutoQuantSpec(disabled_layers="*lm_head*")
+    spec = AutoQuantSpec(formats=["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"], disabled_layers=["*lm_head*"])
+    assert spec.formats == ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG")
+    assert spec.disabled_layers == ("*lm_head*",)
+
+
+@pytest.mark.parametrize("value", ["9223372036854775808", "-9223372036854775809", "99999999999999999999"])
+def test_integers_beyond_64_bits_are_refused_naming_the_key(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, TINY + f"[model]\nseed = {value}\n".replace("[model]\n", "", 1))
+    assert problems(path) == [
+        f"{path}: model.seed: {value} does not fit in a 64-bit integer (-2**63 .. 2**63-1)"
+    ]
+    assert problems(write(tmp_path, TINY, "q.toml"), (f"autoquant.effective_bits={value}",)) == [
+        f"{tmp_path / 'q.toml'}: autoquant.effective_bits: {value} does not fit in a 64-bit integer "
+        f"(-2**63 .. 2**63-1) (from --set autoquant.effective_bits={value})"
+    ]
+
+
+def test_the_edges_of_64_bits_are_fine(tmp_path: Path) -> None:
+    text = TINY + "seed = 9223372036854775807\n[validate]\nseed = -9223372036854775808\n"
+    spec = load_pipeline(write(tmp_path, text))
+    assert spec.model.seed == 2**63 - 1
+    assert spec.validate is not None
+    assert spec.validate.seed == -(2**63)
+
+
+def test_type_and_range_problems_of_one_table_come_together_in_field_order(tmp_path: Path) -> None:
+    path = write(tmp_path, TINY + '[calib]\nbatch_size = 0\nseq_len = "64"\nmax_samples = 0\nbogus = 1\n')
+    assert problems(path) == [
+        f"{path}: calib.max_samples: must be > 0, got 0",
+        f'{path}: calib.seq_len: expected int, got str "64"',
+        f"{path}: calib.batch_size: must be > 0, got 0",
+        f"{path}: calib.bogus: unknown key (allowed: captions, max_samples, seq_len, batch_size, layout)",
     ]
 
 
@@ -411,21 +511,20 @@ def test_preflight_accepts_a_good_spec() -> None:
     preflight(_spec(validate={"k": 2}))
 
 
-def test_preflight_reports_every_bad_number_at_once() -> None:
-    spec = _spec(
-        calib={"seq_len": 0, "batch_size": -1, "max_samples": 0},
-        autoquant={"score_size": 0, "effective_bits": 17},
-        validate={"k": 0},
-    )
+def test_every_bad_number_is_reported_at_once_before_preflight() -> None:
     with pytest.raises(ConfigError) as info:
-        preflight(spec, source="p.toml")
+        _spec(
+            calib={"seq_len": 0, "batch_size": -1, "max_samples": 0},
+            autoquant={"score_size": 0, "effective_bits": 17},
+            validate={"k": 0},
+        )
     assert str(info.value).splitlines() == [
-        "p.toml: calib.max_samples: must be > 0, got 0",
-        "p.toml: calib.seq_len: must be > 0, got 0",
-        "p.toml: calib.batch_size: must be > 0, got -1",
-        "p.toml: autoquant.score_size: must be > 0, got 0",
-        "p.toml: validate.k: must be > 0, got 0",
-        "p.toml: autoquant.effective_bits: must be in (0, 16], got 17",
+        "t: calib.max_samples: must be > 0, got 0",
+        "t: calib.seq_len: must be > 0, got 0",
+        "t: calib.batch_size: must be > 0, got -1",
+        "t: autoquant.effective_bits: must be in (0, 16], got 17",
+        "t: autoquant.score_size: must be > 0, got 0",
+        "t: validate.k: must be > 0, got 0",
     ]
 
 

@@ -18,10 +18,11 @@ LM_4B = ["qwen3-vl-4b-lm-int8", "qwen3-vl-4b-lm-fp8", "qwen3-vl-4b-lm-w4a8", "qw
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
-    """A stand-in for a real checkout: pre-flight only looks for the folder and its config.json."""
+    """A stand-in for a real checkout: pre-flight reads config.json and looks for a tokenizer file."""
     folder = tmp_path / "Qwen3-VL-4B-Instruct"
     folder.mkdir()
-    (folder / "config.json").write_text("{}", encoding="utf-8")
+    (folder / "config.json").write_text('{"model_type": "qwen3_vl"}', encoding="utf-8")
+    (folder / "tokenizer.json").write_text("{}", encoding="utf-8")
     return folder
 
 

@@ -15,23 +15,25 @@ import pytest
 from pytest_mock import MockerFixture
 
 from auto_quantize_model.artifacts import (
+    CalibStats,
     GroupScore,
     ReportPaths,
     SensitivityScores,
+    StageTiming,
     ValidatedGroup,
     ValidationReport,
 )
-from auto_quantize_model.core.ranking import build_manifest
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
-from auto_quantize_model.io.atomic import (
-    atomic_copy,
-    atomic_write_bytes,
-    atomic_write_text,
+from auto_quantize_model.io.atomic import atomic_copy, atomic_write_bytes, atomic_write_text
+from auto_quantize_model.io.manifest import (
+    SCHEMA_VERSION,
+    DatasetInfo,
+    Manifest,
+    ModelInfo,
     manifest_from_dict,
     manifest_to_dict,
     manifest_to_json,
 )
-from auto_quantize_model.io.manifest import SCHEMA_VERSION, DatasetInfo, Manifest, ModelInfo, Timing
 from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.render.reports import (
     LAYER_JSON,
@@ -43,7 +45,7 @@ from auto_quantize_model.render.reports import (
     write_reports,
 )
 from auto_quantize_model.specs import ManifestSpec, ReportSpec
-from auto_quantize_model.stages.build_manifest import BuildManifest
+from auto_quantize_model.stages.build_manifest import BuildManifest, build_manifest, dataset_info
 from auto_quantize_model.stages.write_reports import WriteReports
 from builders import scores
 
@@ -107,7 +109,7 @@ def crafted_manifest(validation: ValidationReport | None = None) -> Manifest:
         ManifestSpec(),
         model=ModelInfo("builtin:tiny-qwen3-vl", "Qwen3VLForConditionalGeneration", "float32", "cpu"),
         dataset=DatasetInfo("/c.txt", "f" * 64, "packed", 64, 2, 8, 8, 300, 384, 3),
-        timings=[Timing("LoadModel", 1.25), Timing("RunAutoQuant", 2.5)],
+        timings=[StageTiming("LoadModel", 1.25), StageTiming("RunAutoQuant", 2.5)],
         validation=validation,
         created_at="2025-01-02T03:04:05+00:00",
         versions=(("python", "3.11.9"), ("torch", "2.13.0")),
@@ -176,6 +178,43 @@ def test_manifest_json_round_trips_including_nan_and_infinities() -> None:
     assert attrs.evolve(back, groups=(), validation=None) == attrs.evolve(
         manifest, groups=(), validation=None
     )
+
+
+def test_warnings_are_recorded_and_left_out_when_there_are_none() -> None:
+    assert "warnings" not in manifest_to_dict(crafted_manifest())  # files of runs without any: as before
+
+    scored = attrs.evolve(crafted_scores(), warnings=("score_size 512 is beyond the 64 captions: used 64",))
+    manifest = build_manifest(
+        scored, ManifestSpec(), model=crafted_manifest().model, dataset=None, validation=validation_report()
+    )
+    assert manifest.warnings == (
+        "score_size 512 is beyond the 64 captions: used 64",
+        "Spearman is NaN: one group only",
+    )
+    data = strict_loads(manifest_to_json(manifest))
+    assert data["warnings"] == list(manifest.warnings)
+    assert manifest_from_dict(data, "m.json").warnings == manifest.warnings
+
+
+def test_warnings_come_first_in_the_markdown() -> None:
+    scored = attrs.evolve(crafted_scores(), warnings=("validate.k 9 is beyond the 7 groups: measured 7",))
+    text = render_markdown(
+        build_manifest(scored, ManifestSpec(), model=crafted_manifest().model, dataset=None)
+    )
+    lines = text.splitlines()
+    assert lines[2] == "> **Warnings: what this run could not do as asked**"
+    assert lines[4] == "> - validate.k 9 is beyond the 7 groups: measured 7"
+    assert lines.index(lines[4]) < lines.index(
+        next(line for line in lines if line.startswith("- **Scheme:**"))
+    )
+    assert "Warnings" not in render_markdown(crafted_manifest())
+
+
+def test_dataset_record_is_the_calibration_stats_by_field_name() -> None:
+    stats = CalibStats("/c.txt", "f" * 64, "padded", 64, 2, 8, 8, 300, 512, 4, truncated_samples=1)
+    info = dataset_info(stats)
+    assert info == DatasetInfo("/c.txt", "f" * 64, "padded", 64, 2, 8, 8, 300, 512, 4)
+    assert dataset_info(None) is None
 
 
 def test_python_nan_tokens_are_read_too() -> None:

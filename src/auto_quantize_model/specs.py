@@ -1,17 +1,116 @@
-"""What a user writes: one frozen ``*Spec`` class per stage, plus the whole pipeline file.
+"""What a user writes: one frozen ``*Spec`` class per stage, and the whole pipeline file.
 
 These classes hold parameters only. Stages hold a spec (``LoadModel(LoadSpec(...))``) so the
-Python API and the TOML files share one definition of every knob and its default.
-Strict structuring from TOML lives in :mod:`auto_quantize_model.io.pipeline_file`.
+Python API and the TOML files share one definition of every knob, its default and its range:
+the range checks are attrs validators, so ``CalibSpec(max_samples=0)`` and ``max_samples = 0``
+in a pipeline file fail with the same sentence. Strict structuring from TOML lives in
+:mod:`auto_quantize_model.io.pipeline_file`; it reports every field's problem at once, where the
+Python constructor stops at the first.
+
+:class:`PipelineSpec` is also where the stage list is written down, once: each stage table
+carries the name of the stage class it configures and a short label (see :func:`stage_table`),
+in pipeline order. :mod:`auto_quantize_model.stages` reads that into its registry.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import attrs
 
+from auto_quantize_model.errors import ConfigError
+
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+SweepTable = dict[str, tuple[Any, ...]]
+"""Dotted setting (``calib.seq_len``) -> the values to try."""
+
+STAGE_METADATA = "auto_quantize_model.stage"
+"""Key of a :class:`PipelineSpec` field's metadata: ``(stage class, its module, short label)``."""
+
+SCHEME_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+"""A scheme name becomes part of file names: no slashes, spaces or leading dots."""
+MAX_SCHEME_LENGTH = 200
+"""Longest scheme name: ``<scheme>_quant_manifest.json`` must stay under the usual 255-byte limit."""
+
+
+class SpecError(ConfigError, ValueError):
+    """A spec value out of its range; ``problem`` is the sentence without the field's name.
+
+    ``str()`` names the class and field (``CalibSpec.max_samples: must be > 0, got 0``) for
+    Python callers; the pipeline-file reader puts the file and TOML key in front of ``problem``
+    instead.
+    """
+
+    def __init__(self, owner: str, field: str, problem: str) -> None:
+        super().__init__(f"{owner}.{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _owner(instance: object) -> str:
+    return type(instance).__name__
+
+
+def positive(instance: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    """Counts and sizes: ``None`` (where allowed) means "not set", anything else must be > 0."""
+    if value is not None and not value > 0:
+        raise SpecError(_owner(instance), attribute.name, f"must be > 0, got {value}")
+
+
+def _bits_in_range(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0 < value <= 16:
+        raise SpecError(_owner(instance), attribute.name, f"must be in (0, 16], got {value:g}")
+
+
+def _not_empty(instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    if not value:
+        raise SpecError(
+            _owner(instance), attribute.name, "empty: name at least one format (aqm formats lists them)"
+        )
+
+
+def scheme_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a scheme name (it is part of every report's file name), or None."""
+    if not SCHEME_NAME_RE.fullmatch(name):
+        return (
+            f"scheme name {name!r} cannot be used in file names "
+            "(use letters, digits and . _ + -, starting with a letter or digit)"
+        )
+    if len(name) > MAX_SCHEME_LENGTH:
+        return (
+            f"scheme name is {len(name)} characters long; file names take at most {MAX_SCHEME_LENGTH} "
+            "(set manifest.scheme to a shorter name)"
+        )
+    return None
+
+
+def _file_name_safe(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    problem = None if value is None else scheme_name_problem(value)
+    if problem is not None:
+        raise SpecError(_owner(instance), attribute.name, problem)
+
+
+def _names(value: Iterable[str], what: str, example: str) -> tuple[str, ...]:
+    # A str is an iterable of str: without this, "INT8_DEFAULT_CFG" would become 16 one-letter names.
+    if isinstance(value, str):
+        raise SpecError(
+            "AutoQuantSpec",
+            what,
+            f"expected a tuple of {example}, got the str {value!r} (write ({value!r},))",
+        )
+    return tuple(value)
+
+
+def format_names(value: Iterable[str]) -> tuple[str, ...]:
+    """``formats`` as a tuple; a bare string is refused rather than split into characters."""
+    return _names(value, "formats", "format names")
+
+
+def layer_patterns(value: Iterable[str]) -> tuple[str, ...]:
+    """``disabled_layers`` as a tuple; a bare string is refused rather than split into characters."""
+    return _names(value, "disabled_layers", "wildcard patterns")
 
 
 @attrs.frozen
@@ -44,9 +143,9 @@ class ExtractSpec:
 class CalibSpec:
     captions: str = "builtin"
     """A UTF-8 text file, one caption per line, or ``builtin`` for the bundled captions."""
-    max_samples: int = 512
-    seq_len: int = 512
-    batch_size: int = 8
+    max_samples: int = attrs.field(default=512, validator=positive)
+    seq_len: int = attrs.field(default=512, validator=positive)
+    batch_size: int = attrs.field(default=8, validator=positive)
     layout: Literal["packed", "padded"] = "packed"
     """``packed`` joins captions into rows of real tokens; ``padded`` pads each caption to
     ``seq_len`` like the previous tool did."""
@@ -54,16 +153,18 @@ class CalibSpec:
 
 @attrs.frozen
 class AutoQuantSpec:
-    formats: tuple[str, ...] = ("INT8_DEFAULT_CFG",)
+    formats: tuple[str, ...] = attrs.field(
+        default=("INT8_DEFAULT_CFG",), converter=format_names, validator=_not_empty
+    )
     """ModelOpt preset names or our own format names (``aqm formats`` lists them)."""
     method: Literal["gradient", "kl_div"] = "gradient"
-    effective_bits: float = 8.0
+    effective_bits: float = attrs.field(default=8.0, validator=_bits_in_range)
     """Budget over the language model's weights (vision excluded even in ``full_model``)."""
-    score_size: int = 128
+    score_size: int = attrs.field(default=128, validator=positive)
     """Captions used for scoring; converted to score steps for the layout in use."""
-    calib_size: int | None = None
+    calib_size: int | None = attrs.field(default=None, validator=positive)
     """Captions used for calibration; None uses every calibration batch."""
-    disabled_layers: tuple[str, ...] = ()
+    disabled_layers: tuple[str, ...] = attrs.field(default=(), converter=layer_patterns)
     """Extra wildcard patterns (full-model names) kept out of quantization."""
     allow_nonfinite: bool = False
     """Keep going when a score is NaN/inf instead of failing."""
@@ -73,7 +174,7 @@ class AutoQuantSpec:
 
 @attrs.frozen
 class ManifestSpec:
-    scheme: str | None = None
+    scheme: str | None = attrs.field(default=None, validator=_file_name_safe)
     """Scheme name used in file names; derived from the formats when None."""
 
 
@@ -88,12 +189,66 @@ class ReportSpec:
 
 @attrs.frozen
 class ValidateSpec:
-    k: int = 5
+    k: int = attrs.field(default=5, validator=positive)
     """How many top, bottom and random groups to measure."""
     seed: int = 0
     holdout_captions: str = "builtin-holdout"
     """Held-out text: ``builtin-holdout`` (128 bundled captions never used for calibration by
     default), ``builtin`` (the calibration captions file) or a file; captions used for
     calibration are always skipped."""
-    holdout_samples: int = 64
+    holdout_samples: int = attrs.field(default=64, validator=positive)
     additivity: bool = True
+
+
+def is_bundled(table: str, key: str, value: str) -> bool:
+    """True for values that name something shipped with the package rather than a file.
+
+    They are never resolved against a folder nor checked on disk.
+    """
+    if (table, key) == ("model", "path"):
+        return value.startswith(("builtin:", "config:"))
+    if (table, key) == ("validate", "holdout_captions"):
+        return value in {"builtin", "builtin-holdout"}
+    if (table, key) == ("calib", "captions"):
+        return value == "builtin"
+    return False
+
+
+def stage_table(stage: str, module: str, label: str) -> dict[str, tuple[str, str, str]]:
+    """Metadata marking a :class:`PipelineSpec` field as the table of stage class ``stage``.
+
+    ``module`` is the stage's module in :mod:`auto_quantize_model.stages`; ``label`` its short
+    name in benchmark columns and logs.
+    """
+    return {STAGE_METADATA: (stage, module, label)}
+
+
+@attrs.frozen
+class PipelineSpec:
+    """A whole pipeline file: one table per stage, in the order the stages run, plus ``[sweep]``.
+
+    A table typed ``X | None`` is an optional stage, run only when the file has the table:
+    ``validate`` costs extra forward passes, so it runs only when asked for.
+    """
+
+    model: LoadSpec = attrs.field(metadata=stage_table("LoadModel", "load_model", "load"))
+    extract: ExtractSpec = attrs.field(
+        factory=ExtractSpec, metadata=stage_table("ExtractLM", "extract_lm", "extract")
+    )
+    calib: CalibSpec = attrs.field(
+        factory=CalibSpec, metadata=stage_table("BuildCalibLoader", "build_calib_loader", "calib")
+    )
+    autoquant: AutoQuantSpec = attrs.field(
+        factory=AutoQuantSpec, metadata=stage_table("RunAutoQuant", "run_autoquant", "autoquant")
+    )
+    validate: ValidateSpec | None = attrs.field(
+        default=None, metadata=stage_table("ValidateSensitivity", "validate_sensitivity", "validate")
+    )
+    manifest: ManifestSpec = attrs.field(
+        factory=ManifestSpec, metadata=stage_table("BuildManifest", "build_manifest", "manifest")
+    )
+    reports: ReportSpec = attrs.field(
+        factory=ReportSpec, metadata=stage_table("WriteReports", "write_reports", "reports")
+    )
+    sweep: SweepTable = attrs.field(factory=dict)
+    """Dotted setting (``calib.seq_len``) -> the values to try; empty means a single run."""

@@ -22,9 +22,13 @@ import os
 import re
 from typing import Any
 
+import attrs
+import cattrs
+
 from auto_quantize_model.artifacts import GroupScore
 from auto_quantize_model.core.ranking import rank_groups
 from auto_quantize_model.errors import InputError
+from auto_quantize_model.io.convert import JSON_CONVERTER, json_problems, open_schema
 from auto_quantize_model.io.manifest import SCHEMA_VERSION, DatasetInfo, Manifest, ModelInfo, SchemeInfo
 
 RECIPE_SUFFIX = ".quant_recipe"
@@ -34,6 +38,72 @@ LEGACY_LAYOUT = "padded"
 _FORMAT_RE = re.compile(
     r"\s*(?P<name>[^()\s]+)\s*\(\s*effective-bits:\s*(?P<bits>[-+0-9.eE]+|inf|nan)\s*\)\s*"
 )
+
+
+# The previous tool's file, as far as we read it. Every class is open: their files hold more
+# (``coverage_fraction``, ``layers``, their own ranks...), which we ignore.
+
+
+@open_schema
+@attrs.frozen
+class LegacyScheme:
+    name: str
+    quant_formats: tuple[str, ...]
+    auto_quantize_method: str
+    auto_quantize_bits: float
+    auto_quantize_score_size: float
+    coverage_mode: str = ""
+
+
+@open_schema
+@attrs.frozen
+class LegacyConstraints:
+    effective_bits: float
+
+
+@open_schema
+@attrs.frozen
+class LegacyState:
+    constraints: LegacyConstraints
+    score: float
+    is_satisfied: bool
+
+
+@open_schema
+@attrs.frozen
+class LegacyModel:
+    id: str
+
+
+@open_schema
+@attrs.frozen
+class LegacyDataset:
+    captions_path: str
+    max_calib_samples: int
+    num_calib_samples: int
+    calib_seq_len: int
+    batch_size: int
+    num_calib_batches: int
+
+
+@open_schema
+@attrs.frozen
+class LegacyGroup:
+    formats: tuple[str, ...]
+    """Spelled ``NAME(effective-bits: B)``."""
+    scores: tuple[float, ...]
+    costs: tuple[float, ...]
+
+
+@open_schema
+@attrs.frozen
+class LegacyManifest:
+    scheme: LegacyScheme
+    model: LegacyModel
+    autoquant_state: LegacyState
+    layer_sensitivity: dict[str, LegacyGroup]
+    """Recipe group (``<module>.quant_recipe``) -> its formats and scores, in network order."""
+    dataset: LegacyDataset | None = None
 
 
 def looks_like_legacy(data: Any) -> bool:
@@ -54,134 +124,77 @@ def parse_format(spelled: str) -> tuple[str, float]:
     return match["name"], float(match["bits"])
 
 
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
+def _fail(source_path: str | os.PathLike[str], where: str, problem: str) -> InputError:
+    return InputError(f"{source_path}: legacy manifest key {where} {problem}")
 
 
-class _Reader:
-    """Typed access to one legacy file, every error naming the file and the key path."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = path
-
-    def fail(self, where: str, problem: str) -> InputError:
-        return InputError(f"{self.path}: legacy manifest key {where} {problem}")
-
-    def obj(self, parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-        value = parent.get(key)
-        if not isinstance(value, dict):
-            raise self.fail(_join(where, key), "is missing or not an object")
-        return value
-
-    def text(self, parent: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
-        value = parent.get(key, default)
-        if not isinstance(value, str):
-            raise self.fail(_join(where, key), "is missing or not a string")
-        return value
-
-    def number(self, parent: dict[str, Any], key: str, where: str, default: float | None = None) -> float:
-        value = parent.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(_join(where, key), "is missing or not a number")
-        return float(value)
-
-    def integer(self, parent: dict[str, Any], key: str, where: str) -> int:
-        value = parent.get(key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(_join(where, key), "is missing or not an integer")
-        return value
-
-    def numbers(self, parent: dict[str, Any], key: str, where: str) -> tuple[float, ...]:
-        value = parent.get(key)
-        if not isinstance(value, list) or not all(
-            isinstance(x, int | float) and not isinstance(x, bool) for x in value
-        ):
-            raise self.fail(_join(where, key), "is missing or not a list of numbers")
-        return tuple(float(x) for x in value)
-
-
-def _group(reader: _Reader, key: str, entry: Any) -> GroupScore:
+def _group(key: str, entry: LegacyGroup, source_path: str | os.PathLike[str]) -> GroupScore:
     where = f"layer_sensitivity[{key!r}]"
-    if not isinstance(entry, dict):
-        raise reader.fail(where, "is not an object")
-    spelled = entry.get("formats")
-    if not isinstance(spelled, list) or not spelled or not all(isinstance(x, str) for x in spelled):
-        raise reader.fail(f"{where}.formats", "is missing or not a list of format strings")
+    if not entry.formats:
+        raise _fail(source_path, f"{where}.formats", "is empty (expected NAME(effective-bits: B) strings)")
     try:
-        parsed = [parse_format(x) for x in spelled]
+        parsed = [parse_format(x) for x in entry.formats]
     except ValueError as err:
-        raise reader.fail(f"{where}.formats", str(err)) from err
-    scores = reader.numbers(entry, "scores", where)
-    costs = reader.numbers(entry, "costs", where)
-    if not len(parsed) == len(scores) == len(costs):
-        raise reader.fail(
-            where, f"has {len(parsed)} formats, {len(scores)} scores and {len(costs)} costs (must match)"
-        )
+        raise _fail(source_path, f"{where}.formats", str(err)) from err
+    counts = (len(parsed), len(entry.scores), len(entry.costs))
+    if len(set(counts)) != 1:
+        raise _fail(source_path, where, "has {} formats, {} scores and {} costs (must match)".format(*counts))
     name = key.removesuffix(RECIPE_SUFFIX)
     return GroupScore(
         name=name,
         module_names=(name,),
         formats=tuple(fmt for fmt, _ in parsed),
         bits=tuple(bits for _, bits in parsed),
-        scores=scores,
-        costs=costs,
+        scores=entry.scores,
+        costs=entry.costs,
         best_format="",
     )
 
 
-def _dataset(reader: _Reader, data: dict[str, Any]) -> DatasetInfo | None:
-    if "dataset" not in data:
+def _dataset(dataset: LegacyDataset | None) -> DatasetInfo | None:
+    if dataset is None:
         return None
-    block = reader.obj(data, "dataset", "")
-    samples = reader.integer(block, "num_calib_samples", "dataset")
-    seq_len = reader.integer(block, "calib_seq_len", "dataset")
     return DatasetInfo(
-        captions_path=reader.text(block, "captions_path", "dataset"),
+        captions_path=dataset.captions_path,
         captions_sha256=None,
         layout=LEGACY_LAYOUT,
-        seq_len=seq_len,
-        batch_size=reader.integer(block, "batch_size", "dataset"),
-        max_samples=reader.integer(block, "max_calib_samples", "dataset"),
-        samples=samples,
+        seq_len=dataset.calib_seq_len,
+        batch_size=dataset.batch_size,
+        max_samples=dataset.max_calib_samples,
+        samples=dataset.num_calib_samples,
         real_tokens=None,
-        total_tokens=samples * seq_len,
-        batches=reader.integer(block, "num_calib_batches", "dataset"),
+        total_tokens=dataset.num_calib_samples * dataset.calib_seq_len,
+        batches=dataset.num_calib_batches,
     )
 
 
 def legacy_manifest_from_dict(data: dict[str, Any], source_path: str | os.PathLike[str]) -> Manifest:
     """Convert a parsed legacy manifest; ``source_path`` only names the file in errors."""
-    reader = _Reader(source_path)
-    scheme = reader.obj(data, "scheme", "")
-    state = reader.obj(data, "autoquant_state", "")
-    constraints = reader.obj(state, "constraints", "autoquant_state")
-    formats = scheme.get("quant_formats")
-    if not isinstance(formats, list) or not all(isinstance(x, str) for x in formats):
-        raise reader.fail("scheme.quant_formats", "is missing or not a list of strings")
-    satisfied = state.get("is_satisfied")
-    if not isinstance(satisfied, bool):
-        raise reader.fail("autoquant_state.is_satisfied", "is missing or not true/false")
-    model = reader.obj(data, "model", "")
-    groups = [_group(reader, key, entry) for key, entry in data["layer_sensitivity"].items()]
+    try:
+        legacy = JSON_CONVERTER.structure(data, LegacyManifest)
+    except (cattrs.BaseValidationError, TypeError, ValueError) as err:
+        raise InputError(f"{source_path}: legacy manifest key " + "; key ".join(json_problems(err))) from err
+    scheme, state = legacy.scheme, legacy.autoquant_state
+    groups = [_group(key, entry, source_path) for key, entry in legacy.layer_sensitivity.items()]
     info = SchemeInfo(
-        name=reader.text(scheme, "name", "scheme"),
-        formats=tuple(formats),
-        method=reader.text(scheme, "auto_quantize_method", "scheme"),
-        scope=reader.text(scheme, "coverage_mode", "scheme", default=""),
-        effective_bits_target=reader.number(scheme, "auto_quantize_bits", "scheme"),
+        name=scheme.name,
+        formats=scheme.quant_formats,
+        method=scheme.auto_quantize_method,
+        scope=scheme.coverage_mode,
+        effective_bits_target=scheme.auto_quantize_bits,
         effective_bits_lm=None,
-        effective_bits_model=reader.number(constraints, "effective_bits", "autoquant_state.constraints"),
-        total_score=reader.number(state, "score", "autoquant_state"),
-        satisfied=satisfied,
-        score_samples=int(reader.number(scheme, "auto_quantize_score_size", "scheme")),
+        effective_bits_model=state.constraints.effective_bits,
+        total_score=state.score,
+        satisfied=state.is_satisfied,
+        score_samples=int(scheme.auto_quantize_score_size),
         calib_steps=None,
         score_steps=None,
     )
     return Manifest(
         schema_version=SCHEMA_VERSION,
         scheme=info,
-        model=ModelInfo(source=reader.text(model, "id", "model"), architecture="", dtype="", device=""),
-        dataset=_dataset(reader, data),
+        model=ModelInfo(source=legacy.model.id, architecture="", dtype="", device=""),
+        dataset=_dataset(legacy.dataset),
         groups=rank_groups(groups),
         origin="legacy",
     )

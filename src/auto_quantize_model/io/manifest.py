@@ -4,16 +4,39 @@ Ranks are 1-based and descending everywhere: rank 1 is the group whose quantizat
 The manifest is plain data so ``aqm report`` and ``aqm diff`` never need torch.
 Manifests converted from the previous tool (``origin == "legacy"``) lack some facts: numbers it
 never recorded are None, names it never recorded are ``""`` (reports print ``n/a`` for both).
+
+The records here are the file's schema. Where an artifact carries the same facts
+(:class:`~auto_quantize_model.artifacts.CalibStats` -> :class:`DatasetInfo`,
+:class:`~auto_quantize_model.artifacts.SensitivityScores` -> :class:`SchemeInfo`, ...), the
+manifest record is made from it by :func:`~auto_quantize_model.io.convert.project`, field by
+name; stage timings and validation results are the artifacts themselves.
 """
 
 from __future__ import annotations
 
-import attrs
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+from typing import Any
 
-from auto_quantize_model.artifacts import ValidationReport
+import attrs
+import cattrs
+
+from auto_quantize_model.artifacts import StageTiming, ValidationReport
+from auto_quantize_model.errors import InputError
+from auto_quantize_model.io.convert import JSON_CONVERTER, dumps_json, json_problems
 
 SCHEMA_VERSION = 1
 """Bumped whenever a field changes meaning; readers refuse versions they do not know."""
+
+VERSIONED_DISTRIBUTIONS: tuple[tuple[str, str], ...] = (
+    ("torch", "torch"),
+    ("transformers", "transformers"),
+    ("modelopt", "nvidia-modelopt"),
+    ("auto_quantize_model", "auto-quantize-model"),
+)
+"""(name in files, distribution) of the packages that shape the numbers."""
 
 
 @attrs.frozen
@@ -72,10 +95,8 @@ class RankedGroup:
     costs: tuple[float, ...]
 
 
-@attrs.frozen
-class Timing:
-    stage: str
-    seconds: float
+Timing = StageTiming
+"""A stage's wall time as the manifest lists it: the runner's own record, not a copy of it."""
 
 
 @attrs.frozen
@@ -86,9 +107,71 @@ class Manifest:
     dataset: DatasetInfo | None
     groups: tuple[RankedGroup, ...]
     """Sorted by rank (most sensitive first)."""
-    timings: tuple[Timing, ...] = ()
+    timings: tuple[StageTiming, ...] = ()
     created_at: str = ""
     versions: tuple[tuple[str, str], ...] = ()
     validation: ValidationReport | None = None
     origin: str = "aqm"
     """``aqm`` for our runs, ``legacy`` for manifests of the previous script-based tool."""
+    warnings: tuple[str, ...] = ()
+    """Settings that could not be honoured as written and notes on figures that could not be
+    measured, one sentence each (the report shows them first). Left out of the file when empty."""
+
+
+def installed_versions() -> tuple[tuple[str, str], ...]:
+    """Versions of Python and the packages that shape the numbers, without importing any of them."""
+    found = [("python", platform.python_version())]
+    for label, distribution in VERSIONED_DISTRIBUTIONS:
+        try:
+            found.append((label, importlib.metadata.version(distribution)))
+        except importlib.metadata.PackageNotFoundError:
+            found.append((label, "not installed"))
+    return tuple(found)
+
+
+def utc_now_iso() -> str:
+    """The time files record: UTC, to the second."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
+    """Plain data (floats may still be non-finite; :func:`dumps_json` spells those out)."""
+    data: dict[str, Any] = JSON_CONVERTER.unstructure(manifest)
+    if not data["warnings"]:
+        del data["warnings"]  # files of runs without warnings stay as they always were
+    return data
+
+
+def manifest_to_json(manifest: Manifest) -> str:
+    return dumps_json(manifest_to_dict(manifest))
+
+
+def manifest_from_dict(data: Any, source_path: str | os.PathLike[str]) -> Manifest:
+    """Structure one of our manifests, refusing other schema versions and malformed content.
+
+    ``source_path`` only names the file in error messages.
+    """
+    if not isinstance(data, dict):
+        raise InputError(f"{source_path} is not a quant manifest (top level is not a JSON object)")
+    version = data.get("schema_version")
+    if type(version) is not int:
+        raise InputError(
+            f"{source_path} is not a quant manifest (schema_version is {version!r}, expected an integer)"
+        )
+    if version != SCHEMA_VERSION:
+        raise InputError(
+            f"{source_path}: unknown manifest schema_version {version}; this aqm reads schema_version "
+            f"{SCHEMA_VERSION}"
+            + (" (the file is newer: upgrade auto-quantize-model)" if version > SCHEMA_VERSION else "")
+        )
+    try:
+        manifest = JSON_CONVERTER.structure(data, Manifest)
+    except (cattrs.BaseValidationError, TypeError, ValueError) as err:
+        details = "; ".join(json_problems(err))
+        raise InputError(f"{source_path} is not a valid quant manifest: {details}") from err
+    ranks = [group.rank for group in manifest.groups]
+    if ranks != list(range(1, len(ranks) + 1)):
+        raise InputError(
+            f"{source_path} is not a valid quant manifest: groups must be listed by rank 1..{len(ranks)}"
+        )
+    return manifest

@@ -6,7 +6,8 @@ Files (the previous tool's names, so existing scripts keep finding them):
 * ``per-layer-sensitivity.json``: the previous tool's shape (``scheme``, ``model``, ``dataset``,
   ``autoquant_state``, ``layer_sensitivity: [{layer, num_bits, sensitivity, size_cost}]``) with
   ``rank``, ``best_format`` and every format's bits/score/cost added to each row;
-* ``per-layer-sensitivity.md``: run summary, score health, plots and the ranked table;
+* ``per-layer-sensitivity.md``: the run's warnings first (settings that could not be honoured,
+  figures that could not be measured), then run summary, score health, plots and the ranked table;
 * ``plots/*.png|svg`` unless plots are off; ``<scheme>_autoquant_state.pt`` when asked for.
 
 Every table lists groups in manifest order, which is rank order, so ranks agree across the three
@@ -30,16 +31,10 @@ from typing import Any
 from auto_quantize_model.artifacts import ReportPaths
 from auto_quantize_model.core.ranking import NONE_FORMAT, headline_index
 from auto_quantize_model.errors import ConfigError, InputError
-from auto_quantize_model.io.atomic import (
-    atomic_copy,
-    atomic_write_text,
-    dumps_json,
-    manifest_from_dict,
-    manifest_to_json,
-    read_json,
-)
+from auto_quantize_model.io.atomic import atomic_copy, atomic_write_text
+from auto_quantize_model.io.convert import dumps_json, read_json
 from auto_quantize_model.io.legacy import legacy_manifest_from_dict, looks_like_legacy
-from auto_quantize_model.io.manifest import Manifest, RankedGroup
+from auto_quantize_model.io.manifest import Manifest, RankedGroup, manifest_from_dict, manifest_to_json
 
 log = logging.getLogger("auto_quantize_model")
 
@@ -191,12 +186,25 @@ def render_layer_json(manifest: Manifest, *, state_file: str | None = None) -> d
     return document
 
 
+def _warnings(manifest: Manifest) -> list[str]:
+    """A block right under the title: a reader acting on the ranking must see these before it."""
+    if not manifest.warnings:
+        return []
+    return [
+        "> **Warnings: what this run could not do as asked**",
+        ">",
+        *(f"> - {warning}" for warning in manifest.warnings),
+        "",
+    ]
+
+
 def _header(manifest: Manifest) -> list[str]:
     scheme, model = manifest.scheme, manifest.model
     formats = ", ".join(f"`{name}`" for name in scheme.formats)
     lines = [
         f"# Per-layer quantization sensitivity: `{scheme.name}`",
         "",
+        *_warnings(manifest),
         f"- **Scheme:** `{scheme.name}`: formats {formats}; method `{scheme.method}`; "
         f"scope `{_or_na(scheme.scope)}`",
         f"- **Model:** `{_or_na(model.source)}` ({_or_na(model.architecture)}, dtype {_or_na(model.dtype)}, "

@@ -1,31 +1,87 @@
-"""The ``BuildManifest`` stage."""
+"""The ``BuildManifest`` stage: rank the scored groups and record what was measured, on what, how.
+
+The manifest's records are made from the artifacts field by name
+(:func:`~auto_quantize_model.io.convert.project`), never copied by hand. Everything here is pure
+except :meth:`BuildManifest.run`, which reads the clock and the installed package versions and
+hands them to :func:`build_manifest`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import attrs
 
 from auto_quantize_model.artifacts import (
     CalibData,
+    CalibStats,
     LoadedModel,
     RunTimings,
     SensitivityScores,
+    StageTiming,
     ValidationReport,
 )
-from auto_quantize_model.core.ranking import (
-    build_manifest,
-    dataset_info,
-    installed_versions,
-    model_info,
-    utc_now_iso,
-)
+from auto_quantize_model.core.ranking import rank_groups, scheme_name
+from auto_quantize_model.io.convert import project
 from auto_quantize_model.io.manifest import (
+    SCHEMA_VERSION,
+    DatasetInfo,
     Manifest,
-    Timing,
+    ModelInfo,
+    SchemeInfo,
+    installed_versions,
+    utc_now_iso,
 )
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import ManifestSpec
+
+
+def model_info(loaded: LoadedModel | None) -> ModelInfo:
+    """What was loaded; all ``""`` when the pipeline was handed scores without a model."""
+    if loaded is None:
+        return ModelInfo(source="", architecture="", dtype="", device="")
+    return project(loaded, ModelInfo)
+
+
+def dataset_info(stats: CalibStats | None) -> DatasetInfo | None:
+    return None if stats is None else project(stats, DatasetInfo)
+
+
+def scheme_info(scores: SensitivityScores, name: str) -> SchemeInfo:
+    return project(scores, SchemeInfo, name=name)
+
+
+def run_warnings(scores: SensitivityScores, validation: ValidationReport | None) -> tuple[str, ...]:
+    """What the run could not do as asked, first: the search's warnings, then validation's notes."""
+    return (*scores.warnings, *(() if validation is None else validation.notes))
+
+
+def build_manifest(
+    scores: SensitivityScores,
+    spec: ManifestSpec,
+    *,
+    model: ModelInfo,
+    dataset: DatasetInfo | None,
+    timings: Sequence[StageTiming] = (),
+    validation: ValidationReport | None = None,
+    created_at: str = "",
+    versions: tuple[tuple[str, str], ...] = (),
+) -> Manifest:
+    """The whole manifest from plain inputs; the clock and environment come in as arguments."""
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        scheme=scheme_info(scores, scheme_name(scores.formats, spec.scheme)),
+        model=model,
+        dataset=dataset,
+        groups=rank_groups(scores.groups),
+        timings=tuple(timings),
+        created_at=created_at,
+        versions=versions,
+        validation=validation,
+        origin="aqm",
+        warnings=run_warnings(scores, validation),
+    )
 
 
 @attrs.frozen
@@ -40,13 +96,12 @@ class BuildManifest:
     def run(self, inputs: Artifacts) -> Manifest:
         calib = inputs.find(CalibData)
         run_timings = inputs.find(RunTimings)
-        timings = () if run_timings is None else run_timings.stages
         return build_manifest(
             inputs.get(SensitivityScores),
             self.spec,
             model=model_info(inputs.find(LoadedModel)),
             dataset=dataset_info(None if calib is None else calib.stats),
-            timings=[Timing(t.stage, t.seconds) for t in timings],
+            timings=() if run_timings is None else run_timings.stages,
             validation=inputs.find(ValidationReport),
             created_at=utc_now_iso(),
             versions=installed_versions(),

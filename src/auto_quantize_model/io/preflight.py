@@ -1,0 +1,188 @@
+"""Pre-flight: every check of a pipeline that needs no model, run before anything heavy.
+
+``aqm run`` runs these before it imports torch, and ``aqm validate`` runs exactly the same ones
+(both through :func:`~auto_quantize_model.app.sweep.expand_sweep`), so validate never says OK to
+what run would refuse in its first seconds. A typo costs a second, not a model load.
+
+What is checked here, beyond the ranges the spec classes check themselves:
+
+* formats known and runnable on the device, the bit budget reachable with them;
+* the model: a built-in name, or a folder with a ``config.json`` that parses to an object whose
+  ``model_type`` transformers loads as a language model, and a tokenizer next to it (or at
+  ``model.tokenizer``);
+* the captions: readable, UTF-8, not empty, and holding at least ``calib.max_samples`` captions.
+  Too few is an error, not a warning: the manifest records ``max_samples`` as what was used, so
+  a silent shortfall would make it lie; the held-out file must be readable and not empty;
+* names that end up in file names (the scheme) short and safe enough;
+* the device spelling and the output folder.
+
+All problems are reported together, one line each.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from auto_quantize_model.errors import AqmError, ConfigError, InputError
+from auto_quantize_model.io.convert import did_you_mean, toml_value
+from auto_quantize_model.io.hf_config import read_config_json, supported_model_type
+from auto_quantize_model.specs import PipelineSpec, is_bundled, scheme_name_problem
+
+_DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+")
+Report = Callable[..., None]
+
+
+def preflight(spec: PipelineSpec, *, source: str | None = None) -> None:
+    """Raise one error listing every problem of ``spec`` that shows without loading a model."""
+    problems: list[tuple[str, type[AqmError]]] = []
+
+    def bad(key: str, message: str, kind: type[AqmError] = ConfigError) -> None:
+        problems.append((f"{key}: {message}", kind))
+
+    for key, message in _format_problems(spec):
+        bad(key, message)
+    _check_model(spec, bad)
+    _check_scheme(spec, bad)
+    if not _DEVICE.fullmatch(spec.model.device):
+        bad("model.device", f"expected auto, cpu, cuda or cuda:N, got {toml_value(spec.model.device)}")
+    if _check_file(("calib", "captions"), spec.calib.captions, bad):
+        _check_captions(("calib", "captions"), spec.calib.captions, spec.calib.max_samples, bad)
+    holdout = ("validate", "holdout_captions")
+    if spec.validate is not None and _check_file(holdout, spec.validate.holdout_captions, bad):
+        _check_captions(holdout, spec.validate.holdout_captions, None, bad)
+    if spec.reports.output_dir is not None:
+        out = Path(spec.reports.output_dir)
+        if out.exists() and not out.is_dir():
+            bad("reports.output_dir", f"{out} exists and is not a directory", InputError)
+
+    if problems:
+        prefix = f"{source}: " if source else ""
+        kinds = {kind for _, kind in problems}
+        kind = kinds.pop() if len(kinds) == 1 else ConfigError
+        raise kind("\n".join(f"{prefix}{message}" for message, _ in problems))
+
+
+def _check_model(spec: PipelineSpec, bad: Report) -> None:
+    model_path = spec.model.path
+    folder = Path(model_path)
+    hint = " (point it at a Hugging Face checkout: --set model.path=DIR)"
+    if is_bundled("model", "path", model_path):
+        from auto_quantize_model.backend.models import BUILTIN_SOURCES
+
+        if model_path not in BUILTIN_SOURCES:
+            known = ", ".join(BUILTIN_SOURCES)
+            hint = did_you_mean(model_path, BUILTIN_SOURCES)
+            bad("model.path", f"unknown built-in source {model_path!r}{hint} (known: {known})")
+    elif not folder.exists():
+        bad("model.path", f"{model_path} does not exist{hint}", InputError)
+    elif not folder.is_dir():
+        bad("model.path", f"{model_path} is not a directory{hint}", InputError)
+    elif not (folder / "config.json").is_file():
+        bad("model.path", f"{model_path} has no config.json: not a Hugging Face checkout", InputError)
+    else:
+        try:
+            supported_model_type(read_config_json(folder), str(folder / "config.json"))
+        except InputError as err:
+            bad("model.path", str(err), InputError)
+        if spec.model.tokenizer is None:
+            _check_tokenizer("model.path", folder, bad, hint="; set model.tokenizer to a tokenizer folder")
+    if spec.model.tokenizer is not None:
+        _check_tokenizer("model.tokenizer", Path(spec.model.tokenizer), bad)
+
+
+def _check_tokenizer(key: str, folder: Path, bad: Report, hint: str = "") -> None:
+    from auto_quantize_model.backend.models import TOKENIZER_FILES
+
+    if not folder.is_dir():
+        bad(key, f"{folder} is not a directory", InputError)
+    elif not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        bad(key, f"no tokenizer in {folder} (none of {', '.join(TOKENIZER_FILES)}){hint}", InputError)
+
+
+def _check_scheme(spec: PipelineSpec, bad: Report) -> None:
+    """A derived scheme name goes into file names too: check it now, not after the search."""
+    if spec.manifest.scheme is not None:
+        return  # checked by ManifestSpec itself
+    from auto_quantize_model.core.ranking import scheme_name
+
+    try:
+        derived = scheme_name(spec.autoquant.formats)
+    except AqmError:
+        return  # no quantized format: reported with the formats
+    problem = scheme_name_problem(derived)
+    if problem is not None:
+        bad("manifest.scheme", f"the name derived from autoquant.formats will not do: {problem}")
+
+
+def _check_file(key: tuple[str, str], value: str, bad: Report) -> bool:
+    """Whether ``value`` names a bundled file or an existing file (else the problem is reported)."""
+    if is_bundled(*key, value):
+        return True
+    path = Path(value)
+    if not path.exists():
+        bad(".".join(key), f"{value} does not exist", InputError)
+    elif not path.is_file():
+        bad(".".join(key), f"{value} is not a file", InputError)
+    else:
+        return True
+    return False
+
+
+def _check_captions(key: tuple[str, str], value: str, max_samples: int | None, bad: Report) -> None:
+    stamp = (0, 0)
+    if not is_bundled(*key, value):
+        stat = Path(value).stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+    found = _captions_problem(value, max_samples, stamp)
+    if found is not None:
+        message, kind = found
+        bad(".".join(key), message, kind)
+
+
+@functools.lru_cache(maxsize=64)
+def _captions_problem(
+    value: str, max_samples: int | None, _stamp: tuple[int, int]
+) -> tuple[str, type[AqmError]] | None:
+    """What reading the captions would fail on; cached per file version (sweeps check each point)."""
+    from auto_quantize_model.core.captions import read_caption_file, read_captions
+
+    try:
+        if max_samples is None:
+            read_caption_file(value)
+        else:
+            read_captions(value, max_samples)
+    except AqmError as err:
+        return str(err), type(err)
+    return None
+
+
+def _format_problems(spec: PipelineSpec) -> list[tuple[str, str]]:
+    """(key, message) for unknown/unrunnable formats and an unreachable bit budget, deduplicated."""
+    from auto_quantize_model.core import formats
+
+    names = spec.autoquant.formats
+    bits = spec.autoquant.effective_bits
+    found: dict[tuple[str, str], None] = {}
+    lowest: float | None = None
+    for name in names:
+        try:
+            formats.check_formats([name], spec.model.device)
+        except AqmError as err:
+            found["autoquant.formats", str(err).splitlines()[0]] = None
+        try:
+            bits_of_name = formats.min_effective_bits([name])
+        except AqmError:
+            continue  # an unknown name, reported just above
+        lowest = bits_of_name if lowest is None else min(lowest, bits_of_name)
+    if len(names) > 1:
+        try:
+            formats.check_formats(names, spec.model.device)  # names listed twice, under any spelling
+        except AqmError as err:
+            found["autoquant.formats", str(err).splitlines()[0]] = None
+    if lowest is not None and bits < lowest:
+        reach = f"minimum {lowest:g}"
+        found["autoquant.effective_bits", f"{bits:g} is below what these formats can reach ({reach})"] = None
+    return list(found)
