@@ -9,6 +9,9 @@ transformers) are imported inside the builders that need them, so pure tests sta
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +23,10 @@ from auto_quantize_model.io.manifest import SCHEMA_VERSION, Manifest, ModelInfo,
 
 if TYPE_CHECKING:
     from transformers import Qwen3VLForConditionalGeneration
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DEFAULT = REPO / "pipelines" / "tiny-qwen3-vl.toml"
+"""The pipeline the README's first command runs."""
 
 INT8 = "INT8_DEFAULT_CFG"
 FP8 = "FP8_DEFAULT_CFG"
@@ -339,3 +346,44 @@ def six_stages(
         WriteReports(ReportSpec(output_dir=str(out), save_state=state is not None, plots=False)),
     ]
     return Pipeline(stages).run()
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line in a fresh interpreter
+# --------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class AqmRun:
+    """One finished ``aqm`` process: what it was asked, where it ran, what it printed."""
+
+    argv: tuple[str, ...]
+    cwd: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def folder(self) -> Path:
+        """The one run folder ``aqm run`` made under ``cwd/runs`` when no ``--output`` was given."""
+        found = sorted((self.cwd / "runs").iterdir()) if (self.cwd / "runs").is_dir() else []
+        assert len(found) == 1, f"expected one run folder under {self.cwd / 'runs'}, found {found}"
+        return found[0]
+
+
+def run_aqm(*argv: str, cwd: Path, timeout: float = 600) -> AqmRun:
+    """``python -m auto_quantize_model ARGV`` in ``cwd``, as a user's shell runs ``aqm``.
+
+    A fresh interpreter is the point: it pays for and reports its own library imports, and
+    nothing a test imported or patched leaks into it.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "auto_quantize_model", *argv],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        timeout=timeout,
+        check=False,
+    )
+    return AqmRun(tuple(argv), cwd, done.returncode, done.stdout, done.stderr)

@@ -13,7 +13,7 @@ import pytest
 
 from auto_quantize_model.artifacts import LanguageModel, SensitivityScores, ValidationReport
 from auto_quantize_model.io.manifest import Manifest
-from conftest import six_stages
+from builders import six_stages
 
 torch = pytest.importorskip("torch")
 

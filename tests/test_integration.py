@@ -1,7 +1,11 @@
-"""All six stages on CPU with the real transformers classes and real ModelOpt.
+"""Every stage on CPU with the real transformers classes and real ModelOpt.
 
-The tiny Qwen3-VL is saved with ``save_pretrained`` and reloaded through ``from_pretrained``
-(the ``tiny_checkpoint`` fixture), so the load path is the one a real checkout takes.
+The fast tier's one real run is the README's first command, ``aqm run pipelines/tiny-qwen3-vl.toml``
+in a fresh interpreter (the session's ``tiny_default_run``): all seven stages, library imports,
+plots and run record included. The slow tier adds the other formats, methods and scopes through
+the Python API: the tiny Qwen3-VL is saved with ``save_pretrained`` and reloaded through
+``from_pretrained`` (the ``tiny_checkpoint`` fixture), so the load path is the one a real
+checkout takes.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import pytest
 from auto_quantize_model.artifacts import LanguageModel, SensitivityScores
 from auto_quantize_model.io.manifest import Manifest
 from auto_quantize_model.render.reports import read_manifest
-from conftest import six_stages
+from builders import AqmRun, six_stages
 
 PREFIX = "model.language_model"
 TARGET_BITS = 12.0
@@ -29,6 +33,32 @@ def _expected_groups(layers: int) -> set[str]:
 
 def _markdown_ranking(text: str) -> list[tuple[int, str]]:
     return [(int(m[1]), m[2]) for m in re.finditer(r"^\| (\d+) \| `([^`]+)` \|", text, flags=re.M)]
+
+
+def test_tiny_default_through_the_command_line(tiny_default_run: AqmRun) -> None:
+    run = tiny_default_run
+    assert run.returncode == 0, run.stderr
+    folder = run.folder
+    record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    assert record["status"] == "complete"
+    assert record["forward_steps"]["calibration"] > 0
+    assert record["forward_steps"]["scoring"] > 0
+
+    manifest = read_manifest(folder / "tiny_wint8_aint8_quant_manifest.json")
+    assert {g.name for g in manifest.groups} == _expected_groups(layers=4)
+    assert [g.rank for g in manifest.groups] == list(range(1, len(manifest.groups) + 1))
+    importances = [g.importance for g in manifest.groups]
+    assert all(math.isfinite(value) for value in importances)
+    assert importances == sorted(importances, reverse=True)
+    assert manifest.scheme.satisfied
+    assert manifest.scheme.effective_bits_lm is not None
+    assert manifest.scheme.effective_bits_lm <= manifest.scheme.effective_bits_target + 1e-6
+    assert manifest.validation is not None
+    assert manifest.validation.restored_exactly
+
+    markdown = (folder / "per-layer-sensitivity.md").read_text(encoding="utf-8")
+    assert _markdown_ranking(markdown) == [(g.rank, g.name) for g in manifest.groups]
+    assert sorted(p.suffix for p in (folder / "plots").iterdir()) == [".png"] * 3 + [".svg"] * 3
 
 
 @pytest.mark.slow
