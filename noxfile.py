@@ -1,4 +1,9 @@
-"""Sessions for tests, lint and type checking; ``nox -s bench`` is opt-in (needs a GPU)."""
+"""Sessions for tests, lint and type checking; ``nox -s bench`` is opt-in (needs a GPU).
+
+``tests`` is the fast tier a contributor runs all day (``pytest -m "not slow"``: fakes for every
+stage plus one real run of the tiny default). ``slow`` is the rest: real ModelOpt end to end,
+packed vs reference, determinism, resume kills. CI (``.ci/run``) runs both, then lint and typecheck.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +17,25 @@ CONSTRAINTS = ("-c", "constraints.txt")
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite on CPU (GPU-marked tests skip without CUDA)."""
+    """The fast tier on CPU: everything not marked slow (GPU-marked tests skip without CUDA)."""
     session.install(*CONSTRAINTS, "-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "-m", "not slow", *session.posargs)
+
+
+@nox.session(default=False)
+def slow(session: nox.Session) -> None:
+    """The slow tier on CPU: the tests marked slow (real ModelOpt runs, subprocess kills)."""
+    session.install(*CONSTRAINTS, "-e", ".[test]")
+    session.run("pytest", "-m", "slow", *session.posargs)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Ruff lint and format check."""
+    """Ruff lint and format check (posargs: paths, default src, tests and this file)."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "src", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "src", "tests", "noxfile.py")
+    paths = session.posargs or ["src", "tests", "noxfile.py"]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session
