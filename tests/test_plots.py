@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import struct
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import attrs
 import pytest
 
 from auto_quantize_model.artifacts import ValidatedGroup, ValidationReport
@@ -17,6 +19,7 @@ from auto_quantize_model.render.plots import (
     TOP_STEM,
     grid_slot,
     importance_grid,
+    missing_plots,
     render_plots_markdown,
     short_name,
     write_plots,
@@ -226,3 +229,59 @@ def test_real_manifests(tmp_path: Path, relative: str, has_head: bool, scored: i
     width, height = png_size(tmp_path / f"{HEATMAP_STEM}.png")
     assert width > 2 * height  # 36 layers across, 4-5 module kinds down
     assert f"top 30 of {scored} groups scored above 0" in svg_text(tmp_path / f"{TOP_STEM}.svg")
+
+
+EXTREME = [
+    (L + "0.mlp.down_proj", math.inf),  # rank 1 as in the manifest, but a bar cannot be infinite
+    (L + "1.mlp.down_proj", 1e308),  # an overflowed score
+    (L + "0.self_attn.q_proj", 1.0),
+    (L + "1.self_attn.q_proj", 1.0),  # equal importances
+    (L + "0.self_attn.o_proj", 5e-324),  # a denormal
+]
+
+
+def validation_of(points: list[tuple[float, float]]) -> ValidationReport:
+    return attrs.evolve(
+        VALIDATION,
+        groups=tuple(
+            ValidatedGroup(f"{L}{i}.mlp.up_proj", "INT8", score, "random", delta, 0.0)
+            for i, (score, delta) in enumerate(points)
+        ),
+        spearman_nll=math.nan,
+        kendall_nll=math.nan,
+    )
+
+
+def test_extreme_values_are_drawn_at_the_edge_and_the_titles_say_so(tmp_path: Path) -> None:
+    validation = validation_of([(1e308, 1e308), (1.0, -1e308), (1.0, 0.5), (5e-324, 0.5)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or "non-positive xlim" on the way
+        paths = write_plots(make_manifest(EXTREME, validation=validation), tmp_path)
+    assert [p.stem for p in paths if p.suffix == ".png"] == [HEATMAP_STEM, TOP_STEM, SCATTER_STEM]
+    check_images(paths, tmp_path)
+    assert "2 importance(s) beyond 1e±100 drawn at the edge" in svg_text(tmp_path / f"{HEATMAP_STEM}.svg")
+    bars = svg_text(tmp_path / f"{TOP_STEM}.svg")
+    assert "top 4 of 4 groups scored above 0" in bars
+    assert "1 group(s) with a non-finite importance not drawn" in bars
+    assert "2 importance(s) beyond 1e±100 drawn at the edge" in bars
+    scatter = svg_text(tmp_path / f"{SCATTER_STEM}.svg")
+    assert "Spearman n/a, Kendall n/a, n=4" in scatter
+    assert "2 score(s) beyond 1e±100 drawn at the edge" in scatter
+    assert "2 ΔNLL value(s) beyond 1e±100 drawn at the edge" in scatter
+
+
+def test_missing_plots_say_why(tmp_path: Path) -> None:
+    assert missing_plots(make_manifest(ENTRIES, validation=VALIDATION)) == ()
+    assert missing_plots(make_manifest([])) == ("No plots: the manifest ranks no group.",)
+    vision = make_manifest([("model.visual.merger.fc", 0.0), ("model.visual.blocks.0.attn.qkv", math.nan)])
+    no_heatmap, no_bars = missing_plots(vision)
+    assert no_heatmap.startswith("No heatmap: none of the 2 groups is a decoder layer's projection")
+    assert (
+        no_bars
+        == "No bar chart: no group has a positive finite importance (1 scored 0 or less, 1 non-finite)."
+    )
+    assert write_plots(vision, tmp_path) == ()
+    unmeasured = attrs.evolve(VALIDATION, groups=())
+    assert missing_plots(make_manifest(ENTRIES), unmeasured) == ("No scatter: validation measured no group.",)
+    text = render_plots_markdown((), tmp_path, missing_plots(vision))
+    assert text == f"*{no_heatmap}*\n\n*{no_bars}*\n"

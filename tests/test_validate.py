@@ -631,7 +631,7 @@ def test_folded_smoothing_is_undone_for_the_baseline_and_put_back(tmp_path: Path
 
     model = run.inputs.get(LanguageModel).full_model
     for _, hparam in named_hparams(model, unique=True):
-        hparam.active = next(r for r in hparam.choices if recipe_name(r) == "NONE")
+        hparam.active = next(r for r in hparam.choices if recipe_name(str(r)) == "NONE")
     assert abs(pristine_nll(run, model) - report.baseline_nll) > 1e-3 * report.baseline_nll
 
 

@@ -6,8 +6,11 @@ no ``pyplot``): nothing global changes, no GUI backend is touched, so plotting w
 inside a notebook without switching the user's backend.
 
 Scores span many decades (1e-6 to 1e2 in one Qwen3-VL-4B run), so every score axis is
-logarithmic. A log axis has no place for 0 or negatives; each plot says in its title what it did
-with them.
+logarithmic. A log axis has no place for 0 or negatives, nor for magnitudes near the ends of the
+float range (an overflowed 1e308, a denormal 5e-324), where matplotlib's tick and colour
+arithmetic overflows; non-finite values have no place at all. Each plot says in its title what
+it did with such values (drawn at the axis edge, left out), and :func:`missing_plots` says why a
+plot was not drawn, for the report to show instead.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ HEATMAP_KINDS = ("q/k/v", "o", "gate/up", "down", "lm_head")
 """Heatmap rows: the recipe groups of a Qwen-style decoder layer, then the output head."""
 
 HEAD_COLUMN = "head"
+PLOT_MIN = 1e-100
+PLOT_MAX = 1e100
+"""Magnitudes drawn as they are; smaller or larger finite ones are drawn at these edges (see the
+module docstring) and counted in the plot's title."""
 TOP_GROUPS = 30
 DPI = 150
 
@@ -123,6 +130,33 @@ def _positive_finite(values: Iterable[float]) -> list[float]:
     return [v for v in values if math.isfinite(v) and v > 0]
 
 
+def _titled(header: str, notes: Sequence[str], width: int = 90) -> str:
+    """``header``, then the notes in parentheses, a new line whenever one would pass ``width``
+    characters (a note is never split), so a long list stays inside the figure."""
+    if not notes:
+        return header
+    lines = [notes[0]]
+    for note in notes[1:]:
+        if len(lines[-1]) + 2 + len(note) > width:
+            lines[-1] += ";"
+            lines.append(note)
+        else:
+            lines[-1] += f"; {note}"
+    return header + "\n(" + "\n".join(lines) + ")"
+
+
+def _clip(value: float) -> float:
+    """``value`` with its magnitude held to [PLOT_MIN, PLOT_MAX]; 0 and non-finite unchanged."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    return math.copysign(min(max(abs(value), PLOT_MIN), PLOT_MAX), value)
+
+
+def _clipped_note(values: Iterable[float], what: str) -> list[str]:
+    count = sum(1 for v in values if math.isfinite(v) and _clip(v) != v)
+    return [f"{count} {what} beyond 1e±100 drawn at the edge"] if count else []
+
+
 def _save(figure: Any, directory: Path, stem: str) -> list[Path]:
     import matplotlib
 
@@ -146,10 +180,11 @@ def _heatmap(grid: ImportanceGrid, title: str) -> Any:
     from matplotlib.colors import LogNorm, Normalize
     from matplotlib.figure import Figure
 
-    data = np.array(grid.values, dtype=float)
+    values = [v for row in grid.values for v in row]
+    data = np.array([[_clip(v) for v in row] for row in grid.values], dtype=float)
     positive = _positive_finite(data.ravel().tolist())
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9", under="#ffffff")
-    notes = ["grey: no group or non-finite"]
+    notes = ["grey: no group or non-finite", *_clipped_note(values, "importance(s)")]
     if positive:
         low, high = min(positive), max(positive)
         norm: Any = LogNorm(vmin=low, vmax=high if high > low else low * 10)
@@ -169,7 +204,7 @@ def _heatmap(grid: ImportanceGrid, title: str) -> Any:
     axes.set_xticks(ticks, [grid.columns[i] for i in ticks], fontsize=7)
     axes.set_yticks(range(len(grid.kinds)), grid.kinds)
     axes.set_xlabel("decoder layer")
-    axes.set_title(f"{title}\n({'; '.join(notes)})", fontsize=9)
+    axes.set_title(_titled(title, notes), fontsize=9)
     colorbar = figure.colorbar(image, ax=axes, extend="min" if "white: scored ≤ 0" in notes else "neither")
     colorbar.set_label("importance (log)" if positive else "importance")
     return figure
@@ -178,7 +213,7 @@ def _heatmap(grid: ImportanceGrid, title: str) -> Any:
 _KIND_COLOURS = dict(zip((*HEATMAP_KINDS, "other"), ("C0", "C1", "C2", "C3", "C4", "C7"), strict=True))
 
 
-def _top_bars(groups: Sequence[RankedGroup], scored: int, title: str) -> Any:
+def _top_bars(groups: Sequence[RankedGroup], scored: int, non_finite: int, title: str) -> Any:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -186,18 +221,20 @@ def _top_bars(groups: Sequence[RankedGroup], scored: int, title: str) -> Any:
     axes = figure.add_subplot()
     kinds = [(grid_slot(g.name) or (None, "other"))[1] for g in groups]
     positions = range(len(groups))
-    axes.barh(
-        positions,
-        [g.importance for g in groups],
-        color=[_KIND_COLOURS[k] for k in kinds],
-    )
+    values = [_clip(g.importance) for g in groups]
+    axes.barh(positions, values, color=[_KIND_COLOURS[k] for k in kinds])
     axes.set_yticks(positions, [f"{g.rank}. {short_name(g.name)}" for g in groups], fontsize=7)
     axes.invert_yaxis()  # rank 1 on top
     axes.set_xscale("log")
     # Start a decade boundary below the smallest bar so even the shortest bar has a visible length.
-    axes.set_xlim(left=10 ** math.floor(math.log10(min(g.importance for g in groups)) - 1e-9))
+    axes.set_xlim(left=10.0 ** math.floor(math.log10(min(values)) - 1e-9))
     axes.set_xlabel("importance (log)")
-    axes.set_title(f"{title}: top {len(groups)} of {scored} groups scored above 0", fontsize=9)
+    notes = [
+        *([f"{non_finite} group(s) with a non-finite importance not drawn"] if non_finite else []),
+        *_clipped_note((g.importance for g in groups), "importance(s)"),
+    ]
+    header = f"{title}: top {len(groups)} of {scored} groups scored above 0"
+    axes.set_title(_titled(header, notes), fontsize=9)
     present = list(dict.fromkeys(kinds))
     axes.legend(
         handles=[Patch(color=_KIND_COLOURS[k], label=k) for k in present], fontsize=7, loc="lower right"
@@ -216,12 +253,18 @@ def _scatter(validation: ValidationReport, title: str) -> Any:
         chosen = [g for g in points if g.selection == selection]
         if chosen:
             axes.scatter(
-                [g.score for g in chosen], [g.delta_nll for g in chosen], marker=marker, label=selection
+                [_clip(g.score) for g in chosen],
+                [_clip(g.delta_nll) for g in chosen],
+                marker=marker,
+                label=selection,
             )
-    notes = []
+    notes = [
+        *_clipped_note((g.score for g in points), "score(s)"),
+        *_clipped_note((g.delta_nll for g in points), "ΔNLL value(s)"),
+    ]
     for values, set_scale, what in (
-        ([g.score for g in points], axes.set_xscale, "score"),
-        ([g.delta_nll for g in points], axes.set_yscale, "ΔNLL"),
+        ([_clip(g.score) for g in points], axes.set_xscale, "score"),
+        ([_clip(g.delta_nll) for g in points], axes.set_yscale, "ΔNLL"),
     ):
         if values and all(v > 0 for v in values):
             set_scale("log")
@@ -238,7 +281,7 @@ def _scatter(validation: ValidationReport, title: str) -> Any:
         f"{title}: Spearman {coefficient_text(validation.spearman_nll)}, "
         f"Kendall {coefficient_text(validation.kendall_nll)}, n={len(points)}"
     )
-    axes.set_title(header + (f"\n({'; '.join(notes)})" if notes else ""), fontsize=9)
+    axes.set_title(_titled(header, notes), fontsize=9)
     if points:
         axes.legend(fontsize=8)
     axes.grid(True, which="major", alpha=0.3)
@@ -265,12 +308,40 @@ def write_plots(
 
     ranked = sorted(manifest.groups, key=lambda g: g.rank)
     scored = [g for g in ranked if math.isfinite(g.importance) and g.importance > 0]
+    non_finite = sum(1 for g in ranked if not math.isfinite(g.importance))
     if scored:
-        written += _save(_top_bars(scored[:TOP_GROUPS], len(scored), scheme), directory, TOP_STEM)
+        top = _top_bars(scored[:TOP_GROUPS], len(scored), non_finite, scheme)
+        written += _save(top, directory, TOP_STEM)
 
     if validation is not None and validation.groups:
         written += _save(_scatter(validation, scheme), directory, SCATTER_STEM)
     return tuple(written)
+
+
+def missing_plots(manifest: Manifest, validation: ValidationReport | None = None) -> tuple[str, ...]:
+    """Why :func:`write_plots` leaves a plot out, one sentence each, for the report to show.
+
+    Empty when every plot is drawn; the scatter is only accounted for when there is validation.
+    """
+    validation = validation if validation is not None else manifest.validation
+    groups = manifest.groups
+    if not groups:
+        return ("No plots: the manifest ranks no group.",)
+    missing: list[str] = []
+    if not importance_grid(groups).kinds:
+        missing.append(
+            f"No heatmap: none of the {len(groups)} groups is a decoder layer's projection or the lm_head "
+            "(vision towers and other modules are not placed on the layer grid)."
+        )
+    if not any(math.isfinite(g.importance) and g.importance > 0 for g in groups):
+        non_finite = sum(1 for g in groups if not math.isfinite(g.importance))
+        missing.append(
+            "No bar chart: no group has a positive finite importance "
+            f"({len(groups) - non_finite} scored 0 or less, {non_finite} non-finite)."
+        )
+    if validation is not None and not validation.groups:
+        missing.append("No scatter: validation measured no group.")
+    return tuple(missing)
 
 
 _CAPTIONS = {
@@ -280,11 +351,13 @@ _CAPTIONS = {
 }
 
 
-def render_plots_markdown(paths: Sequence[Path], relative_to: Path) -> str:
-    """Markdown image links to the PNGs of :func:`write_plots` (SVG linked beside each)."""
+def render_plots_markdown(paths: Sequence[Path], relative_to: Path, missing: Sequence[str] = ()) -> str:
+    """Markdown image links to the PNGs of :func:`write_plots` (SVG linked beside each), then the
+    sentences of :func:`missing_plots` in italics, so a reader learns why a picture is absent."""
     lines = []
     for png in (p for p in paths if p.suffix == ".png"):
         caption = _CAPTIONS.get(png.stem, png.stem)
         link = png.relative_to(relative_to).as_posix() if png.is_relative_to(relative_to) else str(png)
         lines.append(f"![{caption}]({link})  \n[SVG]({link.removesuffix('.png')}.svg)")
+    lines += [f"*{sentence}*" for sentence in missing]
     return "\n\n".join(lines) + ("\n" if lines else "")
