@@ -60,6 +60,15 @@ CASES = {
         HEAVY,
         ("lm_head",),
     ),
+    "bench command line": (
+        "import argparse\n"
+        "from auto_quantize_model.bench.command import add_bench_arguments, settings_from_args\n"
+        "parser = argparse.ArgumentParser()\n"
+        "add_bench_arguments(parser)\n"
+        "settings_from_args(parser.parse_args(['--skip-scaling']))",
+        HEAVY,
+        (),
+    ),
     "calibration stage module": (
         "import auto_quantize_model.stages.build_calib_loader",
         ("torch",),
@@ -80,8 +89,9 @@ CASES = {
         (),
     ),
     "versions and report modules": (
-        "import auto_quantize_model.core.ranking as r, auto_quantize_model.render.reports\n"
-        "print(r.installed_versions()[0][0])",
+        "import auto_quantize_model.core.ranking, auto_quantize_model.render.reports\n"
+        "from auto_quantize_model.io.manifest import installed_versions\n"
+        "print(installed_versions()[0][0])",
         (*HEAVY, "matplotlib"),
         ("python",),
     ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from typing import Any, cast
 
 import pytest
@@ -15,13 +16,9 @@ from auto_quantize_model.artifacts import (
     LoadedModel,
     RunTimings,
 )
-from auto_quantize_model.core.ranking import (
-    headline_index,
-    importance,
-    rank_groups,
-    scheme_name,
-)
-from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.core.ranking import check_ranking, rank_groups, scheme_name
+from auto_quantize_model.core.scores import headline_index, importance
+from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.io.manifest import SCHEMA_VERSION
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import ManifestSpec
@@ -120,6 +117,23 @@ def test_ragged_group_is_refused() -> None:
 
 def test_empty_input_ranks_to_nothing() -> None:
     assert rank_groups([]) == ()
+
+
+@pytest.mark.parametrize(
+    ("groups", "detail"),
+    [
+        ([], "AutoQuant reported no recipe group"),
+        (
+            [group("v", NONE), group("nan", int8(math.nan), NONE), group("inf", int8(math.inf), NONE)],
+            "none of the 3 recipe group(s) has a finite score for a quantized format "
+            "(1 offer only NONE, 2 scored NaN or infinite)",
+        ),
+    ],
+)
+def test_an_empty_ranking_is_refused(groups: list[GroupScore], detail: str) -> None:
+    with pytest.raises(AqmError, match="^empty ranking: " + re.escape(detail) + "; check that"):
+        check_ranking(groups)
+    check_ranking([*groups, group("fine", int8(0.0), NONE)])  # one finite importance, even 0, is a ranking
 
 
 # ---- scheme names -------------------------------------------------------------------------------
