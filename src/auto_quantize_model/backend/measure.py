@@ -33,7 +33,7 @@ from auto_quantize_model.core.scores import (
     rank_order,
     ranks,
 )
-from auto_quantize_model.errors import AqmError, ConfigError
+from auto_quantize_model.errors import AqmError
 
 if TYPE_CHECKING:
     import torch
@@ -50,13 +50,6 @@ Selection = Literal["top", "bottom", "random"]
 
 # --------------------------------------------------------------------------------------------
 # What to measure (pure)
-
-
-def check_validate_spec(spec: ValidateSpec) -> None:
-    for key in ("k", "holdout_samples"):
-        value = getattr(spec, key)
-        if value < 1:
-            raise ConfigError(f"validate.{key} must be >= 1, got {value}")
 
 
 @attrs.frozen

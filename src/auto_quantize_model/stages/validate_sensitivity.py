@@ -18,7 +18,6 @@ from auto_quantize_model.artifacts import (
 )
 from auto_quantize_model.backend.measure import (
     HeldOutEval,
-    check_validate_spec,
     held_out_set,
     measure,
     rank_candidates,
@@ -63,7 +62,6 @@ class ValidateSensitivity:
 
         started = time.perf_counter()
         spec = self.spec
-        check_validate_spec(spec)
         scores = inputs.get(SensitivityScores)
         candidates, left_out = rank_candidates(scores.groups)
         selection = select_groups(candidates, spec.k, spec.seed)
