@@ -199,6 +199,27 @@ def test_a_fresh_search_records_its_settings_and_drops_a_stale_raw_score_file(
     assert f"AutoQuant: no saved search state at {files.state}, starting fresh" in caplog.messages
 
 
+def test_a_killed_saves_temporary_is_removed_but_a_live_ones_is_kept(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from auto_quantize_model.backend.modelopt.patches import temporary_beside
+
+    files = StateFiles(tmp_path / "state.pt")
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = temporary_beside(files.state, pid=int(done.stdout))  # that process has exited
+    live = temporary_beside(files.state, pid=os.getppid())
+    for path in (dead, live):
+        path.write_bytes(b"half a state")
+    assert {dead, live} <= set(files.all_files())  # what a forced rerun must clear
+    SearchCheckpoint.open(str(files.state), lambda: SETTINGS)
+    assert not dead.exists()
+    assert live.exists()
+
+
 def test_no_checkpoint_means_nothing_saved_and_no_fingerprint_computed(tmp_path: Path) -> None:
     def never() -> dict[str, Any]:
         raise AssertionError("the fingerprint is only needed for a saved state")

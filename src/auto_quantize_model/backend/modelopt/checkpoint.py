@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from auto_quantize_model.artifacts import CalibStats, LoadedModel
+from auto_quantize_model.backend.modelopt.patches import temporaries_beside
 from auto_quantize_model.backend.modelopt.state import RawScores, collect_raw_scores
 from auto_quantize_model.errors import ConfigError
 from auto_quantize_model.io.atomic import atomic_write_text
@@ -200,8 +201,17 @@ class StateFiles:
         return self.state, self.settings, self.raw_scores
 
     def all_files(self) -> tuple[Path, ...]:
-        """Every file aqm may have written for this state, set-aside copies included (for cleanup)."""
-        return (*self.unit(), *(p.with_name(p.name + CORRUPT_SUFFIX) for p in self.unit()))
+        """Every file aqm may have written for this state: set-aside copies and a killed save's
+        temporary included (what ``--force`` must remove)."""
+        aside = (p.with_name(p.name + CORRUPT_SUFFIX) for p in self.unit())
+        return (*self.unit(), *aside, *temporaries_beside(self.state))
+
+    def remove_dead_temporaries(self) -> None:
+        """Temporary states left by killed processes (a live one may still be writing its own)."""
+        for path in temporaries_beside(self.state):
+            pid = path.name.removeprefix(f".{self.state.name}.").removesuffix(".tmp.pt")
+            if not (pid.isdigit() and _alive(int(pid))):
+                path.unlink(missing_ok=True)
 
     def move_aside(self, *paths: Path) -> list[Path]:
         """Rename the existing ``paths`` to ``*.corrupt`` (replacing older ones); the new names."""
@@ -256,6 +266,18 @@ class StateFiles:
         atomic_write_text(self.raw_scores, json.dumps(record, sort_keys=True) + "\n")
 
 
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process has no save under way while it opens the checkpoint
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # --------------------------------------------------------------------------------------------------
 # One search's side of the protocol
 # --------------------------------------------------------------------------------------------------
@@ -292,6 +314,7 @@ class SearchCheckpoint:
             )
             return cls(None)
         files = StateFiles.for_checkpoint(checkpoint)
+        files.remove_dead_temporaries()
         current = settings()
         if files.state.exists() and _resumable(files, current):
             return cls(files)

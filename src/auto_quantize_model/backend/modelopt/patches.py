@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
+import glob
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -192,7 +193,7 @@ def atomic_state_save(before_replace: Callable[[Any, Path, Path], None]) -> Iter
             return
         real = Path(path)
         real.parent.mkdir(parents=True, exist_ok=True)
-        temporary = real.with_name(f".{real.name}.{os.getpid()}.tmp.pt")
+        temporary = temporary_beside(real)
         config = self.config
         configured = config["checkpoint"]
         config["checkpoint"] = str(temporary)
@@ -211,6 +212,16 @@ def atomic_state_save(before_replace: Callable[[Any, Path, Path], None]) -> Iter
 
     with swapped(BaseSearcher, "save_search_checkpoint", save):
         yield
+
+
+def temporary_beside(real: Path, pid: int | None = None) -> Path:
+    """Where :func:`atomic_state_save` has ModelOpt write before the rename (one per process)."""
+    return real.with_name(f".{real.name}.{os.getpid() if pid is None else pid}.tmp.pt")
+
+
+def temporaries_beside(real: Path) -> list[Path]:
+    """Temporary states a killed process may have left beside ``real``."""
+    return sorted(real.parent.glob(f".{glob.escape(real.name)}.*.tmp.pt"))
 
 
 def _fsync(path: Path) -> None:
