@@ -8,7 +8,10 @@ folder at once, and the next run must call the killed run interrupted.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
 import signal
 import socket
@@ -114,6 +117,21 @@ def test_an_unreadable_lock_file_still_refuses(tmp_path: Path) -> None:
         held.path.write_text("", "utf-8")  # as between taking the lock and naming the holder
         with pytest.raises(FolderBusy, match="in use by another aqm process"):
             FolderLock.acquire(tmp_path)
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Some network mounts answer ``flock`` with ENOLCK: the run goes on, guarded by run.json only."""
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="auto_quantize_model"), FolderLock.acquire(tmp_path) as held:
+        assert not held.held
+    assert "offers no file locks (No locks available)" in caplog.text
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- two processes

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from auto_quantize_model.app.folders import INDEX_NAME
 from auto_quantize_model.app.sweep import (
-    INDEX_NAME,
     PointResult,
     SweepPoint,
     expand_sweep,
@@ -97,8 +97,10 @@ def test_every_point_is_checked_before_anything_runs() -> None:
         line.endswith(': autoquant.method: expected one of "gradient", "kl_div", got str "fast"')
         for line in lines
     )
+    # a point with two problems reports both (the range check runs even when the method is wrong)
     assert (
-        "s.toml: sweep point calib.seq_len=0,autoquant.method=gradient: calib.seq_len: must be > 0, got 0"
+        "s.toml: sweep point calib.seq_len=0,autoquant.method=gradient; "
+        "calib.seq_len=0,autoquant.method=fast: calib.seq_len: must be > 0, got 0"
     ) in lines
 
 
@@ -128,7 +130,8 @@ def test_colliding_folder_names_get_a_suffix(tmp_path: Path) -> None:
     for file in files:
         file.parent.mkdir()
         file.write_text("a caption\n", encoding="utf-8")
-    points = expand_sweep(make_spec(sweep={"calib.captions": [str(f) for f in files]}))
+    spec = make_spec(sweep={"calib.captions": [str(f) for f in files]}, calib={"max_samples": 1})
+    points = expand_sweep(spec)
     assert [p.folder for p in points] == ["calib.captions=x.txt", "calib.captions=x.txt-2"]
     assert [p.spec.calib.captions for p in points] == [str(f) for f in files]
 

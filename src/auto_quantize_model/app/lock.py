@@ -18,8 +18,10 @@ Process identity: a pid alone can be reused; the pid together with the process's
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -30,10 +32,15 @@ from types import TracebackType
 import attrs
 import cattrs
 
+from auto_quantize_model.app.logs import PACKAGE_LOGGER
 from auto_quantize_model.errors import InputError
+
+log = logging.getLogger(PACKAGE_LOGGER)
 
 LOCK_NAME = ".aqm.lock"
 _ATTEMPTS = 5
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS})
+"""What ``flock`` says on a file system that has no locks (some network mounts)."""
 
 
 def _iso(seconds: float) -> str:
@@ -139,7 +146,7 @@ class FolderBusy(InputError):
 class FolderLock:
     """A held lock on one folder; :meth:`release` (or leaving the ``with`` block) lets go."""
 
-    def __init__(self, folder: Path, fd: int) -> None:
+    def __init__(self, folder: Path, fd: int | None) -> None:
         self.folder = folder
         self.path = folder / LOCK_NAME
         self._fd: int | None = fd
@@ -159,6 +166,17 @@ class FolderLock:
                 text = os.pread(fd, 1 << 16, 0).decode("utf-8", errors="replace")
                 os.close(fd)
                 raise FolderBusy(folder, read_holder(text)) from None
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in _NO_LOCKS:
+                    raise
+                path.unlink(missing_ok=True)
+                log.warning(
+                    "%s offers no file locks (%s): only run.json's owner record guards this folder",
+                    folder,
+                    os.strerror(err.errno),
+                )
+                return cls(folder, None)
             except BaseException:
                 os.close(fd)
                 raise
