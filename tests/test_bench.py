@@ -2,55 +2,53 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import pytest
 
-from auto_quantize_model.artifacts import LoadedModel
+from auto_quantize_model.bench.command import add_bench_arguments, build_parser, main, settings_from_args
 from auto_quantize_model.bench.harness import (
-    LAYOUTS,
-    BenchReport,
-    BenchSettings,
     BuildReferenceCalib,
+    count_captions,
+    reference_calib_data,
+    release_memory,
+    track_peak_gpu_memory,
+    weight_checksum,
+)
+from auto_quantize_model.bench.results import (
+    BenchReport,
     Environment,
     LayoutRun,
     PipelineRun,
     ScalingPoint,
-    ScalingSource,
     Warmup,
     agreement,
     agreement_table,
     agreements,
-    build_parser,
-    count_captions,
     format_gib,
     layout_table,
-    main,
-    parse_scaling_item,
     ratio_spread,
-    reference_calib_data,
-    release_memory,
     render_report,
     render_table,
     report_to_dict,
     scaling_table,
     seconds_per_1k_tokens,
-    settings_from_args,
     speedup,
     stage_seconds,
     steps_for,
-    track_peak_gpu_memory,
-    weight_checksum,
 )
-from auto_quantize_model.core.batching import IGNORE_INDEX, make_calib_data
-from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.bench.settings import LAYOUTS, BenchSettings, ScalingSource, parse_scaling_item
+from auto_quantize_model.core.batching import IGNORE_INDEX, calib_columns
+from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.atomic import dumps_json
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import CalibSpec
+from fakes import FakeTokenizer, fake_loaded
 
 # --------------------------------------------------------------------------------------------------
 # The reference layout
@@ -86,7 +84,7 @@ def test_reference_truncates_like_the_other_layouts() -> None:
 
 
 def test_reference_and_packed_hold_the_same_tokens() -> None:
-    packed = make_calib_data(
+    packed = calib_columns(
         TOKENS,
         CalibSpec(layout="packed", max_samples=4, seq_len=8, batch_size=2),
         pad_id=0,
@@ -104,39 +102,18 @@ def test_steps_for_calibrates_on_everything_and_scores_leading_batches() -> None
     assert steps_for((1,) * 10, 3) == (10, 10, 3, 3)
 
 
-class FakeTokenizer:
-    """Words -> ids; enough for tokenize_captions and pad_token_id."""
-
-    pad_token_id = 0
-    eos_token_id = 1
-
-    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
-        assert add_special_tokens is False
-        return {"input_ids": [[2 + len(word) for word in text.split()] for text in texts]}
-
-
 def test_reference_stage_reads_tokenizes_and_builds(tmp_path: Path) -> None:
     captions = tmp_path / "c.txt"
     captions.write_text("a bb ccc\n\nd ee\nfff\n", encoding="utf-8")
-    loaded = LoadedModel(
-        model=cast(Any, None),
-        tokenizer=cast(Any, FakeTokenizer()),
-        source="fake",
-        architecture="Fake",
-        dtype="float32",
-        device="cpu",
-    )
+    tokenizer = FakeTokenizer()
     stage = BuildReferenceCalib(CalibSpec(captions=str(captions), max_samples=2, seq_len=2))
-    data = stage.run(Artifacts.of([loaded]))
-    assert [b["input_ids"].tolist() for b in data.batches] == [[[3, 4]], [[3, 4]]]
+    data = stage.run(Artifacts.of([fake_loaded(tokenizer)]))
+    assert [b["input_ids"].tolist() for b in data.batches] == [[[10, 11]], [[13, 14]]]  # a bb | d ee
+    assert tokenizer.calls[0]["add_special_tokens"] is False  # as the calibration stage asks
+    assert data.captions == ("a bb ccc", "d ee")
     assert data.stats.truncated_samples == 1
     assert data.stats.max_samples == 2
     assert data.stats.captions_path == str(captions.resolve())
-
-
-def test_reference_stage_checks_its_spec() -> None:
-    with pytest.raises(ConfigError, match=r"calib\.seq_len"):
-        BuildReferenceCalib(CalibSpec(seq_len=0)).run(Artifacts())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,7 +227,7 @@ def test_count_captions_of_the_bundled_file(tmp_path: Path) -> None:
     path = tmp_path / "c.txt"
     path.write_text("\ufeffone\n\n two \nthree\n", encoding="utf-8")
     assert count_captions(str(path)) == 3
-    with pytest.raises(ConfigError, match="cannot be read"):
+    with pytest.raises(InputError, match="does not exist"):
         count_captions(str(tmp_path / "missing.txt"))
 
 
@@ -389,7 +366,8 @@ def test_report_to_dict_is_strict_json_with_every_number() -> None:
     assert parsed["pipeline"]["wall_without_load"] == pytest.approx(6.0)
     assert [a["spearman"] for a in parsed["agreements"]] == [1.0, 1.0, 1.0]
     assert parsed["layouts"][0]["ranking"][0] == ["layer0", 20.0]
-    assert parsed["settings"]["formats"] == ["INT8_DEFAULT_CFG"]
+    assert parsed["settings"]["autoquant"]["formats"] == ["INT8_DEFAULT_CFG"]
+    assert parsed["settings"]["calib"]["max_samples"] == 512
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,16 +378,13 @@ def test_report_to_dict_is_strict_json_with_every_number() -> None:
 def test_settings_from_args_defaults_and_parsing() -> None:
     parser = build_parser()
     defaults = settings_from_args(parser.parse_args([]))
-    assert defaults.model == "builtin:tiny-qwen3-vl"
+    assert defaults.load.path == "builtin:tiny-qwen3-vl"
     assert defaults.layouts == LAYOUTS
     assert defaults.scaling == (ScalingSource("builtin", 128), ScalingSource("builtin", 512))
     assert defaults.rounds == 1
-    assert (defaults.max_samples, defaults.seq_len, defaults.batch_size, defaults.score_size) == (
-        512,
-        512,
-        8,
-        128,
-    )
+    calib, search = defaults.calib, defaults.autoquant
+    assert (calib.max_samples, calib.seq_len, calib.batch_size, search.score_size) == (512, 512, 8, 128)
+    assert defaults == BenchSettings(scaling=defaults.scaling)  # the flags' defaults are the specs' own
     args = parser.parse_args(
         [
             "--formats",
@@ -426,7 +401,7 @@ def test_settings_from_args_defaults_and_parsing() -> None:
     )
     chosen = settings_from_args(args)
     assert chosen.rounds == 2
-    assert chosen.formats == ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG")
+    assert chosen.autoquant.formats == ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG")
     assert chosen.layouts == ("packed", "reference")
     assert chosen.scaling == ()
     assert not chosen.pipeline
@@ -436,6 +411,24 @@ def test_settings_from_args_defaults_and_parsing() -> None:
 def test_parser_refuses_bad_values(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
+
+
+def test_a_spec_range_check_reaches_the_command_line() -> None:
+    with pytest.raises(ConfigError, match=r"effective_bits: must be in \(0, 16\], got 20"):
+        settings_from_args(build_parser().parse_args(["--effective-bits", "20"]))
+
+
+def test_flags_register_on_a_subcommand() -> None:
+    parser = argparse.ArgumentParser(prog="aqm")
+    add_bench_arguments(parser.add_subparsers(dest="command").add_parser("bench"))
+    args = parser.parse_args(["bench", "--model", "config:qwen3-vl-4b", "--skip-scaling", "--rounds", "2"])
+    settings = settings_from_args(args)
+    assert (args.command, settings.load.path, settings.scaling, settings.rounds) == (
+        "bench",
+        "config:qwen3-vl-4b",
+        (),
+        2,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -532,7 +525,9 @@ def test_rounds_report_the_last_run_of_each_layout(mocker: Any) -> None:
     mocker.patch.object(bench, "environment", return_value=mocker.Mock())
     mocker.patch.object(bench, "run_layout", side_effect=fake_run)
     mocker.patch.object(bench, "agreements", return_value=())
-    settings = bench.BenchSettings(layouts=("padded", "packed"), pipeline=False, rounds=2, max_samples=8)
+    settings = BenchSettings(
+        layouts=("padded", "packed"), pipeline=False, rounds=2, calib=CalibSpec(max_samples=8)
+    )
     report = bench.run_bench(settings)
     assert calls == ["padded", "packed", "padded", "packed"]
     assert [(r.layout, r.autoquant_seconds) for r in report.layouts] == [("padded", 3.0), ("packed", 4.0)]
