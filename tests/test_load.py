@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -279,7 +277,10 @@ def test_checkpoint_faults_name_the_file(tiny_checkpoint: Path, tmp_path: Path) 
             "model.safetensors: Error while deserializing header",
         ),
         (broken("list", edit_config(lambda c: [c])), "config.json holds a JSON list, not an object"),
-        (broken("no-type", edit_config(lambda c: {**c, "model_type": 3})), "config.json has no model_type"),
+        (
+            broken("no-type", edit_config(lambda c: {**c, "model_type": 3})),
+            "config.json has no model_type string",
+        ),
         (
             broken("unknown", edit_config(lambda c: {**c, "model_type": "qwen9_vl"})),
             "model_type 'qwen9_vl' has no language model",
@@ -293,30 +294,6 @@ def test_checkpoint_faults_name_the_file(tiny_checkpoint: Path, tmp_path: Path) 
         assert expected in message, (folder.name, message)
         assert str(folder) in message
         assert "\n" not in message
-
-
-def test_model_types_are_read_without_importing_torch() -> None:
-    code = (
-        "import sys; from auto_quantize_model.backend.model_types import language_model_types as t; "
-        "found = t(); assert 'torch' not in sys.modules; "
-        "assert 'qwen3_vl' in found['MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES']; "
-        "assert 'llama' in found['MODEL_FOR_CAUSAL_LM_MAPPING_NAMES']"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_model_types_match_the_imported_auto_mappings() -> None:
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-    )
-
-    from auto_quantize_model.backend.model_types import CAUSAL_LM, IMAGE_TEXT_TO_TEXT, language_model_types
-
-    found = language_model_types()
-    assert found is not None
-    assert found[CAUSAL_LM] == frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    assert found[IMAGE_TEXT_TO_TEXT] == frozenset(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
 def test_device_map_without_accelerate_is_refused(tmp_path: Path, mocker: MockerFixture) -> None:

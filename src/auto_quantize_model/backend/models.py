@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from auto_quantize_model.artifacts import LoadedModel
-from auto_quantize_model.backend.model_types import check_model_type, read_config_json
 from auto_quantize_model.data import tiny_tokenizer_dir
 from auto_quantize_model.errors import ConfigError, InputError
+from auto_quantize_model.io.hf_config import read_config_json, supported_model_type
 from auto_quantize_model.specs import Dtype, LoadSpec
 
 if TYPE_CHECKING:
@@ -296,8 +296,7 @@ def read_checkpoint_config(directory: Path) -> PretrainedConfig:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise InputError(f"{directory} is not a Hugging Face checkout: it has no config.json")
-    raw = read_config_json(config_file)
-    check_model_type(raw["model_type"], config_file)
+    supported_model_type(read_config_json(directory), str(config_file))
     try:
         config: PretrainedConfig = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
