@@ -16,6 +16,7 @@ from pytest_mock import MockerFixture
 
 from auto_quantize_model.app import cli, folders, legacy_driver
 from auto_quantize_model.app.run_service import RunService, import_libraries
+from auto_quantize_model.artifacts import ReportPaths
 from auto_quantize_model.errors import InputError, StageError
 from auto_quantize_model.io.manifest import Manifest, ModelInfo
 from auto_quantize_model.io.pipeline_file import PipelineSpec, load_pipeline, spec_from_dict
@@ -28,6 +29,16 @@ SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-man
 
 QUICK = RunService(library_importer=lambda: 0.0)
 """The real service minus the 11-16 s library import: for runs whose pipeline never starts."""
+
+
+def _reports_without_plots(manifest: Path, output: Path | None) -> ReportPaths:
+    from auto_quantize_model.render.reports import regenerate_reports
+
+    return regenerate_reports(manifest, output, plots=False)
+
+
+NO_PLOTS = RunService(library_importer=lambda: 0.0, report_writer=_reports_without_plots)
+"""Reports as ``aqm report`` writes them, less the plots (seconds of matplotlib per manifest)."""
 
 
 def failing_with(error: BaseException) -> RunService:
@@ -284,7 +295,7 @@ def test_report_on_previous_tool_manifests(
 ) -> None:
     (manifest,) = (SEEDS / name).glob("*_quant_manifest.json")
     out = tmp_path / name
-    assert cli.main(["report", str(manifest), "--output", str(out)]) == 0
+    assert cli.main(["report", str(manifest), "--output", str(out)], service=NO_PLOTS) == 0
     printed = capsys.readouterr().out
     md = out / "per-layer-sensitivity.md"
     assert md.is_file()
@@ -394,7 +405,7 @@ def test_legacy_report_only_regenerates_with_the_old_names(
 
     write_reports(our_manifest(), tmp_path, plots=False)
     (tmp_path / "per-layer-sensitivity.md").unlink()
-    assert cli.main(["qwen3-lm-int8", "--report-only", "--output-dir", str(tmp_path)]) == 0
+    assert cli.main(["qwen3-lm-int8", "--report-only", "--output-dir", str(tmp_path)], service=NO_PLOTS) == 0
     out = capsys.readouterr().out
     for name in (
         "per-layer-sensitivity.md",
