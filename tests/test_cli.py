@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -71,21 +72,24 @@ def run_cli(*argv: str, cwd: Path | None = None, timeout: float = 120) -> subpro
 
 
 def test_help_itself_takes_well_under_a_second() -> None:
+    """CPU seconds, not wall seconds: on a shared machine the wall clock measures the neighbours."""
     code = (
-        "import time, io, contextlib\n"
-        "t = time.perf_counter()\n"
+        "import time, io, contextlib, sys\n"
+        "t = time.process_time()\n"
         "from auto_quantize_model.app.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try:\n"
         "        main(['run', '--help'])\n"
         "    except SystemExit:\n"
         "        pass\n"
-        "print(time.perf_counter() - t)\n"
+        "print(time.process_time() - t, 'auto_quantize_model.bench.command' in sys.modules)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
-    assert float(result.stdout) < 0.5
+    seconds, bench_loaded = result.stdout.split()
+    assert float(seconds) < 0.5
+    assert bench_loaded == "False"  # the benchmark's flags are only built for ``aqm bench``
 
 
 def test_console_script_is_installed() -> None:
@@ -539,10 +543,30 @@ def test_legacy_driver_runs_with_the_previous_file_names(tmp_path: Path) -> None
     assert manifest["scheme"]["name"] == "int8_autoquant_lm_default"
 
 
-def test_bench_subcommand_hands_its_flags_to_the_benchmark(mocker: MockerFixture) -> None:
-    from auto_quantize_model.app import cli
-    from auto_quantize_model.bench import harness as bench
+def test_bench_subcommand_hands_its_flags_to_the_benchmark() -> None:
+    given: list[argparse.Namespace] = []
 
-    run = mocker.patch.object(bench, "main", return_value=0)
-    assert cli.main(["bench", "--model", "builtin:tiny-qwen3-vl", "--skip-scaling"]) == 0
-    run.assert_called_once_with(["--model", "builtin:tiny-qwen3-vl", "--skip-scaling"])
+    def bench(args: argparse.Namespace) -> int:
+        given.append(args)
+        return 0
+
+    service = RunService(library_importer=lambda: 0.0, bench_runner=bench)
+    assert cli.main(["bench", "--model", "builtin:tiny-qwen3-vl", "--skip-scaling"], service=service) == 0
+    (args,) = given
+    assert (args.model, args.skip_scaling, args.seq_len) == ("builtin:tiny-qwen3-vl", True, 512)
+
+
+def test_bench_flags_are_checked_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["bench", "--seq-len", "0"], service=QUICK)
+    assert stop.value.code == 2
+    assert "--seq-len: expected an integer > 0, got 0" in capsys.readouterr().err
+
+
+def test_bench_is_listed_and_its_help_lists_its_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "bench" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    assert "--scaling-captions" in capsys.readouterr().out

@@ -154,6 +154,10 @@ def cmd_formats(args: argparse.Namespace, service: RunService) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, service: RunService) -> int:
+    return service.bench_runner(args)
+
+
 def cmd_diff(args: argparse.Namespace, service: RunService) -> int:
     from auto_quantize_model.core.diff import diff_paths
 
@@ -169,7 +173,9 @@ def cmd_diff(args: argparse.Namespace, service: RunService) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
+    """The ``aqm`` parser; ``bench_flags=False`` leaves the benchmark's flags (and their imports,
+    a few hundred ms) out, for a command line that is not ``aqm bench``."""
     from auto_quantize_model.app import legacy_driver
     from auto_quantize_model.app.folders import package_version
 
@@ -224,11 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", metavar="DIR", help="where to write (default: next to the manifest)")
     report.set_defaults(func=cmd_report)
 
-    sub.add_parser(
+    bench = sub.add_parser(
         "bench",
-        add_help=False,
+        parents=[common],
         help="packed vs padded calibration benchmark, one process, one model (aqm bench --help)",
     )
+    if bench_flags:
+        from auto_quantize_model.bench.command import DESCRIPTION, add_bench_arguments
+
+        bench.description = DESCRIPTION
+        add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     formats = sub.add_parser("formats", parents=[common], help="list every format name and where it runs")
     formats.set_defaults(func=cmd_formats)
 
@@ -254,12 +266,7 @@ def _print_error(err: AqmError, debug: bool) -> None:
 def main(argv: Sequence[str] | None = None, *, service: RunService | None = None) -> int:
     """``aqm``; ``service`` replaces the real run service (tests pass fakes)."""
     given = list(sys.argv[1:] if argv is None else argv)
-    if given[:1] == ["bench"]:
-        # the benchmark owns its flags (``aqm bench --help`` lists them)
-        from auto_quantize_model.bench import harness as bench
-
-        return bench.main(given[1:])
-    parser = build_parser()
+    parser = build_parser(bench_flags=given[:1] == ["bench"])
     args = parser.parse_args(given)
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)

@@ -20,6 +20,7 @@ A run, single or sweep:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import logging
@@ -150,6 +151,12 @@ def regenerate_reports(manifest: Path, output: Path | None) -> ReportPaths:
     return regenerate(manifest, output)
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from auto_quantize_model.bench.command import run_bench_command
+
+    return run_bench_command(args)
+
+
 def write_text(path: Path, text: str) -> Path:
     from auto_quantize_model.io.atomic import atomic_write_text
 
@@ -258,6 +265,8 @@ class RunService:
     library_importer: Callable[[], float] = import_libraries
     report_writer: ReportWriter = regenerate_reports
     text_writer: Writer = write_text
+    bench_runner: Callable[[argparse.Namespace], int] = run_bench
+    """``aqm bench``: the benchmark harness, given the parsed flags."""
 
     # ------------------------------------------------------------- runs
 
