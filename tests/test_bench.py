@@ -475,13 +475,13 @@ def test_main_runs_every_layout_on_the_tiny_model(tmp_path: Path, capsys: pytest
             "--device",
             "cpu",
             "--max-samples",
-            "24",
+            "16",
             "--seq-len",
             "64",
             "--batch-size",
             "2",
             "--score-size",
-            "6",
+            "4",
             "--scaling-captions",
             "builtin:12",
             "--no-plots",
@@ -505,8 +505,8 @@ def test_main_runs_every_layout_on_the_tiny_model(tmp_path: Path, capsys: pytest
     layouts = {run["layout"]: run for run in data["layouts"]}
     assert layouts["reference"]["total_tokens"] == layouts["reference"]["real_tokens"]
     assert layouts["reference"]["score_captions"] == layouts["packed"]["score_captions"]
-    assert layouts["padded"]["score_captions"] == 6
-    assert layouts["padded"]["total_tokens"] == 24 * 64
+    assert layouts["padded"]["score_captions"] == 4
+    assert layouts["padded"]["total_tokens"] == 16 * 64
     assert data["agreements"][0]["same_score_captions"] is True
     assert data["pipeline"]["files_written"] >= 3
     assert [p["captions"] for p in data["scaling"]] == [12]

@@ -65,7 +65,7 @@ def test_tiny_default_through_the_command_line(tiny_default_run: AqmRun) -> None
 @pytest.mark.parametrize(
     ("formats", "method", "scope"),
     [
-        (("INT8_DEFAULT_CFG",), "gradient", "language_model"),
+        # INT8, gradient, language model: the tiny default, run by the fast tier's test above
         (("FP8_DEFAULT_CFG",), "kl_div", "language_model"),
         (("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"), "gradient", "full_model"),
         (("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"), "kl_div", "full_model"),
