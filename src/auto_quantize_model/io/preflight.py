@@ -108,7 +108,9 @@ def _check_model(spec: PipelineSpec, bad: Report) -> None:
 
 
 def _holds_gguf(folder: Path) -> bool:
-    return not (folder / "config.json").is_file() and any(p.suffix.lower() == ".gguf" for p in folder.iterdir())
+    if (folder / "config.json").is_file():
+        return False
+    return any(p.suffix.lower() == ".gguf" for p in folder.iterdir())
 
 
 def _check_tokenizer(key: str, folder: Path, bad: Report, hint: str = "") -> None:
