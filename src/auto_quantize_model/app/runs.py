@@ -38,7 +38,7 @@ from auto_quantize_model.app.folders import (
 from auto_quantize_model.app.lock import FolderBusy, Holder, Owner, is_alive
 from auto_quantize_model.app.logs import PACKAGE_LOGGER
 from auto_quantize_model.errors import AqmError, InputError
-from auto_quantize_model.io.atomic import make_converter
+from auto_quantize_model.io.convert import JSON_CONVERTER, json_problems
 
 if TYPE_CHECKING:
     from auto_quantize_model.io.pipeline_file import PipelineSpec
@@ -107,8 +107,8 @@ _OMITTED_WHEN_NONE = ("owner", "first_started_at", "forward_steps", "seconds")
 
 
 def _make_converter() -> cattrs.Converter:
-    """The manifest's strict converter, tolerant of keys a newer aqm may add; pairs as JSON objects."""
-    converter = make_converter().copy(forbid_extra_keys=False)
+    """The shared JSON converter, tolerant of keys a newer aqm may add; name -> value pairs as objects."""
+    converter = JSON_CONVERTER.copy(forbid_extra_keys=False)
 
     def is_pairs(kind: Any) -> bool:
         return kind in (Pairs, Seconds)
@@ -219,9 +219,8 @@ def read_run(folder: Path) -> RunRecord | None:
     try:
         record: RunRecord = _CONVERTER.structure(data, RunRecord)
     except Exception as err:  # ClassValidationError (an ExceptionGroup) or a plain TypeError
-        details = (
-            "; ".join(cattrs.transform_error(err)) if isinstance(err, cattrs.BaseValidationError) else err
-        )
+        is_tree = isinstance(err, cattrs.BaseValidationError)
+        details = "; ".join(json_problems(err)) if is_tree else str(err)
         raise InputError(
             f"{path} is not a valid run record ({details}); pass --force to start over in {folder}"
         ) from err
