@@ -13,7 +13,7 @@ import pytest
 
 import auto_quantize_model
 from auto_quantize_model.io.pipeline_file import spec_from_dict, spec_to_dict
-from auto_quantize_model.specs import PipelineSpec, ValidateSpec
+from auto_quantize_model.specs import FrontierSpec, PipelineSpec, ValidateSpec
 from auto_quantize_model.stages import (
     STAGE_LABELS,
     STAGE_TABLES,
@@ -34,17 +34,25 @@ def test_the_registry_is_the_pipeline_in_order() -> None:
         "BuildCalibLoader",
         "RunAutoQuant",
         "ValidateSensitivity",
+        "SolveBudgets",
+        "MeasureFrontier",
         "BuildManifest",
         "WriteReports",
     ]
-    assert [entry.name for entry in STAGES if entry.optional] == ["ValidateSensitivity"]
+    assert [entry.name for entry in STAGES if entry.optional] == [
+        "ValidateSensitivity",
+        "SolveBudgets",
+        "MeasureFrontier",
+    ]
+    assert entry_named("MeasureFrontier").table == entry_named("SolveBudgets").table == "frontier"
+    assert entry_named("MeasureFrontier").switch == "measure"
     assert STAGE_LABELS["RunAutoQuant"] == "autoquant"
     assert len(set(STAGE_LABELS.values())) == len(STAGES)
 
 
 def test_every_stage_table_of_the_schema_is_a_registry_row() -> None:
     tables = [field.name for field in attrs.fields(PipelineSpec)]
-    assert tables == [*STAGE_TABLES, "sweep"]
+    assert tables == [*STAGE_TABLES, "sweep"]  # one table may configure two stages ([frontier])
     hints = typing.get_type_hints(PipelineSpec)
     for entry in STAGES:
         expected = entry.spec | None if entry.optional else entry.spec
@@ -79,7 +87,12 @@ def test_the_package_exports_every_stage_for_type_checkers_too() -> None:
 def test_stage_names_and_the_assembled_pipeline_follow_the_tables(tmp_path: Path) -> None:
     without = spec_from_dict(TINY, source="t")
     assert "ValidateSensitivity" not in stage_names(without)
-    with_validation = attrs.evolve(without, validate=ValidateSpec(k=1))
+    with_validation = attrs.evolve(
+        without, validate=ValidateSpec(k=1), frontier=FrontierSpec(bits="8:16:1", measure=2)
+    )
+    solve_only = attrs.evolve(with_validation, frontier=FrontierSpec(bits="8:16:1"))
+    assert "SolveBudgets" in stage_names(solve_only)
+    assert "MeasureFrontier" not in stage_names(solve_only)  # measure = 0: the switch is off
     names = stage_names(with_validation)
     assert names == tuple(entry.name for entry in STAGES)
     pipeline = build_pipeline(with_validation, tmp_path)
@@ -93,7 +106,9 @@ def test_stage_names_and_the_assembled_pipeline_follow_the_tables(tmp_path: Path
 
 
 def test_written_tables_follow_the_registry() -> None:
-    spec = attrs.evolve(spec_from_dict(TINY, source="t"), validate=ValidateSpec())
+    spec = attrs.evolve(
+        spec_from_dict(TINY, source="t"), validate=ValidateSpec(), frontier=FrontierSpec(bits="8")
+    )
     assert list(spec_to_dict(spec)) == list(STAGE_TABLES)
 
 

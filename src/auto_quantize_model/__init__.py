@@ -14,9 +14,11 @@ from auto_quantize_model.stages import STAGES
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import (
+        BudgetFrontier,
         CalibData,
         LanguageModel,
         LoadedModel,
+        MeasuredFrontier,
         ReportPaths,
         RunTimings,
         SensitivityScores,
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
         AutoQuantSpec,
         CalibSpec,
         ExtractSpec,
+        FrontierSpec,
         LoadSpec,
         ManifestSpec,
         PipelineSpec,
@@ -42,7 +45,9 @@ if TYPE_CHECKING:
     from auto_quantize_model.stages.build_manifest import BuildManifest
     from auto_quantize_model.stages.extract_lm import ExtractLM
     from auto_quantize_model.stages.load_model import LoadModel
+    from auto_quantize_model.stages.measure_frontier import MeasureFrontier
     from auto_quantize_model.stages.run_autoquant import RunAutoQuant
+    from auto_quantize_model.stages.solve_budgets import SolveBudgets
     from auto_quantize_model.stages.validate_sensitivity import ValidateSensitivity
     from auto_quantize_model.stages.write_reports import WriteReports
 
@@ -56,6 +61,7 @@ _EXPORTS = {
     "CalibSpec": "specs",
     "AutoQuantSpec": "specs",
     "ValidateSpec": "specs",
+    "FrontierSpec": "specs",
     "ManifestSpec": "specs",
     "ReportSpec": "specs",
     "PipelineSpec": "specs",
@@ -64,6 +70,8 @@ _EXPORTS = {
     "CalibData": "artifacts",
     "SensitivityScores": "artifacts",
     "ValidationReport": "artifacts",
+    "BudgetFrontier": "artifacts",
+    "MeasuredFrontier": "artifacts",
     "RunTimings": "artifacts",
     "ReportPaths": "artifacts",
     "Manifest": "io.manifest",
@@ -75,18 +83,22 @@ __all__ = [
     "AqmError",
     "Artifacts",
     "AutoQuantSpec",
+    "BudgetFrontier",
     "BuildCalibLoader",
     "BuildManifest",
     "CalibData",
     "CalibSpec",
     "ExtractLM",
     "ExtractSpec",
+    "FrontierSpec",
     "LanguageModel",
     "LoadModel",
     "LoadSpec",
     "LoadedModel",
     "Manifest",
     "ManifestSpec",
+    "MeasureFrontier",
+    "MeasuredFrontier",
     "Pipeline",
     "PipelineSpec",
     "ReportPaths",
@@ -94,6 +106,7 @@ __all__ = [
     "RunAutoQuant",
     "RunTimings",
     "SensitivityScores",
+    "SolveBudgets",
     "Stage",
     "ValidateSensitivity",
     "ValidateSpec",

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Literal
 
 import attrs
 
+from auto_quantize_model.core.frontier import Frontier
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
@@ -118,6 +120,22 @@ class GroupScore:
 
 
 @attrs.frozen
+class FixedGroup:
+    """A recipe group ModelOpt could only leave unquantized: a disabled LM layer or a vision module.
+
+    It has no format to choose, yet it is part of ModelOpt's search: its weights are in the
+    budget's denominator and its place among the rows moves CBC's tie-breaks. The budget
+    frontier needs both to re-solve the search exactly without the model.
+    """
+
+    name: str
+    weights: float
+    """Its size at 16 bits (ModelOpt's ``uncompressed_cost``)."""
+    lm: bool
+    """Part of the language model (a disabled layer) rather than of the vision tower."""
+
+
+@attrs.frozen
 class SensitivityScores:
     """AutoQuant's result reduced to plain numbers (no ModelOpt objects)."""
 
@@ -145,6 +163,12 @@ class SensitivityScores:
     warnings: tuple[str, ...] = ()
     """Settings that could not be honoured as written (e.g. ``score_size`` beyond the data), one
     sentence each: recorded in the manifest so a reader sees them, never a silent clamp."""
+    search_order: tuple[str, ...] = ()
+    """Every recipe group of ModelOpt's search (the scored :attr:`groups` and the
+    :attr:`fixed_groups`), full-model names, in ModelOpt's ``candidate_stats`` order; empty when
+    unknown. The budget frontier re-solves in this order so that CBC breaks ties as it did."""
+    fixed_groups: tuple[FixedGroup, ...] = ()
+    """The groups of the search with no format to choose (see :class:`FixedGroup`)."""
 
 
 @attrs.frozen(eq=False)
@@ -227,3 +251,82 @@ class ReportPaths:
 
     directory: str
     files: tuple[str, ...]
+
+
+@attrs.frozen
+class BudgetFrontier:
+    """ModelOpt's search re-solved at many effective-bits budgets from one scoring pass, no model.
+
+    The run's own budget is always among the points, so every frontier checks itself against
+    the choice ModelOpt made in the run.
+    """
+
+    frontier: Frontier
+    run_budget: float | None
+    """The LM budget the run searched at; None when unknown."""
+    run_checked: bool = False
+    """Whether the run's choice (every group's ``best_format``) was known and compared."""
+    run_mismatches: tuple[str, ...] = ()
+    """Groups whose re-solved format at :attr:`run_budget` is not the one ModelOpt chose in the
+    run, as ``name: ours != run's``; empty when they agree (or when nothing was compared)."""
+    notes: tuple[str, ...] = ()
+    """What limits the frontier (inexact group order, budgets added), one sentence each."""
+
+
+@attrs.frozen
+class MeasuredPoint:
+    """The mix of one frontier budget applied to the model and measured on held-out captions."""
+
+    budget: float
+    effective_bits_lm: float
+    predicted_score: float
+    """The frontier's predicted total score of the mix (sum of the chosen formats' scores)."""
+    delta_nll: float
+    """Mean next-token NLL over held-out real tokens minus the unquantized model's."""
+    kl_div: float
+    """Mean KL(unquantized || mix) of the next-token distributions over the same tokens."""
+    quantized_groups: int
+    """Groups of the mix on a quantized format."""
+    non_monotone: bool = False
+    """More bits than the previous measured point, yet a larger measured ΔNLL."""
+
+
+@attrs.frozen
+class MeasuredFrontier:
+    """Predicted vs measured damage at a few frontier budgets, and how well they agree."""
+
+    points: tuple[MeasuredPoint, ...]
+    """Budgets ascending."""
+    baseline_nll: float
+    chosen_delta_nll: float
+    """ΔNLL of the run's own choice (the model as AutoQuant left it), for reference."""
+    spearman_nll: float
+    """Rank correlation of predicted score and measured ΔNLL along the measured points."""
+    spearman_kl: float
+    holdout_samples: int
+    holdout_tokens: int
+    holdout_source: str
+    restored_exactly: bool
+    """Weights, quantizer choices and the chosen model's held-out NLL all came back bit for bit."""
+    seconds: float
+    notes: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class FrontierSummary:
+    """What the manifest keeps of a budget frontier: its range, its flags, the measured points."""
+
+    method: str
+    budgets: int
+    lowest_budget: float
+    highest_budget: float
+    min_bits_lm: float
+    """The fewest LM effective bits any mix reaches."""
+    unreachable: tuple[float, ...]
+    """Budgets below the cheapest mix."""
+    non_monotone: tuple[float, ...]
+    """Budgets whose predicted score is worse than the previous (smaller) budget's."""
+    run_budget: float | None
+    run_matches: bool | None
+    """The re-solved choice at the run's budget equals ModelOpt's; None when not compared."""
+    measured: MeasuredFrontier | None = None

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import attrs
 
+from auto_quantize_model.core.frontier import parse_budgets
 from auto_quantize_model.errors import ConfigError
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -28,6 +29,8 @@ SweepTable = dict[str, tuple[Any, ...]]
 
 STAGE_METADATA = "auto_quantize_model.stage"
 """Key of a :class:`PipelineSpec` field's metadata: ``(stage class, its module, short label)``."""
+FOLLOWER_METADATA = "auto_quantize_model.follower"
+"""Key of a second stage the same table configures: ``(stage class, module, label, switch)``."""
 
 SCHEME_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 """A scheme name becomes part of file names: no slashes, spaces or leading dots."""
@@ -62,6 +65,18 @@ def positive(instance: object, attribute: attrs.Attribute[Any], value: int | Non
 def _bits_in_range(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if not 0 < value <= 16:
         raise SpecError(_owner(instance), attribute.name, f"must be in (0, 16], got {value:g}")
+
+
+def not_negative(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 0:
+        raise SpecError(_owner(instance), attribute.name, f"must be >= 0, got {value}")
+
+
+def _budgets(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    try:
+        parse_budgets(value)
+    except ConfigError as err:
+        raise SpecError(_owner(instance), attribute.name, str(err)) from None
 
 
 def _not_empty(instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
@@ -201,6 +216,23 @@ class ValidateSpec:
     additivity: bool = True
 
 
+@attrs.frozen
+class FrontierSpec:
+    """The budget frontier: ModelOpt's search re-solved at many budgets, a few of them measured."""
+
+    bits: str = attrs.field(validator=_budgets)
+    """Effective-bits budgets over the LM weights: a range ``4.5:8:0.25`` (stop included), a
+    list ``6,7,8.5`` or one number. The run's own budget is always solved as well."""
+    measure: int = attrs.field(default=0, validator=not_negative)
+    """How many budgets, spread over the range, to apply to the model and measure (ΔNLL, KL on
+    held-out captions); 0 solves only (no model needed)."""
+    holdout_captions: str = "builtin-holdout"
+    """Held-out text for the measured points, as ``validate.holdout_captions``."""
+    holdout_samples: int = attrs.field(default=64, validator=positive)
+    workers: int | None = attrs.field(default=None, validator=positive)
+    """Processes for the gradient method's CBC solves (~0.25 s each); None: one per available CPU."""
+
+
 def is_bundled(table: str, key: str, value: str) -> bool:
     """True for values that name something shipped with the package rather than a file.
 
@@ -208,20 +240,27 @@ def is_bundled(table: str, key: str, value: str) -> bool:
     """
     if (table, key) == ("model", "path"):
         return value.startswith(("builtin:", "config:", "pypi:"))
-    if (table, key) == ("validate", "holdout_captions"):
+    if (table, key) in {("validate", "holdout_captions"), ("frontier", "holdout_captions")}:
         return value in {"builtin", "builtin-holdout"}
     if (table, key) == ("calib", "captions"):
         return value == "builtin"
     return False
 
 
-def stage_table(stage: str, module: str, label: str) -> dict[str, tuple[str, str, str]]:
+def stage_table(
+    stage: str, module: str, label: str, *, then: tuple[str, str, str, str] | None = None
+) -> dict[str, tuple[str, ...]]:
     """Metadata marking a :class:`PipelineSpec` field as the table of stage class ``stage``.
 
     ``module`` is the stage's module in :mod:`auto_quantize_model.stages`; ``label`` its short
-    name in benchmark columns and logs.
+    name in benchmark columns and logs. ``then`` = ``(stage, module, label, switch)`` names a
+    second stage the same table configures, run right after the first when the spec's field
+    ``switch`` is truthy: ``[frontier] measure = 3`` adds MeasureFrontier after SolveBudgets.
     """
-    return {STAGE_METADATA: (stage, module, label)}
+    metadata: dict[str, tuple[str, ...]] = {STAGE_METADATA: (stage, module, label)}
+    if then is not None:
+        metadata[FOLLOWER_METADATA] = then
+    return metadata
 
 
 @attrs.frozen
@@ -244,6 +283,15 @@ class PipelineSpec:
     )
     validate: ValidateSpec | None = attrs.field(
         default=None, metadata=stage_table("ValidateSensitivity", "validate_sensitivity", "validate")
+    )
+    frontier: FrontierSpec | None = attrs.field(
+        default=None,
+        metadata=stage_table(
+            "SolveBudgets",
+            "solve_budgets",
+            "frontier",
+            then=("MeasureFrontier", "measure_frontier", "measure", "measure"),
+        ),
     )
     manifest: ManifestSpec = attrs.field(
         factory=ManifestSpec, metadata=stage_table("BuildManifest", "build_manifest", "manifest")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -158,6 +158,37 @@ def cmd_bench(args: argparse.Namespace, service: RunService) -> int:
     return service.bench_runner(args)
 
 
+def cmd_frontier(args: argparse.Namespace, service: RunService) -> int:
+    from auto_quantize_model.app.frontier import FrontierRequest
+
+    request = FrontierRequest(
+        source=Path(args.run),
+        bits=args.bits,
+        output=Path(args.output) if args.output else None,
+        measure=args.measure,
+        workers=args.workers,
+        command=tuple(args.command_line),
+    )
+    paths = service.frontier(request)
+    print(f"aqm: frontier: {len(paths)} files:")
+    for path in paths:
+        print(f"  {path}")
+    return 0
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def cmd_diff(args: argparse.Namespace, service: RunService) -> int:
     from auto_quantize_model.core.diff import diff_paths
 
@@ -243,6 +274,45 @@ def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
     formats = sub.add_parser("formats", parents=[common], help="list every format name and where it runs")
     formats.set_defaults(func=cmd_formats)
+
+    frontier = sub.add_parser(
+        "frontier",
+        parents=[common],
+        help="re-solve a finished run at many effective-bits budgets (no model; --measure K uses it)",
+        description=(
+            "Re-solve ModelOpt's search of a finished run at many effective-bits budgets (bits per LM "
+            "weight), from its manifest alone: every group's format, the bits reached and the predicted "
+            "score per budget, non-monotone steps and unreachable budgets flagged. Writes frontier.md, "
+            "frontier.json and plots/frontier-*.png|svg. The gradient method runs CBC once per budget "
+            "(about 0.25 s each on one core, spread over the CPUs); kl_div needs no solver. --measure K "
+            "loads the run's model, restores its saved search state and measures K of the mixes on "
+            "held-out captions (minutes on a CPU for a small model)."
+        ),
+    )
+    frontier.add_argument(
+        "run", metavar="RUN_DIR", help="a run folder of aqm run (or a *_quant_manifest.json)"
+    )
+    frontier.add_argument(
+        "--bits",
+        metavar="BUDGETS",
+        help="budgets: a range START:STOP:STEP (stop included, e.g. 4.5:8:0.25), a list 6,7,8.5 or one "
+        "number (default: the run's [frontier] bits)",
+    )
+    frontier.add_argument("--output", metavar="DIR", help="where to write (default: the run folder)")
+    frontier.add_argument(
+        "--measure",
+        metavar="K",
+        type=_count(0),
+        default=0,
+        help="also apply K of the mixes, spread over the range, and measure dNLL/KL (needs the model)",
+    )
+    frontier.add_argument(
+        "--workers",
+        metavar="N",
+        type=_count(1),
+        help="CBC processes for the gradient method (default: one per available CPU)",
+    )
+    frontier.set_defaults(func=cmd_frontier)
 
     diff = sub.add_parser("diff", parents=[common], help="compare two runs (manifests or run folders)")
     diff.add_argument("a")

@@ -39,6 +39,8 @@ REPORT_NAMES = (
     "per-layer-sensitivity.json",
     "layer-sensitivity-report.md",  # the previous driver's names (aqm qwen3-lm-int8)
     "layer-sensitivity-report.json",
+    "frontier.md",  # the budget frontier (render/frontier.py; its pictures go to plots/)
+    "frontier.json",
 )
 _OWN_NAMES = frozenset({RUN_FILE, PIPELINE_FILE, INDEX_NAME, *REPORT_NAMES})
 """Not the lock file: only its holder removes it (see :mod:`lock`)."""

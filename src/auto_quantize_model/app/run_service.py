@@ -75,11 +75,13 @@ from auto_quantize_model.app.runs import (
 from auto_quantize_model.errors import StageError
 
 if TYPE_CHECKING:
+    from auto_quantize_model.app.frontier import FrontierMeasurer, FrontierRequest
     from auto_quantize_model.app.sweep import SweepPoint
-    from auto_quantize_model.artifacts import ReportPaths
+    from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier, ReportPaths
     from auto_quantize_model.io.manifest import Manifest
     from auto_quantize_model.io.pipeline_file import PipelineSpec
     from auto_quantize_model.pipeline import Artifacts
+    from auto_quantize_model.specs import FrontierSpec
 
 log = logging.getLogger(PACKAGE_LOGGER)
 
@@ -149,6 +151,12 @@ def regenerate_reports(manifest: Path, output: Path | None) -> ReportPaths:
     from auto_quantize_model.render.reports import regenerate_reports as regenerate
 
     return regenerate(manifest, output)
+
+
+def measure_frontier(pipeline: PipelineSpec, spec: FrontierSpec) -> tuple[BudgetFrontier, MeasuredFrontier]:
+    from auto_quantize_model.app.frontier import measure_run
+
+    return measure_run(pipeline, spec)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -267,6 +275,8 @@ class RunService:
     text_writer: Writer = write_text
     bench_runner: Callable[[argparse.Namespace], int] = run_bench
     """``aqm bench``: the benchmark harness, given the parsed flags."""
+    frontier_measurer: FrontierMeasurer = measure_frontier
+    """``aqm frontier --measure``: the run's stages up to RunAutoQuant, SolveBudgets, MeasureFrontier."""
 
     # ------------------------------------------------------------- runs
 
@@ -448,6 +458,19 @@ class RunService:
             raise output_error(target, err) from None
         finally:
             remove_made(made)
+
+    def frontier(self, request: FrontierRequest) -> tuple[Path, ...]:
+        """``aqm frontier``: a run's budget frontier (measured points too with ``--measure``).
+
+        Everything is read and checked first; the target folder is locked while the frontier is
+        solved (and measured) and its files are put in place only once all of them are written.
+        """
+        from auto_quantize_model.app.frontier import plan_frontier, solve_job, write_job
+
+        job = plan_frontier(request)
+        with self._claim(job.target, request.command):
+            frontier, measured = solve_job(job, self.frontier_measurer)
+            return write_job(job, frontier, measured)
 
     def write_output(self, path: Path, text: str) -> Path:
         """Write one result file (``aqm diff --output``), refusing a folder and naming OS failures."""

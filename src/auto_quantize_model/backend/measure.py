@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -297,6 +297,56 @@ class HeldOutEval:
 
 
 @attrs.frozen(eq=False)
+class MixPasses:
+    """Held-out passes of several mixes (groups on chosen formats, all others unquantized)."""
+
+    chosen: PassResult
+    """The model as AutoQuant chose it, before anything was switched."""
+    baseline: PassResult
+    """Every group unquantized (groups with a fixed format stay on it)."""
+    mixes: tuple[PassResult, ...]
+    """One per mix, in the order given, each with its KL to the baseline."""
+    restored: bool
+    """Switches, folded weights, the baseline and the chosen model all came back bit for bit."""
+
+    def delta_nll(self, result: PassResult) -> float:
+        return (result.nll_sum - self.baseline.nll_sum) / self.baseline.tokens
+
+
+def measure_mixes(
+    evaluator: HeldOutEval, switch: RecipeSwitch, mixes: Sequence[Mapping[int, str]]
+) -> MixPasses:
+    """Measure each mix (hparam ``id`` -> format; every other group on NONE), then put the model back.
+
+    The one measuring loop of validation and of the budget frontier. The model is restored in a
+    ``finally``, and the restore is checked: the weights bit for bit, the baseline pass and the
+    chosen model's pass identical to before.
+    """
+    results: list[PassResult] = []
+    try:
+        chosen_before, _ = evaluator.run()
+        switch.apply({})
+        baseline, reference = evaluator.run(keep=True)
+        for mix in mixes:
+            switch.apply(mix)
+            result, _ = evaluator.run(reference)
+            results.append(result)
+        switch.apply({})
+        baseline_after, _ = evaluator.run(reference)
+        del reference
+    finally:
+        weights_back = switch.restore()
+    chosen_after, _ = evaluator.run()
+    restored = (
+        weights_back
+        and baseline_after.same_as(baseline)
+        and baseline_after.kl_sum == 0.0
+        and chosen_after.same_as(chosen_before)
+    )
+    return MixPasses(chosen_before, baseline, tuple(results), restored)
+
+
+@attrs.frozen(eq=False)
 class Measurement:
     """Every pass of one validation: the baseline, each group alone, the top groups together."""
 
@@ -321,42 +371,26 @@ def measure(
     selection: GroupSelection,
     additivity: bool,
 ) -> Measurement:
-    """Measure each selected group alone (and the top ones together), then put the model back.
-
-    The model is restored in a ``finally``, and the restore is checked: the weights bit for bit,
-    the baseline pass and the chosen model's pass identical to before.
-    """
+    """Measure each selected group alone (and the top ones together), then put the model back
+    (:func:`measure_mixes`)."""
     by_name = {g.name: g for g in groups}
     hparam_ids = {c.name: id(switch.hparam_of(by_name[c.name])) for c, _ in selection.labelled()}
-    single: list[tuple[Candidate, Selection, PassResult]] = []
-    joint: PassResult | None = None
-    try:
-        chosen_before, _ = evaluator.run()
-        switch.apply({})
-        baseline, reference = evaluator.run(keep=True)
-        for candidate, label in selection.labelled():
-            switch.apply({hparam_ids[candidate.name]: candidate.format})
-            result, _ = evaluator.run(reference)
-            single.append((candidate, label, result))
-            log.debug(
-                "validate %s (%s): NLL %.6g, KL %.6g", candidate.name, candidate.format, result.nll, result.kl
-            )
-        if additivity and selection.top:
-            switch.apply({hparam_ids[c.name]: c.format for c in selection.top})
-            joint, _ = evaluator.run(reference)
-        switch.apply({})
-        baseline_after, _ = evaluator.run(reference)
-        del reference
-    finally:
-        weights_back = switch.restore()
-    chosen_after, _ = evaluator.run()
-    restored = (
-        weights_back
-        and baseline_after.same_as(baseline)
-        and baseline_after.kl_sum == 0.0
-        and chosen_after.same_as(chosen_before)
+    labelled = selection.labelled()
+    mixes: list[dict[int, str]] = [{hparam_ids[c.name]: c.format} for c, _ in labelled]
+    with_joint = additivity and bool(selection.top)
+    if with_joint:
+        mixes.append({hparam_ids[c.name]: c.format for c in selection.top})
+    passes = measure_mixes(evaluator, switch, mixes)
+    single = tuple(
+        (candidate, label, result)
+        for (candidate, label), result in zip(labelled, passes.mixes[: len(labelled)], strict=True)
     )
-    return Measurement(baseline, tuple(single), joint, chosen_before, restored)
+    for candidate, _, result in single:
+        log.debug(
+            "validate %s (%s): NLL %.6g, KL %.6g", candidate.name, candidate.format, result.nll, result.kl
+        )
+    joint = passes.mixes[-1] if with_joint else None
+    return Measurement(passes.baseline, single, joint, passes.chosen, passes.restored)
 
 
 # --------------------------------------------------------------------------------------------

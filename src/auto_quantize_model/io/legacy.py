@@ -197,4 +197,5 @@ def legacy_manifest_from_dict(data: dict[str, Any], source_path: str | os.PathLi
         dataset=_dataset(legacy.dataset),
         groups=rank_groups(groups),
         origin="legacy",
+        search_order=tuple(group.name for group in groups),  # their file lists ModelOpt's order
     )

@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import cattrs
 
-from auto_quantize_model.artifacts import StageTiming, ValidationReport
+from auto_quantize_model.artifacts import FixedGroup, FrontierSummary, StageTiming, ValidationReport
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.convert import JSON_CONVERTER, dumps_json, json_problems
 
@@ -116,6 +116,13 @@ class Manifest:
     warnings: tuple[str, ...] = ()
     """Settings that could not be honoured as written and notes on figures that could not be
     measured, one sentence each (the report shows them first). Left out of the file when empty."""
+    search_order: tuple[str, ...] = ()
+    """Every recipe group of ModelOpt's search in its order (scored and fixed groups), so that
+    ``aqm frontier`` re-solves it exactly from the manifest alone. Left out of the file when empty."""
+    fixed_groups: tuple[FixedGroup, ...] = ()
+    """Groups of the search with no format to choose, with their weights. Left out when empty."""
+    frontier: FrontierSummary | None = None
+    """The budget frontier of a pipeline with a ``[frontier]`` table. Left out when absent."""
 
 
 def installed_versions() -> tuple[tuple[str, str], ...]:
@@ -139,6 +146,9 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     data: dict[str, Any] = JSON_CONVERTER.unstructure(manifest)
     if not data["warnings"]:
         del data["warnings"]  # files of runs without warnings stay as they always were
+    for optional in ("search_order", "fixed_groups", "frontier"):
+        if not data[optional]:
+            del data[optional]  # likewise for runs without them
     return data
 
 

@@ -59,6 +59,7 @@ PATH_KEYS: frozenset[tuple[str, str]] = frozenset(
         ("model", "tokenizer"),
         ("calib", "captions"),
         ("validate", "holdout_captions"),
+        ("frontier", "holdout_captions"),
         ("reports", "output_dir"),
         ("autoquant", "checkpoint"),
     }

@@ -53,6 +53,11 @@ def preflight(spec: PipelineSpec, *, source: str | None = None) -> None:
     holdout = ("validate", "holdout_captions")
     if spec.validate is not None and _check_file(holdout, spec.validate.holdout_captions, bad):
         _check_captions(holdout, spec.validate.holdout_captions, None, bad)
+    holdout = ("frontier", "holdout_captions")
+    if spec.frontier is not None and spec.frontier.measure and _check_file(
+        holdout, spec.frontier.holdout_captions, bad
+    ):
+        _check_captions(holdout, spec.frontier.holdout_captions, None, bad)
     if spec.reports.output_dir is not None:
         out = Path(spec.reports.output_dir)
         if out.exists() and not out.is_dir():

@@ -6,6 +6,8 @@
 * ``frontier-formats``: which format every group takes at every budget (groups in network
   order, budgets left to right), with a strip above counting the groups that changed format
   at each step: where the budget is spent, and which layers flip first.
+* ``frontier-measured`` (when points were measured): predicted score and measured ΔNLL of the
+  measured mixes against their LM effective bits, on two axes.
 
 matplotlib is imported inside the plotting functions only, through its object API with the Agg
 canvas (no ``pyplot``, no global backend switch).
@@ -16,10 +18,11 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -27,10 +30,14 @@ from auto_quantize_model.core.frontier import Frontier, FrontierPoint, step_chan
 from auto_quantize_model.io.atomic import atomic_write_bytes, atomic_write_text, dumps_json
 from auto_quantize_model.render.plots import short_name
 
+if TYPE_CHECKING:
+    from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier
+
 MARKDOWN_FILE = "frontier.md"
 JSON_FILE = "frontier.json"
 SCORE_STEM = "frontier-score"
 FORMATS_STEM = "frontier-formats"
+MEASURED_STEM = "frontier-measured"
 PICTURE_TYPES = ("png", "svg")
 DPI = 150
 CHANGES_SHOWN = 12
@@ -48,11 +55,20 @@ def _flags(point: FrontierPoint) -> list[str]:
     return flags
 
 
-def frontier_to_dict(frontier: Frontier, *, run_budget: float | None = None) -> dict[str, Any]:
+def frontier_to_dict(
+    frontier: Frontier,
+    *,
+    run_budget: float | None = None,
+    measured: MeasuredFrontier | None = None,
+    notes: Sequence[str] = (),
+    run_matches: bool | None = None,
+) -> dict[str, Any]:
     """Plain JSON data: the summary, then one record per budget with every group's format.
 
     ``formats`` lists follow ``groups``; ``changes`` name the groups that differ from the
-    previous budget, so a reader can follow one layer without diffing lists.
+    previous budget, so a reader can follow one layer without diffing lists. ``measured``
+    (predicted vs measured at a few budgets) and ``notes`` are added when given, and
+    ``run_matches`` says whether the re-solve at ``run_budget`` is ModelOpt's choice.
     """
     changes = step_changes(frontier)
     points = []
@@ -61,7 +77,7 @@ def frontier_to_dict(frontier: Frontier, *, run_budget: float | None = None) -> 
         record["formats"] = list(point.formats)
         record["changes"] = [attrs.asdict(change) for change in changed]
         points.append(record)
-    return {
+    data: dict[str, Any] = {
         "method": frontier.method,
         "run_budget": run_budget,
         "exact_order": frontier.exact_order,
@@ -74,6 +90,13 @@ def frontier_to_dict(frontier: Frontier, *, run_budget: float | None = None) -> 
         "groups": list(frontier.groups),
         "points": points,
     }
+    if run_matches is not None:
+        data["run_matches"] = run_matches
+    if notes:
+        data["notes"] = list(notes)
+    if measured is not None:
+        data["measured"] = attrs.asdict(measured)
+    return data
 
 
 def _format_counts(point: FrontierPoint, order: Sequence[str]) -> str:
@@ -81,10 +104,56 @@ def _format_counts(point: FrontierPoint, order: Sequence[str]) -> str:
     return ", ".join(f"{name} {counts[name]}" for name in order if counts[name])
 
 
+def _measured_markdown(measured: MeasuredFrontier) -> list[str]:
+    """Predicted vs measured, side by side, with the rank agreement and the measured flags."""
+    lines = [
+        "",
+        "## Measured on held-out captions",
+        "",
+        f"{len(measured.points)} mix(es) applied to the model and measured against the unquantized model on "
+        f"{measured.holdout_samples} held-out captions ({measured.holdout_tokens} tokens, "
+        f"`{measured.holdout_source}`): baseline NLL {measured.baseline_nll:.6f}; the run's own choice "
+        f"ΔNLL {measured.chosen_delta_nll:.4e}; {measured.seconds:.1f} s.",
+        "",
+        "| budget | LM bits | quantized groups | predicted score | measured ΔNLL | measured KL | flags |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | :--- |",
+    ]
+    for point in measured.points:
+        lines.append(
+            f"| {point.budget:g} | {point.effective_bits_lm:.3f} | {point.quantized_groups} "
+            f"| {point.predicted_score:.4e} | {point.delta_nll:.4e} | {point.kl_div:.4e} "
+            f"| {'non-monotone' if point.non_monotone else ''} |"
+        )
+    steps = [p for p in measured.points if p.non_monotone]
+    lines += [
+        "",
+        f"- Spearman(predicted score, measured ΔNLL) along the frontier: {measured.spearman_nll:.3f}; "
+        f"with measured KL: {measured.spearman_kl:.3f}.",
+        (
+            f"- {len(steps)} measured non-monotone step(s), more bits and more damage, at "
+            + ", ".join(f"{p.budget:g}" for p in steps)
+            + "."
+            if steps
+            else "- Measured damage never grows with more bits along these points."
+        ),
+        f"- The model came back bit-exactly afterwards: {'yes' if measured.restored_exactly else 'NO'}.",
+    ]
+    lines += [f"- {note}" for note in measured.notes]
+    return lines
+
+
 def render_markdown(
-    frontier: Frontier, *, title: str, run_budget: float | None = None, pictures: Sequence[Path] = ()
+    frontier: Frontier,
+    *,
+    title: str,
+    run_budget: float | None = None,
+    pictures: Sequence[Path] = (),
+    measured: MeasuredFrontier | None = None,
+    notes: Sequence[str] = (),
+    base: Path | None = None,
 ) -> str:
-    """The frontier as a Markdown page; ``pictures`` are linked relative to the page's folder."""
+    """The frontier as a Markdown page; ``pictures`` are linked relative to ``base`` (the page's
+    folder; their own folder when None). ``notes`` are listed first, ``measured`` points last."""
     order = [name for name, _ in frontier.format_bits]
     points = frontier.points
     unreachable = [p for p in points if not p.reachable]
@@ -130,7 +199,8 @@ def render_markdown(
         lines.append(
             f"- {len(non_monotone)} non-monotone step(s): more budget, worse predicted score (at {listed})."
         )
-    if unreachable or unsatisfied or non_monotone:
+    lines += [f"- {note}" for note in notes]
+    if unreachable or unsatisfied or non_monotone or notes:
         lines.append("")
     lines += [
         "| budget | LM bits | model bits | predicted score | formats | changed | flags |",
@@ -153,11 +223,14 @@ def render_markdown(
             )
             more = f" and {len(changed) - CHANGES_SHOWN} more" if len(changed) > CHANGES_SHOWN else ""
             lines.append(f"- **{before.budget:g} → {after.budget:g}**: {shown}{more}")
+    if measured is not None:
+        lines += _measured_markdown(measured)
     pngs = [p for p in pictures if p.suffix == ".png"]
     if pngs:
         lines += ["", "## Plots", ""]
         for png in pngs:
-            lines.append(f"![{png.stem}]({png.name})  \n[SVG]({png.with_suffix('.svg').name})")
+            link = png.name if base is None else Path(os.path.relpath(png, base)).as_posix()
+            lines.append(f"![{png.stem}]({link})  \n[SVG]({link.removesuffix('.png')}.svg)")
             lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -297,6 +370,44 @@ def _formats_figure(frontier: Frontier, title: str) -> Any:
     return figure
 
 
+def _measured_figure(measured: MeasuredFrontier, title: str) -> Any:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 4.6), layout="constrained")
+    axes = figure.add_subplot()
+    points = list(measured.points)
+    x = [p.effective_bits_lm for p in points]
+    predicted = [p.predicted_score for p in points]
+    axes.plot(x, predicted, color="C0", marker="o", markersize=5, linewidth=1.0, label="predicted score")
+    if predicted and all(v > 0 for v in predicted):
+        axes.set_yscale("log")
+    axes.set_xlabel("effective bits reached (language model)")
+    axes.set_ylabel("predicted total score", color="C0")
+    other = axes.twinx()
+    nll = [p.delta_nll for p in points]
+    other.plot(x, nll, color="C2", marker="s", markersize=5, linewidth=1.0, label="measured ΔNLL")
+    flagged = [p for p in points if p.non_monotone]
+    if flagged:
+        other.scatter(
+            [p.effective_bits_lm for p in flagged],
+            [p.delta_nll for p in flagged],
+            marker="X",
+            s=60,
+            color="C3",
+            zorder=3,
+            label="measured non-monotone",
+        )
+    other.set_ylabel("measured ΔNLL (held-out)", color="C2")
+    handles = axes.get_legend_handles_labels()[0] + other.get_legend_handles_labels()[0]
+    axes.legend(handles=handles, fontsize=7, loc="upper right")
+    axes.set_title(
+        f"{title}: predicted vs measured at {len(points)} budgets (Spearman {measured.spearman_nll:.2f})",
+        fontsize=9,
+    )
+    axes.grid(True, which="major", alpha=0.3)
+    return figure
+
+
 def write_frontier(
     frontier: Frontier,
     directory: str | Path,
@@ -304,20 +415,82 @@ def write_frontier(
     title: str = "frontier",
     run_budget: float | None = None,
     plots: bool = True,
+    measured: MeasuredFrontier | None = None,
+    notes: Sequence[str] = (),
+    run_matches: bool | None = None,
+    plots_dir: str | Path | None = None,
 ) -> tuple[Path, ...]:
-    """Write ``frontier.md``, ``frontier.json`` and (``plots``) the two pictures; return every path.
+    """Write ``frontier.md``, ``frontier.json`` and (``plots``) the pictures; return every path.
 
     ``run_budget`` (the budget ModelOpt itself ran at) is marked in the table, the JSON and the
-    score plot. Files are written atomically: a reader never sees half a report.
+    score plot; ``measured`` adds the predicted-vs-measured section and picture. Pictures go to
+    ``plots_dir`` (default: ``directory``), linked from the Markdown by relative paths. Files are
+    written atomically: a reader never sees half a report.
     """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
+    pictures_dir = folder if plots_dir is None else Path(plots_dir)
     pictures: list[Path] = []
     if plots and frontier.points:
-        pictures += _save(_score_figure(frontier, title, run_budget), folder, SCORE_STEM)
-        pictures += _save(_formats_figure(frontier, title), folder, FORMATS_STEM)
-    data = dumps_json(frontier_to_dict(frontier, run_budget=run_budget))
-    json_path = atomic_write_text(folder / JSON_FILE, data)
-    markdown = render_markdown(frontier, title=title, run_budget=run_budget, pictures=pictures)
+        pictures_dir.mkdir(parents=True, exist_ok=True)
+        pictures += _save(_score_figure(frontier, title, run_budget), pictures_dir, SCORE_STEM)
+        pictures += _save(_formats_figure(frontier, title), pictures_dir, FORMATS_STEM)
+        if measured is not None and measured.points:
+            pictures += _save(_measured_figure(measured, title), pictures_dir, MEASURED_STEM)
+    data = frontier_to_dict(
+        frontier, run_budget=run_budget, measured=measured, notes=notes, run_matches=run_matches
+    )
+    json_path = atomic_write_text(folder / JSON_FILE, dumps_json(data))
+    markdown = render_markdown(
+        frontier,
+        title=title,
+        run_budget=run_budget,
+        pictures=pictures,
+        measured=measured,
+        notes=notes,
+        base=folder,
+    )
     md_path = atomic_write_text(folder / MARKDOWN_FILE, markdown)
     return (md_path, json_path, *pictures)
+
+
+def run_line(budget_frontier: BudgetFrontier) -> str:
+    """One sentence on how the re-solve at the run's own budget compares with ModelOpt's choice."""
+    budget = budget_frontier.run_budget
+    if budget is None:
+        return "The run's own budget is unknown: nothing was compared with ModelOpt's choice."
+    if not budget_frontier.run_checked:
+        return (
+            f"At the run's own budget ({budget:g}) ModelOpt's choice is not recorded (the previous tool's "
+            "manifests lack it): nothing was compared."
+        )
+    if not budget_frontier.run_mismatches:
+        return f"At the run's own budget ({budget:g}) the re-solve is ModelOpt's choice in every group."
+    return (
+        f"At the run's own budget ({budget:g}) the re-solve differs from ModelOpt's choice in "
+        f"{len(budget_frontier.run_mismatches)} group(s): {'; '.join(budget_frontier.run_mismatches[:3])}."
+    )
+
+
+def write_budget_frontier(
+    budget_frontier: BudgetFrontier,
+    directory: str | Path,
+    *,
+    title: str = "frontier",
+    measured: MeasuredFrontier | None = None,
+    plots: bool = True,
+    plots_dir: str | Path | None = None,
+) -> tuple[Path, ...]:
+    """:func:`write_frontier` for a stage's :class:`BudgetFrontier`: its run check and notes included."""
+    checked = budget_frontier.run_checked
+    return write_frontier(
+        budget_frontier.frontier,
+        directory,
+        title=title,
+        run_budget=budget_frontier.run_budget,
+        plots=plots,
+        measured=measured,
+        notes=(run_line(budget_frontier), *budget_frontier.notes),
+        run_matches=not budget_frontier.run_mismatches if checked else None,
+        plots_dir=plots_dir,
+    )

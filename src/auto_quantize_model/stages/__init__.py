@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from auto_quantize_model.specs import STAGE_METADATA, PipelineSpec
+from auto_quantize_model.specs import FOLLOWER_METADATA, STAGE_METADATA, PipelineSpec
 
 if TYPE_CHECKING:
     from auto_quantize_model.pipeline import Pipeline, Stage
@@ -43,6 +43,14 @@ class StageEntry:
     """A short name for benchmark columns and logs (``calib``)."""
     optional: bool
     """Runs only when the pipeline file has its table."""
+    switch: str | None = None
+    """A field of the table's spec that must also be truthy for the stage to run (a second stage
+    of one table, e.g. MeasureFrontier on ``[frontier] measure``); None: the table is enough."""
+
+    def runs_in(self, spec: PipelineSpec) -> bool:
+        """Whether ``spec`` runs this stage: its table is present (and its switch on)."""
+        table = getattr(spec, self.table)
+        return table is not None and (self.switch is None or bool(getattr(table, self.switch)))
 
     def stage_class(self) -> type[Stage]:
         """The stage class, imported on first use (stage modules may pull in heavy libraries)."""
@@ -74,6 +82,19 @@ def _entries() -> tuple[StageEntry, ...]:
                 optional=optional,
             )
         )
+        if FOLLOWER_METADATA in field.metadata:
+            name, module, label, switch = field.metadata[FOLLOWER_METADATA]
+            entries.append(
+                StageEntry(
+                    table=field.name,
+                    spec=spec,
+                    name=name,
+                    module=f"{__name__}.{module}",
+                    label=label,
+                    optional=True,
+                    switch=switch,
+                )
+            )
     return tuple(entries)
 
 
@@ -96,8 +117,9 @@ def entry_named(name: str) -> StageEntry:
 
 
 def active_stages(spec: PipelineSpec) -> tuple[StageEntry, ...]:
-    """The stages ``spec`` runs: every stage whose table is present (optional ones may be absent)."""
-    return tuple(entry for entry in STAGES if getattr(spec, entry.table) is not None)
+    """The stages ``spec`` runs: every stage whose table is present (optional ones may be absent)
+    and whose switch, if it has one, is on."""
+    return tuple(entry for entry in STAGES if entry.runs_in(spec))
 
 
 def stage_names(spec: PipelineSpec) -> tuple[str, ...]:

@@ -14,14 +14,17 @@ from typing import ClassVar
 import attrs
 
 from auto_quantize_model.artifacts import (
+    BudgetFrontier,
     CalibData,
     CalibStats,
     LoadedModel,
+    MeasuredFrontier,
     RunTimings,
     SensitivityScores,
     StageTiming,
     ValidationReport,
 )
+from auto_quantize_model.core.frontier_points import frontier_summary
 from auto_quantize_model.core.ranking import rank_groups, scheme_name
 from auto_quantize_model.io.convert import project
 from auto_quantize_model.io.manifest import (
@@ -67,6 +70,8 @@ def build_manifest(
     validation: ValidationReport | None = None,
     created_at: str = "",
     versions: tuple[tuple[str, str], ...] = (),
+    frontier: BudgetFrontier | None = None,
+    measured: MeasuredFrontier | None = None,
 ) -> Manifest:
     """The whole manifest from plain inputs; the clock and environment come in as arguments."""
     return Manifest(
@@ -81,6 +86,9 @@ def build_manifest(
         validation=validation,
         origin="aqm",
         warnings=run_warnings(scores, validation),
+        search_order=scores.search_order,
+        fixed_groups=scores.fixed_groups,
+        frontier=None if frontier is None else frontier_summary(frontier, measured),
     )
 
 
@@ -89,7 +97,14 @@ class BuildManifest:
     """Rank the scored groups and record what was measured, on what, and with which versions."""
 
     requires: ClassVar[tuple[type, ...]] = (SensitivityScores,)
-    optional: ClassVar[tuple[type, ...]] = (LoadedModel, CalibData, RunTimings, ValidationReport)
+    optional: ClassVar[tuple[type, ...]] = (
+        LoadedModel,
+        CalibData,
+        RunTimings,
+        ValidationReport,
+        BudgetFrontier,
+        MeasuredFrontier,
+    )
     produces: ClassVar[type] = Manifest
     spec: ManifestSpec = attrs.field(factory=ManifestSpec)
 
@@ -105,4 +120,6 @@ class BuildManifest:
             validation=inputs.find(ValidationReport),
             created_at=utc_now_iso(),
             versions=installed_versions(),
+            frontier=inputs.find(BudgetFrontier),
+            measured=inputs.find(MeasuredFrontier),
         )

@@ -114,6 +114,8 @@ class RunAutoQuant:
             calib_forward_steps=outcome.calib_forward_steps,
             score_forward_steps=outcome.score_forward_steps,
             warnings=steps.unmet,
+            search_order=summary.order,
+            fixed_groups=summary.fixed,
         )
         return scores, QuantSearch(model=lm.full_model, formats=tuple(spec.formats), method=spec.method)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 import attrs
 
-from auto_quantize_model.artifacts import ReportPaths, SensitivityScores
+from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier, ReportPaths, SensitivityScores
 from auto_quantize_model.errors import ConfigError
 from auto_quantize_model.io.manifest import Manifest
 from auto_quantize_model.pipeline import Artifacts
@@ -20,11 +21,12 @@ class WriteReports:
 
     SensitivityScores is optional and read only for its ``state_path``: the path is machine- and
     run-specific, so it stays out of the manifest (two identical runs must give identical
-    manifests).
+    manifests). A :class:`BudgetFrontier` (``[frontier]``) adds ``frontier.md``/``.json`` and its
+    plots, with the :class:`MeasuredFrontier` points when they were measured.
     """
 
     requires: ClassVar[tuple[type, ...]] = (Manifest,)
-    optional: ClassVar[tuple[type, ...]] = (SensitivityScores,)
+    optional: ClassVar[tuple[type, ...]] = (SensitivityScores, BudgetFrontier, MeasuredFrontier)
     produces: ClassVar[type] = ReportPaths
     spec: ReportSpec = attrs.field(factory=ReportSpec)
 
@@ -42,6 +44,20 @@ class WriteReports:
                     "reports.save_state is true but RunAutoQuant saved no search state "
                     "(set autoquant.checkpoint to a file path)"
                 )
-        return write_reports(
-            inputs.get(Manifest), self.spec.output_dir, plots=self.spec.plots, state_path=state_path
+        manifest = inputs.get(Manifest)
+        paths = write_reports(manifest, self.spec.output_dir, plots=self.spec.plots, state_path=state_path)
+        frontier = inputs.find(BudgetFrontier)
+        if frontier is None:
+            return paths
+        from auto_quantize_model.render.frontier import write_budget_frontier
+        from auto_quantize_model.render.reports import PLOTS_DIR
+
+        written = write_budget_frontier(
+            frontier,
+            self.spec.output_dir,
+            title=manifest.scheme.name,
+            measured=inputs.find(MeasuredFrontier),
+            plots=self.spec.plots,
+            plots_dir=Path(self.spec.output_dir) / PLOTS_DIR,
         )
+        return attrs.evolve(paths, files=(*paths.files, *(str(path) for path in written)))

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from auto_quantize_model.artifacts import GroupScore
-from auto_quantize_model.core.scores import NO_QUANT, group_name, parse_label
+from auto_quantize_model.artifacts import FixedGroup, GroupScore
+from auto_quantize_model.core.scores import NO_QUANT, group_name, has_quantized_format, parse_label
 from auto_quantize_model.errors import AqmError
 
 if TYPE_CHECKING:
@@ -59,6 +59,11 @@ class StateSummary:
     other_weights: float
     nonfinite: tuple[str, ...]
     """LM groups with a NaN or infinite score for some format."""
+    order: tuple[str, ...] = ()
+    """Every group (mapped names) in ``candidate_stats`` order: :attr:`groups` and :attr:`fixed`.
+    Empty when a non-LM group had a format to choose (it could not be a fixed row)."""
+    fixed: tuple[FixedGroup, ...] = ()
+    """The groups with no format to choose (disabled LM layers, vision), with their weights."""
 
 
 def scores_from_state(
@@ -91,6 +96,9 @@ def scores_from_state(
     disabled: list[str] = []
     other: list[str] = []
     nonfinite: list[str] = []
+    order: list[str] = []
+    fixed: list[FixedGroup] = []
+    order_known = True
     lm_cost = lm_weights = all_cost = all_weights = 0.0
     for key, entry in stats.items():
         name = name_map(group_name(key))
@@ -111,13 +119,17 @@ def scores_from_state(
         best_cost = costs[names.index(best_name)] if best_name in names else weights
         all_cost += best_cost
         all_weights += weights
+        order.append(name)
         if not all(is_lm(m) for m in modules):
             other.append(name)
+            fixed.append(FixedGroup(name=name, weights=weights, lm=False))
+            order_known = order_known and not has_quantized_format(names)
             continue
         lm_cost += best_cost
         lm_weights += weights
         if all(label == NO_QUANT for label in names):
             disabled.append(name)
+            fixed.append(FixedGroup(name=name, weights=weights, lm=True))
             continue
         if not all(math.isfinite(s) for s, label in zip(scores, names, strict=True) if label != NO_QUANT):
             nonfinite.append(name)
@@ -154,6 +166,8 @@ def scores_from_state(
         lm_weights=lm_weights,
         other_weights=all_weights - lm_weights,
         nonfinite=tuple(nonfinite),
+        order=tuple(order) if order_known else (),
+        fixed=tuple(fixed) if order_known else (),
     )
 
 

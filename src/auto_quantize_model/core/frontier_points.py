@@ -1,0 +1,272 @@
+"""The budget frontier of a run: its search space from plain records, the run's own check, which
+budgets to measure and what the measurements say.
+
+:mod:`auto_quantize_model.core.frontier` solves a search space; this module builds that space
+from what a run keeps (``SensitivityScores`` in a pipeline, the manifest in a finished run
+folder), always adds the run's own budget so that every frontier checks itself against the
+choice ModelOpt made, and reduces measured points to the figures a report shows. Plain data in
+and out: no torch, no model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import attrs
+
+from auto_quantize_model.artifacts import (
+    BudgetFrontier,
+    FixedGroup,
+    FrontierSummary,
+    GroupScore,
+    MeasuredFrontier,
+    MeasuredPoint,
+)
+from auto_quantize_model.core import stats
+from auto_quantize_model.core.frontier import (
+    Frontier,
+    FrontierPoint,
+    Method,
+    SearchRow,
+    SearchSpace,
+    fixed_row,
+    solve_frontier,
+    space_from_scores,
+)
+from auto_quantize_model.core.scores import NO_QUANT, has_quantized_format
+from auto_quantize_model.errors import InputError
+
+METHODS: tuple[Method, ...] = ("gradient", "kl_div")
+
+
+def search_method(method: str, where: str) -> Method:
+    """``method`` as the frontier's searcher, or an error naming ``where`` it was read."""
+    for known in METHODS:
+        if method == known:
+            return known
+    raise InputError(
+        f"{where}: the search method is {method!r}; the frontier re-solves 'gradient' or 'kl_div' searches"
+    )
+
+
+def _unquantized_weights(group: GroupScore) -> float:
+    """A group's size at 16 bits: its NONE cost (ModelOpt costs weights x bits / 16)."""
+    if NO_QUANT in group.formats:
+        return group.costs[group.formats.index(NO_QUANT)]
+    return group.costs[0] * 16.0 / group.bits[0]
+
+
+def search_space(
+    groups: Sequence[GroupScore],
+    method: Method,
+    *,
+    order: Sequence[str] = (),
+    fixed: Sequence[FixedGroup] = (),
+    groups_in_order: bool = True,
+) -> tuple[SearchSpace, tuple[str, ...]]:
+    """ModelOpt's search rebuilt from a run's records, and notes on what keeps it from being exact.
+
+    ``groups`` with a quantized format are the rows to solve; groups with ``NONE`` only (the
+    previous tool's manifests list them among the scored ones) join ``fixed`` as one-format
+    rows. ``order`` (every row's name, ModelOpt's order) places the rows exactly; without it the
+    rows keep the order of ``groups``, which is ModelOpt's only when ``groups_in_order`` says so
+    (``SensitivityScores`` are, a manifest's rank order is not). Out of order, CBC may break ties
+    between formats of equal score and cost differently; bits and scores stay exact.
+    """
+    scored = [g for g in groups if has_quantized_format(g.formats)]
+    rows: list[SearchRow] = [fixed_row(f.name, f.weights, lm=f.lm) for f in fixed]
+    rows += [fixed_row(g.name, _unquantized_weights(g), lm=True) for g in groups if g not in scored]
+    names = [g.name for g in scored] + [row.name for row in rows]
+    notes: list[str] = []
+    usable = bool(order) and len(order) == len(names) and set(order) == set(names)
+    if order and not usable:
+        notes.append(
+            "the recorded search order does not name the scored and fixed groups one for one; "
+            "it was ignored (ties between equal formats may be broken differently from ModelOpt)"
+        )
+    space = space_from_scores(scored, method, fixed=rows, order=order if usable else ())
+    if not usable and not groups_in_order:
+        space = attrs.evolve(space, exact_order=False)
+    if not space.exact_order and not notes:
+        notes.append(
+            "ModelOpt's group order is not recorded (a manifest written before aqm kept it): among "
+            "formats of equal score and cost the choice may differ from ModelOpt's"
+        )
+    return space, tuple(notes)
+
+
+def solve_budgets(
+    space: SearchSpace,
+    budgets: Sequence[float],
+    *,
+    run_budget: float | None,
+    run_choice: Sequence[GroupScore] = (),
+    workers: int | None = None,
+    notes: Sequence[str] = (),
+) -> BudgetFrontier:
+    """The frontier at ``budgets`` plus the run's own budget, checked against the run's choice.
+
+    ``run_choice`` holds the run's groups with the format ModelOpt picked (``best_format``;
+    ``""`` when the previous tool did not record it, and then nothing is compared).
+    """
+    asked = tuple(budgets)
+    solved = set(asked)
+    extra: list[str] = []
+    if run_budget is not None and math.isfinite(run_budget) and 0.0 < run_budget <= 16.0:
+        if not any(abs(run_budget - b) <= 1e-9 for b in asked):
+            solved.add(run_budget)
+            extra.append(
+                f"the run's own budget {run_budget:g} was solved too, to check it against ModelOpt's choice"
+            )
+    else:
+        run_budget = None
+    frontier = solve_frontier(space, sorted(solved), workers=workers)
+    checked, mismatches = run_check(frontier, run_budget, run_choice)
+    if checked and mismatches:
+        extra.append(
+            f"at the run's own budget {len(mismatches)} group(s) differ from ModelOpt's choice in the run "
+            f"(first: {mismatches[0]})"
+        )
+    return BudgetFrontier(
+        frontier=frontier,
+        run_budget=run_budget,
+        run_checked=checked,
+        run_mismatches=mismatches,
+        notes=(*notes, *extra),
+    )
+
+
+def run_check(
+    frontier: Frontier, run_budget: float | None, run_choice: Sequence[GroupScore]
+) -> tuple[bool, tuple[str, ...]]:
+    """Whether the run's choice could be compared, and the groups where the re-solve differs."""
+    chosen = {g.name: g.best_format for g in run_choice}
+    if run_budget is None or not chosen or any(not chosen.get(name) for name in frontier.groups):
+        return False, ()
+    point = frontier.point(run_budget)
+    return True, tuple(
+        f"{name}: {ours} != {chosen[name]}"
+        for name, ours in zip(frontier.groups, point.formats, strict=True)
+        if ours != chosen[name]
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Measured points
+# --------------------------------------------------------------------------------------------------
+
+
+def measured_budgets(frontier: Frontier, count: int) -> tuple[FrontierPoint, ...]:
+    """``count`` reachable points with distinct mixes, spread evenly over the budget range.
+
+    A mix that several budgets share is measured once (at its smallest budget); a mix that
+    quantizes nothing is the unquantized baseline itself and is never measured. Each target of an
+    even grid from the lowest to the highest remaining budget takes the nearest point not yet
+    taken; with ``count`` at least the number of distinct mixes, every one is measured.
+    """
+    distinct: list[FrontierPoint] = []
+    seen: set[tuple[str, ...]] = set()
+    for point in frontier.points:
+        quantizes = any(fmt != NO_QUANT for fmt in point.formats)
+        if point.reachable and quantizes and point.formats not in seen:
+            seen.add(point.formats)
+            distinct.append(point)
+    if count <= 0 or not distinct:
+        return ()
+    if count >= len(distinct):
+        return tuple(distinct)
+    low, high = distinct[0].budget, distinct[-1].budget
+    if count == 1:
+        targets = [(low + high) / 2]
+    else:
+        targets = [low + (high - low) * i / (count - 1) for i in range(count)]
+    taken: list[int] = []
+    for target in targets:
+        free = [i for i in range(len(distinct)) if i not in taken]
+        taken.append(min(free, key=lambda i: (abs(distinct[i].budget - target), i)))
+    return tuple(distinct[i] for i in sorted(taken))
+
+
+def flag_measured(points: Sequence[MeasuredPoint]) -> tuple[MeasuredPoint, ...]:
+    """Mark each point (budgets ascending) whose measured ΔNLL is larger than the previous one's:
+    more bits, more damage. Points with the same effective bits are not a step."""
+    out = list(points[:1])
+    for previous, current in itertools.pairwise(points):
+        step = current.effective_bits_lm > previous.effective_bits_lm
+        out.append(attrs.evolve(current, non_monotone=step and current.delta_nll > previous.delta_nll))
+    return tuple(out)
+
+
+def correlation_note(label: str, predicted: Sequence[float], measured: Sequence[float], value: float) -> str:
+    """Why a rank correlation along the frontier is NaN, or ``""`` when it is not."""
+    if not math.isnan(value):
+        return ""
+    if len(predicted) < 2:
+        why = f"fewer than 2 measured points ({len(predicted)})"
+    elif len(set(predicted)) == 1:
+        why = "the predicted scores are all equal"
+    elif len(set(measured)) == 1:
+        why = "the measured values are all equal"
+    else:
+        why = "a NaN among the values"
+    return f"{label} along the frontier is NaN: {why}"
+
+
+def measured_frontier(
+    points: Sequence[MeasuredPoint],
+    *,
+    baseline_nll: float,
+    chosen_delta_nll: float,
+    holdout_samples: int,
+    holdout_tokens: int,
+    holdout_source: str,
+    restored_exactly: bool,
+    seconds: float,
+    notes: Sequence[str] = (),
+) -> MeasuredFrontier:
+    """The measured points with their non-monotone flags and rank correlations with the prediction."""
+    ordered = flag_measured(sorted(points, key=lambda p: p.budget))
+    predicted = [p.predicted_score for p in ordered]
+    nll = [p.delta_nll for p in ordered]
+    kl = [p.kl_div for p in ordered]
+    spearman_nll = stats.spearman(predicted, nll)
+    spearman_kl = stats.spearman(predicted, kl)
+    found = [
+        correlation_note("Spearman(predicted, dNLL)", predicted, nll, spearman_nll),
+        correlation_note("Spearman(predicted, KL)", predicted, kl, spearman_kl),
+    ]
+    if not restored_exactly:
+        found.append("the model did not come back bit-exactly after the measurements")
+    return MeasuredFrontier(
+        points=ordered,
+        baseline_nll=baseline_nll,
+        chosen_delta_nll=chosen_delta_nll,
+        spearman_nll=spearman_nll,
+        spearman_kl=spearman_kl,
+        holdout_samples=holdout_samples,
+        holdout_tokens=holdout_tokens,
+        holdout_source=holdout_source,
+        restored_exactly=restored_exactly,
+        seconds=seconds,
+        notes=(*notes, *(note for note in found if note)),
+    )
+
+
+def frontier_summary(budget_frontier: BudgetFrontier, measured: MeasuredFrontier | None) -> FrontierSummary:
+    """What the manifest keeps of a frontier (the files ``frontier.md``/``.json`` hold the rest)."""
+    frontier = budget_frontier.frontier
+    points = frontier.points
+    return FrontierSummary(
+        method=frontier.method,
+        budgets=len(points),
+        lowest_budget=points[0].budget,
+        highest_budget=points[-1].budget,
+        min_bits_lm=frontier.min_bits_lm,
+        unreachable=tuple(p.budget for p in points if not p.reachable),
+        non_monotone=tuple(p.budget for p in points if p.non_monotone),
+        run_budget=budget_frontier.run_budget,
+        run_matches=not budget_frontier.run_mismatches if budget_frontier.run_checked else None,
+        measured=measured,
+    )
