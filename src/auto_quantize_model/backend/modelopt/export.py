@@ -1,0 +1,639 @@
+"""A chosen format mix written out: ModelOpt quantize config, calibrated HF checkpoint, read-back checks.
+
+Three steps, each usable alone (the stage and the CLI compose them):
+
+1. :func:`prepare_export` turns a per-group choice into an
+   :class:`~auto_quantize_model.core.export_config.ExportConfig` (the pure builder, fed with the
+   installed ModelOpt's preset configs) and refuses what cannot be exported on the model's device;
+   :func:`write_quant_config` writes it as ``quant_config.json`` and ``quant_recipe.yaml`` and reads
+   both back (the YAML through ModelOpt's own ``load_recipe``).
+2. :func:`export_checkpoint` quantizes a fresh model with that config (``mtq.quantize``, calibrated
+   on the given batches) and writes it with ModelOpt's ``export_hf_checkpoint``
+   (``modelopt/torch/export/unified_export_hf.py:1495``), then checks that ``hf_quant_config.json``
+   records every layer's chosen format. The exporter packs the weights *in place* (the model's
+   quantized layers hold int8/fp8 weights afterwards), so the in-memory model is measured before.
+3. :func:`read_back_nll` rebuilds the model from the checkpoint (:func:`load_exported`) and
+   measures the same held-out NLL.
+
+What runs where (ModelOpt 0.47, torch 2.13, transformers 5.17; measured on CPU): quantizing and
+exporting INT8 (W8A8, W8A16), FP8 (per tensor, per channel/per token), INT4 blocks (max and
+AWQ-lite) and SmoothQuant INT8 work on CPU; the exporter itself needs no GPU. NVFP4 and MX formats
+need CUDA for ModelOpt's quantization kernels, so they are refused on a CPU model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from auto_quantize_model.backend.modelopt import import_modelopt
+from auto_quantize_model.core import export_config as xc
+from auto_quantize_model.core.formats import parse_custom, resolve_format
+from auto_quantize_model.core.scores import NO_QUANT
+from auto_quantize_model.errors import AqmError, ConfigError, InputError
+from auto_quantize_model.io.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger("auto_quantize_model")
+
+QUANT_CONFIG_FILE = "quant_config.json"
+RECIPE_FILE = "quant_recipe.yaml"
+README_FILE = "README.md"
+HF_QUANT_CONFIG_FILE = "hf_quant_config.json"
+
+READ_BACK_TOLERANCE = 5e-4
+"""Largest accepted |NLL(read back) - NLL(written)|, in nats per token (about 0.05 % perplexity).
+
+Not zero, because ModelOpt rounds twice. Its exporter stores ``w / s`` rounded with ``s = amax /
+maxbound``, while the in-memory fake quantizer rounds ``w * (maxbound / amax)``; a value lying
+exactly on a rounding tie can land on either side (FP8's coarse grid makes such ties real), and
+activation ranges come back as ``input_scale * maxbound``, one float rounding off. Measured on
+the tiny model (float32, 64 held-out captions): INT4 weight-only 4e-9, INT8 W8A8 6e-6, W8A16 +
+FP8 per-token 5e-6, SmoothQuant 2e-5, INT8 + FP8 mixes 5e-5 to 9e-5, FP8 everywhere 1.2e-4 (one
+tied weight alone moved it 2e-5: random tiny weights are unusually sensitive). A misread
+format, scale or smoothing vector moves it by 1e-2 or more."""
+
+Forward = Callable[["nn.Module", Any], Any]
+"""ModelOpt's ``forward_step`` shape: runs one calibration batch through the model."""
+
+Evaluate = Callable[["nn.Module"], float]
+"""Held-out NLL (nats per token) of a full model; see :func:`holdout_evaluator`."""
+
+READABLE_LABELS = (
+    "W8A8_SQ_PER_CHANNEL",
+    "W8A16",
+    "FP8",
+    "FP8_PER_CHANNEL_PER_TOKEN",
+    "W4A16_AWQ",
+    "NVFP4",
+    "W4A16_NVFP4",
+)
+"""Per-layer formats :func:`load_exported` can rebuild (dequantize) from a checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. The config
+# --------------------------------------------------------------------------------------------------
+
+
+def format_configs(names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Each format's ModelOpt quantize config as a fresh dict: presets from the installed ModelOpt."""
+    found: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name == NO_QUANT or name in found:
+            continue
+        info = resolve_format(name)
+        if info.kind == "preset":
+            presets = import_modelopt("modelopt.torch.quantization.config")
+            if info.modelopt_name is None or not hasattr(presets, info.modelopt_name):
+                raise ConfigError(f"format {name} is not defined by the installed ModelOpt version")
+            found[name] = copy.deepcopy(getattr(presets, info.modelopt_name))
+        else:
+            spec = parse_custom(name)
+            assert spec is not None, name
+            found[name] = spec.quant_cfg()
+    return found
+
+
+def _is_cuda(device: str) -> bool:
+    return device.strip().lower().startswith("cuda")
+
+
+def linear_modules(model: nn.Module) -> tuple[str, ...]:
+    """Names of the model's linear layers (what ModelOpt puts weight quantizers on)."""
+    from torch import nn
+
+    return tuple(name for name, module in model.named_modules() if isinstance(module, nn.Linear))
+
+
+def prepare_export(
+    choices: Sequence[xc.GroupChoice],
+    *,
+    device: str = "cpu",
+    vision_prefixes: Sequence[str] = (),
+    known_modules: Sequence[str] = (),
+) -> xc.ExportConfig:
+    """The export config of ``choices``, refused with a one-line ConfigError when it cannot be exported.
+
+    ``device`` is where the model will be quantized: NVFP4/MX formats need CUDA.
+    ``vision_prefixes`` (``LanguageModel.vision_modules``) and ``known_modules``
+    (:func:`linear_modules` of the model) sharpen the checks; both are optional.
+    """
+    configs = format_configs(choice.format for choice in choices)
+    config = xc.build_export_config(
+        choices, configs, vision_prefixes=vision_prefixes, known_modules=known_modules
+    )
+    if config.needs_cuda and not _is_cuda(device):
+        raise ConfigError(
+            f"format {config.needs_cuda[0]} cannot be exported on {device}: ModelOpt quantizes (and so "
+            "exports) it only with CUDA kernels; export on a CUDA device"
+        )
+    return config
+
+
+@attrs.frozen
+class ConfigFiles:
+    """The config as written, and proof that both files read back as the choice."""
+
+    json_path: str
+    yaml_path: str
+    layers: int
+    """Layers whose setting was read back from both files (quantized and NONE)."""
+
+
+def write_quant_config(
+    config: xc.ExportConfig, output_dir: str | Path, description: str = xc.RECIPE_DESCRIPTION
+) -> ConfigFiles:
+    """Write ``quant_config.json`` and ``quant_recipe.yaml``, then read both back and compare.
+
+    The JSON is parsed with :func:`~auto_quantize_model.core.export_config.read_quant_config`;
+    the YAML with ModelOpt's ``modelopt.recipe.load_recipe`` (so ModelOpt itself accepts it).
+    Each must give every chosen layer exactly its format's quantizer settings; AqmError if not.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = atomic_write_text(out / QUANT_CONFIG_FILE, xc.quant_config_json(config))
+    yaml_path = atomic_write_text(out / RECIPE_FILE, xc.recipe_yaml(config, description))
+    configs = format_configs(layer.format for layer in config.layers)
+    from_json = xc.read_quant_config(json_path.read_text(encoding="utf-8"), str(json_path))
+    _raise_mismatches(str(json_path), xc.config_mismatches(from_json, config, configs))
+    recipe_module = import_modelopt("modelopt.recipe")
+    with contextlib.redirect_stdout(io.StringIO()):  # load_recipe prints the path it loads
+        recipe = recipe_module.load_recipe(yaml_path)
+    from_yaml = recipe.quantize.model_dump(exclude_unset=True)
+    _raise_mismatches(str(yaml_path), xc.config_mismatches(from_yaml, config, configs))
+    return ConfigFiles(str(json_path), str(yaml_path), len(config.layers))
+
+
+def _raise_mismatches(source: str, problems: Sequence[str]) -> None:
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AqmError(f"{source} does not read back as the chosen formats: {problems[0]}{more}")
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class CheckpointExport:
+    """What :func:`export_checkpoint` wrote and measured."""
+
+    directory: str
+    files: tuple[str, ...]
+    quant_algo: str
+    """``MIXED_PRECISION`` for several formats, else the one format's label."""
+    in_memory_nll: float
+    """Held-out NLL of the quantized, calibrated model (nats per token); NaN without ``evaluate``."""
+    exported_nll: float
+    """The same after the exporter's fusion step (siblings sharing an input get one activation range
+    and, for per-tensor weights, one weight range), just before it packs the weights: what the
+    checkpoint holds, and what :func:`read_back_nll` must reproduce. NaN without ``evaluate``."""
+    quantize_seconds: float
+    export_seconds: float
+    notes: tuple[str, ...] = ()
+    """What was adjusted so that the checkpoint says what it holds, one sentence each."""
+
+
+def _device_of(model: nn.Module) -> str:
+    for param in model.parameters():
+        return str(param.device)
+    return "cpu"
+
+
+def _check_fresh(model: nn.Module) -> None:
+    quant_nn = import_modelopt("modelopt.torch.quantization.nn")
+    if any(isinstance(module, quant_nn.TensorQuantizer) for module in model.modules()):
+        raise ConfigError(
+            "the model already carries ModelOpt quantizers (an AutoQuant search or an earlier export in "
+            "this process); export needs the unquantized model: load it again"
+        )
+
+
+def _check_output_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export output {out} is a file; give a folder")
+    taken = [p.name for p in (out / "config.json", out / HF_QUANT_CONFIG_FILE) if p.exists()]
+    taken += sorted(p.name for p in out.glob("*.safetensors")) if out.is_dir() else []
+    if taken:
+        raise ConfigError(
+            f"export output {out} already holds a checkpoint ({taken[0]}); choose an empty folder"
+        )
+
+
+def _check_quantizers(model: nn.Module, config: xc.ExportConfig) -> None:
+    """Every chosen layer's weight quantizer on, every other one off: what mtq.quantize really did."""
+    quant_nn = import_modelopt("modelopt.torch.quantization.nn")
+    chosen = {layer.module for layer in config.quantized}
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if not isinstance(quantizer, quant_nn.TensorQuantizer | quant_nn.SequentialQuantizer):
+            continue
+        enabled = bool(quantizer.is_enabled)
+        if enabled != (name in chosen):
+            state = "quantized" if enabled else "left unquantized"
+            raise AqmError(f"mtq.quantize {state} {name}, contrary to the chosen formats")
+    missing = chosen - {name for name, _ in model.named_modules()}
+    if missing:
+        raise ConfigError(f"the chosen layer {sorted(missing)[0]} is not a module of this model")
+
+
+def _untie_quantized_head(model: nn.Module, out: Path, config: xc.ExportConfig) -> str | None:
+    """Mark the embeddings untied in ``config.json`` when the exporter wrote a quantized head beside them.
+
+    With tied embeddings and a quantized lm_head, the in-memory model computes embeddings with
+    the float table and logits with the quantized copy; the exporter writes both tensors but keeps
+    ``tie_word_embeddings: true``, and a loader honouring it would drop the quantized head.
+    """
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    names = {id(module): name for name, module in model.named_modules()}
+    head_name = names.get(id(head)) if head is not None else None
+    if head_name is None or head_name not in {layer.module for layer in config.quantized}:
+        return None
+    path = out / "config.json"
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    changed = False
+    for section in (raw, raw.get("text_config")):
+        if isinstance(section, dict) and section.get("tie_word_embeddings"):
+            section["tie_word_embeddings"] = False
+            changed = True
+    if not changed:
+        return None
+    atomic_write_text(path, json.dumps(raw, indent=4) + "\n")
+    return (
+        f"{head_name} is quantized while its weight was tied to the input embeddings: config.json now says "
+        "tie_word_embeddings false (the checkpoint holds the float embedding table and the quantized head)"
+    )
+
+
+def calibration_loop(
+    batches: Sequence[Mapping[str, torch.Tensor]], forward: Forward
+) -> Callable[[nn.Module], None]:
+    """ModelOpt's ``forward_loop``: every batch, on the model's input device, through ``forward``."""
+    import torch
+
+    from auto_quantize_model.backend.lm_forward import input_device, to_device
+
+    def loop(model: nn.Module) -> None:
+        device = input_device(model)
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, to_device(batch, device))
+
+    return loop
+
+
+def export_checkpoint(
+    model: nn.Module,
+    tokenizer: Any,
+    quant_config: xc.ExportConfig,
+    calib_batches: Sequence[Mapping[str, torch.Tensor]],
+    forward: Forward,
+    output_dir: str | Path,
+    *,
+    evaluate: Evaluate | None = None,
+) -> CheckpointExport:
+    """Quantize ``model`` as ``quant_config`` says, calibrate, and write a Hugging Face checkpoint.
+
+    ``model`` is the full, unquantized Hugging Face model (module names as in the choice); it is
+    consumed: ModelOpt inserts quantizers and its exporter then packs the quantized weights in
+    place. ``forward(model, batch)`` runs one calibration batch (e.g.
+    :func:`~auto_quantize_model.backend.lm_forward.calibration_step_for` of the full model);
+    ``evaluate`` measures the held-out NLL of the quantized model before it is packed, for
+    :func:`read_back_nll`. Writes the checkpoint (``config.json`` with ``quantization_config``,
+    ``hf_quant_config.json``, safetensors), the tokenizer and ``README.md``, then checks that
+    ``hf_quant_config.json`` records each layer's chosen format (AqmError otherwise).
+    """
+    out = Path(output_dir)
+    device = _device_of(model)
+    if quant_config.needs_cuda and not _is_cuda(device):
+        raise ConfigError(
+            f"format {quant_config.needs_cuda[0]} cannot be exported on {device}: ModelOpt quantizes (and so "
+            "exports) it only with CUDA kernels; load the model on a CUDA device"
+        )
+    if not calib_batches and quant_config.algorithm is not None:
+        raise ConfigError(
+            f"export got no calibration batches, and {quant_config.algorithm} calibration needs data"
+        )
+    _check_output_dir(out)
+    _check_fresh(model)
+    mtq = import_modelopt("modelopt.torch.quantization")
+    notes: list[str] = []
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and not getattr(hf_config, "architectures", None):
+        # The exporter reads config.architectures (None for a model built with from_config).
+        hf_config.architectures = [type(model).__name__]
+
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        mtq.quantize(
+            model, copy.deepcopy(quant_config.quant_config), calibration_loop(calib_batches, forward)
+        )
+    quantize_seconds = time.perf_counter() - started
+    _check_quantizers(model, quant_config)
+    in_memory = exported = math.nan
+    if evaluate is not None:
+        in_memory = evaluate(model)
+        # The exporter first gives layers that share an input (q/k/v, gate/up) one activation
+        # range and, for per-tensor weights, one weight range, as fused deployment GEMMs need;
+        # doing that step here (it is idempotent, the exporter repeats it) measures what is written.
+        fuse = import_modelopt("modelopt.torch.export.unified_export_hf").requantize_resmooth_fused_llm_layers
+        with contextlib.redirect_stdout(io.StringIO()):
+            fuse(model)
+        exported = evaluate(model)
+
+    export_hf = import_modelopt("modelopt.torch.export").export_hf_checkpoint
+    started = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            export_hf(model, export_dir=str(out))
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AqmError(f"ModelOpt's HF exporter failed writing {out}: {type(err).__name__}: {first}") from err
+    export_seconds = time.perf_counter() - started
+
+    untied = _untie_quantized_head(model, out, quant_config)
+    if untied is not None:
+        notes.append(untied)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    hf_quant = json.loads((out / HF_QUANT_CONFIG_FILE).read_text(encoding="utf-8"))
+    _raise_mismatches(str(out / HF_QUANT_CONFIG_FILE), xc.checkpoint_mismatches(hf_quant, quant_config))
+    atomic_write_text(out / README_FILE, xc.readme_text(quant_config, checkpoint=True, notes=tuple(notes)))
+    return CheckpointExport(
+        directory=str(out),
+        files=tuple(sorted(p.name for p in out.iterdir() if p.is_file())),
+        quant_algo=str(hf_quant["quantization"]["quant_algo"]),
+        in_memory_nll=in_memory,
+        exported_nll=exported,
+        quantize_seconds=quantize_seconds,
+        export_seconds=export_seconds,
+        notes=tuple(notes),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Reading the checkpoint back
+# --------------------------------------------------------------------------------------------------
+
+
+def _layer_records(hf_quant: Mapping[str, Any], tensors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Layer -> its record (``quant_algo``, ``group_size``...), from either layout of hf_quant_config.json."""
+    import fnmatch
+
+    quantization = hf_quant["quantization"]
+    if quantization.get("quant_algo") == xc.MIXED_PRECISION:
+        return {name: dict(entry) for name, entry in quantization["quantized_layers"].items()}
+    excluded = list(quantization.get("exclude_modules") or [])
+    record = {k: v for k, v in quantization.items() if k in ("quant_algo", "group_size")}
+    layers = {key.removesuffix(".weight_scale") for key in tensors if key.endswith(".weight_scale")}
+    return {
+        name: dict(record)
+        for name in sorted(layers)
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in excluded)
+    }
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's ``pack_int4_in_uint8`` undone: ``[out/2, in]`` bytes -> ``[out, in]`` int4 values."""
+    import torch
+
+    low = (packed & 0x0F).to(torch.int16)
+    high = ((packed >> 4) & 0x0F).to(torch.int16)
+    low = torch.where(low >= 8, low - 16, low)
+    high = torch.where(high >= 8, high - 16, high)
+    return torch.stack((low, high), dim=1).reshape(packed.shape[0] * 2, packed.shape[1])
+
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+"""The FP4 (E2M1) value of each 4-bit code."""
+
+
+def _unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """NVFP4 weights ``[out, in/2]`` (two codes a byte, the even element in the low nibble) as floats."""
+    import torch
+
+    codes = torch.stack(((packed & 0x0F).long(), ((packed >> 4) & 0x0F).long()), dim=-1)
+    table = torch.tensor(_E2M1, device=packed.device)
+    return table[codes].reshape(packed.shape[0], packed.shape[1] * 2)
+
+
+def _dequantize(
+    name: str, label: str, tensors: Mapping[str, torch.Tensor], group_size: int | None
+) -> torch.Tensor:
+    weight = tensors[f"{name}.weight"]
+    scale = tensors[f"{name}.weight_scale"].float()
+    if label == "W4A16_AWQ":
+        values = _unpack_int4(weight).float()
+        block = int(group_size or values.shape[1] // scale.shape[-1])
+        return values * scale.repeat_interleave(block, dim=-1)
+    if label in ("NVFP4", "W4A16_NVFP4"):
+        values = _unpack_e2m1(weight)
+        block = int(group_size or values.shape[1] // scale.shape[-1])
+        global_scale = tensors[f"{name}.weight_scale_2"].float().reshape(())
+        return values * scale.repeat_interleave(block, dim=-1) * global_scale
+    values = weight.float()
+    if scale.numel() == 1:
+        return values * scale.reshape(())
+    return values * scale.reshape(-1, 1)
+
+
+def _input_cfg(label: str) -> tuple[dict[str, Any] | None, float]:
+    """The activation quantizer a label implies, and the bound its stored scale is relative to."""
+    if label == "W8A8_SQ_PER_CHANNEL":
+        return {"num_bits": 8, "axis": None}, 127.0
+    if label == "FP8":
+        return {"num_bits": [4, 3], "axis": None}, 448.0
+    if label == "FP8_PER_CHANNEL_PER_TOKEN":
+        return {"num_bits": [4, 3], "axis": None, "type": "dynamic", "block_sizes": {-1: None}}, 448.0
+    if label == "NVFP4":
+        # Dynamic FP4 blocks of 16 with FP8 block scales under one global scale: the stored
+        # input_scale is amax / (6 * 448) (NVFP4QTensor.get_activation_scaling_factor).
+        block = {-1: 16, "type": "dynamic", "scale_bits": [4, 3]}
+        return {"num_bits": [2, 1], "block_sizes": block}, 6.0 * 448.0
+    return None, 1.0
+
+
+def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards:
+        raise InputError(f"{directory} holds no .safetensors weights: not an exported checkpoint")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        tensors.update(load_file(str(shard)))
+    return tensors
+
+
+def load_exported(export_dir: str | Path, *, device: str = "cpu", dtype: str | None = None) -> nn.Module:
+    """The exported checkpoint as a PyTorch model that computes what the checkpoint says.
+
+    The architecture comes from ``config.json`` (through transformers, without its quantization
+    section), every unquantized tensor is loaded as written, every quantized layer's weight is
+    dequantized from its stored integer/FP8 values and scales, and its activations get a ModelOpt
+    fake quantizer with the stored ``input_scale`` (static) or the label's dynamic scheme;
+    ``pre_quant_scale`` (SmoothQuant/AWQ) is applied to the layer's input. Formats outside
+    :data:`READABLE_LABELS` are refused. ``dtype`` defaults to the checkpoint's.
+    """
+    import torch
+    from transformers import AutoConfig
+
+    from auto_quantize_model.backend.models import auto_class_for
+
+    directory = Path(export_dir)
+    for required in ("config.json", HF_QUANT_CONFIG_FILE):
+        if not (directory / required).is_file():
+            raise InputError(f"{directory} has no {required}: not a checkpoint written by export_checkpoint")
+    hf_quant = json.loads((directory / HF_QUANT_CONFIG_FILE).read_text(encoding="utf-8"))
+    tensors = _read_safetensors(directory)
+    records = _layer_records(hf_quant, tensors)
+    for name, record in records.items():
+        if record.get("quant_algo") not in READABLE_LABELS:
+            raise ConfigError(
+                f"{directory}: layer {name} is {record.get('quant_algo')}; reading it back is implemented "
+                f"for {', '.join(READABLE_LABELS)} only"
+            )
+
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    torch_dtype = (
+        getattr(torch, dtype) if dtype is not None else (getattr(config, "dtype", None) or torch.float32)
+    )
+    if isinstance(torch_dtype, str):
+        torch_dtype = getattr(torch, torch_dtype)
+    with torch.device(device):
+        model = auto_class_for(config, str(directory)).from_config(config, dtype=torch_dtype)
+    model.eval()
+
+    state: dict[str, torch.Tensor] = {}
+    extras: dict[str, dict[str, torch.Tensor]] = {}
+    quantized_keys = {
+        f"{name}.{suffix}"
+        for name in records
+        for suffix in ("weight", "weight_scale", "input_scale", "pre_quant_scale")
+    }
+    for name, record in records.items():
+        state[f"{name}.weight"] = _dequantize(
+            name, str(record["quant_algo"]), tensors, record.get("group_size")
+        ).to(torch_dtype)
+        extras[name] = {
+            s: tensors[f"{name}.{s}"] for s in ("input_scale", "pre_quant_scale") if f"{name}.{s}" in tensors
+        }
+    state.update({key: value.to(torch_dtype) for key, value in tensors.items() if key not in quantized_keys})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    really_missing = [key for key in missing if key not in tied]
+    if unexpected or really_missing:
+        what = f"unexpected tensor {unexpected[0]}" if unexpected else f"missing tensor {really_missing[0]}"
+        raise InputError(f"{directory}: the weights do not fit the architecture in config.json ({what})")
+
+    mtq = import_modelopt("modelopt.torch.quantization")
+    entries: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
+    bounds: dict[str, float] = {}
+    for name, record in records.items():
+        cfg, bound = _input_cfg(str(record["quant_algo"]))
+        if cfg is not None:
+            entries.append({"quantizer_name": f"{xc.literal_pattern(name)}.input_quantizer", "cfg": cfg})
+            bounds[name] = bound
+    with contextlib.redirect_stdout(io.StringIO()):
+        mtq.quantize(model, {"quant_cfg": entries, "algorithm": None}, None)
+    with torch.no_grad():
+        for name, found in extras.items():
+            quantizer = model.get_submodule(name).input_quantizer
+            if "pre_quant_scale" in found:
+                quantizer.pre_quant_scale = found["pre_quant_scale"].to(device=device, dtype=torch_dtype)
+            if name in bounds and "input_scale" in found:
+                quantizer.amax = (found["input_scale"].float() * bounds[name]).to(device)
+    loaded: nn.Module = model
+    return loaded
+
+
+def holdout_evaluator(
+    token_lists: Sequence[Sequence[int]], pad_id: int, decoder_path: str, head_path: str
+) -> Evaluate:
+    """Held-out NLL (nats per token, float64 log-probabilities) of a full model, by module paths.
+
+    The same batches and loss as validation (:class:`~auto_quantize_model.backend.measure.HeldOutEval`):
+    one caption per row, every real next token scored.
+    """
+    from auto_quantize_model.backend.lm_forward import as_tensors, input_device, to_device
+    from auto_quantize_model.backend.measure import HeldOutEval
+    from auto_quantize_model.core.batching import holdout_columns
+
+    columns = holdout_columns(token_lists, pad_id)
+
+    def evaluate(model: nn.Module) -> float:
+        decoder = model.get_submodule(decoder_path) if decoder_path else model
+        device = input_device(decoder)
+        batches = tuple(to_device(as_tensors(c), device) for c in columns)
+        result, _ = HeldOutEval(decoder, model.get_submodule(head_path), batches).run()
+        return result.nll
+
+    return evaluate
+
+
+@attrs.frozen
+class ReadBack:
+    """The exported checkpoint's held-out NLL against the quantized model's, in nats per token."""
+
+    directory: str
+    in_memory_nll: float
+    """The quantized, calibrated model (:attr:`CheckpointExport.in_memory_nll`)."""
+    exported_nll: float
+    """The same after the exporter's fusion step: what the checkpoint should hold."""
+    read_back_nll: float
+    """The checkpoint loaded back by :func:`load_exported`."""
+    tolerance: float
+
+    @property
+    def difference(self) -> float:
+        """Read back minus what was written; float rounding only when the checkpoint is right."""
+        return self.read_back_nll - self.exported_nll
+
+    @property
+    def fusion_shift(self) -> float:
+        """What ModelOpt's fusion of sibling ranges (q/k/v, gate/up) changed, before packing."""
+        return self.exported_nll - self.in_memory_nll
+
+    @property
+    def ok(self) -> bool:
+        return abs(self.difference) <= self.tolerance
+
+
+def read_back_nll(
+    exported: CheckpointExport,
+    evaluate: Evaluate,
+    *,
+    tolerance: float = READ_BACK_TOLERANCE,
+    device: str = "cpu",
+    dtype: str | None = None,
+) -> ReadBack:
+    """Load the checkpoint as its README says (:func:`load_exported`) and measure ``evaluate`` on it.
+
+    ``evaluate`` must be the one given to :func:`export_checkpoint`. The result says whether
+    the checkpoint reproduces the written model within ``tolerance``; it does not raise, so a
+    caller can report the numbers either way.
+    """
+    if math.isnan(exported.exported_nll):
+        raise ConfigError("no in-memory NLL to compare with: pass evaluate= to export_checkpoint")
+    model = load_exported(exported.directory, device=device, dtype=dtype)
+    return ReadBack(
+        exported.directory, exported.in_memory_nll, exported.exported_nll, evaluate(model), tolerance
+    )

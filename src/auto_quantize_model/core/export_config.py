@@ -1,0 +1,807 @@
+"""A chosen per-group format mix as a ModelOpt quantization config, and the checks that read it back.
+
+Pure: no torch, no ModelOpt. The ModelOpt side (preset configs, ``mtq.quantize``, the Hugging Face
+exporter) is :mod:`auto_quantize_model.backend.modelopt.export`; it hands this module each
+format's ModelOpt config as a plain dict.
+
+The config has the shape ModelOpt 0.47's own ``get_auto_quantize_config`` gives a search result
+(``modelopt/torch/quantization/algorithms.py:1976``): a deny-all entry ``{"quantizer_name": "*",
+"enable": False}`` first, then one entry per quantizer of every chosen module, named
+``<module>.<weight|input|output>_quantizer`` and carrying the attributes that format gives that
+quantizer under ``auto_quantize`` (the format's patterns replayed on the quantizer's *local* name,
+:func:`~auto_quantize_model.core.formats.local_quantizer`), so ``mtq.quantize`` recreates what the
+search scored. Entries are applied in order, later ones winning (``set_quantizer_by_cfg`` in
+``modelopt/torch/quantization/conversion.py:245``); module names are matched with ``fnmatch``
+against full quantizer names, so the names are written with glob characters escaped and match
+exactly one quantizer each. Unlike ``get_auto_quantize_config``, a preset's global entries
+(attention/KV-cache quantizers such as ``*[kv]_bmm_quantizer``) are not carried over: the search
+never applied them to a linear layer, and the export must compute what was scored.
+
+ModelOpt 0.47 also reads fixed per-layer configs from YAML: a PTQ recipe (``modelopt/recipe/
+config.py:142``, ``ModelOptPTQRecipe``: a ``metadata`` section with ``recipe_type: ptq`` and a
+``quantize`` section holding ``quant_cfg`` and ``algorithm``), loaded by
+``modelopt.recipe.load_recipe(path)`` (``modelopt/recipe/loader.py:532``). :func:`recipe_yaml`
+writes that format. YAML keeps the integer keys of ``block_sizes`` (``-1: 128``) that ModelOpt
+requires; JSON turns them into strings, which ``QuantizerAttributeConfig`` rejects, so
+:func:`read_quant_config` restores them.
+
+Which formats the exporter writes faithfully: its per-layer label (``quant_algo`` in
+``hf_quant_config.json``) is derived from the quantizers alone (``get_quantization_format`` in
+``modelopt/torch/export/quant_utils.py:488``) and says less than the format: INT8 weights with
+dynamic per-token activations are recorded as ``W8A8_SQ_PER_CHANNEL`` (static per-tensor),
+FP8 weight-only as ``FP8`` (W8A8), INT4 with activations as ``W4A16_AWQ``. A runtime reading those
+labels would compute something else than what was scored, so such formats are refused by
+:func:`export_format` with the label the exporter would write.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from auto_quantize_model.core.formats import CustomFormat, local_quantizer, parse_custom, resolve_format
+from auto_quantize_model.core.scores import NO_QUANT
+from auto_quantize_model.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from auto_quantize_model.artifacts import GroupScore
+    from auto_quantize_model.core.frontier import Frontier
+
+QUANTIZER_ATTRS = ("weight_quantizer", "input_quantizer", "output_quantizer")
+"""The quantizers ModelOpt puts on a linear layer; the config names each of them per module."""
+
+SUPPORTED_ALGORITHMS = ("max", "smoothquant", "awq_lite", "awq_clip", "awq_full")
+"""Calibration methods an export may run (one per ``mtq.quantize`` call, over the whole model)."""
+
+MIXED_PRECISION = "MIXED_PRECISION"
+"""ModelOpt's ``quant_algo`` when layers carry more than one format (a per-layer map follows)."""
+
+RECIPE_DESCRIPTION = "Per-layer mixed-precision PTQ chosen by auto-quantize-model from AutoQuant scores."
+
+
+# --------------------------------------------------------------------------------------------------
+# What the exporter writes for each format
+# --------------------------------------------------------------------------------------------------
+
+_LABEL_MEANING = {
+    "W8A8_SQ_PER_CHANNEL": "INT8 per-channel weights with static per-tensor INT8 activations",
+    "W8A16": "INT8 per-channel weights with 16-bit activations",
+    "FP8": "FP8 per-tensor weights with static per-tensor FP8 activations",
+    "FP8_PER_CHANNEL_PER_TOKEN": "FP8 per-channel weights with dynamic per-token FP8 activations",
+    "W4A16_AWQ": "INT4 block weights with 16-bit activations",
+    "fp8_pb_wo": "a label no deployment runtime reads (FP8 block weight-only)",
+}
+
+
+@attrs.frozen
+class ExportFormat:
+    """What ModelOpt 0.47's HF exporter records for a format, or why it cannot record it faithfully."""
+
+    name: str
+    label: str | None
+    """``quant_algo`` of each layer in ``hf_quant_config.json``; None when refused."""
+    group_size: int | None = None
+    """Block size the exporter writes beside the label (INT4/NVFP4/MX formats)."""
+    needs_cuda: bool = False
+    refused: str | None = None
+    """Why this format cannot be exported; None when it can."""
+
+
+# Presets that are not one of the custom formats (those go through _custom_export). Verified on
+# CPU: INT8/FP8/INT4 rows; the CUDA rows follow the exporter's code (process_layer_quant_config).
+_PRESET_LABELS: dict[str, tuple[str, int | None]] = {
+    "INT8_SMOOTHQUANT_CFG": ("W8A8_SQ_PER_CHANNEL", None),
+    "INT4_AWQ_CFG": ("W4A16_AWQ", 128),
+    "W4A8_AWQ_BETA_CFG": ("W4A8_AWQ", 128),
+    "NVFP4_DEFAULT_CFG": ("NVFP4", 16),
+    "NVFP4_FP8_MHA_CONFIG": ("NVFP4", 16),
+    "NVFP4_AWQ_LITE_CFG": ("NVFP4_AWQ", 16),
+    "NVFP4_AWQ_CLIP_CFG": ("NVFP4_AWQ", 16),
+    "NVFP4_AWQ_FULL_CFG": ("NVFP4_AWQ", 16),
+    "W4A16_NVFP4_CFG": ("W4A16_NVFP4", 16),
+    "W4A8_NVFP4_FP8_CFG": ("W4A8_NVFP4_FP8", 32),
+    "MXFP8_DEFAULT_CFG": ("MXFP8", 32),
+    "W4A8_MXFP4_FP8_CFG": ("W4A8_MXFP4_FP8", 32),
+}
+
+_PRESET_REFUSALS = {
+    "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG": (
+        "ModelOpt 0.47's HF exporter records it as 'fp8_pb_wo', a label no deployment runtime reads"
+    ),
+    "MXFP4_DEFAULT_CFG": (
+        "ModelOpt 0.47's HF exporter records it as 'mxfp4', which it has no per-layer entry for"
+    ),
+    "MXFP6_DEFAULT_CFG": "ModelOpt 0.47's HF exporter cannot write 6-bit weights (NotImplementedError)",
+    "MXINT8_DEFAULT_CFG": "ModelOpt 0.47's HF exporter records MXINT8 as plain INT8 (W8A8_SQ_PER_CHANNEL)",
+}
+
+
+def _custom_export(spec: CustomFormat) -> tuple[str, int | None, bool]:
+    """The label the exporter writes for a custom format, its group size, and whether it is faithful.
+
+    Mirrors ``get_quantization_format``: the weight's type and axis decide, activations only
+    switch INT8 between W8A8 and W8A16.
+    """
+    block = int(spec.weight_granularity[1:]) if spec.weight_granularity.startswith("b") else None
+    if spec.weight == "int4":
+        return "W4A16_AWQ", block, spec.activation == "16"
+    if spec.weight == "int8":
+        if spec.activation == "16":
+            return "W8A16", None, spec.weight_granularity == "pc"
+        faithful = (
+            spec.weight_granularity == "pc"
+            and spec.activation == "int8"
+            and spec.activation_granularity == "tensor"
+        )
+        return "W8A8_SQ_PER_CHANNEL", None, faithful
+    if block is not None:
+        return "fp8_pb_wo", None, False
+    if spec.weight_granularity == "pc":
+        return (
+            "FP8_PER_CHANNEL_PER_TOKEN",
+            None,
+            spec.activation == "fp8" and spec.activation_granularity == "token",
+        )
+    return "FP8", None, spec.activation == "fp8" and spec.activation_granularity == "tensor"
+
+
+def export_format(name: str) -> ExportFormat:
+    """The exporter's label for a format, or the reason it cannot be exported (unknown names raise)."""
+    if name == NO_QUANT:
+        return ExportFormat(name=name, label=None)
+    info = resolve_format(name)
+    if info.refused is not None:
+        return ExportFormat(name=name, label=None, needs_cuda=info.needs_cuda, refused=info.refused)
+    if name in _PRESET_REFUSALS:
+        return ExportFormat(name=name, label=None, needs_cuda=info.needs_cuda, refused=_PRESET_REFUSALS[name])
+    if name in _PRESET_LABELS:
+        label, group_size = _PRESET_LABELS[name]
+        return ExportFormat(name=name, label=label, group_size=group_size, needs_cuda=info.needs_cuda)
+    spec = parse_custom(info.equivalent or name)
+    if spec is None:
+        return ExportFormat(
+            name=name,
+            label=None,
+            needs_cuda=info.needs_cuda,
+            refused="no exporter label is known for it (see auto_quantize_model.core.export_config)",
+        )
+    label, group_size, faithful = _custom_export(spec)
+    if not faithful:
+        meaning = _LABEL_MEANING.get(label, label)
+        return ExportFormat(
+            name=name,
+            label=None,
+            needs_cuda=info.needs_cuda,
+            refused=(
+                f"it quantizes {spec.describe_weights()} with {spec.describe_activations()} activations, "
+                f"but ModelOpt 0.47's HF exporter records it as {label} ({meaning}), so a runtime "
+                "reading the checkpoint would not compute what was scored"
+            ),
+        )
+    return ExportFormat(name=name, label=label, group_size=group_size, needs_cuda=info.needs_cuda)
+
+
+# --------------------------------------------------------------------------------------------------
+# The choice
+# --------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class GroupChoice:
+    """One recipe group and the format chosen for it (``NONE``: left unquantized)."""
+
+    name: str
+    module_names: tuple[str, ...]
+    """Full-model module names (as in :attr:`GroupScore.module_names`); they share the format."""
+    format: str
+
+
+def choices_from_groups(
+    groups: Sequence[GroupScore], formats: Mapping[str, str] | None = None
+) -> tuple[GroupChoice, ...]:
+    """Every group on ``formats[group.name]``, or on the run's own choice (``best_format``) if absent.
+
+    A name in ``formats`` that is no group is an error (a typo would otherwise export silently).
+    """
+    formats = dict(formats or {})
+    known = {group.name for group in groups}
+    unknown = sorted(set(formats) - known)
+    if unknown:
+        raise ConfigError(f"format chosen for {unknown[0]!r}, which is no recipe group of this run")
+    return tuple(
+        GroupChoice(group.name, group.module_names, formats.get(group.name, group.best_format))
+        for group in groups
+    )
+
+
+def choices_at(frontier: Frontier, budget: float, groups: Sequence[GroupScore]) -> tuple[GroupChoice, ...]:
+    """The frontier's choice at ``budget`` (to 1e-9), with each group's modules from ``groups``.
+
+    ``groups`` are the run's scored groups (SensitivityScores or the manifest): the frontier
+    holds group names only.
+    """
+    try:
+        point = frontier.point(budget)
+    except KeyError:
+        solved = ", ".join(f"{p.budget:g}" for p in frontier.points[:12])
+        raise ConfigError(f"the frontier has no point at {budget:g} bits (solved: {solved})") from None
+    if not point.reachable:
+        raise ConfigError(
+            f"{budget:g} bits is below the cheapest mix ({frontier.min_bits_lm:g} bits over the LM); "
+            "pick a larger budget"
+        )
+    by_name = {group.name: group for group in groups}
+    missing = [name for name in frontier.groups if name not in by_name]
+    if missing:
+        raise InputError(f"frontier group {missing[0]!r} is not among the run's scored groups")
+    chosen = dict(zip(frontier.groups, point.formats, strict=True))
+    return tuple(GroupChoice(g.name, g.module_names, chosen.get(g.name, NO_QUANT)) for g in groups)
+
+
+_SIBLING_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
+    # Per-expert projections of one MoE block are searched as one group by ModelOpt.
+    (
+        re.compile(r"^(?P<parent>.*?\.(?:mlp|mixer)\.experts)\.\d+\.(?:gate_proj|up_proj|down_proj)$"),
+        "experts",
+    ),
+    (
+        re.compile(r"^(?P<parent>.*?\.mlp\.experts\.local_experts)\.\d+\.(?:linear_fc1|linear_fc2)$"),
+        "experts",
+    ),
+    (re.compile(r"^(?P<parent>.*)\.(?:q_proj|k_proj|v_proj)$"), "q/k/v"),
+    (re.compile(r"^(?P<parent>.*)\.(?:gate_proj|up_proj)$"), "gate/up"),
+    (re.compile(r"^(?P<parent>.*?\.linear_attn)\.(?:in_proj_qkv|in_proj_z)$"), "qkv/z"),
+    (re.compile(r"^(?P<parent>.*?\.linear_attn)\.(?:in_proj_a|in_proj_b)$"), "a/b"),
+)
+"""Modules that deployment runtimes fuse into one GEMM, so they must share one format. The same
+families ModelOpt's AutoQuant groups (``quant_grouping_rules`` in ``algorithms.py:640``)."""
+
+
+def fused_siblings(module: str) -> str | None:
+    """A key shared by the modules fused with ``module`` (``<parent> q/k/v``), or None."""
+    for pattern, family in _SIBLING_RULES:
+        match = pattern.match(module)
+        if match is not None:
+            return f"{match['parent']} {family}"
+    return None
+
+
+def check_fused_siblings(choices: Sequence[GroupChoice], known_modules: Collection[str] = ()) -> None:
+    """Refuse a choice that gives fused siblings (q/k/v, gate/up, experts) different formats.
+
+    ``known_modules`` (every linear layer of the model, optional) also catches a sibling the
+    choice leaves out: unlisted modules stay unquantized, which splits the family too.
+    """
+    owner: dict[str, GroupChoice] = {}
+    for choice in choices:
+        for module in choice.module_names:
+            owner[module] = choice
+    families: dict[str, list[str]] = {}
+    for module in [*owner, *(m for m in known_modules if m not in owner)]:
+        key = fused_siblings(module)
+        if key is not None:
+            families.setdefault(key, []).append(module)
+    for key, members in families.items():
+        formats = {owner[m].format if m in owner else NO_QUANT for m in members}
+        if len(formats) > 1:
+            detail = ", ".join(
+                f"{m} ({owner[m].format} in group {owner[m].name})" if m in owner else f"{m} (unlisted: NONE)"
+                for m in members
+            )
+            group = next(owner[m].name for m in members if m in owner)
+            raise ConfigError(
+                f"group {group}: fused siblings {key.split(' ')[-1]} of {key.rsplit(' ', 1)[0]} must share "
+                f"one format, got {detail}; choose one format for all of them"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# The config
+# --------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class LayerExpectation:
+    """What the export must show for one module: its group, format and the exporter's label."""
+
+    module: str
+    group: str
+    format: str
+    label: str | None
+    """None for ``NONE`` (the module must not be quantized)."""
+    group_size: int | None = None
+
+
+@attrs.frozen(eq=False)
+class ExportConfig:
+    """A per-layer ModelOpt quantization config built from a choice, with what it must read back as."""
+
+    choices: tuple[GroupChoice, ...]
+    quant_config: dict[str, Any]
+    """``{"quant_cfg": [...], "algorithm": ...}``: what ``mtq.quantize`` takes. Treat as read-only
+    (copy it before handing it to ModelOpt, which may keep references)."""
+    algorithm: str | None
+    """The calibration method (``max``, ``smoothquant``, ``awq_lite``...); None: no calibration."""
+    layers: tuple[LayerExpectation, ...]
+    formats: tuple[ExportFormat, ...]
+    """Every quantized format of the choice, in first-use order."""
+
+    @property
+    def needs_cuda(self) -> tuple[str, ...]:
+        """The chosen formats ModelOpt can only quantize and export with CUDA kernels."""
+        return tuple(f.name for f in self.formats if f.needs_cuda)
+
+    @property
+    def quantized(self) -> tuple[LayerExpectation, ...]:
+        return tuple(layer for layer in self.layers if layer.label is not None)
+
+    def format_of(self) -> dict[str, str]:
+        """Module name -> chosen format (``NONE`` included)."""
+        return {layer.module: layer.format for layer in self.layers}
+
+
+def literal_pattern(name: str) -> str:
+    """``name`` as an ``fnmatch`` pattern matching only itself (``*?[`` wrapped in brackets)."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def algorithm_method(algorithm: Any) -> str | None:
+    """The method name of a ModelOpt ``algorithm`` value: a string, ``{"method": ...}`` or None."""
+    if algorithm is None or isinstance(algorithm, str):
+        return algorithm
+    if isinstance(algorithm, Mapping) and isinstance(algorithm.get("method"), str):
+        return str(algorithm["method"])
+    raise ConfigError(f"unsupported ModelOpt calibration algorithm {algorithm!r}: export supports one method")
+
+
+def _calibration(
+    formats: Sequence[str], format_configs: Mapping[str, Mapping[str, Any]]
+) -> tuple[Any, str | None]:
+    """The one calibration algorithm the mix needs, or a ConfigError naming the conflict."""
+    methods: dict[str, list[str]] = {}
+    value_of: dict[str, Any] = {}
+    for name in formats:
+        raw = format_configs[name].get("algorithm", "max")
+        method = algorithm_method(raw)
+        if method is None:
+            continue  # dynamic formats (MX) need no calibration and are fine under any method
+        if method not in SUPPORTED_ALGORITHMS:
+            raise ConfigError(
+                f"format {name} calibrates with {method!r}, which export does not support yet "
+                f"(supported: {', '.join(SUPPORTED_ALGORITHMS)}); choose another format"
+            )
+        methods.setdefault(method, []).append(name)
+        value_of.setdefault(method, raw)
+    if len(methods) > 1:
+        parts = "; ".join(f"{', '.join(names)} with {method}" for method, names in methods.items())
+        raise ConfigError(
+            f"the chosen formats calibrate differently ({parts}), and mtq.quantize runs one calibration "
+            "algorithm over the whole model (SmoothQuant/AWQ would rescale the other formats' layers too): "
+            "exporting such a mix is not supported yet; choose formats with one calibration method"
+        )
+    if not methods:
+        return None, None
+    method = next(iter(methods))
+    return value_of[method], method
+
+
+def _module_entries(module: str, fmt: Mapping[str, Any]) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    for attr in QUANTIZER_ATTRS:
+        state = local_quantizer(fmt["quant_cfg"], attr)
+        if not state.enabled:
+            continue
+        entry: dict[str, Any] = {"quantizer_name": f"{literal_pattern(module)}.{attr}"}
+        if state.configured:
+            entry["cfg"] = json_ready(state.cfg)
+        else:
+            entry["enable"] = True
+        entries.append(entry)
+    return entries
+
+
+def build_export_config(
+    choices: Sequence[GroupChoice],
+    format_configs: Mapping[str, Mapping[str, Any]],
+    *,
+    vision_prefixes: Sequence[str] = (),
+    known_modules: Collection[str] = (),
+) -> ExportConfig:
+    """The ModelOpt config for ``choices``; every choice ModelOpt could not export faithfully refused.
+
+    ``format_configs`` maps each chosen format to its ModelOpt quantize config (presets as
+    ModelOpt defines them, custom formats from :meth:`CustomFormat.quant_cfg`). ``vision_prefixes``
+    are the model's vision modules (quantizing them is refused: ModelOpt's exporter keeps vision
+    layers unquantized); ``known_modules`` are all its linear layers (for the fused-sibling check).
+    """
+    if not choices:
+        raise ConfigError("nothing to export: the choice holds no recipe group")
+    seen_groups: set[str] = set()
+    seen_modules: dict[str, str] = {}
+    for choice in choices:
+        if choice.name in seen_groups:
+            raise ConfigError(f"group {choice.name} is chosen twice")
+        seen_groups.add(choice.name)
+        if not choice.module_names:
+            raise ConfigError(f"group {choice.name} lists no module")
+        for module in choice.module_names:
+            if module in seen_modules:
+                raise ConfigError(f"module {module} is in groups {seen_modules[module]} and {choice.name}")
+            seen_modules[module] = choice.name
+
+    export_formats: dict[str, ExportFormat] = {}
+    for choice in choices:
+        if choice.format == NO_QUANT or choice.format in export_formats:
+            continue
+        found = export_format(choice.format)
+        if found.refused is not None:
+            raise ConfigError(
+                f"group {choice.name}: format {choice.format} cannot be exported: {found.refused}"
+            )
+        if choice.format not in format_configs:
+            raise ConfigError(f"group {choice.name}: no ModelOpt config was given for format {choice.format}")
+        export_formats[choice.format] = found
+    if not export_formats:
+        raise ConfigError("nothing to export: every group of the choice is NONE (unquantized)")
+
+    check_fused_siblings(choices, known_modules)
+    for choice in choices:
+        if choice.format == NO_QUANT:
+            continue
+        for module in choice.module_names:
+            tower = next((p for p in vision_prefixes if module == p or module.startswith(p + ".")), None)
+            if tower is not None:
+                raise ConfigError(
+                    f"group {choice.name}: module {module} is in the vision tower ({tower}); ModelOpt's HF "
+                    f"exporter keeps vision layers unquantized (quantized ones break VL exports), so "
+                    f"{choice.format} cannot be exported there; choose NONE for it"
+                )
+        inert = local_quantizer(format_configs[choice.format]["quant_cfg"], "weight_quantizer")
+        if not inert.enabled or not inert.configured:
+            raise ConfigError(
+                f"group {choice.name}: format {choice.format} configures no weight quantizer "
+                "of a linear layer"
+            )
+
+    algorithm, method = _calibration(list(export_formats), format_configs)
+    entries: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
+    layers: list[LayerExpectation] = []
+    for choice in choices:
+        chosen = export_formats.get(choice.format)
+        for module in choice.module_names:
+            if chosen is None:
+                entries.append({"quantizer_name": f"{literal_pattern(module)}.*", "enable": False})
+                layers.append(LayerExpectation(module, choice.name, NO_QUANT, None))
+            else:
+                entries.extend(_module_entries(module, format_configs[choice.format]))
+                layers.append(
+                    LayerExpectation(module, choice.name, choice.format, chosen.label, chosen.group_size)
+                )
+    return ExportConfig(
+        choices=tuple(choices),
+        quant_config={"quant_cfg": entries, "algorithm": json_ready(algorithm)},
+        algorithm=method,
+        layers=tuple(layers),
+        formats=tuple(export_formats.values()),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: JSON and ModelOpt's PTQ recipe YAML
+# --------------------------------------------------------------------------------------------------
+
+
+def json_ready(value: Any) -> Any:
+    """A deep copy with tuples as lists (ModelOpt accepts both); dict keys keep their type."""
+    if isinstance(value, Mapping):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(item) for item in value]
+    return value
+
+
+def quant_config_json(config: ExportConfig) -> str:
+    """``quant_config.json``: the config for ``mtq.quantize`` (read it with :func:`read_quant_config`)."""
+    return json.dumps(config.quant_config, indent=2) + "\n"
+
+
+_INT_KEY = re.compile(r"^-?\d+$")
+_INT_KEYED = ("block_sizes", "scale_block_sizes")
+
+
+def _restore_int_keys(value: Any, int_keyed: bool = False) -> Any:
+    if isinstance(value, dict):
+        return {
+            (
+                int(key) if int_keyed and isinstance(key, str) and _INT_KEY.match(key) else key
+            ): _restore_int_keys(item, key in _INT_KEYED)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_restore_int_keys(item) for item in value]
+    return value
+
+
+def read_quant_config(text: str, source: str = "quant_config.json") -> dict[str, Any]:
+    """Parse ``quant_config.json`` into the dict ``mtq.quantize`` accepts.
+
+    JSON object keys are strings, but ModelOpt wants ``block_sizes`` keyed by axis integers
+    (``{-1: 128}``); those keys are turned back into integers.
+    """
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{source}: not JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("quant_cfg"), list):
+        raise InputError(f"{source}: expected an object with a 'quant_cfg' list (a ModelOpt quantize config)")
+    restored = _restore_int_keys(raw)
+    assert isinstance(restored, dict)
+    return restored
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ".nan"
+        if math.isinf(value):
+            return ".inf" if value > 0 else "-.inf"
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} to YAML")
+
+
+def _is_scalar(value: Any) -> bool:
+    return not isinstance(value, Mapping | list | tuple)
+
+
+def _yaml_lines(value: Any, indent: int) -> list[str]:
+    pad = " " * indent
+    if isinstance(value, Mapping):
+        lines: list[str] = []
+        for key, item in value.items():
+            head = f"{pad}{key if isinstance(key, int) else _yaml_scalar(str(key))}:"
+            if _is_scalar(item) or not item:
+                empty = "{}" if isinstance(item, Mapping) else "[]"
+                lines.append(f"{head} {_yaml_scalar(item) if _is_scalar(item) else empty}")
+            elif isinstance(item, list | tuple) and all(_is_scalar(v) for v in item):
+                lines.append(f"{head} [{', '.join(_yaml_scalar(v) for v in item)}]")
+            else:
+                lines.append(head)
+                lines.extend(_yaml_lines(item, indent + 2))
+        return lines
+    lines = []
+    for item in value:
+        if _is_scalar(item) or not item:
+            empty = "{}" if isinstance(item, Mapping) else "[]"
+            lines.append(f"{pad}- {_yaml_scalar(item) if _is_scalar(item) else empty}")
+            continue
+        nested = _yaml_lines(item, indent + 2)
+        if isinstance(item, Mapping):
+            nested[0] = f"{pad}- {nested[0][indent + 2 :]}"
+            lines.extend(nested)
+        else:
+            lines.append(f"{pad}-")
+            lines.extend(nested)
+    return lines
+
+
+def recipe_yaml(config: ExportConfig, description: str = RECIPE_DESCRIPTION) -> str:
+    """``quant_recipe.yaml``: the config as a ModelOpt 0.47 PTQ recipe (``modelopt.recipe.load_recipe``).
+
+    Written by hand (a tiny emitter for dicts, lists and scalars) rather than through PyYAML,
+    which is not a dependency of this package; strings are single-quoted so that patterns such
+    as ``*`` are never read as YAML aliases.
+    """
+    recipe = {
+        "metadata": {"recipe_type": "ptq", "description": description},
+        "quantize": {
+            "algorithm": config.quant_config["algorithm"],
+            "quant_cfg": config.quant_config["quant_cfg"],
+        },
+    }
+    header = [
+        "# ModelOpt PTQ recipe written by auto-quantize-model: one entry per quantizer of each chosen layer.",
+        "# Load: from modelopt.recipe import load_recipe; cfg = load_recipe(PATH).quantize.model_dump()",
+    ]
+    return "\n".join([*header, *_yaml_lines(recipe, 0)]) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading back
+# --------------------------------------------------------------------------------------------------
+
+
+def _canonical(cfg: Any) -> str:
+    """One spelling of a quantizer config: tuples as lists, keys as strings, keys sorted."""
+    return json.dumps(json.loads(json.dumps(json_ready(cfg))), sort_keys=True)
+
+
+def config_mismatches(
+    quant_config: Mapping[str, Any],
+    config: ExportConfig,
+    format_configs: Mapping[str, Mapping[str, Any]],
+    other_modules: Iterable[str] = (),
+) -> tuple[str, ...]:
+    """Every quantizer of every chosen layer whose setting in ``quant_config`` differs from its format's.
+
+    ``quant_config`` is what was read back from a file. Each quantizer's final state is found by
+    replaying the entries in order on its full name (``mtq.quantize``'s rule) and compared with
+    what the chosen format gives that quantizer under ``auto_quantize``; ``NONE`` layers and
+    ``other_modules`` (e.g. every other linear layer of the model) must end disabled. Empty when
+    the file lists exactly the chosen format of every layer.
+    """
+    entries = quant_config.get("quant_cfg", [])
+    problems: list[str] = []
+    if algorithm_method(quant_config.get("algorithm")) != config.algorithm:
+        problems.append(f"algorithm is {quant_config.get('algorithm')!r}, expected {config.algorithm!r}")
+    listed = {layer.module for layer in config.layers}
+    checks = [(layer.module, layer.format) for layer in config.layers]
+    checks += [(module, NO_QUANT) for module in other_modules if module not in listed]
+    for module, fmt in checks:
+        for attr in QUANTIZER_ATTRS:
+            actual = local_quantizer(entries, f"{module}.{attr}")
+            if fmt == NO_QUANT:
+                if actual.enabled:
+                    problems.append(f"{module}.{attr} is enabled, but {module} is NONE")
+                continue
+            expected = local_quantizer(format_configs[fmt]["quant_cfg"], attr)
+            if actual.enabled != expected.enabled:
+                state = "enabled" if actual.enabled else "disabled"
+                problems.append(f"{module}.{attr} is {state}, but {fmt} has it the other way")
+            elif actual.enabled and _canonical(actual.cfg) != _canonical(expected.cfg):
+                problems.append(
+                    f"{module}.{attr} is configured {_canonical(actual.cfg)}, "
+                    f"{fmt} gives {_canonical(expected.cfg)}"
+                )
+    return tuple(problems)
+
+
+def checkpoint_mismatches(hf_quant_config: Mapping[str, Any], config: ExportConfig) -> tuple[str, ...]:
+    """Every layer whose record in ``hf_quant_config.json`` differs from the format chosen for it.
+
+    With several formats ModelOpt writes ``quant_algo: MIXED_PRECISION`` and a ``quantized_layers``
+    map (layer -> ``quant_algo``, ``group_size``...): every quantized layer must be there with
+    its format's label, and nothing else. With one format it writes that label once and lists the
+    unquantized layers in ``exclude_modules`` (wildcards): every ``NONE`` layer must be excluded
+    and no chosen layer may be.
+    """
+    quantization = hf_quant_config.get("quantization")
+    if not isinstance(quantization, Mapping):
+        return ("hf_quant_config.json has no 'quantization' section",)
+    algo = quantization.get("quant_algo")
+    problems: list[str] = []
+    if algo == MIXED_PRECISION:
+        recorded = quantization.get("quantized_layers")
+        if not isinstance(recorded, Mapping):
+            return ("quant_algo is MIXED_PRECISION but there is no 'quantized_layers' map",)
+        for layer in config.layers:
+            entry = recorded.get(layer.module)
+            if layer.label is None:
+                if entry is not None:
+                    problems.append(
+                        f"{layer.module} is recorded as {entry.get('quant_algo')}, but it is NONE"
+                    )
+                continue
+            if not isinstance(entry, Mapping):
+                problems.append(f"{layer.module} ({layer.format}) is missing from quantized_layers")
+                continue
+            if entry.get("quant_algo") != layer.label:
+                problems.append(
+                    f"{layer.module} is recorded as {entry.get('quant_algo')}, "
+                    f"{layer.format} is {layer.label}"
+                )
+            if layer.group_size is not None and entry.get("group_size") != layer.group_size:
+                problems.append(
+                    f"{layer.module} has group_size {entry.get('group_size')}, "
+                    f"{layer.format} uses {layer.group_size}"
+                )
+        listed = {layer.module for layer in config.layers}
+        problems.extend(
+            f"{name} is recorded as quantized but was not chosen" for name in recorded if name not in listed
+        )
+        return tuple(problems)
+    excluded = [str(p) for p in quantization.get("exclude_modules", []) or []]
+    labels = {layer.label for layer in config.quantized}
+    if algo is None or labels != {algo}:
+        problems.append(f"quant_algo is {algo!r}, the chosen formats are {sorted(str(x) for x in labels)}")
+    for layer in config.layers:
+        is_excluded = any(fnmatch.fnmatchcase(layer.module, pattern) for pattern in excluded)
+        if layer.label is None and not is_excluded:
+            problems.append(f"{layer.module} is NONE but not in exclude_modules")
+        elif layer.label is not None and is_excluded:
+            problems.append(f"{layer.module} ({layer.format}) is in exclude_modules")
+        elif layer.group_size is not None and quantization.get("group_size") != layer.group_size:
+            problems.append(
+                f"group_size is {quantization.get('group_size')}, {layer.format} uses {layer.group_size}"
+            )
+    return tuple(problems)
+
+
+# --------------------------------------------------------------------------------------------------
+# README of an export folder
+# --------------------------------------------------------------------------------------------------
+
+
+def readme_text(config: ExportConfig, *, checkpoint: bool, notes: Sequence[str] = ()) -> str:
+    """``README.md`` of an export folder: what each file is, the chosen formats, how to load them."""
+    counts: dict[str, int] = {}
+    for choice in config.choices:
+        counts[choice.format] = counts.get(choice.format, 0) + 1
+    labels = {f.name: f.label for f in config.formats}
+    lines = [
+        "# Mixed-precision export (auto-quantize-model)",
+        "",
+        f"{len(config.choices)} recipe groups, {len(config.quantized)} quantized layers; calibration: "
+        f"{config.algorithm or 'none'}.",
+        "",
+        "| format | groups | recorded in the checkpoint as |",
+        "| :--- | ---: | :--- |",
+    ]
+    for name, count in counts.items():
+        lines.append(f"| `{name}` | {count} | {labels.get(name) or 'not quantized'} |")
+    lines += [
+        "",
+        "| file | what |",
+        "| :--- | :--- |",
+        "| `quant_config.json` | the per-layer ModelOpt quantize config (one entry per quantizer of "
+        "every chosen layer) |",
+        "| `quant_recipe.yaml` | the same config as a ModelOpt PTQ recipe |",
+    ]
+    if checkpoint:
+        lines += [
+            "| `config.json` | the model config; `quantization_config` holds the per-layer formats |",
+            "| `hf_quant_config.json` | ModelOpt's record: `quant_algo` (`MIXED_PRECISION` with a "
+            "`quantized_layers` map when formats differ) |",
+            "| `*.safetensors` | weights: quantized layers hold packed integer/FP8 values with "
+            "`weight_scale` (and `input_scale`, `pre_quant_scale`) |",
+        ]
+    lines += [
+        "",
+        "## Quantize the original model again (ModelOpt)",
+        "",
+        "```python",
+        "import modelopt.torch.quantization as mtq",
+        "from auto_quantize_model.core.export_config import read_quant_config",
+        "",
+        'config = read_quant_config(open("quant_config.json").read())  # block_sizes keys back to integers',
+        "# or: from modelopt.recipe import load_recipe",
+        '#     config = load_recipe("quant_recipe.yaml").quantize.model_dump()',
+        "model = mtq.quantize(model, config, forward_loop)  # the unquantized model, your calibration loop",
+        "```",
+    ]
+    if checkpoint:
+        lines += [
+            "",
+            "## Load the checkpoint",
+            "",
+            "In PyTorch (what auto-quantize-model's read-back check does): every quantized layer's weights "
+            "are dequantized from the stored values and scales, and its activations get a ModelOpt fake "
+            "quantizer with the stored input scale.",
+            "",
+            "```python",
+            "from auto_quantize_model.backend.modelopt.export import load_exported",
+            "",
+            'model = load_exported("THIS_FOLDER", device="cpu")',
+            "```",
+            "",
+            "Transformers alone cannot: it has no loader for `quant_method: modelopt` and skips the "
+            "quantization config. For deployment, TensorRT-LLM reads `hf_quant_config.json` "
+            "(`MIXED_PRECISION` per-layer maps included) and vLLM reads `quantization_config` "
+            "(`quant_method: modelopt`) for the formats it supports; neither was run by this tool.",
+        ]
+    if notes:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
+    return "\n".join(lines) + "\n"
