@@ -14,10 +14,12 @@ import torch
 from pytest_mock import MockerFixture
 
 from auto_quantize_model.artifacts import LoadedModel
+from auto_quantize_model.backend.model_configs import ARCHITECTURES, Architecture
 from auto_quantize_model.backend.models import (
     BUILTIN_SOURCES,
     QWEN3_VL_4B,
     TINY_QWEN3_VL,
+    TINY_QWEN3_VL_MOE,
     auto_class_for,
     build_builtin,
     load_tokenizer,
@@ -26,6 +28,7 @@ from auto_quantize_model.backend.models import (
     resolve_device,
     resolve_dtype,
     tiny_qwen3_vl_config,
+    tiny_qwen3_vl_moe_config,
 )
 from auto_quantize_model.data import DATA_DIR, builtin_captions_path, tiny_tokenizer_dir
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
@@ -170,6 +173,89 @@ def test_qwen3_vl_4b_parameter_count_on_meta() -> None:
     assert total == 4_437_815_808
     assert vision == 415_347_712
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+
+
+def _on_meta(arch: Architecture) -> Any:
+    from transformers import AutoModelForImageTextToText
+
+    from auto_quantize_model.backend.models import config_source_config
+
+    auto_class: Any = AutoModelForImageTextToText
+    with torch.device("meta"):
+        return auto_class.from_config(config_source_config(arch.source), dtype=torch.bfloat16)
+
+
+def _billions(count: int) -> float:
+    return count / 1e9
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES.values()), ids=list(ARCHITECTURES))
+def test_config_source_matches_its_published_size(arch: Architecture) -> None:
+    """Built on the meta device, every ``config:`` source has its published parameter count.
+
+    Tolerance: half a unit of the published figure's last digit (8.77 B -> +-0.005 B,
+    33.4 B -> +-0.05 B), the most a rounded figure allows. The figures and their sources are in
+    model_configs.py; a wrong width, layer count or embedding tie moves the count far beyond it.
+    """
+    model = _on_meta(arch)
+    total = sum(p.numel() for p in model.parameters())
+    assert abs(_billions(total) - arch.published_billions) <= arch.tolerance_billions, (
+        f"{arch.source}: {total:,} parameters, published {arch.published_billions} B"
+    )
+    tied = model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert tied is arch.tie_word_embeddings
+    text = model.config.text_config
+    assert text.hidden_size == arch.text["hidden_size"]
+    assert text.num_hidden_layers == arch.text["num_hidden_layers"]
+    assert model.config.vision_config.out_hidden_size == text.hidden_size
+    assert all(fact for fact in arch.provenance), f"{arch.source}: a provenance sentence is empty"
+
+
+def test_moe_source_is_the_published_30b_a3b() -> None:
+    """30B-A3B: 48 layers of 128 fused experts (MLP 768, top-8); 3.3 B of its text model per token.
+
+    Active parameters: the text model (both embeddings) less each layer's unrouted experts (120 of
+    128). That is 3.353 B; Qwen's card says 3.3 B, so its figure is truncated, not rounded: the
+    check is 3.3 <= active < 3.4.
+    """
+    arch = ARCHITECTURES["config:qwen3-vl-30b-a3b"]
+    model = _on_meta(arch)
+    text = model.model.language_model
+    experts = [layer.mlp.experts for layer in text.layers]
+    assert len(experts) == 48
+    assert all(type(e).__name__ == "Qwen3VLMoeTextExperts" for e in experts)
+    first = experts[0]
+    assert tuple(first.gate_up_proj.shape) == (128, 2 * 768, 2048)
+    assert tuple(first.down_proj.shape) == (128, 2048, 768)
+    assert text.layers[0].mlp.gate.top_k == 8
+    routed = sum(e.gate_up_proj.numel() + e.down_proj.numel() for e in experts)
+    text_total = sum(p.numel() for p in text.parameters()) + model.lm_head.weight.numel()
+    active = text_total - routed * (1 - 8 / 128)
+    assert arch.published_active_billions is not None
+    assert arch.published_active_billions <= _billions(active) < arch.published_active_billions + 0.1
+    assert abs(_billions(text_total) - 30.5) <= 0.05  # Qwen3-30B-A3B's 30.5 B total
+
+
+def test_dense_sources_keep_attention_wider_than_hidden_where_published() -> None:
+    """32B's 64 heads x 128 = 8192-wide attention over hidden 5120: head_dim is set, not derived."""
+    model = _on_meta(ARCHITECTURES["config:qwen3-vl-32b"])
+    attention = model.model.language_model.layers[0].self_attn
+    assert tuple(attention.q_proj.weight.shape) == (8192, 5120)
+    assert tuple(attention.k_proj.weight.shape) == (1024, 5120)
+    assert tuple(attention.o_proj.weight.shape) == (5120, 8192)
+
+
+def test_tiny_moe_config_is_small_and_shaped_like_30b_a3b() -> None:
+    tokenizer = load_tokenizer(tiny_tokenizer_dir())
+    config = tiny_qwen3_vl_moe_config(tokenizer)
+    text = config.text_config
+    assert config.model_type == "qwen3_vl_moe"
+    assert (text.num_experts, text.num_experts_per_tok, text.num_hidden_layers) == (4, 2, 2)
+    assert text.hidden_size % 128 == 0
+    assert text.moe_intermediate_size % 128 == 0
+    assert sum(text.rope_parameters["mrope_section"]) == text.head_dim // 2
+    assert tokenizer.convert_ids_to_tokens(config.image_token_id) == "<|image_pad|>"
+    assert config.tie_word_embeddings is False
 
 
 def test_tiny_config_points_vision_ids_at_real_tokens() -> None:
@@ -430,4 +516,23 @@ def test_qwen3_vl_4b_builds_on_cuda_in_seconds() -> None:
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape[-1] == 151936
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_tiny_moe_builds_on_cpu_seeded() -> None:
+    """The tiny MoE source: fused experts, the global RNG untouched, same seed -> same experts."""
+    torch.manual_seed(7)
+    expected_next = torch.rand(1)
+    torch.manual_seed(7)
+    loaded = build_builtin(TINY_QWEN3_VL_MOE, seed=TINY_SEED, device="cpu")
+    assert torch.equal(torch.rand(1), expected_next)
+    assert loaded.architecture == "Qwen3VLMoeForConditionalGeneration"
+    model: Any = loaded.model
+    again: Any = build_builtin(TINY_QWEN3_VL_MOE, seed=TINY_SEED, device="cpu").model
+    name = "model.language_model.layers.1.mlp.experts.gate_up_proj"
+    assert torch.equal(model.get_parameter(name), again.get_parameter(name))
+    batch = loaded.tokenizer(["A dog runs along the beach."], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
     assert torch.isfinite(logits).all()

