@@ -202,9 +202,10 @@ def test_warnings_come_first_in_the_markdown() -> None:
         build_manifest(scored, ManifestSpec(), model=crafted_manifest().model, dataset=None)
     )
     lines = text.splitlines()
-    assert lines[2] == "> **Warnings: what this run could not do as asked**"
-    assert lines[4] == "> - validate.k 9 is beyond the 7 groups: measured 7"
-    assert lines.index(lines[4]) < lines.index(
+    assert lines[2].startswith("> **Random weights: the model builtin:tiny-qwen3-vl")  # the notice leads
+    assert lines[4] == "> **Warnings: what this run could not do as asked**"
+    assert lines[6] == "> - validate.k 9 is beyond the 7 groups: measured 7"
+    assert lines.index(lines[6]) < lines.index(
         next(line for line in lines if line.startswith("- **Scheme:**"))
     )
     assert "Warnings" not in render_markdown(crafted_manifest())
@@ -383,7 +384,9 @@ def test_ranks_agree_across_manifest_markdown_and_json(tmp_path: Path) -> None:
 
 def test_layer_json_keeps_previous_shape_and_adds_ours() -> None:
     document = render_layer_json(crafted_manifest())
-    assert list(document)[:2] == ["scheme", "model"]
+    assert list(document)[:3] == ["notice", "scheme", "model"]  # builtin: random weights, said first
+    real = attrs.evolve(crafted_manifest(), model=ModelInfo("/ckpt/qwen", "Qwen3VL", "bfloat16", "cuda"))
+    assert list(render_layer_json(real))[:2] == ["scheme", "model"]
     assert {"scheme", "model", "dataset", "autoquant_state", "layer_sensitivity"} <= set(document)
     assert document["scheme"]["name"] == "wint8_aint8+wfp8_afp8"
     assert document["autoquant_state"]["score"] == 6.25

@@ -214,6 +214,11 @@ class ValidateSpec:
     calibration are always skipped."""
     holdout_samples: int = attrs.field(default=64, validator=positive)
     additivity: bool = True
+    bootstrap: int = attrs.field(default=1000, validator=not_negative)
+    """Bootstrap resamples of the held-out captions for the intervals (seeded by ``seed``); 0 = none."""
+    refine: int = attrs.field(default=0, validator=not_negative)
+    """Measure the single-group KL of the top ``refine`` predicted groups (and as many random
+    others, as a control) and reorder them by it; 0 = off."""
 
 
 @attrs.frozen

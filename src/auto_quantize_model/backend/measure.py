@@ -14,19 +14,41 @@ helpers (ranking, selection, held-out text, notes) take plain data.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import random
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
-from auto_quantize_model.artifacts import ValidatedGroup, ValidationReport
+from auto_quantize_model.artifacts import (
+    Interval,
+    NoiseFloor,
+    ProxyRating,
+    RefinedGroup,
+    Refinement,
+    ValidatedGroup,
+    ValidationReport,
+)
 from auto_quantize_model.core import stats
 from auto_quantize_model.core.batching import encode, holdout_columns, scorable
 from auto_quantize_model.core.captions import caption_file, read_caption_file
+from auto_quantize_model.core.noise import (
+    CONFIDENCE,
+    Resamples,
+    choose_headline,
+    kendall_draws,
+    resolved_pairs,
+    spearman_draws,
+    within_noise,
+)
+from auto_quantize_model.core.proxies import GroupInputs, rate_proxies
 from auto_quantize_model.core.scores import (
+    NO_QUANT,
     has_quantized_format,
     headline_index,
     importance,
@@ -41,6 +63,8 @@ if TYPE_CHECKING:
 
     from auto_quantize_model.artifacts import CalibData, GroupScore, LanguageModel
     from auto_quantize_model.backend.modelopt.recipe_switch import RecipeSwitch
+    from auto_quantize_model.core.noise import Floats
+    from auto_quantize_model.core.proxies import ActivationStats, WeightStats
     from auto_quantize_model.specs import ValidateSpec
 
 log = logging.getLogger("auto_quantize_model")
@@ -147,6 +171,56 @@ def selection_notes(k: int, candidates: int, selection: GroupSelection) -> tuple
     return (note,)
 
 
+@attrs.frozen
+class RefineSets:
+    """What the measured refinement measures: the top N predicted groups and a control set."""
+
+    top: tuple[Candidate, ...]
+    control: tuple[Candidate, ...]
+    """As many groups as :attr:`top`, drawn at random from the rest (fewer when the rest is short)."""
+
+    def extra(self, selection: GroupSelection) -> tuple[Candidate, ...]:
+        """The groups of these sets that the validation's own selection does not measure anyway."""
+        measured = {c.name for c, _ in selection.labelled()}
+        return tuple(c for c in (*self.top, *self.control) if c.name not in measured)
+
+
+def refine_sets(ranked: Sequence[Candidate], n: int, seed: int) -> RefineSets:
+    """The top ``n`` of ``ranked`` (most important first) and a seeded random control set of the same size.
+
+    The control set is what tells a real gain from reshuffling: a control group that measures
+    above the least damaging of the top N is one the prediction ranked too low. Its draw has its
+    own stream (seeded by ``seed``), so turning refinement on changes nothing else.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    top = tuple(ranked[:n])
+    rest = list(ranked[len(top) :])
+    drawn = random.Random(f"refine:{seed}").sample(rest, min(len(top), len(rest)))
+    return RefineSets(top=top, control=tuple(sorted(drawn, key=lambda c: c.rank)))
+
+
+def refined_order(
+    candidates: Sequence[Candidate], sets: RefineSets, kl: Mapping[str, float]
+) -> tuple[tuple[Candidate, ...], tuple[str, ...]]:
+    """The refined ranking and the control groups promoted into its measured block.
+
+    The block comes first: the top N, plus every control group whose KL exceeds the smallest KL
+    measured among the top N (the prediction missed it), ordered by measured KL with the
+    manifest's rule (NaN first, ties in predicted order). Every other candidate follows in
+    predicted order, measured controls included: an unmeasured group is never moved by a guess,
+    and a measured group is only ever compared with measured ones.
+    """
+    top_kl = [kl[c.name] for c in sets.top if not math.isnan(kl[c.name])]
+    floor = min(top_kl) if top_kl else math.inf
+    promoted = tuple(c for c in sets.control if kl[c.name] > floor)
+    block = sorted((*sets.top, *promoted), key=lambda c: c.rank)
+    ordered = [block[i] for i in rank_order([kl[c.name] for c in block])]
+    inside = {c.name for c in ordered}
+    rest = [c for c in sorted(candidates, key=lambda c: c.rank) if c.name not in inside]
+    return (*ordered, *rest), tuple(c.name for c in promoted)
+
+
 # --------------------------------------------------------------------------------------------
 # Held-out text
 
@@ -224,6 +298,13 @@ class PassResult:
     tokens: int
     token_nll: torch.Tensor
     """Per-token NLL on CPU, in batch order: the fingerprint for the bit-exact restore checks."""
+    caption_nll: tuple[float, ...] = ()
+    """NLL summed over each held-out caption's tokens, in batch order (one caption per row): what
+    the bootstrap resamples (:mod:`auto_quantize_model.core.noise`)."""
+    caption_kl: tuple[float, ...] = ()
+    """KL summed per caption likewise; empty when there was no reference."""
+    caption_tokens: tuple[int, ...] = ()
+    """Scored tokens per caption, in the same order."""
 
     @property
     def nll(self) -> float:
@@ -262,8 +343,16 @@ class HeldOutEval:
         return cls(lm.module, lm.lm_head, tuple(to_device(as_tensors(b), device) for b in batches))
 
     def run(
-        self, reference: Sequence[torch.Tensor] | None = None, keep: bool = False
+        self,
+        reference: Sequence[torch.Tensor] | None = None,
+        keep: bool = False,
+        observe: Callable[[dict[str, torch.Tensor]], None] | None = None,
     ) -> tuple[PassResult, list[torch.Tensor]]:
+        """One pass; ``observe`` is told each batch before its forward (for activation hooks).
+
+        Sums are also kept per caption (per row: one caption each) for the bootstrap; a caption's
+        KL is the sum of its positions' KL, so the total is the same sum in another order.
+        """
         import torch
 
         from auto_quantize_model.backend.lm_forward import selected_logits, target_index
@@ -273,18 +362,30 @@ class HeldOutEval:
         tokens = 0
         token_nll: list[torch.Tensor] = []
         kept: list[torch.Tensor] = []
+        caption_nll: list[torch.Tensor] = []
+        caption_kl: list[torch.Tensor] = []
+        caption_tokens: list[torch.Tensor] = []
         with torch.inference_mode():
             for index, batch in enumerate(self.batches):
+                if observe is not None:
+                    observe(batch)
                 logits = selected_logits(self.decoder, self.lm_head, batch)
                 logq = torch.log_softmax(logits.double(), dim=-1)
-                _, targets = target_index(batch)
+                flat, targets = target_index(batch)
                 nll = -logq.gather(1, targets.to(logq.device)[:, None]).squeeze(1)
                 nll_sum += nll.sum().item()
                 tokens += int(nll.numel())
                 token_nll.append(nll.cpu())
+                rows, length = batch["labels"].shape
+                row = (flat // length).to(logq.device)
+                caption_nll.append(nll.new_zeros(rows).index_add_(0, row, nll).cpu())
+                caption_tokens.append(torch.bincount(row, minlength=rows).cpu())
                 if reference is not None:
-                    kl = torch.nn.functional.kl_div(logq, reference[index], log_target=True, reduction="sum")
-                    kl_sum += kl.item()
+                    kl = torch.nn.functional.kl_div(logq, reference[index], log_target=True, reduction="none")
+                    per_position = kl.sum(-1)
+                    del kl
+                    kl_sum += per_position.sum().item()
+                    caption_kl.append(per_position.new_zeros(rows).index_add_(0, row, per_position).cpu())
                 if keep:
                     kept.append(logq)
         result = PassResult(
@@ -292,6 +393,9 @@ class HeldOutEval:
             kl_sum=max(kl_sum, 0.0) if reference is not None else math.nan,
             tokens=tokens,
             token_nll=torch.cat(token_nll),
+            caption_nll=tuple(torch.cat(caption_nll).tolist()),
+            caption_kl=tuple(torch.cat(caption_kl).tolist()) if caption_kl else (),
+            caption_tokens=tuple(int(n) for n in torch.cat(caption_tokens).tolist()),
         )
         return result, kept
 
@@ -308,29 +412,47 @@ class MixPasses:
     """One per mix, in the order given, each with its KL to the baseline."""
     restored: bool
     """Switches, folded weights, the baseline and the chosen model all came back bit for bit."""
+    seconds: tuple[float, ...] = ()
+    """Wall time of each mix's pass, in the order given."""
 
     def delta_nll(self, result: PassResult) -> float:
         return (result.nll_sum - self.baseline.nll_sum) / self.baseline.tokens
 
 
 def measure_mixes(
-    evaluator: HeldOutEval, switch: RecipeSwitch, mixes: Sequence[Mapping[int, str]]
+    evaluator: HeldOutEval,
+    switch: RecipeSwitch,
+    mixes: Sequence[Mapping[int, str]],
+    *,
+    recorder: ActivationRecorder | None = None,
+    while_switched: Callable[[], None] | None = None,
 ) -> MixPasses:
     """Measure each mix (hparam ``id`` -> format; every other group on NONE), then put the model back.
 
     The one measuring loop of validation and of the budget frontier. The model is restored in a
     ``finally``, and the restore is checked: the weights bit for bit, the baseline pass and the
-    chosen model's pass identical to before.
+    chosen model's pass identical to before. ``recorder`` watches the baseline pass;
+    ``while_switched`` runs after the mixes, before the model is put back, so whatever it
+    switches is covered by the same restore and checks.
     """
     results: list[PassResult] = []
+    seconds: list[float] = []
     try:
         chosen_before, _ = evaluator.run()
         switch.apply({})
-        baseline, reference = evaluator.run(keep=True)
+        if recorder is None:
+            baseline, reference = evaluator.run(keep=True)
+        else:
+            with recorder.recording():
+                baseline, reference = evaluator.run(keep=True, observe=recorder.batch)
         for mix in mixes:
+            started = time.perf_counter()
             switch.apply(mix)
             result, _ = evaluator.run(reference)
             results.append(result)
+            seconds.append(time.perf_counter() - started)
+        if while_switched is not None:
+            while_switched()
         switch.apply({})
         baseline_after, _ = evaluator.run(reference)
         del reference
@@ -343,7 +465,7 @@ def measure_mixes(
         and baseline_after.kl_sum == 0.0
         and chosen_after.same_as(chosen_before)
     )
-    return MixPasses(chosen_before, baseline, tuple(results), restored)
+    return MixPasses(chosen_before, baseline, tuple(results), restored, tuple(seconds))
 
 
 @attrs.frozen(eq=False)
@@ -359,9 +481,79 @@ class Measurement:
     """The model as AutoQuant chose it, before validation touched it."""
     restored: bool
     """Switches, folded weights, the baseline and the chosen model all came back bit for bit."""
+    extra: tuple[tuple[Candidate, PassResult], ...] = ()
+    """Groups measured alone for the refinement only (not among the validated selection)."""
+    extra_seconds: float = 0.0
+    """Wall time of the :attr:`extra` passes."""
+    weights: Mapping[str, Mapping[str, WeightStats]] = attrs.field(factory=dict)
+    """Selected group -> quantized format -> weight quantization error (for the proxies)."""
+    activations: Mapping[str, ActivationStats] = attrs.field(factory=dict)
+    """Selected group -> its input activations in the baseline pass (for the proxies)."""
+    proxy_seconds: float = 0.0
+    """Wall time spent on the proxies' weight errors (the activation hooks ride the baseline pass)."""
 
     def delta_nll(self, result: PassResult) -> float:
         return (result.nll_sum - self.baseline.nll_sum) / self.baseline.tokens
+
+    def measured(self) -> tuple[tuple[Candidate, PassResult], ...]:
+        """Every group measured alone: the selection, then the refinement's extra groups."""
+        return (*((c, r) for c, _, r in self.single), *self.extra)
+
+
+class ActivationRecorder:
+    """Input statistics of chosen modules over the held-out captions' real tokens.
+
+    Forward pre-hooks see each module's input; decoder inputs ``[rows, length, hidden]`` are
+    cut to the real tokens with the batch's labels (padding carries ``IGNORE_INDEX``), the
+    lm_head's input is already one row per scored position. Sums are float64 on the host.
+    """
+
+    def __init__(self, modules: Mapping[str, Sequence[nn.Module]]) -> None:
+        self.modules = modules
+        self.sums: dict[str, list[float]] = {}
+        self.mask: torch.Tensor | None = None
+
+    def batch(self, batch: dict[str, torch.Tensor]) -> None:
+        from auto_quantize_model.core.batching import IGNORE_INDEX
+
+        self.mask = batch["labels"] != IGNORE_INDEX
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        handles = [
+            module.register_forward_pre_hook(functools.partial(self._hook, name))
+            for name, modules in self.modules.items()
+            for module in modules
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, group: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        import torch
+
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return
+        mask = self.mask
+        if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            x = x[mask.to(x.device)]
+        magnitude = x.detach().double().abs()
+        sums = self.sums.setdefault(group, [0.0, 0.0, 0.0, 0.0])
+        sums[0] = max(sums[0], float(magnitude.max()))
+        sums[1] += float(magnitude.sum())
+        sums[2] += float(magnitude.square().sum())
+        sums[3] += magnitude.numel()
+
+    def result(self) -> dict[str, ActivationStats]:
+        from auto_quantize_model.core.proxies import ActivationStats
+
+        return {
+            name: ActivationStats(top, abs_sum, square_sum, int(count))
+            for name, (top, abs_sum, square_sum, count) in self.sums.items()
+        }
 
 
 def measure(
@@ -370,27 +562,67 @@ def measure(
     groups: Sequence[GroupScore],
     selection: GroupSelection,
     additivity: bool,
+    extra: Sequence[Candidate] = (),
+    proxies: bool = False,
 ) -> Measurement:
     """Measure each selected group alone (and the top ones together), then put the model back
-    (:func:`measure_mixes`)."""
+    (:func:`measure_mixes`).
+
+    ``extra``: further groups to measure alone (the refinement's, beyond the selection).
+    ``proxies``: also record the selected groups' input activations (in the baseline pass) and
+    their weights' quantization error on each of their quantized formats.
+    """
     by_name = {g.name: g for g in groups}
-    hparam_ids = {c.name: id(switch.hparam_of(by_name[c.name])) for c, _ in selection.labelled()}
     labelled = selection.labelled()
-    mixes: list[dict[int, str]] = [{hparam_ids[c.name]: c.format} for c, _ in labelled]
+    measured = (*(c for c, _ in labelled), *extra)
+    hparam_ids = {c.name: id(switch.hparam_of(by_name[c.name])) for c in measured}
+    mixes: list[dict[int, str]] = [{hparam_ids[c.name]: c.format} for c in measured]
     with_joint = additivity and bool(selection.top)
     if with_joint:
         mixes.append({hparam_ids[c.name]: c.format for c in selection.top})
-    passes = measure_mixes(evaluator, switch, mixes)
+    recorder = None
+    if proxies:
+        recorder = ActivationRecorder(
+            {
+                c.name: [switch.root.get_submodule(m) for m in by_name[c.name].module_names]
+                for c, _ in labelled
+            }
+        )
+    weights: dict[str, dict[str, WeightStats]] = {}
+    proxy_seconds = [0.0]
+
+    def weight_errors() -> None:
+        started = time.perf_counter()
+        for candidate, _ in labelled:
+            group = by_name[candidate.name]
+            found = {fmt: switch.weight_stats(group, fmt) for fmt in group.formats if fmt != NO_QUANT}
+            weights[candidate.name] = {fmt: stat for fmt, stat in found.items() if stat is not None}
+        proxy_seconds[0] = time.perf_counter() - started
+
+    passes = measure_mixes(
+        evaluator, switch, mixes, recorder=recorder, while_switched=weight_errors if proxies else None
+    )
     single = tuple(
         (candidate, label, result)
         for (candidate, label), result in zip(labelled, passes.mixes[: len(labelled)], strict=True)
     )
-    for candidate, _, result in single:
+    for candidate, result in zip(measured, passes.mixes, strict=False):
         log.debug(
             "validate %s (%s): NLL %.6g, KL %.6g", candidate.name, candidate.format, result.nll, result.kl
         )
-    joint = passes.mixes[-1] if with_joint else None
-    return Measurement(passes.baseline, single, joint, passes.chosen, passes.restored)
+    extra_slice = slice(len(labelled), len(measured))
+    return Measurement(
+        passes.baseline,
+        single,
+        passes.mixes[-1] if with_joint else None,
+        passes.chosen,
+        passes.restored,
+        extra=tuple(zip(extra, passes.mixes[extra_slice], strict=True)),
+        extra_seconds=math.fsum(passes.seconds[extra_slice]),
+        weights=weights,
+        activations={} if recorder is None else recorder.result(),
+        proxy_seconds=proxy_seconds[0],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,14 +658,176 @@ def rank_overlap(candidates: Sequence[Candidate], measured: Sequence[float], k: 
     return stats.top_k_overlap(predicted, [by_rank[i][0].name for i in order], k)
 
 
+@attrs.frozen
+class RefinePlan:
+    """What the stage asked the refinement for: every candidate, the sets, ``validate.refine``."""
+
+    candidates: tuple[Candidate, ...]
+    sets: RefineSets
+    n: int
+
+
+@attrs.frozen(eq=False)
+class Bootstrapped:
+    """Bootstrap draws of every group measured alone (the selection first, then the extra ones)."""
+
+    resamples: Resamples
+    delta_nll: Floats
+    """``[resamples, measured groups]``."""
+    kl: Floats
+
+
+def bootstrap(measurement: Measurement, resamples: int, seed: int) -> tuple[Bootstrapped | None, str]:
+    """Draws for every measured group from the per-caption sums; ``(None, why)`` when there are none."""
+    captions = len(measurement.baseline.caption_tokens)
+    if resamples <= 0:
+        return None, ""
+    if captions < 2:
+        return None, f"no bootstrap intervals: {captions} held-out caption(s), at least 2 are needed"
+    base = measurement.baseline.caption_nll
+    measured = [r for _, r in measurement.measured()]
+    drawn = Resamples.draw(measurement.baseline.caption_tokens, resamples, seed, CONFIDENCE)
+    if not measured:
+        return None, ""
+    nll_sums = [[n - b for n, b in zip(r.caption_nll, base, strict=True)] for r in measured]
+    kl_sums = [list(r.caption_kl) for r in measured]
+    return Bootstrapped(drawn, drawn.means(nll_sums), drawn.means(kl_sums)), ""
+
+
+def noise_floor(
+    candidates: Sequence[Candidate],
+    kl: Sequence[float],
+    boot: Bootstrapped,
+    k: int,
+    seed: int,
+    started: float,
+) -> tuple[NoiseFloor, tuple[Interval, ...], tuple[Interval, ...]]:
+    """The intervals of the validated groups and of their rank agreement, and the headline.
+
+    Returns the noise floor and the ΔNLL and KL interval of each group (in ``candidates`` order).
+    """
+    count = len(candidates)
+    resamples = boot.resamples
+    nll_draws, kl_draws = boot.delta_nll[:, :count], boot.kl[:, :count]
+    nll_cis, kl_cis = resamples.intervals(nll_draws), resamples.intervals(kl_draws)
+    names = [c.name for c in candidates]
+    predicted = [c.importance for c in candidates]
+    nll_within = within_noise(names, nll_cis)
+    headline, reason = choose_headline(len(nll_within), count, resamples.confidence)
+    nll_resolved, pairs = resolved_pairs(nll_draws, resamples)
+    kl_resolved, _ = resolved_pairs(kl_draws, resamples)
+    floor = NoiseFloor(
+        resamples=resamples.size,
+        confidence=resamples.confidence,
+        seed=seed,
+        spearman_nll=resamples.interval(spearman_draws(predicted, nll_draws)),
+        kendall_nll=resamples.interval(kendall_draws(predicted, nll_draws)),
+        spearman_kl=resamples.interval(spearman_draws(predicted, kl_draws)),
+        kendall_kl=resamples.interval(kendall_draws(predicted, kl_draws)),
+        topk_overlap_kl=rank_overlap(candidates, kl, k),
+        headline=headline,
+        headline_reason=reason,
+        nll_within_noise=nll_within,
+        kl_within_noise=within_noise(names, kl_cis),
+        pairs=pairs,
+        nll_pairs_resolved=nll_resolved,
+        kl_pairs_resolved=kl_resolved,
+        seconds=time.perf_counter() - started,
+    )
+    return floor, nll_cis, kl_cis
+
+
+def proxy_ratings(
+    measurement: Measurement, kl: Sequence[float], delta_nll: Sequence[float], boot: Bootstrapped | None
+) -> tuple[ProxyRating, ...]:
+    """The free proxies of the validated groups, rated on the same measurements and resamples."""
+    candidates = [c for c, _, _ in measurement.single]
+    if not candidates or not (measurement.weights or measurement.activations):
+        return ()
+    inputs = [
+        GroupInputs(c.format, measurement.weights.get(c.name, {}), measurement.activations.get(c.name))
+        for c in candidates
+    ]
+    formats = tuple(dict.fromkeys(f for g in inputs for f in g.weights))
+    count = len(candidates)
+    draws = None if boot is None else (boot.kl[:, :count], boot.delta_nll[:, :count])
+    return rate_proxies(
+        inputs,
+        formats,
+        [c.importance for c in candidates],
+        kl,
+        delta_nll,
+        draws,
+        None if boot is None else boot.resamples,
+    )
+
+
+def refinement(
+    plan: RefinePlan, measurement: Measurement, boot: Bootstrapped | None, k: int, batches: int
+) -> Refinement:
+    """The refined ranking (:func:`refined_order`) with its measurements, intervals and cost."""
+    measured = measurement.measured()
+    position = {c.name: i for i, (c, _) in enumerate(measured)}
+    kl = {c.name: r.kl for c, r in measured}
+    delta = {c.name: measurement.delta_nll(r) for c, r in measured}
+    order, promoted = refined_order(plan.candidates, plan.sets, kl)
+    label: dict[str, Literal["top", "control"]] = {c.name: "top" for c in plan.sets.top}
+    label |= {c.name: "control" for c in plan.sets.control}
+
+    def interval(name: str) -> Interval | None:
+        return None if boot is None else boot.resamples.interval(boot.kl[:, position[name]])
+
+    groups = tuple(
+        RefinedGroup(
+            name=c.name,
+            format=c.format,
+            importance=c.importance,
+            predicted_rank=c.rank,
+            refined_rank=place,
+            measured=label.get(c.name, ""),
+            kl_div=kl[c.name] if c.name in label else math.nan,
+            kl_ci=interval(c.name) if c.name in label else None,
+            delta_nll=delta[c.name] if c.name in label else math.nan,
+        )
+        for place, c in enumerate(order, start=1)
+    )
+    predicted_top = [c.name for c in sorted(plan.candidates, key=lambda c: c.rank)[:k]]
+    refined_top = [c.name for c in order[:k]]
+    top = plan.sets.top
+    return Refinement(
+        n=len(top),
+        groups=groups,
+        k=k,
+        entered=tuple(name for name in refined_top if name not in predicted_top),
+        left=tuple(name for name in predicted_top if name not in refined_top),
+        promoted=promoted,
+        spearman_top_kl=stats.spearman([c.importance for c in top], [kl[c.name] for c in top]),
+        seconds=measurement.extra_seconds,
+        passes=len(measurement.extra),
+        forward_batches=len(measurement.extra) * batches,
+        reused=len(top) + len(plan.sets.control) - len(measurement.extra),
+    )
+
+
 def validation_report(
     measurement: Measurement,
     held_out: HeldOut,
     k: int,
     notes: Sequence[str],
     seconds: float,
+    *,
+    resamples: int = 0,
+    seed: int = 0,
+    refine: RefinePlan | None = None,
+    batches: int = 0,
 ) -> ValidationReport:
-    """The report: rank agreement, top-k overlap, additivity, and every note on what fell short."""
+    """The report: rank agreement, top-k overlap, additivity, and every note on what fell short.
+
+    With ``resamples`` > 0, every measured figure gets a bootstrap interval over the held-out
+    captions (seeded by ``seed``) and the report says what lies within the noise and which
+    measure leads; the proxies are rated when the measurement recorded them; ``refine`` adds
+    the measured refinement (``batches``: held-out batches per pass, for its cost).
+    """
     candidates = [c for c, _, _ in measurement.single]
     predicted = [c.importance for c in candidates]
     delta_nll = [measurement.delta_nll(r) for _, _, r in measurement.single]
@@ -453,6 +847,35 @@ def validation_report(
     top = {c.name for c, label, _ in measurement.single if label == "top"}
     joint = measurement.joint
     k_used = min(k, len(candidates))
+
+    started = time.perf_counter()
+    boot, why_not = bootstrap(measurement, resamples, seed)
+    if why_not:
+        notes.append(why_not)
+    noise: NoiseFloor | None = None
+    nll_cis: Sequence[Interval | None] = [None] * len(candidates)
+    kl_cis: Sequence[Interval | None] = [None] * len(candidates)
+    if boot is not None and candidates:
+        noise, nll_cis, kl_cis = noise_floor(candidates, kl, boot, k_used, seed, started)
+        log.info(
+            "validation noise floor: %d resamples in %.2f s; ΔNLL within the noise for %d of %d groups, "
+            "headline %s",
+            noise.resamples,
+            noise.seconds,
+            len(noise.nll_within_noise),
+            len(candidates),
+            "KL" if noise.headline == "kl" else "dNLL",
+        )
+    started = time.perf_counter()
+    proxies = proxy_ratings(measurement, kl, delta_nll, boot)
+    if proxies:
+        log.info(
+            "validation proxies: %d rated in %.2f s (%.2f s measuring weight errors)",
+            len(proxies),
+            time.perf_counter() - started,
+            measurement.proxy_seconds,
+        )
+    refined = None if refine is None else refinement(refine, measurement, boot, k_used, batches)
     return ValidationReport(
         groups=tuple(
             ValidatedGroup(
@@ -463,8 +886,12 @@ def validation_report(
                 delta_nll=d,
                 kl_div=q,
                 rank=c.rank,
+                delta_nll_ci=nll_ci,
+                kl_ci=kl_ci,
             )
-            for (c, label, _), d, q in zip(measurement.single, delta_nll, kl, strict=True)
+            for (c, label, _), d, q, nll_ci, kl_ci in zip(
+                measurement.single, delta_nll, kl, nll_cis, kl_cis, strict=True
+            )
         ),
         baseline_nll=measurement.baseline.nll,
         spearman_nll=correlations["Spearman(score, dNLL)"],
@@ -487,4 +914,7 @@ def validation_report(
         holdout_source=held_out.source,
         holdout_excluded=held_out.skipped,
         notes=tuple(notes),
+        noise=noise,
+        proxies=proxies,
+        refinement=refined,
     )

@@ -18,12 +18,14 @@ import datetime as dt
 import importlib.metadata
 import os
 import platform
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import cattrs
 
 from auto_quantize_model.artifacts import FixedGroup, FrontierSummary, StageTiming, ValidationReport
+from auto_quantize_model.core.noise import random_weights_notice
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.convert import JSON_CONVERTER, dumps_json, json_problems
 
@@ -149,7 +151,29 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     for optional in ("search_order", "fixed_groups", "frontier"):
         if not data[optional]:
             del data[optional]  # likewise for runs without them
+    if data["validation"] is not None:
+        _drop_unset(data["validation"], VALIDATION_ADDITIONS)
+        for group in data["validation"]["groups"]:
+            _drop_unset(group, VALIDATED_GROUP_ADDITIONS)
+    notice = random_weights_notice(manifest.model.source)
+    if notice:  # derived from the model source, first so that no reader misses it
+        data = {"schema_version": data.pop("schema_version"), NOTICE_KEY: notice, **data}
     return data
+
+
+NOTICE_KEY = "notice"
+"""Top-level key of the random-weights sentence (:func:`random_weights_notice`); derived from
+``model.source`` when written, dropped when read."""
+VALIDATION_ADDITIONS = ("noise", "proxies", "refinement")
+VALIDATED_GROUP_ADDITIONS = ("delta_nll_ci", "kl_ci")
+"""Validation fields added after schema 1 was first written: left out when unset, so a manifest
+without them reads and writes as it always did."""
+
+
+def _drop_unset(record: dict[str, Any], keys: Sequence[str]) -> None:
+    for key in keys:
+        if record.get(key) in (None, [], ()):
+            record.pop(key, None)
 
 
 def manifest_to_json(manifest: Manifest) -> str:
@@ -174,6 +198,8 @@ def manifest_from_dict(data: Any, source_path: str | os.PathLike[str]) -> Manife
             f"{SCHEMA_VERSION}"
             + (" (the file is newer: upgrade auto-quantize-model)" if version > SCHEMA_VERSION else "")
         )
+    if isinstance(data.get(NOTICE_KEY), str):
+        data = {key: value for key, value in data.items() if key != NOTICE_KEY}
     try:
         manifest = JSON_CONVERTER.structure(data, Manifest)
     except (cattrs.BaseValidationError, TypeError, ValueError) as err:

@@ -28,7 +28,7 @@ from auto_quantize_model.core.scores import coefficient_text, group_name, worst
 from auto_quantize_model.io.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from auto_quantize_model.artifacts import ValidationReport
+    from auto_quantize_model.artifacts import Interval, ValidatedGroup, ValidationReport
     from auto_quantize_model.io.manifest import Manifest, RankedGroup
 
 HEATMAP_KINDS = ("q/k/v", "o", "gate/up", "down", "lm_head")
@@ -242,49 +242,94 @@ def _top_bars(groups: Sequence[RankedGroup], scored: int, non_finite: int, title
     return figure
 
 
-def _scatter(validation: ValidationReport, title: str) -> Any:
-    from matplotlib.figure import Figure
+def _scatter_panel(axes: Any, validation: ValidationReport, title: str, measure: str) -> None:
+    """Predicted score against one measured quantity (``delta_nll`` or ``kl``), with the bootstrap
+    interval of each measurement as an error bar when the validation has them."""
 
-    points = [g for g in validation.groups if math.isfinite(g.score) and math.isfinite(g.delta_nll)]
+    def value(g: ValidatedGroup) -> float:
+        return g.delta_nll if measure == "delta_nll" else g.kl_div
+
+    def interval(g: ValidatedGroup) -> Interval | None:
+        found = g.delta_nll_ci if measure == "delta_nll" else g.kl_ci
+        return found if found is not None and math.isfinite(found.low) and math.isfinite(found.high) else None
+
+    what = "ΔNLL" if measure == "delta_nll" else "KL"
+    points = [g for g in validation.groups if math.isfinite(g.score) and math.isfinite(value(g))]
     dropped = len(validation.groups) - len(points)
-    figure = Figure(figsize=(6.5, 5.0), layout="constrained")
-    axes = figure.add_subplot()
     for selection, marker in (("top", "o"), ("bottom", "s"), ("random", "^")):
         chosen = [g for g in points if g.selection == selection]
-        if chosen:
-            axes.scatter(
-                [_clip(g.score) for g in chosen],
-                [_clip(g.delta_nll) for g in chosen],
-                marker=marker,
-                label=selection,
+        if not chosen:
+            continue
+        xs = [_clip(g.score) for g in chosen]
+        ys = [_clip(value(g)) for g in chosen]
+        drawn = axes.scatter(xs, ys, marker=marker, label=selection)
+        bars = [
+            (x, y, interval(g)) for x, y, g in zip(xs, ys, chosen, strict=True) if interval(g) is not None
+        ]
+        if bars:
+            axes.errorbar(
+                [x for x, _, _ in bars],
+                [y for _, y, _ in bars],
+                yerr=[
+                    [max(y - _clip(i.low), 0.0) for _, y, i in bars if i is not None],
+                    [max(_clip(i.high) - y, 0.0) for _, y, i in bars if i is not None],
+                ],
+                fmt="none",
+                ecolor=drawn.get_facecolor()[0],
+                elinewidth=1.0,
+                capsize=2.5,
+                alpha=0.7,
             )
     notes = [
         *_clipped_note((g.score for g in points), "score(s)"),
-        *_clipped_note((g.delta_nll for g in points), "ΔNLL value(s)"),
+        *_clipped_note((value(g) for g in points), f"{what} value(s)"),
     ]
-    for values, set_scale, what in (
-        ([_clip(g.score) for g in points], axes.set_xscale, "score"),
-        ([_clip(g.delta_nll) for g in points], axes.set_yscale, "ΔNLL"),
+    ends = [_clip(end) for g in points if (i := interval(g)) is not None for end in (i.low, i.high)]
+    for values, set_scale, label, extra in (
+        ([_clip(g.score) for g in points], axes.set_xscale, "score", []),
+        ([_clip(value(g)) for g in points], axes.set_yscale, what, ends),
     ):
-        if values and all(v > 0 for v in values):
+        if values and all(v > 0 for v in (*values, *extra)):
             set_scale("log")
         elif values:
             # symlog: linear within ±linthresh, logarithmic beyond, so ≤ 0 stays visible.
             magnitudes = _positive_finite(abs(v) for v in values)
             set_scale("symlog", linthresh=min(magnitudes) if magnitudes else 1e-6)
-            notes.append(f"{sum(v <= 0 for v in values)} {what} ≤ 0: symlog axis")
+            below = sum(v <= 0 for v in values)
+            notes.append(
+                f"{below} {label} ≤ 0: symlog axis" if below else f"{label} intervals reach ≤ 0: symlog axis"
+            )
     if dropped:
         notes.append(f"{dropped} non-finite point(s) left out")
+    if any(interval(g) is not None for g in points):
+        confidence = validation.noise.confidence if validation.noise is not None else 0.95
+        notes.append(f"bars: {confidence:.0%} bootstrap intervals")
     axes.set_xlabel("predicted score (AutoQuant)")
-    axes.set_ylabel("measured ΔNLL (held-out captions)")
-    header = (
-        f"{title}: Spearman {coefficient_text(validation.spearman_nll)}, "
-        f"Kendall {coefficient_text(validation.kendall_nll)}, n={len(points)}"
+    axes.set_ylabel(f"measured {what} (held-out captions)")
+    spearman, kendall = (
+        (validation.spearman_nll, validation.kendall_nll)
+        if measure == "delta_nll"
+        else (validation.spearman_kl, validation.kendall_kl)
     )
-    axes.set_title(_titled(header, notes), fontsize=9)
+    headline = validation.noise is not None and validation.noise.headline == measure
+    header = (
+        f"{title}{' (headline)' if headline else ''}: Spearman {coefficient_text(spearman)}, "
+        f"Kendall {coefficient_text(kendall)}, n={len(points)}"
+    )
+    axes.set_title(_titled(header, notes, width=60), fontsize=9)
     if points:
         axes.legend(fontsize=8)
     axes.grid(True, which="major", alpha=0.3)
+
+
+def _scatter(validation: ValidationReport, title: str) -> Any:
+    """Predicted score vs measured ΔNLL (left) and KL (right)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12.0, 5.2), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    _scatter_panel(left, validation, f"{title}: ΔNLL", "delta_nll")
+    _scatter_panel(right, validation, f"{title}: KL", "kl")
     return figure
 
 
@@ -347,7 +392,7 @@ def missing_plots(manifest: Manifest, validation: ValidationReport | None = None
 _CAPTIONS = {
     HEATMAP_STEM: "Importance by decoder layer and module kind (log colour scale)",
     TOP_STEM: f"Top {TOP_GROUPS} groups by importance (log scale)",
-    SCATTER_STEM: "Predicted score vs measured ΔNLL",
+    SCATTER_STEM: "Predicted score vs measured ΔNLL and KL (bars: bootstrap intervals)",
 }
 
 

@@ -18,9 +18,11 @@ from auto_quantize_model.artifacts import (
 )
 from auto_quantize_model.backend.measure import (
     HeldOutEval,
+    RefinePlan,
     held_out_set,
     measure,
     rank_candidates,
+    refine_sets,
     select_groups,
     selection_notes,
     validation_report,
@@ -44,6 +46,12 @@ class ValidateSensitivity:
     the unquantized one; KL is KL(unquantized || quantized) of the next-token distributions,
     averaged over the same tokens. Settings that cannot be honoured in full (``k`` beyond the
     groups, ``holdout_samples`` beyond the held-out text) are logged and recorded in the notes.
+
+    Every figure comes with how far it can be trusted: a bootstrap over the held-out captions
+    (``bootstrap`` resamples) gives intervals, names the differences within the noise and picks
+    the headline measure; free proxies (weight quantization error, activation range) are rated
+    against the same measurements. ``refine = N`` also measures the top N predicted groups (and
+    N random controls) and reorders them by measured KL.
     """
 
     requires: ClassVar[tuple[type, ...]] = (
@@ -70,25 +78,63 @@ class ValidateSensitivity:
         for note in short:
             log.warning("validation: %s", note)
 
+        plan = None
+        if spec.refine:
+            sets = refine_sets(candidates, spec.refine, spec.seed)
+            plan = RefinePlan(candidates, sets, spec.refine)
+            if len(sets.top) < spec.refine or len(sets.control) < len(sets.top):
+                note = (
+                    f"validate.refine = {spec.refine} asks for {spec.refine} top groups and as many "
+                    f"controls, but {len(candidates)} group(s) can be validated: measured {len(sets.top)} "
+                    f"top and {len(sets.control)} control"
+                )
+                log.warning("validation: %s", note)
+                short = (*short, note)
+
         switch = RecipeSwitch(inputs.get(QuantSearch).model)
         evaluator = HeldOutEval.on(inputs.get(LanguageModel), held_out.token_lists)
-        measurement = measure(evaluator, switch, scores.groups, selection, spec.additivity)
+        measurement = measure(
+            evaluator,
+            switch,
+            scores.groups,
+            selection,
+            spec.additivity,
+            extra=() if plan is None else plan.sets.extra(selection),
+            proxies=True,
+        )
         report = validation_report(
             measurement,
             held_out,
             spec.k,
             notes=(*left_out, *short, *switch.notes()),
-            seconds=time.perf_counter() - started,
+            seconds=0.0,
+            resamples=spec.bootstrap,
+            seed=spec.seed,
+            refine=plan,
+            batches=len(evaluator.batches),
         )
+        report = attrs.evolve(report, seconds=time.perf_counter() - started)
+        noise = report.noise
         log.info(
-            "validated %d groups on %d held-out captions (%d tokens): Spearman(score, dNLL) %.3f, "
+            "validated %d groups on %d held-out captions (%d tokens): Spearman(score, %s) %.3f, "
             "top-%d overlap %.2f, %.1f s",
             len(report.groups),
             report.holdout_samples,
             report.holdout_tokens,
-            report.spearman_nll,
+            "KL" if noise is not None and noise.headline == "kl" else "dNLL",
+            report.spearman_kl if noise is not None and noise.headline == "kl" else report.spearman_nll,
             report.k,
-            report.topk_overlap,
+            noise.topk_overlap_kl if noise is not None and noise.headline == "kl" else report.topk_overlap,
             report.seconds,
         )
+        if report.refinement is not None:
+            refined = report.refinement
+            log.info(
+                "refinement: top %d re-ordered by measured KL, %d extra pass(es) in %.1f s; top-%d %s",
+                refined.n,
+                refined.passes,
+                refined.seconds,
+                refined.k,
+                "unchanged" if not refined.entered else f"gains {', '.join(refined.entered)}",
+            )
         return report

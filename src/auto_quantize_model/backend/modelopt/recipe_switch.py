@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from auto_quantize_model.artifacts import GroupScore
+    from auto_quantize_model.core.proxies import WeightStats
 
 
 class RecipeSwitch:
@@ -47,6 +48,7 @@ class RecipeSwitch:
         named_hparams = import_modelopt("modelopt.torch.opt.utils").named_hparams
         recipe_hparam = import_modelopt("modelopt.torch.quantization.algorithms").QuantRecipeHparam
 
+        self.root = root
         self.by_module: dict[str, Any] = {
             group_name(name): hparam
             for name, hparam in named_hparams(root)
@@ -151,6 +153,34 @@ class RecipeSwitch:
                 if self.state[name] != want:
                     weight.data.copy_(folded if want == "folded" else unfolded)
                     self.state[name] = want
+
+    def weight_stats(self, group: GroupScore, fmt: str) -> WeightStats | None:
+        """How far ``fmt``'s weight quantizer moves ``group``'s weights, with the group alone on it.
+
+        The quantizer's forward (fake quantization) against the weight the module holds on that
+        format, folded smoothing included, in float32 and summed over the group's modules. None
+        when a module has no single weight and weight quantizer (e.g. fused experts). Leaves every
+        group on NONE except this one: call :meth:`apply` or :meth:`restore` afterwards.
+        """
+        import torch
+
+        from auto_quantize_model.core.proxies import WeightStats
+
+        self.apply({id(self.hparam_of(group)): fmt})
+        error_sq = weight_sq = max_abs = 0.0
+        with torch.no_grad():
+            for name in group.module_names:
+                module = self.root.get_submodule(name)
+                weight = getattr(module, "weight", None)
+                quantizer = getattr(module, "weight_quantizer", None)
+                if not isinstance(weight, torch.Tensor) or not callable(quantizer):
+                    return None
+                exact = weight.detach().float()
+                moved = quantizer(weight.detach()).float() - exact
+                error_sq += float(moved.square().sum())
+                weight_sq += float(exact.square().sum())
+                max_abs = max(max_abs, float(exact.abs().max())) if exact.numel() else max_abs
+        return WeightStats(error_sq, weight_sq, max_abs)
 
     def restore(self) -> bool:
         """Every group back on its chosen recipe and every folded weight back bit for bit."""
