@@ -167,6 +167,7 @@ def cmd_frontier(args: argparse.Namespace, service: RunService) -> int:
         output=Path(args.output) if args.output else None,
         measure=args.measure,
         workers=args.workers,
+        plots=not args.no_plots,
         command=tuple(args.command_line),
     )
     paths = service.frontier(request)
@@ -312,6 +313,7 @@ def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
         type=_count(1),
         help="CBC processes for the gradient method (default: one per available CPU)",
     )
+    frontier.add_argument("--no-plots", action="store_true", help="write frontier.md/json only")
     frontier.set_defaults(func=cmd_frontier)
 
     diff = sub.add_parser("diff", parents=[common], help="compare two runs (manifests or run folders)")

@@ -60,6 +60,7 @@ class FrontierRequest:
     """Where the files go; None: the manifest's folder."""
     measure: int = 0
     workers: int | None = None
+    plots: bool = True
     command: tuple[str, ...] = ()
 
 
@@ -75,6 +76,7 @@ class FrontierJob:
     """The run's pipeline, pointed at a search state to restore (only when measuring)."""
     state: Path | None
     """The run's search-state file (only when measuring)."""
+    plots: bool = True
 
 
 def locate_manifest(source: Path) -> Path:
@@ -143,7 +145,7 @@ def plan_frontier(request: FrontierRequest) -> FrontierJob:
     pipeline, state = (None, None)
     if request.measure:
         pipeline, state = _measurable_run(folder, manifest)
-    return FrontierJob(manifest_path, manifest, spec, target, pipeline, state)
+    return FrontierJob(manifest_path, manifest, spec, target, pipeline, state, plots=request.plots)
 
 
 def _measurable_run(folder: Path, manifest: Manifest) -> tuple[PipelineSpec, Path]:
@@ -279,11 +281,7 @@ def solve_job(job: FrontierJob, measurer: FrontierMeasurer) -> tuple[BudgetFront
 
 
 def write_job(
-    job: FrontierJob,
-    budget_frontier: BudgetFrontier,
-    measured: MeasuredFrontier | None,
-    *,
-    plots: bool = True,
+    job: FrontierJob, budget_frontier: BudgetFrontier, measured: MeasuredFrontier | None
 ) -> tuple[Path, ...]:
     """Render every file into a scratch folder inside the target, then move them into place.
 
@@ -303,7 +301,7 @@ def write_job(
             scratch,
             title=job.manifest.scheme.name,
             measured=measured,
-            plots=plots,
+            plots=job.plots,
             plots_dir=scratch / PLOTS_DIR,
         )
         placed = []

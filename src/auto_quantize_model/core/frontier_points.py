@@ -86,7 +86,8 @@ def search_space(
             "the recorded search order does not name the scored and fixed groups one for one; "
             "it was ignored (ties between equal formats may be broken differently from ModelOpt)"
         )
-    space = space_from_scores(scored, method, fixed=rows, order=order if usable else ())
+    other = math.fsum(row.weights for row in rows if not row.lm)  # all of it is in the rows
+    space = space_from_scores(scored, method, fixed=rows, order=order if usable else (), other_weights=other)
     if not usable and not groups_in_order:
         space = attrs.evolve(space, exact_order=False)
     if not space.exact_order and not notes:
@@ -118,7 +119,7 @@ def solve_budgets(
         if not any(abs(run_budget - b) <= 1e-9 for b in asked):
             solved.add(run_budget)
             extra.append(
-                f"the run's own budget {run_budget:g} was solved too, to check it against ModelOpt's choice"
+                f"the run's own budget {run_budget:g} was added to the budgets asked for (marked run)"
             )
     else:
         run_budget = None
