@@ -40,7 +40,7 @@ import fnmatch
 import json
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -101,6 +101,10 @@ _PRESET_LABELS: dict[str, tuple[str, int | None]] = {
     "W4A8_AWQ_BETA_CFG": ("W4A8_AWQ", 128),
     "NVFP4_DEFAULT_CFG": ("NVFP4", 16),
     "NVFP4_FP8_MHA_CONFIG": ("NVFP4", 16),
+    # Static NVFP4 weights (MSE/local-Hessian scales): labelled NVFP4, refused for their calibration.
+    "NVFP4_FOUR_OVER_SIX_CFG": ("NVFP4", 16),
+    "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG": ("NVFP4", 16),
+    "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG": ("NVFP4", 16),
     "NVFP4_AWQ_LITE_CFG": ("NVFP4_AWQ", 16),
     "NVFP4_AWQ_CLIP_CFG": ("NVFP4_AWQ", 16),
     "NVFP4_AWQ_FULL_CFG": ("NVFP4_AWQ", 16),
@@ -634,6 +638,7 @@ def config_mismatches(
     config: ExportConfig,
     format_configs: Mapping[str, Mapping[str, Any]],
     other_modules: Iterable[str] = (),
+    canonical: Callable[[Any], str] | None = None,
 ) -> tuple[str, ...]:
     """Every quantizer of every chosen layer whose setting in ``quant_config`` differs from its format's.
 
@@ -642,7 +647,12 @@ def config_mismatches(
     what the chosen format gives that quantizer under ``auto_quantize``; ``NONE`` layers and
     ``other_modules`` (e.g. every other linear layer of the model) must end disabled. Empty when
     the file lists exactly the chosen format of every layer.
+
+    Attributes are compared as written (tuples as lists, keys as strings) unless ``canonical``
+    spells them out first: ModelOpt's own writers leave out attributes at their default values
+    (``get_auto_quantize_config`` drops ``axis: None``), which only ModelOpt's schema can fill in.
     """
+    spell = canonical or _canonical
     entries = quant_config.get("quant_cfg", [])
     problems: list[str] = []
     if algorithm_method(quant_config.get("algorithm")) != config.algorithm:
@@ -661,7 +671,7 @@ def config_mismatches(
             if actual.enabled != expected.enabled:
                 state = "enabled" if actual.enabled else "disabled"
                 problems.append(f"{module}.{attr} is {state}, but {fmt} has it the other way")
-            elif actual.enabled and _canonical(actual.cfg) != _canonical(expected.cfg):
+            elif actual.enabled and spell(actual.cfg) != spell(expected.cfg):
                 problems.append(
                     f"{module}.{attr} is configured {_canonical(actual.cfg)}, "
                     f"{fmt} gives {_canonical(expected.cfg)}"

@@ -169,13 +169,37 @@ def write_quant_config(
     yaml_path = atomic_write_text(out / RECIPE_FILE, xc.recipe_yaml(config, description))
     configs = format_configs(layer.format for layer in config.layers)
     from_json = xc.read_quant_config(json_path.read_text(encoding="utf-8"), str(json_path))
-    _raise_mismatches(str(json_path), xc.config_mismatches(from_json, config, configs))
+    _raise_mismatches(
+        str(json_path), xc.config_mismatches(from_json, config, configs, canonical=modelopt_canonical)
+    )
     recipe_module = import_modelopt("modelopt.recipe")
     with contextlib.redirect_stdout(io.StringIO()):  # load_recipe prints the path it loads
         recipe = recipe_module.load_recipe(yaml_path)
     from_yaml = recipe.quantize.model_dump(exclude_unset=True)
-    _raise_mismatches(str(yaml_path), xc.config_mismatches(from_yaml, config, configs))
+    _raise_mismatches(
+        str(yaml_path), xc.config_mismatches(from_yaml, config, configs, canonical=modelopt_canonical)
+    )
     return ConfigFiles(str(json_path), str(yaml_path), len(config.layers))
+
+
+def modelopt_canonical(cfg: Any) -> str:
+    """A quantizer's attributes with ModelOpt's defaults filled in, as sorted JSON.
+
+    Two spellings of one setting (``{"num_bits": 8}`` and ``{"num_bits": 8, "axis": None}``)
+    give the same text; sequential quantizers (lists) are spelled element by element.
+    """
+    attribute_config = import_modelopt("modelopt.torch.quantization.config").QuantizerAttributeConfig
+
+    def full(one: Any) -> Any:
+        if isinstance(one, list | tuple):
+            return [full(item) for item in one]
+        if one is None:
+            return None
+        dumped = attribute_config(**dict(one)).model_dump()
+        dumped.pop("enable", None)  # enabling is compared on its own
+        return dumped
+
+    return json.dumps(json.loads(json.dumps(xc.json_ready(full(cfg)), default=str)), sort_keys=True)
 
 
 def _raise_mismatches(source: str, problems: Sequence[str]) -> None:
