@@ -59,6 +59,13 @@ class LanguageModel:
     """Names of vision towers/mergers kept out of quantization."""
     scope: Scope
     pad_token_id: int
+    experts: tuple[str, ...] = ()
+    """Names in ``full_model`` of each MoE layer's experts container (empty for a dense decoder)."""
+    expert_grouping: Literal["layer", "expert", "projection"] = "layer"
+    """How AutoQuant groups the experts: ``layer`` (each layer's fused experts, ModelOpt's way),
+    ``expert`` (split, one group per expert), ``projection`` (split, gate+up and down per expert)."""
+    routers: tuple[str, ...] = ()
+    """Names in ``full_model`` of the MoE routers (``mlp.gate``): never quantized."""
 
 
 @attrs.frozen

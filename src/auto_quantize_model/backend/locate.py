@@ -9,6 +9,12 @@ weights into the LM's budget.
 Everything that is neither the decoder, the head, nor one of their ancestors and that holds
 parameters (the vision tower, projectors, mergers) is recorded as a vision module, to be kept
 out of quantization.
+
+A mixture-of-experts decoder (Qwen3-VL-MoE) is made ready for ModelOpt here, in place: its fused
+experts run the ``eager`` implementation (the only one ModelOpt's quantizers see), and with
+``experts = "expert"``/``"projection"`` they are split into one linear layer per expert and
+projection (see :mod:`auto_quantize_model.backend.experts`). The experts and routers found are
+recorded on the :class:`LanguageModel`.
 """
 
 from __future__ import annotations
@@ -181,9 +187,25 @@ def pad_token_id_of(tokenizer: Any, config: Any) -> int:
     )
 
 
+def _inside(prefix: str, name: str) -> bool:
+    return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
 def extract_language_model(model: nn.Module, tokenizer: Any, spec: ExtractSpec) -> LanguageModel:
+    """Locate the LM; prepare its experts for AutoQuant (in place) when it has any."""
     where = find_language_model(model)
     decoder = model.get_submodule(where.prefix) if where.prefix else model
+    from auto_quantize_model.backend.experts import prepare_experts, router_names
+
+    layers = prepare_experts(model, spec.experts)
+    experts = tuple(layer.name for layer in layers if _inside(where.prefix, layer.name))
+    routers = tuple(name for name in router_names(model) if _inside(where.prefix, name)) if experts else ()
+    if not experts and spec.experts != "layer":
+        log.warning(
+            "extract.experts = %r: %s has no mixture-of-experts layers, nothing to split",
+            spec.experts,
+            type(decoder).__name__,
+        )
     return LanguageModel(
         module=decoder,
         lm_head=model.get_submodule(where.head_name),
@@ -193,4 +215,7 @@ def extract_language_model(model: nn.Module, tokenizer: Any, spec: ExtractSpec) 
         vision_modules=where.vision_modules,
         scope=spec.scope,
         pad_token_id=pad_token_id_of(tokenizer, getattr(model, "config", None)),
+        experts=experts,
+        expert_grouping=spec.experts,
+        routers=routers,
     )

@@ -227,8 +227,10 @@ class SearchPlan:
 
 
 def quantizable_weights(root: nn.Module, skip: Callable[[str], bool]) -> int:
-    """Weights of the layers ModelOpt costs (linear and convolution), outside ``skip``."""
+    """Weights of the layers ModelOpt costs (linear, convolution, fused MoE experts), outside ``skip``."""
     from torch import nn
+
+    from auto_quantize_model.backend.experts import fused_expert_weights
 
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
     total = 0
@@ -236,6 +238,8 @@ def quantizable_weights(root: nn.Module, skip: Callable[[str], bool]) -> int:
         weight = getattr(module, "weight", None)
         if isinstance(module, kinds) and weight is not None and not skip(name):
             total += int(weight.numel())
+        elif not skip(name):
+            total += fused_expert_weights(module)  # ModelOpt costs gate_up_proj + down_proj
     return total
 
 
@@ -265,7 +269,7 @@ def plan_search(lm: LanguageModel, spec: AutoQuantSpec) -> SearchPlan:
         root: nn.Module = TextLM(lm.module, lm.lm_head)
         name_map = textlm_name_map(lm.prefix, lm.head_name)
         is_lm: Callable[[str], bool] = _everything
-        disabled = matching_layers(root, name_map, spec.disabled_layers)
+        disabled = matching_layers(root, name_map, (*spec.disabled_layers, *lm.routers))
         lm_weights = quantizable_weights(root, _nothing)
         other_weights = 0
     else:
@@ -273,7 +277,7 @@ def plan_search(lm: LanguageModel, spec: AutoQuantSpec) -> SearchPlan:
         name_map = _identity
         is_lm = lm_membership(lm.prefix, lm.head_name)
         vision = [pattern for v in lm.vision_modules for pattern in (v, f"{v}.*")]
-        disabled = vision + matching_layers(root, name_map, spec.disabled_layers)
+        disabled = vision + matching_layers(root, name_map, (*spec.disabled_layers, *lm.routers))
         lm_weights = quantizable_weights(root, lambda name: not is_lm(name))
         other_weights = quantizable_weights(root, is_lm)
     if lm_weights == 0:

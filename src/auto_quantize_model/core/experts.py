@@ -1,0 +1,196 @@
+"""Mixture-of-experts recipe groups read off their names: what each one stands for, per layer.
+
+Pure (no torch): reports and plots call it on manifests, including ones written before this
+module existed. A group's name is ModelOpt's name for its first module, so the module list says
+what the group really holds:
+
+* ``layers.<L>.mlp.experts`` (one module): layer ``L``'s fused experts, every expert's gate, up
+  and down projections under one format and one score (``extract.experts = "layer"``);
+* ``layers.<L>.mlp.experts.<i>.gate_proj`` holding gate, up and down of expert ``i``: that
+  expert alone (``"expert"``);
+* the same name holding gate and up only, and ``...experts.<i>.down_proj``: expert ``i``'s two
+  GEMMs apart (``"projection"``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Iterable, Sequence
+from typing import Literal, Protocol
+
+import attrs
+
+from auto_quantize_model.core.scores import group_name, worst
+
+Part = Literal["all", "gate/up", "down"]
+Grouping = Literal["layer", "expert", "projection"]
+
+_FUSED = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:\w+\.)*?experts$")
+_SPLIT = re.compile(
+    r"(?:^|\.)layers\.(\d+)\.(?:\w+\.)*?experts\.(\d+)\.(gate_proj|up_proj|down_proj|gate_up_proj)$"
+)
+
+MEANING: dict[Grouping, str] = {
+    "layer": (
+        "one group is one layer's experts, all of them (ModelOpt's fused experts): every expert's gate, "
+        "up and down projections take the same format, and the score is their summed effect on the "
+        "experts' output. Per-expert sensitivity is not visible this way; rerun with "
+        '`extract.experts = "expert"` (or `"projection"`) to score each expert apart'
+    ),
+    "expert": (
+        "one group is one expert of one layer: its gate, up and down projections under one format, "
+        "scored at their own outputs. A group is named after its first projection, so "
+        "`...experts.<i>.gate_proj` stands for the whole expert `i`"
+    ),
+    "projection": (
+        "one expert of one layer is two groups: gate+up (named `...experts.<i>.gate_proj`, one GEMM when "
+        "deployed) and `...experts.<i>.down_proj`, each scored at its own output"
+    ),
+}
+"""What one expert recipe group stands for, by grouping, as the report says it."""
+
+
+class NamedGroup(Protocol):
+    """What this module reads of a recipe group (``RankedGroup`` and ``GroupScore`` both fit)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def module_names(self) -> tuple[str, ...]: ...
+
+
+class ImportantGroup(NamedGroup, Protocol):
+    @property
+    def importance(self) -> float: ...
+
+
+@attrs.frozen
+class ExpertSlot:
+    """Where an expert group sits: its layer, its expert (None for all of them) and its part."""
+
+    layer: int
+    expert: int | None
+    part: Part
+
+
+def expert_slot(name: str, module_names: Sequence[str] = ()) -> ExpertSlot | None:
+    """The expert slot of a group, or None for a group that holds no experts."""
+    name = group_name(name)
+    fused = _FUSED.search(name)
+    if fused is not None:
+        return ExpertSlot(int(fused.group(1)), None, "all")
+    split = _SPLIT.search(name)
+    if split is None:
+        return None
+    projections = {_SPLIT.search(group_name(m)) for m in module_names} - {None}
+    kinds = {match.group(3) for match in projections if match is not None} | {split.group(3)}
+    if "down_proj" in kinds and kinds & {"gate_proj", "up_proj", "gate_up_proj"}:
+        part: Part = "all"
+    elif kinds == {"down_proj"}:
+        part = "down"
+    else:
+        part = "gate/up"
+    return ExpertSlot(int(split.group(1)), int(split.group(2)), part)
+
+
+def display_name(name: str, module_names: Sequence[str] = ()) -> str:
+    """The group's name as a reader needs it: a whole expert as ``...experts.<i>``, gate+up as
+    ``...experts.<i>.gate_up_proj``; every other name unchanged."""
+    slot = expert_slot(name, module_names)
+    if slot is None or slot.expert is None:
+        return group_name(name)
+    stem = group_name(name).rsplit(".", 1)[0]
+    return {"all": stem, "gate/up": f"{stem}.gate_up_proj", "down": f"{stem}.down_proj"}[slot.part]
+
+
+def grouping_of(groups: Iterable[NamedGroup]) -> Grouping | None:
+    """How the experts of these groups were grouped; None when no group holds experts."""
+    parts = {slot.part if slot.expert is not None else "layer" for g in groups if (slot := _slot(g))}
+    if not parts:
+        return None
+    if "layer" in parts:
+        return "layer"
+    return "expert" if parts == {"all"} else "projection"
+
+
+def _slot(group: NamedGroup) -> ExpertSlot | None:
+    return expert_slot(group.name, group.module_names)
+
+
+@attrs.frozen
+class LayerExperts:
+    """One layer's expert groups summarised (importances as the ranking defines them)."""
+
+    layer: int
+    groups: int
+    experts: int
+    worst: float
+    worst_expert: int | None
+    median: float
+    best: float
+
+
+def layer_summaries(groups: Iterable[ImportantGroup]) -> tuple[LayerExperts, ...]:
+    """Per layer: how many expert groups, the worst (and which expert), the median and the best."""
+    by_layer: dict[int, list[tuple[float, int | None]]] = {}
+    for group in groups:
+        slot = _slot(group)
+        if slot is not None:
+            by_layer.setdefault(slot.layer, []).append((group.importance, slot.expert))
+    summaries = []
+    for layer in sorted(by_layer):
+        entries = by_layer[layer]
+        values = [value for value, _ in entries]
+        top = worst(values)
+        finite = sorted(v for v in values if not math.isnan(v))
+        which = next((expert for value, expert in entries if value == top), None)
+        summaries.append(
+            LayerExperts(
+                layer=layer,
+                groups=len(entries),
+                experts=len({expert for _, expert in entries if expert is not None}),
+                worst=top,
+                worst_expert=None if math.isnan(top) else which,
+                median=statistics.median(finite) if finite else math.nan,
+                best=finite[0] if finite else math.nan,
+            )
+        )
+    return tuple(summaries)
+
+
+def _num(value: float) -> str:
+    return "NaN" if math.isnan(value) else format(value, ".3e")
+
+
+def experts_markdown(groups: Sequence[ImportantGroup]) -> list[str]:
+    """The report's "Experts" section; empty for a model without experts.
+
+    Says what one expert group stands for and, when experts were scored apart, a row per layer
+    (worst, median and least sensitive expert), which stays readable where the ranked table of
+    6,000 expert groups cannot.
+    """
+    grouping = grouping_of(groups)
+    if grouping is None:
+        return []
+    layers = layer_summaries(groups)
+    lines = ["", "## Experts", "", f"Mixture of experts, {len(layers)} layers: {MEANING[grouping]}."]
+    if grouping == "layer":
+        return lines
+    lines += [
+        "",
+        "Importance per layer over its expert groups (the heatmap shows the worst; every group is in the "
+        "JSON and the manifest).",
+        "",
+        "| Layer | Expert groups | Worst | Worst expert | Median | Least |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for summary in layers:
+        which = "" if summary.worst_expert is None else str(summary.worst_expert)
+        lines.append(
+            f"| {summary.layer} | {summary.groups} | {_num(summary.worst)} | {which} | "
+            f"{_num(summary.median)} | {_num(summary.best)} |"
+        )
+    return lines
