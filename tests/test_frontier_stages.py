@@ -572,3 +572,45 @@ def test_measuring_the_frontier_restores_the_model_exactly(tmp_path: Path) -> No
     assert measured.chosen_delta_nll == pytest.approx(
         (chosen_before.nll_sum / chosen_before.tokens) - measured.baseline_nll, abs=1e-9
     )
+
+
+@pytest.mark.slow
+def test_a_full_model_manifest_with_fixed_groups_re_solves_to_modelopts_choice() -> None:
+    """Vision rows and a disabled LM layer are fixed rows inside ModelOpt's order, and INT8 and FP8
+    tie on clamped scores: the manifest alone must still give back every group's format."""
+    from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec, LoadSpec
+    from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
+    from auto_quantize_model.stages.extract_lm import ExtractLM
+    from auto_quantize_model.stages.load_model import LoadModel
+    from auto_quantize_model.stages.run_autoquant import RunAutoQuant
+
+    store = Pipeline(
+        [
+            LoadModel(LoadSpec(path="builtin:tiny-qwen3-vl", device="cpu")),
+            ExtractLM(ExtractSpec(scope="full_model")),
+            BuildCalibLoader(CalibSpec(max_samples=16, seq_len=64, batch_size=4)),
+            RunAutoQuant(
+                AutoQuantSpec(
+                    formats=("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"),
+                    effective_bits=11.0,
+                    score_size=8,
+                    disabled_layers=("model.language_model.layers.1.mlp.*",),
+                )
+            ),
+            BuildManifest(ManifestSpec(scheme="full")),
+        ]
+    ).run()
+    data = json.loads(json.dumps(manifest_to_dict(store.get(Manifest))))
+    manifest = manifest_from_dict(data, "full_quant_manifest.json")  # what a run folder holds
+    fixed = {group.name: group.lm for group in manifest.fixed_groups}
+    assert True in fixed.values()  # the disabled MLP
+    assert False in fixed.values()  # the vision tower
+    result = frontier_of_manifest(manifest, FrontierSpec(bits="9:15:1", workers=1), Path("full"))
+    assert result.frontier.exact_order
+    assert result.frontier.other_weights > 0
+    point = result.frontier.point(11.0)
+    by_name = {group.name: group.best_format for group in manifest.groups}
+    assert point.formats == tuple(by_name[name] for name in result.frontier.groups)
+    assert point.effective_bits_model == manifest.scheme.effective_bits_model
+    assert result.run_checked
+    assert result.run_mismatches == ()
