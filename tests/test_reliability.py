@@ -188,6 +188,8 @@ def test_validation_report_states_its_noise_floor_proxies_and_refinement() -> No
     assert by_name["g3"].kl_ci.low > 0
     assert math.isnan(by_name["g4"].kl_div)
     assert by_name["g4"].kl_ci is None
+    assert refinement.neighbours == 3  # g3, g1, g6, g2: KL 0.08, 0.05, 0.04, 0.03 per token, 10 % noise
+    assert refinement.neighbours_resolved >= 2
     assert refinement.spearman_top_kl == pytest.approx(-0.5)  # predicted g1 > g2 > g3, measured g3 > g1 > g2
 
 

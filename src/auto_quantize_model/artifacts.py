@@ -319,6 +319,11 @@ class Refinement:
     """Forward calls of those passes (passes x held-out batches)."""
     reused: int
     """Measured groups refinement took from the validation's own passes."""
+    neighbours: int = 0
+    """Neighbouring pairs in the measured block at the top of :attr:`groups`."""
+    neighbours_resolved: int = 0
+    """Of those, pairs whose KL difference has a bootstrap interval excluding 0: their refined order
+    is beyond the noise (0 without a bootstrap)."""
 
 
 @attrs.frozen

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import random
@@ -791,6 +792,12 @@ def refinement(
         )
         for place, c in enumerate(order, start=1)
     )
+    block = [c.name for c in order[: len(plan.sets.top) + len(promoted)]]
+    resolved = 0
+    if boot is not None:
+        for a, b in itertools.pairwise(block):
+            gap = boot.resamples.interval(boot.kl[:, position[a]] - boot.kl[:, position[b]])
+            resolved += not math.isnan(gap.low) and not gap.contains(0.0)
     predicted_top = [c.name for c in sorted(plan.candidates, key=lambda c: c.rank)[:k]]
     refined_top = [c.name for c in order[:k]]
     top = plan.sets.top
@@ -806,6 +813,8 @@ def refinement(
         passes=len(measurement.extra),
         forward_batches=len(measurement.extra) * batches,
         reused=len(top) + len(plan.sets.control) - len(measurement.extra),
+        neighbours=max(len(block) - 1, 0),
+        neighbours_resolved=resolved,
     )
 
 

@@ -330,6 +330,8 @@ def _agreement(report: ValidationReport) -> list[str]:
 
 
 def _measured_table(report: ValidationReport) -> list[str]:
+    """The validated groups with their intervals. The group comes first: rows that start with a
+    rank and a group name are the ranking's (scripts read the ranked table by that shape)."""
     if not report.groups:
         return []
     noisy = set(report.noise.nll_within_noise) if report.noise is not None else set()
@@ -339,14 +341,14 @@ def _measured_table(report: ValidationReport) -> list[str]:
         "",
         "Each group quantized alone on the format that sets its importance, everything else unquantized.",
         "",
-        "| Rank | Group | Selected as | Format | Score | ΔNLL | ΔNLL interval | KL | KL interval "
+        "| Group | Rank | Selected as | Format | Score | ΔNLL | ΔNLL interval | KL | KL interval "
         "| ΔNLL vs noise |",
-        "| ---: | :--- | :--- | :--- | ---: | ---: | :--- | ---: | :--- | :--- |",
+        "| :--- | ---: | :--- | :--- | ---: | ---: | :--- | ---: | :--- | :--- |",
     ]
     for g in report.groups:
         verdict = NOT_AVAILABLE if g.delta_nll_ci is None else "within" if g.name in noisy else "beyond"
         lines.append(
-            f"| {g.rank or NOT_AVAILABLE} | `{g.name}` | {g.selection} | {g.format} | "
+            f"| `{g.name}` | {g.rank or NOT_AVAILABLE} | {g.selection} | {g.format} | "
             f"{_num(g.score, '.3e')} | {_num(g.delta_nll, '.3e')} | {_interval(g.delta_nll_ci, '.2e')} | "
             f"{_num(g.kl_div, '.3e')} | "
             f"{_interval(g.kl_ci, '.2e')} | {verdict} |"
@@ -416,6 +418,8 @@ def _refinement(report: ValidationReport) -> list[str]:
         f"forward batches) in {refined.seconds:.2f} s; {refined.reused} measurement(s) reused from the "
         "validation above",
         f"- **Top-{refined.k}:** {top_k}",
+        f"- **Beyond the noise:** {refined.neighbours_resolved} of {refined.neighbours} neighbouring "
+        "pairs of the measured block differ in KL beyond the noise (their interval excludes 0)",
         f"- **Controls:** {promoted}",
         f"- **Within the top {refined.n}:** Spearman(predicted, KL) "
         f"{coefficient_text(refined.spearman_top_kl)}",
