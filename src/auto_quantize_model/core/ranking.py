@@ -20,6 +20,7 @@ from auto_quantize_model.core.scores import (
 )
 from auto_quantize_model.core.scores import headline_index as headline_index
 from auto_quantize_model.errors import AqmError, ConfigError
+from auto_quantize_model.io.convert import project
 from auto_quantize_model.io.manifest import RankedGroup
 from auto_quantize_model.specs import scheme_name_problem
 
@@ -63,22 +64,10 @@ def rank_groups(groups: Sequence[GroupScore]) -> tuple[RankedGroup, ...]:
                 f"({len(group.formats)}, {len(group.bits)}, {len(group.scores)}, {len(group.costs)})"
             )
     values = [importance(g.formats, g.scores) for g in groups]
-    ranked = []
-    for rank, position in enumerate(rank_order(values), start=1):
-        group = groups[position]
-        ranked.append(
-            RankedGroup(
-                name=group.name,
-                rank=rank,
-                importance=values[position],
-                best_format=group.best_format,
-                module_names=group.module_names,
-                formats=group.formats,
-                bits=group.bits,
-                scores=group.scores,
-                costs=group.costs,
-            )
-        )
+    ranked = [
+        project(groups[position], RankedGroup, rank=rank, importance=values[position])
+        for rank, position in enumerate(rank_order(values), start=1)
+    ]
     return tuple(ranked)
 
 

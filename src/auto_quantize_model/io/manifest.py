@@ -97,10 +97,6 @@ class RankedGroup:
     costs: tuple[float, ...]
 
 
-Timing = StageTiming
-"""A stage's wall time as the manifest lists it: the runner's own record, not a copy of it."""
-
-
 @attrs.frozen
 class Manifest:
     schema_version: int
