@@ -469,6 +469,9 @@ def test_written_files_are_accepted_by_modelopt_and_quantize_the_chosen_layers(t
     )
     files = ex.write_quant_config(config, tmp_path)  # reads both back itself (YAML via load_recipe)
     assert files.layers == len(config.layers) == 4 * 7 + 1
+    readme = Path(files.readme_path).read_text(encoding="utf-8")
+    assert "quant_recipe.yaml" in readme
+    assert "load_exported" not in readme  # no checkpoint in this folder
     from_json = xc.read_quant_config(Path(files.json_path).read_text(encoding="utf-8"))
     mtq.quantize(model, from_json, None)  # weight-only + dynamic formats need no calibration data
     enabled = {
@@ -486,7 +489,12 @@ def test_written_files_are_accepted_by_modelopt_and_quantize_the_chosen_layers(t
 
 
 def tiny_export(
-    tmp_path: Path, choices: Sequence[GroupChoice], *, calib_captions: int = 32
+    tmp_path: Path,
+    choices: Sequence[GroupChoice],
+    *,
+    calib_captions: int = 32,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> tuple[Any, Any, Any, Any]:
     """The tiny model quantized with ``choices`` and exported; returns (config, result, evaluate, lm)."""
     from auto_quantize_model.backend.lm_forward import as_tensors, calibration_step_for
@@ -498,10 +506,13 @@ def tiny_export(
     from auto_quantize_model.data import builtin_captions_path
     from auto_quantize_model.specs import ExtractSpec
 
-    loaded = build_builtin(TINY_QWEN3_VL, seed=0, dtype="float32", device="cpu")
+    loaded = build_builtin(TINY_QWEN3_VL, seed=0, dtype=dtype, device=device)  # type: ignore[arg-type]
     lm = extract_language_model(loaded.model, loaded.tokenizer, ExtractSpec())
     config = ex.prepare_export(
-        choices, vision_prefixes=lm.vision_modules, known_modules=ex.linear_modules(loaded.model)
+        choices,
+        device=device,
+        vision_prefixes=lm.vision_modules,
+        known_modules=ex.linear_modules(loaded.model),
     )
     captions = read_caption_file(builtin_captions_path())
     calib = scorable(encode(loaded.tokenizer, captions[:calib_captions]), 64)
@@ -671,3 +682,35 @@ def test_the_runs_own_choice_gives_modelopts_get_auto_quantize_config(tmp_path: 
     assert xc.config_mismatches(theirs, config, configs, canonical=ex.modelopt_canonical) == ()
     assert xc.config_mismatches(theirs, config, configs) != ()  # ... which the plain spelling cannot
     assert xc.config_mismatches(config.quant_config, config, configs) == ()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("attention", "mlp", "head", "dtype"),
+    [
+        ("NVFP4_DEFAULT_CFG", FP8, "NONE", "bfloat16"),
+        ("NVFP4_DEFAULT_CFG", FP8, "NONE", "float32"),
+        ("W4A16_NVFP4_CFG", INT8, INT8, "bfloat16"),
+    ],
+)
+def test_nvfp4_mixes_export_and_read_back_on_cuda(
+    tmp_path: Path, attention: str, mlp: str, head: str, dtype: str
+) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from auto_quantize_model.backend.modelopt import export as ex
+
+    config, result, evaluate, _ = tiny_export(
+        tmp_path, layer_choices(attention, mlp, head), device="cuda", dtype=dtype
+    )
+    hf_quant = json.loads((Path(result.directory) / "hf_quant_config.json").read_text(encoding="utf-8"))
+    layers = hf_quant["quantization"]["quantized_layers"]
+    assert result.quant_algo == "MIXED_PRECISION"
+    assert layers[f"{LAYERS}.0.self_attn.q_proj"]["quant_algo"] == xc.export_format(attention).label
+    assert layers[f"{LAYERS}.0.self_attn.q_proj"]["group_size"] == 16
+    assert xc.checkpoint_mismatches(hf_quant, config) == ()
+    back = ex.read_back_nll(result, evaluate, device="cuda")
+    print(f"{attention} + {mlp} + head {head} ({dtype}): {back}, difference {back.difference:.3g}")
+    assert back.ok, back

@@ -63,8 +63,9 @@ exactly on a rounding tie can land on either side (FP8's coarse grid makes such 
 activation ranges come back as ``input_scale * maxbound``, one float rounding off. Measured on
 the tiny model (float32, 64 held-out captions): INT4 weight-only 4e-9, INT8 W8A8 6e-6, W8A16 +
 FP8 per-token 5e-6, SmoothQuant 2e-5, INT8 + FP8 mixes 5e-5 to 9e-5, FP8 everywhere 1.2e-4 (one
-tied weight alone moved it 2e-5: random tiny weights are unusually sensitive). A misread
-format, scale or smoothing vector moves it by 1e-2 or more."""
+tied weight alone moved it 2e-5: random tiny weights are unusually sensitive). One FP8 layer's
+weight scale off by 1.5x, everything else intact, moved it 1.9e-3 (the test checks this is caught);
+a misread format or packing moves it far more."""
 
 Forward = Callable[["nn.Module", Any], Any]
 """ModelOpt's ``forward_step`` shape: runs one calibration batch through the model."""
@@ -150,6 +151,7 @@ class ConfigFiles:
 
     json_path: str
     yaml_path: str
+    readme_path: str
     layers: int
     """Layers whose setting was read back from both files (quantized and NONE)."""
 
@@ -179,7 +181,16 @@ def write_quant_config(
     _raise_mismatches(
         str(yaml_path), xc.config_mismatches(from_yaml, config, configs, canonical=modelopt_canonical)
     )
-    return ConfigFiles(str(json_path), str(yaml_path), len(config.layers))
+    readme = write_readme(out, config)
+    return ConfigFiles(str(json_path), str(yaml_path), str(readme), len(config.layers))
+
+
+def write_readme(output_dir: Path, config: xc.ExportConfig, notes: Sequence[str] = ()) -> Path:
+    """``README.md`` for what the folder holds: the config files, and the checkpoint once written."""
+    has_checkpoint = (output_dir / HF_QUANT_CONFIG_FILE).is_file()
+    return atomic_write_text(
+        output_dir / README_FILE, xc.readme_text(config, checkpoint=has_checkpoint, notes=notes)
+    )
 
 
 def modelopt_canonical(cfg: Any) -> str:
@@ -398,7 +409,7 @@ def export_checkpoint(
         tokenizer.save_pretrained(str(out))
     hf_quant = json.loads((out / HF_QUANT_CONFIG_FILE).read_text(encoding="utf-8"))
     _raise_mismatches(str(out / HF_QUANT_CONFIG_FILE), xc.checkpoint_mismatches(hf_quant, quant_config))
-    atomic_write_text(out / README_FILE, xc.readme_text(quant_config, checkpoint=True, notes=tuple(notes)))
+    write_readme(out, quant_config, notes)
     return CheckpointExport(
         directory=str(out),
         files=tuple(sorted(p.name for p in out.iterdir() if p.is_file())),
