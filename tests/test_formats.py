@@ -24,6 +24,7 @@ from auto_quantize_model.core.formats import (
     resolve_format,
 )
 from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.specs import AutoQuantSpec
 
 # --------------------------------------------------------------------------------------------------
 # Pure: grammar, lookup, validation
@@ -165,8 +166,8 @@ def test_min_effective_bits_and_budget_checks() -> None:
     ):
         check_effective_bits(6.0, ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
     for bad in (0.0, -1.0, 16.5, float("nan")):
-        with pytest.raises(ConfigError, match=r"effective_bits must be in \(0, 16\]"):
-            check_effective_bits(bad, ["INT8_DEFAULT_CFG"])
+        with pytest.raises(ConfigError, match=r"effective_bits: must be in \(0, 16\]"):
+            AutoQuantSpec(effective_bits=bad)
 
 
 def test_all_formats_lists_presets_and_examples() -> None:
