@@ -30,7 +30,6 @@ from auto_quantize_model.backend.modelopt.plan import (
     SearchPlan,
     Steps,
     check_request,
-    input_device,
     plan_search,
     plan_steps,
 )
@@ -64,8 +63,10 @@ class RunAutoQuant:
     """Stands in for ``mtq.auto_quantize`` (tests inject a fake); None calls ModelOpt's."""
 
     def run(self, inputs: Artifacts) -> tuple[SensitivityScores, QuantSearch]:
+        from auto_quantize_model.backend.lm_forward import input_device
+
         lm, calib, spec = inputs.get(LanguageModel), inputs.get(CalibData), self.spec
-        device = input_device(lm)
+        device = input_device(lm.module)
         check_request(spec, calib, device.type)
         steps = plan_steps(calib.captions_per_batch, spec)
         for sentence in steps.unmet:

@@ -12,17 +12,17 @@ alone meets the user's target (:func:`model_constraint`).
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import itertools
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
 from auto_quantize_model.artifacts import CalibData, LanguageModel
 from auto_quantize_model.core import formats as fmt
+from auto_quantize_model.core.batching import IGNORE_INDEX
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.specs import AutoQuantSpec
 
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 log = logging.getLogger("auto_quantize_model")
-
-_IGNORE = -100
-"""Label that the loss skips (torch's ``ignore_index``), as in the calibration batches."""
-
 
 # --------------------------------------------------------------------------------------------------
 # Steps and captions (pure)
@@ -144,7 +140,7 @@ def limit_scored_captions(
     for row, (row_pos, row_ids) in enumerate(zip(positions, tokens, strict=True)):
         for start, end in caption_segments(row_pos, row_ids, pad_id):
             if seen >= keep:
-                labels[row, start:end] = _IGNORE
+                labels[row, start:end] = IGNORE_INDEX
             seen += 1
     batch["labels"] = labels
     out[last] = batch
@@ -291,19 +287,3 @@ def plan_search(lm: LanguageModel, spec: AutoQuantSpec) -> SearchPlan:
         other_weights=other_weights,
         constraint=model_constraint(spec.effective_bits, lm_weights, other_weights),
     )
-
-
-def input_device(lm: LanguageModel) -> torch.device:
-    """Where the batches must go: the input embedding's device (the first parameter's otherwise)."""
-    embeddings = getattr(lm.module, "get_input_embeddings", None)
-    if callable(embeddings):
-        with contextlib.suppress(Exception):
-            found = embeddings()
-            weight = getattr(found, "weight", None)
-            if weight is not None:
-                return cast("torch.device", weight.device)
-    return next(lm.module.parameters()).device
-
-
-def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}

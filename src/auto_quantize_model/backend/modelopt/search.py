@@ -20,7 +20,7 @@ import attrs
 from auto_quantize_model.artifacts import CalibData, LanguageModel
 from auto_quantize_model.backend.modelopt import patches
 from auto_quantize_model.backend.modelopt.checkpoint import SearchCheckpoint
-from auto_quantize_model.backend.modelopt.plan import SearchPlan, Steps, limit_scored_captions, to_device
+from auto_quantize_model.backend.modelopt.plan import SearchPlan, Steps, limit_scored_captions
 from auto_quantize_model.backend.modelopt.state import RawScores, collect_raw_scores
 from auto_quantize_model.specs import AutoQuantSpec
 
@@ -174,10 +174,9 @@ class SearchData:
 
 
 def search_data(lm: LanguageModel, calib: CalibData, steps: Steps, score_size: int) -> SearchData:
-    from auto_quantize_model.backend.lm_forward import target_index
-    from auto_quantize_model.backend.modelopt.plan import input_device
+    from auto_quantize_model.backend.lm_forward import input_device, target_index, to_device
 
-    device = input_device(lm)
+    device = input_device(lm.module)
     scored, score_samples = limit_scored_captions(
         calib.batches, calib.captions_per_batch, steps.score_steps, score_size, lm.pad_token_id
     )
