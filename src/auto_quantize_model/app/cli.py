@@ -24,7 +24,6 @@ from auto_quantize_model.errors import AqmError, InputError, StageError
 
 if TYPE_CHECKING:
     from auto_quantize_model.app.run_service import RunService
-    from auto_quantize_model.app.sweep import SweepPoint
     from auto_quantize_model.io.pipeline_file import PipelineSpec
 
 
@@ -38,18 +37,6 @@ def _output_for(args_output: str | None, spec: PipelineSpec, stem: str) -> Path:
     return new_run_dir(stem)
 
 
-def check_captions(points: Sequence[SweepPoint]) -> None:
-    """Read every captions file before any model loads: empty, blank, not UTF-8 or too short fail now."""
-    from auto_quantize_model.core.captions import read_captions
-
-    seen: set[tuple[str, int]] = set()
-    for point in points:
-        key = (point.spec.calib.captions, point.spec.calib.max_samples)
-        if key not in seen:
-            seen.add(key)
-            read_captions(*key)
-
-
 # --------------------------------------------------------------------------- commands
 
 
@@ -61,7 +48,6 @@ def cmd_run(args: argparse.Namespace, service: RunService) -> int:
 
     spec = load_pipeline(args.file, args.set)
     points = expand_sweep(spec, source=args.file)
-    check_captions(points)
     request = RunRequest(
         spec,
         points,
@@ -94,7 +80,6 @@ def cmd_resume(args: argparse.Namespace, service: RunService) -> int:
     points = expand_sweep(spec, source=file)
     if len(points) > 1 or points[0].settings:
         raise InputError(f"{folder}: resuming a sweep is not supported; rerun the points that failed")
-    check_captions(points)
     request = RunRequest(
         spec,
         points,
