@@ -45,7 +45,7 @@ from auto_quantize_model.bench.results import (
 from auto_quantize_model.bench.settings import LAYOUTS, BenchSettings, ScalingSource, parse_scaling_item
 from auto_quantize_model.core.batching import IGNORE_INDEX, calib_columns
 from auto_quantize_model.errors import ConfigError, InputError
-from auto_quantize_model.io.atomic import dumps_json
+from auto_quantize_model.io.convert import dumps_json
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import CalibSpec
 from fakes import FakeTokenizer, fake_loaded

@@ -154,7 +154,7 @@ def test_resolve_manifest_path(tmp_path: Path) -> None:
 
 
 def test_diff_paths_on_our_manifests(tmp_path: Path) -> None:
-    from auto_quantize_model.io.atomic import manifest_to_json
+    from auto_quantize_model.io.manifest import manifest_to_json
 
     folder_a = tmp_path / "a"
     folder_a.mkdir()

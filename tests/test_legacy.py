@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.io.atomic import manifest_from_dict, manifest_to_json
 from auto_quantize_model.io.legacy import legacy_manifest_from_dict, looks_like_legacy, parse_format
+from auto_quantize_model.io.manifest import manifest_from_dict, manifest_to_json
 from auto_quantize_model.render.reports import LAYER_JSON, LAYER_MD, read_manifest, regenerate_reports
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-manifests"

@@ -140,7 +140,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         report = run_bench(settings)
     text = render_report(report)
     if args.json is not None:
-        from auto_quantize_model.io.atomic import atomic_write_text, dumps_json
+        from auto_quantize_model.io.atomic import atomic_write_text
+        from auto_quantize_model.io.convert import dumps_json
 
         atomic_write_text(args.json, dumps_json(report_to_dict(report)))
     sys.stdout.write(text)

@@ -4,10 +4,6 @@ The bytes go to a temporary file in the destination's own folder (same file syst
 final ``os.replace`` is a rename), are flushed and fsync'ed, then renamed over the destination.
 A reader sees the old file or the new one, never a torn one; on any failure the temporary file
 is removed and the destination is untouched.
-
-Strict JSON text and the manifest's reading and writing used to live here too; they are in
-:mod:`auto_quantize_model.io.convert` and :mod:`auto_quantize_model.io.manifest` now, and stay
-importable from here for callers written before the split.
 """
 
 from __future__ import annotations
@@ -20,16 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-import cattrs
-
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.io.convert import JSON_CONVERTER
-from auto_quantize_model.io.convert import dumps_json as dumps_json
-from auto_quantize_model.io.convert import read_json as read_json
-from auto_quantize_model.io.convert import to_strict_json_value as to_strict_json_value
-from auto_quantize_model.io.manifest import manifest_from_dict as manifest_from_dict
-from auto_quantize_model.io.manifest import manifest_to_dict as manifest_to_dict
-from auto_quantize_model.io.manifest import manifest_to_json as manifest_to_json
 
 _NEW_FILE_MODE = 0o644
 """Mode of newly created files (``mkstemp`` would leave 0600); an existing file keeps its mode."""
@@ -99,8 +86,3 @@ def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pat
     with source.open("rb") as reader, _atomic_target(target) as handle:
         shutil.copyfileobj(reader, handle, length=1 << 20)
     return target
-
-
-def make_converter() -> cattrs.Converter:
-    """A copy of the one JSON converter (:data:`auto_quantize_model.io.convert.JSON_CONVERTER`)."""
-    return JSON_CONVERTER.copy()

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from auto_quantize_model.core.frontier import Frontier, FrontierPoint, step_changes
-from auto_quantize_model.io.atomic import atomic_write_bytes, atomic_write_text, dumps_json
+from auto_quantize_model.io.atomic import atomic_write_bytes, atomic_write_text
+from auto_quantize_model.io.convert import dumps_json
 from auto_quantize_model.render.plots import short_name
 
 if TYPE_CHECKING:
