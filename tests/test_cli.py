@@ -20,8 +20,9 @@ from auto_quantize_model.app.run_service import RunService, import_libraries
 from auto_quantize_model.artifacts import ReportPaths
 from auto_quantize_model.errors import InputError, StageError
 from auto_quantize_model.io.manifest import Manifest, ModelInfo
-from auto_quantize_model.io.pipeline_file import PipelineSpec, load_pipeline, spec_from_dict
+from auto_quantize_model.io.pipeline_file import load_pipeline, spec_from_dict
 from auto_quantize_model.pipeline import Artifacts
+from auto_quantize_model.specs import PipelineSpec
 from builders import INT8, descending, manifest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,27 +10,27 @@ from typing import Any
 import pytest
 
 from auto_quantize_model.errors import ConfigError, InputError
+from auto_quantize_model.io.convert import toml_value
 from auto_quantize_model.io.pipeline_file import (
-    PipelineSpec,
     apply_overrides,
     load_pipeline,
     parse_override,
-    preflight,
     resolve_paths,
     spec_from_dict,
     spec_to_toml,
-    stage_names,
-    toml_value,
 )
+from auto_quantize_model.io.preflight import preflight
 from auto_quantize_model.specs import (
     AutoQuantSpec,
     CalibSpec,
     LoadSpec,
     ManifestSpec,
+    PipelineSpec,
     ReportSpec,
     SpecError,
     ValidateSpec,
 )
+from auto_quantize_model.stages import stage_names
 
 TINY = '[model]\npath = "builtin:tiny-qwen3-vl"\ndevice = "cpu"\n'
 
@@ -593,7 +593,7 @@ def test_preflight_unknown_builtin_and_device() -> None:
 
 
 def test_build_pipeline_assembles_stages_in_order(tmp_path: Path) -> None:
-    from auto_quantize_model.io.pipeline_file import build_pipeline
+    from auto_quantize_model.stages import build_pipeline
 
     spec = _spec(validate={"k": 2})
     pipeline = build_pipeline(spec, tmp_path / "out")

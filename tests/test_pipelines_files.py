@@ -9,7 +9,8 @@ import pytest
 
 from auto_quantize_model.app.sweep import expand_sweep
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.io.pipeline_file import PipelineSpec, load_pipeline, spec_from_dict, spec_to_toml
+from auto_quantize_model.io.pipeline_file import load_pipeline, spec_from_dict, spec_to_toml
+from auto_quantize_model.specs import PipelineSpec
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 FILES = sorted(PIPELINES.glob("*.toml"))

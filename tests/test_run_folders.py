@@ -29,8 +29,8 @@ from auto_quantize_model.app.runs import RunRecord, read_run
 from auto_quantize_model.artifacts import ReportPaths
 from auto_quantize_model.errors import InputError, StageError
 from auto_quantize_model.io.manifest import manifest_to_json
-from auto_quantize_model.io.pipeline_file import PipelineSpec
 from auto_quantize_model.pipeline import Artifacts
+from auto_quantize_model.specs import PipelineSpec
 from builders import descending, manifest
 
 REPO = Path(__file__).resolve().parents[1]

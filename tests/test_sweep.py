@@ -20,7 +20,8 @@ from auto_quantize_model.app.sweep import (
 )
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.manifest import Manifest, ModelInfo
-from auto_quantize_model.io.pipeline_file import PipelineSpec, spec_from_dict
+from auto_quantize_model.io.pipeline_file import spec_from_dict
+from auto_quantize_model.specs import PipelineSpec
 from builders import INT8, descending, manifest
 
 REPO = Path(__file__).resolve().parents[1]

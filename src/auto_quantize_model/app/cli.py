@@ -24,7 +24,7 @@ from auto_quantize_model.errors import AqmError, InputError, StageError
 
 if TYPE_CHECKING:
     from auto_quantize_model.app.run_service import RunService
-    from auto_quantize_model.io.pipeline_file import PipelineSpec
+    from auto_quantize_model.specs import PipelineSpec
 
 
 def _output_for(args_output: str | None, spec: PipelineSpec, stem: str) -> Path:
@@ -94,7 +94,8 @@ def cmd_resume(args: argparse.Namespace, service: RunService) -> int:
 
 def cmd_validate(args: argparse.Namespace, service: RunService) -> int:
     from auto_quantize_model.app.sweep import expand_sweep
-    from auto_quantize_model.io.pipeline_file import load_pipeline, stage_names
+    from auto_quantize_model.io.pipeline_file import load_pipeline
+    from auto_quantize_model.stages import stage_names
 
     spec = load_pipeline(args.file, args.set)
     points = expand_sweep(spec, source=args.file)

@@ -79,9 +79,8 @@ if TYPE_CHECKING:
     from auto_quantize_model.app.sweep import SweepPoint
     from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier, ReportPaths
     from auto_quantize_model.io.manifest import Manifest
-    from auto_quantize_model.io.pipeline_file import PipelineSpec
     from auto_quantize_model.pipeline import Artifacts
-    from auto_quantize_model.specs import FrontierSpec
+    from auto_quantize_model.specs import FrontierSpec, PipelineSpec
 
 log = logging.getLogger(PACKAGE_LOGGER)
 
@@ -135,7 +134,7 @@ def import_libraries(names: Sequence[str] = HEAVY_LIBRARIES) -> float:
 
 def run_pipeline(spec: PipelineSpec, folder: Path) -> Artifacts:
     """Run ``spec`` into ``folder``; running out of GPU memory becomes a one-line error."""
-    from auto_quantize_model.io.pipeline_file import build_pipeline
+    from auto_quantize_model.stages import build_pipeline
 
     try:
         # ModelOpt prints progress on stdout; stdout is for results (the summary), so route it away

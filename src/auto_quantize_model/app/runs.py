@@ -41,7 +41,7 @@ from auto_quantize_model.errors import AqmError, InputError
 from auto_quantize_model.io.convert import JSON_CONVERTER, json_problems
 
 if TYPE_CHECKING:
-    from auto_quantize_model.io.pipeline_file import PipelineSpec
+    from auto_quantize_model.specs import PipelineSpec
 
 log = logging.getLogger(PACKAGE_LOGGER)
 

@@ -21,14 +21,10 @@ import attrs
 
 from auto_quantize_model.app.folders import INDEX_NAME
 from auto_quantize_model.errors import AqmError, ConfigError
-from auto_quantize_model.io.pipeline_file import (
-    PATH_KEYS,
-    PipelineSpec,
-    preflight,
-    spec_from_dict,
-    spec_to_dict,
-    toml_value,
-)
+from auto_quantize_model.io.convert import toml_value
+from auto_quantize_model.io.pipeline_file import PATH_KEYS, spec_from_dict, spec_to_dict
+from auto_quantize_model.io.preflight import preflight
+from auto_quantize_model.specs import PipelineSpec
 
 if TYPE_CHECKING:
     from auto_quantize_model.io.manifest import Manifest

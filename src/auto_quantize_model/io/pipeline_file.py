@@ -24,33 +24,20 @@ import tomli_w
 
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.convert import CONVERTER, flatten_sweep, toml_problems
-from auto_quantize_model.io.convert import describe_value as describe_value
-from auto_quantize_model.io.convert import toml_value as toml_value
-from auto_quantize_model.io.preflight import preflight as preflight
 from auto_quantize_model.specs import PipelineSpec, is_bundled
-from auto_quantize_model.stages import STAGE_TABLES as STAGE_TABLES
 from auto_quantize_model.stages import STAGES
-from auto_quantize_model.stages import build_pipeline as build_pipeline
-from auto_quantize_model.stages import stage_names as stage_names
 
 __all__ = [
     "PATH_KEYS",
-    "STAGE_TABLES",
     "Override",
-    "PipelineSpec",
     "apply_overrides",
-    "build_pipeline",
-    "describe_value",
     "load_pipeline",
     "parse_override",
-    "preflight",
     "read_toml",
     "resolve_paths",
     "spec_from_dict",
     "spec_to_dict",
     "spec_to_toml",
-    "stage_names",
-    "toml_value",
 ]
 
 PATH_KEYS: frozenset[tuple[str, str]] = frozenset(
