@@ -21,7 +21,6 @@ from auto_quantize_model.backend.locate import (
     extract_language_model,
     find_language_model,
     outside_modules,
-    pad_token_id_of,
 )
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.pipeline import Artifacts, Pipeline
@@ -180,34 +179,6 @@ def test_outside_modules_skips_parameterless_and_ancestors() -> None:
         dropout=nn.Dropout(),
     )
     assert outside_modules(model, "model.language_model", "lm_head") == ("model.visual",)
-
-
-class FakeConfig:
-    def __init__(self, pad: Any = None, text_pad: Any = None) -> None:
-        self.pad_token_id = pad
-        self._text = SimpleNamespace(pad_token_id=text_pad)
-
-    def get_text_config(self) -> Any:
-        return self._text
-
-
-@pytest.mark.parametrize(
-    ("tokenizer", "config", "expected"),
-    [
-        (SimpleNamespace(pad_token_id=0, eos_token_id=2), FakeConfig(pad=9, text_pad=8), 0),
-        (SimpleNamespace(pad_token_id=None, eos_token_id=2), FakeConfig(pad=9, text_pad=8), 8),
-        (SimpleNamespace(pad_token_id=None, eos_token_id=2), FakeConfig(pad=9), 9),
-        (SimpleNamespace(pad_token_id=None, eos_token_id=2), FakeConfig(), 2),
-        (SimpleNamespace(pad_token_id=None, eos_token_id=[5, 6]), None, 5),
-    ],
-)
-def test_pad_token_id_fallbacks(tokenizer: Any, config: Any, expected: int) -> None:
-    assert pad_token_id_of(tokenizer, config) == expected
-
-
-def test_pad_token_id_missing_everywhere() -> None:
-    with pytest.raises(InputError, match=r"set pad_token in tokenizer_config\.json"):
-        pad_token_id_of(SimpleNamespace(pad_token_id=None, eos_token_id=None), FakeConfig())
 
 
 @pytest.mark.parametrize("scope", ["language_model", "full_model"])

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from auto_quantize_model.artifacts import LanguageModel
+from auto_quantize_model.core.batching import pad_token_id
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.specs import ExtractSpec
 
@@ -169,24 +170,6 @@ def find_language_model(model: nn.Module) -> LMLocation:
     )
 
 
-def pad_token_id_of(tokenizer: Any, config: Any) -> int:
-    """Pad id from the tokenizer, else the (text) config, else the tokenizer's eos id."""
-    candidates: list[Any] = [getattr(tokenizer, "pad_token_id", None)]
-    if config is not None:
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
-        candidates += [getattr(text_config, "pad_token_id", None), getattr(config, "pad_token_id", None)]
-    candidates.append(getattr(tokenizer, "eos_token_id", None))
-    for value in candidates:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, list | tuple) and value and isinstance(value[0], int):
-            return int(value[0])
-    raise InputError(
-        "neither the tokenizer nor the model config defines a pad or eos token; "
-        "set pad_token in tokenizer_config.json"
-    )
-
-
 def _inside(prefix: str, name: str) -> bool:
     return not prefix or name == prefix or name.startswith(prefix + ".")
 
@@ -214,7 +197,7 @@ def extract_language_model(model: nn.Module, tokenizer: Any, spec: ExtractSpec) 
         full_model=model,
         vision_modules=where.vision_modules,
         scope=spec.scope,
-        pad_token_id=pad_token_id_of(tokenizer, getattr(model, "config", None)),
+        pad_token_id=pad_token_id(tokenizer, getattr(model, "config", None)),
         experts=experts,
         expert_grouping=spec.experts,
         routers=routers,
