@@ -312,3 +312,195 @@ def test_projection_grouping_then_fused_search_in_one_process() -> None:
     assert all(cost(g, "NONE") == 2 * HIDDEN * MLP for g in gate_up)
     fused = search("layer")
     assert len(expert_groups(fused)) == LAYERS
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports and plots at scale: 64 dense layers (257 groups) and 48 layers x 128 experts
+# --------------------------------------------------------------------------------------------------
+
+P = "model.language_model.layers"
+
+
+def moe_manifest(layers: int, experts: int, grouping: str) -> Any:
+    """A ranked manifest shaped like 30B-A3B scored with ``grouping`` (importances made up).
+
+    Importances fall with the position in network order, so ranks are predictable: each layer's
+    attention first, expert ``e`` of layer ``l`` below every expert of earlier layers.
+    """
+    import attrs
+
+    from builders import manifest
+
+    rows: list[tuple[str, float, tuple[str, ...]]] = []
+    for layer in range(layers):
+        qkv = f"{P}.{layer}.self_attn.q_proj"
+        rows.append((qkv, 1.0, (qkv, qkv[:-6] + "k_proj", qkv[:-6] + "v_proj")))
+        rows.append((f"{P}.{layer}.self_attn.o_proj", 0.5, (f"{P}.{layer}.self_attn.o_proj",)))
+        if grouping == "layer":
+            rows.append((f"{P}.{layer}.mlp.experts", 0.25, (f"{P}.{layer}.mlp.experts",)))
+            continue
+        for expert in range(experts):
+            stem = f"{P}.{layer}.mlp.experts.{expert}"
+            value = 1e-3 / (1 + layer * experts + expert)
+            if grouping == "expert":
+                rows.append(
+                    (
+                        f"{stem}.gate_proj",
+                        value,
+                        (f"{stem}.gate_proj", f"{stem}.up_proj", f"{stem}.down_proj"),
+                    )
+                )
+            else:
+                rows.append((f"{stem}.gate_proj", value, (f"{stem}.gate_proj", f"{stem}.up_proj")))
+                rows.append((f"{stem}.down_proj", value / 2, (f"{stem}.down_proj",)))
+    rows.append(("lm_head", 2.0, ("lm_head",)))
+    ordered = sorted(rows, key=lambda row: -row[1])
+    built = manifest([(name, value) for name, value, _ in ordered], scheme=f"moe_{grouping}")
+    modules = {name: mods for name, _, mods in rows}
+    return attrs.evolve(
+        built, groups=tuple(attrs.evolve(g, module_names=modules[g.name]) for g in built.groups)
+    )
+
+
+def dense_manifest(layers: int) -> Any:
+    from builders import descending, manifest
+
+    names = [
+        f"{P}.{layer}.{kind}"
+        for layer in range(layers)
+        for kind in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    ]
+    return manifest(descending([*names, "lm_head"], top=1000.0), scheme="dense")
+
+
+@pytest.mark.parametrize(
+    ("name", "modules", "slot", "shown"),
+    [
+        (f"{P}.3.mlp.experts", (), (3, None, "all"), f"{P}.3.mlp.experts"),
+        (
+            f"{P}.3.mlp.experts.17.gate_proj",
+            (
+                f"{P}.3.mlp.experts.17.gate_proj",
+                f"{P}.3.mlp.experts.17.up_proj",
+                f"{P}.3.mlp.experts.17.down_proj",
+            ),
+            (3, 17, "all"),
+            f"{P}.3.mlp.experts.17",
+        ),
+        (
+            f"{P}.3.mlp.experts.17.gate_proj",
+            (f"{P}.3.mlp.experts.17.gate_proj", f"{P}.3.mlp.experts.17.up_proj"),
+            (3, 17, "gate/up"),
+            f"{P}.3.mlp.experts.17.gate_up_proj",
+        ),
+        (f"{P}.3.mlp.experts.17.down_proj", (), (3, 17, "down"), f"{P}.3.mlp.experts.17.down_proj"),
+        (f"{P}.3.mlp.gate_proj", (), None, f"{P}.3.mlp.gate_proj"),
+        ("lm_head", (), None, "lm_head"),
+    ],
+)
+def test_expert_groups_are_read_off_their_names(
+    name: str, modules: tuple[str, ...], slot: tuple[int, int | None, str] | None, shown: str
+) -> None:
+    from auto_quantize_model.core.experts import ExpertSlot, display_name, expert_slot
+
+    assert expert_slot(name, modules) == (None if slot is None else ExpertSlot(*slot))  # type: ignore[arg-type]
+    assert display_name(name, modules) == shown
+
+
+@pytest.mark.parametrize("grouping", ["layer", "expert", "projection"])
+def test_what_one_expert_group_stands_for_is_said(grouping: str) -> None:
+    from auto_quantize_model.core.experts import MEANING, experts_markdown, grouping_of
+
+    built = moe_manifest(layers=3, experts=4, grouping=grouping)
+    assert grouping_of(built.groups) == grouping
+    text = "\n".join(experts_markdown(built.groups))
+    assert "## Experts" in text
+    assert MEANING[grouping] in text
+    per_layer = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(per_layer) == (0 if grouping == "layer" else 3)
+    if grouping == "expert":
+        # Layer 1's worst expert is its first (importances fall along network order).
+        assert per_layer[1].startswith("| 1 | 4 | ")
+        assert per_layer[1].split(" | ")[3] == "0"
+    assert experts_markdown(dense_manifest(2).groups) == []
+
+
+def test_heatmap_grid_gives_experts_their_own_rows() -> None:
+    from auto_quantize_model.render.plots import importance_grid
+
+    dense = importance_grid(dense_manifest(2).groups)
+    assert dense.kinds == ("q/k/v", "o", "gate/up", "down", "lm_head")
+    assert dense.experts_per_cell == 0
+    fused = importance_grid(moe_manifest(2, 4, "layer").groups)
+    assert fused.kinds == ("q/k/v", "o", "experts", "lm_head")
+    assert fused.values[2][:2] == (0.25, 0.25)
+    assert fused.left_out == ()
+    split = importance_grid(moe_manifest(2, 4, "expert").groups)
+    assert split.kinds == ("q/k/v", "o", "experts", "lm_head")
+    assert split.experts_per_cell == 4
+    assert split.values[2][1] == pytest.approx(1e-3 / 5)  # the worst of layer 1's experts: its first
+    projection = importance_grid(moe_manifest(2, 4, "projection").groups)
+    assert projection.kinds == ("q/k/v", "o", "experts gate/up", "experts down", "lm_head")
+
+
+def test_expert_map_is_layers_by_experts_only_when_experts_were_split() -> None:
+    from auto_quantize_model.render.plots import expert_grid
+
+    assert expert_grid(moe_manifest(2, 4, "layer").groups) is None
+    grid = expert_grid(moe_manifest(3, 4, "projection").groups)
+    assert grid is not None
+    assert (grid.layers, grid.experts, grid.groups_per_expert) == ((0, 1, 2), 4, 2)
+    assert grid.values[2][3] == pytest.approx(1e-3 / (1 + 2 * 4 + 3))  # gate+up beats down (half)
+
+
+def test_long_heatmaps_are_cut_into_panels() -> None:
+    from auto_quantize_model.render.plots import panels
+
+    assert panels(37) == [range(37)]  # 36 layers + head: one strip, as for 4B
+    assert [len(p) for p in panels(65)] == [33, 32]  # 32B: 64 layers + head
+    assert [len(p) for p in panels(49)] == [25, 24]  # 30B-A3B
+    assert [len(p) for p in panels(95)] == [32, 32, 31]
+    assert [i for p in panels(95) for i in p] == list(range(95))
+
+
+def test_long_rankings_show_the_top_and_collapse_or_point_to_the_rest() -> None:
+    import re
+
+    from auto_quantize_model.render.reports import TABLE_TOP, render_markdown
+
+    def ranks(text: str) -> list[int]:
+        table = text.split("## Ranked groups", 1)[1]
+        return [int(rank) for rank in re.findall(r"^\| (\d+) \| `", table, flags=re.MULTILINE)]
+
+    short = render_markdown(dense_manifest(10))  # 41 groups: one table as before
+    assert ranks(short) == list(range(1, 42))
+    assert "<details>" not in short
+    dense = render_markdown(dense_manifest(64))  # 257 groups
+    assert ranks(dense) == list(range(1, 258))  # every rank once, in order
+    assert dense.index(f"The {TABLE_TOP} most sensitive of 257 groups") < dense.index("<details>")
+    assert "<summary>The others (ranks 31 to 257)</summary>" in dense
+    split = render_markdown(moe_manifest(48, 128, "expert"))
+    assert len(moe_manifest(48, 128, "expert").groups) == 48 * (2 + 128) + 1
+    assert ranks(split) == list(range(1, TABLE_TOP + 1))
+    assert "The others (ranks 31 to 6241) are in `per-layer-sensitivity.json`" in split
+    assert len(split) < 40_000  # readable, not 700 kB of table
+
+
+@pytest.mark.slow
+def test_plots_at_scale_stay_readable(tmp_path: Any) -> None:
+    """32B-shaped and 30B-A3B-shaped reports: every picture is written and none is a thin strip."""
+    from matplotlib.image import imread
+
+    from auto_quantize_model.render.plots import EXPERTS_STEM, HEATMAP_STEM, TOP_STEM, write_plots
+
+    written = {p.name for p in write_plots(dense_manifest(64), tmp_path / "dense")}
+    assert {f"{HEATMAP_STEM}.png", f"{TOP_STEM}.png"} <= written
+    assert f"{EXPERTS_STEM}.png" not in written
+    heatmap = imread(tmp_path / "dense" / f"{HEATMAP_STEM}.png")
+    height, width = heatmap.shape[:2]
+    assert width <= 2400
+    assert height / width > 0.3, f"{width}x{height}: too thin to read"
+    written = {p.name for p in write_plots(moe_manifest(48, 128, "projection"), tmp_path / "moe")}
+    assert f"{EXPERTS_STEM}.png" in written
+    experts = imread(tmp_path / "moe" / f"{EXPERTS_STEM}.png")
+    assert experts.shape[1] <= 2400

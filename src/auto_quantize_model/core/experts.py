@@ -42,11 +42,14 @@ MEANING: dict[Grouping, str] = {
     "expert": (
         "one group is one expert of one layer: its gate, up and down projections under one format, "
         "scored at their own outputs. A group is named after its first projection, so "
-        "`...experts.<i>.gate_proj` stands for the whole expert `i`"
+        "`...experts.<i>.gate_proj` stands for the whole expert `i`. An expert's score grows with the "
+        "tokens the router sent it during scoring: one that no scored caption reached scores 0"
     ),
     "projection": (
         "one expert of one layer is two groups: gate+up (named `...experts.<i>.gate_proj`, one GEMM when "
-        "deployed) and `...experts.<i>.down_proj`, each scored at its own output"
+        "deployed) and `...experts.<i>.down_proj`, each scored at its own output. An expert's score "
+        "grows with the tokens the router sent it during scoring: one that no scored caption reached "
+        "scores 0"
     ),
 }
 """What one expert recipe group stands for, by grouping, as the report says it."""

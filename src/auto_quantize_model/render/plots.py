@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from auto_quantize_model.core.experts import display_name, expert_slot
 from auto_quantize_model.core.scores import coefficient_text, group_name, worst
 from auto_quantize_model.io.atomic import atomic_write_bytes
 
@@ -31,8 +32,16 @@ if TYPE_CHECKING:
     from auto_quantize_model.artifacts import Interval, ValidatedGroup, ValidationReport
     from auto_quantize_model.io.manifest import Manifest, RankedGroup
 
-HEATMAP_KINDS = ("q/k/v", "o", "gate/up", "down", "lm_head")
+EXPERT_KINDS = ("experts", "experts gate/up", "experts down")
+"""Heatmap rows of a mixture-of-experts layer: all its experts (fused, or each expert whole),
+or the experts' gate+up and down apart. A cell holds the worst of the layer's expert groups."""
+HEATMAP_KINDS = ("q/k/v", "o", "gate/up", "down", *EXPERT_KINDS, "lm_head")
 """Heatmap rows: the recipe groups of a Qwen-style decoder layer, then the output head."""
+_DENSE_MLP_KINDS = ("gate/up", "down")
+_EXPERT_KIND = {"all": "experts", "gate/up": "experts gate/up", "down": "experts down"}
+MAX_HEATMAP_COLUMNS = 40
+"""More layers than this are drawn as stacked panels of at most this many columns each: one strip
+of 64 or 94 layers is too thin to read once a report page scales it to its width."""
 
 HEAD_COLUMN = "head"
 PLOT_MIN = 1e-100
@@ -45,6 +54,7 @@ DPI = 150
 HEATMAP_STEM = "sensitivity-heatmap"
 TOP_STEM = "sensitivity-top"
 SCATTER_STEM = "validation-scatter"
+EXPERTS_STEM = "sensitivity-experts"
 FORMATS = ("png", "svg")
 
 _PROJECTION_KIND = {
@@ -63,19 +73,24 @@ _VISION_PART = re.compile(r"(?:^|\.)(?:visual|vision\w*)(?:\.|$)")
 _LM_PREFIX = re.compile(r"^(?:.*?\blanguage_model\.|model\.)")
 
 
-def grid_slot(name: str) -> tuple[int | None, str] | None:
+def grid_slot(name: str, module_names: Sequence[str] = ()) -> tuple[int | None, str] | None:
     """Where a group goes in the heatmap: ``(layer, kind)``, ``(None, "lm_head")``, or None.
 
     Accepts our names (``model.language_model.layers.12.mlp.down_proj``), the previous tool's
     older ones without ``model.``, a plain causal LM's ``model.layers.N...``, and ModelOpt's
     ``.quant_recipe`` suffix. Vision towers also have ``layers.N.self_attn`` in some models, so
-    any name with a vision part is left out rather than mixed into the decoder rows.
+    any name with a vision part is left out rather than mixed into the decoder rows. Expert
+    groups go to the rows of :data:`EXPERT_KINDS`; ``module_names`` tells a whole split expert
+    (named after its ``gate_proj``) from its gate+up alone.
     """
     name = group_name(name)
     if _VISION_PART.search(name):
         return None
     if name == "lm_head" or name.endswith(".lm_head"):
         return (None, "lm_head")
+    expert = expert_slot(name, module_names)
+    if expert is not None:
+        return (expert.layer, _EXPERT_KIND[expert.part])
     match = _DECODER_GROUP.search(name)
     if match is None:
         return None
@@ -102,28 +117,58 @@ class ImportanceGrid:
     values: tuple[tuple[float, ...], ...]
     left_out: tuple[str, ...]
     """Groups that fit no cell (vision, unknown module kinds)."""
+    experts_per_cell: int = 0
+    """Most expert groups sharing one cell (the worst of them is shown); 0 without experts."""
 
 
 def importance_grid(groups: Iterable[RankedGroup]) -> ImportanceGrid:
     """Place each group's importance on the layer-by-kind grid (pure; the heatmap draws this)."""
     cells: dict[tuple[int | None, str], float] = {}
+    shared: dict[tuple[int | None, str], int] = {}
     left_out = []
     for group in groups:
-        slot = grid_slot(group.name)
+        slot = grid_slot(group.name, group.module_names)
         if slot is None:
             left_out.append(group.name)
             continue
         cells[slot] = worst((cells[slot], group.importance)) if slot in cells else group.importance
+        shared[slot] = shared.get(slot, 0) + 1
     layers = [layer for layer, _ in cells if layer is not None]
     n_layers = max(layers) + 1 if layers else 0
     has_head = (None, "lm_head") in cells
-    # Every decoder row once any layer is there (a missing kind shows as grey, which is news);
-    # the lm_head row only when the head was scored.
-    kinds = tuple(kind for kind in HEATMAP_KINDS if (has_head if kind == "lm_head" else n_layers > 0))
+    present = {kind for _, kind in cells}
+    moe = bool(present.intersection(EXPERT_KINDS))
+
+    def shown(kind: str) -> bool:
+        # Every decoder row once any layer is there (a missing kind shows as grey, which is news),
+        # except rows of the other MLP flavour: a MoE model's dense gate/up and down only where it
+        # has dense layers, its expert rows only for the grouping it was scored with. The lm_head
+        # row only when the head was scored.
+        if kind == "lm_head":
+            return has_head
+        if n_layers == 0:
+            return False
+        if kind in EXPERT_KINDS:
+            return kind in present
+        if kind in _DENSE_MLP_KINDS:
+            return not moe or bool(present.intersection(_DENSE_MLP_KINDS))
+        return True
+
+    kinds = tuple(kind for kind in HEATMAP_KINDS if shown(kind))
     column_keys: list[int | None] = [*range(n_layers), *([None] if has_head else [])]
     values = tuple(tuple(cells.get((column, kind), math.nan) for column in column_keys) for kind in kinds)
     columns = tuple(HEAD_COLUMN if column is None else str(column) for column in column_keys)
-    return ImportanceGrid(kinds, columns, values, tuple(left_out))
+    per_cell = max((count for (_, kind), count in shared.items() if kind in EXPERT_KINDS), default=0)
+    return ImportanceGrid(kinds, columns, values, tuple(left_out), per_cell)
+
+
+def panels(count: int, most: int = MAX_HEATMAP_COLUMNS) -> list[range]:
+    """``count`` columns cut into the fewest panels of at most ``most``, as even as possible."""
+    if count <= most:
+        return [range(count)]
+    n = math.ceil(count / most)
+    size = math.ceil(count / n)
+    return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 def _positive_finite(values: Iterable[float]) -> list[float]:
@@ -185,6 +230,8 @@ def _heatmap(grid: ImportanceGrid, title: str) -> Any:
     positive = _positive_finite(data.ravel().tolist())
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9", under="#ffffff")
     notes = ["grey: no group or non-finite", *_clipped_note(values, "importance(s)")]
+    if grid.experts_per_cell > 1:
+        notes.append(f"expert rows: the worst of up to {grid.experts_per_cell} expert groups per layer")
     if positive:
         low, high = min(positive), max(positive)
         norm: Any = LogNorm(vmin=low, vmax=high if high > low else low * 10)
@@ -195,22 +242,38 @@ def _heatmap(grid: ImportanceGrid, title: str) -> Any:
     else:
         norm = Normalize(vmin=0.0, vmax=1.0)
         notes.append("no positive score to colour")
-    width = min(max(6.5, 2.5 + 0.3 * len(grid.columns)), 30.0)
-    figure = Figure(figsize=(width, 1.2 + 0.45 * len(grid.kinds)), layout="constrained")
-    axes = figure.add_subplot()
-    image = axes.imshow(data, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
-    step = 1 if len(grid.columns) <= 40 else math.ceil(len(grid.columns) / 40)
-    ticks = [i for i in range(len(grid.columns)) if i % step == 0 or grid.columns[i] == HEAD_COLUMN]
-    axes.set_xticks(ticks, [grid.columns[i] for i in ticks], fontsize=7)
-    axes.set_yticks(range(len(grid.kinds)), grid.kinds)
-    axes.set_xlabel("decoder layer")
-    axes.set_title(_titled(title, notes), fontsize=9)
-    colorbar = figure.colorbar(image, ax=axes, extend="min" if "white: scored ≤ 0" in notes else "neither")
+    parts = panels(len(grid.columns))
+    widest = max(len(part) for part in parts)
+    width = min(max(6.5, 2.5 + 0.3 * widest), 16.0)
+    height = 0.9 + len(parts) * (0.5 + 0.42 * len(grid.kinds))
+    figure = Figure(figsize=(width, height), layout="constrained")
+    axes_list = figure.subplots(len(parts), 1, squeeze=False)[:, 0]
+    image: Any = None
+    for axes, part in zip(axes_list, parts, strict=True):
+        columns = [grid.columns[i] for i in part]
+        image = axes.imshow(
+            data[:, part.start : part.stop], aspect="auto", cmap=cmap, norm=norm, interpolation="nearest"
+        )
+        step = 1 if len(columns) <= 40 else math.ceil(len(columns) / 40)
+        ticks = [i for i in range(len(columns)) if i % step == 0 or columns[i] == HEAD_COLUMN]
+        axes.set_xticks(ticks, [columns[i] for i in ticks], fontsize=7)
+        axes.set_yticks(range(len(grid.kinds)), grid.kinds, fontsize=8)
+    axes_list[-1].set_xlabel("decoder layer")
+    axes_list[0].set_title(_titled(title, notes), fontsize=9)
+    colorbar = figure.colorbar(
+        image, ax=list(axes_list), extend="min" if "white: scored ≤ 0" in notes else "neither", fraction=0.04
+    )
     colorbar.set_label("importance (log)" if positive else "importance")
     return figure
 
 
-_KIND_COLOURS = dict(zip((*HEATMAP_KINDS, "other"), ("C0", "C1", "C2", "C3", "C4", "C7"), strict=True))
+_KIND_COLOURS = dict(
+    zip(
+        (*HEATMAP_KINDS, "other"),
+        ("C0", "C1", "C2", "C3", "C5", "C6", "C8", "C4", "C7"),
+        strict=True,
+    )
+)
 
 
 def _top_bars(groups: Sequence[RankedGroup], scored: int, non_finite: int, title: str) -> Any:
@@ -219,11 +282,12 @@ def _top_bars(groups: Sequence[RankedGroup], scored: int, non_finite: int, title
 
     figure = Figure(figsize=(9.0, 1.6 + 0.24 * max(len(groups), 1)), layout="constrained")
     axes = figure.add_subplot()
-    kinds = [(grid_slot(g.name) or (None, "other"))[1] for g in groups]
+    kinds = [(grid_slot(g.name, g.module_names) or (None, "other"))[1] for g in groups]
     positions = range(len(groups))
     values = [_clip(g.importance) for g in groups]
     axes.barh(positions, values, color=[_KIND_COLOURS[k] for k in kinds])
-    axes.set_yticks(positions, [f"{g.rank}. {short_name(g.name)}" for g in groups], fontsize=7)
+    labels = [f"{g.rank}. {short_name(display_name(g.name, g.module_names))}" for g in groups]
+    axes.set_yticks(positions, labels, fontsize=7)
     axes.invert_yaxis()  # rank 1 on top
     axes.set_xscale("log")
     # Start a decade boundary below the smallest bar so even the shortest bar has a visible length.
@@ -239,6 +303,76 @@ def _top_bars(groups: Sequence[RankedGroup], scored: int, non_finite: int, title
     axes.legend(
         handles=[Patch(color=_KIND_COLOURS[k], label=k) for k in present], fontsize=7, loc="lower right"
     )
+    return figure
+
+
+@attrs.frozen
+class ExpertGrid:
+    """Per-expert importances: ``values[layer][expert]``, the worst of the expert's groups."""
+
+    layers: tuple[int, ...]
+    experts: int
+    values: tuple[tuple[float, ...], ...]
+    groups_per_expert: int
+    """1 when each expert was one group, 2 when gate+up and down were scored apart."""
+
+
+def expert_grid(groups: Iterable[RankedGroup]) -> ExpertGrid | None:
+    """Layers by experts, when experts were scored apart (None for fused or no experts)."""
+    cells: dict[tuple[int, int], list[float]] = {}
+    for group in groups:
+        slot = expert_slot(group.name, group.module_names)
+        if slot is not None and slot.expert is not None:
+            cells.setdefault((slot.layer, slot.expert), []).append(group.importance)
+    if not cells:
+        return None
+    layers = tuple(sorted({layer for layer, _ in cells}))
+    experts = max(expert for _, expert in cells) + 1
+    values = tuple(
+        tuple(worst(cells[(layer, e)]) if (layer, e) in cells else math.nan for e in range(experts))
+        for layer in layers
+    )
+    return ExpertGrid(layers, experts, values, max(len(v) for v in cells.values()))
+
+
+def _expert_map(grid: ExpertGrid, title: str) -> Any:
+    import matplotlib
+    import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.figure import Figure
+
+    values = [v for row in grid.values for v in row]
+    data = np.array([[_clip(v) for v in row] for row in grid.values], dtype=float)
+    positive = _positive_finite(data.ravel().tolist())
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9", under="#ffffff")
+    notes = ["grey: no group or non-finite", *_clipped_note(values, "importance(s)")]
+    if grid.groups_per_expert > 1:
+        notes.append("each cell: the worse of the expert's gate+up and down")
+    if positive:
+        low, high = min(positive), max(positive)
+        norm: Any = LogNorm(vmin=low, vmax=high if high > low else low * 10)
+        zero = np.isfinite(data) & (data <= 0)
+        if zero.any():
+            data = np.where(zero, low / 10, data)
+            notes.append("white: scored ≤ 0")
+    else:
+        norm = Normalize(vmin=0.0, vmax=1.0)
+    width = min(max(6.5, 2.0 + 0.08 * grid.experts), 16.0)
+    figure = Figure(figsize=(width, min(max(3.0, 1.4 + 0.16 * len(grid.layers)), 14.0)), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(data, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    x_step = max(1, math.ceil(grid.experts / 32))
+    axes.set_xticks(
+        range(0, grid.experts, x_step), [str(e) for e in range(0, grid.experts, x_step)], fontsize=7
+    )
+    y_step = max(1, math.ceil(len(grid.layers) / 48))
+    rows = range(0, len(grid.layers), y_step)
+    axes.set_yticks(list(rows), [str(grid.layers[i]) for i in rows], fontsize=7)
+    axes.set_xlabel("expert")
+    axes.set_ylabel("decoder layer")
+    axes.set_title(_titled(title, notes, width=70), fontsize=9)
+    colorbar = figure.colorbar(image, ax=axes, fraction=0.04)
+    colorbar.set_label("importance (log)" if positive else "importance")
     return figure
 
 
@@ -358,6 +492,11 @@ def write_plots(
         top = _top_bars(scored[:TOP_GROUPS], len(scored), non_finite, scheme)
         written += _save(top, directory, TOP_STEM)
 
+    experts = expert_grid(manifest.groups)
+    if experts is not None:
+        title = f"{scheme}: importance of each expert"
+        written += _save(_expert_map(experts, title), directory, EXPERTS_STEM)
+
     if validation is not None and validation.groups:
         written += _save(_scatter(validation, scheme), directory, SCATTER_STEM)
     return tuple(written)
@@ -392,6 +531,7 @@ def missing_plots(manifest: Manifest, validation: ValidationReport | None = None
 _CAPTIONS = {
     HEATMAP_STEM: "Importance by decoder layer and module kind (log colour scale)",
     TOP_STEM: f"Top {TOP_GROUPS} groups by importance (log scale)",
+    EXPERTS_STEM: "Importance of each expert, by layer (log colour scale)",
     SCATTER_STEM: "Predicted score vs measured ΔNLL and KL (bars: bootstrap intervals)",
 }
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from auto_quantize_model.artifacts import Interval, ReportPaths, ValidationReport
+from auto_quantize_model.core.experts import experts_markdown
 from auto_quantize_model.core.noise import NAN_INTERVAL, noise_sentences, random_weights_notice
 from auto_quantize_model.core.proxies import beats
 from auto_quantize_model.core.ranking import NONE_FORMAT, headline_index
@@ -47,6 +48,13 @@ LAYER_JSON = "per-layer-sensitivity.json"
 LAYER_MD = "per-layer-sensitivity.md"
 PLOTS_DIR = "plots"
 NOT_AVAILABLE = "n/a"
+TABLE_ALL_UP_TO = 60
+"""Rankings up to this many groups are one table; longer ones show the top :data:`TABLE_TOP`."""
+TABLE_TOP = 30
+"""Rows shown open in a long ranking (as many as the bar chart draws)."""
+TABLE_COLLAPSED_UP_TO = 1000
+"""The rest of a ranking up to this many groups follows in a collapsed table; beyond it (split
+MoE experts: 6,000+ groups) the JSON and the manifest hold them, a Markdown page would not."""
 
 
 def manifest_file_name(scheme: str) -> str:
@@ -477,25 +485,48 @@ def _table(groups: Sequence[RankedGroup]) -> list[str]:
         "- **Bits / Size cost:** bits and compressed weight size of the format that sets the importance.",
         "- **Best format:** what the effective-bits search chose for the group.",
         "",
+    ]
+    head = [
         "| Rank | Layer | Best format | Importance | "
         + "".join(f"{name} | " for name in formats)
         + "Bits | Size cost |",
         "| ---: | :--- | :--- | ---: | " + "---: | " * len(formats) + "---: | ---: |",
     ]
-    for group in groups:
-        by_format = dict(zip(group.formats, group.scores, strict=True))
-        head = headline_index(group.formats, group.scores)
-        cells = [
-            str(group.rank),
-            f"`{group.name}`",
-            _or_na(group.best_format),
-            _num(group.importance),
-            *(_num(by_format[name]) if name in by_format else "" for name in formats),
-            format(group.bits[head], "g"),
-            _num(group.costs[head], ".3e"),
+    rows = [_table_row(group, formats) for group in groups]
+    if len(rows) <= TABLE_ALL_UP_TO:
+        return [*lines, *head, *rows]
+    rest = f"ranks {TABLE_TOP + 1} to {len(rows)}"
+    lines += [f"The {TABLE_TOP} most sensitive of {len(rows)} groups:", "", *head, *rows[:TABLE_TOP], ""]
+    if len(rows) <= TABLE_COLLAPSED_UP_TO:
+        return [
+            *lines,
+            f"<details><summary>The others ({rest})</summary>",
+            "",
+            *head,
+            *rows[TABLE_TOP:],
+            "",
+            "</details>",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return [
+        *lines,
+        f"The others ({rest}) are in `{LAYER_JSON}` (`layer_sensitivity`, in rank order) and in the "
+        "manifest: a table that long is more than a Markdown page can usefully show.",
+    ]
+
+
+def _table_row(group: RankedGroup, formats: Sequence[str]) -> str:
+    by_format = dict(zip(group.formats, group.scores, strict=True))
+    head = headline_index(group.formats, group.scores)
+    cells = [
+        str(group.rank),
+        f"`{group.name}`",
+        _or_na(group.best_format),
+        _num(group.importance),
+        *(_num(by_format[name]) if name in by_format else "" for name in formats),
+        format(group.bits[head], "g"),
+        _num(group.costs[head], ".3e"),
+    ]
+    return "| " + " | ".join(cells) + " |"
 
 
 def render_markdown(manifest: Manifest, *, health_section: str = "", plots_section: str = "") -> str:
@@ -505,6 +536,7 @@ def render_markdown(manifest: Manifest, *, health_section: str = "", plots_secti
         lines += ["", health_section.strip()]
     if plots_section.strip():
         lines += ["", "## Plots", "", plots_section.strip()]
+    lines += experts_markdown(manifest.groups)
     lines += _validation(manifest)
     lines += _table(manifest.groups)
     return "\n".join(lines) + "\n"
