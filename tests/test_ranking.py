@@ -186,6 +186,19 @@ def test_build_manifest_from_scores_alone() -> None:
     assert [(g.rank, g.name) for g in manifest.groups] == [(1, "b"), (2, "a"), (3, "v")]
 
 
+@pytest.mark.parametrize(
+    ("groups", "detail"),
+    [
+        ((), "AutoQuant reported no recipe group"),
+        ((group("nan", int8(math.nan), NONE), group("v", NONE)), "none of the 2 recipe group(s)"),
+    ],
+)
+def test_build_manifest_refuses_an_empty_ranking(groups: tuple[GroupScore, ...], detail: str) -> None:
+    """A run whose every score is unusable stops at BuildManifest with the reason, not with empty reports."""
+    with pytest.raises(AqmError, match="^empty ranking: " + re.escape(detail)):
+        BuildManifest().run(Artifacts.of([scores_of(*groups)]))
+
+
 def test_build_manifest_records_model_dataset_timings_and_versions() -> None:
     stats = CalibStats(
         captions_path="/data/captions.txt",

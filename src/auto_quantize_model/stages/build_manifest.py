@@ -25,7 +25,7 @@ from auto_quantize_model.artifacts import (
     ValidationReport,
 )
 from auto_quantize_model.core.frontier_points import frontier_summary
-from auto_quantize_model.core.ranking import rank_groups, scheme_name
+from auto_quantize_model.core.ranking import check_ranking, rank_groups, scheme_name
 from auto_quantize_model.io.convert import project
 from auto_quantize_model.io.manifest import (
     SCHEMA_VERSION,
@@ -73,7 +73,12 @@ def build_manifest(
     frontier: BudgetFrontier | None = None,
     measured: MeasuredFrontier | None = None,
 ) -> Manifest:
-    """The whole manifest from plain inputs; the clock and environment come in as arguments."""
+    """The whole manifest from plain inputs; the clock and environment come in as arguments.
+
+    A ranking with no finite importance is refused here, before any report is written: every
+    report would rank noise (:func:`~auto_quantize_model.core.ranking.check_ranking`).
+    """
+    check_ranking(scores.groups)
     return Manifest(
         schema_version=SCHEMA_VERSION,
         scheme=scheme_info(scores, scheme_name(scores.formats, spec.scheme)),
