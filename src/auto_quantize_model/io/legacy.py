@@ -19,7 +19,6 @@ share a group (each group lists just its own module).
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import attrs
@@ -27,18 +26,13 @@ import cattrs
 
 from auto_quantize_model.artifacts import GroupScore
 from auto_quantize_model.core.ranking import rank_groups
+from auto_quantize_model.core.scores import group_name, parse_label
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.convert import JSON_CONVERTER, json_problems, open_schema
 from auto_quantize_model.io.manifest import SCHEMA_VERSION, DatasetInfo, Manifest, ModelInfo, SchemeInfo
 
-RECIPE_SUFFIX = ".quant_recipe"
 LEGACY_LAYOUT = "padded"
 """The previous tool padded every caption to the sequence length."""
-
-_FORMAT_RE = re.compile(
-    r"\s*(?P<name>[^()\s]+)\s*\(\s*effective-bits:\s*(?P<bits>[-+0-9.eE]+|inf|nan)\s*\)\s*"
-)
-
 
 # The previous tool's file, as far as we read it. Every class is open: their files hold more
 # (``coverage_fraction``, ``layers``, their own ranks...), which we ignore.
@@ -117,11 +111,12 @@ def looks_like_legacy(data: Any) -> bool:
 
 
 def parse_format(spelled: str) -> tuple[str, float]:
-    """``"INT8_DEFAULT_CFG(effective-bits: 8.0)"`` -> ``("INT8_DEFAULT_CFG", 8.0)``."""
-    match = _FORMAT_RE.fullmatch(spelled)
-    if match is None:
-        raise ValueError(f"format {spelled!r} is not NAME(effective-bits: B)")
-    return match["name"], float(match["bits"])
+    """``"INT8_DEFAULT_CFG(effective-bits: 8.0)"`` -> ``("INT8_DEFAULT_CFG", 8.0)``, by ModelOpt's
+    label rule (:func:`~auto_quantize_model.core.scores.parse_label`), worded for a file's key."""
+    try:
+        return parse_label(spelled)
+    except ValueError:
+        raise ValueError(f"format {spelled!r} is not NAME(effective-bits: B)") from None
 
 
 def _fail(source_path: str | os.PathLike[str], where: str, problem: str) -> InputError:
@@ -139,7 +134,7 @@ def _group(key: str, entry: LegacyGroup, source_path: str | os.PathLike[str]) ->
     counts = (len(parsed), len(entry.scores), len(entry.costs))
     if len(set(counts)) != 1:
         raise _fail(source_path, where, "has {} formats, {} scores and {} costs (must match)".format(*counts))
-    name = key.removesuffix(RECIPE_SUFFIX)
+    name = group_name(key)
     return GroupScore(
         name=name,
         module_names=(name,),
