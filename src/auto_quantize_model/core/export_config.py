@@ -18,9 +18,9 @@ exactly one quantizer each. Unlike ``get_auto_quantize_config``, a preset's glob
 never applied them to a linear layer, and the export must compute what was scored.
 
 ModelOpt 0.47 also reads fixed per-layer configs from YAML: a PTQ recipe (``modelopt/recipe/
-config.py:142``, ``ModelOptPTQRecipe``: a ``metadata`` section with ``recipe_type: ptq`` and a
+config.py:115``, ``ModelOptPTQRecipe``: a ``metadata`` section with ``recipe_type: ptq`` and a
 ``quantize`` section holding ``quant_cfg`` and ``algorithm``), loaded by
-``modelopt.recipe.load_recipe(path)`` (``modelopt/recipe/loader.py:532``). :func:`recipe_yaml`
+``modelopt.recipe.load_recipe(path)`` (``modelopt/recipe/loader.py:83``). :func:`recipe_yaml`
 writes that format. YAML keeps the integer keys of ``block_sizes`` (``-1: 128``) that ModelOpt
 requires; JSON turns them into strings, which ``QuantizerAttributeConfig`` rejects, so
 :func:`read_quant_config` restores them.
