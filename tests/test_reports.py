@@ -696,3 +696,10 @@ def test_markdown_without_a_noise_floor_says_so() -> None:
     assert "Random weights" not in text
     assert "- **Noise floor:** not computed" in text
     assert "- **Rank agreement (measured ΔNLL):** Spearman n/a, Kendall 0.500; (KL) Spearman 0.250" in text
+
+
+def test_refinement_without_a_bootstrap_does_not_claim_a_noise_verdict() -> None:
+    without = attrs.evolve(reliable_validation(), noise=None)
+    text = render_markdown(crafted_manifest(without))
+    assert "- **Beyond the noise:** not computed (validate.bootstrap = 0)" in text
+    assert "neighbouring pairs" not in text

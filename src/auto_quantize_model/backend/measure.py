@@ -10,6 +10,13 @@ The predicted side is the manifest's: importance, the format that sets it and th
 network order, NaN first) all come from :mod:`auto_quantize_model.core.scores`, so a validated
 group's rank is its rank in the manifest. Nothing here imports torch at module level; the pure
 helpers (ranking, selection, held-out text, notes) take plain data.
+
+Every pass also keeps its sums per held-out caption, so the report can say how far each figure
+can be trusted (:mod:`auto_quantize_model.core.noise`: bootstrap intervals, what lies within the
+noise, the headline measure). The same passes feed the proxy baselines
+(:mod:`auto_quantize_model.core.proxies`: input activations recorded in the baseline pass, each
+format's weight quantization error read while the model is switched) and the measured
+refinement (the top N predicted groups and a control set, measured alone and reordered).
 """
 
 from __future__ import annotations

@@ -426,8 +426,12 @@ def _refinement(report: ValidationReport) -> list[str]:
         f"forward batches) in {refined.seconds:.2f} s; {refined.reused} measurement(s) reused from the "
         "validation above",
         f"- **Top-{refined.k}:** {top_k}",
-        f"- **Beyond the noise:** {refined.neighbours_resolved} of {refined.neighbours} neighbouring "
-        "pairs of the measured block differ in KL beyond the noise (their interval excludes 0)",
+        (
+            f"- **Beyond the noise:** {refined.neighbours_resolved} of {refined.neighbours} neighbouring "
+            "pairs of the measured block differ in KL beyond the noise (their interval excludes 0)"
+            if report.noise is not None
+            else "- **Beyond the noise:** not computed (validate.bootstrap = 0)"
+        ),
         f"- **Controls:** {promoted}",
         f"- **Within the top {refined.n}:** Spearman(predicted, KL) "
         f"{coefficient_text(refined.spearman_top_kl)}",
