@@ -12,6 +12,7 @@ import pytest
 from auto_quantize_model.backend.modelopt.formats import modelopt_config
 from auto_quantize_model.core.formats import (
     CUSTOM_EXAMPLES,
+    CUSTOM_REFUSED_EXAMPLES,
     CustomFormat,
     all_formats,
     check_effective_bits,
@@ -42,6 +43,14 @@ from auto_quantize_model.specs import AutoQuantSpec
         ("wfp8_afp8", "wfp8-pt_afp8-tensor", 8.0),
         ("wfp8-pc_afp8-token", "wfp8-pc_afp8-token", 8.0),
         ("wint8-b32_afp8", "wint8-b32_afp8-tensor", 8.0),
+        ("wint8-pic_a16", "wint8-pic_a16", 8.0),
+        ("wint8-b16_aint8", "wint8-b16_aint8-tensor", 8.0),
+        ("wint8_aint4", "wint8-pc_aint4-tensor", 8.0),
+        ("wint4-pt_aint4-token", "wint4-pt_aint4-token", 4.0),
+        ("wfp4_afp4", "wfp4-b16_afp4-b16", 4.5),
+        ("wfp4_aint4", "wfp4-b16_aint4-tensor", 4.5),
+        ("wfp4-b16_a16", "wfp4-b16_a16", 4.5),
+        ("wint4_afp4", "wint4-b128_afp4-b16", 4.0),
     ],
 )
 def test_custom_names_parse(name: str, canonical: str, bits: float) -> None:
@@ -54,7 +63,18 @@ def test_custom_names_parse(name: str, canonical: str, bits: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["wint3_aint8", "wint8_a16-token", "wint8_aint8-channel", "wint8-b16_aint8", "int8_aint8", ""]
+    "name",
+    [
+        "wint3_aint8",
+        "wint8_a16-token",
+        "wint8_aint8-channel",
+        "wint8-b8_aint8",
+        "wfp6_a16",
+        "wnvfp4_a16",
+        "wint8_afp4-b32",
+        "int8_aint8",
+        "",
+    ],
 )
 def test_names_outside_the_grammar_are_not_custom(name: str) -> None:
     assert parse_custom(name) is None
@@ -149,6 +169,94 @@ def test_duplicates_refused() -> None:
     check_formats(["INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG"], "cpu")
 
 
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("wfp4-pt_a16", r"FP4 \(E2M1\) only with block scales.*use wfp4 \(NVFP4, blocks of 16\)"),
+        ("wfp4-pc_afp8", "scaled_e4m3 raises NotImplementedError for E2M1"),
+        ("wfp4-pic_a16", "only with block scales"),
+        ("wfp4-b128_a16", r"ignores the configured block size and always uses 16.*use wfp4 \(= wfp4-b16\)"),
+        ("wfp4-b64_afp4", "fp4_fake_quant_block without it"),
+        ("wfp4-b32_a16", "blocks of 16 under another name"),
+        ("wint8_afp4-tensor", r"FP4 activations exist only as NVFP4 dynamic blocks of 16; use afp4"),
+        ("wint4_afp4-token", "NVFP4 dynamic blocks of 16"),
+        ("wint8_aint8-b16", r"only as MXINT8 .*MXINT8_DEFAULT_CFG\); use aint8-token"),
+        ("wint8_aint4-b16", r"_dynamic_block_quantize_impl raises NotImplementedError; use aint4-token"),
+        ("wfp8_afp8-b16", r"only as MXFP8 .*use afp8-token"),
+    ],
+)
+def test_grammar_names_modelopt_cannot_run_are_refused_with_reason(name: str, reason: str) -> None:
+    spec = parse_custom(name)
+    assert spec is not None, "a refused name still parses, so the user learns why"
+    assert resolve_format(name).refused == spec.refused
+    for device in ("cpu", "cuda"):
+        with pytest.raises(ConfigError, match=rf"format {name} cannot be used for AutoQuant: .*{reason}"):
+            check_formats([name], device)
+    with pytest.raises(ConfigError, match="cannot be used for AutoQuant"):
+        spec.quant_cfg()
+
+
+@pytest.mark.parametrize(
+    ("name", "cuda"),
+    [
+        ("wfp4_a16", True),
+        ("wfp4_aint4-token", True),
+        ("wint8-pic_afp4", True),
+        ("wint4-b128_aint4-token", False),
+        ("wint8-pic_aint4", False),
+        ("wfp8-b64_afp8-token", False),
+    ],
+)
+def test_fp4_anywhere_needs_cuda(name: str, cuda: bool) -> None:
+    assert resolve_format(name).needs_cuda is cuda
+    check_formats([name], "cuda:1")
+    if cuda:
+        with pytest.raises(ConfigError, match=rf"format {name} needs a CUDA GPU .* this run is on cpu"):
+            check_formats([name], "cpu")
+    else:
+        check_formats([name], "cpu")
+
+
+def test_formats_are_costed_at_their_weights_bits() -> None:
+    """ModelOpt charges the narrowest quantizer; a narrower activation gets a recipe-level override."""
+    for name, bits, charge in [
+        ("wint8_aint4", 8.0, 4.0),
+        ("wfp8_afp4", 8.0, 4.5),
+        ("wfp4_aint4-token", 4.5, 4.0),
+    ]:
+        spec = parse_custom(name)
+        assert spec is not None
+        assert (spec.bits, spec.modelopt_charge) == (bits, charge)
+        assert spec.quant_cfg()["effective_bits"] == bits
+        assert f"not ModelOpt's {charge:g}" in resolve_format(name).description
+    for name in ("wint4_aint8", "wint8_aint8", "wfp4_afp4", "wint4_afp4", "wfp4_a16"):
+        spec = parse_custom(name)
+        assert spec is not None
+        assert spec.bits == spec.modelopt_charge
+        assert "effective_bits" not in spec.quant_cfg(), name
+    assert "INT4 activations: experimental" in resolve_format("wint4_aint4").description
+    assert "experimental" not in resolve_format("wint4_aint8").description
+
+
+def test_nvfp4_presets_are_grammar_names() -> None:
+    wfp4 = parse_custom("wfp4_afp4")
+    assert wfp4 is not None
+    assert (
+        wfp4.weight_cfg()
+        == wfp4.input_cfg()
+        == {
+            "num_bits": (2, 1),
+            "effective_bits": 4.5,
+            "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)},
+        }
+    )
+    assert "quantizes like NVFP4_DEFAULT_CFG" in resolve_format("wfp4_afp4").description
+    with pytest.raises(ConfigError, match="wfp4_afp4 quantizes linear layers exactly like NVFP4_DEFAULT_CFG"):
+        check_formats(["NVFP4_DEFAULT_CFG", "wfp4_afp4"], "cuda")
+    with pytest.raises(ConfigError, match="exactly like W4A16_NVFP4_CFG"):
+        check_formats(["W4A16_NVFP4_CFG", "wfp4-b16_a16"], "cuda")
+
+
 def test_check_formats_accepts_usual_sets() -> None:
     check_formats(["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"], "cpu")
     check_formats(["wint4-b128_aint8-token", "wint8-pc_aint8-token", "W4A8_AWQ_BETA_CFG"], "cpu")
@@ -175,6 +283,11 @@ def test_all_formats_lists_presets_and_examples() -> None:
     names = [f.name for f in formats]
     assert len(names) == len(set(names))
     assert set(CUSTOM_EXAMPLES) <= set(names)
+    assert set(CUSTOM_REFUSED_EXAMPLES) <= set(names)
+    assert all(resolve_format(name).usable for name in CUSTOM_EXAMPLES)
+    reasons = {resolve_format(name).refused for name in CUSTOM_REFUSED_EXAMPLES}
+    assert None not in reasons
+    assert len(reasons) == len(CUSTOM_REFUSED_EXAMPLES), "one example per distinct reason"
     for info in formats:
         assert info.bits > 0
         assert (info.modelopt_name is not None) == (info.kind == "preset")
@@ -277,34 +390,74 @@ def test_local_quantizer_agrees_with_modelopt_application() -> None:
             assert enabled == expected.enabled, (name, local)
 
 
-def _all_custom_specs() -> list[CustomFormat]:
+def _grammar_names() -> list[str]:
+    """Every name the grammar spells out in full (defaults are other spellings of these)."""
+    names = []
+    for weight, granularity in itertools.product(
+        ("fp4", "int4", "int8", "fp8"), ("pt", "pc", "pic", "b16", "b32", "b64", "b128")
+    ):
+        acts = ["a16"] + [
+            f"a{act}-{g}" for act in ("fp4", "fp8", "int8", "int4") for g in ("tensor", "token", "b16")
+        ]
+        names += [f"w{weight}-{granularity}_{act}" for act in acts]
+    return names
+
+
+def _all_custom_specs(*, cuda: bool) -> list[CustomFormat]:
+    """The accepted grammar combinations that need CUDA (``cuda``) or run on CPU (not ``cuda``)."""
     specs = []
-    for weight, granularity in itertools.product(("int4", "int8", "fp8"), ("pc", "pt", "b32", "b64", "b128")):
-        for act in ("a16", "aint8-tensor", "aint8-token", "afp8-tensor", "afp8-token"):
-            spec = parse_custom(f"w{weight}-{granularity}_{act}")
-            assert spec is not None
+    for name in _grammar_names():
+        spec = parse_custom(name)
+        assert spec is not None, name
+        assert spec.name == name
+        if spec.refused is None and spec.needs_cuda == cuda:
             specs.append(spec)
     return specs
 
 
-@pytest.mark.slow
-def test_every_custom_format_quantizes_on_cpu() -> None:
-    """Each grammar combination builds a valid config, costs what we say, and really quantizes."""
-    _quiet_import()
+def test_grammar_counts() -> None:
+    """28 weight layouts x 13 activation choices; the accepted ones are what aqm formats promises."""
+    names = _grammar_names()
+    accepted = [n for n in names if resolve_format(n).usable]
+    assert len(names) == 4 * 7 * 13
+    assert len(_all_custom_specs(cuda=False)) == 3 * 7 * (1 + 3 * 2)
+    assert len(_all_custom_specs(cuda=True)) == 3 * 7 * 1 + 1 * (1 + 3 * 2 + 1)
+    assert len(accepted) == len(_all_custom_specs(cuda=False)) + len(_all_custom_specs(cuda=True))
+
+
+def _quantize_one(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Quantize a two-layer model with ``cfg`` on CPU; (model, input, unquantized output)."""
     import torch
     from modelopt.torch.quantization import quantize
-    from modelopt.torch.quantization.algorithms import QuantRecipe
-    from modelopt.torch.quantization.nn import TensorQuantizer
 
     torch.manual_seed(0)
     x = torch.randn(2, 5, 128)
-    for spec in _all_custom_specs():
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32))
+    reference = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize(model, cfg, lambda m: m(x))
+    return model, x, reference
+
+
+def _quantize_and_run(cfg: dict[str, Any]) -> Any:
+    """The quantized output: FP4 weights fail while calibrating, FP4 activations only collect their
+    amax then and fail at the first quantized forward."""
+    model, x, _ = _quantize_one(cfg)
+    return model(x)
+
+
+@pytest.mark.slow
+def test_every_custom_format_quantizes_on_cpu() -> None:
+    """Each CPU grammar combination builds a valid config, costs what we say, and really quantizes."""
+    _quiet_import()
+    import torch
+    from modelopt.torch.quantization.algorithms import QuantRecipe
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    for spec in _all_custom_specs(cuda=False):
         assert QuantRecipe(spec.quant_cfg(), name=spec.name).compression * 16 == spec.bits, spec.name
-        model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32))
-        reference = model(x)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize(model, spec.quant_cfg(), lambda m: m(x))
+        model, x, reference = _quantize_one(spec.quant_cfg())
         out = model(x)
         assert torch.isfinite(out).all(), spec.name
         assert not torch.equal(out, reference), spec.name
@@ -315,6 +468,8 @@ def test_every_custom_format_quantizes_on_cpu() -> None:
         assert weight_q.num_bits == spec.weight_cfg()["num_bits"], spec.name
         if spec.weight_granularity == "pc":
             assert (weight_q.axis, weight_q.amax.numel()) == (0, 64), spec.name
+        elif spec.weight_granularity == "pic":
+            assert (weight_q.axis, tuple(weight_q.amax.shape)) == (1, (1, 128)), spec.name
         elif spec.weight_granularity == "pt":
             assert (weight_q.axis, weight_q.amax.numel()) == (None, 1), spec.name
         else:
@@ -330,6 +485,82 @@ def test_every_custom_format_quantizes_on_cpu() -> None:
                 assert (input_q._dynamic, input_q.axis) == (True, (0, 1)), spec.name
             else:
                 assert (input_q._dynamic, input_q.amax.numel()) == (False, 1), spec.name
+
+
+@pytest.mark.slow
+def test_cuda_only_custom_formats_build_and_fail_on_cpu_as_said() -> None:
+    """FP4 formats are valid ModelOpt configs, costed as we say, and ModelOpt refuses them on CPU."""
+    _quiet_import()
+    from modelopt.torch.quantization.algorithms import QuantRecipe
+    from modelopt.torch.quantization.config import QuantizeConfig
+
+    for spec in _all_custom_specs(cuda=True):
+        QuantizeConfig(**spec.quant_cfg())
+        assert QuantRecipe(spec.quant_cfg(), name=spec.name).compression * 16 == spec.bits, spec.name
+        with pytest.raises(AssertionError, match="must be a CUDA tensor"):
+            _quantize_and_run(spec.quant_cfg())
+
+
+_E2M1_PER_TENSOR = {"num_bits": (2, 1), "axis": None}
+_NOT_E4M3 = "Only support E=4 & M=3"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "weight", "inputs", "error"),
+    [
+        ("wfp4-pt_a16", _E2M1_PER_TENSOR, None, _NOT_E4M3),
+        ("wfp4-pc_a16", {"num_bits": (2, 1), "axis": 0}, None, _NOT_E4M3),
+        ("wfp4-pic_a16", {"num_bits": (2, 1), "axis": 1}, None, _NOT_E4M3),
+        ("wint8_afp4-tensor", {"num_bits": 8, "axis": 0}, _E2M1_PER_TENSOR, _NOT_E4M3),
+        (
+            "wint8_afp4-token",
+            {"num_bits": 8, "axis": 0},
+            {"num_bits": (2, 1), "axis": None, "type": "dynamic", "block_sizes": {-1: None}},
+            _NOT_E4M3,
+        ),
+        (
+            "wint8_aint4-b16",
+            {"num_bits": 8, "axis": 0},
+            {"num_bits": 4, "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}},
+            "Unsupported num_bits: 4",
+        ),
+    ],
+)
+def test_refusals_hold_in_the_installed_modelopt(
+    name: str, weight: dict[str, Any], inputs: dict[str, Any] | None, error: str
+) -> None:
+    """What a refused name would mean, handed to ModelOpt as such, fails there as the reason says."""
+    _quiet_import()
+    assert resolve_format(name).refused is not None
+    entries: list[dict[str, Any]] = [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*weight_quantizer", "cfg": weight},
+        {"quantizer_name": "*input_quantizer", **({"enable": False} if inputs is None else {"cfg": inputs})},
+    ]
+    with pytest.raises((NotImplementedError, AssertionError), match=error):
+        _quantize_and_run({"quant_cfg": entries, "algorithm": "max"})
+
+
+@pytest.mark.slow
+def test_fp4_block_size_reason_holds_in_the_installed_modelopt() -> None:
+    """On Hopper with triton the FP4 kernel is called without the configured block size (read, not run:
+    the kernel needs a GPU); if a ModelOpt upgrade passes it, wfp4-b32/b64/b128 can be offered."""
+    import importlib.util
+    import inspect
+    from pathlib import Path
+
+    _quiet_import()
+    from modelopt.torch.quantization import tensor_quant
+
+    source = inspect.getsource(tensor_quant._dynamic_block_quantize_impl)
+    assert "triton_kernel.fp4_fake_quant_block(inputs, amax)" in source
+    # the kernel module imports triton, absent on CPU machines: read its text
+    kernel = importlib.util.find_spec("modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper")
+    assert kernel is not None
+    assert kernel.origin is not None
+    assert "    block_size: int = 16," in Path(kernel.origin).read_text(encoding="utf-8")
+    assert "fp4_fake_quant_block without it" in (resolve_format("wfp4-b64_a16").refused or "")
 
 
 @pytest.mark.slow

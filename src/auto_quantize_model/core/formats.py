@@ -7,7 +7,10 @@ Two kinds of names are accepted:
   against ``modelopt.torch.quantization.config`` entry by entry.
 * Our own weight/activation names, parsed from a small grammar (:data:`CUSTOM_GRAMMAR`), e.g.
   ``wint8_aint8`` or ``wint4-b128_aint8-token``. They build a ModelOpt config with only the two
-  quantizers of a linear layer set, which is all that ``auto_quantize`` looks at.
+  quantizers of a linear layer set, which is all that ``auto_quantize`` looks at. Every name the
+  grammar spells parses; those ModelOpt 0.47 cannot run as named (FP4 other than NVFP4's dynamic
+  blocks of 16, dynamic blocks of non-FP4 activations) are refused with the reason, and anything
+  FP4 needs CUDA.
 
 Why some presets are refused: ``auto_quantize`` applies a format to each linear layer on its own,
 matching the config's quantizer patterns against the layer's *local* quantizer names
@@ -31,19 +34,21 @@ import attrs
 from auto_quantize_model.errors import ConfigError
 
 FormatKind = Literal["preset", "custom"]
-WeightType = Literal["int4", "int8", "fp8"]
-WeightGranularity = Literal["pc", "pt", "b32", "b64", "b128"]
-ActivationType = Literal["int8", "fp8", "16"]
-ActivationGranularity = Literal["tensor", "token"]
+WeightType = Literal["fp4", "int4", "int8", "fp8"]
+WeightGranularity = Literal["pt", "pc", "pic", "b16", "b32", "b64", "b128"]
+ActivationType = Literal["16", "fp4", "fp8", "int8", "int4"]
+ActivationGranularity = Literal["tensor", "token", "b16"]
 
 LINEAR_QUANTIZERS = ("weight_quantizer", "input_quantizer")
 """Local names of the quantizers ModelOpt puts on a linear layer (besides the output one)."""
 
 CUSTOM_GRAMMAR = (
-    "w<int4|int8|fp8>[-<pc|pt|b32|b64|b128>]_a<int8|fp8|16>[-<tensor|token>]: "
-    "pc = per output channel, pt = per tensor, bN = blocks of N along the input dimension "
-    "(defaults: int8 pc, fp8 pt, int4 b128); activations: tensor = static per tensor (default), "
-    "token = dynamic per token, a16 = weights only"
+    "w<fp4|int4|int8|fp8>[-<pt|pc|pic|b16|b32|b64|b128>]_a<16|fp4|fp8|int8|int4>[-<tensor|token|b16>]: "
+    "weights pt = per tensor, pc = per output channel, pic = per input channel, bN = static blocks of N "
+    "along the input dimension (defaults: int8 pc, fp8 pt, int4 b128, fp4 b16 = NVFP4, its only "
+    "layout); activations tensor = static per tensor (default), token = dynamic per token, b16 = "
+    "NVFP4 dynamic blocks of 16 (fp4 only, its default), a16 = weights only. Anything FP4 needs CUDA; "
+    "INT4/FP4 activations are experimental; W8A4-style pairs are costed at their weights' bits"
 )
 
 
@@ -80,14 +85,80 @@ class FormatInfo:
 # --------------------------------------------------------------------------------------------------
 
 _CUSTOM_RE = re.compile(
-    r"^w(?P<w>int4|int8|fp8)(?:-(?P<wg>pc|pt|b32|b64|b128))?"
-    r"_a(?P<a>int8|fp8|16)(?:-(?P<ag>tensor|token))?$"
+    r"^w(?P<w>fp4|int4|int8|fp8)(?:-(?P<wg>pt|pc|pic|b16|b32|b64|b128))?"
+    r"_a(?P<a>16|fp4|fp8|int8|int4)(?:-(?P<ag>tensor|token|b16))?$"
 )
-_DEFAULT_WEIGHT_GRANULARITY: dict[str, WeightGranularity] = {"int8": "pc", "fp8": "pt", "int4": "b128"}
-_NUM_BITS: dict[str, int | tuple[int, int]] = {"int4": 4, "int8": 8, "fp8": (4, 3)}
-_TYPE_BITS: dict[str, float] = {"int4": 4.0, "int8": 8.0, "fp8": 8.0}
-"""Bits as ModelOpt costs them: integers by width, FP8 E4M3 as 4 + 3 + 1 sign bit."""
-_TYPE_LABEL = {"int4": "INT4", "int8": "INT8", "fp8": "FP8 E4M3"}
+_DEFAULT_WEIGHT_GRANULARITY: dict[str, WeightGranularity] = {
+    "int8": "pc",
+    "fp8": "pt",
+    "int4": "b128",
+    "fp4": "b16",
+}
+_DEFAULT_ACTIVATION_GRANULARITY: dict[str, ActivationGranularity] = {
+    "int8": "tensor",
+    "fp8": "tensor",
+    "int4": "tensor",
+    "fp4": "b16",
+}
+_NUM_BITS: dict[str, int | tuple[int, int]] = {"int4": 4, "int8": 8, "fp8": (4, 3), "fp4": (2, 1)}
+NVFP4_BITS = 4.5
+"""What ModelOpt charges for NVFP4 (its ``effective_bits``): 4-bit elements plus one 8-bit scale per 16."""
+_TYPE_BITS: dict[str, float] = {"int4": 4.0, "int8": 8.0, "fp8": 8.0, "fp4": NVFP4_BITS}
+"""Bits as ModelOpt costs one quantizer: integers by width, FP8 E4M3 as 4 + 3 + 1 sign bit, NVFP4
+by its ``effective_bits``."""
+_TYPE_LABEL = {"int4": "INT4", "int8": "INT8", "fp8": "FP8 E4M3", "fp4": "FP4 E2M1"}
+_NVFP4_LABEL = "NVFP4 (FP4 E2M1, blocks of 16, FP8 scales)"
+EXPERIMENTAL_ACTIVATIONS = ("int4", "fp4")
+"""Activation types the previous tool marked experimental: no deployment runtime computes with them
+alongside 8-bit weights; their scores are still what the fake quantization costs."""
+
+
+def _nvfp4_cfg() -> dict[str, Any]:
+    """ModelOpt's NVFP4 quantizer attributes, as its NVFP4 presets spell them (a fresh dict)."""
+    return {
+        "num_bits": (2, 1),
+        "effective_bits": NVFP4_BITS,
+        "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)},
+    }
+
+
+_FP4_NEEDS_BLOCKS = (
+    "ModelOpt 0.47 quantizes FP4 (E2M1) only with block scales: its per-tensor and per-channel "
+    "fake quantization implements FP8 E4M3 alone (scaled_e4m3 raises NotImplementedError for E2M1)"
+)
+_FP4_BLOCK_SIZE = (
+    "ModelOpt 0.47's FP4 weights are NVFP4 (dynamic blocks of 16 with FP8 scales); on GPUs of compute "
+    "capability 8.9 or newer with triton (H100, H200) its FP4 fake quantization ignores the configured "
+    "block size and always uses 16 (tensor_quant._dynamic_block_quantize_impl calls "
+    "fp4_fake_quant_block without it), so other groups would be scored as blocks of 16 under another "
+    "name"
+)
+
+
+def _refusal(spec: CustomFormat) -> str | None:
+    """Why ModelOpt 0.47 cannot run ``spec`` as named, or None; the reasons are proven in test_formats."""
+    if spec.weight == "fp4" and spec.weight_granularity in ("pt", "pc", "pic"):
+        return f"{_FP4_NEEDS_BLOCKS}; use wfp4 (NVFP4, blocks of 16)"
+    if spec.weight == "fp4" and spec.weight_granularity != "b16":
+        return f"{_FP4_BLOCK_SIZE}; use wfp4 (= wfp4-b16)"
+    if spec.activation == "fp4" and spec.activation_granularity != "b16":
+        return (
+            f"{_FP4_NEEDS_BLOCKS}, so FP4 activations exist only as NVFP4 dynamic blocks of 16; "
+            "use afp4 (= afp4-b16)"
+        )
+    if spec.activation not in ("fp4", "16") and spec.activation_granularity == "b16":
+        why = {
+            "int4": "there is no dynamic block kernel for INT4: _dynamic_block_quantize_impl raises "
+            "NotImplementedError",
+            "int8": "INT8 dynamic blocks exist only as MXINT8 (blocks of 32, E8M0 scales: "
+            "MXINT8_DEFAULT_CFG)",
+            "fp8": "FP8 dynamic blocks exist only as MXFP8 (blocks of 32, E8M0 scales: MXFP8_DEFAULT_CFG)",
+        }[spec.activation]
+        return (
+            f"dynamic blocks of 16 are offered for FP4 activations (NVFP4) alone: in ModelOpt 0.47 {why}; "
+            f"use a{spec.activation}-token for one dynamic scale per token"
+        )
+    return None
 
 
 @attrs.frozen
@@ -108,16 +179,44 @@ class CustomFormat:
 
     @property
     def bits(self) -> float:
-        """ModelOpt charges the lowest width of any enabled quantizer (activations included)."""
-        bits = _TYPE_BITS[self.weight]
-        if self.activation != "16":
-            bits = min(bits, _TYPE_BITS[self.activation])
-        return bits
+        """What the effective-bits budget charges per weight: the weights' own storage.
+
+        ModelOpt charges the narrowest enabled quantizer, activations included; for activations
+        narrower than the weights (W8A4) that would count INT8 weights as 4-bit ones, so such
+        formats carry a recipe-level ``effective_bits`` (see :meth:`quant_cfg`) and the budget
+        stays a budget over weight memory.
+        """
+        return _TYPE_BITS[self.weight]
+
+    @property
+    def modelopt_charge(self) -> float:
+        """What ModelOpt's own heuristic would charge: the narrowest enabled quantizer."""
+        if self.activation == "16":
+            return _TYPE_BITS[self.weight]
+        return min(_TYPE_BITS[self.weight], _TYPE_BITS[self.activation])
+
+    @property
+    def refused(self) -> str | None:
+        """Why ModelOpt 0.47 cannot run this format as named; None when it can."""
+        return _refusal(self)
+
+    @property
+    def needs_cuda(self) -> bool:
+        """FP4 anywhere: ModelOpt's NVFP4 fake quantization asserts CUDA tensors."""
+        return "fp4" in (self.weight, self.activation)
+
+    @property
+    def experimental(self) -> bool:
+        return self.activation in EXPERIMENTAL_ACTIVATIONS
 
     def weight_cfg(self) -> dict[str, Any]:
+        if self.weight == "fp4":
+            return _nvfp4_cfg()
         cfg: dict[str, Any] = {"num_bits": _NUM_BITS[self.weight]}
         if self.weight_granularity == "pc":
             cfg["axis"] = 0
+        elif self.weight_granularity == "pic":
+            cfg["axis"] = 1  # weights are [out, in]: one scale per column
         elif self.weight_granularity == "pt":
             cfg["axis"] = None
         else:
@@ -127,6 +226,8 @@ class CustomFormat:
     def input_cfg(self) -> dict[str, Any] | None:
         if self.activation == "16":
             return None
+        if self.activation == "fp4":
+            return _nvfp4_cfg()
         cfg: dict[str, Any] = {"num_bits": _NUM_BITS[self.activation], "axis": None}
         if self.activation_granularity == "token":
             # One scale per token, computed on the fly: ModelOpt spells it as a dynamic block
@@ -136,7 +237,12 @@ class CustomFormat:
         return cfg
 
     def quant_cfg(self) -> dict[str, Any]:
-        """A ModelOpt 0.47 quantize config (list-of-entries ``quant_cfg``), freshly built."""
+        """A ModelOpt 0.47 quantize config (list-of-entries ``quant_cfg``), freshly built.
+
+        Refused formats have none: what they name is not what ModelOpt would compute.
+        """
+        if self.refused is not None:
+            raise ConfigError(f"format {self.name} cannot be used for AutoQuant: {self.refused}")
         entries: list[dict[str, Any]] = [
             {"quantizer_name": "*", "enable": False},
             {"quantizer_name": "*weight_quantizer", "cfg": self.weight_cfg()},
@@ -146,13 +252,20 @@ class CustomFormat:
             entries.append({"quantizer_name": "*input_quantizer", "enable": False})
         else:
             entries.append({"quantizer_name": "*input_quantizer", "cfg": input_cfg})
-        return {"quant_cfg": entries, "algorithm": "max"}
+        config: dict[str, Any] = {"quant_cfg": entries, "algorithm": "max"}
+        if self.modelopt_charge != self.bits:
+            config["effective_bits"] = self.bits
+        return config
 
     def describe_weights(self) -> str:
+        if self.weight == "fp4" and self.weight_granularity == "b16":
+            return _NVFP4_LABEL
         label = _TYPE_LABEL[self.weight]
         granularity = self.weight_granularity
         if granularity == "pc":
             return f"{label} per output channel"
+        if granularity == "pic":
+            return f"{label} per input channel"
         if granularity == "pt":
             return f"{label} per tensor"
         return f"{label} in blocks of {granularity[1:]} along the input dimension"
@@ -161,13 +274,20 @@ class CustomFormat:
         if self.activation == "16":
             return "16-bit (not quantized)"
         label = _TYPE_LABEL[self.activation]
+        if self.activation_granularity == "b16":
+            scales = ", FP8 scales (NVFP4)" if self.activation == "fp4" else ""
+            return f"{label} dynamic, blocks of 16{scales}"
         if self.activation_granularity == "token":
             return f"{label} per token, dynamic"
         return f"{label} per tensor, static"
 
 
 def parse_custom(name: str) -> CustomFormat | None:
-    """The spec a custom name stands for, or None when ``name`` is not in the grammar."""
+    """The spec a custom name stands for, or None when ``name`` is not in the grammar.
+
+    Every name the grammar spells parses, also those ModelOpt cannot run: their
+    :attr:`CustomFormat.refused` says why, so the user learns the reason rather than "unknown".
+    """
     match = _CUSTOM_RE.match(name)
     if match is None:
         return None
@@ -178,7 +298,7 @@ def parse_custom(name: str) -> CustomFormat | None:
         if act_granularity is not None:
             return None  # a16 has no granularity: nothing is quantized
     elif act_granularity is None:
-        act_granularity = "tensor"
+        act_granularity = _DEFAULT_ACTIVATION_GRANULARITY[activation]
     granularity = cast("WeightGranularity | None", match["wg"])
     return CustomFormat(
         weight=weight,
@@ -190,32 +310,56 @@ def parse_custom(name: str) -> CustomFormat | None:
 
 def _custom_info(name: str, spec: CustomFormat) -> FormatInfo:
     same = [p.name for p in _PRESETS if p.equivalent == spec.name]
+    notes = []
+    if same:
+        notes.append(f"quantizes like {same[0]}")
+    if spec.experimental:
+        notes.append(f"{spec.activation.upper()} activations: experimental")
+    if spec.modelopt_charge != spec.bits:
+        notes.append(f"costed at its weights' {spec.bits:g} bits, not ModelOpt's {spec.modelopt_charge:g}")
     return FormatInfo(
         name=name,
         bits=spec.bits,
         weights=spec.describe_weights(),
         activations=spec.describe_activations(),
-        description=f"custom: {spec.name}" + (f" (quantizes like {same[0]})" if same else ""),
+        description=f"custom: {spec.name}" + (f" ({'; '.join(notes)})" if notes else ""),
+        needs_cuda=spec.needs_cuda,
         kind="custom",
         modelopt_name=None,
         algorithm="max",
+        refused=spec.refused,
     )
 
 
 CUSTOM_EXAMPLES: tuple[str, ...] = (
     "wint8_aint8",
     "wint8-pc_aint8-token",
+    "wint8-pic_a16",
     "wint8_a16",
+    "wint8_aint4",
     "wfp8_afp8",
     "wfp8-pc_afp8-token",
     "wfp8_a16",
     "wint4-b128_aint8-token",
     "wint4-b128_afp8",
+    "wint4-b128_aint4-token",
     "wint4-b128_a16",
     "wint4-b64_a16",
     "wint4-b32_a16",
+    "wfp4_afp4",
+    "wfp4_afp8",
+    "wfp4_aint8",
+    "wfp4_a16",
 )
 """Custom names listed by ``aqm formats``; any name in :data:`CUSTOM_GRAMMAR` is accepted."""
+
+CUSTOM_REFUSED_EXAMPLES: tuple[str, ...] = (
+    "wfp4-pc_a16",
+    "wfp4-b128_a16",
+    "wint8_afp4-token",
+    "wint8_aint8-b16",
+)
+"""One spelled-out name per reason a grammar name is refused, listed by ``aqm formats`` with it."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +368,7 @@ CUSTOM_EXAMPLES: tuple[str, ...] = (
 
 _W16 = "16-bit (not quantized)"
 _KV = "none (KV cache only)"
-_NVFP4 = "NVFP4 (FP4 E2M1, blocks of 16, FP8 scales)"
+_NVFP4 = _NVFP4_LABEL
 _NVFP4_ACT = "NVFP4 dynamic, blocks of 16"
 _MX_NOTE = "ModelOpt runs MX formats only through its CUDA extension."
 _NVFP4_NOTE = "ModelOpt's NVFP4 dynamic block quantization asserts CUDA tensors."
@@ -354,7 +498,15 @@ _PRESETS: tuple[FormatInfo, ...] = (
         algorithm="awq_lite",
     ),
     # --- CUDA only ---
-    _preset("NVFP4_DEFAULT_CFG", 4.5, _NVFP4, _NVFP4_ACT, f"W4A4 NVFP4. {_NVFP4_NOTE}", needs_cuda=True),
+    _preset(
+        "NVFP4_DEFAULT_CFG",
+        4.5,
+        _NVFP4,
+        _NVFP4_ACT,
+        f"W4A4 NVFP4. {_NVFP4_NOTE}",
+        needs_cuda=True,
+        equivalent="wfp4-b16_afp4-b16",
+    ),
     _preset(
         "NVFP4_AWQ_LITE_CFG",
         4.5,
@@ -418,14 +570,24 @@ _PRESETS: tuple[FormatInfo, ...] = (
         "NVFP4 linears; its FP8 attention (bmm/softmax) quantizers do not exist on linear layers, "
         f"so under auto_quantize it is plain NVFP4. {_NVFP4_NOTE}",
         needs_cuda=True,
+        equivalent="wfp4-b16_afp4-b16",
     ),
-    _preset("W4A16_NVFP4_CFG", 4.5, _NVFP4, _W16, f"NVFP4 weight-only. {_NVFP4_NOTE}", needs_cuda=True),
+    _preset(
+        "W4A16_NVFP4_CFG",
+        4.5,
+        _NVFP4,
+        _W16,
+        f"NVFP4 weight-only. {_NVFP4_NOTE}",
+        needs_cuda=True,
+        equivalent="wfp4-b16_a16",
+    ),
     _preset(
         "W4A8_NVFP4_FP8_CFG",
         4.0,
         "NVFP4 (FP4 E2M1, blocks of 32, FP8 scales)",
         "FP8 E4M3 per tensor, static",
-        f"W4A8 NVFP4 weights, FP8 activations. {_NVFP4_NOTE}",
+        f"W4A8 NVFP4 weights, FP8 activations. {_NVFP4_NOTE} On GPUs of compute capability 8.9+ "
+        "with triton (H100, H200) ModelOpt 0.47 fake-quantizes its weights in blocks of 16, not 32.",
         needs_cuda=True,
     ),
     _preset(
@@ -613,9 +775,9 @@ _PRESETS_BY_NAME: dict[str, FormatInfo] = {info.name: info for info in _PRESETS}
 
 
 def all_formats() -> tuple[FormatInfo, ...]:
-    """Every preset (refused ones too, with the reason) and the listed custom examples."""
+    """Every preset and the listed custom examples (refused ones too, with the reason)."""
     customs = []
-    for name in CUSTOM_EXAMPLES:
+    for name in (*CUSTOM_EXAMPLES, *CUSTOM_REFUSED_EXAMPLES):
         spec = parse_custom(name)
         assert spec is not None, name
         customs.append(_custom_info(name, spec))

@@ -26,4 +26,6 @@ def modelopt_config(name: str) -> dict[str, Any] | str:
     spec = parse_custom(name)
     if spec is None:
         raise ConfigError(f"format {name} is neither a ModelOpt preset nor a custom format")
+    if spec.refused is not None:
+        raise ConfigError(f"format {name} cannot be used for AutoQuant: {spec.refused}")
     return spec.quant_cfg()
