@@ -466,6 +466,31 @@ def _toy_searcher(modelopt: Any, path: Path) -> Any:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("damage", [None, "garbage"])
+def test_a_searcher_whose_load_calls_its_base_reports_once(
+    modelopt: Any, tmp_path: Path, damage: str | None
+) -> None:
+    """AutoQuant's searchers override the load and call BaseSearcher's: both are wrapped, one reports."""
+    from auto_quantize_model.backend.modelopt.patches import checked_state_load
+
+    class Toy(modelopt.algorithms.AutoQuantizeKLDivSearcher):  # type: ignore[misc]
+        @property
+        def default_state_dict(self) -> dict[str, Any]:
+            return {"value": 0}
+
+    state = tmp_path / "state.pt"
+    if damage is not None:
+        state.write_bytes(damage.encode())
+    searcher = Toy()
+    searcher.config = {"checkpoint": str(state), "verbose": False}
+    searcher.reset_search()
+    calls: list[Any] = []
+    with checked_state_load(lambda s, loaded: calls.append(loaded), lambda p, e: calls.append(p)):
+        assert searcher.load_search_checkpoint() is False
+    assert calls == ([False] if damage is None else [state, False])
+
+
+@pytest.mark.slow
 def test_the_state_is_written_beside_and_renamed_over_the_old_one(modelopt: Any, tmp_path: Path) -> None:
     from auto_quantize_model.backend.modelopt.patches import atomic_state_save
 

@@ -247,14 +247,22 @@ def checked_state_load(
     would resume from is truncated or garbage, so a folder with such a file could never be
     resumed. Wrapped, a failed load calls ``on_unreadable(path, error)`` (which moves the file
     aside), resets the searcher to its defaults and reports "nothing loaded"; every load then
-    calls ``on_loaded(searcher, loaded)``, which may still drop restored parts it cannot trust.
-    Undo: each class's own method is put back.
+    calls ``on_loaded(searcher, loaded)`` once, which may still drop restored parts it cannot trust.
+    AutoQuant's searchers override the method and call ``BaseSearcher``'s, so both are wrapped;
+    only the outermost call of a searcher handles failures and reports (otherwise every fresh
+    start would be announced twice). Undo: each class's own method is put back.
     """
     from modelopt.torch.opt.searcher import BaseSearcher
     from modelopt.torch.quantization import algorithms
 
+    loading: set[int] = set()
+    """Searchers (by id) inside a wrapped load: a nested ``super()`` call runs unwrapped."""
+
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def load(self: Any, *args: Any, **kwargs: Any) -> bool:
+            if id(self) in loading:
+                return bool(original(self, *args, **kwargs))
+            loading.add(id(self))
             try:
                 loaded = bool(original(self, *args, **kwargs))
             except Exception as err:
@@ -262,6 +270,8 @@ def checked_state_load(
                 on_unreadable(Path(path if path is not None else self.config["checkpoint"]), err)
                 self.reset_search()
                 loaded = False
+            finally:
+                loading.discard(id(self))
             on_loaded(self, loaded)
             return loaded
 
