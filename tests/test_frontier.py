@@ -13,7 +13,9 @@ from typing import Any
 import attrs
 import pytest
 
+from auto_quantize_model.core import frontier as frontier_module
 from auto_quantize_model.core.frontier import (
+    IN_PROCESS_BELOW,
     REMAINING_LM,
     REMAINING_OTHER,
     FrontierPoint,
@@ -26,6 +28,7 @@ from auto_quantize_model.core.frontier import (
     parse_budgets,
     search_scores,
     solve_frontier,
+    solver_processes,
     space_from_scores,
     space_from_state,
     step_changes,
@@ -251,6 +254,39 @@ def test_worker_processes_give_the_in_process_answer() -> None:
     assert parallel.points == serial.points
     with pytest.raises(ConfigError, match="workers must be at least 1"):
         solve_frontier(space, budgets, workers=0)
+
+
+def test_a_small_problem_is_solved_in_process_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker start-up (~0.6 s each) costs more than a small problem's solves."""
+    space = _space()
+    budgets = (4.5, 5.5, 7.0, 9.0, 11.0)
+    assert len(space.rows) * len(budgets) < IN_PROCESS_BELOW
+    serial = solve_frontier(space, budgets, workers=1)
+    asked: list[int] = []
+    solve_lp = frontier_module._solve_lp
+
+    def spy(rows: Any, max_weights: Any, workers: int) -> Any:
+        asked.append(workers)
+        return solve_lp(rows, max_weights, workers)
+
+    monkeypatch.setattr(frontier_module, "_solve_lp", spy)
+    assert solve_frontier(space, budgets).points == serial.points
+    assert asked == [1]
+
+
+def test_solver_processes_threshold_and_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("auto_quantize_model.core.frontier.os.sched_getaffinity", lambda pid: set(range(8)))
+    below = IN_PROCESS_BELOW - 1
+    assert solver_processes(below, 1) == 1
+    assert solver_processes(1, below) == 1
+    assert solver_processes(IN_PROCESS_BELOW, 1) == 1  # one budget: nothing to share
+    assert solver_processes(100, IN_PROCESS_BELOW // 100) == min(8, IN_PROCESS_BELOW // 100)
+    assert solver_processes(500, 5) == 5  # no more processes than budgets
+    assert solver_processes(250, 300) == 8  # one per available CPU
+    assert solver_processes(17, 5, requested=2) == 2  # a requested count is obeyed, even for small problems
+    assert solver_processes(17, 5, requested=9) == 5
+    with pytest.raises(ConfigError, match="workers must be at least 1, got 0"):
+        solver_processes(250, 300, requested=0)
 
 
 def test_solve_frontier_refuses_budgets_outside_the_range() -> None:

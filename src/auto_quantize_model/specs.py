@@ -239,7 +239,8 @@ class FrontierSpec:
     """Held-out text for the measured points, as ``validate.holdout_captions``."""
     holdout_samples: int = attrs.field(default=64, validator=positive)
     workers: int | None = attrs.field(default=None, validator=positive)
-    """Processes for the gradient method's CBC solves (~0.25 s each); None: one per available CPU."""
+    """Processes for the gradient method's CBC solves (~0.25 s each); None: in process for a small
+    problem, else one per available CPU (:func:`~auto_quantize_model.core.frontier.solver_processes`)."""
 
 
 def is_bundled(table: str, key: str, value: str) -> bool:

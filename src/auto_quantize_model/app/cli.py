@@ -297,7 +297,7 @@ def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
         "--workers",
         metavar="N",
         type=_count(1),
-        help="CBC processes for the gradient method (default: one per available CPU)",
+        help="CBC processes for the gradient method (default: one per CPU; in process for small problems)",
     )
     frontier.add_argument("--no-plots", action="store_true", help="write frontier.md/json only")
     frontier.set_defaults(func=cmd_frontier)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -217,8 +216,9 @@ def _announce(budgets: int, rows: int, method: str, workers: int | None) -> None
     if method != "gradient":
         log.info("frontier: %d budget(s) over %d groups (kl_div bisection, no solver)", budgets, rows)
         return
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    processes = max(1, min(workers if workers is not None else available, budgets))
+    from auto_quantize_model.core.frontier import solver_processes
+
+    processes = solver_processes(rows, budgets, workers)
     log.info(
         "frontier: %d budget(s) over %d groups: one CBC solve each (about 0.25 s per budget on one core), "
         "%d process(es)",
