@@ -371,19 +371,48 @@ class AqmRun:
         return found[0]
 
 
+class AqmProcess:
+    """An ``aqm`` process started in the background; :meth:`wait` collects it as an :class:`AqmRun`.
+
+    Its output goes to files in ``cwd`` (``aqm.stdout``, ``aqm.stderr``), not pipes, so a
+    chatty run never blocks on a full pipe while nobody reads it.
+    """
+
+    def __init__(self, *argv: str, cwd: Path) -> None:
+        self.argv = tuple(argv)
+        self.cwd = cwd
+        self._out = cwd / "aqm.stdout"
+        self._err = cwd / "aqm.stderr"
+        with self._out.open("wb") as out, self._err.open("wb") as err:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "auto_quantize_model", *argv],
+                stdout=out,
+                stderr=err,
+                cwd=cwd,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            )
+
+    def wait(self, timeout: float = 600) -> AqmRun:
+        try:
+            code = self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        out = self._out.read_text(encoding="utf-8", errors="replace")
+        err = self._err.read_text(encoding="utf-8", errors="replace")
+        return AqmRun(self.argv, self.cwd, code, out, err)
+
+    def stop(self) -> None:
+        """Kill the process if it still runs (a session that ends without waiting for it)."""
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+
 def run_aqm(*argv: str, cwd: Path, timeout: float = 600) -> AqmRun:
     """``python -m auto_quantize_model ARGV`` in ``cwd``, as a user's shell runs ``aqm``.
 
     A fresh interpreter is the point: it pays for and reports its own library imports, and
     nothing a test imported or patched leaks into it.
     """
-    done = subprocess.run(
-        [sys.executable, "-m", "auto_quantize_model", *argv],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        timeout=timeout,
-        check=False,
-    )
-    return AqmRun(tuple(argv), cwd, done.returncode, done.stdout, done.stderr)
+    return AqmProcess(*argv, cwd=cwd).wait(timeout)

@@ -6,13 +6,14 @@ Plain helpers live in ``builders.py`` (values, tiny models, ``run_aqm``) and ``f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from auto_quantize_model.data import builtin_captions_path
-from builders import TINY_DEFAULT, AqmRun, run_aqm
+from builders import TINY_DEFAULT, AqmProcess, AqmRun
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import LoadedModel
@@ -55,15 +56,43 @@ def captions_file(tmp_path: Path) -> Path:
     return path
 
 
+TINY_DEFAULT_FIXTURE = "tiny_default_run"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_default_process(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AqmProcess | None]:
+    """Start the tiny default run at the session's first test when a later test will need it.
+
+    It then runs in its own process while the tests before its first user run here: on a
+    2-core machine that hides most of its ~30 s of CPU (library imports, AutoQuant, plots)
+    behind the pure tests instead of adding it to the session's wall time. A session that
+    ends without waiting for it kills it.
+    """
+    needed = any(TINY_DEFAULT_FIXTURE in getattr(item, "fixturenames", ()) for item in request.session.items)
+    process = (
+        AqmProcess("run", str(TINY_DEFAULT), cwd=tmp_path_factory.mktemp("tiny-default")) if needed else None
+    )
+    yield process
+    if process is not None:
+        process.stop()
+
+
 @pytest.fixture(scope="session")
-def tiny_default_run(tmp_path_factory: pytest.TempPathFactory) -> AqmRun:
+def tiny_default_run(
+    _tiny_default_process: AqmProcess | None, tmp_path_factory: pytest.TempPathFactory
+) -> AqmRun:
     """``aqm run pipelines/tiny-qwen3-vl.toml`` (the README's first command), once per session.
 
     It runs in a fresh interpreter from an empty folder, so the run folder is the default
     ``runs/<time>-tiny-qwen3-vl`` (:attr:`AqmRun.folder`). Every stage runs for real: library
-    imports, ModelOpt AutoQuant, validation, plots. The fixture does not judge the run; tests
-    assert on ``returncode`` themselves. Treat the folder as read-only: it is shared by every
-    test that asks for it; copy it (``shutil.copytree``) to change anything.
+    imports, ModelOpt AutoQuant, validation, plots. The process starts with the session's first
+    test (``_tiny_default_process``); this fixture waits for it. It does not judge the run:
+    tests assert on ``returncode`` themselves. Treat the folder as read-only: it is shared by
+    every test that asks for it; copy it (``shutil.copytree``) to change anything.
     """
-    cwd = tmp_path_factory.mktemp("tiny-default")
-    return run_aqm("run", str(TINY_DEFAULT), cwd=cwd)
+    process = _tiny_default_process
+    if process is None:  # requested dynamically (getfixturevalue): start it now
+        process = AqmProcess("run", str(TINY_DEFAULT), cwd=tmp_path_factory.mktemp("tiny-default"))
+    return process.wait()

@@ -75,7 +75,8 @@ CASES = {
         (),
     ),
     "pipeline file preflight": (
-        "from auto_quantize_model.io.pipeline_file import spec_from_dict, preflight\n"
+        "from auto_quantize_model.io.pipeline_file import spec_from_dict\n"
+        "from auto_quantize_model.io.preflight import preflight\n"
         "raw = {'model': {'path': 'builtin:tiny-qwen3-vl', 'device': 'cpu'}}\n"
         "preflight(spec_from_dict(raw, source='t'))",
         HEAVY,
