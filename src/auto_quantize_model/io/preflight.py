@@ -54,8 +54,10 @@ def preflight(spec: PipelineSpec, *, source: str | None = None) -> None:
     if spec.validate is not None and _check_file(holdout, spec.validate.holdout_captions, bad):
         _check_captions(holdout, spec.validate.holdout_captions, None, bad)
     holdout = ("frontier", "holdout_captions")
-    if spec.frontier is not None and spec.frontier.measure and _check_file(
-        holdout, spec.frontier.holdout_captions, bad
+    if (
+        spec.frontier is not None
+        and spec.frontier.measure
+        and _check_file(holdout, spec.frontier.holdout_captions, bad)
     ):
         _check_captions(holdout, spec.frontier.holdout_captions, None, bad)
     if spec.reports.output_dir is not None:
