@@ -25,6 +25,7 @@ import attrs
 import cattrs
 
 from auto_quantize_model.artifacts import FixedGroup, FrontierSummary, StageTiming, ValidationReport
+from auto_quantize_model.core.format_agreement import FormatAgreement
 from auto_quantize_model.core.noise import random_weights_notice
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.convert import JSON_CONVERTER, dumps_json, json_problems
@@ -121,6 +122,9 @@ class Manifest:
     """Groups of the search with no format to choose, with their weights. Left out when empty."""
     frontier: FrontierSummary | None = None
     """The budget frontier of a pipeline with a ``[frontier]`` table. Left out when absent."""
+    format_agreement: FormatAgreement | None = None
+    """For runs of two or more formats: each format's top-k groups and which are sensitive under
+    every format vs only some. Left out when absent."""
 
 
 def installed_versions() -> tuple[tuple[str, str], ...]:
@@ -144,7 +148,7 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     data: dict[str, Any] = JSON_CONVERTER.unstructure(manifest)
     if not data["warnings"]:
         del data["warnings"]  # files of runs without warnings stay as they always were
-    for optional in ("search_order", "fixed_groups", "frontier"):
+    for optional in ("search_order", "fixed_groups", "frontier", "format_agreement"):
         if not data[optional]:
             del data[optional]  # likewise for runs without them
     if data["validation"] is not None:

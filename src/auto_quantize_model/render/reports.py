@@ -541,9 +541,21 @@ def render_markdown(manifest: Manifest, *, health_section: str = "", plots_secti
     if plots_section.strip():
         lines += ["", "## Plots", "", plots_section.strip()]
     lines += experts_markdown(manifest.groups)
+    lines += format_agreement_section(manifest)
     lines += _validation(manifest)
     lines += _table(manifest.groups)
     return "\n".join(lines) + "\n"
+
+
+def format_agreement_section(manifest: Manifest) -> list[str]:
+    """The section on groups sensitive under every format vs only some (two or more formats): the
+    manifest's own summary, or one made from its groups when it has none (manifests written before it)."""
+    from auto_quantize_model.core.format_agreement import format_agreement, format_agreement_markdown
+
+    summary = manifest.format_agreement
+    if summary is None:
+        summary = format_agreement(manifest.groups, order=manifest.scheme.formats)
+    return format_agreement_markdown(summary)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from auto_quantize_model.artifacts import (
     StageTiming,
     ValidationReport,
 )
+from auto_quantize_model.core.format_agreement import format_agreement
 from auto_quantize_model.core.frontier_points import frontier_summary
 from auto_quantize_model.core.ranking import check_ranking, rank_groups, scheme_name
 from auto_quantize_model.io.convert import project
@@ -94,6 +95,7 @@ def build_manifest(
         search_order=scores.search_order,
         fixed_groups=scores.fixed_groups,
         frontier=None if frontier is None else frontier_summary(frontier, measured),
+        format_agreement=format_agreement(rank_groups(scores.groups), order=scores.formats),
     )
 
 
