@@ -130,6 +130,10 @@ def test_resolved_pairs_tell_separated_groups_from_overlapping_ones() -> None:
     )
     resamples = fixed([[1]], tokens=[1])
     assert resolved_pairs(draws, resamples) == (2, 3)  # 10 vs 0 and 10 vs 0.05; 0 vs 0.05 is noise
+    draws[7, 1] = np.nan  # one undefined draw: the pairs of group 1 take the per-pair rule, same verdict
+    assert resolved_pairs(draws, resamples) == (2, 3)
+    draws[:200, 0] = np.nan  # 40 % undefined: no interval, so not resolved
+    assert resolved_pairs(draws, resamples) == (0, 3)
 
 
 def test_within_noise_and_the_headline_rule() -> None:
