@@ -475,15 +475,15 @@ def test_main_runs_every_layout_on_the_tiny_model(tmp_path: Path, capsys: pytest
             "--device",
             "cpu",
             "--max-samples",
-            "16",
+            "8",
             "--seq-len",
             "64",
             "--batch-size",
             "2",
             "--score-size",
-            "4",
+            "2",
             "--scaling-captions",
-            "builtin:12",
+            "builtin:6",
             "--no-plots",
             "--json",
             str(out),
@@ -505,11 +505,11 @@ def test_main_runs_every_layout_on_the_tiny_model(tmp_path: Path, capsys: pytest
     layouts = {run["layout"]: run for run in data["layouts"]}
     assert layouts["reference"]["total_tokens"] == layouts["reference"]["real_tokens"]
     assert layouts["reference"]["score_captions"] == layouts["packed"]["score_captions"]
-    assert layouts["padded"]["score_captions"] == 4
-    assert layouts["padded"]["total_tokens"] == 16 * 64
+    assert layouts["padded"]["score_captions"] == 2
+    assert layouts["padded"]["total_tokens"] == 8 * 64
     assert data["agreements"][0]["same_score_captions"] is True
     assert data["pipeline"]["files_written"] >= 3
-    assert [p["captions"] for p in data["scaling"]] == [12]
+    assert [p["captions"] for p in data["scaling"]] == [6]
 
 
 def test_rounds_report_the_last_run_of_each_layout(mocker: Any) -> None:
