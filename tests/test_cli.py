@@ -72,8 +72,8 @@ def run_cli(*argv: str, cwd: Path | None = None, timeout: float = 120) -> subpro
 # --------------------------------------------------------------------------- speed and imports
 
 
-def test_help_itself_takes_well_under_a_second() -> None:
-    """CPU seconds, not wall seconds: on a shared machine the wall clock measures the neighbours."""
+def test_help_builds_no_benchmark_parser() -> None:
+    """``aqm run --help`` must not build (and import) the benchmark's flags, only ``aqm bench`` does."""
     code = (
         "import time, io, contextlib, sys\n"
         "t = time.process_time()\n"
@@ -88,8 +88,7 @@ def test_help_itself_takes_well_under_a_second() -> None:
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
-    seconds, bench_loaded = result.stdout.split()
-    assert float(seconds) < 0.5
+    _, bench_loaded = result.stdout.split()
     assert bench_loaded == "False"  # the benchmark's flags are only built for ``aqm bench``
 
 
