@@ -14,6 +14,7 @@ import attrs
 import pytest
 from pytest_mock import MockerFixture
 
+import builders
 from auto_quantize_model.artifacts import (
     CalibStats,
     GroupScore,
@@ -486,6 +487,18 @@ def test_plots_are_written_and_embedded(tmp_path: Path) -> None:
     for png in pngs:
         assert f"](plots/{png.name})" in text
         assert str(png) in paths.files
+
+
+def test_the_report_says_why_a_plot_is_absent(tmp_path: Path, mocker: MockerFixture) -> None:
+    """Groups off the layer grid (a vision tower's) get no heatmap: the Plots section says so."""
+    mocker.patch("auto_quantize_model.render.reports.make_plots", return_value=())
+    vision = builders.manifest([("model.visual.blocks.0.attn.qkv", 2.0), ("model.visual.merger.fc", 1.0)])
+    write_reports(vision, tmp_path / "with", write_manifest=False, plots=True)
+    text = (tmp_path / "with" / LAYER_MD).read_text()
+    plots = text[text.index("## Plots") :]
+    assert "*No heatmap: none of the 2 groups is a decoder layer's projection or the lm_head" in plots
+    write_reports(vision, tmp_path / "without", write_manifest=False, plots=False)
+    assert "## Plots" not in (tmp_path / "without" / LAYER_MD).read_text()  # not drawn: nothing to explain
 
 
 # ---- regeneration -------------------------------------------------------------------------------

@@ -12,21 +12,15 @@ from collections.abc import Sequence
 
 from auto_quantize_model.artifacts import GroupScore
 from auto_quantize_model.core.scores import (
-    NO_QUANT,
     has_quantized_format,
     importance,
     is_none_format,
     rank_order,
 )
-from auto_quantize_model.core.scores import headline_index as headline_index
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.io.convert import project
 from auto_quantize_model.io.manifest import RankedGroup
 from auto_quantize_model.specs import scheme_name_problem
-
-NONE_FORMAT = NO_QUANT
-"""Old name of :data:`auto_quantize_model.core.scores.NO_QUANT`, kept until render/reports.py
-imports that instead."""
 
 PRESET_SCHEME_NAMES: dict[str, str] = {
     "INT8_DEFAULT_CFG": "wint8_aint8",

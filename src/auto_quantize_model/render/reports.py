@@ -32,8 +32,7 @@ from auto_quantize_model.artifacts import Interval, ReportPaths, ValidationRepor
 from auto_quantize_model.core.experts import experts_markdown
 from auto_quantize_model.core.noise import NAN_INTERVAL, noise_sentences, random_weights_notice
 from auto_quantize_model.core.proxies import beats
-from auto_quantize_model.core.ranking import NONE_FORMAT, headline_index
-from auto_quantize_model.core.scores import coefficient_text
+from auto_quantize_model.core.scores import NO_QUANT, coefficient_text, headline_index
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.atomic import atomic_copy, atomic_write_text
 from auto_quantize_model.io.convert import dumps_json, read_json
@@ -119,7 +118,7 @@ def quantized_formats(groups: Sequence[RankedGroup]) -> tuple[str, ...]:
     seen: dict[str, None] = {}
     for group in groups:
         for name in group.formats:
-            if name != NONE_FORMAT:
+            if name != NO_QUANT:
                 seen.setdefault(name, None)
     return tuple(seen)
 
@@ -577,13 +576,12 @@ def make_plots(manifest: Manifest, directory: Path) -> tuple[Path, ...]:
     return write_plots(manifest, directory)
 
 
-def plots_markdown(paths: Sequence[Path], relative_to: Path) -> str:
-    """HOOK: Markdown embedding the PNGs among ``paths`` (links relative to the report)."""
-    if not paths:
-        return ""
-    from auto_quantize_model.render.plots import render_plots_markdown
+def plots_markdown(manifest: Manifest, paths: Sequence[Path], relative_to: Path) -> str:
+    """HOOK: Markdown embedding the PNGs among ``paths`` (links relative to the report), then why
+    any plot of ``manifest`` is absent, so a missing picture is explained rather than just missing."""
+    from auto_quantize_model.render.plots import missing_plots, render_plots_markdown
 
-    return render_plots_markdown(paths, relative_to)
+    return render_plots_markdown(paths, relative_to, missing_plots(manifest))
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,7 +622,7 @@ def write_reports(
     markdown = render_markdown(
         manifest,
         health_section=health_markdown(manifest.groups),
-        plots_section=plots_markdown(plot_paths, directory),
+        plots_section=plots_markdown(manifest, plot_paths, directory) if plots else "",
     )
     written.append(atomic_write_text(directory / LAYER_MD, markdown))
     return ReportPaths(directory=str(directory), files=tuple(str(p) for p in written))
