@@ -1,0 +1,323 @@
+"""The ``ExportCheckpoint`` stage: the mix at one budget as a ModelOpt config, and optionally a checkpoint.
+
+The pieces are shared with ``aqm export`` (:mod:`auto_quantize_model.app.export`): the choice at a
+budget comes from the frontier solver (the same one-budget solve SolveBudgets runs), and
+:func:`export_mix` writes a folder's files and ``export.json``. Writing goes into a scratch folder
+next to the target that is renamed into place only once every file is there and read back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+from auto_quantize_model.artifacts import (
+    BudgetFrontier,
+    CalibData,
+    ExportedMix,
+    LanguageModel,
+    LoadedModel,
+    SensitivityScores,
+)
+from auto_quantize_model.core.export_config import GroupChoice, choices_at
+from auto_quantize_model.core.scores import NO_QUANT
+from auto_quantize_model.errors import AqmError, ConfigError
+from auto_quantize_model.specs import ExportSpec, ValidateSpec
+
+if TYPE_CHECKING:
+    from auto_quantize_model.pipeline import Artifacts
+
+log = logging.getLogger("auto_quantize_model")
+
+EXPORT_FILE = "export.json"
+"""What an export folder holds and, with a checkpoint, the read-back figures."""
+
+CONFIG_ONLY_DEVICE = "cuda"
+"""The device a config-only export is checked for: nothing is quantized here, and the written
+config runs wherever ModelOpt has the format's kernels (NVFP4 needs CUDA; that check belongs to
+the checkpoint, which is made on the model's own device)."""
+
+
+@attrs.frozen(eq=False)
+class CheckpointInputs:
+    """What a checkpoint export needs: a pristine model and the run's calibration and held-out text."""
+
+    fresh: LoadedModel
+    """A freshly loaded, unquantized model (the run's own one carries AutoQuant's quantizers)."""
+    lm: LanguageModel
+    """The run's language model: only its names (decoder, head, vision towers, pad id) are used."""
+    calib: CalibData
+    holdout: ValidateSpec = ValidateSpec()
+
+
+def choice_at(
+    budget_frontier: BudgetFrontier, budget: float, groups: Sequence[Any]
+) -> tuple[tuple[GroupChoice, ...], float]:
+    """Every group's format at ``budget`` and the mix's LM bits; ConfigError for an unreachable budget."""
+    choices = choices_at(budget_frontier.frontier, budget, groups)
+    return choices, budget_frontier.frontier.point(budget).effective_bits_lm
+
+
+def solve_one(scores: SensitivityScores, budget: float) -> BudgetFrontier:
+    """SolveBudgets' solve at one budget (the run's own budget is solved and checked as well)."""
+    from auto_quantize_model.core.frontier_points import search_method, search_space, solve_budgets
+
+    space, notes = search_space(
+        scores.groups,
+        search_method(scores.method, "SensitivityScores"),
+        order=scores.search_order,
+        fixed=scores.fixed_groups,
+    )
+    return solve_budgets(
+        space,
+        (budget,),
+        run_budget=scores.effective_bits_target,
+        run_choice=scores.groups,
+        workers=1,
+        notes=notes,
+    )
+
+
+def refuse_taken(target: Path, force: bool) -> None:
+    """An existing non-empty target is refused unless ``force`` (then it is replaced at the end)."""
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"export output {target} exists and is a file; give a folder")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise ConfigError(
+            f"export output {target} already exists and is not empty; choose a new folder (or --force to "
+            "replace it)"
+        )
+
+
+def export_mix(
+    choices: Sequence[GroupChoice],
+    target: Path,
+    *,
+    budget: float,
+    effective_bits_lm: float,
+    checkpoint: CheckpointInputs | None = None,
+    force: bool = False,
+    notes: Sequence[str] = (),
+) -> ExportedMix:
+    """Write ``choices`` to ``target``: config files, README, ``export.json`` and, asked, the checkpoint.
+
+    Everything is written into a scratch folder beside ``target`` and renamed into place once it is
+    complete; a failure leaves ``target`` as it was. With ``checkpoint``, the fresh model is
+    quantized with the config, calibrated on the run's batches, exported by ModelOpt's HF exporter
+    and loaded back; ``export.json`` records the held-out NLL of the in-memory, exported and
+    read-back models. A read-back outside tolerance is an AqmError after the files are in place
+    (they are the evidence).
+    """
+    from auto_quantize_model.backend.modelopt import export as ex
+
+    started = time.perf_counter()
+    refuse_taken(target, force)
+    if checkpoint is not None:
+        config = ex.prepare_export(
+            choices,
+            device=checkpoint.fresh.device,
+            vision_prefixes=checkpoint.lm.vision_modules,
+            known_modules=ex.linear_modules(checkpoint.fresh.model),
+        )
+    else:
+        config = ex.prepare_export(choices, device=CONFIG_ONLY_DEVICE)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+    try:
+        ex.write_quant_config(config, scratch)
+        figures: dict[str, Any] = {}
+        extra_notes: tuple[str, ...] = ()
+        if checkpoint is not None:
+            figures, extra_notes = _write_checkpoint(config, scratch, checkpoint)
+        counts: dict[str, int] = {}
+        for choice in choices:
+            counts[choice.format] = counts.get(choice.format, 0) + 1
+        files = tuple(sorted([*(p.name for p in scratch.iterdir() if p.is_file()), EXPORT_FILE]))
+        mix = ExportedMix(
+            directory=str(target),
+            budget=budget,
+            effective_bits_lm=effective_bits_lm,
+            groups=len(choices),
+            quantized_layers=len(config.quantized),
+            formats=tuple(sorted(counts.items())),
+            files=files,
+            checkpoint=checkpoint is not None,
+            seconds=time.perf_counter() - started,
+            notes=(*notes, *extra_notes),
+            **figures,
+        )
+        (scratch / EXPORT_FILE).write_text(export_json(mix), encoding="utf-8")
+        _place(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not mix.ok:
+        raise AqmError(
+            f"{target}: the exported checkpoint reads back {mix.difference:+.2e} nats/token off the "
+            f"written model (tolerance {mix.tolerance:.0e}); the figures are in {target / EXPORT_FILE}"
+        )
+    return mix
+
+
+def _write_checkpoint(
+    config: Any, out: Path, inputs: CheckpointInputs
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    from auto_quantize_model.backend.lm_forward import calibration_step_for, decoder_and_head
+    from auto_quantize_model.backend.measure import held_out_set
+    from auto_quantize_model.backend.modelopt import export as ex
+
+    fresh, lm = inputs.fresh, inputs.lm
+    held_out = held_out_set(inputs.holdout, inputs.calib, fresh.tokenizer)
+    decoder_path, head_path = decoder_and_head(lm, fresh.model)
+    evaluate = ex.holdout_evaluator(held_out.token_lists, lm.pad_token_id, decoder_path, head_path)
+    written = ex.export_checkpoint(
+        fresh.model,
+        fresh.tokenizer,
+        config,
+        inputs.calib.batches,
+        calibration_step_for(lm, fresh.model),
+        out,
+        evaluate=evaluate,
+    )
+    started = time.perf_counter()
+    back = ex.read_back_nll(written, evaluate, device=fresh.device)
+    log.info(
+        "export: quantized in %.1f s, exported in %.1f s, read back in %.1f s",
+        written.quantize_seconds,
+        written.export_seconds,
+        time.perf_counter() - started,
+    )
+    figures = {
+        "quant_algo": written.quant_algo,
+        "in_memory_nll": back.in_memory_nll,
+        "exported_nll": back.exported_nll,
+        "read_back_nll": back.read_back_nll,
+        "tolerance": back.tolerance,
+        "ok": back.ok,
+    }
+    return figures, (*written.notes, *held_out.notes)
+
+
+def _place(scratch: Path, target: Path) -> None:
+    """Move the finished scratch folder to ``target``; an existing target (``--force``) goes last."""
+    if not target.exists():
+        scratch.rename(target)
+        return
+    old = target.with_name(f".{target.name}.replaced-{scratch.name.rsplit('-', 1)[-1]}")
+    target.rename(old)
+    try:
+        scratch.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def export_json(mix: ExportedMix) -> str:
+    """``export.json``: the budget, the mix and, with a checkpoint, the read-back figures."""
+    record: dict[str, Any] = {
+        "budget": mix.budget,
+        "effective_bits_lm": mix.effective_bits_lm,
+        "groups": mix.groups,
+        "quantized_layers": mix.quantized_layers,
+        "formats": dict(mix.formats),
+        "files": list(mix.files),
+        "checkpoint": mix.checkpoint,
+        "seconds": round(mix.seconds, 3),
+        "notes": list(mix.notes),
+    }
+    if mix.checkpoint:
+        record["read_back"] = {
+            "quant_algo": mix.quant_algo,
+            "in_memory_nll": _number(mix.in_memory_nll),
+            "exported_nll": _number(mix.exported_nll),
+            "read_back_nll": _number(mix.read_back_nll),
+            "difference": _number(mix.difference),
+            "tolerance": _number(mix.tolerance),
+            "ok": mix.ok,
+        }
+    return json.dumps(record, indent=2) + "\n"
+
+
+def summary_line(mix: ExportedMix) -> str:
+    """One line for logs and the CLI: where, the budget, the mix and, with a checkpoint, the read-back."""
+    quantized = sum(count for name, count in mix.formats if name != NO_QUANT)
+    text = (
+        f"export {mix.directory}: {mix.budget:g}-bit budget, {mix.effective_bits_lm:.3f} LM bits, "
+        f"{quantized}/{mix.groups} groups quantized ({mix.quantized_layers} layers)"
+    )
+    if mix.checkpoint:
+        text += (
+            f"; {mix.quant_algo} checkpoint, held-out NLL {mix.in_memory_nll:.5f} in memory, "
+            f"{mix.exported_nll:.5f} exported, {mix.read_back_nll:.5f} read back "
+            f"(difference {mix.difference:+.1e}, tolerance {mix.tolerance:.0e}, "
+            f"{'ok' if mix.ok else 'FAILED'})"
+        )
+    return text + f" in {mix.seconds:.1f} s"
+
+
+@attrs.frozen
+class ExportCheckpoint:
+    """Write the mix at ``spec.bits`` (the run's budget when None) to ``spec.output_dir``.
+
+    Config only by default: pure, from :class:`SensitivityScores`. With ``spec.checkpoint`` the
+    model is loaded again from :attr:`LoadedModel.load_spec` (RunAutoQuant has quantized the one
+    in the pipeline in place, and keeping a deep copy from before the search would double the
+    memory of every run, export or not), quantized with the config, calibrated on the run's
+    batches, exported and read back.
+    """
+
+    spec: ExportSpec
+
+    optional: ClassVar[tuple[type, ...]] = ()
+    produces: ClassVar[type] = ExportedMix
+
+    @property
+    def requires(self) -> tuple[type, ...]:
+        base: tuple[type, ...] = (SensitivityScores,)
+        return (*base, LoadedModel, LanguageModel, CalibData) if self.spec.checkpoint else base
+
+    def run(self, inputs: Artifacts) -> ExportedMix:
+        scores = inputs.get(SensitivityScores)
+        if self.spec.output_dir is None:
+            raise ConfigError(
+                "export.output_dir is not set: give the folder the export goes to (aqm run sets it to "
+                "<run folder>/export)"
+            )
+        budget = self.spec.bits if self.spec.bits is not None else scores.effective_bits_target
+        solved = solve_one(scores, budget)
+        choices, bits = choice_at(solved, budget, scores.groups)
+        checkpoint = None
+        if self.spec.checkpoint:
+            from auto_quantize_model.backend.models import load
+
+            loaded = inputs.get(LoadedModel)
+            if loaded.load_spec is None:
+                raise ConfigError(
+                    "export.checkpoint needs the spec the model was loaded from (LoadedModel.load_spec, set "
+                    "by LoadModel) to load an unquantized copy; supply a LoadedModel that carries it"
+                )
+            log.info("export: loading %s again (the run's copy carries AutoQuant's quantizers)", loaded.source)
+            checkpoint = CheckpointInputs(load(loaded.load_spec), inputs.get(LanguageModel), inputs.get(CalibData))
+        mix = export_mix(
+            choices,
+            Path(self.spec.output_dir),
+            budget=budget,
+            effective_bits_lm=bits,
+            checkpoint=checkpoint,
+            notes=solved.notes,
+        )
+        log.info("%s", summary_line(mix))
+        return mix
