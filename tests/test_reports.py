@@ -122,6 +122,9 @@ def crafted_manifest(validation: ValidationReport | None = None) -> Manifest:
     )
 
 
+UNMET_K = "validate.k = 9 asks for 9 top, 9 bottom and 9 random groups, but only 2 group(s) can be validated"
+
+
 def validation_report() -> ValidationReport:
     return ValidationReport(
         groups=(ValidatedGroup("lm_head", INT8, math.inf, "top", 0.5, math.nan),),
@@ -190,16 +193,39 @@ def test_warnings_are_recorded_and_left_out_when_there_are_none() -> None:
     assert "warnings" not in manifest_to_dict(crafted_manifest())  # files of runs without any: as before
 
     scored = attrs.evolve(crafted_scores(), warnings=("score_size 512 is beyond the 64 captions: used 64",))
+    validation = attrs.evolve(validation_report(), unmet=(UNMET_K,))
     manifest = build_manifest(
-        scored, ManifestSpec(), model=crafted_manifest().model, dataset=None, validation=validation_report()
+        scored, ManifestSpec(), model=crafted_manifest().model, dataset=None, validation=validation
     )
-    assert manifest.warnings == (
-        "score_size 512 is beyond the 64 captions: used 64",
-        "Spearman is NaN: one group only",
-    )
+    assert manifest.warnings == ("score_size 512 is beyond the 64 captions: used 64", UNMET_K)
     data = strict_loads(manifest_to_json(manifest))
     assert data["warnings"] == list(manifest.warnings)
-    assert manifest_from_dict(data, "m.json").warnings == manifest.warnings
+    assert data["validation"]["unmet"] == [UNMET_K]
+    back = manifest_from_dict(data, "m.json")
+    assert back.validation is not None
+    assert (back.warnings, back.validation.unmet) == (manifest.warnings, (UNMET_K,))
+    assert "unmet" not in manifest_to_dict(crafted_manifest(validation_report()))["validation"]
+
+
+def test_each_warning_and_validation_note_is_shown_once() -> None:
+    """Unmet settings lead the report; validation's notes on its figures stay in its section."""
+    validation = attrs.evolve(validation_report(), unmet=(UNMET_K,))
+    text = render_markdown(
+        build_manifest(
+            crafted_scores(),
+            ManifestSpec(),
+            model=crafted_manifest().model,
+            dataset=None,
+            validation=validation,
+        )
+    )
+    top, section = text.split("## Validation")
+    assert (top.count(UNMET_K), section.count(UNMET_K)) == (1, 0)
+    assert (top.count("Spearman is NaN"), section.count("- Note: Spearman is NaN: one group only")) == (0, 1)
+    # a manifest written when every validation note was also copied into the warnings: shown once too
+    older = attrs.evolve(crafted_manifest(validation_report()), warnings=validation_report().notes)
+    top, section = render_markdown(older).split("## Validation")
+    assert ("Warnings" in top, section.count("Spearman is NaN: one group only")) == (False, 1)
 
 
 def test_warnings_come_first_in_the_markdown() -> None:

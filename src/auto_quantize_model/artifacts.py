@@ -375,6 +375,10 @@ class ValidationReport:
     """Free predictors rated against the same measured damage."""
     refinement: Refinement | None = None
     """The measured refinement (``validate.refine``); None when off."""
+    unmet: tuple[str, ...] = ()
+    """``[validate]`` settings that could not be honoured as written (``k`` beyond the groups,
+    ``holdout_samples`` beyond the text), one sentence each: the report lists them with the run's
+    warnings, ahead of the ranking, and not again among :attr:`notes`."""
 
 
 @attrs.frozen

@@ -164,7 +164,7 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
 NOTICE_KEY = "notice"
 """Top-level key of the random-weights sentence (:func:`random_weights_notice`); derived from
 ``model.source`` when written, dropped when read."""
-VALIDATION_ADDITIONS = ("noise", "proxies", "refinement")
+VALIDATION_ADDITIONS = ("noise", "proxies", "refinement", "unmet")
 VALIDATED_GROUP_ADDITIONS = ("delta_nll_ci", "kl_ci")
 """Validation fields added after schema 1 was first written: left out when unset, so a manifest
 without them reads and writes as it always did."""

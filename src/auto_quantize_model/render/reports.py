@@ -199,13 +199,19 @@ def render_layer_json(manifest: Manifest, *, state_file: str | None = None) -> d
 
 
 def _warnings(manifest: Manifest) -> list[str]:
-    """A block right under the title: a reader acting on the ranking must see these before it."""
-    if not manifest.warnings:
+    """A block right under the title: a reader acting on the ranking must see these before it.
+
+    Manifests written before :attr:`ValidationReport.unmet` existed copied every validation note
+    into their warnings; those are shown once, in the Validation section.
+    """
+    notes = () if manifest.validation is None else manifest.validation.notes
+    warnings = [warning for warning in manifest.warnings if warning not in notes]
+    if not warnings:
         return []
     return [
         "> **Warnings: what this run could not do as asked**",
         ">",
-        *(f"> - {warning}" for warning in manifest.warnings),
+        *(f"> - {warning}" for warning in warnings),
         "",
     ]
 

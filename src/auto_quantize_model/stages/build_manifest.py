@@ -57,8 +57,11 @@ def scheme_info(scores: SensitivityScores, name: str) -> SchemeInfo:
 
 
 def run_warnings(scores: SensitivityScores, validation: ValidationReport | None) -> tuple[str, ...]:
-    """What the run could not do as asked, first: the search's warnings, then validation's notes."""
-    return (*scores.warnings, *(() if validation is None else validation.notes))
+    """What the run could not do as asked: the search's warnings, then validation's unmet settings.
+
+    Validation's notes on its own figures (a NaN coefficient, groups left out) stay in its section.
+    """
+    return (*scores.warnings, *(() if validation is None else validation.unmet))
 
 
 def build_manifest(

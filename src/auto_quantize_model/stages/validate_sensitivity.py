@@ -106,14 +106,14 @@ class ValidateSensitivity:
             measurement,
             held_out,
             spec.k,
-            notes=(*left_out, *short, *switch.notes()),
+            notes=(*left_out, *switch.notes()),
             seconds=0.0,
             resamples=spec.bootstrap,
             seed=spec.seed,
             refine=plan,
             batches=len(evaluator.batches),
         )
-        report = attrs.evolve(report, seconds=time.perf_counter() - started)
+        report = attrs.evolve(report, seconds=time.perf_counter() - started, unmet=short)
         noise = report.noise
         log.info(
             "validated %d groups on %d held-out captions (%d tokens): Spearman(score, %s) %.3f, "
