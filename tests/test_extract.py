@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from auto_quantize_model.artifacts import LanguageModel, LoadedModel
-from auto_quantize_model.backend.lm_forward import IGNORE_INDEX, next_token_loss, selected_logits
+from auto_quantize_model.backend.lm_forward import next_token_loss, selected_logits
 from auto_quantize_model.backend.locate import (
     ACCESSOR_FALLBACK,
     LAYOUTS,
@@ -22,6 +22,7 @@ from auto_quantize_model.backend.locate import (
     find_language_model,
     outside_modules,
 )
+from auto_quantize_model.core.batching import IGNORE_INDEX
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.specs import ExtractSpec, LoadSpec

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from auto_quantize_model.core.batching import IGNORE_INDEX as IGNORE_INDEX
+from auto_quantize_model.core.batching import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import LanguageModel
