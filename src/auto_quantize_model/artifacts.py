@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
+    from auto_quantize_model.specs import LoadSpec
+
 Scope = Literal["language_model", "full_model"]
 Layout = Literal["packed", "padded"]
 Method = Literal["gradient", "kl_div"]
@@ -37,6 +39,9 @@ class LoadedModel:
     dtype: str
     device: str
     """Device of the first parameter; with ``device_map`` the model may span several."""
+    load_spec: LoadSpec | None = None
+    """The spec it was loaded from (set by :class:`LoadModel`), so a later stage can load a
+    pristine copy again (ExportCheckpoint: RunAutoQuant quantizes this one in place)."""
 
 
 @attrs.frozen(eq=False)
@@ -466,3 +471,37 @@ class FrontierSummary:
     run_matches: bool | None
     """The re-solved choice at the run's budget equals ModelOpt's; None when not compared."""
     measured: MeasuredFrontier | None = None
+
+
+@attrs.frozen
+class ExportedMix:
+    """The mix of one budget written out by ExportCheckpoint, and how its read-back went."""
+
+    directory: str
+    budget: float
+    effective_bits_lm: float
+    """LM bits of the exported mix (at most :attr:`budget`)."""
+    groups: int
+    quantized_layers: int
+    formats: tuple[tuple[str, int], ...]
+    """Each chosen format and how many groups carry it."""
+    files: tuple[str, ...]
+    checkpoint: bool
+    quant_algo: str = ""
+    """``MIXED_PRECISION`` or the one format's label; empty without a checkpoint."""
+    in_memory_nll: float = math.nan
+    """Held-out NLL of the quantized, calibrated model (nats per token); NaN without a checkpoint."""
+    exported_nll: float = math.nan
+    """The same after the exporter's sibling fusion: what the checkpoint holds."""
+    read_back_nll: float = math.nan
+    """The checkpoint loaded back as its README says."""
+    tolerance: float = math.nan
+    ok: bool = True
+    """The read-back NLL is within :attr:`tolerance` of :attr:`exported_nll` (True without a checkpoint)."""
+    seconds: float = 0.0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def difference(self) -> float:
+        """Read back minus exported NLL; NaN without a checkpoint."""
+        return self.read_back_nll - self.exported_nll

@@ -243,6 +243,27 @@ class FrontierSpec:
     problem, else one per available CPU (:func:`~auto_quantize_model.core.frontier.solver_processes`)."""
 
 
+def _export_bits(instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None:
+        try:
+            parse_budgets(repr(float(value)))
+        except ConfigError as err:
+            raise SpecError(_owner(instance), attribute.name, str(err)) from None
+
+
+@attrs.frozen
+class ExportSpec:
+    """Write the mix at one budget as a ModelOpt config (and, when asked, a calibrated checkpoint)."""
+
+    bits: float | None = attrs.field(default=None, validator=_export_bits)
+    """Effective-bits budget over the LM weights; None takes the run's own ``autoquant.effective_bits``."""
+    output_dir: str | None = None
+    """Where the export goes; None: an ``export`` folder inside the run's output folder."""
+    checkpoint: bool = False
+    """Also quantize a freshly loaded copy of the model, calibrate it on the run's batches, write it
+    with ModelOpt's HF exporter and read it back (held-out NLL); False writes the config only."""
+
+
 def is_bundled(table: str, key: str, value: str) -> bool:
     """True for values that name something shipped with the package rather than a file.
 
@@ -302,6 +323,9 @@ class PipelineSpec:
             "frontier",
             then=("MeasureFrontier", "measure_frontier", "measure", "measure"),
         ),
+    )
+    export: ExportSpec | None = attrs.field(
+        default=None, metadata=stage_table("ExportCheckpoint", "export_checkpoint", "export")
     )
     manifest: ManifestSpec = attrs.field(
         factory=ManifestSpec, metadata=stage_table("BuildManifest", "build_manifest", "manifest")

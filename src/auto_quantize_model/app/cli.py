@@ -163,6 +163,22 @@ def cmd_frontier(args: argparse.Namespace, service: RunService) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, service: RunService) -> int:
+    from auto_quantize_model.app.export import ExportRequest
+    from auto_quantize_model.stages.export_checkpoint import summary_line
+
+    request = ExportRequest(
+        source=Path(args.run),
+        output=Path(args.output),
+        bits=args.bits,
+        checkpoint=args.checkpoint,
+        force=args.force,
+        command=tuple(args.command_line),
+    )
+    print(f"aqm: {summary_line(service.export(request))}")
+    return 0
+
+
 def _count(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -301,6 +317,30 @@ def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
     )
     frontier.add_argument("--no-plots", action="store_true", help="write frontier.md/json only")
     frontier.set_defaults(func=cmd_frontier)
+
+    export = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write a finished run's mix at one budget as a ModelOpt config (--checkpoint: a checkpoint)",
+        description=(
+            "Solve a finished run's format mix at one effective-bits budget (the frontier solver, from the "
+            "manifest; the run's own budget by default) and write it as quant_config.json (mtq.quantize "
+            "accepts it), quant_recipe.yaml (a ModelOpt PTQ recipe), README.md and export.json, both "
+            "config files read back. --checkpoint also loads the run's model again, quantizes and "
+            "calibrates it on the run's calibration batches, writes it with ModelOpt's Hugging Face "
+            "exporter and checks that it reads back to the same held-out NLL."
+        ),
+    )
+    export.add_argument("run", metavar="RUN_DIR", help="a run folder of aqm run (or a *_quant_manifest.json)")
+    export.add_argument(
+        "--bits", metavar="B", help="effective-bits budget over the LM weights (default: the run's own)"
+    )
+    export.add_argument("--output", metavar="DIR", required=True, help="the export folder (new or empty)")
+    export.add_argument(
+        "--checkpoint", action="store_true", help="also write the calibrated checkpoint and read it back"
+    )
+    export.add_argument("--force", action="store_true", help="replace an existing, non-empty DIR")
+    export.set_defaults(func=cmd_export)
 
     diff = sub.add_parser("diff", parents=[common], help="compare two runs (manifests or run folders)")
     diff.add_argument("a")

@@ -145,7 +145,9 @@ def run_export(job: ExportJob, loader: ExportLoader) -> ExportedMix:
     from auto_quantize_model.stages.export_checkpoint import choice_at, export_mix
 
     groups = [project(group, GroupScore) for group in job.manifest.groups]
-    solved = frontier_of_manifest(job.manifest, FrontierSpec(bits=repr(job.budget), workers=1), job.manifest_path)
+    solved = frontier_of_manifest(
+        job.manifest, FrontierSpec(bits=repr(job.budget), workers=1), job.manifest_path
+    )
     choices, bits = choice_at(solved, job.budget, groups)
     checkpoint = loader(job.pipeline) if job.pipeline is not None else None
     with contextlib.redirect_stdout(sys.stderr):

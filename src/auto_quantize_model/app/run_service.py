@@ -75,12 +75,14 @@ from auto_quantize_model.app.runs import (
 from auto_quantize_model.errors import StageError
 
 if TYPE_CHECKING:
+    from auto_quantize_model.app.export import ExportLoader, ExportRequest
     from auto_quantize_model.app.frontier import FrontierMeasurer, FrontierRequest
     from auto_quantize_model.app.sweep import SweepPoint
-    from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier, ReportPaths
+    from auto_quantize_model.artifacts import BudgetFrontier, ExportedMix, MeasuredFrontier, ReportPaths
     from auto_quantize_model.io.manifest import Manifest
     from auto_quantize_model.pipeline import Artifacts
     from auto_quantize_model.specs import FrontierSpec, PipelineSpec
+    from auto_quantize_model.stages.export_checkpoint import CheckpointInputs
 
 log = logging.getLogger(PACKAGE_LOGGER)
 
@@ -156,6 +158,12 @@ def measure_frontier(pipeline: PipelineSpec, spec: FrontierSpec) -> tuple[Budget
     from auto_quantize_model.app.frontier import measure_run
 
     return measure_run(pipeline, spec)
+
+
+def load_for_export(pipeline: PipelineSpec) -> CheckpointInputs:
+    from auto_quantize_model.app.export import load_run_model
+
+    return load_run_model(pipeline)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -276,6 +284,8 @@ class RunService:
     """``aqm bench``: the benchmark harness, given the parsed flags."""
     frontier_measurer: FrontierMeasurer = measure_frontier
     """``aqm frontier --measure``: the run's stages up to RunAutoQuant, SolveBudgets, MeasureFrontier."""
+    export_loader: ExportLoader = load_for_export
+    """``aqm export --checkpoint``: the run's LoadModel, ExtractLM and BuildCalibLoader (no AutoQuant)."""
 
     # ------------------------------------------------------------- runs
 
@@ -470,6 +480,20 @@ class RunService:
         with self._claim(job.target, request.command):
             frontier, measured = solve_job(job, self.frontier_measurer)
             return write_job(job, frontier, measured)
+
+    def export(self, request: ExportRequest) -> ExportedMix:
+        """``aqm export``: a run's mix at one budget as a ModelOpt config (and checkpoint).
+
+        Everything is read and checked first; the folder is written under a scratch name beside
+        the target and renamed into place once complete.
+        """
+        from auto_quantize_model.app.export import plan_export, run_export
+
+        job = plan_export(request)
+        try:
+            return run_export(job, self.export_loader)
+        except OSError as err:
+            raise output_error(job.target, err) from None
 
     def write_output(self, path: Path, text: str) -> Path:
         """Write one result file (``aqm diff --output``), refusing a folder and naming OS failures."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import typing
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -136,5 +137,9 @@ def build_pipeline(spec: PipelineSpec, output_dir: str | os.PathLike[str]) -> Pi
     from auto_quantize_model.pipeline import Pipeline
 
     spec = attrs.evolve(spec, reports=attrs.evolve(spec.reports, output_dir=os.fspath(output_dir)))
+    if spec.export is not None and spec.export.output_dir is None:  # ExportCheckpoint's default folder
+        spec = attrs.evolve(
+            spec, export=attrs.evolve(spec.export, output_dir=os.fspath(Path(output_dir) / "export"))
+        )
     stages: list[Any] = [entry.build(getattr(spec, entry.table)) for entry in active_stages(spec)]
     return Pipeline(stages)

@@ -56,7 +56,7 @@ class CheckpointInputs:
     lm: LanguageModel
     """The run's language model: only its names (decoder, head, vision towers, pad id) are used."""
     calib: CalibData
-    holdout: ValidateSpec = ValidateSpec()
+    holdout: ValidateSpec = attrs.field(factory=ValidateSpec)
 
 
 def choice_at(
@@ -309,14 +309,20 @@ class ExportCheckpoint:
                     "export.checkpoint needs the spec the model was loaded from (LoadedModel.load_spec, set "
                     "by LoadModel) to load an unquantized copy; supply a LoadedModel that carries it"
                 )
-            log.info("export: loading %s again (the run's copy carries AutoQuant's quantizers)", loaded.source)
-            checkpoint = CheckpointInputs(load(loaded.load_spec), inputs.get(LanguageModel), inputs.get(CalibData))
+            log.info(
+                "export: loading %s again (the run's copy carries AutoQuant's quantizers)", loaded.source
+            )
+            checkpoint = CheckpointInputs(
+                load(loaded.load_spec), inputs.get(LanguageModel), inputs.get(CalibData)
+            )
+        target = Path(self.spec.output_dir)
         mix = export_mix(
             choices,
-            Path(self.spec.output_dir),
+            target,
             budget=budget,
             effective_bits_lm=bits,
             checkpoint=checkpoint,
+            force=(target / EXPORT_FILE).is_file(),  # a previous export of this stage is replaced
             notes=solved.notes,
         )
         log.info("%s", summary_line(mix))

@@ -32,4 +32,4 @@ class LoadModel:
         log.info(
             "loaded %s (%s) as %s on %s", self.spec.path, loaded.architecture, loaded.dtype, loaded.device
         )
-        return loaded
+        return attrs.evolve(loaded, load_spec=self.spec)

@@ -1,0 +1,202 @@
+"""``aqm export`` on the finished tiny default run, and the ``[export]`` table / ExportCheckpoint stage.
+
+The run folder comes from the session fixture ``tiny_default_run`` (read-only): every export goes
+to ``tmp_path``. The config test compares the written per-layer config with the manifest's own
+choice (every group's ``best_format``) at the run's budget; the checkpoint test loads the model
+again, quantizes, exports and reads back on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from auto_quantize_model.app.cli import main
+from auto_quantize_model.core import export_config as xc
+from auto_quantize_model.core.formats import local_quantizer
+from auto_quantize_model.core.scores import NO_QUANT
+from builders import AqmRun
+
+MANIFEST = "tiny_wint8_aint8_quant_manifest.json"
+
+
+def finished(run: AqmRun) -> Path:
+    assert run.returncode == 0, run.stderr
+    return run.folder
+
+
+def export(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["export", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def manifest_choice(folder: Path) -> tuple[float, dict[str, str]]:
+    """The run's budget and every module's format as ModelOpt chose it (the manifest's best_format)."""
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    formats = {
+        module: group["best_format"] for group in manifest["groups"] for module in group["module_names"]
+    }
+    return float(manifest["scheme"]["effective_bits_target"]), formats
+
+
+def enabled_formats(quant_config: dict[str, object], formats: dict[str, str]) -> dict[str, bool]:
+    """Module -> whether its weight quantizer ends enabled, by replaying the config's entries."""
+    entries = quant_config["quant_cfg"]
+    assert isinstance(entries, list)
+    return {module: local_quantizer(entries, f"{module}.weight_quantizer").enabled for module in formats}
+
+
+@pytest.mark.slow
+def test_export_writes_the_runs_choice_at_its_budget(
+    tiny_default_run: AqmRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = finished(tiny_default_run)
+    budget, formats = manifest_choice(folder)
+    out = tmp_path / "export"
+    code, stdout, _ = export(capsys, str(folder), "--output", str(out))
+    assert code == 0
+    assert stdout.startswith(f"aqm: export {out}: {budget:g}-bit budget")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "export.json",
+        "quant_config.json",
+        "quant_recipe.yaml",
+    ]
+    config = xc.read_quant_config((out / "quant_config.json").read_text(encoding="utf-8"))
+    enabled = enabled_formats(config, formats)
+    assert enabled == {module: fmt != NO_QUANT for module, fmt in formats.items()}
+    assert any(enabled.values())
+    assert not all(enabled.values())
+    record = json.loads((out / "export.json").read_text(encoding="utf-8"))
+    counts: dict[str, int] = {}
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    for group in manifest["groups"]:
+        counts[group["best_format"]] = counts.get(group["best_format"], 0) + 1
+    assert (record["budget"], record["formats"], record["checkpoint"]) == (budget, counts, False)
+    assert record["effective_bits_lm"] <= budget
+    # The same folder through the explicit --bits of the run's budget, and a lower budget that
+    # quantizes more groups; no scratch folder is left behind.
+    lower = tmp_path / "lower"
+    code, _, _ = export(capsys, str(folder), "--bits", "9", "--output", str(lower))
+    assert code == 0
+    lower_record = json.loads((lower / "export.json").read_text(encoding="utf-8"))
+    assert lower_record["effective_bits_lm"] <= 9.0
+    assert lower_record["formats"].get(NO_QUANT, 0) < counts.get(NO_QUANT, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "lower"]
+
+
+@pytest.mark.slow
+def test_checkpoint_reads_back_within_tolerance_on_cpu(
+    tiny_default_run: AqmRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = finished(tiny_default_run)
+    out = tmp_path / "ckpt"
+    code, stdout, _ = export(capsys, str(folder), "--output", str(out), "--checkpoint")
+    assert code == 0
+    assert "read back" in stdout
+    assert "ok)" in stdout
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "hf_quant_config.json", "model.safetensors", "export.json"} <= names
+    figures = json.loads((out / "export.json").read_text(encoding="utf-8"))["read_back"]
+    assert figures["ok"] is True
+    assert abs(figures["difference"]) <= figures["tolerance"]
+    assert figures["difference"] == pytest.approx(figures["read_back_nll"] - figures["exported_nll"])
+    _, formats = manifest_choice(folder)
+    hf_quant = json.loads((out / "hf_quant_config.json").read_text(encoding="utf-8"))["quantization"]
+    assert hf_quant["quant_algo"] == "W8A8_SQ_PER_CHANNEL"  # INT8 everywhere it quantizes
+    excluded = hf_quant["exclude_modules"]
+    import fnmatch
+
+    for module, fmt in formats.items():
+        assert any(fnmatch.fnmatchcase(module, p) for p in excluded) == (fmt == NO_QUANT), module
+
+
+def test_missing_run_folder_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = export(capsys, str(tmp_path / "nope"), "--output", str(out))
+    assert code != 0
+    assert stdout == ""
+    assert err.count("\n") == 1
+    assert "nope does not exist" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("bits", "message"),
+    [("abc", "--bits: budgets 'abc'"), ("6,8", "export takes one budget"), ("1:3:1", "export takes one")],
+)
+def test_bad_bits_are_one_line_and_write_nothing(
+    bits: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    code, _, err = export(capsys, str(tmp_path), "--bits", bits, "--output", str(out))
+    assert code != 0
+    assert err.count("\n") == 1, err
+    assert message in err, err
+    assert not out.exists()
+
+
+def test_existing_output_and_unreachable_budget_are_refused(
+    tiny_default_run: AqmRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = finished(tiny_default_run)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine", encoding="utf-8")
+    code, _, err = export(capsys, str(folder), "--output", str(taken))
+    assert code != 0
+    assert err.count("\n") == 1
+    assert "already exists and is not empty" in err
+    assert "--force" in err
+    assert sorted(p.name for p in taken.iterdir()) == ["keep.txt"]
+    inside = folder / "export"
+    code, _, err = export(capsys, str(folder), "--output", str(inside))
+    assert code != 0
+    assert "inside the run folder" in err
+    assert not inside.exists()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = export(capsys, str(folder), "--bits", "2", "--output", str(tmp_path / "low"))
+    assert code != 0
+    assert err.count("\n") == 1, err
+    assert "below the cheapest mix" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no scratch folder left
+
+
+@pytest.mark.slow
+def test_force_replaces_an_existing_export(
+    tiny_default_run: AqmRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = finished(tiny_default_run)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old", encoding="utf-8")
+    code, _, _ = export(capsys, str(folder), "--output", str(out), "--force")
+    assert code == 0
+    assert "old.txt" not in {p.name for p in out.iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.slow
+def test_export_table_runs_the_stage_after_solve_budgets(tmp_path: Path) -> None:
+    """A pipeline with [export] writes the config next to the reports; the stage is in the registry."""
+    from auto_quantize_model.io.pipeline_file import load_pipeline
+    from auto_quantize_model.stages import stage_names
+
+    source = Path(__file__).resolve().parents[1] / "pipelines" / "tiny-qwen3-vl.toml"
+    toml = tmp_path / "p.toml"
+    text = source.read_text(encoding="utf-8").replace("[validate]", '[frontier]\nbits = "9,12"\n\n[validate]')
+    toml.write_text(text + "\n[export]\nbits = 9\n", encoding="utf-8")
+    names = stage_names(load_pipeline(toml))
+    assert names.index("SolveBudgets") < names.index("ExportCheckpoint") < names.index("BuildManifest")
+    run_dir = tmp_path / "run"
+    assert main(["run", str(toml), "--output", str(run_dir)]) == 0
+    record = json.loads((run_dir / "export" / "export.json").read_text(encoding="utf-8"))
+    assert record["budget"] == 9.0
+    assert record["effective_bits_lm"] <= 9.0
+    shutil.rmtree(run_dir / "export")
