@@ -71,15 +71,11 @@ def cmd_resume(args: argparse.Namespace, service: RunService) -> int:
     record = read_run(folder)
     if record is None or not (folder / PIPELINE_FILE).is_file():
         raise InputError(f"{folder}: not a run folder (no run.json and {PIPELINE_FILE} written by aqm run)")
-    if record.sweep:
-        raise InputError(f"{folder}: resuming a sweep is not supported; rerun the points that failed")
     if record.status == COMPLETE and not args.force:
         raise InputError(f"{folder}: the run is already complete; nothing to resume (--force runs it again)")
     file = str(folder / PIPELINE_FILE)
     spec = load_pipeline(file)
-    points = expand_sweep(spec, source=file)
-    if len(points) > 1 or points[0].settings:
-        raise InputError(f"{folder}: resuming a sweep is not supported; rerun the points that failed")
+    points = expand_sweep(spec, source=file)  # a sweep skips its finished points, resumes the rest
     request = RunRequest(
         spec,
         points,

@@ -44,6 +44,7 @@ from auto_quantize_model.app.folders import (
     check_output_dir,
     describe_os_error,
     file_above,
+    is_aqm_pipeline,
     make_folder,
     os_reason,
     output_error,
@@ -61,6 +62,7 @@ from auto_quantize_model.app.runs import (
     RunFolder,
     RunRecord,
     Writer,
+    changed_settings,
     failure_reason,
     is_out_of_memory,
     open_run_folder,
@@ -72,12 +74,12 @@ from auto_quantize_model.app.runs import (
     utc_now,
     write_run,
 )
-from auto_quantize_model.errors import StageError
+from auto_quantize_model.errors import InputError, StageError
 
 if TYPE_CHECKING:
     from auto_quantize_model.app.export import ExportLoader, ExportRequest
     from auto_quantize_model.app.frontier import FrontierMeasurer, FrontierRequest
-    from auto_quantize_model.app.sweep import SweepPoint
+    from auto_quantize_model.app.sweep import PointOutcome, PointSession, SweepPoint
     from auto_quantize_model.artifacts import BudgetFrontier, ExportedMix, MeasuredFrontier, ReportPaths
     from auto_quantize_model.io.manifest import Manifest
     from auto_quantize_model.pipeline import Artifacts
@@ -146,6 +148,19 @@ def run_pipeline(spec: PipelineSpec, folder: Path) -> Artifacts:
         if is_out_of_memory(err.cause):
             raise out_of_memory_error(err.stage, spec) from err
         raise
+
+
+def new_sweep_session() -> PointSession:
+    """The runner of a sweep's points that loads the model once (see :mod:`.sweep_runner`)."""
+    from auto_quantize_model.app.sweep_runner import SweepSession
+
+    return SweepSession()
+
+
+def _sweep_session_for(service: RunService) -> Callable[[], PointSession] | None:
+    """Sweeps share one loaded model when the service runs real pipelines; a service handed its own
+    pipeline runner (a test's fake) runs every sweep point through that runner instead."""
+    return new_sweep_session if service.pipeline_runner is run_pipeline else None
 
 
 def regenerate_reports(manifest: Path, output: Path | None) -> ReportPaths:
@@ -286,6 +301,11 @@ class RunService:
     """``aqm frontier --measure``: the run's stages up to RunAutoQuant, SolveBudgets, MeasureFrontier."""
     export_loader: ExportLoader = load_for_export
     """``aqm export --checkpoint``: the run's LoadModel, ExtractLM and BuildCalibLoader (no AutoQuant)."""
+    sweep_session: Callable[[], PointSession] | None = attrs.field(
+        default=attrs.Factory(_sweep_session_for, takes_self=True)
+    )
+    """Makes the runner of one sweep's points (it keeps the loaded model, the calibration batches
+    and the saved searches the points share); None runs each point through ``pipeline_runner``."""
 
     # ------------------------------------------------------------- runs
 
@@ -376,10 +396,10 @@ class RunService:
         except OSError as err:
             raise output_error(folder, err) from None
 
-    def _run_point(self, spec: PipelineSpec, folder: Path) -> Artifacts:
+    def _run_point(self, spec: PipelineSpec, folder: Path, runner: PipelineRunner | None = None) -> Artifacts:
         """Run one point; an OS error inside a stage becomes one line naming the path and reason."""
         try:
-            return self.pipeline_runner(spec, folder)
+            return (self.pipeline_runner if runner is None else runner)(spec, folder)
         except StageError as err:
             if isinstance(err.cause, OSError):
                 raise StageError(err.stage, OutputError(describe_os_error(err.cause, folder))) from err
@@ -393,52 +413,82 @@ class RunService:
             log.warning("could not remove %s after the failure", path)
 
     def _sweep(self, request: RunRequest, claim: _Claim) -> int:
-        from auto_quantize_model.app.sweep import run_sweep
+        """Run a sweep's points into subfolders; a rerun of the same sweep skips finished points.
+
+        Each point keeps its own ``run.json``, so a rerun into the folder (same pipeline, no
+        ``--force``) skips points recorded complete with the same settings and resumes an
+        interrupted one from its saved search state, like a single run.
+        """
+        from auto_quantize_model.app.sweep import reuse_order, run_sweep
         from auto_quantize_model.io.pipeline_file import spec_to_toml
 
         folder = request.folder
+        resume = False
+        previous: RunRecord | None = None
         if not claim.created:
             previous = _read_previous(folder, request.force)
             if previous is not None:
                 refuse_live_owner(folder, previous)
             if request.force:
                 remove_previous_run(folder, previous)
-            check_output_dir(folder, request.force)
-        run = RunFolder(folder, created=claim.created, resume=False, started_at=utc_now())
+                check_output_dir(folder, True)
+            elif previous is not None and previous.sweep:
+                _check_same_sweep(folder, request.spec)
+                resume = True
+            else:
+                check_output_dir(folder, False)
+        run = RunFolder(
+            folder,
+            created=claim.created,
+            resume=resume,
+            started_at=utc_now(),
+            previous=previous if resume else None,
+        )
         record = _Recorder(self, run, request.spec, request.command, sweep=True)
         toml = folder / PIPELINE_FILE
         before = frozenset(aqm_files(folder))
         try:
-            self._write(toml, spec_to_toml(request.spec, header=request.header))
+            if resume:
+                log.info("sweep in %s: finished points are skipped, an interrupted one resumes", folder)
+            else:
+                self._write(toml, spec_to_toml(request.spec, header=request.header))
             record.write(RUNNING, [toml, folder / RUN_FILE])
         except BaseException:
             self._clean_after_failure(folder, before, keep=())
             raise
 
-        def run_point(point: SweepPoint, point_dir: Path) -> Manifest | None:
-            spec = point.spec
-            if spec.autoquant.checkpoint is not None:
-                # Points must never share a search state: each gets its own next to its outputs.
-                name = Path(spec.autoquant.checkpoint).name
-                spec = attrs.evolve(
-                    spec, autoquant=attrs.evolve(spec.autoquant, checkpoint=str(point_dir / name))
-                )
-            make_folder(point_dir)
-            point_header = f"{request.header}\nSweep point: {point.label}"
-            self._write(point_dir / PIPELINE_FILE, spec_to_toml(spec, header=point_header))
-            return _manifest_of(self._run_point(for_folder(spec, point_dir), point_dir))
+        session = self.sweep_session() if self.sweep_session is not None else None
+        imported: list[float] = []
+        attempted: list[Path] = []
+
+        def import_once() -> None:
+            """The libraries, before the first point that runs (a rerun of a finished sweep needs none)."""
+            if not imported:
+                imported.append(self.library_importer())
+
+        def run_point(point: SweepPoint, point_dir: Path) -> PointOutcome:
+            attempted.append(point_dir)
+            return self._point(request, point, point_dir, session, import_once)
 
         started = time.perf_counter()
         try:
             with sigterm_unwinds():
-                self.library_importer()
-                results = run_sweep(request.points, folder, run_point, title=request.title)
+                results = run_sweep(
+                    reuse_order(request.points),
+                    folder,
+                    run_point,
+                    title=request.title,
+                    notes=None if session is None else session.notes,
+                )
         except BaseException as err:
-            if (folder / INDEX_NAME).is_file():
+            if attempted or (folder / INDEX_NAME).is_file():  # a point's resume kit may be there
                 record.write_failure(err, aqm_files(folder))
             else:
                 self._clean_after_failure(folder, before, keep=())
             raise
+        finally:
+            if session is not None:
+                session.close()
         failed = [r for r in results if not r.ok]
         status = f"{FAILED}: {len(failed)} of {len(results)} sweep points failed" if failed else COMPLETE
         record.write(status, [*aqm_files(folder), folder / RUN_FILE])
@@ -452,6 +502,69 @@ class RunService:
             )
             return 1
         return 0
+
+    def _point(
+        self,
+        request: RunRequest,
+        point: SweepPoint,
+        point_dir: Path,
+        session: PointSession | None,
+        before_run: Callable[[], None],
+    ) -> PointOutcome:
+        """One sweep point in its folder, with its own ``run.json``: skipped when an earlier run
+        finished it with the same settings, resumed when one was interrupted, else run fresh.
+
+        A failed point keeps its ``pipeline.toml``, its ``run.json`` (``failed: <reason>``) and any
+        search state, so the next run of the sweep resumes it.
+        """
+        from auto_quantize_model.app.sweep import PointOutcome
+        from auto_quantize_model.io.pipeline_file import spec_to_toml
+
+        spec = point.spec
+        if spec.autoquant.checkpoint is not None:
+            # Points must never share a search state: each gets its own next to its outputs.
+            name = Path(spec.autoquant.checkpoint).name
+            spec = attrs.evolve(
+                spec, autoquant=attrs.evolve(spec.autoquant, checkpoint=str(point_dir / name))
+            )
+        effective = for_folder(spec, point_dir)
+        done = _finished_point(point_dir, spec)
+        if done is not None:
+            if session is not None:
+                session.remember(effective)
+            return done
+        before_run()
+        made = make_folder(point_dir)
+        run = open_run_folder(point_dir, spec, force=False, created=bool(made) and made[-1] == point_dir)
+        toml = point_dir / PIPELINE_FILE
+        before = frozenset(aqm_files(point_dir))
+        record = _Recorder(self, run, spec, request.command)
+        try:
+            if not run.resume:
+                self._write(toml, spec_to_toml(spec, header=f"{request.header}\nSweep point: {point.label}"))
+            record.write(RUNNING, [toml, point_dir / RUN_FILE])
+        except BaseException:
+            self._clean_after_failure(point_dir, before, keep=())
+            raise
+        try:
+            store = self._run_point(effective, point_dir, session)
+        except BaseException as err:
+            kit = [toml, point_dir / RUN_FILE, *state_files(effective)]
+            self._clean_after_failure(point_dir, before, keep=kit)
+            record.write_failure(err, [p for p in kit if p.is_file()])
+            raise
+        written = [toml, *_report_files(store)]
+        files = [*written, *(p for p in state_files(effective) if p not in written), point_dir / RUN_FILE]
+        manifest = _manifest_of(store)
+        record.write(
+            COMPLETE,
+            files,
+            device=manifest.model.device if manifest is not None else None,
+            forward_steps=_forward_steps(store),
+            seconds=_stage_seconds(store),
+        )
+        reuse = "" if session is None else session.reuse_of(point_dir)
+        return PointOutcome(manifest, reuse="resumed" if run.resume and not reuse else reuse)
 
     # ------------------------------------------------------------- reports and other outputs
 
@@ -559,6 +672,42 @@ class _Recorder:
                 self.run.path / RUN_FILE,
                 secondary,
             )
+
+
+def _check_same_sweep(folder: Path, spec: PipelineSpec) -> None:
+    """Refuse to continue a sweep folder under other settings, naming every changed key."""
+    from auto_quantize_model.io.pipeline_file import load_pipeline
+
+    toml = folder / PIPELINE_FILE
+    if not toml.is_file() or not is_aqm_pipeline(toml):
+        raise InputError(
+            f"output folder {folder} holds a sweep without its {PIPELINE_FILE}; pass --force to start over"
+        )
+    changed = changed_settings(load_pipeline(toml), spec)
+    if changed:
+        raise InputError(
+            f"output folder {folder} holds a sweep with other settings ({'; '.join(changed)}); rerun "
+            "with the same settings to go on with it, pass --force to start over, or choose another --output"
+        )
+
+
+def _finished_point(folder: Path, spec: PipelineSpec) -> PointOutcome | None:
+    """The outcome of a point an earlier run finished with exactly ``spec``; None otherwise."""
+    from auto_quantize_model.app.folders import MANIFEST_SUFFIX
+    from auto_quantize_model.app.sweep import PointOutcome
+    from auto_quantize_model.io.pipeline_file import load_pipeline
+    from auto_quantize_model.render.reports import read_manifest
+
+    record = read_run(folder)
+    toml = folder / PIPELINE_FILE
+    if record is None or record.status != COMPLETE or not toml.is_file():
+        return None
+    if changed_settings(load_pipeline(toml), spec):
+        return None  # a complete run of other settings: open_run_folder refuses to overwrite it
+    manifests = [name for name in record.files if name.endswith(MANIFEST_SUFFIX)]
+    manifest = read_manifest(folder / manifests[0]) if manifests else None
+    seconds = sum(value for _, value in record.seconds) if record.seconds else None
+    return PointOutcome(manifest, earlier=True, seconds=seconds)
 
 
 def _read_previous(folder: Path, force: bool) -> RunRecord | None:

@@ -4,6 +4,10 @@ Every point is structured and pre-flight checked before the first model load, so
 third value of a list fails the sweep in a second instead of after two hours of earlier points.
 Once running, a failing point is recorded in ``sweep-index.md`` and the sweep goes on: on a
 shared GPU, one out-of-memory setting should not throw away the others.
+
+What points share is done once (:mod:`auto_quantize_model.app.sweep_runner`): the keys below say
+what a point's model, calibration batches and AutoQuant search depend on, and
+:func:`reuse_order` runs the points that share them back to back.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -24,10 +28,11 @@ from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.io.convert import toml_value
 from auto_quantize_model.io.pipeline_file import PATH_KEYS, spec_from_dict, spec_to_dict
 from auto_quantize_model.io.preflight import preflight
-from auto_quantize_model.specs import PipelineSpec
+from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec, LoadSpec, PipelineSpec
 
 if TYPE_CHECKING:
     from auto_quantize_model.io.manifest import Manifest
+    from auto_quantize_model.pipeline import Artifacts
 
 log = logging.getLogger("auto_quantize_model")
 
@@ -59,10 +64,94 @@ class PointResult:
     seconds: float
     effective_bits: float | None = None
     top_layers: tuple[str, ...] = ()
+    reuse: str = ""
+    """What the point took over instead of redoing (``model copy; calibration of #1``); empty if none."""
+    earlier: bool = False
+    """The point was finished by an earlier run of the sweep and skipped this time."""
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+
+@attrs.frozen
+class PointOutcome:
+    """What a point runner may return instead of a bare manifest: the manifest and how it was made."""
+
+    manifest: Manifest | None
+    reuse: str = ""
+    earlier: bool = False
+    seconds: float | None = None
+    """For a point finished by an earlier run: the wall time it took then (None: unknown)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# What points share
+# --------------------------------------------------------------------------------------------------
+
+SearchKey = tuple[LoadSpec, ExtractSpec, CalibSpec, tuple[tuple[str, Any], ...]]
+
+_BUDGET_ONLY = ("effective_bits", "checkpoint")
+"""AutoQuant settings a saved search does not depend on: the budget is re-searched from the saved
+scores, and the checkpoint is only where the state lives."""
+
+
+def model_key(spec: PipelineSpec) -> LoadSpec:
+    """Points with equal keys can run on copies of one loaded model (every load setting counts)."""
+    return spec.model
+
+
+def calib_key(spec: PipelineSpec) -> tuple[LoadSpec, CalibSpec]:
+    """Points with equal keys calibrate on the same batches (the tokenizer comes with the model)."""
+    return spec.model, spec.calib
+
+
+def search_key(spec: PipelineSpec) -> SearchKey:
+    """Points with equal keys differ at most in their budget: one's saved calibration and scores
+    serve the others, whose search is re-solved from them (ModelOpt's resume)."""
+    search = tuple(
+        (field.name, getattr(spec.autoquant, field.name))
+        for field in attrs.fields(AutoQuantSpec)
+        if field.name not in _BUDGET_ONLY
+    )
+    return spec.model, spec.extract, spec.calib, search
+
+
+class PointSession(Protocol):
+    """Runs a sweep's points, doing once what they share (:class:`~.sweep_runner.SweepSession`)."""
+
+    def __call__(self, spec: PipelineSpec, folder: Path) -> Artifacts:
+        """Run one point's spec (pointed at its folder's search state) into its folder."""
+
+    def remember(self, spec: PipelineSpec) -> None:
+        """A point an earlier run finished: what it saved may serve the points still to run."""
+
+    def reuse_of(self, folder: Path) -> str:
+        """What the point run into ``folder`` took over from others, in a few words."""
+
+    def notes(self) -> list[str]:
+        """Lines for the sweep index on what was shared so far."""
+
+    def close(self) -> None:
+        """Let go of the model and batches kept for the points."""
+
+
+def reuse_order(points: Sequence[SweepPoint]) -> tuple[SweepPoint, ...]:
+    """The points with those sharing a model, then a calibration, then a search back to back.
+
+    Stable: otherwise the file's order. One model is kept in memory at a time, so a sweep whose
+    first key is the budget and second the model would otherwise load the model at every point.
+    """
+    first: dict[object, int] = {}
+
+    def seen(key: object) -> int:
+        return first.setdefault(key, len(first))
+
+    keyed = [
+        ((seen(model_key(p.spec)), seen(calib_key(p.spec)), seen(search_key(p.spec))), i, p)
+        for i, p in enumerate(points)
+    ]
+    return tuple(point for _, _, point in sorted(keyed, key=lambda item: (item[0], item[1])))
 
 
 def format_setting_value(value: Any) -> str:
@@ -142,8 +231,11 @@ def expand_sweep(spec: PipelineSpec, *, source: str = "pipeline") -> tuple[Sweep
     return tuple(points)
 
 
-PointRunner = Callable[[SweepPoint, Path], "Manifest | None"]
-"""Runs one point into its folder and returns its manifest (None when it wrote none)."""
+PointRunner = Callable[[SweepPoint, Path], "Manifest | PointOutcome | None"]
+"""Runs one point into its folder and returns its manifest (None when it wrote none), or a
+:class:`PointOutcome` saying what it reused or that an earlier run had finished it."""
+Notes = Callable[[], Sequence[str]]
+"""Lines for the top of ``sweep-index.md`` (what the sweep loaded and reused so far)."""
 
 
 def run_sweep(
@@ -152,6 +244,7 @@ def run_sweep(
     run_point: PointRunner,
     *,
     title: str = "",
+    notes: Notes | None = None,
 ) -> tuple[PointResult, ...]:
     """Run every point into ``output_dir/<point.folder>``; failures are recorded, not raised.
 
@@ -168,7 +261,7 @@ def run_sweep(
         folder = output_dir / point.folder
         started = time.perf_counter()
         try:
-            manifest = run_point(point, folder)
+            outcome = run_point(point, folder)
         except Exception as err:
             seconds = time.perf_counter() - started
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -179,29 +272,50 @@ def run_sweep(
             results.append(PointResult(point, f"failed: {message}", seconds))
         else:
             seconds = time.perf_counter() - started
-            results.append(_result_of(point, manifest, seconds))
-        atomic_write_text(index, render_index(results, total=len(points), title=title))
+            if not isinstance(outcome, PointOutcome):
+                outcome = PointOutcome(outcome)
+            results.append(_result_of(point, outcome, seconds))
+        lines = () if notes is None else notes()
+        atomic_write_text(index, render_index(results, total=len(points), title=title, notes=lines))
     return tuple(results)
 
 
-def _result_of(point: SweepPoint, manifest: Manifest | None, seconds: float) -> PointResult:
-    if manifest is None:
-        return PointResult(point, "ok", seconds)
-    top = tuple(group.name for group in manifest.groups[:5])
-    return PointResult(point, "ok", seconds, manifest.scheme.effective_bits_lm, top)
+def _result_of(point: SweepPoint, outcome: PointOutcome, seconds: float) -> PointResult:
+    if outcome.seconds is not None:
+        seconds = outcome.seconds
+    manifest = outcome.manifest
+    bits: float | None = None
+    top: tuple[str, ...] = ()
+    if manifest is not None:
+        bits, top = manifest.scheme.effective_bits_lm, tuple(group.name for group in manifest.groups[:5])
+    return PointResult(point, "ok", seconds, bits, top, reuse=outcome.reuse, earlier=outcome.earlier)
+
+
+def _status(result: PointResult) -> str:
+    if result.earlier:
+        return f"{result.status} (an earlier run)"
+    return f"{result.status}; {result.reuse}" if result.reuse else result.status
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_index(results: Sequence[PointResult], *, total: int | None = None, title: str = "") -> str:
-    """The Markdown table of a sweep: one row per point, failures included."""
+def render_index(
+    results: Sequence[PointResult], *, total: int | None = None, title: str = "", notes: Sequence[str] = ()
+) -> str:
+    """The Markdown table of a sweep: one row per point, failures included; ``notes`` go on top."""
     done = len(results)
     total = done if total is None else total
     failed = sum(not r.ok for r in results)
+    earlier = sum(r.earlier for r in results)
     lines = [f"# Sweep{f': {title}' if title else ''}", ""]
-    lines.append(f"{done} of {total} points run, {failed} failed.")
+    lines.append(
+        f"{done} of {total} points run, {failed} failed"
+        + (f", {earlier} finished by an earlier run." if earlier else ".")
+    )
+    for line in notes:
+        lines += ["", line]
     lines += [
         "",
         "| # | point | settings | effective bits | top-5 layers (most sensitive first) | wall time "
@@ -215,6 +329,6 @@ def render_index(results: Sequence[PointResult], *, total: int | None = None, ti
         top = "<br>".join(f"`{_cell(name)}`" for name in result.top_layers)
         lines.append(
             f"| {number} | [{_cell(point.folder)}]({point.folder}/) | {settings} | {bits} | {top} | "
-            f"{result.seconds:.1f} s | {_cell(result.status)} |"
+            f"{result.seconds:.1f} s | {_cell(_status(result))} |"
         )
     return "\n".join(lines) + "\n"
