@@ -13,7 +13,7 @@ import pytest
 
 import auto_quantize_model
 from auto_quantize_model.io.pipeline_file import spec_from_dict, spec_to_dict
-from auto_quantize_model.specs import FrontierSpec, PipelineSpec, ValidateSpec
+from auto_quantize_model.specs import ExportSpec, FrontierSpec, PipelineSpec, ValidateSpec
 from auto_quantize_model.stages import (
     STAGE_LABELS,
     STAGE_TABLES,
@@ -36,6 +36,7 @@ def test_the_registry_is_the_pipeline_in_order() -> None:
         "ValidateSensitivity",
         "SolveBudgets",
         "MeasureFrontier",
+        "ExportCheckpoint",
         "BuildManifest",
         "WriteReports",
     ]
@@ -43,6 +44,7 @@ def test_the_registry_is_the_pipeline_in_order() -> None:
         "ValidateSensitivity",
         "SolveBudgets",
         "MeasureFrontier",
+        "ExportCheckpoint",
     ]
     assert entry_named("MeasureFrontier").table == entry_named("SolveBudgets").table == "frontier"
     assert entry_named("MeasureFrontier").switch == "measure"
@@ -88,7 +90,10 @@ def test_stage_names_and_the_assembled_pipeline_follow_the_tables(tmp_path: Path
     without = spec_from_dict(TINY, source="t")
     assert "ValidateSensitivity" not in stage_names(without)
     with_validation = attrs.evolve(
-        without, validate=ValidateSpec(k=1), frontier=FrontierSpec(bits="8:16:1", measure=2)
+        without,
+        validate=ValidateSpec(k=1),
+        frontier=FrontierSpec(bits="8:16:1", measure=2),
+        export=ExportSpec(bits=12.0, output_dir=str(tmp_path / "export")),
     )
     solve_only = attrs.evolve(with_validation, frontier=FrontierSpec(bits="8:16:1"))
     assert "SolveBudgets" in stage_names(solve_only)
@@ -107,7 +112,10 @@ def test_stage_names_and_the_assembled_pipeline_follow_the_tables(tmp_path: Path
 
 def test_written_tables_follow_the_registry() -> None:
     spec = attrs.evolve(
-        spec_from_dict(TINY, source="t"), validate=ValidateSpec(), frontier=FrontierSpec(bits="8")
+        spec_from_dict(TINY, source="t"),
+        validate=ValidateSpec(),
+        frontier=FrontierSpec(bits="8"),
+        export=ExportSpec(),
     )
     assert list(spec_to_dict(spec)) == list(STAGE_TABLES)
 

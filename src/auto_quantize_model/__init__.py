@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from auto_quantize_model.artifacts import (
         BudgetFrontier,
         CalibData,
+        ExportedMix,
         LanguageModel,
         LoadedModel,
         MeasuredFrontier,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from auto_quantize_model.specs import (
         AutoQuantSpec,
         CalibSpec,
+        ExportSpec,
         ExtractSpec,
         FrontierSpec,
         LoadSpec,
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     # For type checkers, which cannot follow the registry; test_registry checks these names.
     from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
     from auto_quantize_model.stages.build_manifest import BuildManifest
+    from auto_quantize_model.stages.export_checkpoint import ExportCheckpoint
     from auto_quantize_model.stages.extract_lm import ExtractLM
     from auto_quantize_model.stages.load_model import LoadModel
     from auto_quantize_model.stages.measure_frontier import MeasureFrontier
@@ -62,6 +65,7 @@ _EXPORTS = {
     "AutoQuantSpec": "specs",
     "ValidateSpec": "specs",
     "FrontierSpec": "specs",
+    "ExportSpec": "specs",
     "ManifestSpec": "specs",
     "ReportSpec": "specs",
     "PipelineSpec": "specs",
@@ -72,6 +76,7 @@ _EXPORTS = {
     "ValidationReport": "artifacts",
     "BudgetFrontier": "artifacts",
     "MeasuredFrontier": "artifacts",
+    "ExportedMix": "artifacts",
     "RunTimings": "artifacts",
     "ReportPaths": "artifacts",
     "Manifest": "io.manifest",
@@ -88,6 +93,9 @@ __all__ = [
     "BuildManifest",
     "CalibData",
     "CalibSpec",
+    "ExportCheckpoint",
+    "ExportSpec",
+    "ExportedMix",
     "ExtractLM",
     "ExtractSpec",
     "FrontierSpec",
