@@ -569,3 +569,67 @@ def test_modelopt_config_returns_names_for_presets_and_dicts_for_custom() -> Non
     custom = modelopt_config("wint8_aint8")
     assert isinstance(custom, dict)
     assert custom["quant_cfg"][1]["cfg"] == {"num_bits": 8, "axis": 0}
+
+
+# --------------------------------------------------------------------------------------------------
+# On a CUDA device (the GPU machine; skipped elsewhere)
+# --------------------------------------------------------------------------------------------------
+
+
+def _cuda() -> Any:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch
+
+
+def _quantize_on_cuda(cfg: dict[str, Any], seed: int = 0) -> tuple[Any, Any]:
+    """(quantized output, unquantized output) of a two-layer bf16 model on CUDA."""
+    torch = _cuda()
+    from modelopt.torch.quantization import quantize
+
+    torch.manual_seed(seed)
+    x = torch.randn(2, 5, 128, device="cuda", dtype=torch.bfloat16)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32)).to("cuda", torch.bfloat16)
+    reference = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize(model, cfg, lambda m: m(x))
+    return model(x), reference
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("cuda_only", [True, False], ids=["cuda-only", "cpu-and-cuda"])
+def test_every_custom_format_quantizes_on_cuda(cuda_only: bool) -> None:
+    torch = _cuda()
+    _quiet_import()
+    for spec in _all_custom_specs(cuda=cuda_only):
+        out, reference = _quantize_on_cuda(spec.quant_cfg())
+        assert torch.isfinite(out).all(), spec.name
+        assert not torch.equal(out, reference), spec.name
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_fp4_block_size_is_ignored_on_hopper_with_triton() -> None:
+    """The fact behind refusing wfp4-b32/b64/b128: on compute capability 8.9+ with triton, FP4 weights
+    in blocks of 32 or 64 fake-quantize exactly like blocks of 16."""
+    torch = _cuda()
+    pytest.importorskip("triton")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the triton FP4 kernel is used from compute capability 8.9 on")
+    _quiet_import()
+
+    def weights_in_blocks(block: int) -> dict[str, Any]:
+        cfg = {"num_bits": (2, 1), "block_sizes": {-1: block, "type": "dynamic", "scale_bits": (4, 3)}}
+        entries = [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*weight_quantizer", "cfg": cfg},
+        ]
+        return {"quant_cfg": entries, "algorithm": "max"}
+
+    sixteen, _ = _quantize_on_cuda(weights_in_blocks(16))
+    for block in (32, 64):
+        other, _ = _quantize_on_cuda(weights_in_blocks(block))
+        assert torch.equal(other, sixteen), block

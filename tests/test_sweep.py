@@ -3,6 +3,7 @@ points share (one model load, verified copies, shared calibration, budgets re-so
 
 from __future__ import annotations
 
+import gc
 import re
 import subprocess
 import sys
@@ -668,3 +669,30 @@ def test_matrix_file_runs_every_runnable_combination_and_says_why_not_the_rest()
         assert f"{entry.overlay.name} (" in pair_line, (entry.pair, entry.overlay.name)
         if entry.skipped.startswith("refused: "):
             assert entry.skipped.removeprefix("refused: ") in comments
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_a_sweep_on_cuda_keeps_copies_on_the_device_and_lets_them_go(tmp_path: Path) -> None:
+    """The GPU path of the session: the kept model and each copy on the GPU, nothing left after the sweep."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(REUSE_SWEEP.replace('device = "cpu"', 'device = "cuda"'), "utf-8")
+    loader = CountingLoader()
+    session = SweepSession(loader=loader)
+    service = RunService(library_importer=lambda: 0.0, sweep_session=lambda: session)
+    before = torch.cuda.memory_allocated()
+    assert cli.main(["run", str(toml), "--output", str(tmp_path / "out")], service=service) == 0
+    assert session.loads == 1
+    assert len(set(session.checksums)) == 1
+    assert len(session.checksums) == 4
+    (loaded,) = loader.loaded
+    assert {t.device.type for _, t in unique_tensors(loaded.model)} == {"cuda"}, "kept on the device"
+    loader.loaded.clear()
+    loader.snapshots.clear()
+    del loaded
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_allocated() <= before + 2**20, "no model copy outlives the sweep"
