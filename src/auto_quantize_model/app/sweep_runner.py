@@ -16,12 +16,12 @@ model is kept is chosen by memory (:func:`choose_keep`):
 
 * ``device``: beside the working copy, on the model's device, when after a second copy at least
   as much again as the weights (and no less than :data:`RUN_RESERVE_BYTES`) stays free for the
-  run. Copies are device to device. Qwen3-VL-4B in bf16 (8.9 GB of weights, 4.4 billion
-  parameters) on a 139 GiB H200 keeps 18 GB of copies and well over 100 GiB for AutoQuant;
-  Qwen3-VL-8B (17 GB) likewise.
+  run. Copies are device to device. Qwen3-VL-4B in bf16 (4.44 billion parameters, 8.9 GB) on a
+  139 GiB H200 holds 18 GB of copies and leaves over 100 GiB to AutoQuant; Qwen3-VL-8B (8.77
+  billion, 17.5 GB) likewise.
 * ``host``: in host memory, copied to the device for every point (host to device: seconds for
   tens of GB), when the device has no room for two copies but the host has for one: Qwen3-VL-32B
-  (64 GB) or 30B-A3B (61 GB) on an H200 with 128 GiB of host memory.
+  (33.4 billion, 67 GB) or 30B-A3B (31.1 billion, 62 GB) on an H200 with 128 GiB of host memory.
 * ``reload``: neither fits, the model spans several devices (``device_map``) or has weights on the
   meta device (offloaded): every point loads it again, as sweeps always did.
 
