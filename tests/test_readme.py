@@ -28,7 +28,7 @@ def test_first_command_installs_and_runs_the_tiny_default() -> None:
 
 @pytest.mark.slow
 def test_python_example_runs_as_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (example,) = _blocks("python")
+    example = _blocks("python")[0]
     script = tmp_path / "example.py"
     script.write_text(example, encoding="utf-8")
     cwd = Path.cwd()
@@ -53,3 +53,23 @@ def test_quoted_int8_vs_fp8_diff_is_current() -> None:
     for line in text.splitlines():
         if line.startswith("| ") and "---" not in line:
             assert line in quoted, f"README's INT8 vs FP8 diff is stale at: {line}"
+
+
+@pytest.mark.slow
+def test_python_export_example_runs_as_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = _blocks("python")[1]
+    assert "ExportCheckpoint" in example
+    script = tmp_path / "export_example.py"
+    script.write_text(example, encoding="utf-8")
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        os.chdir(cwd)
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert 8.0 <= float(printed.split()[0]) <= 10.0, printed  # LM bits reached within the budget
+    assert printed.endswith("read-back ok: True"), printed
+    out = tmp_path / "runs" / "tiny-export"
+    for name in ("quant_config.json", "quant_recipe.yaml", "hf_quant_config.json", "export.json"):
+        assert (out / name).is_file(), name
