@@ -550,3 +550,33 @@ def test_an_unreadable_state_is_reported_and_the_search_starts_fresh(
         again = _toy_searcher(modelopt, good)
         assert again.load_search_checkpoint() is True
     assert (calls, again.value) == ([True], 5)
+
+
+def test_textlm_scoring_skips_checkpointing_on_cpu() -> None:
+    """On CPU the recompute only costs time (activations fit in host memory): it stays off."""
+    import torch
+
+    from auto_quantize_model.backend.modelopt.patches import _textlm_checkpointing
+
+    class Decoder(torch.nn.Module):
+        supports_gradient_checkpointing = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 4)
+            self.enabled = 0
+
+        def gradient_checkpointing_enable(self, kwargs: object = None) -> None:
+            self.enabled += 1
+
+    class Root(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.decoder = Decoder()
+
+    root = Root()
+    root.train()
+    with _textlm_checkpointing(root):
+        assert root.decoder.enabled == 0
+    assert root.decoder.enabled == 0
+    assert not root.training and not root.decoder.layer.training  # left in eval mode, as on GPU
