@@ -34,7 +34,7 @@ def main() -> None:
     import torch
 
     from auto_quantize_model.artifacts import CalibData, LanguageModel
-        from auto_quantize_model.pipeline import Pipeline
+    from auto_quantize_model.pipeline import Pipeline
     from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, LoadSpec
     from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
     from auto_quantize_model.stages.extract_lm import ExtractLM
