@@ -151,11 +151,33 @@ def test_within_noise_and_the_headline_rule() -> None:
         "the ΔNLL of 3 of 5 measured groups is not distinguishable from no damage (its 95%"
     )
     assert choose_headline(2, 4)[0] == "delta_nll"  # half is not most
-    assert choose_headline(0, 5)[1].startswith("ΔNLL is the loss itself, and the ΔNLL of 5 of 5")
+    assert choose_headline(0, 5)[1] == (
+        "ΔNLL is the loss itself, and it is above the noise floor: the ΔNLL of 5 of 5 measured groups is "
+        "distinguishable from no damage at 95%"
+    )
     assert choose_headline(0, 0)[0] == "delta_nll"
 
 
-def test_noise_sentences_call_negative_damage_noise_and_a_real_drop_a_drop() -> None:
+@pytest.mark.parametrize(
+    ("nll_resolved", "kl_resolved", "headline"),
+    [
+        (271, 409, "kl"),  # SmolLM2-135M, 30 groups: 164 of 435 ΔNLL pairs within the noise
+        (330, 409, "delta_nll"),  # under a quarter of the pairs unresolved
+        (271, 271, "delta_nll"),  # KL resolves no more: nothing to gain
+    ],
+)
+def test_a_diluted_ndll_order_hands_the_headline_to_kl(
+    nll_resolved: int, kl_resolved: int, headline: str
+) -> None:
+    chosen, reason = choose_headline(13, 30, nll_resolved, kl_resolved, 435)
+    assert chosen == headline
+    if headline == "kl":
+        assert reason.startswith(f"the ΔNLL order of {435 - nll_resolved} of 435 pairs of measured groups")
+    else:
+        assert reason.endswith(f"and the order of {nll_resolved} of 435 pairs is beyond the noise")
+
+
+def test_noise_sentences_call_negative_damage_noise_and_count_chance_outliers() -> None:
     names = ["top", "low", "odd"]
     sentences = noise_sentences(
         names,
@@ -167,8 +189,8 @@ def test_noise_sentences_call_negative_damage_noise_and_a_real_drop_a_drop() -> 
         "ΔNLL of 1 of 3 measured groups is not distinguishable from no damage "
         "(its 95% interval contains 0): low",
         "the negative ΔNLL of low is measurement noise, not an improvement: its interval reaches above 0",
-        "quantizing odd lowered the held-out loss beyond the noise; on this text its rounding acts like a "
-        "regulariser, which says nothing about other text",
+        "the ΔNLL of odd is below 0 beyond its interval; with 3 intervals at 95%, about 0.2 fall outside by "
+        "chance, so take it for noise unless it repeats on other text",
         "the KL of low is not distinguishable from 0",
     )
     assert noise_sentences(["a"], [0.1], [Interval(0.05, 0.2)], [Interval(0.1, 0.3)]) == ()

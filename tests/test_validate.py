@@ -32,6 +32,7 @@ from auto_quantize_model.backend.measure import (
 )
 from auto_quantize_model.core.batching import encode, holdout_columns, scorable
 from auto_quantize_model.core.captions import caption_file, captions_sha256, read_caption_file
+from auto_quantize_model.core.noise import choose_headline
 from auto_quantize_model.core.ranking import rank_groups
 from auto_quantize_model.core.scores import recipe_name
 from auto_quantize_model.errors import AqmError, InputError, WiringError
@@ -704,8 +705,13 @@ def test_every_measurement_has_an_interval_and_the_headline_follows_the_noise(in
         assert g.delta_nll_ci.low <= g.delta_nll_ci.high
         assert 0.0 <= g.kl_ci.low <= g.kl_ci.high
         assert g.delta_nll_ci.contains(0.0) is (g.name in noise.nll_within_noise)
-    within = len(noise.nll_within_noise)
-    assert noise.headline == ("kl" if 2 * within > len(report.groups) else "delta_nll")
+    assert (noise.headline, noise.headline_reason) == choose_headline(
+        len(noise.nll_within_noise),
+        len(report.groups),
+        noise.nll_pairs_resolved,
+        noise.kl_pairs_resolved,
+        noise.pairs,
+    )
     assert noise.pairs == len(report.groups) * (len(report.groups) - 1) // 2
     for interval in (noise.spearman_nll, noise.kendall_nll, noise.spearman_kl, noise.kendall_kl):
         assert -1.0 <= interval.low <= interval.high <= 1.0

@@ -721,9 +721,11 @@ def noise_floor(
     names = [c.name for c in candidates]
     predicted = [c.importance for c in candidates]
     nll_within = within_noise(names, nll_cis)
-    headline, reason = choose_headline(len(nll_within), count, resamples.confidence)
     nll_resolved, pairs = resolved_pairs(nll_draws, resamples)
     kl_resolved, _ = resolved_pairs(kl_draws, resamples)
+    headline, reason = choose_headline(
+        len(nll_within), count, nll_resolved, kl_resolved, pairs, resamples.confidence
+    )
     floor = NoiseFloor(
         resamples=resamples.size,
         confidence=resamples.confidence,

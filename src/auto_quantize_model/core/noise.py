@@ -233,24 +233,48 @@ def within_noise(names: Sequence[str], intervals: Sequence[Interval | None]) -> 
     )
 
 
-def choose_headline(nll_within: int, groups: int, confidence: float = CONFIDENCE) -> tuple[Headline, str]:
-    """KL leads when most groups' ΔNLL is within the noise, else ΔNLL (the loss itself) does.
+UNRESOLVED_SHARE = 0.25
+"""Share of pairs whose ΔNLL order is within the noise from which ΔNLL's rank agreement counts as
+diluted: each such pair is a coin flip in Kendall's count (and moves Spearman's likewise)."""
+_KL_REASON = (
+    "KL compares the whole next-token distribution with the unquantized model's at the same "
+    "positions, without the noise of the sampled targets"
+)
 
+
+def choose_headline(
+    nll_within: int,
+    groups: int,
+    nll_pairs_resolved: int = 0,
+    kl_pairs_resolved: int = 0,
+    pairs: int = 0,
+    confidence: float = CONFIDENCE,
+) -> tuple[Headline, str]:
+    """Which measured quantity the agreement leads with, and why, in a clause for the report.
+
+    ΔNLL is the loss itself, so it leads unless it is below the noise floor: when most measured
+    groups' ΔNLL is not distinguishable from no damage, or when at least :data:`UNRESOLVED_SHARE`
+    of the pairs of groups have a ΔNLL order within the noise while KL resolves more of them.
     ΔNLL scores one sampled next token per position, so its noise comes from the text; KL
     compares the whole next-token distribution with the unquantized one at the same positions,
-    so it has no target-sampling noise and no sign to get wrong. When ΔNLL cannot tell most
-    measured groups from no damage, its rank correlation mostly measures that noise.
+    so it has no target-sampling noise and no sign to get wrong.
     """
     if groups > 0 and 2 * nll_within > groups:
         return "kl", (
             f"the ΔNLL of {nll_within} of {groups} measured groups is not distinguishable from no damage "
-            f"(its {confidence:.0%} interval contains 0), while KL compares the whole next-token "
-            "distribution with the unquantized model's at the same positions, without the noise of the "
-            "sampled targets"
+            f"(its {confidence:.0%} interval contains 0), while {_KL_REASON}"
+        )
+    unresolved = pairs - nll_pairs_resolved
+    if pairs > 0 and unresolved >= UNRESOLVED_SHARE * pairs and kl_pairs_resolved > nll_pairs_resolved:
+        return "kl", (
+            f"the ΔNLL order of {unresolved} of {pairs} pairs of measured groups is within the noise "
+            f"(KL: {pairs - kl_pairs_resolved}), so ΔNLL's rank agreement is diluted by noise, while "
+            f"{_KL_REASON}"
         )
     return "delta_nll", (
-        f"ΔNLL is the loss itself, and the ΔNLL of {groups - nll_within} of {groups} measured groups is "
-        f"distinguishable from no damage at {confidence:.0%}"
+        f"ΔNLL is the loss itself, and it is above the noise floor: the ΔNLL of {groups - nll_within} of "
+        f"{groups} measured groups is distinguishable from no damage at {confidence:.0%}"
+        + (f", and the order of {nll_pairs_resolved} of {pairs} pairs is beyond the noise" if pairs else "")
     )
 
 
@@ -285,9 +309,11 @@ def noise_sentences(
         )
     improved = [name for name, interval in zip(names, nll_intervals, strict=True) if interval.high < 0]
     if improved:
+        chance = (1.0 - confidence) * len(names)
         sentences.append(
-            f"quantizing {listed(improved)} lowered the held-out loss beyond the noise; on this text "
-            "its rounding acts like a regulariser, which says nothing about other text"
+            f"the ΔNLL of {listed(improved)} is below 0 beyond its interval; with {len(names)} intervals at "
+            f"{confidence:.0%}, about {chance:.1f} fall outside by chance, so take it for noise unless it "
+            "repeats on other text"
         )
     kl_within = within_noise(names, kl_intervals)
     if kl_within:
