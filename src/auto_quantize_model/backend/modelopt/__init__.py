@@ -79,20 +79,18 @@ DYNAMO_DISABLE = "TORCHDYNAMO_DISABLE"
 
 @contextlib.contextmanager
 def compile_decorators_off() -> Iterator[None]:
-    """While ModelOpt is imported, its module-level ``@torch.compile`` functions stay plain functions.
+    """While ModelOpt is imported, its module-level ``@torch.compile`` function stays a plain function.
 
     Why: decorating a function with ``torch.compile`` asks the Inductor backend for its settings,
     which imports ``torch._inductor.compile_fx`` (about 540 modules; 1.5 of the 3.6 CPU seconds
     that ``import modelopt.torch.quantization`` takes on the 2-core machine). ModelOpt 0.47
-    decorates three functions at import: ``algorithms._get_log_softmax_dist`` (the KL-divergence
-    score under tensor parallelism) and ``backends.fp8_per_tensor_gemm._to_fp8`` and
-    ``_fp8_gemm_impl`` (real FP8 GEMMs after ``mtq.compress``). An ``aqm`` run calls none of them:
-    it never sets up tensor parallelism and never compresses. With ``TORCHDYNAMO_DISABLE=1``,
-    ``torch.compile`` hands a function back undecorated; torch reads the variable only when a
-    function is decorated, so every ``torch.compile`` after the import works as usual (torch's
-    own operator tests toggle the variable around a block the same way). A value the user set
-    is left as it is. Used by ``aqm``'s up-front import only: in a user's own process, importing
-    ModelOpt through RunAutoQuant leaves it exactly as ModelOpt made it.
+    decorates one function on that import, ``algorithms._get_log_softmax_dist``: the
+    KL-divergence score under tensor parallelism, which an ``aqm`` run never sets up. With
+    ``TORCHDYNAMO_DISABLE=1``, ``torch.compile`` hands a function back undecorated; torch reads
+    the variable only when a function is decorated, so every ``torch.compile`` after the import
+    works as usual (torch's own operator tests toggle the variable around a block the same way).
+    A value the user set is left as it is. Used by ``aqm``'s up-front import only: in a user's
+    own process, importing ModelOpt through RunAutoQuant leaves it exactly as ModelOpt made it.
     """
     if DYNAMO_DISABLE in os.environ:
         yield
