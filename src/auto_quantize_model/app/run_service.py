@@ -116,6 +116,13 @@ class Terminated(KeyboardInterrupt):
 # --------------------------------------------------------------------------- default collaborators
 
 
+def idle_threads_sleep() -> None:
+    """Set :data:`OMP_WAIT_POLICY` unless the environment has one; only before torch is loaded, since
+    OpenMP reads it once, when torch loads it (later it would change nothing but the environment)."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault(*OMP_WAIT_POLICY)
+
+
 def import_libraries(names: Sequence[str] = HEAVY_LIBRARIES) -> float:
     """Import torch, transformers and ModelOpt before the first stage; seconds spent (0 if loaded).
 
@@ -126,8 +133,8 @@ def import_libraries(names: Sequence[str] = HEAVY_LIBRARIES) -> float:
     error.
 
     Two settings apply to this process only, both chosen for start-up and neither changing a
-    result: ModelOpt is imported with its three ``@torch.compile`` functions undecorated (none is
-    used by a run; see :func:`~auto_quantize_model.backend.modelopt.compile_decorators_off`),
+    result: ModelOpt is imported with its ``@torch.compile`` function undecorated (unused by a
+    run; see :func:`~auto_quantize_model.backend.modelopt.compile_decorators_off`),
     and OpenMP's idle threads sleep instead of spinning (:data:`OMP_WAIT_POLICY`).
     """
     missing = [name for name in names if name not in sys.modules]
@@ -135,8 +142,8 @@ def import_libraries(names: Sequence[str] = HEAVY_LIBRARIES) -> float:
         return 0.0
     from auto_quantize_model.backend.modelopt import compile_decorators_off, import_off_stack
 
-    if "torch" not in sys.modules:  # read once, when torch loads its OpenMP runtime
-        os.environ.setdefault(*OMP_WAIT_POLICY)
+    if "torch" in missing:
+        idle_threads_sleep()
     started = time.perf_counter()
     imported: list[str] = []
     for name in missing:
