@@ -1,10 +1,11 @@
 """What ``aqm`` sets up for its own process before the libraries load, and that it changes no result.
 
-Two settings (see :func:`auto_quantize_model.app.run_service.import_libraries`): OpenMP threads
-sleep when idle, and ModelOpt's module-level ``@torch.compile`` function is left undecorated so
-that importing ModelOpt does not import torch's Inductor. Both must stay inside
-the ``aqm`` process: a value the user set wins, nothing is left in the environment that was not
-asked for, and a process that already loaded torch is not touched.
+Three settings (see :func:`auto_quantize_model.app.run_service.import_libraries`): OpenMP threads
+sleep when idle, ModelOpt's module-level ``@torch.compile`` function is left undecorated so that
+importing ModelOpt does not import torch's Inductor, and the exit skips the garbage collector's
+passes over the libraries' objects. All must stay inside the ``aqm`` process: a value the user
+set wins, nothing is left in the environment that was not asked for, and a process that already
+loaded torch is not touched.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ import sys
 import pytest
 from pytest_mock import MockerFixture
 
-from auto_quantize_model.app.run_service import OMP_WAIT_POLICY, idle_threads_sleep, import_libraries
+from auto_quantize_model.app.run_service import (
+    OMP_WAIT_POLICY,
+    idle_threads_sleep,
+    import_libraries,
+)
 from auto_quantize_model.backend.modelopt import DYNAMO_DISABLE, compile_decorators_off
 
 OMP = OMP_WAIT_POLICY[0]
@@ -88,6 +93,24 @@ def test_importing_other_libraries_sets_nothing(
     monkeypatch.delenv(OMP, raising=False)
     import_libraries(("colorsys",))
     assert OMP not in os.environ
+
+
+EXIT_PROBE = """\
+import atexit, gc
+atexit.register(lambda: print("frozen at exit", gc.get_freeze_count() > 0))
+from auto_quantize_model.app.run_service import freeze_heap_at_exit
+freeze_heap_at_exit()
+freeze_heap_at_exit()
+print("frozen before exit", gc.get_freeze_count() > 0)
+"""
+
+
+def test_the_heap_is_frozen_at_exit_only() -> None:
+    """A fresh interpreter: nothing frozen while it runs, everything by the time the exit handlers
+    registered before ours run."""
+    done = subprocess.run([sys.executable, "-c", EXIT_PROBE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["frozen before exit False", "frozen at exit True"]
 
 
 PROBE = """\

@@ -21,7 +21,9 @@ A run, single or sweep:
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -123,6 +125,21 @@ def idle_threads_sleep() -> None:
         os.environ.setdefault(*OMP_WAIT_POLICY)
 
 
+def freeze_heap_at_exit() -> None:
+    """At exit, hide every object still alive from the garbage collector (:func:`gc.freeze`).
+
+    Why: once torch, transformers and ModelOpt are loaded, the interpreter's last collections at
+    shutdown walk millions of objects, to free memory the operating system takes back anyway:
+    1.3 of the 1.5 CPU seconds such a process spends exiting on the 2-core machine. Exit handlers
+    run first (registered after the libraries', this one runs before theirs, which it does not
+    affect), and frozen objects are still released by reference counting as modules are torn
+    down; only objects in reference cycles are left unfinalized, which Python never promised for
+    objects alive at exit. Registered once, however often it is called.
+    """
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
+
+
 def import_libraries(names: Sequence[str] = HEAVY_LIBRARIES) -> float:
     """Import torch, transformers and ModelOpt before the first stage; seconds spent (0 if loaded).
 
@@ -132,10 +149,11 @@ def import_libraries(names: Sequence[str] = HEAVY_LIBRARIES) -> float:
     its own line. A library that fails to import is left for its stage to report as a one-line
     error.
 
-    Two settings apply to this process only, both chosen for start-up and neither changing a
+    Three settings apply to this process only, chosen for start-up and exit and changing no
     result: ModelOpt is imported with its ``@torch.compile`` function undecorated (unused by a
-    run; see :func:`~auto_quantize_model.backend.modelopt.compile_decorators_off`),
-    and OpenMP's idle threads sleep instead of spinning (:data:`OMP_WAIT_POLICY`).
+    run; see :func:`~auto_quantize_model.backend.modelopt.compile_decorators_off`), OpenMP's
+    idle threads sleep instead of spinning (:data:`OMP_WAIT_POLICY`), and once torch is loaded
+    the exit skips the garbage collector's passes over the libraries (:func:`freeze_heap_at_exit`).
     """
     missing = [name for name in names if name not in sys.modules]
     if not missing:
@@ -157,6 +175,8 @@ def import_libraries(names: Sequence[str] = HEAVY_LIBRARIES) -> float:
             continue
         imported.append(name)
     seconds = time.perf_counter() - started
+    if "torch" in imported:
+        freeze_heap_at_exit()
     if imported:
         log.info("imported %s in %.1f s", ", ".join(imported), seconds)
     return seconds
