@@ -145,7 +145,10 @@ def sample(python: str, body: str, env: Mapping[str, str], cwd: Path) -> Sample:
             sys.exit(f"the measured process failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
         found = json.loads(marks_file.read_text())
     marks = tuple((str(m[0]), float(m[1]), float(m[2])) for m in found["marks"])
-    return Sample(wall, cpu, marks, parse_importtime(done.stderr), frozenset(found["modules"]))
+    modules = frozenset(found["modules"])
+    # -X importtime also prints imports that failed (ModelOpt probes for optional libraries)
+    imports = tuple(row for row in parse_importtime(done.stderr) if row.module in modules)
+    return Sample(wall, cpu, marks, imports, modules)
 
 
 def run_body(pipeline: Path) -> str:
@@ -341,9 +344,9 @@ def report(floor: Sequence[Sample], runs: Sequence[Sample], top: int) -> str:
     ]
 
     def loaded(imports: Mapping[str, ImportRow], samples: Sequence[Sample], module: str) -> str:
-        if module in imports:
-            return f"{imports[module].cumulative_s:.2f}"
-        return "loaded, untimed" if all(module in s.modules for s in samples) else "-"
+        if not any(module in s.modules for s in samples):
+            return "-"
+        return f"{imports[module].cumulative_s:.2f}" if module in imports else "loaded, untimed"
 
     chain_rows = [
         (module, loaded(floor_imports, floor, module), loaded(run_imports, runs, module), why)
