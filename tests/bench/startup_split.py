@@ -82,7 +82,7 @@ CHAINS = (
     ("sklearn", "transformers' generation candidate_generator, when scikit-learn is installed"),
     ("torch._inductor.compile_fx", "ModelOpt's @torch.compile on algorithms._get_log_softmax_dist"),
     ("modelopt.torch.quantization.plugins.huggingface", "ModelOpt's HF plugin (needed: HF modules)"),
-    ("modelopt.torch.quantization.plugins.transformers_trainer", "ModelOpt's HF Trainer plugin"),
+    ("transformers.trainer", "ModelOpt's HF Trainer plugins (modelopt.torch.opt.plugins.transformers)"),
     ("megatron.core", "ModelOpt's Megatron plugins, when megatron-core is installed"),
     ("matplotlib.figure", "our plots (WriteReports with plots on)"),
 )
