@@ -14,7 +14,6 @@ with 143.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -360,10 +359,6 @@ def _print_error(err: AqmError, debug: bool) -> None:
 
 def main(argv: Sequence[str] | None = None, *, service: RunService | None = None) -> int:
     """``aqm``; ``service`` replaces the real run service (tests pass fakes)."""
-    # Before torch is imported: OpenMP threads that spin while waiting for each other made a
-    # scoring step 2-3x slower whenever the cores were shared (CI, a busy workstation); passive
-    # waiting gives the time back. A user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     given = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(bench_flags=given[:1] == ["bench"])
     args = parser.parse_args(given)
