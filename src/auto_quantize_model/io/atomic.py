@@ -25,8 +25,11 @@ _NEW_FILE_MODE = 0o644
 # Atomic writes
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable; some file systems cannot fsync a folder, which is fine."""
+def fsync_path(directory: Path) -> None:
+    """Flush a file, or a folder's entries (which makes a rename durable), to disk.
+
+    Some file systems cannot fsync a folder; that is fine, and left alone.
+    """
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -61,7 +64,7 @@ def _atomic_target(path: Path) -> Iterator[IO[bytes]]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_dir(directory)
+    fsync_path(directory)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.io.atomic import fsync_path
 
 if TYPE_CHECKING:
     from torch import nn
@@ -207,7 +208,7 @@ def atomic_state_save(before_replace: Callable[[Any, Path, Path], None]) -> Iter
         config["checkpoint"] = str(temporary)
         try:
             original(self, verbose=verbose)
-            _fsync(temporary)
+            fsync_path(temporary)
             before_replace(self, real, temporary)
             temporary.replace(real)
         except BaseException:
@@ -216,7 +217,7 @@ def atomic_state_save(before_replace: Callable[[Any, Path, Path], None]) -> Iter
             raise
         finally:
             config["checkpoint"] = configured
-        _fsync(real.parent)
+        fsync_path(real.parent)
 
     with swapped(BaseSearcher, "save_search_checkpoint", save):
         yield
@@ -230,19 +231,6 @@ def temporary_beside(real: Path, pid: int | None = None) -> Path:
 def temporaries_beside(real: Path) -> list[Path]:
     """Temporary states a killed process may have left beside ``real``."""
     return sorted(real.parent.glob(f".{glob.escape(real.name)}.*.tmp.pt"))
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk; file systems that cannot are left alone."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
