@@ -252,7 +252,7 @@ def tiny_qwen3_vl(
 # --------------------------------------------------------------------------------------------------
 
 
-def tiny_pipeline_toml(seed: int | None = None) -> str:
+def tiny_pipeline_toml(seed: int | None = None, *, max_samples: int = 12, score_size: int = 8) -> str:
     """A pipeline file for ``builtin:tiny-qwen3-vl`` on CPU that runs in seconds (scheme "t", no plots).
 
     ``seed`` None leaves the model seed at its default.
@@ -263,13 +263,13 @@ def tiny_pipeline_toml(seed: int | None = None) -> str:
 path = "builtin:tiny-qwen3-vl"
 device = "cpu"
 {seed_line}[calib]
-max_samples = 12
+max_samples = {max_samples}
 seq_len = 32
 batch_size = 2
 [autoquant]
 formats = ["INT8_DEFAULT_CFG"]
 effective_bits = 12.0
-score_size = 8
+score_size = {score_size}
 [manifest]
 scheme = "t"
 [reports]

@@ -14,24 +14,10 @@ import pytest
 from auto_quantize_model.app import cli
 from auto_quantize_model.app.run_service import RunService
 from auto_quantize_model.data import tiny_tokenizer_dir
+from builders import tiny_pipeline_toml
 
-BASE = """\
-[model]
-path = "builtin:tiny-qwen3-vl"
-device = "cpu"
-[calib]
-max_samples = 8
-seq_len = 32
-batch_size = 2
-[autoquant]
-formats = ["INT8_DEFAULT_CFG"]
-effective_bits = 12.0
-score_size = 4
-[manifest]
-scheme = "t"
-[reports]
-plots = false
-"""
+BASE = tiny_pipeline_toml(max_samples=8, score_size=4)
+"""A small tiny-model pipeline file that each test breaks in one way."""
 
 QUICK = RunService(library_importer=lambda: 0.0)
 """The real run service without importing torch, transformers and ModelOpt up front: each case

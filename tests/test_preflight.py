@@ -23,24 +23,10 @@ from auto_quantize_model.io.hf_config import read_config_json, supported_model_t
 from auto_quantize_model.io.pipeline_file import spec_from_dict
 from auto_quantize_model.io.preflight import preflight
 from auto_quantize_model.pipeline import Pipeline
+from builders import tiny_pipeline_toml
 
-BASE = """\
-[model]
-path = "builtin:tiny-qwen3-vl"
-device = "cpu"
-[calib]
-max_samples = 8
-seq_len = 32
-batch_size = 2
-[autoquant]
-formats = ["INT8_DEFAULT_CFG"]
-effective_bits = 12.0
-score_size = 4
-[manifest]
-scheme = "t"
-[reports]
-plots = false
-"""
+BASE = tiny_pipeline_toml(max_samples=8, score_size=4)
+"""A small tiny-model pipeline file that each test breaks in one way."""
 
 Setup = Callable[[Path], list[str]]
 """Writes a case's inputs under the test folder; returns its ``--set`` arguments."""
