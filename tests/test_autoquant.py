@@ -706,3 +706,20 @@ def test_scores_from_state_prefers_unclamped_raw_scores() -> None:
     assert down.scores == (3.0, 3.5, 0.0)
     assert q.scores == (2.0, 0.0)
     assert summary.total_score == 5.0  # the search's own figure is unchanged
+
+
+@pytest.mark.slow
+def test_pytorch_kernels_search_without_modelopts_extensions(quiet_modelopt: None, tmp_path: Path) -> None:
+    from modelopt.torch import quantization as mtq
+    from modelopt.torch.quantization import extensions
+
+    seen: list[object] = []
+
+    def search(model: nn.Module, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+        seen.extend([extensions.get_cuda_ext(), extensions.get_cuda_ext_fp8()])
+        return mtq.auto_quantize(model, **kwargs)
+
+    spec = AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), effective_bits=12.0, score_size=8, kernels="pytorch")
+    model, result = _run("language_model", spec, tmp_path, auto_quantize=search)
+    assert seen == [None, None]
+    _assert_sound(model, result, "language_model")

@@ -581,3 +581,43 @@ def test_textlm_scoring_skips_checkpointing_on_cpu() -> None:
     assert root.decoder.enabled == 0
     assert not root.training  # left in eval mode, as on GPU
     assert not root.decoder.layer.training
+
+
+@pytest.mark.slow
+def test_pytorch_fake_quant_hides_the_extensions_and_puts_back_what_was_loaded(modelopt: Any) -> None:
+    import torch
+    from modelopt.torch.quantization import extensions, tensor_quant
+
+    from auto_quantize_model.backend.modelopt.patches import pytorch_fake_quant
+
+    loaded = object()
+    extensions.get_cuda_ext_fp8.extension = loaded  # as if built earlier in this process
+    had_int8 = "extension" in vars(extensions.get_cuda_ext)
+    int8_before = vars(extensions.get_cuda_ext).get("extension")
+    try:
+        with pytorch_fake_quant():
+            assert extensions.get_cuda_ext() is None
+            assert extensions.get_cuda_ext_fp8() is None
+            # the fallback ModelOpt takes when the extension is missing still quantizes
+            x = torch.linspace(-1.0, 1.0, 9)
+            q = tensor_quant.fake_tensor_quant(x, torch.tensor(1.0), None, 8, False, True)
+            assert torch.equal(q, torch.round(x * 127) / 127)
+        assert extensions.get_cuda_ext_fp8.extension is loaded
+        assert ("extension" in vars(extensions.get_cuda_ext)) == had_int8
+        assert vars(extensions.get_cuda_ext).get("extension") is int8_before
+    finally:
+        del extensions.get_cuda_ext_fp8.extension
+
+
+def test_kernels_setting_is_checked_and_defaults_to_the_extension() -> None:
+    from auto_quantize_model.io.pipeline_file import spec_from_dict
+
+    assert AutoQuantSpec().kernels == "extension"
+    parsed = spec_from_dict(
+        {"model": {"path": "builtin:tiny-qwen3-vl"}, "autoquant": {"kernels": "pytorch"}}, source="p.toml"
+    )
+    assert parsed.autoquant.kernels == "pytorch"
+    with pytest.raises(ConfigError, match="kernels"):
+        spec_from_dict(
+            {"model": {"path": "builtin:tiny-qwen3-vl"}, "autoquant": {"kernels": "triton"}}, source="p.toml"
+        )

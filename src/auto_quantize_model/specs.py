@@ -190,6 +190,10 @@ class AutoQuantSpec:
     """Keep going when a score is NaN/inf instead of failing."""
     checkpoint: str | None = None
     """ModelOpt search-state file: saved after scoring, restored (skipping scoring) when present."""
+    kernels: Literal["extension", "pytorch"] = "extension"
+    """Fake quantization on CUDA: ``extension`` uses ModelOpt's CUDA extension, JIT-built on its first use
+    on a machine (about a minute, once); ``pytorch`` uses ModelOpt's plain-PyTorch path (what runs on
+    CPU) and builds nothing. Scores agree to rounding; BENCHMARKS.md has the cost of each."""
 
 
 @attrs.frozen

@@ -7,6 +7,7 @@ reading of the search state).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -26,6 +27,7 @@ from auto_quantize_model.backend.modelopt.checkpoint import (
     model_fingerprint,
     search_settings,
 )
+from auto_quantize_model.backend.modelopt.patches import pytorch_fake_quant
 from auto_quantize_model.backend.modelopt.plan import (
     SearchPlan,
     Steps,
@@ -87,7 +89,9 @@ class RunAutoQuant:
         data = search_data(lm, calib, steps, spec.score_size)
         self._announce(lm, plan, steps, data.score_samples, device.type, str(device))
         search = mtq.auto_quantize if self.auto_quantize is None else self.auto_quantize
-        outcome = run_search(search, lm, plan, data, steps, spec, checkpoint)
+        kernels = pytorch_fake_quant() if spec.kernels == "pytorch" else contextlib.nullcontext()
+        with kernels:
+            outcome = run_search(search, lm, plan, data, steps, spec, checkpoint)
         summary = scores_from_state(outcome.state, plan.name_map, plan.is_lm, outcome.raw)
         review_summary(summary, spec.method, spec.allow_nonfinite, plan.other_weights)
         log.info(
@@ -124,10 +128,13 @@ class RunAutoQuant:
         self, lm: LanguageModel, plan: SearchPlan, steps: Steps, scored: int, device_type: str, device: str
     ) -> None:
         spec = self.spec
-        if device_type == "cuda" and not cuda_extension_built():
+        if device_type == "cuda" and spec.kernels == "pytorch":
+            log.info("fake quantization in plain PyTorch (autoquant.kernels = pytorch): no CUDA extension")
+        elif device_type == "cuda" and not cuda_extension_built():
             log.info(
                 "ModelOpt's CUDA extension is not built on this machine yet (or its cache is "
-                "unreadable): its first use JIT-builds it, about a minute, once per machine"
+                "unreadable): its first use JIT-builds it, about a minute, once per machine "
+                '(autoquant.kernels = "pytorch" skips the build)'
             )
         log.info(
             "AutoQuant: %s on %s (%s scope), %s, effective bits %g over the LM%s; calibration %d batch(es) "

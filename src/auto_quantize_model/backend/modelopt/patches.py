@@ -389,3 +389,22 @@ def known_warnings_quieted() -> Iterator[None]:
         for pattern in QUIETED_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
         yield
+
+
+@contextlib.contextmanager
+def pytorch_fake_quant() -> Iterator[None]:
+    """ModelOpt's plain-PyTorch fake quantization on CUDA for a while, its CUDA extensions left unbuilt.
+
+    ModelOpt JIT-builds its extensions the first time a quantizer runs on a GPU (about a minute per
+    fresh machine) and falls back to PyTorch ops when they are missing, as on CPU. Its loaders cache
+    their result on the function object (``get_cuda_ext.extension``); a cached None is "failed to
+    load", so the fallback runs and no build starts. An extension already loaded comes back afterwards.
+    MX formats have no fallback (ModelOpt raises) and are left alone.
+    """
+    from auto_quantize_model.backend.modelopt import import_modelopt
+
+    extensions = import_modelopt("modelopt.torch.quantization.extensions")
+    with contextlib.ExitStack() as stack:
+        for loader in ("get_cuda_ext", "get_cuda_ext_fp8"):
+            stack.enter_context(swapped(getattr(extensions, loader), "extension", None))
+        yield
