@@ -30,7 +30,11 @@ GRAMMAR_NAMES = tuple(
         ("pt", "pc", "pic", "b16", "b32", "b64", "b128"),
         (
             "a16",
-            *(f"a{kind}-{scope}" for kind in ("fp4", "fp8", "int8", "int4") for scope in ("tensor", "token", "b16")),
+            *(
+                f"a{kind}-{scope}"
+                for kind in ("fp4", "fp8", "int8", "int4")
+                for scope in ("tensor", "token", "b16")
+            ),
         ),
     )
 )

@@ -175,7 +175,9 @@ def _custom_export(spec: CustomFormat) -> tuple[str | None, int | None, bool]:
         return "FP8_PER_CHANNEL_PER_TOKEN", None, faithful
     # Per tensor, and per input channel too: the exporter tests ``axis == 0`` alone.
     faithful = (
-        spec.weight_granularity == "pt" and spec.activation == "fp8" and spec.activation_granularity == "tensor"
+        spec.weight_granularity == "pt"
+        and spec.activation == "fp8"
+        and spec.activation_granularity == "tensor"
     )
     return "FP8", None, faithful
 
