@@ -46,7 +46,7 @@ def test_interrupted_and_failed_runs_and_sweeps_are_resumable(
 
 @pytest.mark.parametrize(
     ("status", "advice"),
-    [(f"{FAILED}: stopped", f"aqm resume {{folder}} goes on with it"), (COMPLETE, "--force replaces it")],
+    [(f"{FAILED}: stopped", "aqm resume {folder} goes on with it"), (COMPLETE, "--force replaces it")],
 )
 def test_a_single_run_into_a_sweep_folder_says_how_to_go_on(tmp_path: Path, status: str, advice: str) -> None:
     pipeline = tmp_path / "p.toml"
