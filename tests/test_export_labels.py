@@ -59,7 +59,8 @@ def exporter_record(name: str) -> dict[str, Any] | str:
         warnings.simplefilter("ignore")
         mtq.quantize(model, config, forward_loop=None)
         if isinstance(method, str) and method.startswith("awq"):
-            model[0].input_quantizer.pre_quant_scale = torch.ones(IN_FEATURES)
+            quantizer: Any = model[0].input_quantizer
+            quantizer.pre_quant_scale = torch.ones(IN_FEATURES)
         try:
             record: dict[str, Any] = get_quant_config(model)["quantization"]
         except (AssertionError, NotImplementedError, TypeError) as err:

@@ -202,22 +202,22 @@ def export_format(name: str) -> ExportFormat:
             needs_cuda=info.needs_cuda,
             refused="no exporter label is known for it (see auto_quantize_model.core.export_config)",
         )
-    label, group_size, faithful = _custom_export(spec)
-    if label is None:
+    recorded, block, faithful = _custom_export(spec)
+    if recorded is None:
         return ExportFormat(name=name, label=None, needs_cuda=info.needs_cuda, refused=_INT4_NEEDS_BLOCKS)
     if not faithful:
-        meaning = _LABEL_MEANING.get(label, label)
+        meaning = _LABEL_MEANING.get(recorded, recorded)
         return ExportFormat(
             name=name,
             label=None,
             needs_cuda=info.needs_cuda,
             refused=(
                 f"it quantizes {spec.describe_weights()} with {spec.describe_activations()} activations, "
-                f"but ModelOpt 0.47's HF exporter records it as {label} ({meaning}), so a runtime "
+                f"but ModelOpt 0.47's HF exporter records it as {recorded} ({meaning}), so a runtime "
                 "reading the checkpoint would not compute what was scored"
             ),
         )
-    return ExportFormat(name=name, label=label, group_size=group_size, needs_cuda=info.needs_cuda)
+    return ExportFormat(name=name, label=recorded, group_size=block, needs_cuda=info.needs_cuda)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -202,6 +202,10 @@ def _clipped_note(values: Iterable[float], what: str) -> list[str]:
     return [f"{count} {what} beyond 1e±100 drawn at the edge"] if count else []
 
 
+_NO_SOFTWARE: Any = {"Software": None}
+"""PNG metadata as ``savefig`` gets it here: no Matplotlib version, so files compare across versions."""
+
+
 def save_figure(figure: Any, directory: Path, stem: str, *, salt: str, dpi: int = DPI) -> list[Path]:
     """``<stem>.png`` and ``<stem>.svg`` from one layout and one raster drawing of ``figure``.
 
@@ -217,12 +221,12 @@ def save_figure(figure: Any, directory: Path, stem: str, *, salt: str, dpi: int 
     import matplotlib.image
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    canvas = FigureCanvasAgg(figure)
+    canvas: Any = FigureCanvasAgg(figure)
     figure.set_dpi(dpi)
     canvas.draw()
     png = io.BytesIO()
     matplotlib.image.imsave(
-        png, canvas.buffer_rgba(), format="png", origin="upper", dpi=dpi, metadata={"Software": None}
+        png, canvas.buffer_rgba(), format="png", origin="upper", dpi=dpi, metadata=_NO_SOFTWARE
     )
     # Laid out above: the SVG drawing keeps those positions. No engine at all (not "none", whose
     # placeholder engine still makes savefig run a layout pass first).
