@@ -706,6 +706,8 @@ def test_the_runs_own_choice_gives_modelopts_get_auto_quantize_config(tmp_path: 
         ("NVFP4_DEFAULT_CFG", FP8, "NONE", "bfloat16"),
         ("NVFP4_DEFAULT_CFG", FP8, "NONE", "float32"),
         ("W4A16_NVFP4_CFG", INT8, INT8, "bfloat16"),
+        ("wfp4_afp4", FP8, "NONE", "bfloat16"),  # the grammar's NVFP4 spellings: same labels
+        ("wfp4_afp8", INT8, "NONE", "bfloat16"),  # W4A8_NVFP4_FP8, group 16
     ],
 )
 def test_nvfp4_mixes_export_and_read_back_on_cuda(

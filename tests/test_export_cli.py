@@ -132,6 +132,30 @@ def test_missing_run_folder_is_one_line_and_writes_nothing(
     assert not out.exists()
 
 
+def test_a_run_folder_a_run_is_writing_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from auto_quantize_model.app.lock import LOCK_NAME, FolderLock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    out = tmp_path / "out"
+    with FolderLock.acquire(folder, ("aqm", "run", "p.toml")):  # what aqm run holds while it works
+        code, stdout, err = export(capsys, str(folder), "--output", str(out))
+    assert code == 2
+    assert stdout == ""
+    assert error_lines(err) == 1
+    assert f"{folder} is in use by aqm process" in err
+    assert "aqm run p.toml" in err
+    assert "export from it once that has finished" in err
+    assert not out.exists()
+    # free again: the export takes the lock itself, and lets go of it (here: no manifest to read)
+    code, _, err = export(capsys, str(folder), "--output", str(out))
+    assert code == 2
+    assert "holds no *_quant_manifest.json" in err
+    assert not (folder / LOCK_NAME).exists()
+
+
 @pytest.mark.parametrize(
     ("bits", "message"),
     [("abc", "--bits: budgets 'abc'"), ("6,8", "export takes one budget"), ("1:3:1", "export takes one")],

@@ -8,6 +8,7 @@ import struct
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -173,6 +174,49 @@ def test_write_plots_is_deterministic_and_overwrites(tmp_path: Path) -> None:
     second = write_plots(manifest, tmp_path)
     assert first == second
     assert all(p.read_bytes() == before[p] for p in second)  # same input, byte-identical files
+
+
+def test_each_figure_is_laid_out_and_drawn_once_per_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two drawings a figure (Agg, then SVG through its mixed-mode renderer); savefig per format made
+    four (a layout pass before each)."""
+    from matplotlib.figure import Figure
+
+    draws: list[str] = []
+    original = Figure.draw
+
+    def counted(self: Figure, renderer: Any) -> None:
+        draws.append(type(renderer).__name__)
+        original(self, renderer)
+
+    monkeypatch.setattr(Figure, "draw", counted)
+    paths = write_plots(make_manifest(ENTRIES, validation=VALIDATION), tmp_path)
+    figures = len(paths) // 2
+    assert figures == 3
+    assert sorted(draws) == sorted(["RendererAgg", "MixedModeRenderer"] * figures), draws
+
+
+def test_the_png_is_what_savefig_writes_and_the_svg_has_its_layout(tmp_path: Path) -> None:
+    import io as bytes_io
+
+    from matplotlib.figure import Figure
+
+    from auto_quantize_model.render.plots import DPI, save_figure
+
+    def figure() -> Figure:
+        made = Figure(figsize=(4, 3), layout="constrained")
+        axes = made.subplots()
+        axes.plot([1, 2, 3], [3, 1, 2])
+        axes.set_title("a title long enough to move the layout")
+        axes.set_ylabel("importance")
+        return made
+
+    png, svg = save_figure(figure(), tmp_path, "f", salt="s")
+    reference = bytes_io.BytesIO()
+    figure().savefig(reference, format="png", dpi=DPI, metadata={"Software": None})
+    assert png.read_bytes() == reference.getvalue()
+    assert "a title long enough" in svg_text(svg)
 
 
 def test_validation_argument_and_what_is_left_out(tmp_path: Path) -> None:

@@ -15,9 +15,10 @@ written beside the target under a scratch name and renamed into place when compl
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from auto_quantize_model.app.folders import PIPELINE_FILE
 from auto_quantize_model.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
+    from auto_quantize_model.app.lock import FolderBusy
     from auto_quantize_model.artifacts import ExportedMix
     from auto_quantize_model.io.manifest import Manifest
     from auto_quantize_model.specs import PipelineSpec
@@ -60,6 +62,50 @@ class ExportJob:
     pipeline: PipelineSpec | None
     """The run's pipeline (only with ``--checkpoint``)."""
     force: bool = False
+
+
+_UNLOCKABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+"""Why a lock file cannot be made in a folder that can still be read (someone else's, read-only)."""
+
+
+@contextlib.contextmanager
+def reading_run_folder(source: Path, command: tuple[str, ...] = ()) -> Iterator[None]:
+    """Hold the lock ``aqm run`` takes on the run folder behind ``source`` while it is read.
+
+    A run writing the folder (its manifest, its search state) is refused with one line naming it,
+    and no run can start there until the export has read what it needs. A folder this user cannot
+    write cannot be locked, nor written by this user's runs: there only ``run.json``'s record of a
+    live owner refuses. A ``source`` that does not exist is left to :func:`plan_export` to word.
+    """
+    from auto_quantize_model.app.lock import FolderBusy, FolderLock
+    from auto_quantize_model.app.runs import read_run, refuse_live_owner
+
+    folder = source if source.is_dir() else source.parent
+    if not folder.is_dir():
+        yield
+        return
+    try:
+        lock = FolderLock.acquire(folder, command)
+    except FolderBusy as busy:
+        raise _busy(busy) from None
+    except OSError as err:
+        if err.errno not in _UNLOCKABLE:
+            raise
+        record = read_run(folder)
+        if record is not None:
+            try:
+                refuse_live_owner(folder, record)
+            except FolderBusy as busy:
+                raise _busy(busy) from None
+        yield
+        return
+    with lock:
+        yield
+
+
+def _busy(busy: FolderBusy) -> InputError:
+    who = busy.holder.describe() if busy.holder is not None else "another aqm process"
+    return InputError(f"{busy.folder} is in use by {who}; export from it once that has finished (or stop it)")
 
 
 def parse_bits(text: str) -> float:

@@ -42,6 +42,13 @@ REPORT_NAMES = (
     "frontier.md",  # the budget frontier (render/frontier.py; its pictures go to plots/)
     "frontier.json",
 )
+EXPORT_DIR = "export"
+"""Where a run's ``[export]`` table writes (ExportCheckpoint's default ``output_dir``)."""
+EXPORT_RECORD = "export.json"
+"""The file every export folder ends with; an ``export/`` without it is not aqm's."""
+_EXPORT_SCRATCH = re.compile(rf"^\.{EXPORT_DIR}\.(export|replaced)-[^/]+$")
+"""The scratch folders an export is written into (or an old one set aside in) before the rename
+into place; left only by a killed process."""
 _OWN_NAMES = frozenset({RUN_FILE, PIPELINE_FILE, INDEX_NAME, *REPORT_NAMES})
 """Not the lock file: only its holder removes it (see :mod:`lock`)."""
 _TEMP = re.compile(r"^\.(?P<name>.+?)\.[^.]+\.tmp(\.pt)?$")
@@ -240,9 +247,23 @@ def aqm_files(folder: Path, listed: Iterable[str] = ()) -> list[Path]:
     plots = folder / PLOTS_DIR
     if plots.is_dir() and not plots.is_symlink():
         found.update(p for p in plots.iterdir() if p.is_file() and p.suffix in PLOT_SUFFIXES)
+    found.update(_export_files(folder))
     for point in _point_folders(folder):
         found.update(aqm_files(point))
     return sorted(found)
+
+
+def _export_files(folder: Path) -> list[Path]:
+    """The files of a run's ``export/`` folder (when aqm's: it holds ``export.json``) and of the
+    scratch folders a killed export left beside it: a failed run or ``--force`` removes them too."""
+    found: list[Path] = []
+    for child in folder.iterdir():
+        if not child.is_dir() or child.is_symlink():
+            continue
+        ours = _EXPORT_SCRATCH.match(child.name) is not None
+        if ours or (child.name == EXPORT_DIR and (child / EXPORT_RECORD).is_file()):
+            found.extend(p for p in child.rglob("*") if p.is_file() or p.is_symlink())
+    return found
 
 
 def remove_files(folder: Path, files: Iterable[Path]) -> list[Path]:

@@ -644,15 +644,17 @@ class RunService:
         """``aqm export``: a run's mix at one budget as a ModelOpt config (and checkpoint).
 
         Everything is read and checked first; the folder is written under a scratch name beside
-        the target and renamed into place once complete.
+        the target and renamed into place once complete. The run folder is locked meanwhile, as
+        ``aqm run`` locks it: an export from a folder a run is writing is refused.
         """
-        from auto_quantize_model.app.export import plan_export, run_export
+        from auto_quantize_model.app.export import plan_export, reading_run_folder, run_export
 
-        job = plan_export(request)
-        try:
-            return run_export(job, self.export_loader)
-        except OSError as err:
-            raise output_error(job.target, err) from None
+        with reading_run_folder(request.source, request.command):  # the lock aqm run takes
+            job = plan_export(request)
+            try:
+                return run_export(job, self.export_loader)
+            except OSError as err:
+                raise output_error(job.target, err) from None
 
     def write_output(self, path: Path, text: str) -> Path:
         """Write one result file (``aqm diff --output``), refusing a folder and naming OS failures."""

@@ -96,11 +96,17 @@ class RunRecord:
     files: tuple[str, ...] = ()
     """Every file the run wrote, relative to the folder (``run.json`` included)."""
     sweep: bool = False
-    """The folder holds a sweep (its points in subfolders); sweeps are never resumed."""
+    """The folder holds a sweep (its points in subfolders, each with its own ``run.json``)."""
 
     @property
     def is_resumable(self) -> bool:
-        return not self.sweep and (self.status == RUNNING or self.status.startswith(FAILED))
+        """Interrupted (``running`` with its owner gone) or failed: the same command goes on with it.
+
+        A run resumes from its saved search state; a sweep (rerun of its pipeline, or ``aqm resume``)
+        skips its finished points and resumes the interrupted one. Whether the owner is really gone
+        is the lock's question (:func:`refuse_live_owner`), not this record's.
+        """
+        return self.status == RUNNING or self.status.startswith(FAILED)
 
 
 _OMITTED_WHEN_NONE = ("owner", "first_started_at", "forward_steps", "seconds")
@@ -292,10 +298,15 @@ def open_run_folder(folder: Path, spec: PipelineSpec, *, force: bool, created: b
         remove_previous_run(folder, record)
         check_output_dir(folder, force=True)
         return RunFolder(folder, created=False, resume=False, started_at=now)
-    if record is not None and (record.status == COMPLETE or record.sweep):
-        what = "a sweep" if record.sweep else "a run"
+    if record is not None and record.sweep:
+        again = f"aqm resume {folder} goes on with it" if record.is_resumable else "--force replaces it"
         raise InputError(
-            f"output folder {folder} already holds {what} ({record.status}); pass --force to run it again, "
+            f"output folder {folder} already holds a sweep ({record.status}), not a run of this pipeline; "
+            f"{again}, or choose another --output"
+        )
+    if record is not None and record.status == COMPLETE:
+        raise InputError(
+            f"output folder {folder} already holds a run ({record.status}); pass --force to run it again, "
             "or choose another --output"
         )
     if record is None or not record.is_resumable:

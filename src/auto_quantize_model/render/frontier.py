@@ -15,7 +15,6 @@ canvas (no ``pyplot``, no global backend switch).
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import os
@@ -27,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from auto_quantize_model.core.frontier import Frontier, FrontierPoint, step_changes
-from auto_quantize_model.io.atomic import atomic_write_bytes, atomic_write_text
+from auto_quantize_model.io.atomic import atomic_write_text
 from auto_quantize_model.io.convert import dumps_json
-from auto_quantize_model.render.plots import short_name
+from auto_quantize_model.render.plots import save_figure, short_name
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier
@@ -39,7 +38,6 @@ JSON_FILE = "frontier.json"
 SCORE_STEM = "frontier-score"
 FORMATS_STEM = "frontier-formats"
 MEASURED_STEM = "frontier-measured"
-PICTURE_TYPES = ("png", "svg")
 DPI = 150
 CHANGES_SHOWN = 12
 """Format changes listed per budget step in the Markdown; the JSON keeps them all."""
@@ -243,18 +241,7 @@ def render_markdown(
 
 def _save(figure: Any, directory: Path, stem: str) -> list[Path]:
     """PNG and SVG without dates or random ids: the same frontier gives the same bytes."""
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(figure)
-    written = []
-    for kind in PICTURE_TYPES:
-        buffer = io.BytesIO()
-        with matplotlib.rc_context({"svg.hashsalt": "auto-quantize-model-frontier", "svg.fonttype": "none"}):
-            metadata = {"Date": None} if kind == "svg" else {"Software": None}
-            figure.savefig(buffer, format=kind, dpi=DPI, metadata=metadata)
-        written.append(atomic_write_bytes(directory / f"{stem}.{kind}", buffer.getvalue()))
-    return written
+    return save_figure(figure, directory, stem, salt="auto-quantize-model-frontier", dpi=DPI)
 
 
 def _kind(point: FrontierPoint) -> str:

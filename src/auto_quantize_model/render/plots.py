@@ -202,21 +202,47 @@ def _clipped_note(values: Iterable[float], what: str) -> list[str]:
     return [f"{count} {what} beyond 1e±100 drawn at the edge"] if count else []
 
 
-def _save(figure: Any, directory: Path, stem: str) -> list[Path]:
-    import matplotlib
+_NO_SOFTWARE: Any = {"Software": None}
+"""PNG metadata as ``savefig`` gets it here: no Matplotlib version, so files compare across versions."""
 
+
+def save_figure(figure: Any, directory: Path, stem: str, *, salt: str, dpi: int = DPI) -> list[Path]:
+    """``<stem>.png`` and ``<stem>.svg`` from one layout and one raster drawing of ``figure``.
+
+    ``savefig`` per format would lay the figure out and draw it twice for each (a layout pass,
+    then the real drawing): four passes, most of a report's plotting time. Here the figure is
+    drawn once on its Agg canvas (which runs the layout), the PNG is encoded from that canvas as
+    ``savefig`` would (same bytes), and the SVG drawing reuses that layout: two passes, and both
+    pictures have the same layout. The figure keeps no layout engine afterwards. No dates, a
+    fixed SVG id ``salt``, SVG text kept as text: the same input gives byte-identical, selectable
+    files. Each file is written atomically.
+    """
+    import matplotlib
+    import matplotlib.image
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas: Any = FigureCanvasAgg(figure)
+    figure.set_dpi(dpi)
+    canvas.draw()
+    png = io.BytesIO()
+    matplotlib.image.imsave(
+        png, canvas.buffer_rgba(), format="png", origin="upper", dpi=dpi, metadata=_NO_SOFTWARE
+    )
+    # Laid out above: the SVG drawing keeps those positions. No engine at all (not "none", whose
+    # placeholder engine still makes savefig run a layout pass first).
+    with matplotlib.rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
+        figure.set_layout_engine(None)
+    svg = io.BytesIO()
+    with matplotlib.rc_context({"svg.hashsalt": salt, "svg.fonttype": "none"}):
+        figure.savefig(svg, format="svg", dpi=dpi, metadata={"Date": None})
     written = []
-    for fmt in FORMATS:
-        buffer = io.BytesIO()
-        # Fixed SVG id salt and no dates: the same manifest gives byte-identical files. SVG text
-        # stays text (not glyph outlines): smaller, selectable, searchable.
-        with matplotlib.rc_context({"svg.hashsalt": "auto-quantize-model", "svg.fonttype": "none"}):
-            metadata = {"Date": None} if fmt == "svg" else {"Software": None}
-            figure.savefig(buffer, format=fmt, dpi=DPI, metadata=metadata)
-        path = directory / f"{stem}.{fmt}"
-        atomic_write_bytes(path, buffer.getvalue())  # readers never see half a picture
-        written.append(path)
+    for kind, data in zip(FORMATS, (png, svg), strict=True):
+        written.append(atomic_write_bytes(directory / f"{stem}.{kind}", data.getvalue()))
     return written
+
+
+def _save(figure: Any, directory: Path, stem: str) -> list[Path]:
+    return save_figure(figure, directory, stem, salt="auto-quantize-model")
 
 
 def _heatmap(grid: ImportanceGrid, title: str) -> Any:

@@ -102,15 +102,11 @@ class RunAutoQuant:
             summary.effective_bits_model,
         )
         scores = SensitivityScores(
-            groups=summary.groups,
+            **summary.scores_fields(),
             formats=tuple(spec.formats),
             method=spec.method,
             scope=lm.scope,
             effective_bits_target=spec.effective_bits,
-            effective_bits_lm=summary.effective_bits_lm,
-            effective_bits_model=summary.effective_bits_model,
-            total_score=summary.total_score,
-            satisfied=summary.satisfied,
             calib_steps=steps.calib_steps,
             score_steps=steps.score_steps,
             score_samples=data.score_samples,
@@ -119,8 +115,6 @@ class RunAutoQuant:
             calib_forward_steps=outcome.calib_forward_steps,
             score_forward_steps=outcome.score_forward_steps,
             warnings=steps.unmet,
-            search_order=summary.order,
-            fixed_groups=summary.fixed,
         )
         return scores, QuantSearch(model=lm.full_model, formats=tuple(spec.formats), method=spec.method)
 

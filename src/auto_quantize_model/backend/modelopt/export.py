@@ -495,7 +495,9 @@ def _dequantize(
         values = _unpack_int4(weight).float()
         block = int(group_size or values.shape[1] // scale.shape[-1])
         return values * scale.repeat_interleave(block, dim=-1)
-    if label in ("NVFP4", "W4A16_NVFP4"):
+    if label in ("NVFP4", "W4A16_NVFP4", "W4A8_NVFP4_FP8"):
+        # W4A8_NVFP4_FP8's second scale is amax / 448, not NVFP4's amax / (6 * 448): the same
+        # product of codes and both scales gives the weight back.
         values = _unpack_e2m1(weight)
         block = int(group_size or values.shape[1] // scale.shape[-1])
         global_scale = tensors[f"{name}.weight_scale_2"].float().reshape(())
@@ -510,7 +512,7 @@ def _input_cfg(label: str) -> tuple[dict[str, Any] | None, float]:
     """The activation quantizer a label implies, and the bound its stored scale is relative to."""
     if label == "W8A8_SQ_PER_CHANNEL":
         return {"num_bits": 8, "axis": None}, 127.0
-    if label == "FP8":
+    if label in ("FP8", "W4A8_NVFP4_FP8"):
         return {"num_bits": [4, 3], "axis": None}, 448.0
     if label == "FP8_PER_CHANNEL_PER_TOKEN":
         return {"num_bits": [4, 3], "axis": None, "type": "dynamic", "block_sizes": {-1: None}}, 448.0

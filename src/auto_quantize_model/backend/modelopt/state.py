@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from auto_quantize_model.artifacts import FixedGroup, GroupScore
+from auto_quantize_model.artifacts import FixedGroup, GroupScore, SensitivityScores
 from auto_quantize_model.core.scores import NO_QUANT, group_name, has_quantized_format, parse_label
 from auto_quantize_model.errors import AqmError
 
@@ -59,11 +59,28 @@ class StateSummary:
     other_weights: float
     nonfinite: tuple[str, ...]
     """LM groups with a NaN or infinite score for some format."""
-    order: tuple[str, ...] = ()
-    """Every group (mapped names) in ``candidate_stats`` order: :attr:`groups` and :attr:`fixed`.
-    Empty when a non-LM group had a format to choose (it could not be a fixed row)."""
-    fixed: tuple[FixedGroup, ...] = ()
+    search_order: tuple[str, ...] = ()
+    """Every group (mapped names) in ``candidate_stats`` order: :attr:`groups` and
+    :attr:`fixed_groups`. Empty when a non-LM group had a format to choose (it could not be a
+    fixed row)."""
+    fixed_groups: tuple[FixedGroup, ...] = ()
     """The groups with no format to choose (disabled LM layers, vision), with their weights."""
+
+    def scores_fields(self) -> dict[str, Any]:
+        """What :class:`SensitivityScores` takes from the search, by field name.
+
+        Fields named alike in both classes mean the same thing, so RunAutoQuant adds only what
+        the stage knows (formats, steps, timings) instead of copying every field by hand; a field
+        added to both is carried without touching the stage. ``method`` is left out: the scores
+        record the method asked for (a typed choice), which :func:`review_summary` has checked
+        ModelOpt ran.
+        """
+        wanted = {field.name for field in attrs.fields(SensitivityScores)} - {"method"}
+        return {
+            field.name: getattr(self, field.name)
+            for field in attrs.fields(StateSummary)
+            if field.name in wanted
+        }
 
 
 def scores_from_state(
@@ -166,8 +183,8 @@ def scores_from_state(
         lm_weights=lm_weights,
         other_weights=all_weights - lm_weights,
         nonfinite=tuple(nonfinite),
-        order=tuple(order) if order_known else (),
-        fixed=tuple(fixed) if order_known else (),
+        search_order=tuple(order) if order_known else (),
+        fixed_groups=tuple(fixed) if order_known else (),
     )
 
 
