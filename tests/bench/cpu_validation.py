@@ -15,6 +15,7 @@ Needs the real extra (``pip install 'auto-quantize-model[real]'``).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    logging.basicConfig(format="  %(message)s")
+    logging.getLogger("auto_quantize_model").setLevel(logging.INFO)  # the stage's own timings
 
     import torch
 

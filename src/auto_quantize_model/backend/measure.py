@@ -666,6 +666,7 @@ def measure_mixes(
     results: list[PassResult] = []
     seconds: list[float] = []
     cache = evaluator.cache
+    replayed = 0
     try:
         chosen_before, _ = evaluator.run()
         switch.apply({})
@@ -677,12 +678,20 @@ def measure_mixes(
         for mix in mixes:
             started = time.perf_counter()
             switch.apply(mix)
-            start = 0 if cache is None else cache.start(changed_modules(switch, mix))
+            start = 0 if cache is None or not cache.ready else cache.start(changed_modules(switch, mix))
+            replayed += start
             result, _ = evaluator.run(reference, start=start)
             results.append(result)
             seconds.append(time.perf_counter() - started)
         if while_switched is not None:
             while_switched()
+        if cache is not None and cache.ready and mixes:
+            log.info(
+                "held-out passes: %d of %d decoder layer runs of the %d mix(es) replayed from the baseline",
+                replayed,
+                len(cache.layers) * len(mixes),
+                len(mixes),
+            )
         switch.apply({})
         baseline_after, _ = evaluator.run(reference)
         del reference
