@@ -60,7 +60,7 @@ def module_device(module: nn.Module) -> torch.device | None:
 def to_head(hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
     """``hidden`` on lm_head's device (no copy when it is there already)."""
     device = module_device(lm_head)
-    return hidden if device is None or device.type == "meta" else hidden.to(device)
+    return hidden if device is None else hidden.to(device)
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -73,9 +73,10 @@ def owner_of(name: str, placement: Mapping[str, str]) -> str | None:
     return best
 
 
-def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from model.named_parameters()
-    yield from model.named_buffers()
+def _named_tensors(model: nn.Module, *, every_name: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters then buffers; ``every_name`` lists a tied tensor under each of its names."""
+    yield from model.named_parameters(remove_duplicate=not every_name)
+    yield from model.named_buffers(remove_duplicate=not every_name)
 
 
 def _canonical(device: str | int) -> str:
@@ -107,7 +108,7 @@ def explicit_placement(model: nn.Module, device_map: DeviceMap, source: str) -> 
     from auto_quantize_model.backend.models import resolve_device
 
     modules = {name for name, _ in model.named_modules()}
-    tensors = {name for name, _ in _named_tensors(model)}
+    tensors = {name for name, _ in _named_tensors(model, every_name=True)}
     placement: Placement = {}
     for key, device in device_map:
         if key and key not in modules and key not in tensors:
