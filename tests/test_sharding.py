@@ -37,7 +37,6 @@ from auto_quantize_model.backend.sharding import (
 from auto_quantize_model.errors import ConfigError
 from auto_quantize_model.io.pipeline_file import load_pipeline, spec_from_dict, spec_to_toml
 from auto_quantize_model.specs import LoadSpec, SpecError, size_bytes
-
 from builders import comparable_manifest
 
 LAYERS = 4  # tiny-qwen3-vl's decoder layers
@@ -51,7 +50,10 @@ LAYERS = 4  # tiny-qwen3-vl's decoder layers
 def test_device_map_forms_are_normalised() -> None:
     assert LoadSpec("x", device_map="auto").device_map == "auto"
     assert LoadSpec("x", device_map="cuda:1").device_map == (("", "cuda:1"),)
-    assert LoadSpec("x", device_map={"": 0, "lm_head": "cpu"}).device_map == (("", "cuda:0"), ("lm_head", "cpu"))
+    assert LoadSpec("x", device_map={"": 0, "lm_head": "cpu"}).device_map == (
+        ("", "cuda:0"),
+        ("lm_head", "cpu"),
+    )
     assert LoadSpec("x", device_map={"": 0}) == LoadSpec("x", device_map={"": "cuda:0"})
     spread = LoadSpec("x", device_map="balanced", max_memory={0: "40GiB", "1": 4096})
     assert spread.max_memory == (("0", "40GiB"), ("1", "4096B"))
@@ -181,8 +183,10 @@ def test_placed_weights_depend_on_names_not_layout() -> None:
     _same(whole, _state(LoadSpec(TINY_QWEN3_VL, device_map={**per_layer, "lm_head": "cpu", "": "cpu"})))
     _same(whole, _state(LoadSpec(TINY_QWEN3_VL, device_map="auto")))
     other_seed = _state(LoadSpec(TINY_QWEN3_VL, device_map={"": "cpu"}, seed=1))
-    assert not torch.equal(whole["model.language_model.layers.0.mlp.up_proj.weight"],
-                           other_seed["model.language_model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        whole["model.language_model.layers.0.mlp.up_proj.weight"],
+        other_seed["model.language_model.layers.0.mlp.up_proj.weight"],
+    )
 
 
 def test_one_layer_initialised_alone_gets_the_same_weights() -> None:
@@ -192,7 +196,9 @@ def test_one_layer_initialised_alone_gets_the_same_weights() -> None:
     with torch.no_grad():
         for param in loaded.model.get_submodule(layer).parameters():
             param.fill_(7.0)
-    names = {name for name, _ in loaded.model.named_modules() if name == layer or name.startswith(f"{layer}.")}
+    names = {
+        name for name, _ in loaded.model.named_modules() if name == layer or name.startswith(f"{layer}.")
+    }
     initialize(loaded.model, 0, names)  # alone, and children in the order the set hands them
     _same(before, dict(loaded.model.get_submodule(layer).state_dict()))
 
@@ -200,8 +206,9 @@ def test_one_layer_initialised_alone_gets_the_same_weights() -> None:
 def test_placed_model_matches_the_plain_build_in_everything_not_random() -> None:
     placed = load(LoadSpec(TINY_QWEN3_VL, device_map={"": "cpu"}))
     plain = load(LoadSpec(TINY_QWEN3_VL, device="cpu"))
-    assert placed.model.hf_device_map == {"": "cpu"}
-    assert placed.model.lm_head.weight is placed.model.model.language_model.embed_tokens.weight  # still tied
+    model: Any = placed.model
+    assert model.hf_device_map == {"": "cpu"}
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # still tied
     plain_buffers = dict(plain.model.named_buffers())
     for name, buffer in placed.model.named_buffers():  # rotary inv_freq, recomputed by _init_weights
         assert torch.equal(buffer, plain_buffers[name]), name
@@ -211,14 +218,20 @@ def test_placed_model_matches_the_plain_build_in_everything_not_random() -> None
         if "norm" in name:  # ones, whatever the seed
             assert torch.equal(param, plain_params[name]), name
         else:
-            assert float(param.std()) == pytest.approx(float(plain_params[name].std()), rel=0.2, abs=1e-6), name
+            assert float(param.std()) == pytest.approx(float(plain_params[name].std()), rel=0.2, abs=1e-6), (
+                name
+            )
     assert (placed.device, placed.devices) == ("cpu", "")
 
 
 def test_placement_errors_name_the_module(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"model\.device_map: builtin:tiny-qwen3-vl has no module 'lm_heads'"):
+    with pytest.raises(
+        ConfigError, match=r"model\.device_map: builtin:tiny-qwen3-vl has no module 'lm_heads'"
+    ):
         load(LoadSpec(TINY_QWEN3_VL, device_map={"lm_heads": "cpu", "": "cpu"}))
-    with pytest.raises(ConfigError, match=r"model\.device_map: nothing places lm_head\.weight of builtin:tiny-qwen3-vl"):
+    with pytest.raises(
+        ConfigError, match=r"model\.device_map: nothing places lm_head\.weight of builtin:tiny-qwen3-vl"
+    ):
         load(LoadSpec(TINY_QWEN3_VL, device_map={"model": "cpu"}))
     with pytest.raises(ConfigError, match=r"does not fit the memory allowed \(model\.max_memory\)"):
         load(LoadSpec(TINY_QWEN3_VL, device_map="sequential", max_memory={"cpu": "1MB"}))
@@ -277,7 +290,8 @@ def test_head_chunks_follow_the_hook_device() -> None:
     decoder = FakeDecoder()
     head = FakeHead(SimpleNamespace(execution_device="meta"))
     logits = lm_forward.selected_logits(decoder, head, _batch())
-    assert head.seen == [torch.device("meta")] and logits.device.type == "meta"
+    assert head.seen == [torch.device("meta")]
+    assert logits.device.type == "meta"
     assert logits.shape == (5, 8)  # 3 + 2 positions with a real next token
 
     wrapped = FakeHead(SimpleNamespace(hooks=(SimpleNamespace(), SimpleNamespace(execution_device=1))))
@@ -293,15 +307,28 @@ def test_calibration_step_sends_chunks_to_the_head_device() -> None:
     assert root.lm_head.seen == [torch.device("meta")]
 
 
+class EmbeddingDecoder(nn.Module):
+    """A one-layer decoder (embeddings only) with the interface :mod:`lm_forward` expects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(8, 4)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def forward(self, input_ids: torch.Tensor, **_: Any) -> Any:
+        return SimpleNamespace(last_hidden_state=self.embed(input_ids))
+
+
 def test_chunked_backward_keeps_targets_with_the_logits() -> None:
-    """A head on the decoder's device but taking its chunks from anywhere: the loss still runs."""
-    decoder = nn.Module()
-    embed = nn.Embedding(8, 4)
-    decoder.get_input_embeddings = lambda: embed  # type: ignore[method-assign]
-    decoder.forward = lambda input_ids, **_: SimpleNamespace(last_hidden_state=embed(input_ids))  # type: ignore[method-assign]
+    """Targets follow the logits chunk by chunk, and the gradient reaches the decoder."""
+    decoder = EmbeddingDecoder()
     head = nn.Linear(4, 8)
     total = lm_forward.chunked_loss_backward(decoder, head, _batch(), normalizer=5.0, chunk_tokens=2)
-    assert total > 0 and embed.weight.grad is not None and head.weight.grad is not None
+    assert total > 0
+    assert decoder.embed.weight.grad is not None
+    assert head.weight.grad is not None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,6 +374,15 @@ def test_pipeline_ranking_is_the_same_for_any_layout(tmp_path: Path) -> None:
     whole = _run(tmp_path, "whole", {"": "cpu"})
     per_layer = {f"model.language_model.layers.{i}": "cpu" for i in range(LAYERS)}
     split = _run(tmp_path, "split", {**per_layer, "lm_head": "cpu", "": "cpu"})
-    assert whole["groups"] and whole["groups"] == split["groups"]  # ranking, scores and formats
-    assert whole["validation"] == split["validation"]
-    assert whole == split
+    assert whole["groups"]
+    assert whole["groups"] == split["groups"]  # ranking, scores and formats
+    assert _without_seconds(whole) == _without_seconds(split)
+
+
+def _without_seconds(value: Any) -> Any:
+    """The manifest less its wall times (validation records how long its passes took)."""
+    if isinstance(value, dict):
+        return {k: _without_seconds(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_without_seconds(v) for v in value]
+    return value

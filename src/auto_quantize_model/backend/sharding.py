@@ -68,7 +68,9 @@ def owner_of(name: str, placement: Mapping[str, str]) -> str | None:
     """The placement key that covers ``name``: the longest that is ``name`` or a dotted prefix of it."""
     best: str | None = None
     for key in placement:
-        if (key == "" or name == key or name.startswith(f"{key}.")) and (best is None or len(key) > len(best)):
+        if (key == "" or name == key or name.startswith(f"{key}.")) and (
+            best is None or len(key) > len(best)
+        ):
             best = key
     return best
 
@@ -115,13 +117,13 @@ def explicit_placement(model: nn.Module, device_map: DeviceMap, source: str) -> 
             candidates = sorted(modules | tensors)
             raise ConfigError(
                 f"model.device_map: {source} has no module {key!r}{did_you_mean(key, candidates)} "
-                "(keys are module names such as model.language_model.layers.0, or \"\" for the rest)"
+                '(keys are module names such as model.language_model.layers.0, or "" for the rest)'
             )
         placement[key] = _canonical(resolve_device(_canonical(device)))
     for name in sorted(tensors):
         if owner_of(name, placement) is None:
             raise ConfigError(
-                f"model.device_map: nothing places {name} of {source} (add its module, or \"\" for the rest)"
+                f'model.device_map: nothing places {name} of {source} (add its module, or "" for the rest)'
             )
     return placement
 
@@ -135,7 +137,11 @@ def strategy_placement(
     by ``max_memory``); ``sequential`` fills GPU 0 first. A placement that spills to disk is
     refused: the caps leave too little room for the model.
     """
-    from accelerate.utils import get_balanced_memory, get_max_memory, infer_auto_device_map
+    from accelerate.utils import (  # type: ignore[import-untyped]
+        get_balanced_memory,
+        get_max_memory,
+        infer_auto_device_map,
+    )
 
     limits = memory_caps(max_memory) if max_memory is not None else None
     no_split = list(getattr(model, "_no_split_modules", None) or [])
@@ -234,9 +240,7 @@ def settled_placement(model: nn.Module, placement: Mapping[str, str]) -> Placeme
     settled = dict(placement)
     for key in placement:
         prefix = f"{key}." if key else ""
-        found = {
-            str(t.device) for name, t in _named_tensors(model) if name == key or name.startswith(prefix)
-        }
+        found = {str(t.device) for name, t in _named_tensors(model) if name == key or name.startswith(prefix)}
         if len(found) == 1:
             settled[key] = found.pop()
     return settled
@@ -250,7 +254,7 @@ def build_placed(
     ``model.hf_device_map`` holds the final placement (what ``from_pretrained`` would set).
     """
     import torch
-    from accelerate import dispatch_model
+    from accelerate import dispatch_model  # type: ignore[import-untyped]
     from transformers import AutoModelForImageTextToText
 
     assert spec.device_map is not None
@@ -271,7 +275,7 @@ def build_placed(
         tie()
     final = settled_placement(model, placement)
     dispatch_model(model, device_map=_dispatch_map(final))
-    model.hf_device_map = final
+    object.__setattr__(model, "hf_device_map", final)  # what from_pretrained sets, with our spelling
     model.eval()
     return model
 
@@ -321,7 +325,7 @@ def _collapse_layers(names: list[str]) -> list[str]:
             runs[stack] = []
             out.append(stack)
         runs[stack].append(int(match.group("index")))
-    result = []
+    result: list[str] = []
     for item in out:
         if item in runs:
             result.extend(f"{item}.{span}" for span in _spans(sorted(runs[item])))

@@ -252,7 +252,7 @@ def spec_to_dict(spec: PipelineSpec, *, with_sweep: bool = True) -> dict[str, An
 def _plain_field(field: attrs.Attribute[Any], value: Any) -> Any:
     """Pairs that a file writes as a table (``model.device_map``) go back to being a table."""
     if field.metadata.get(TABLE_METADATA) and isinstance(value, tuple):
-        return {key: item for key, item in value}
+        return dict(value)
     return _plain(value)
 
 
