@@ -176,6 +176,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert not different, different[:5]
 
 
+@pytest.mark.slow
 def test_placed_weights_depend_on_names_not_layout() -> None:
     whole = _state(LoadSpec(TINY_QWEN3_VL, device_map={"": "cpu"}))
     _same(whole, _state(LoadSpec(TINY_QWEN3_VL, device_map={"": "cpu"})))
@@ -218,9 +219,9 @@ def test_placed_model_matches_the_plain_build_in_everything_not_random() -> None
         if "norm" in name:  # ones, whatever the seed
             assert torch.equal(param, plain_params[name]), name
         else:
-            assert float(param.std()) == pytest.approx(float(plain_params[name].std()), rel=0.2, abs=1e-6), (
-                name
-            )
+            assert float(param.detach().std()) == pytest.approx(
+                float(plain_params[name].detach().std()), rel=0.2, abs=1e-6
+            ), name
     assert (placed.device, placed.devices) == ("cpu", "")
 
 
