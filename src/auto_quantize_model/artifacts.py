@@ -39,6 +39,9 @@ class LoadedModel:
     dtype: str
     device: str
     """Device of the first parameter; with ``device_map`` the model may span several."""
+    devices: str = ""
+    """Where each part went when the model spans several devices (``cuda:0: model.visual,
+    model.language_model.layers.0-31; cuda:1: ...``); empty on one device."""
     load_spec: LoadSpec | None = None
     """The spec it was loaded from (set by :class:`LoadModel`), so a later stage can load a
     pristine copy again (ExportCheckpoint: RunAutoQuant quantizes this one in place)."""

@@ -15,7 +15,7 @@ in pipeline order. :mod:`auto_quantize_model.stages` reads that into its registr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import attrs
@@ -128,6 +128,122 @@ def layer_patterns(value: Iterable[str]) -> tuple[str, ...]:
     return _names(value, "disabled_layers", "wildcard patterns")
 
 
+# --------------------------------------------------------------------------- device maps
+
+DeviceMap = tuple[tuple[str, str], ...]
+"""An explicit placement, module name -> device (``cpu``, ``cuda``, ``cuda:N``), as written.
+
+Held as pairs, not a dict, so that a :class:`LoadSpec` stays hashable (sweeps key their shared
+models and batches by it); pipeline files write it as a TOML table (see :data:`TABLE_METADATA`)."""
+MemoryLimits = tuple[tuple[str, str], ...]
+"""Device (``"0"``, ``"1"``, ... or ``"cpu"``) -> the most memory a placement may use there."""
+DeviceMapSetting = str | DeviceMap | None
+MemoryLimitsSetting = MemoryLimits | None
+TABLE_METADATA = "auto_quantize_model.table"
+"""Key of a field's metadata: a tuple of (key, value) pairs that a TOML file holds as a table."""
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+"""accelerate's placement strategies (``auto`` balances like ``balanced``, as transformers does)."""
+_MAP_DEVICE_RE = re.compile(r"cpu|cuda|cuda:\d+")
+_MODULE_NAME_RE = re.compile(r"|[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_MEMORY_KEY_RE = re.compile(r"cpu|\d+")
+_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)")
+SIZE_UNITS: dict[str, int] = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+
+
+def size_bytes(text: str) -> int | None:
+    """``"40GiB"`` -> bytes; None when ``text`` is not a number and one of :data:`SIZE_UNITS`.
+
+    Units are case-sensitive on purpose: accelerate reads ``"40Gb"`` as gigabits, a slip that
+    would silently cap a GPU at an eighth of what was meant.
+    """
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        return None
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+
+
+def _map_device(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"cuda:{value}"
+    if isinstance(value, str):
+        return value
+    raise SpecError("LoadSpec", "device_map", f"devices are names or GPU numbers, got {value!r}")
+
+
+def device_map_value(value: str | Mapping[str, str | int] | DeviceMap | None) -> DeviceMapSetting:
+    """A strategy name as is; a device name as ``{"": device}``; a mapping as (name, device) pairs.
+
+    GPU numbers become ``cuda:N``, so ``{"": 0}`` and ``{"": "cuda:0"}`` are one placement.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (("", value),) if _MAP_DEVICE_RE.fullmatch(value) else value
+    pairs = value.items() if isinstance(value, Mapping) else value
+    return tuple((str(name), _map_device(device)) for name, device in pairs)
+
+
+def memory_limits(value: Mapping[str | int, str | int] | MemoryLimits | None) -> MemoryLimitsSetting:
+    """(device, size) pairs; GPU numbers become strings and sizes in bytes ``"<n>B"``."""
+    if value is None:
+        return None
+    pairs = value.items() if isinstance(value, Mapping) else value
+    return tuple(
+        (str(key), f"{size}B" if isinstance(size, int) and not isinstance(size, bool) else str(size))
+        for key, size in pairs
+    )
+
+
+def _device_map_ok(instance: object, attribute: attrs.Attribute[Any], value: DeviceMapSetting) -> None:
+    if value is None:
+        return
+    problems: list[str] = []
+    if isinstance(value, str):
+        if value not in DEVICE_MAP_STRATEGIES:
+            problems.append(
+                f"unknown strategy {value!r} (use one of {', '.join(DEVICE_MAP_STRATEGIES)}, a device "
+                "such as cuda:0, or a table of module name -> device)"
+            )
+    elif not value:
+        problems.append("empty table: name at least one module")
+    for name, device in () if isinstance(value, str) else value:
+        if not _MODULE_NAME_RE.fullmatch(name):
+            problems.append(f"{name!r} is not a module name (e.g. model.language_model.layers.0)")
+        if not _MAP_DEVICE_RE.fullmatch(device):
+            problems.append(
+                f"{name or '(whole model)'}: unknown device {device!r} (use cpu, cuda, cuda:N or a GPU "
+                "number; disk offload is not supported)"
+            )
+    if problems:
+        raise SpecError(_owner(instance), attribute.name, "; ".join(problems))
+
+
+def _memory_ok(instance: object, attribute: attrs.Attribute[Any], value: MemoryLimitsSetting) -> None:
+    if value is None:
+        return
+    problems = [] if value else ["empty table: name at least one device"]
+    for key, size in value:
+        if not _MEMORY_KEY_RE.fullmatch(key):
+            problems.append(f'unknown device key {key!r} (use GPU numbers "0", "1", ... or "cpu")')
+        if size_bytes(size) is None:
+            problems.append(
+                f"{key}: bad size {size!r} (write a number and one of {', '.join(SIZE_UNITS)}, e.g. 40GiB)"
+            )
+    if problems:
+        raise SpecError(_owner(instance), attribute.name, "; ".join(problems))
+
+
 @attrs.frozen
 class LoadSpec:
     path: str
@@ -139,13 +255,37 @@ class LoadSpec:
     """``auto`` means bfloat16 on CUDA and float32 on CPU."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
-    device_map: str | None = None
-    """Passed to ``from_pretrained`` (e.g. ``auto`` to spread a big model); overrides ``device``."""
+    device_map: DeviceMapSetting = attrs.field(
+        default=None,
+        converter=device_map_value,
+        validator=_device_map_ok,
+        metadata={TABLE_METADATA: True},
+    )
+    """Spread the model over devices, the accelerate way; overrides ``device``. A strategy
+    (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``), a device (``cuda:0``, meaning
+    the whole model there), or a table of module name -> device (``{"": "cuda:0"}``, or layers
+    by name). ``builtin:``/``config:`` sources draw each module's weights from a seed of its own
+    name, so their weights are the same whichever map places them (but differ from the ones
+    drawn without a device_map)."""
+    max_memory: MemoryLimitsSetting = attrs.field(
+        default=None, converter=memory_limits, validator=_memory_ok, metadata={TABLE_METADATA: True}
+    )
+    """Caps for a ``device_map`` strategy: ``{"0": "40GiB", "1": "40GiB", "cpu": "100GiB"}``;
+    devices left out get what is free. Sizes take B, KB, MB, GB, TB, KiB, MiB, GiB, TiB."""
     padding_side: Literal["left", "right"] = "right"
     attn_implementation: str | None = None
     """``sdpa``, ``eager``, ``flash_attention_2``...; None lets transformers choose."""
     seed: int = 0
     """Seed for the random weights of ``builtin:`` and ``config:`` sources."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_memory is not None and not isinstance(self.device_map, str):
+            raise SpecError(
+                "LoadSpec",
+                "max_memory",
+                "applies only to a device_map strategy (set device_map to auto, balanced, "
+                "balanced_low_0 or sequential)",
+            )
 
 
 @attrs.frozen

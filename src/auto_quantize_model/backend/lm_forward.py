@@ -40,6 +40,29 @@ def input_device(decoder: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def module_device(module: nn.Module) -> torch.device | None:
+    """Where ``module`` computes: its accelerate hook's execution device when it has one (a
+    spread model), else its first parameter's; None for a module without parameters (a fake).
+
+    lm_head chunks are moved here before the call, so a head on another GPU than the decoder's
+    last layer works with or without accelerate's hooks.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in (hook, *getattr(hook, "hooks", ())):
+        device = getattr(candidate, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    for param in module.parameters():
+        return param.device
+    return None
+
+
+def to_head(hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """``hidden`` on lm_head's device (no copy when it is there already)."""
+    device = module_device(lm_head)
+    return hidden if device is None else hidden.to(device)
+
+
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
@@ -114,7 +137,7 @@ def selected_logits(decoder: nn.Module, lm_head: nn.Module, batch: dict[str, tor
     hidden = decoder_hidden(decoder, batch)
     flat, _ = target_index(batch)
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device))
-    logits = lm_head(picked)
+    logits = lm_head(to_head(picked, lm_head))
     assert isinstance(logits, torch.Tensor)
     return logits
 
@@ -151,18 +174,16 @@ def chunked_loss_backward(
     """
     hidden = decoder_hidden(decoder, batch)
     flat, targets = target_index(batch)
-    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device))
-    targets = targets.to(hidden.device)
+    picked = to_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device)), lm_head)
+    targets = targets.to(picked.device)
     detached = picked.detach().requires_grad_(True)
     step = chunk_tokens or HEAD_CHUNK_TOKENS
     total = 0.0
     for start in range(0, detached.shape[0], step):
         logits = lm_head(detached[start : start + step])
         assert isinstance(logits, torch.Tensor)
-        loss = (
-            nn.functional.cross_entropy(logits.float(), targets[start : start + step], reduction="sum")
-            / normalizer
-        )
+        chunk_targets = targets[start : start + step].to(logits.device)
+        loss = nn.functional.cross_entropy(logits.float(), chunk_targets, reduction="sum") / normalizer
         torch.autograd.backward(loss)
         total += float(loss.detach())
     if detached.grad is not None and picked.requires_grad:
@@ -183,7 +204,7 @@ def calibration_step_for(lm: LanguageModel, root: nn.Module) -> Any:
         head = model.get_submodule(head_path)
         hidden = decoder_hidden(decoder, batch)
         flat, _ = target_index(batch)
-        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device))
+        picked = to_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device)), head)
         for start in range(0, picked.shape[0], HEAD_CHUNK_TOKENS):
             head(picked[start : start + HEAD_CHUNK_TOKENS])
 

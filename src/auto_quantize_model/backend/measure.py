@@ -590,7 +590,9 @@ class HeldOutEval:
                 caption_nll.append(nll.new_zeros(rows).index_add_(0, row, nll).cpu())
                 caption_tokens.append(torch.bincount(row, minlength=rows).cpu())
                 if reference is not None:
-                    kl = torch.nn.functional.kl_div(logq, reference[index], log_target=True, reduction="none")
+                    kl = torch.nn.functional.kl_div(
+                        logq, reference[index].to(logq.device), log_target=True, reduction="none"
+                    )
                     per_position = kl.sum(-1)
                     del kl
                     kl_sum += per_position.sum().item()

@@ -67,6 +67,8 @@ __all__ = [
     "TINY_QWEN3_VL",
     "TINY_QWEN3_VL_MOE",
     "build_builtin",
+    "build_placed_builtin",
+    "builtin_config",
     "config_source_config",
     "config_source_tokenizer",
     "load",
@@ -207,7 +209,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _describe(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, source: str) -> LoadedModel:
+    from auto_quantize_model.backend.sharding import model_placement, placement_summary
+
     first = next(model.parameters())
+    placement = model_placement(model)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -215,6 +220,7 @@ def _describe(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, source
         architecture=type(model).__name__,
         dtype=_dtype_name(first.dtype),
         device=str(first.device),
+        devices=placement_summary(placement) if len(set(placement.values())) > 1 else "",
     )
 
 
@@ -265,6 +271,45 @@ def config_source_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def builtin_config(
+    name: str, *, on_cpu: bool, dtype: torch.dtype
+) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    """The config and tokenizer of a :data:`BUILTIN_SOURCES` name (warns of a big model on CPU)."""
+    import torch
+
+    if name not in BUILTIN_SOURCES:
+        raise ConfigError(f"unknown built-in source {name!r}; known: {', '.join(BUILTIN_SOURCES)}")
+    if name in TINY_SOURCES:
+        tokenizer = load_tokenizer(tiny_tokenizer_dir())
+        tiny = tiny_qwen3_vl_config if name == TINY_QWEN3_VL else tiny_qwen3_vl_moe_config
+        return tiny(tokenizer), tokenizer
+    arch = ARCHITECTURES[name]
+    config = transformers_config(arch)
+    tokenizer = config_source_tokenizer(name)
+    if on_cpu:
+        gigabytes = arch.published_billions * (4 if dtype == torch.float32 else 2)
+        log.warning(
+            "%s on CPU: %.1f B parameters take minutes to initialise and about %.0f GB of memory",
+            name,
+            arch.published_billions,
+            gigabytes,
+        )
+    return config, tokenizer
+
+
+def build_placed_builtin(spec: LoadSpec) -> LoadedModel:
+    """A :data:`BUILTIN_SOURCES` model spread the way ``spec.device_map`` says (see
+    :mod:`.sharding`: weights seeded per module name, the same wherever a module lands)."""
+    from auto_quantize_model.backend.sharding import build_placed, uses_cuda
+
+    assert spec.device_map is not None
+    cuda = uses_cuda(spec.device_map)
+    torch_dtype = resolve_dtype(spec.dtype, "cuda" if cuda else "cpu")
+    config, tokenizer = builtin_config(spec.path, on_cpu=not cuda, dtype=torch_dtype)
+    model = build_placed(spec, config, torch_dtype, attn_implementation=spec.attn_implementation)
+    return _describe(model, tokenizer, spec.path)
+
+
 def build_builtin(
     name: str,
     seed: int = 0,
@@ -284,26 +329,9 @@ def build_builtin(
     from transformers import AutoModelForImageTextToText
 
     auto_class: Any = AutoModelForImageTextToText  # from_config is untyped
-    if name not in BUILTIN_SOURCES:
-        raise ConfigError(f"unknown built-in source {name!r}; known: {', '.join(BUILTIN_SOURCES)}")
     where = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, where)
-    if name in TINY_SOURCES:
-        tokenizer = load_tokenizer(tiny_tokenizer_dir())
-        tiny = tiny_qwen3_vl_config if name == TINY_QWEN3_VL else tiny_qwen3_vl_moe_config
-        config = tiny(tokenizer)
-    else:
-        arch = ARCHITECTURES[name]
-        config = transformers_config(arch)
-        tokenizer = config_source_tokenizer(name)
-        if where == "cpu":
-            gigabytes = arch.published_billions * (4 if torch_dtype == torch.float32 else 2)
-            log.warning(
-                "%s on CPU: %.1f B parameters take minutes to initialise and about %.0f GB of memory",
-                name,
-                arch.published_billions,
-                gigabytes,
-            )
+    config, tokenizer = builtin_config(name, on_cpu=where == "cpu", dtype=torch_dtype)
     target = torch.device(where)
     cuda_devices = [target.index or 0] if target.type == "cuda" else []
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -390,7 +418,7 @@ def load_pretrained(spec: LoadSpec) -> LoadedModel:
     (it is not a dependency) they are read on CPU and moved, which costs host memory once.
     ``spec.device_map`` always needs ``accelerate``.
     """
-    import torch
+    from auto_quantize_model.backend.sharding import memory_caps, pretrained_device_map, uses_cuda
 
     directory = Path(spec.path)
     config = read_checkpoint_config(directory)
@@ -403,8 +431,10 @@ def load_pretrained(spec: LoadSpec) -> LoadedModel:
             raise ConfigError(
                 f"device_map={spec.device_map!r} needs the accelerate package; pip install accelerate"
             )
-        kwargs["device_map"] = spec.device_map
-        kwargs["dtype"] = resolve_dtype(spec.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+        kwargs["device_map"] = pretrained_device_map(spec.device_map)
+        if spec.max_memory is not None:
+            kwargs["max_memory"] = memory_caps(dict(spec.max_memory))
+        kwargs["dtype"] = resolve_dtype(spec.dtype, "cuda" if uses_cuda(spec.device_map) else "cpu")
     else:
         device = resolve_device(spec.device)
         kwargs["dtype"] = resolve_dtype(spec.dtype, device)
@@ -473,10 +503,11 @@ def load(spec: LoadSpec) -> LoadedModel:
 
     if spec.path.startswith(("builtin:", "config:")):
         if spec.device_map is not None:
-            log.info("%s: device_map is ignored for built-in sources; building on %s", spec.path, spec.device)
-        loaded = build_builtin(
-            spec.path, spec.seed, spec.dtype, spec.device, attn_implementation=spec.attn_implementation
-        )
+            loaded = build_placed_builtin(spec)
+        else:
+            loaded = build_builtin(
+                spec.path, spec.seed, spec.dtype, spec.device, attn_implementation=spec.attn_implementation
+            )
         if spec.tokenizer is not None:
             return attrs.evolve(loaded, tokenizer=load_tokenizer(Path(spec.tokenizer), spec.padding_side))
         loaded.tokenizer.padding_side = spec.padding_side

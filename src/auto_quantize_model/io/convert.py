@@ -47,7 +47,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn
 
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.specs import SpecError, SweepTable
+from auto_quantize_model.specs import DeviceMapSetting, MemoryLimitsSetting, SpecError, SweepTable
 from auto_quantize_model.stages import STAGE_TABLES
 
 T = TypeVar("T")
@@ -362,6 +362,39 @@ def _structure_sweep(value: object, _: Any) -> SweepTable:
     return result
 
 
+# --------------------------------------------------------------------------- model.device_map, max_memory
+
+
+def _string_table(value: Mapping[Any, Any], what: str, *, int_values: bool) -> dict[str, Any]:
+    """A TOML table of strings (or GPU numbers where ``int_values``); the attrs converter and
+    validator of :class:`~auto_quantize_model.specs.LoadSpec` then check names and devices."""
+    errors: list[Exception] = []
+    for key, item in value.items():
+        number = int_values and isinstance(item, int) and not isinstance(item, bool)
+        if not (isinstance(item, str) or number):
+            expected = "a device name or GPU number" if int_values else "a size string"
+            errors.append(_noted(Mismatch(f"{expected} (e.g. {what})", expected, item), str(key), None))
+    if errors:
+        raise ClassValidationError("invalid table", errors, dict)
+    return dict(value)
+
+
+def _structure_device_map(value: object, _: Any) -> object:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return _string_table(value, '"cuda:0"', int_values=True)
+    raise Mismatch("a strategy name or a table of module name -> device", "a string or an object", value)
+
+
+def _structure_memory(value: object, _: Any) -> object:
+    if value is None:
+        return value
+    if isinstance(value, dict):
+        return _string_table(value, '"40GiB"', int_values=False)
+    raise Mismatch('a table of device -> size (e.g. {"0" = "40GiB"})', "an object", value)
+
+
 # --------------------------------------------------------------------------- the converters
 
 
@@ -398,6 +431,8 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook_factory(_is_homogeneous_tuple, _tuple_hook)
     converter.register_structure_hook_func(lambda kind: kind == SweepTable, _structure_sweep)
     converter.register_structure_hook_factory(attrs.has, _attrs_hook)
+    converter.register_structure_hook_func(lambda kind: kind == DeviceMapSetting, _structure_device_map)
+    converter.register_structure_hook_func(lambda kind: kind == MemoryLimitsSetting, _structure_memory)
     return converter
 
 

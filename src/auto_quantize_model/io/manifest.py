@@ -64,6 +64,8 @@ class ModelInfo:
     architecture: str
     dtype: str
     device: str
+    devices: str = ""
+    """Which modules went to which device when a ``device_map`` spread the model; else empty."""
 
 
 @attrs.frozen

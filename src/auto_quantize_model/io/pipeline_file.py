@@ -24,7 +24,7 @@ import tomli_w
 
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.convert import CONVERTER, flatten_sweep, toml_problems
-from auto_quantize_model.specs import PipelineSpec, is_bundled
+from auto_quantize_model.specs import TABLE_METADATA, PipelineSpec, is_bundled
 from auto_quantize_model.stages import STAGES
 
 __all__ = [
@@ -240,13 +240,20 @@ def spec_to_dict(spec: PipelineSpec, *, with_sweep: bool = True) -> dict[str, An
         if section is None:
             continue
         raw[entry.table] = {
-            field.name: _plain(getattr(section, field.name))
+            field.name: _plain_field(field, getattr(section, field.name))
             for field in attrs.fields(type(section))
             if getattr(section, field.name) is not None
         }
     if with_sweep and spec.sweep:
         raw["sweep"] = {key: _plain(values) for key, values in spec.sweep.items()}
     return raw
+
+
+def _plain_field(field: attrs.Attribute[Any], value: Any) -> Any:
+    """Pairs that a file writes as a table (``model.device_map``) go back to being a table."""
+    if field.metadata.get(TABLE_METADATA) and isinstance(value, tuple):
+        return dict(value)
+    return _plain(value)
 
 
 def _plain(value: Any) -> Any:
