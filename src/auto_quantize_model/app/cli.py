@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from auto_quantize_model.errors import AqmError, InputError, StageError
 
 if TYPE_CHECKING:
+    from auto_quantize_model.app.distributed import Worker
     from auto_quantize_model.app.run_service import RunService
     from auto_quantize_model.specs import PipelineSpec
 
@@ -56,6 +57,7 @@ def cmd_run(args: argparse.Namespace, service: RunService) -> int:
         title=args.file,
         force=args.force,
         command=tuple(args.command_line),
+        worker=args.worker,
     )
     return service.run(request)
 
@@ -84,6 +86,7 @@ def cmd_resume(args: argparse.Namespace, service: RunService) -> int:
         title=file,
         force=args.force,
         command=tuple(args.command_line),
+        worker=args.worker,
     )
     return service.run(request)
 
@@ -348,11 +351,38 @@ def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _print_error(err: AqmError, debug: bool) -> None:
+SPREAD_COMMANDS = ("run", "resume")
+"""The commands torchrun may start several workers of: they spread a sweep's points."""
+
+
+def _worker(command: str) -> Worker | None:
+    """This process's place among torchrun's workers (None for a plain run), its GPU narrowed.
+
+    Only a sweep spreads over workers; any other command started N times would do its work N
+    times (or fight over its folder), so it is refused on every rank alike.
+    """
+    import os
+
+    from auto_quantize_model.app.distributed import narrow_visible_gpus, worker_from_env
+    from auto_quantize_model.errors import ConfigError
+
+    worker = worker_from_env(os.environ)
+    if worker is None:
+        return None
+    if command not in SPREAD_COMMANDS:
+        raise ConfigError(
+            f"aqm {command} runs in one process; start it without torchrun (torchrun spreads the points "
+            f"of `aqm run` and `aqm resume` over its {worker.world_size} workers)"
+        )
+    narrow_visible_gpus(worker, os.environ)
+    return worker
+
+
+def _print_error(err: AqmError, debug: bool, prefix: str = "") -> None:
     if debug:
         traceback.print_exception(err)
     for line in str(err).splitlines() or [type(err).__name__]:
-        print(f"aqm: error: {line}", file=sys.stderr)
+        print(f"{prefix}aqm: error: {line}", file=sys.stderr)
     if isinstance(err, StageError) and not isinstance(err.cause, AqmError) and not debug:
         print("aqm: (run again with --debug for the traceback)", file=sys.stderr)
 
@@ -369,7 +399,15 @@ def main(argv: Sequence[str] | None = None, *, service: RunService | None = None
     args.command_line = ["aqm", *given]
     from auto_quantize_model.app.logs import configure_logging
 
-    configure_logging(debug)
+    prefix = ""
+    try:
+        args.worker = _worker(args.command)
+        prefix = "" if args.worker is None else f"[{args.worker.name}] "
+    except AqmError as err:
+        configure_logging(debug)
+        _print_error(err, debug, "[torchrun worker] ")
+        return err.exit_code
+    configure_logging(debug, prefix)
     try:
         if service is None:
             from auto_quantize_model.app.run_service import RunService
@@ -377,10 +415,10 @@ def main(argv: Sequence[str] | None = None, *, service: RunService | None = None
             service = RunService()
         code: int = args.func(args, service)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a run (run_service.Terminated)
-        print(f"aqm: {str(err) or 'interrupted'}", file=sys.stderr)
+        print(f"{prefix}aqm: {str(err) or 'interrupted'}", file=sys.stderr)
         return int(getattr(err, "exit_code", 130))
     except AqmError as err:
-        _print_error(err, debug)
+        _print_error(err, debug, prefix)
         return err.exit_code
     finally:
         sys.stdout.flush()

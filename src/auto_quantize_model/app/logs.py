@@ -27,14 +27,20 @@ class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
-def configure_logging(debug: bool = False) -> None:
-    """Progress lines of the package logger go to stderr; calling it again replaces, never stacks."""
+def configure_logging(debug: bool = False, prefix: str = "") -> None:
+    """Progress lines of the package logger go to stderr; calling it again replaces, never stacks.
+
+    ``prefix`` goes before every message (``[rank 1/2] `` for a torchrun worker, whose lines
+    interleave with the others' on one terminal).
+    """
     global _handler
     logger = logging.getLogger(PACKAGE_LOGGER)
     if _handler is not None:
         logger.removeHandler(_handler)
     _handler = _CurrentStderr(sys.stderr)
-    _handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+    _handler.setFormatter(
+        logging.Formatter(f"[%(asctime)s] {prefix.replace('%', '%%')}%(message)s", datefmt="%H:%M:%S")
+    )
     logger.addHandler(_handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     logger.propagate = False

@@ -55,7 +55,7 @@ from auto_quantize_model.app.folders import (
     remove_files,
     remove_made,
 )
-from auto_quantize_model.app.lock import FolderLock
+from auto_quantize_model.app.lock import FolderLock, Owner
 from auto_quantize_model.app.logs import PACKAGE_LOGGER
 from auto_quantize_model.app.runs import (
     COMPLETE,
@@ -80,9 +80,10 @@ from auto_quantize_model.app.runs import (
 from auto_quantize_model.errors import InputError, StageError
 
 if TYPE_CHECKING:
+    from auto_quantize_model.app.distributed import Worker, WorkerGroup
     from auto_quantize_model.app.export import ExportLoader, ExportRequest
     from auto_quantize_model.app.frontier import FrontierMeasurer, FrontierRequest
-    from auto_quantize_model.app.sweep import PointOutcome, PointSession, SweepPoint
+    from auto_quantize_model.app.sweep import PointOutcome, PointResult, PointSession, SweepPoint
     from auto_quantize_model.artifacts import BudgetFrontier, ExportedMix, MeasuredFrontier, ReportPaths
     from auto_quantize_model.io.manifest import Manifest
     from auto_quantize_model.pipeline import Artifacts
@@ -209,6 +210,12 @@ def _sweep_session_for(service: RunService) -> Callable[[], PointSession] | None
     return new_sweep_session if service.pipeline_runner is run_pipeline else None
 
 
+def join_workers(worker: Worker) -> WorkerGroup:
+    from auto_quantize_model.app.distributed import WorkerGroup
+
+    return WorkerGroup.join(worker)
+
+
 def regenerate_reports(manifest: Path, output: Path | None) -> ReportPaths:
     from auto_quantize_model.render.reports import regenerate_reports as regenerate
 
@@ -311,10 +318,20 @@ class RunRequest:
     force: bool = False
     command: tuple[str, ...] = ()
     after: AfterRun | None = None
+    worker: Worker | None = None
+    """This process's place among torchrun's workers (None: a plain, single-process run)."""
 
     @property
     def is_sweep(self) -> bool:
         return len(self.points) > 1 or bool(self.points[0].settings)
+
+
+@attrs.frozen
+class _OpenSweep:
+    """A sweep folder recorded ``running``: its record, and what was there before (for cleaning)."""
+
+    record: _Recorder
+    before: frozenset[Path]
 
 
 @attrs.frozen
@@ -352,11 +369,15 @@ class RunService:
     )
     """Makes the runner of one sweep's points (it keeps the loaded model, the calibration batches
     and the saved searches the points share); None runs each point through ``pipeline_runner``."""
+    worker_group: Callable[[Worker], WorkerGroup] = join_workers
+    """Under torchrun: joins this worker to the others through the rendezvous store."""
 
     # ------------------------------------------------------------- runs
 
     def run(self, request: RunRequest) -> int:
         """Run ``request``; returns the exit code (a sweep with failed points exits 1)."""
+        if request.worker is not None:
+            return self._distributed(request, request.worker)
         with self._claim(request.folder, request.command) as claim:
             if request.is_sweep:
                 return self._sweep(request, claim)
@@ -465,7 +486,22 @@ class RunService:
         ``--force``) skips points recorded complete with the same settings and resumes an
         interrupted one from its saved search state, like a single run.
         """
-        from auto_quantize_model.app.sweep import reuse_order, run_sweep
+        from auto_quantize_model.app.sweep import reuse_order
+
+        sweep = self._open_sweep(request, claim)
+        attempted: list[Path] = []
+        started = time.perf_counter()
+        try:
+            with sigterm_unwinds():
+                results, _ = self._run_points(request, reuse_order(request.points), attempted, index=True)
+        except BaseException as err:
+            folder = request.folder
+            self._sweep_failed(sweep, err, ran=bool(attempted) or (folder / INDEX_NAME).is_file())
+            raise
+        return self._finish_sweep(request, sweep, results, started)
+
+    def _open_sweep(self, request: RunRequest, claim: _Claim) -> _OpenSweep:
+        """Decide fresh, resume or refuse for the sweep folder and record it ``running``."""
         from auto_quantize_model.io.pipeline_file import spec_to_toml
 
         folder = request.folder
@@ -502,10 +538,35 @@ class RunService:
         except BaseException:
             self._clean_after_failure(folder, before, keep=())
             raise
+        return _OpenSweep(record, before)
+
+    def _sweep_failed(self, sweep: _OpenSweep, err: BaseException, *, ran: bool) -> None:
+        """Record the sweep failed when a point may have left a resume kit; else remove what it wrote."""
+        folder = sweep.record.run.path
+        if ran:
+            sweep.record.write_failure(err, aqm_files(folder))
+        else:
+            self._clean_after_failure(folder, sweep.before, keep=())
+
+    def _run_points(
+        self,
+        request: RunRequest,
+        points: Sequence[SweepPoint],
+        attempted: list[Path],
+        *,
+        index: bool,
+        worker: int | None = None,
+    ) -> tuple[tuple[PointResult, ...], list[str]]:
+        """Run ``points`` with one session (one model load); their results and the session's notes.
+
+        ``index``: rewrite ``sweep-index.md`` after each point (a worker of a spread sweep does
+        not: rank 0 writes it once from everyone's results). ``attempted`` collects the folders
+        of the points that started, for the caller's failure bookkeeping.
+        """
+        from auto_quantize_model.app.sweep import run_sweep
 
         session = self.sweep_session() if self.sweep_session is not None else None
         imported: list[float] = []
-        attempted: list[Path] = []
 
         def import_once() -> None:
             """The libraries, before the first point that runs (a rerun of a finished sweep needs none)."""
@@ -516,31 +577,42 @@ class RunService:
             attempted.append(point_dir)
             return self._point(request, point, point_dir, session, import_once)
 
-        started = time.perf_counter()
         try:
-            with sigterm_unwinds():
-                results = run_sweep(
-                    reuse_order(request.points),
-                    folder,
-                    run_point,
-                    title=request.title,
-                    notes=None if session is None else session.notes,
-                )
-        except BaseException as err:
-            if attempted or (folder / INDEX_NAME).is_file():  # a point's resume kit may be there
-                record.write_failure(err, aqm_files(folder))
-            else:
-                self._clean_after_failure(folder, before, keep=())
-            raise
+            results = run_sweep(
+                points,
+                request.folder,
+                run_point,
+                title=request.title,
+                notes=None if session is None else session.notes,
+                write_index=index,
+            )
+            notes = [] if session is None else session.notes()
         finally:
             if session is not None:
                 session.close()
+        if worker is not None:
+            results = tuple(attrs.evolve(result, worker=worker) for result in results)
+        return results, notes
+
+    def _finish_sweep(
+        self,
+        request: RunRequest,
+        sweep: _OpenSweep,
+        results: Sequence[PointResult],
+        started: float,
+        index_text: str | None = None,
+    ) -> int:
+        """Record the sweep complete (or failed, naming how many points failed) and print its table."""
+        folder = request.folder
+        if index_text is not None:
+            self._write(folder / INDEX_NAME, index_text)
         failed = [r for r in results if not r.ok]
         status = f"{FAILED}: {len(failed)} of {len(results)} sweep points failed" if failed else COMPLETE
-        record.write(status, [*aqm_files(folder), folder / RUN_FILE])
+        sweep.record.write(status, [*aqm_files(folder), folder / RUN_FILE])
         print(f"aqm: sweep done in {time.perf_counter() - started:.1f} s; index: {folder / INDEX_NAME}")
         for result in results:
-            print(f"  {result.status:<8} {result.point.folder}  ({result.seconds:.1f} s)")
+            by = "" if result.worker is None else f"  [worker {result.worker}]"
+            print(f"  {result.status:<8} {result.point.folder}  ({result.seconds:.1f} s){by}")
         if failed:
             print(
                 f"aqm: error: {len(failed)} of {len(results)} sweep points failed; see {folder / INDEX_NAME}",
@@ -548,6 +620,109 @@ class RunService:
             )
             return 1
         return 0
+
+    # ------------------------------------------------------------- a sweep spread over torchrun's workers
+
+    def _distributed(self, request: RunRequest, worker: Worker) -> int:
+        """This worker's share of a sweep started by torchrun (see :mod:`.distributed`).
+
+        Every rank checks the points the same way, so a pre-flight problem is the same one line
+        on every rank; rank 0's problems with the folder (busy, other settings) are sent to the
+        others, who raise them too. The exit code is rank 0's, on every rank.
+        """
+        from auto_quantize_model.app.distributed import point_problems
+        from auto_quantize_model.errors import ConfigError
+
+        if not request.is_sweep:
+            raise ConfigError(
+                f"{request.title or 'the pipeline'} has no [sweep] table: torchrun spreads a sweep's points "
+                "over its workers; run a single pipeline with plain `aqm run`"
+            )
+        point_problems(request.points, request.title or "pipeline")
+        group = self.worker_group(worker)
+        group.rerun = (
+            f"rerun `{' '.join(request.command)}` (under torchrun with any number of workers, or without) "
+            "to finish the sweep: finished points are skipped"
+        )
+        try:
+            with contextlib.ExitStack() as stack:
+                return self._as_worker(request, group, stack)
+        finally:
+            group.close()
+
+    def _as_worker(self, request: RunRequest, group: WorkerGroup, stack: contextlib.ExitStack) -> int:
+        from auto_quantize_model.app.distributed import assign_points
+        from auto_quantize_model.app.sweep import render_index, reuse_order
+        from auto_quantize_model.errors import AqmError
+
+        worker, folder = group.worker, request.folder
+        sweep: _OpenSweep | None = None
+        problem: AqmError | None = None
+        if worker.leader:
+            try:
+                sweep = self._open_sweep(request, stack.enter_context(self._claim(folder, request.command)))
+            except AqmError as err:
+                problem = err
+        group.agree(problem, "opening the sweep folder")
+        ordered = reuse_order(request.points)
+        attempted: list[Path] = []
+        points_started = False
+        started = time.perf_counter()
+        try:
+            token = group.broadcast(
+                None if sweep is None else _folder_token(sweep), "checking the sweep folder"
+            )
+            group.agree(
+                None if worker.leader else _shared_folder_problem(folder, token), "checking the folder"
+            )
+            owners: tuple[int, ...] = group.broadcast(
+                assign_points(ordered, worker.world_size, self._still_to_run(folder))
+                if worker.leader
+                else (),
+                "assigning points",
+            )
+            mine = [point for point, owner in zip(ordered, owners, strict=True) if owner == worker.rank]
+            log.info("%d of the sweep's %d points are this worker's", len(mine), len(ordered))
+            group.start_heartbeat()
+            points_started = True
+            try:
+                with sigterm_unwinds():
+                    results, notes = self._run_points(
+                        request, mine, attempted, index=False, worker=worker.rank
+                    )
+            except BaseException as err:
+                group.failed(failure_reason(err))
+                raise
+            group.done()
+            with sigterm_unwinds():
+                group.wait_for_others()
+            gathered = group.gather((results, notes))
+        except BaseException as err:
+            if sweep is not None:
+                self._sweep_failed(sweep, err, ran=points_started)
+            raise
+        code = 0
+        if sweep is not None:
+            by_folder = {result.point.folder: result for found, _ in gathered for result in found}
+            merged = [by_folder[point.folder] for point in ordered]
+            lines = [f"Worker {rank}: {line}" for rank, (_, said) in enumerate(gathered) for line in said]
+            lines.insert(0, f"Spread over {worker.world_size} torchrun workers.")
+            text = render_index(merged, total=len(ordered), title=request.title, notes=lines)
+            code = self._finish_sweep(request, sweep, merged, started, index_text=text)
+        return group.broadcast(code, "finishing")
+
+    def _still_to_run(self, folder: Path) -> Callable[[SweepPoint], bool]:
+        """Whether a point has work left (an earlier run did not finish it), for the assignment."""
+        from auto_quantize_model.errors import AqmError
+
+        def to_run(point: SweepPoint) -> bool:
+            point_dir = folder / point.folder
+            try:
+                return _finished_point(point_dir, _point_spec(point, point_dir)) is None
+            except AqmError:
+                return True  # its own run will say what is wrong
+
+        return to_run
 
     def _point(
         self,
@@ -566,13 +741,7 @@ class RunService:
         from auto_quantize_model.app.sweep import PointOutcome
         from auto_quantize_model.io.pipeline_file import spec_to_toml
 
-        spec = point.spec
-        if spec.autoquant.checkpoint is not None:
-            # Points must never share a search state: each gets its own next to its outputs.
-            name = Path(spec.autoquant.checkpoint).name
-            spec = attrs.evolve(
-                spec, autoquant=attrs.evolve(spec.autoquant, checkpoint=str(point_dir / name))
-            )
+        spec = _point_spec(point, point_dir)
         effective = for_folder(spec, point_dir)
         done = _finished_point(point_dir, spec)
         if done is not None:
@@ -720,6 +889,34 @@ class _Recorder:
                 self.run.path / RUN_FILE,
                 secondary,
             )
+
+
+def _point_spec(point: SweepPoint, point_dir: Path) -> PipelineSpec:
+    """The point's spec with its search state in its own folder: points never share one."""
+    spec = point.spec
+    if spec.autoquant.checkpoint is not None:
+        name = Path(spec.autoquant.checkpoint).name
+        spec = attrs.evolve(spec, autoquant=attrs.evolve(spec.autoquant, checkpoint=str(point_dir / name)))
+    return spec
+
+
+def _folder_token(sweep: _OpenSweep) -> tuple[str, Owner]:
+    """What rank 0 wrote into the sweep's ``run.json``, for the others to find (a shared folder)."""
+    return sweep.record.run.started_at, Owner.me()
+
+
+def _shared_folder_problem(folder: Path, token: tuple[str, Owner] | None) -> InputError | None:
+    """None when ``folder`` holds the ``run.json`` rank 0 just wrote; else why this worker cannot go on."""
+    try:
+        record = read_run(folder)
+    except InputError as err:
+        return err
+    if token is None or record is None or (record.started_at, record.owner) != token:
+        return InputError(
+            f"output folder {folder} does not hold the run.json rank 0 wrote there: every worker must see "
+            "the same folder; put --output on a file system all hosts share"
+        )
+    return None
 
 
 def _check_same_sweep(folder: Path, spec: PipelineSpec) -> None:

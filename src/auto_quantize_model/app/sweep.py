@@ -68,6 +68,8 @@ class PointResult:
     """What the point took over instead of redoing (``model copy; calibration of #1``); empty if none."""
     earlier: bool = False
     """The point was finished by an earlier run of the sweep and skipped this time."""
+    worker: int | None = None
+    """The torchrun worker (rank) that ran the point; None in a single-process sweep."""
 
     @property
     def ok(self) -> bool:
@@ -245,11 +247,14 @@ def run_sweep(
     *,
     title: str = "",
     notes: Notes | None = None,
+    write_index: bool = True,
 ) -> tuple[PointResult, ...]:
     """Run every point into ``output_dir/<point.folder>``; failures are recorded, not raised.
 
     ``sweep-index.md`` is rewritten after each point, so an interrupted sweep still shows what
-    finished. KeyboardInterrupt is not caught: Ctrl-C stops the whole sweep.
+    finished (unless ``write_index`` is false: a torchrun worker runs only its share, and rank 0
+    writes the index once from everyone's). KeyboardInterrupt is not caught: Ctrl-C stops the
+    whole sweep.
     """
     from auto_quantize_model.io.atomic import atomic_write_text
 
@@ -275,8 +280,9 @@ def run_sweep(
             if not isinstance(outcome, PointOutcome):
                 outcome = PointOutcome(outcome)
             results.append(_result_of(point, outcome, seconds))
-        lines = () if notes is None else notes()
-        atomic_write_text(index, render_index(results, total=len(points), title=title, notes=lines))
+        if write_index:
+            lines = () if notes is None else notes()
+            atomic_write_text(index, render_index(results, total=len(points), title=title, notes=lines))
     return tuple(results)
 
 
@@ -316,19 +322,22 @@ def render_index(
     )
     for line in notes:
         lines += ["", line]
+    workers = any(result.worker is not None for result in results)
     lines += [
         "",
         "| # | point | settings | effective bits | top-5 layers (most sensitive first) | wall time "
-        "| status |",
-        "|---:|---|---|---:|---|---:|---|",
+        + ("| worker " if workers else "")
+        + "| status |",
+        "|---:|---|---|---:|---|---:|" + ("---:|" if workers else "") + "---|",
     ]
     for number, result in enumerate(results, start=1):
         point = result.point
         settings = "<br>".join(f"`{key} = {_cell(toml_value(value))}`" for key, value in point.settings)
         bits = "" if result.effective_bits is None else f"{result.effective_bits:.3f}"
         top = "<br>".join(f"`{_cell(name)}`" for name in result.top_layers)
+        worker = "" if not workers else f"{'' if result.worker is None else result.worker} | "
         lines.append(
             f"| {number} | [{_cell(point.folder)}]({point.folder}/) | {settings} | {bits} | {top} | "
-            f"{result.seconds:.1f} s | {_cell(_status(result))} |"
+            f"{result.seconds:.1f} s | {worker}{_cell(_status(result))} |"
         )
     return "\n".join(lines) + "\n"
