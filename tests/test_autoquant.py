@@ -717,7 +717,8 @@ def test_pytorch_kernels_search_without_modelopts_extensions(quiet_modelopt: Non
 
     def search(model: nn.Module, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
         seen.extend([extensions.get_cuda_ext(), extensions.get_cuda_ext_fp8()])
-        return mtq.auto_quantize(model, **kwargs)
+        searched: tuple[nn.Module, dict[str, Any]] = mtq.auto_quantize(model, **kwargs)
+        return searched
 
     spec = AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), effective_bits=12.0, score_size=8, kernels="pytorch")
     model, result = _run("language_model", spec, tmp_path, auto_quantize=search)

@@ -66,7 +66,11 @@ def child(options: dict[str, Any]) -> dict[str, Any]:
         layout="packed",
     )
     search = AutoQuantSpec(
-        formats=("INT8_DEFAULT_CFG",), method="gradient", effective_bits=8.0, score_size=options["score_size"]
+        formats=("INT8_DEFAULT_CFG",),
+        method="gradient",
+        effective_bits=8.0,
+        score_size=options["score_size"],
+        kernels=options.get("kernels", "extension"),
     )
     store = Pipeline([ExtractLM(), BuildCalibLoader(calib), RunAutoQuant(search)], supplied=[model]).run()
     scores = store.get(SensitivityScores)
@@ -137,6 +141,12 @@ def main() -> None:
     parser.add_argument("--max-memory", default="40GiB", help="cap per GPU (GPUs 0 and 1) in the split run")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of --model (CPU layout only)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    parser.add_argument(
+        "--kernels",
+        choices=("extension", "pytorch"),
+        default="extension",
+        help="autoquant.kernels of both runs",
+    )
     args = parser.parse_args()
 
     common = {
@@ -146,6 +156,7 @@ def main() -> None:
         "seq_len": args.seq_len,
         "batch": args.batch,
         "score_size": args.score_size,
+        "kernels": args.kernels,
     }
     if args.device == "cuda":
         runs = {
