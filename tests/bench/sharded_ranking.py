@@ -49,9 +49,8 @@ def child(options: dict[str, Any]) -> dict[str, Any]:
     from auto_quantize_model.stages.load_model import LoadModel
     from auto_quantize_model.stages.run_autoquant import RunAutoQuant
 
-    gpus = torch.cuda.device_count()
-    for index in range(gpus):
-        torch.cuda.reset_peak_memory_stats(index)
+    gpus = torch.cuda.device_count()  # a fresh process: the peaks start at zero (a reset before CUDA
+    # is initialised fails with "Invalid device argument" on torch 2.11)
     spec = LoadSpec(options["model"], device_map=options["device_map"], max_memory=options["max_memory"])
     started = time.perf_counter()
     loaded = Pipeline([LoadModel(spec)]).run()
