@@ -621,3 +621,21 @@ def test_kernels_setting_is_checked_and_defaults_to_the_extension() -> None:
         spec_from_dict(
             {"model": {"path": "builtin:tiny-qwen3-vl"}, "autoquant": {"kernels": "triton"}}, source="p.toml"
         )
+
+
+def test_the_pytorch_kernels_enter_the_settings_record_and_the_default_keeps_old_records_valid() -> None:
+    from types import SimpleNamespace
+
+    from auto_quantize_model.backend.modelopt.checkpoint import ModelFingerprint, search_settings
+
+    stats: Any = SimpleNamespace(
+        captions_sha256="a" * 64, layout="packed", seq_len=32, batch_size=2, samples=8, real_tokens=100
+    )
+    steps: Any = SimpleNamespace(calib_steps=1, score_steps=1)
+    model = ModelFingerprint(source="builtin:x", architecture="X", dtype="float32", weights_sha256="c" * 64)
+    default = search_settings(AutoQuantSpec(), "language_model", stats, steps, model)
+    plain = search_settings(AutoQuantSpec(kernels="pytorch"), "language_model", stats, steps, model)
+    assert "kernels" not in default  # a record written before the setting existed still matches
+    assert {key: value for key, value in plain.items() if key != "kernels"} == default
+    assert plain["kernels"] == "pytorch"
+    assert settings_mismatch(default, plain) == ["kernels: None -> 'pytorch'"]

@@ -331,9 +331,11 @@ class AutoQuantSpec:
     checkpoint: str | None = None
     """ModelOpt search-state file: saved after scoring, restored (skipping scoring) when present."""
     kernels: Literal["extension", "pytorch"] = "extension"
-    """Fake quantization on CUDA: ``extension`` uses ModelOpt's CUDA extension, JIT-built on its first use
-    on a machine (about a minute, once); ``pytorch`` uses ModelOpt's plain-PyTorch path (what runs on
-    CPU) and builds nothing. Scores agree to rounding; BENCHMARKS.md has the cost of each."""
+    """Fake quantization on CUDA: ``extension`` uses ModelOpt's CUDA extensions, JIT-built on their first
+    use on a machine (INT8 + FP8: 126 s on an H200, once); ``pytorch`` uses ModelOpt's plain-PyTorch path
+    (what runs on CPU) and builds nothing. On an H200 both score Qwen3-VL-4B INT8+FP8 in the same time
+    (8.5 vs 8.7 s warm); scores differ by rounding (up to 2.4%, Spearman 0.99999, same top 20). The
+    default stays the extension: ModelOpt's own path, the one other tools' numbers come from."""
 
 
 @attrs.frozen

@@ -377,7 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment")
     args = parser.parse_args(argv)
 
-    env = dict(os.environ, PYTHONPATH=str(args.src.resolve()))
+    # the given src/ first; whatever else the caller put on the path (libraries installed with
+    # pip --target, as on the GPU machine) stays behind it
+    inherited = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(args.src.resolve()), *inherited]))
     for item in args.env:
         name, _, value = item.partition("=")
         env[name] = value

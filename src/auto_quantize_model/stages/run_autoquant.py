@@ -126,9 +126,10 @@ class RunAutoQuant:
             log.info("fake quantization in plain PyTorch (autoquant.kernels = pytorch): no CUDA extension")
         elif device_type == "cuda" and not cuda_extension_built():
             log.info(
-                "ModelOpt's CUDA extension is not built on this machine yet (or its cache is "
-                "unreadable): its first use JIT-builds it, about a minute, once per machine "
-                '(autoquant.kernels = "pytorch" skips the build)'
+                "ModelOpt's CUDA extensions are not built on this machine yet (or their cache is "
+                "unreadable): their first use JIT-builds them, once per machine: about two minutes "
+                "for INT8 and FP8 on an H200 (INT8 59 s, FP8 67 s), 80 s more for MX formats. "
+                'autoquant.kernels = "pytorch" skips the build (as fast on an H200; scores within ~2%)'
             )
         log.info(
             "AutoQuant: %s on %s (%s scope), %s, effective bits %g over the LM%s; calibration %d batch(es) "

@@ -167,6 +167,9 @@ def search_settings(
         "model_architecture": model.architecture,
         "model_dtype": model.dtype,
         "model_weights_sha256": model.weights_sha256,
+        # the plain-PyTorch fallback rounds differently (scores within ~2%): never mix the two;
+        # recorded only when not the default, so records written before the setting still match
+        **({"kernels": spec.kernels} if spec.kernels != "extension" else {}),
     }
 
 
