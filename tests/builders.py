@@ -416,3 +416,29 @@ def run_aqm(*argv: str, cwd: Path, timeout: float = 600) -> AqmRun:
     nothing a test imported or patched leaks into it.
     """
     return AqmProcess(*argv, cwd=cwd).wait(timeout)
+
+
+def search_text_lm(decoder: Any, head: Any, formats: Sequence[Any], batches: Sequence[Any]) -> dict[str, Any]:
+    """ModelOpt's gradient search over a decoder + head, as RunAutoQuant sets it up, on a few batches.
+
+    For tests that need a searched model without the stage around it (measurement, recipe switching):
+    two calibration and two scoring steps, budget 8 bits. Returns ModelOpt's search state.
+    """
+    import modelopt.torch.quantization as mtq
+
+    from auto_quantize_model.backend.lm_forward import TextLM, next_token_loss
+
+    _, state = mtq.auto_quantize(
+        TextLM(decoder, head),
+        constraints={"effective_bits": 8.0},
+        quantization_formats=list(formats),
+        data_loader=list(batches),
+        forward_step=lambda m, b: m(b),
+        loss_func=next_token_loss,
+        num_calib_steps=2,
+        num_score_steps=2,
+        verbose=False,
+        method="gradient",
+    )
+    searched: dict[str, Any] = state
+    return searched

@@ -28,7 +28,7 @@ from auto_quantize_model.backend.measure import (
 )
 from auto_quantize_model.core.batching import holdout_columns
 from auto_quantize_model.core.scores import NO_QUANT
-from builders import tiny_qwen3_vl
+from builders import search_text_lm, tiny_qwen3_vl
 
 if TYPE_CHECKING:
     from torch import nn
@@ -89,9 +89,7 @@ class Searched:
 
 
 def searched(kind: str, formats: list[str]) -> Searched:
-    import modelopt.torch.quantization as mtq
-
-    from auto_quantize_model.backend.lm_forward import TextLM, as_tensors, next_token_loss
+    from auto_quantize_model.backend.lm_forward import as_tensors
     from auto_quantize_model.backend.modelopt.recipe_switch import RecipeSwitch
 
     if kind == "llama":
@@ -101,18 +99,7 @@ def searched(kind: str, formats: list[str]) -> Searched:
         model = tiny_qwen3_vl(vocab_size=VOCAB + 8, max_positions=64, vision_depth=1, first_special_id=VOCAB)
         decoder, head = model.model.language_model, model.lm_head
     calib = [as_tensors(b) for b in holdout_columns(token_lists(12, seed=1), pad_id=0, rows=6)]
-    mtq.auto_quantize(
-        TextLM(decoder, head),
-        constraints={"effective_bits": 8.0},
-        quantization_formats=formats,
-        data_loader=calib,
-        forward_step=lambda m, b: m(b),
-        loss_func=next_token_loss,
-        num_calib_steps=2,
-        num_score_steps=2,
-        verbose=False,
-        method="gradient",
-    )
+    search_text_lm(decoder, head, formats, calib)
     held = tuple(as_tensors(b) for b in holdout_columns(token_lists(20, seed=2), pad_id=0, rows=8))
     return Searched(model, decoder, head, RecipeSwitch(model), held)
 

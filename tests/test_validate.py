@@ -39,7 +39,7 @@ from auto_quantize_model.errors import AqmError, InputError, WiringError
 from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.specs import ValidateSpec
 from auto_quantize_model.stages.validate_sensitivity import ValidateSensitivity
-from builders import NONE, fp8, group, int8, scores, tiny_qwen3_vl
+from builders import NONE, fp8, group, int8, scores, search_text_lm, tiny_qwen3_vl
 from fakes import FakeTokenizer, fake_loaded
 
 if TYPE_CHECKING:
@@ -398,11 +398,10 @@ class Run:
 
 
 def autoquant_and_validate(tmp_path: Path, formats: list[str], spec: ValidateSpec) -> Run:
-    import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.opt.utils import named_hparams
 
-    from auto_quantize_model.backend.lm_forward import TextLM, as_tensors, next_token_loss, selected_logits
+    from auto_quantize_model.backend.lm_forward import as_tensors, selected_logits
 
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(caption_lines()) + "\n", encoding="utf-8")
@@ -414,18 +413,7 @@ def autoquant_and_validate(tmp_path: Path, formats: list[str], spec: ValidateSpe
     calib_texts = read_caption_file(captions)[:CALIB_SAMPLES]
     calib_ids = scorable(encode(tokenizer, calib_texts), 32)
     calib_batches = [as_tensors(b) for b in holdout_columns(calib_ids, pad_id=0, rows=6)]
-    _, state = mtq.auto_quantize(
-        TextLM(decoder, head),
-        constraints={"effective_bits": 8.0},
-        quantization_formats=formats,
-        data_loader=calib_batches,
-        forward_step=lambda m, b: m(b),
-        loss_func=next_token_loss,
-        num_calib_steps=2,
-        num_score_steps=2,
-        verbose=False,
-        method="gradient",
-    )
+    state = search_text_lm(decoder, head, formats, calib_batches)
     found = scores_artifact(state)
     hparams = {
         n.removesuffix(".quant_recipe"): h for n, h in named_hparams(model) if n.endswith(".quant_recipe")
