@@ -530,3 +530,12 @@ def test_tiny_moe_builds_on_cpu_seeded() -> None:
     with torch.no_grad():
         logits = model(**batch).logits
     assert torch.isfinite(logits).all()
+
+
+def test_a_placed_builtin_without_accelerate_names_the_package(mocker: MockerFixture) -> None:
+    from auto_quantize_model.backend.models import load
+
+    mocker.patch("auto_quantize_model.backend.models._has_accelerate", return_value=False)
+    spec = LoadSpec(path="builtin:tiny-qwen3-vl", device_map="auto")
+    with pytest.raises(ConfigError, match=r"^model.device_map = 'auto' needs the accelerate package"):
+        load(spec)

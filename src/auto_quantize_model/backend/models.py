@@ -303,6 +303,11 @@ def build_placed_builtin(spec: LoadSpec) -> LoadedModel:
     from auto_quantize_model.backend.sharding import build_placed, uses_cuda
 
     assert spec.device_map is not None
+    if not _has_accelerate():
+        raise ConfigError(
+            f"model.device_map = {spec.device_map!r} needs the accelerate package (placement and "
+            "cross-device hooks); pip install accelerate"
+        )
     cuda = uses_cuda(spec.device_map)
     torch_dtype = resolve_dtype(spec.dtype, "cuda" if cuda else "cpu")
     config, tokenizer = builtin_config(spec.path, on_cpu=not cuda, dtype=torch_dtype)
