@@ -8,9 +8,11 @@
 #   tests/bench/two_gpu_sweep.sh --cpu        # the tiny model on CPU, two workers (a plumbing check)
 #
 # Folders go under $OUT (or a new /tmp folder): one/ and two/, each with its sweep-index.md.
-# Estimate on 2 H200s: library imports ~20 s and the 4B build ~10 s per process, then ~5-10 s per
-# point (score size 128 or 512) plus a verified model copy: ~110 s for one GPU, ~70 s for two
-# (~1.5x wall, ~1.9x over the points alone), about 3.5 minutes in all.
+# Estimate on 2 H200s from the figures in BENCHMARKS.md: library imports ~20 s and the 4B build
+# ~5 s per process (paid by both workers at once), then ~10 s (max-calibrated W4A8) or ~28 s
+# (AWQ-lite) per point plus a verified model copy: ~185 s for one GPU, ~110 s for two (~1.7x wall,
+# ~1.9x over the points alone), about 5 minutes in all. A first try with kl_div points (55-81 s each)
+# outlasted a 10-minute call on one GPU.
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -24,6 +26,8 @@ if [[ "${1:-}" == "--cpu" ]]; then
     sed -e 's|"config:qwen3-vl-4b"|"builtin:tiny-qwen3-vl"|' -e 's|device = "cuda"|device = "cpu"|' \
         -e 's|^max_samples = 512|max_samples = 16|' -e 's|^seq_len = 512|seq_len = 32|' \
         -e 's|^batch_size = 8|batch_size = 4|' -e 's|"autoquant.score_size" = \[128, 512\]|"autoquant.score_size" = [8, 16]|' \
+        -e 's|"calib.max_samples" = \[256, 512\]|"calib.max_samples" = [8, 16]|' \
+        -e 's|"NVFP4_DEFAULT_CFG", ||' -e 's|^kernels = "pytorch".*||' \
         -e 's|^effective_bits = 8.0|effective_bits = 12.0|' pipelines/qwen3-vl-4b-sweep8.toml > "$FILE"
     ONE_ENV=(env OMP_NUM_THREADS=1)     # torchrun's workers get one thread each: the same sums
     TWO_ENV=(env)
