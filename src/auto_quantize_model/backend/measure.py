@@ -574,6 +574,13 @@ class HeldOutEval:
         cache = LayerCache(lm.module, lm.lm_head) if layer_cache else None
         return cls(lm.module, lm.lm_head, tuple(to_device(as_tensors(b), device) for b in batches), cache)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the batches are (the decoder's input device)."""
+        import torch
+
+        return self.batches[0]["input_ids"].device if self.batches else torch.device("cpu")
+
     def run(
         self,
         reference: Reference | Sequence[torch.Tensor] | None = None,
@@ -707,8 +714,22 @@ def measure_mixes(
     ``finally``, and the restore is checked: the weights bit for bit, the baseline pass and the
     chosen model's pass identical to before. ``recorder`` watches the baseline pass;
     ``while_switched`` runs after the mixes, before the model is put back, so whatever it
-    switches is covered by the same restore and checks.
+    switches is covered by the same restore and checks. On a CPU, freed host memory is reused
+    meanwhile (:func:`~auto_quantize_model.backend.lm_forward.host_memory_kept`).
     """
+    from auto_quantize_model.backend.lm_forward import host_memory_kept
+
+    with host_memory_kept(evaluator.device):
+        return _measure_mixes(evaluator, switch, mixes, recorder, while_switched)
+
+
+def _measure_mixes(
+    evaluator: HeldOutEval,
+    switch: RecipeSwitch,
+    mixes: Sequence[Mapping[int, str]],
+    recorder: ActivationRecorder | None,
+    while_switched: Callable[[], None] | None,
+) -> MixPasses:
     results: list[PassResult] = []
     seconds: list[float] = []
     cache = evaluator.cache
