@@ -749,6 +749,6 @@ def test_keeping_host_memory_during_the_search_keeps_scores_identical(tmp_path: 
     _, kept = _run("language_model", spec, tmp_path / "a")
     assert entered == ["cpu"]
     assert lf._kept_depth == [0]  # the allocator's defaults are back
-    mocker.patch.object(lf, "host_memory_kept", lambda device: contextlib.nullcontext())
+    mocker.patch.object(lf, "host_memory_kept", return_value=contextlib.nullcontext())
     _, plain = _run("language_model", spec, tmp_path / "b")
     assert [g.scores for g in kept.groups] == [g.scores for g in plain.groups]
