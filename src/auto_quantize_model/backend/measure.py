@@ -549,7 +549,8 @@ class HeldOutEval:
     every log-probability of a position by ~1e-7 * |log-sum-exp|, which is the size of the KL of
     a lightly quantized layer (it even came out negative). The unquantized ones are kept for the
     KL terms: ``[tokens, vocab]`` float64, about 1.9 GB for 1,600 tokens of a 152k vocabulary, on
-    the model's device. A KL that rounding pushes below zero (~1e-16) is reported as 0.
+    the model's device, with their exponentials as much again where the device has room
+    (:class:`Reference`). A KL that rounding pushes below zero (~1e-16) is reported as 0.
     """
 
     decoder: nn.Module
