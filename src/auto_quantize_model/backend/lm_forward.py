@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -243,13 +243,14 @@ _kept = threading.Lock()
 _kept_depth = [0]
 
 
+@functools.cache
 def _glibc() -> Any:
-    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None.
+
+    Looked up among the symbols the process has loaded (no ``ldconfig`` subprocess), once.
+    """
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
     needed = ("gnu_get_libc_version", "mallopt", "malloc_trim")
