@@ -3,12 +3,16 @@
     python tests/bench/cpu_validation.py                       # 2 rounds of cache off / on
     python tests/bench/cpu_validation.py --rounds 1 --captions 32 --formats INT8_DEFAULT_CFG FP8_DEFAULT_CFG
     python tests/bench/cpu_validation.py --device cuda --dtype bfloat16
+    python tests/bench/cpu_validation.py --cache on --figures /tmp/figures.txt   # vs another checkout
 
 Runs AutoQuant once (on ``--captions`` COCO captions; validation's cost does not depend on how
-many), then ValidateSensitivity ``--rounds`` times with the held-out layer cache off and on, back
-to back, and prints wall and process CPU seconds with the 1-minute load average: on shared cores
-the CPU seconds are the fairer comparison. Every round's report must match the first one's
-figure for figure (ΔNLL, KL, per-group intervals, correlations); the script says so or fails.
+many), then ValidateSensitivity ``--rounds`` times with the held-out layer cache off and on (or
+only one of them, ``--cache``), back to back, and prints wall and process CPU seconds with the
+1-minute load average: on shared cores the CPU seconds are the fairer comparison. Every round's
+report must match the first one's figure for figure (ΔNLL, KL, per-group intervals,
+correlations); the script says so or fails. ``--figures FILE`` carries that check across
+checkouts: the first run writes the figures there, a later one (other code, same settings)
+compares with them, so a speed-up can show that it changed no reported number.
 Needs the real extra (``pip install 'auto-quantize-model[real]'``).
 """
 
@@ -46,6 +50,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache", choices=("both", "off", "on"), default="both")
+    parser.add_argument("--figures", type=Path, default=None, help="write, or compare with, this file")
     args = parser.parse_args()
     logging.basicConfig(format="  %(message)s")
     logging.getLogger("auto_quantize_model").setLevel(logging.INFO)  # the stage's own timings
@@ -92,7 +98,7 @@ def main() -> None:
     stage = ValidateSensitivity(ValidateSpec(k=args.k, holdout_samples=args.holdout))
     first: str | None = None
     for round_ in range(1, args.rounds + 1):
-        for cache in (False, True):
+        for cache in {"both": (False, True), "off": (False,), "on": (True,)}[args.cache]:
             measure.HeldOutEval.on = lambda lm, tokens, *_, cache=cache: real_on(  # type: ignore[method-assign]
                 lm, tokens, layer_cache=cache
             )
@@ -113,6 +119,14 @@ def main() -> None:
                 raise SystemExit(f"round {round_}, cache {cache}: the report differs from the first round's")
     measure.HeldOutEval.on = real_on  # type: ignore[method-assign]
     print("every round reported the same figures, bit for bit", flush=True)
+    if args.figures is not None and first is not None:
+        if not args.figures.exists():
+            args.figures.write_text(first + "\n", encoding="utf-8")
+            print(f"figures written to {args.figures}", flush=True)
+        elif args.figures.read_text(encoding="utf-8").strip() != first:
+            raise SystemExit(f"the report differs from the figures in {args.figures}")
+        else:
+            print(f"the same figures as {args.figures}, bit for bit", flush=True)
 
 
 if __name__ == "__main__":

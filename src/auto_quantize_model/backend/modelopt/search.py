@@ -216,8 +216,9 @@ def run_search(
     """ModelOpt's search on ``plan.root``, every patch in place; the model keeps its quantizers.
 
     The caller's model comes back with each module's train/eval flag and checkpointing as they
-    were, the RNG states, warning filters, garbage collector and ModelOpt's classes and config
-    module as they were; only ModelOpt's quantizers and recipe hparams stay (that is the result).
+    were, the RNG states, warning filters, garbage collector, host allocator and ModelOpt's classes
+    and config module as they were; only ModelOpt's quantizers and recipe hparams stay (that is the
+    result).
     ``release`` replaces :func:`release_output_diffs` (looked up at call time).
     """
     from auto_quantize_model.backend.experts import expert_search_rules
@@ -225,6 +226,8 @@ def run_search(
         calibration_step_for,
         decoder_and_head,
         forward_step_for,
+        host_memory_kept,
+        input_device,
     )
 
     root = plan.root
@@ -259,6 +262,7 @@ def run_search(
         stack.enter_context(patches.atomic_state_save(checkpoint.before_replace))
         stack.enter_context(patches.frozen_heap())
         stack.enter_context(seeded_rng(root))
+        stack.enter_context(host_memory_kept(input_device(lm.module)))
         stack.callback(counter.remove_hooks)
         _, state = auto_quantize(
             root,
