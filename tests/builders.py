@@ -442,3 +442,24 @@ def search_text_lm(decoder: Any, head: Any, formats: Sequence[Any], batches: Seq
     )
     searched: dict[str, Any] = state
     return searched
+
+
+def tiny_llama(vocab_size: int = 96, layers: int = 3, seed: int = 0) -> Any:
+    """A small Llama (SmolLM2's architecture) with tied embeddings and seeded weights, in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
+    model.eval()  # type: ignore[no-untyped-call]
+    return model

@@ -25,6 +25,7 @@ from auto_quantize_model.backend.lm_forward import (
 )
 from auto_quantize_model.backend.measure import HeldOutEval, Reference
 from auto_quantize_model.core.batching import holdout_columns
+from builders import tiny_llama
 
 if TYPE_CHECKING:
     import torch
@@ -78,26 +79,6 @@ def test_exponentials_are_kept_only_within_the_memory_share(monkeypatch: pytest.
         assert torch.equal(reference.kl_per_position(index, logq.clone(), in_place=True), want)
 
 
-def tiny_llama(seed: int) -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
-    model.eval()  # type: ignore[no-untyped-call]
-    return model
-
-
 def evaluator_of(model: Any) -> HeldOutEval:
     from auto_quantize_model.backend.lm_forward import as_tensors
 
@@ -133,7 +114,7 @@ def kl_by_kl_div(evaluator: HeldOutEval, reference: list[torch.Tensor]) -> tuple
 def test_a_held_out_pass_reports_the_kl_of_kl_div_bit_for_bit() -> None:
     import torch
 
-    model = tiny_llama(seed=0)
+    model = tiny_llama(VOCAB, layers=2, seed=0)
     evaluator = evaluator_of(model)
     _, kept = evaluator.run(keep=True)
     with torch.no_grad():
@@ -148,7 +129,7 @@ def test_a_held_out_pass_reports_the_kl_of_kl_div_bit_for_bit() -> None:
 
 @pytest.mark.slow
 def test_a_pass_with_host_memory_kept_equals_one_without() -> None:
-    model = tiny_llama(seed=1)
+    model = tiny_llama(VOCAB, layers=2, seed=1)
     evaluator = evaluator_of(model)
     plain, kept = evaluator.run(keep=True)
     with host_memory_kept(evaluator.device):

@@ -28,7 +28,7 @@ from auto_quantize_model.backend.measure import (
 )
 from auto_quantize_model.core.batching import holdout_columns
 from auto_quantize_model.core.scores import NO_QUANT
-from builders import search_text_lm, tiny_qwen3_vl
+from builders import search_text_lm, tiny_llama, tiny_qwen3_vl
 
 if TYPE_CHECKING:
     from torch import nn
@@ -36,27 +36,6 @@ if TYPE_CHECKING:
     from auto_quantize_model.backend.modelopt.recipe_switch import RecipeSwitch
 
 VOCAB = 96
-
-
-def tiny_llama() -> Any:
-    """A 3-layer Llama (SmolLM2's architecture) with tied embeddings, seeded weights."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
-    model.eval()  # type: ignore[no-untyped-call]
-    return model
 
 
 def token_lists(count: int, seed: int) -> list[list[int]]:
@@ -93,7 +72,7 @@ def searched(kind: str, formats: list[str]) -> Searched:
     from auto_quantize_model.backend.modelopt.recipe_switch import RecipeSwitch
 
     if kind == "llama":
-        model = tiny_llama()
+        model = tiny_llama(VOCAB, layers=3)
         decoder, head = model.model, model.lm_head
     else:
         model = tiny_qwen3_vl(vocab_size=VOCAB + 8, max_positions=64, vision_depth=1, first_special_id=VOCAB)
@@ -214,7 +193,7 @@ def test_replay_puts_back_a_forward_another_library_installed() -> None:
     """accelerate's device hooks live in the instance's ``forward``; replay must leave them there."""
     import torch
 
-    model = tiny_llama()
+    model = tiny_llama(VOCAB, layers=3)
     layer = model.model.layers[0]
     wrapped = layer.forward
     layer.forward = lambda *args, **kwargs: wrapped(*args, **kwargs)
@@ -229,7 +208,7 @@ def test_replay_puts_back_a_forward_another_library_installed() -> None:
 
 
 def test_folded_smoothing_on_a_tied_head_changes_the_embedding_so_nothing_is_replayed() -> None:
-    model = tiny_llama()
+    model = tiny_llama(VOCAB, layers=3)
     decoder, head = model.model, model.lm_head
     assert head.weight is decoder.embed_tokens.weight
     hparam, other = object(), object()
