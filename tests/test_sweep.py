@@ -216,11 +216,7 @@ def test_render_index_of_a_partial_sweep() -> None:
     assert "1.2 s" in text or "1.3 s" in text
 
 
-@pytest.mark.slow
-def test_two_point_sweep_on_the_tiny_model(tmp_path: Path) -> None:
-    pipeline = tmp_path / "sweep.toml"
-    pipeline.write_text(
-        """
+TINY_SWEEP = """
 [model]
 path = "builtin:tiny-qwen3-vl"
 device = "cpu"
@@ -237,7 +233,16 @@ scheme = "tiny"
 [reports]
 plots = false
 [sweep]
-"autoquant.method" = ["gradient", "kl_div"]
+"""
+"""The tiny model on CPU, small calibration, no plots; a ``[sweep]`` table follows."""
+
+
+@pytest.mark.slow
+def test_two_point_sweep_on_the_tiny_model(tmp_path: Path) -> None:
+    pipeline = tmp_path / "sweep.toml"
+    pipeline.write_text(
+        TINY_SWEEP
+        + """"autoquant.method" = ["gradient", "kl_div"]
 """,
         encoding="utf-8",
     )
@@ -537,26 +542,12 @@ def test_aqm_resume_continues_a_sweep(tmp_path: Path, capsys: pytest.CaptureFixt
 # The tiny model, for real: one load, verified copies, shared batches, re-solved budgets
 # --------------------------------------------------------------------------------------------------
 
-REUSE_SWEEP = """
-[model]
-path = "builtin:tiny-qwen3-vl"
-device = "cpu"
-[calib]
-max_samples = 16
-seq_len = 32
-batch_size = 4
-[autoquant]
-formats = ["INT8_DEFAULT_CFG"]
-effective_bits = 12.0
-score_size = 8
-[manifest]
-scheme = "tiny"
-[reports]
-plots = false
-[sweep]
-"autoquant.effective_bits" = [12.0, 10.0]
+REUSE_SWEEP = (
+    TINY_SWEEP
+    + """"autoquant.effective_bits" = [12.0, 10.0]
 "calib.max_samples" = [16, 24]
 """
+)
 
 
 @attrs.define
