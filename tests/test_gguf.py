@@ -342,6 +342,86 @@ def test_save_pretrained_then_plain_from_pretrained_gives_identical_logits(
     assert torch.equal(got, expected)
 
 
+def _copy_of(tiny: TinyGguf, folder: Path) -> Path:
+    _needs_accelerate()
+    folder.mkdir()
+    copy = folder / tiny.path.name
+    copy.write_bytes(tiny.path.read_bytes())
+    return copy
+
+
+def test_a_kept_converted_copy_is_loaded_instead_of_the_gguf_and_is_the_same_model(
+    tmp_path: Path, tiny: TinyGguf, loaded: tuple[torch.nn.Module, PreTrainedTokenizerBase], mocker: Any
+) -> None:
+    import torch
+
+    file = _copy_of(tiny, tmp_path / "cache")
+    first, _ = gguf_backend.load_gguf(file, dtype="float32", device="cpu", keep_converted=True)
+    folder = gguf_backend.converted_folder(file, torch.float32)
+    assert (folder / gguf_backend.CONVERTED_MARKER).is_file()
+    assert [p.name for p in file.parent.iterdir() if ".tmp-" in p.name] == []
+    parse = mocker.spy(gguf_backend, "read_token_info")
+    again, tokenizer_again = gguf_backend.load_gguf(file, dtype="float32", device="cpu", keep_converted=True)
+    assert parse.call_count == 0  # the GGUF file was not read again
+    model, tokenizer = loaded
+    batch = tokenizer(list(TEXTS), return_tensors="pt", padding=True)
+    assert torch.equal(
+        tokenizer_again(list(TEXTS), return_tensors="pt", padding=True).input_ids, batch.input_ids
+    )
+    assert (tokenizer_again.eos_token_id, tokenizer_again.pad_token_id) == (
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
+    assert tokenizer_again.padding_side == "right"
+    expected = dict(model.state_dict())
+    assert {
+        name: torch.equal(value, expected[name]) for name, value in again.state_dict().items()
+    } == dict.fromkeys(expected, True)
+    assert not again.training
+    del first
+
+
+def test_a_converted_copy_of_another_file_is_replaced(tmp_path: Path, tiny: TinyGguf, mocker: Any) -> None:
+    import torch
+
+    file = _copy_of(tiny, tmp_path / "cache")
+    gguf_backend.load_gguf(file, dtype="float32", device="cpu", keep_converted=True)
+    folder = gguf_backend.converted_folder(file, torch.float32)
+    record = json.loads((folder / gguf_backend.CONVERTED_MARKER).read_text(encoding="utf-8"))
+    (folder / gguf_backend.CONVERTED_MARKER).write_text(
+        json.dumps({**record, "size": record["size"] + 1}), encoding="utf-8"
+    )
+    parse = mocker.spy(gguf_backend, "read_token_info")
+    gguf_backend.load_gguf(file, dtype="float32", device="cpu", keep_converted=True)
+    assert parse.call_count == 1  # converted again from the file
+    assert json.loads((folder / gguf_backend.CONVERTED_MARKER).read_text(encoding="utf-8")) == record
+
+
+def test_a_copy_that_cannot_be_written_costs_only_a_log_line(
+    tmp_path: Path, tiny: TinyGguf, mocker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import torch
+
+    file = _copy_of(tiny, tmp_path / "cache")
+    mocker.patch(
+        "transformers.PreTrainedModel.save_pretrained", side_effect=OSError(28, "No space left on device")
+    )
+    with caplog.at_level(logging.INFO, logger=gguf_backend.log.name):
+        model, _ = gguf_backend.load_gguf(file, dtype="float32", device="cpu", keep_converted=True)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert not gguf_backend.converted_folder(file, torch.float32).exists()
+    assert sorted(p.name for p in file.parent.iterdir()) == [file.name]  # no scratch folder left
+    assert any("could not keep the converted copy" in m and "No space left" in m for m in caplog.messages)
+
+
+def test_a_users_own_gguf_gets_nothing_written_beside_it(tmp_path: Path, tiny: TinyGguf) -> None:
+    file = _copy_of(tiny, tmp_path / "mine")
+    gguf_backend.load_gguf(file, dtype="float32", device="cpu")
+    assert sorted(p.name for p in file.parent.iterdir()) == [file.name]
+
+
 @pytest.mark.slow
 def test_modelopt_quantizes_the_loaded_model(tiny: TinyGguf) -> None:
     _needs_accelerate()

