@@ -731,13 +731,13 @@ def test_pytorch_kernels_search_without_modelopts_extensions(quiet_modelopt: Non
 def test_keeping_host_memory_during_the_search_keeps_scores_identical(tmp_path: Path, mocker: Any) -> None:
     import contextlib
 
-    import auto_quantize_model.backend.lm_forward as lf
+    import auto_quantize_model.backend.host_memory as hm
 
     spec = AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), effective_bits=12.0, score_size=8)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     entered: list[str] = []
-    real_kept = lf.host_memory_kept
+    real_kept = hm.host_memory_kept
 
     @contextlib.contextmanager
     def counted(device: Any) -> Any:
@@ -745,10 +745,10 @@ def test_keeping_host_memory_during_the_search_keeps_scores_identical(tmp_path: 
         with real_kept(device):
             yield
 
-    mocker.patch.object(lf, "host_memory_kept", counted)
+    mocker.patch.object(hm, "host_memory_kept", counted)
     _, kept = _run("language_model", spec, tmp_path / "a")
     assert entered == ["cpu"]
-    assert lf._kept_depth == [0]  # the allocator's defaults are back
-    mocker.patch.object(lf, "host_memory_kept", return_value=contextlib.nullcontext())
+    assert hm._kept_depth == [0]  # the allocator's defaults are back
+    mocker.patch.object(hm, "host_memory_kept", return_value=contextlib.nullcontext())
     _, plain = _run("language_model", spec, tmp_path / "b")
     assert [g.scores for g in kept.groups] == [g.scores for g in plain.groups]

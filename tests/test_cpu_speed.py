@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from auto_quantize_model.backend import lm_forward, measure
-from auto_quantize_model.backend.lm_forward import (
+from auto_quantize_model.backend import host_memory, measure
+from auto_quantize_model.backend.host_memory import (
     DEFAULT_MMAP_MAX,
     DEFAULT_TRIM_THRESHOLD,
     M_MMAP_MAX,
@@ -160,7 +160,7 @@ def test_host_memory_is_kept_once_and_the_defaults_come_back_also_on_failure(
     import torch
 
     libc = FakeLibc()
-    monkeypatch.setattr(lm_forward, "_glibc", lambda: libc)
+    monkeypatch.setattr(host_memory, "_glibc", lambda: libc)
     cpu = torch.device("cpu")
 
     def nested_then_failing() -> None:
@@ -188,4 +188,4 @@ def test_the_c_library_is_found_on_glibc_systems() -> None:
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not a glibc system")
-    assert lm_forward._glibc() is not None
+    assert host_memory._glibc() is not None

@@ -716,9 +716,9 @@ def measure_mixes(
     chosen model's pass identical to before. ``recorder`` watches the baseline pass;
     ``while_switched`` runs after the mixes, before the model is put back, so whatever it
     switches is covered by the same restore and checks. On a CPU, freed host memory is reused
-    meanwhile (:func:`~auto_quantize_model.backend.lm_forward.host_memory_kept`).
+    meanwhile (:func:`~auto_quantize_model.backend.host_memory.host_memory_kept`).
     """
-    from auto_quantize_model.backend.lm_forward import host_memory_kept
+    from auto_quantize_model.backend.host_memory import host_memory_kept
 
     with host_memory_kept(evaluator.device):
         return _measure_mixes(evaluator, switch, mixes, recorder, while_switched)

@@ -222,11 +222,11 @@ def run_search(
     ``release`` replaces :func:`release_output_diffs` (looked up at call time).
     """
     from auto_quantize_model.backend.experts import expert_search_rules
+    from auto_quantize_model.backend.host_memory import host_memory_kept
     from auto_quantize_model.backend.lm_forward import (
         calibration_step_for,
         decoder_and_head,
         forward_step_for,
-        host_memory_kept,
         input_device,
     )
 
