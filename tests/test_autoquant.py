@@ -752,3 +752,27 @@ def test_keeping_host_memory_during_the_search_keeps_scores_identical(tmp_path: 
     mocker.patch.object(hm, "host_memory_kept", return_value=contextlib.nullcontext())
     _, plain = _run("language_model", spec, tmp_path / "b")
     assert [g.scores for g in kept.groups] == [g.scores for g in plain.groups]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("quiet_modelopt")
+def test_awq_alpha_step_reaches_modelopts_search_under_its_own_name(tmp_path: Path, mocker: Any) -> None:
+    """The same AWQ-lite preset twice in one pass, ModelOpt's grid and a coarser one: both scored, each
+    labelled by the name the user wrote, and ModelOpt's AWQ-lite got the step each name asked for."""
+    from modelopt.torch.quantization import model_calib
+
+    coarse = "INT4_AWQ_CFG:alpha_step=0.5"
+    awq = mocker.spy(model_calib, "awq_lite")
+    spec = AutoQuantSpec(formats=("INT4_AWQ_CFG", coarse), effective_bits=8.0, score_size=4)
+    model, result = _run("language_model", spec, tmp_path)
+    _assert_sound(model, result, "language_model")
+    assert {g.formats[-1] for g in result.groups} == {"NONE"}
+    assert {frozenset(g.formats) for g in result.groups} == {frozenset({"INT4_AWQ_CFG", coarse, "NONE"})}
+    steps = sorted(call.kwargs.get("alpha_step", 0.1) for call in awq.call_args_list)
+    assert steps == [0.1, 0.5]
+    # the two grids choose different scales, so the same layers score differently
+    fine = [g.scores[g.formats.index("INT4_AWQ_CFG")] for g in result.groups]
+    assert [g.scores[g.formats.index(coarse)] for g in result.groups] != fine
+    import modelopt.torch.quantization.config as mtq_config
+
+    assert not hasattr(mtq_config, coarse)  # registered for the search only

@@ -730,3 +730,17 @@ def test_nvfp4_mixes_export_and_read_back_on_cuda(
     back = ex.read_back_nll(result, evaluate, device="cuda")
     print(f"{attention} + {mlp} + head {head} ({dtype}): {back}, difference {back.difference:.3g}")
     assert back.ok, back
+
+
+def test_an_awq_alpha_step_exports_like_its_preset() -> None:
+    import attrs
+
+    from auto_quantize_model.backend.modelopt import export as ex
+
+    coarse = "W4A8_AWQ_BETA_CFG:alpha_step=0.25"
+    preset = xc.export_format("W4A8_AWQ_BETA_CFG")
+    assert attrs.evolve(xc.export_format(coarse), name="W4A8_AWQ_BETA_CFG") == preset
+    configs = ex.format_configs([coarse, "W4A8_AWQ_BETA_CFG"])
+    assert configs[coarse]["algorithm"] == {"method": "awq_lite", "alpha_step": 0.25}
+    assert configs[coarse]["quant_cfg"] == configs["W4A8_AWQ_BETA_CFG"]["quant_cfg"]
+    assert xc.algorithm_method(configs[coarse]["algorithm"]) == "awq_lite"

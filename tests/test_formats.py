@@ -633,3 +633,57 @@ def test_fp4_block_size_is_ignored_on_hopper_with_triton() -> None:
     for block in (32, 64):
         other, _ = _quantize_on_cuda(weights_in_blocks(block))
         assert torch.equal(other, sixteen), block
+
+
+def test_awq_alpha_step_option_on_awq_lite_presets() -> None:
+    info = resolve_format("W4A8_AWQ_BETA_CFG:alpha_step=0.25")
+    base = resolve_format("W4A8_AWQ_BETA_CFG")
+    assert (info.alpha_step, info.base_name) == (0.25, "W4A8_AWQ_BETA_CFG")
+    assert info.modelopt_name == "W4A8_AWQ_BETA_CFG"
+    assert (info.bits, info.weights, info.activations, info.algorithm) == (
+        base.bits,
+        base.weights,
+        base.activations,
+        "awq_lite",
+    )
+    assert "5 alphas" in info.description
+    # a coarser grid is another calibration: listing both is no duplicate
+    check_formats(["W4A8_AWQ_BETA_CFG", "W4A8_AWQ_BETA_CFG:alpha_step=0.25"], "cpu")
+    with pytest.raises(ConfigError, match="listed twice"):
+        check_formats(["INT4_AWQ_CFG:alpha_step=0.5", "INT4_AWQ_CFG:alpha_step=0.5"], "cpu")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("INT8_DEFAULT_CFG:alpha_step=0.5", "AWQ-lite setting and INT8_DEFAULT_CFG calibrates with max"),
+        ("wint4-b128_afp8:alpha_step=0.5", "calibrates with max"),
+        ("NVFP4_AWQ_CLIP_CFG:alpha_step=0.5", "calibrates with awq_clip"),
+        ("W4A8_AWQ_BETA_CFG:alpha_step=0.3", r"alpha_step=0.3 must be a step in \(0, 1\] that divides 1"),
+        ("W4A8_AWQ_BETA_CFG:alpha_step=0", "must be a step"),
+        ("W4A8_AWQ_BETA_CFG:alpha_step=1.5", "must be a step"),
+        ("W4A8_AWQ_BETA_CFG:alpha_step=nan", "must be a step"),
+        ("W4A8_AWQ_BETA_CFG:alpha_step=", "must be a step"),
+        ("W4A8_AWQ_BETA_CFG:steps=4", "unknown option 'steps=4'"),
+        ("W4A8_AWQ_BETA_CFG:alpha_step=0.5:alpha_step=0.5", "must be a step"),
+        ("NO_SUCH_CFG:alpha_step=0.5", "unknown quantization format 'NO_SUCH_CFG'"),
+    ],
+)
+def test_bad_format_options_are_refused_naming_the_format(name: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_format(name)
+
+
+def test_awq_alpha_step_config_is_the_preset_with_its_step() -> None:
+    import modelopt.torch.quantization.config as mtq_config
+
+    assert modelopt_config("W4A8_AWQ_BETA_CFG") == "W4A8_AWQ_BETA_CFG"
+    config = modelopt_config("W4A8_AWQ_BETA_CFG:alpha_step=0.25")
+    assert isinstance(config, dict)
+    preset = mtq_config.W4A8_AWQ_BETA_CFG
+    assert config["algorithm"] == {"method": "awq_lite", "alpha_step": 0.25}
+    assert config["quant_cfg"] == preset["quant_cfg"]
+    assert preset["algorithm"] == "awq_lite"  # ModelOpt's own preset untouched
+    # ModelOpt accepts it, and its own algorithm config reads the step back
+    parsed = mtq_config.QuantizeConfig(**config)
+    assert mtq_config.AWQLiteCalibConfig(**parsed.algorithm).alpha_step == 0.25

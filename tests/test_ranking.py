@@ -237,3 +237,12 @@ def test_build_manifest_records_model_dataset_timings_and_versions() -> None:
     versions = dict(manifest.versions)
     assert set(versions) == {"python", "torch", "transformers", "modelopt", "auto_quantize_model"}
     assert versions["python"].count(".") == 2
+
+
+def test_a_format_option_becomes_a_file_name_safe_scheme_part() -> None:
+    from auto_quantize_model.core.ranking import scheme_name
+    from auto_quantize_model.specs import scheme_name_problem
+
+    name = scheme_name(["INT8_DEFAULT_CFG", "W4A8_AWQ_BETA_CFG:alpha_step=0.25"])
+    assert name == "wint8_aint8+wint4_afp8_awq-a0.25"
+    assert scheme_name_problem(name) is None

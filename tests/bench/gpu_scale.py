@@ -55,6 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-size", type=int, default=128)
     parser.add_argument("--effective-bits", type=float, default=8.0)
     parser.add_argument("--kernels", choices=("extension", "pytorch"), default="extension")
+    parser.add_argument(
+        "--rankings", action="store_true", help="also record each case's group ranking (name, importance)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        action="append",
+        default=[],
+        metavar="K",
+        help="run case K (1-based) a second time under torch.profiler; its op tables go to OUT.profile-K.txt",
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
@@ -105,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write(json.dumps(header) + "\n")
     print(json.dumps(header), flush=True)
 
-    for model, formats, calib_size in cases:
+    for number, (model, formats, calib_size) in enumerate(cases, start=1):
         s = settings(model, formats, calib_size)
         case_started = time.perf_counter()
         try:
@@ -136,10 +147,46 @@ def main(argv: list[str] | None = None) -> int:
                 "real_tokens": run.real_tokens,
                 "top5": [name for name, _ in run.ranking[:5]],
             }
+            if args.rankings:
+                record["ranking"] = [[name, value] for name, value in run.ranking]
         with args.out.open("a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
-        print(json.dumps(record), flush=True)
+        print({k: v for k, v in record.items() if k != "ranking"}, flush=True)
+        if number in args.profile:
+            profile_case(s, calib, args.score_size, args.out.with_suffix(f".profile-{number}.txt"))
     return 0
+
+
+def profile_case(settings: object, calib: object, score_size: int, path: Path) -> None:
+    """One more run of a case under torch.profiler: where its time goes, GPU kernels against host work.
+
+    The profiler's own overhead inflates the run's wall time; the tables are for the split, not the total.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from auto_quantize_model.bench.harness import run_layout
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run_layout(settings, "packed", calib, score_size)  # type: ignore[arg-type]
+    wall = time.perf_counter() - started
+    averages = prof.key_averages()
+    device_busy = sum(event.self_device_time_total for event in averages) / 1e6
+    lines = [
+        f"profiled wall {wall:.2f} s; device kernels busy {device_busy:.2f} s in total",
+        "",
+        "by self device time:",
+        averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60),
+        "",
+        "by calls:",
+        averages.table(sort_by="count", row_limit=25, max_name_column_width=60),
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    print(f"profile of the case: {path} (wall {wall:.1f} s, device busy {device_busy:.1f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,10 @@ startup)
     dirs=()
     ;;
 matrix)
-    step matrix "${aqm[@]}" run pipelines/qwen3-vl-4b-format-matrix.toml --output "$work/matrix"
+    # MATRIX_LIMIT=SECONDS stops the sweep there (SIGTERM) so the folder still comes back: a rerun
+    # with the folder unpacked at $work/matrix goes on from the first unfinished point
+    step matrix ${MATRIX_LIMIT:+timeout "$MATRIX_LIMIT"} "${aqm[@]}" run pipelines/qwen3-vl-4b-format-matrix.toml \
+        --output "$work/matrix"
     dirs=(matrix)
     ;;
 *)

@@ -116,7 +116,7 @@ def cmd_report(args: argparse.Namespace, service: RunService) -> int:
 
 
 def cmd_formats(args: argparse.Namespace, service: RunService) -> int:
-    from auto_quantize_model.core.formats import CUSTOM_GRAMMAR, all_formats
+    from auto_quantize_model.core.formats import CUSTOM_GRAMMAR, FORMAT_OPTIONS, all_formats
 
     rows = [("name", "bits", "weights", "activations", "runs on")]
     refused: list[str] = []
@@ -133,6 +133,7 @@ def cmd_formats(args: argparse.Namespace, service: RunService) -> int:
         if number == 0:
             print("  ".join("-" * width for width in widths))
     print(f"\nYour own weight/activation pairs: {CUSTOM_GRAMMAR}")
+    print(f"\nOptions: {FORMAT_OPTIONS}")
     if refused:
         print("\nListed but refused for AutoQuant here:")
         print("\n".join(refused))

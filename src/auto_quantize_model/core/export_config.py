@@ -189,12 +189,13 @@ def export_format(name: str) -> ExportFormat:
     info = resolve_format(name)
     if info.refused is not None:
         return ExportFormat(name=name, label=None, needs_cuda=info.needs_cuda, refused=info.refused)
-    if name in _PRESET_REFUSALS:
-        return ExportFormat(name=name, label=None, needs_cuda=info.needs_cuda, refused=_PRESET_REFUSALS[name])
-    if name in _PRESET_LABELS:
-        label, group_size = _PRESET_LABELS[name]
+    base = info.base_name  # an AWQ alpha step changes the scales it finds, not what is exported
+    if base in _PRESET_REFUSALS:
+        return ExportFormat(name=name, label=None, needs_cuda=info.needs_cuda, refused=_PRESET_REFUSALS[base])
+    if base in _PRESET_LABELS:
+        label, group_size = _PRESET_LABELS[base]
         return ExportFormat(name=name, label=label, group_size=group_size, needs_cuda=info.needs_cuda)
-    spec = parse_custom(info.equivalent or name)
+    spec = parse_custom(info.equivalent or base)
     if spec is None:
         return ExportFormat(
             name=name,

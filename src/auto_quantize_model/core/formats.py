@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, cast
@@ -74,10 +75,17 @@ class FormatInfo:
     """Why this format cannot be used for AutoQuant here; None when it can."""
     equivalent: str | None = None
     """Canonical custom name quantizing linear layers exactly like this preset (same calibration)."""
+    alpha_step: float | None = None
+    """AWQ-lite's alpha grid step when the name sets one (``PRESET:alpha_step=0.25``); None: ModelOpt's."""
 
     @property
     def usable(self) -> bool:
         return self.refused is None
+
+    @property
+    def base_name(self) -> str:
+        """The name without its calibration option: what ModelOpt and the exporter know it by."""
+        return self.name.partition(OPTION_SEPARATOR)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -791,12 +799,68 @@ def _closest(name: str) -> str | None:
     return folded[found[0]] if found else None
 
 
+OPTION_SEPARATOR = ":"
+ALPHA_STEP_OPTION = "alpha_step"
+MODELOPT_ALPHA_STEP = 0.1
+"""ModelOpt 0.47's ``AWQLiteCalibConfig.alpha_step``: 11 alphas, 0 to 1."""
+FORMAT_OPTIONS = (
+    f"AWQ-lite formats take {OPTION_SEPARATOR}{ALPHA_STEP_OPTION}=S (e.g. "
+    f"W4A8_AWQ_BETA_CFG{OPTION_SEPARATOR}{ALPHA_STEP_OPTION}=0.25): search the scale exponent alpha over "
+    f"0, S, 2S ... 1 instead of ModelOpt's step of {MODELOPT_ALPHA_STEP:g} (11 alphas). AWQ-lite's "
+    "search runs one quantized forward per alpha through every layer; fewer alphas cost proportionally "
+    "less and choose the scale from a coarser grid"
+)
+"""What ``aqm formats`` prints about options after a format name."""
+
+
+def _alpha_step(name: str, base: FormatInfo, option: str) -> float:
+    key, sep, value = option.partition("=")
+    if key != ALPHA_STEP_OPTION or not sep:
+        raise ConfigError(
+            f"format {name!r}: unknown option {option!r} after {OPTION_SEPARATOR!r}; the one option is "
+            f"{ALPHA_STEP_OPTION}=S for AWQ-lite formats "
+            f"(e.g. {base.name}{OPTION_SEPARATOR}{ALPHA_STEP_OPTION}=0.25)"
+        )
+    if base.algorithm != "awq_lite":
+        raise ConfigError(
+            f"format {name!r}: {ALPHA_STEP_OPTION} is an AWQ-lite setting and {base.name} calibrates with "
+            f"{base.algorithm or 'no calibration'}; drop the option or use an AWQ-lite preset "
+            "(INT4_AWQ_CFG, W4A8_AWQ_BETA_CFG, NVFP4_AWQ_LITE_CFG)"
+        )
+    try:
+        step = float(value)
+    except ValueError:
+        step = math.nan
+    steps = 1.0 / step if 0.0 < step <= 1.0 else math.nan
+    if not math.isfinite(steps) or abs(steps - round(steps)) > 1e-9:
+        raise ConfigError(
+            f"format {name!r}: {ALPHA_STEP_OPTION}={value} must be a step in (0, 1] that divides 1 "
+            "(0.5, 0.25, 0.2, 0.125, 0.1, 0.05...), so that the grid ends at alpha = 1 as ModelOpt's does"
+        )
+    return step
+
+
+def _with_options(name: str, base: FormatInfo, options: str) -> FormatInfo:
+    step = _alpha_step(name, base, options)
+    alphas = round(1.0 / step) + 1
+    return attrs.evolve(
+        base,
+        name=name,
+        description=f"{base.description}; AWQ-lite alpha step {step:g} ({alphas} alphas, ModelOpt's: 11)",
+        equivalent=None,
+        alpha_step=step,
+    )
+
+
 def resolve_format(name: str) -> FormatInfo:
     """The format behind a name; refused formats resolve too (check :attr:`FormatInfo.refused`).
 
     Raises ConfigError for names that are neither a ModelOpt preset nor in the custom grammar,
-    suggesting the closest known name.
+    suggesting the closest known name, and for options a format does not take.
     """
+    base_name, sep, options = name.partition(OPTION_SEPARATOR)
+    if sep:
+        return _with_options(name, resolve_format(base_name), options)
     preset = _PRESETS_BY_NAME.get(name)
     if preset is not None:
         return preset

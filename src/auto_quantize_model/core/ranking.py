@@ -87,7 +87,14 @@ def check_ranking(groups: Sequence[GroupScore]) -> None:
 
 
 def format_scheme_part(format_name: str) -> str:
-    """Scheme-name fragment of one format: short names for presets, our own names unchanged."""
+    """Scheme-name fragment of one format: short names for presets, our own names unchanged.
+
+    An option after the name (``W4A8_AWQ_BETA_CFG:alpha_step=0.25``) becomes ``-a0.25``: ``:`` and
+    ``=`` have no place in file names.
+    """
+    base, sep, option = format_name.partition(":")
+    if sep:
+        return f"{format_scheme_part(base)}-a{option.partition('=')[2]}"
     if format_name in PRESET_SCHEME_NAMES:
         return PRESET_SCHEME_NAMES[format_name]
     if format_name.endswith("_CFG"):

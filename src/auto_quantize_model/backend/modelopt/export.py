@@ -38,7 +38,7 @@ import attrs
 
 from auto_quantize_model.backend.modelopt import import_modelopt
 from auto_quantize_model.core import export_config as xc
-from auto_quantize_model.core.formats import parse_custom, resolve_format
+from auto_quantize_model.core.formats import resolve_format
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.io.atomic import atomic_write_text
@@ -110,20 +110,13 @@ READABLE_LABELS = (
 
 def format_configs(names: Iterable[str]) -> dict[str, dict[str, Any]]:
     """Each format's ModelOpt quantize config as a fresh dict: presets from the installed ModelOpt."""
+    from auto_quantize_model.backend.modelopt.formats import format_config
+
     found: dict[str, dict[str, Any]] = {}
     for name in names:
         if name == NO_QUANT or name in found:
             continue
-        info = resolve_format(name)
-        if info.kind == "preset":
-            presets = import_modelopt("modelopt.torch.quantization.config")
-            if info.modelopt_name is None or not hasattr(presets, info.modelopt_name):
-                raise ConfigError(f"format {name} is not defined by the installed ModelOpt version")
-            found[name] = copy.deepcopy(getattr(presets, info.modelopt_name))
-        else:
-            spec = parse_custom(name)
-            assert spec is not None, name
-            found[name] = spec.quant_cfg()
+        found[name] = format_config(resolve_format(name))
     return found
 
 
