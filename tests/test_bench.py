@@ -14,6 +14,7 @@ import pytest
 from auto_quantize_model.bench.command import add_bench_arguments, build_parser, main, settings_from_args
 from auto_quantize_model.bench.harness import (
     BuildReferenceCalib,
+    builds_extensions,
     count_captions,
     reference_calib_data,
     release_memory,
@@ -531,3 +532,12 @@ def test_rounds_report_the_last_run_of_each_layout(mocker: Any) -> None:
     report = bench.run_bench(settings)
     assert calls == ["padded", "packed", "padded", "packed"]
     assert [(r.layout, r.autoquant_seconds) for r in report.layouts] == [("padded", 3.0), ("packed", 4.0)]
+
+
+def test_warm_up_builds_the_extensions_only_where_the_runs_use_them() -> None:
+    extension = BenchSettings()
+    pytorch = attrs.evolve(extension, autoquant=attrs.evolve(extension.autoquant, kernels="pytorch"))
+    assert builds_extensions("cuda", extension)
+    assert builds_extensions("cuda:1", extension)
+    assert not builds_extensions("cuda", pytorch)
+    assert not builds_extensions("cpu", extension)

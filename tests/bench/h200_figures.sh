@@ -4,7 +4,7 @@
 #   tests/bench/h200_figures.sh kernels  OUTDIR   # first run with and without ModelOpt's CUDA extension
 #   tests/bench/h200_figures.sh ship     OUTDIR   # run -> frontier -> measured points -> export, 4B
 #   tests/bench/h200_figures.sh scale    OUTDIR   # 8B / 32B / 30B-A3B, per-format and four-format passes
-#   tests/bench/h200_figures.sh startup  OUTDIR   # fresh-process import split, this tree vs BASE_SRC
+#   tests/bench/h200_figures.sh startup  OUTDIR   # fresh-process import split, this tree vs BASE
 #   tests/bench/h200_figures.sh matrix   OUTDIR   # the format matrix sweep (resumable: run it again)
 #
 # "kernels" must be the first thing on a fresh machine: its first extension run includes the JIT build.
@@ -72,9 +72,14 @@ scale)
     dirs=()
     ;;
 startup)
-    step startup_ours python3 tests/bench/startup_split.py --repeat 2
-    if [ -n "${BASE_SRC:-}" ]; then
-        step startup_base python3 tests/bench/startup_split.py --repeat 2 --src "$BASE_SRC"
+    # The tiny default with the GPUs hidden: the split is the imports' and ours, and no run waits for
+    # a JIT build. BASE=<folder of another checkout's src/ and pipelines/> (e.g. `git archive 996d3fb
+    # src pipelines | tar -x -C base`) adds its split, run with its own tiny pipeline file.
+    hidden=(--env CUDA_VISIBLE_DEVICES=)
+    step startup_ours python3 tests/bench/startup_split.py --repeat "${REPEAT:-2}" "${hidden[@]}"
+    if [ -n "${BASE:-}" ]; then
+        step startup_base python3 tests/bench/startup_split.py --repeat "${REPEAT:-2}" "${hidden[@]}" \
+            --src "$BASE/src" --pipeline "$BASE/pipelines/tiny-qwen3-vl.toml"
     fi
     dirs=()
     ;;
