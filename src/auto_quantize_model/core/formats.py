@@ -11,6 +11,10 @@ Two kinds of names are accepted:
   grammar spells parses; those ModelOpt 0.47 cannot run as named (FP4 other than NVFP4's dynamic
   blocks of 16, dynamic blocks of non-FP4 activations) are refused with the reason, and anything
   FP4 needs CUDA.
+* An option after a preset name: ``W4A8_AWQ_BETA_CFG:alpha_step=0.25`` is the preset with
+  AWQ-lite's alpha grid coarsened (:data:`FORMAT_OPTIONS`). It is another calibration of the same
+  quantizers, so it carries its own name everywhere (scores, reports, export) and may be scored
+  beside the preset itself.
 
 Why some presets are refused: ``auto_quantize`` applies a format to each linear layer on its own,
 matching the config's quantizer patterns against the layer's *local* quantizer names
