@@ -811,8 +811,9 @@ FORMAT_OPTIONS = (
     f"AWQ-lite formats take {OPTION_SEPARATOR}{ALPHA_STEP_OPTION}=S (e.g. "
     f"W4A8_AWQ_BETA_CFG{OPTION_SEPARATOR}{ALPHA_STEP_OPTION}=0.25): search the scale exponent alpha over "
     f"0, S, 2S ... 1 instead of ModelOpt's step of {MODELOPT_ALPHA_STEP:g} (11 alphas). AWQ-lite's "
-    "search runs one quantized forward per alpha through every layer; fewer alphas cost proportionally "
-    "less and choose the scale from a coarser grid"
+    "search pass runs one quantized forward per alpha through every layer, so it shrinks in proportion "
+    "(Qwen3-VL-4B on an H200: 5.8 s at 11 alphas, 1.5 s at 3); its cache pass and per-layer set-up "
+    "(~13 s there) do not, and the scale is chosen from a coarser grid"
 )
 """What ``aqm formats`` prints about options after a format name."""
 
@@ -850,7 +851,8 @@ def _with_options(name: str, base: FormatInfo, options: str) -> FormatInfo:
     return attrs.evolve(
         base,
         name=name,
-        description=f"{base.description}; AWQ-lite alpha step {step:g} ({alphas} alphas, ModelOpt's: 11)",
+        description=f"{base.description}; AWQ-lite alpha step {step:g} ({alphas} alphas, ModelOpt's: "
+        f"{round(1.0 / MODELOPT_ALPHA_STEP) + 1})",
         equivalent=None,
         alpha_step=step,
     )

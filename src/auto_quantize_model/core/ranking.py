@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 from auto_quantize_model.artifacts import GroupScore
+from auto_quantize_model.core.formats import OPTION_SEPARATOR
 from auto_quantize_model.core.scores import (
     has_quantized_format,
     importance,
@@ -92,7 +93,7 @@ def format_scheme_part(format_name: str) -> str:
     An option after the name (``W4A8_AWQ_BETA_CFG:alpha_step=0.25``) becomes ``-a0.25``: ``:`` and
     ``=`` have no place in file names.
     """
-    base, sep, option = format_name.partition(":")
+    base, sep, option = format_name.partition(OPTION_SEPARATOR)
     if sep:
         return f"{format_scheme_part(base)}-a{option.partition('=')[2]}"
     if format_name in PRESET_SCHEME_NAMES:
