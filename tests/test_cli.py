@@ -181,8 +181,10 @@ def test_ctrl_c_exits_130(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     out = tmp_path / "out"
     service = failing_with(KeyboardInterrupt())
     assert cli.main(["run", str(TINY), "--output", str(out)], service=service) == 130
-    assert "aqm: interrupted" in capsys.readouterr().err
-    assert not out.exists()
+    err = capsys.readouterr().err
+    assert err.startswith("aqm: interrupted (Ctrl-C): nothing computed was kept")
+    assert f"`aqm resume {out}` starts the run again" in err
+    assert sorted(p.name for p in out.iterdir()) == ["pipeline.toml", "run.json"]  # resumable
 
 
 def test_a_bug_in_a_stage_exits_1_and_points_at_debug(

@@ -6,6 +6,7 @@ is an export of an attempt that failed afterwards, or the scratch folder of a ki
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import attrs
@@ -27,6 +28,7 @@ def write_export(directory: Path) -> None:
     directory.mkdir(parents=True)
     for name in EXPORT_FILES:
         (directory / name).write_text("x", "utf-8")
+    (directory / EXPORT_RECORD).write_text(json.dumps({"files": sorted(EXPORT_FILES)}), "utf-8")
 
 
 @attrs.define

@@ -161,8 +161,11 @@ def test_a_corrupt_run_json_is_named_and_force_starts_over(
     assert run_into(out) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert f"{out / 'run.json'} is not a valid run record" in line
-    assert "--force" in line
-    assert run_into(out, "--force") == 0
+    assert "cannot tell which files" in line
+    assert run_into(out, "--force") == 2  # without its record nothing there is known to be aqm's
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"{out / 'run.json'} is not a valid run record" in line
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run.json"]
     assert (out / "notes.txt").read_text("utf-8") == "mine"
 
 
@@ -181,6 +184,10 @@ def test_force_removes_every_file_of_the_previous_run_and_nothing_else(tmp_path:
     (out / "extra" / "listed.bin").write_bytes(b"1")
     record = json.loads((out / "run.json").read_text("utf-8"))
     record["files"] += ["extra/listed.bin", "../outside.txt"]
+    (out / "run.json").write_text(json.dumps(record), "utf-8")
+    assert run_into(out, "--force") == 2  # an edited record is trusted with nothing
+    assert (tmp_path / "outside.txt").read_text("utf-8") == "not in the folder"
+    record["files"].remove("../outside.txt")
     (out / "run.json").write_text(json.dumps(record), "utf-8")
     old = tree(out)
 
@@ -298,7 +305,7 @@ def test_a_running_record_whose_owner_is_gone_resumes_as_interrupted(
     )
     pid = int(gone.stdout)
     record = json.loads((out / "run.json").read_text("utf-8"))
-    assert record["status"] == "failed: interrupted"
+    assert record["status"] == "failed: interrupted (Ctrl-C)"
     first_start = record["started_at"]
     record["status"] = "running"
     record["owner"] = {"pid": pid, "host": socket.gethostname(), "started_at": "2000-01-01T00:00:00+00:00"}

@@ -482,7 +482,7 @@ def test_a_rerun_skips_finished_points_and_resumes_the_interrupted_one(tmp_path:
     assert (read_run(out) or pytest.fail("no run.json")).status.startswith("failed")
     interrupted = read_run(out / "calib.seq_len=32")
     assert interrupted is not None
-    assert interrupted.status == "failed: interrupted"
+    assert interrupted.status == "failed: interrupted (Ctrl-C)"
     assert (out / "calib.seq_len=32" / "autoquant_search_state.pt").is_file(), "the resume kit stays"
 
     again = FakePoints()

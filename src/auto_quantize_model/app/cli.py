@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from auto_quantize_model.app.signals import Interrupted, sigterm_unwinds, what_stopped
 from auto_quantize_model.errors import AqmError, InputError, StageError
 
 if TYPE_CHECKING:
@@ -388,6 +389,11 @@ def _print_error(err: AqmError, debug: bool, prefix: str = "") -> None:
         print("aqm: (run again with --debug for the traceback)", file=sys.stderr)
 
 
+def _nothing_kept(err: KeyboardInterrupt) -> str:
+    """A stop before any record was settled: every command removes what it had begun writing."""
+    return f"{what_stopped(err)} before anything was kept; nothing of this command was written"
+
+
 def main(argv: Sequence[str] | None = None, *, service: RunService | None = None) -> int:
     """``aqm``; ``service`` replaces the real run service (tests pass fakes)."""
     given = list(sys.argv[1:] if argv is None else argv)
@@ -410,13 +416,15 @@ def main(argv: Sequence[str] | None = None, *, service: RunService | None = None
         return err.exit_code
     configure_logging(debug, prefix)
     try:
-        if service is None:
-            from auto_quantize_model.app.run_service import RunService
+        with sigterm_unwinds():  # SIGTERM anywhere in the command unwinds like Ctrl-C
+            if service is None:
+                from auto_quantize_model.app.run_service import RunService
 
-            service = RunService()
-        code: int = args.func(args, service)
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a run (run_service.Terminated)
-        print(f"{prefix}aqm: {str(err) or 'interrupted'}", file=sys.stderr)
+                service = RunService()
+            code: int = args.func(args, service)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (signals.Terminated)
+        said = str(err) if isinstance(err, Interrupted) and str(err) != what_stopped(err) else ""
+        print(f"{prefix}aqm: {said or _nothing_kept(err)}", file=sys.stderr)
         return int(getattr(err, "exit_code", 130))
     except AqmError as err:
         _print_error(err, debug, prefix)

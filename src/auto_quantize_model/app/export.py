@@ -135,11 +135,28 @@ def plan_export(request: ExportRequest) -> ExportJob:
         budget = manifest.scheme.effective_bits_target
         if budget is None or not math.isfinite(budget):
             raise InputError(f"{manifest_path} records no effective-bits budget: pass --bits")
+    refuse_overlap(request.output, folder)
     refuse_taken(request.output, request.force)
-    if request.output.resolve() == folder.resolve() or folder.resolve() in request.output.resolve().parents:
-        raise ConfigError(f"--output {request.output} is inside the run folder {folder}; export elsewhere")
     pipeline = _checkpoint_pipeline(folder, manifest) if request.checkpoint else None
     return ExportJob(manifest_path, manifest, budget, request.output, pipeline, force=request.force)
+
+
+def refuse_overlap(output: Path, folder: Path) -> None:
+    """The export never goes into its source run, inside it, or into a folder that holds it.
+
+    Replacing an earlier export with ``--force`` must never reach the run it is made from, so
+    the three cases are refused before anything is read further; paths are compared resolved, so
+    ``--output .`` and links name the folders they really are.
+    """
+    out, run = output.resolve(), folder.resolve()
+    if out == run:
+        raise ConfigError(f"--output {output} is the run folder {folder} itself; export to a new folder")
+    if run in out.parents:
+        raise ConfigError(f"--output {output} is inside the run folder {folder}; export elsewhere")
+    if out in run.parents:
+        raise ConfigError(
+            f"--output {output} holds the run folder {folder}; export to a new folder beside it instead"
+        )
 
 
 def _checkpoint_pipeline(folder: Path, manifest: Manifest) -> PipelineSpec:

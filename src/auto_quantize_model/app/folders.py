@@ -2,9 +2,10 @@
 
 Two promises rest on this module. A path mistake (a read-only folder, a parent that is a file, a
 name too long, a full disk) is one line naming the path and the OS's reason, never a traceback.
-And aqm only ever removes files it wrote: the files a run lists in its ``run.json`` plus the
-names only aqm writes (manifests, reports, plots, search states and their side files, sweep
-points). A user's ``notes.txt`` in the same folder is never touched.
+And aqm only ever removes files it wrote: ``--force`` removes exactly the files a run listed in
+its ``run.json`` (an export: its ``export.json``), never through a link; a failed attempt removes
+the files under aqm's own names that it added itself. A user's ``notes.txt``, pictures in
+``plots/`` or a finished run kept in a sub-folder are never touched.
 
 Only the standard library and our error types are imported: folders are checked before torch.
 """
@@ -21,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from auto_quantize_model.errors import InputError
+from auto_quantize_model.io.staged import LinkRefused, link_on_the_way, recorded_files, safe_relative
 
 RUN_FILE = "run.json"
 PIPELINE_FILE = "pipeline.toml"
@@ -222,15 +224,21 @@ def is_aqm_name(name: str) -> bool:
     return stem is not None and stem.endswith(".pt")
 
 
-def _point_folders(folder: Path) -> Iterator[Path]:
-    for child in folder.iterdir():
+def _point_folders(folder: Path, points: Iterable[str] | None) -> Iterator[Path]:
+    children = folder.iterdir() if points is None else (folder / name for name in points)
+    for child in children:
         if child.is_dir() and not child.is_symlink() and is_aqm_pipeline(child / PIPELINE_FILE):
             yield child
 
 
-def aqm_files(folder: Path, listed: Iterable[str] = ()) -> list[Path]:
-    """The files in ``folder`` that aqm wrote: ``listed`` (relative paths, from ``run.json``) and
-    every file under a name only aqm writes, sweep points' files included. Sorted, existing only."""
+def aqm_files(folder: Path, listed: Iterable[str] = (), points: Iterable[str] | None = None) -> list[Path]:
+    """The files in ``folder`` under names only aqm writes, with ``listed`` (relative paths, from
+    ``run.json``) and the files of sweep point folders (``points``: only those sub-folders; None:
+    any sub-folder holding aqm's ``pipeline.toml``). Sorted, existing only.
+
+    This is a guess by name, good for telling which files one attempt added (a failed run removes
+    those); ``--force`` removes only what a record lists (:func:`recorded_own_files`).
+    """
     found: set[Path] = set()
     root = folder.resolve()
     for name in listed:
@@ -248,22 +256,65 @@ def aqm_files(folder: Path, listed: Iterable[str] = ()) -> list[Path]:
     if plots.is_dir() and not plots.is_symlink():
         found.update(p for p in plots.iterdir() if p.is_file() and p.suffix in PLOT_SUFFIXES)
     found.update(_export_files(folder))
-    for point in _point_folders(folder):
+    for point in _point_folders(folder, points):
         found.update(aqm_files(point))
     return sorted(found)
 
 
 def _export_files(folder: Path) -> list[Path]:
-    """The files of a run's ``export/`` folder (when aqm's: it holds ``export.json``) and of the
-    scratch folders a killed export left beside it: a failed run or ``--force`` removes them too."""
+    """The files of a run's ``export/`` folder that its ``export.json`` records, and those of the
+    scratch folders a killed export left beside it: a failed run removes them too."""
+    found = export_scratch_files(folder)
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink() and child.name == EXPORT_DIR:
+            recorded = recorded_files(child, EXPORT_RECORD) or ()
+            found.extend(child / name for name in recorded if link_on_the_way(child, name) is None)
+    return [p for p in found if p.is_file() or p.is_symlink()]
+
+
+def export_scratch_files(folder: Path) -> list[Path]:
+    """The files of the scratch folders (``.export.export-*``, ``.export.replaced-*``) that a killed
+    export left in ``folder``: aqm makes them under these names alone, and nothing else lives there."""
     found: list[Path] = []
     for child in folder.iterdir():
-        if not child.is_dir() or child.is_symlink():
-            continue
-        ours = _EXPORT_SCRATCH.match(child.name) is not None
-        if ours or (child.name == EXPORT_DIR and (child / EXPORT_RECORD).is_file()):
+        if child.is_dir() and not child.is_symlink() and _EXPORT_SCRATCH.match(child.name) is not None:
             found.extend(p for p in child.rglob("*") if p.is_file() or p.is_symlink())
     return found
+
+
+def recorded_own_files(folder: Path, listed: Iterable[str]) -> list[Path]:
+    """The files of ``listed`` (a record's relative names) that exist in ``folder``, reached without
+    passing through a link; a name that leaves the folder or meets a link is refused, naming it.
+
+    This is all that ``--force`` removes: a record is the only proof that aqm wrote a file.
+    """
+    found: list[Path] = []
+    for name in listed:
+        if not safe_relative(name):
+            raise InputError(
+                f"{folder / RUN_FILE} lists {name!r}, which is outside the folder; the record was edited: "
+                "remove what you no longer need by hand, or choose another --output"
+            )
+        link = link_on_the_way(folder, name)
+        if link is not None and link != folder / name:
+            raise LinkRefused(
+                f"{link} is a symbolic link inside {folder}; aqm removes nothing through a link: remove the "
+                "link, or choose another --output"
+            )
+        path = folder / name
+        if path.is_symlink() or path.is_file():
+            found.append(path)
+    return found
+
+
+def foreign_run_files(folder: Path) -> list[str]:
+    """Run files in ``folder`` that no ``run.json`` of aqm vouches for (another tool's, or a copy)."""
+    try:
+        names = [name for name in RUN_MARKERS if (folder / name).exists()]
+        names += sorted(p.name for p in folder.glob(f"*{MANIFEST_SUFFIX}"))
+    except OSError:
+        return []
+    return names
 
 
 def remove_files(folder: Path, files: Iterable[Path]) -> list[Path]:

@@ -34,6 +34,7 @@ import cattrs
 
 from auto_quantize_model.app.logs import PACKAGE_LOGGER
 from auto_quantize_model.errors import InputError
+from auto_quantize_model.io.atomic import LinkRefused
 
 log = logging.getLogger(PACKAGE_LOGGER)
 
@@ -159,7 +160,15 @@ class FolderLock:
         """
         path = folder / LOCK_NAME
         for _ in range(_ATTEMPTS):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a planted link: truncating its target would destroy a user's file
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as err:
+                if err.errno != errno.ELOOP:
+                    raise
+                raise LinkRefused(
+                    f"{path} is a symbolic link; aqm opens no lock file through a link: remove the link "
+                    "(aqm makes its own lock file), then run again"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -27,13 +27,10 @@ import gc
 import importlib
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 import attrs
@@ -77,7 +74,9 @@ from auto_quantize_model.app.runs import (
     utc_now,
     write_run,
 )
+from auto_quantize_model.app.signals import retold, signals_deferred, sigterm_unwinds, what_stopped
 from auto_quantize_model.errors import InputError, StageError
+from auto_quantize_model.io.atomic import LinkRefused
 
 if TYPE_CHECKING:
     from auto_quantize_model.app.distributed import Worker, WorkerGroup
@@ -108,12 +107,6 @@ work sleep rather than spin. torch runs each operator of the tiny model on both 
 process is busy: at load 11 the tiny default's RunAutoQuant took 4.5 CPU s (11-30 s wall) with
 spinning threads and 0.4 CPU s (0.7 s) without, ValidateSensitivity 5.5 and 0.3 CPU s. The
 manifest is bit-identical: the same threads split the same work, only their idling differs."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM during a run: unwinds like Ctrl-C, so the record and the lock are settled."""
-
-    exit_code = 143
 
 
 # --------------------------------------------------------------------------- default collaborators
@@ -265,15 +258,18 @@ def for_folder(spec: PipelineSpec, folder: Path) -> PipelineSpec:
     return spec
 
 
-def state_files(spec: PipelineSpec) -> list[Path]:
-    """ModelOpt's search state of ``spec`` and the files kept beside it (existing ones)."""
+def state_files(spec: PipelineSpec, *, existing: bool = True) -> list[Path]:
+    """ModelOpt's search state of ``spec`` and the files kept beside it (``existing``: those there now).
+
+    A ``running`` record lists them all before they exist, so that ``--force`` after a kill removes
+    a half-finished search rather than letting the new run resume from it.
+    """
     from auto_quantize_model.backend.modelopt.checkpoint import StateFiles
 
     if spec.autoquant.checkpoint is None:
         return []
-    return [
-        path for path in StateFiles.for_checkpoint(spec.autoquant.checkpoint).all_files() if path.is_file()
-    ]
+    files = StateFiles.for_checkpoint(spec.autoquant.checkpoint).all_files()
+    return [path for path in files if path.is_file() or not existing]
 
 
 def has_search_state(spec: PipelineSpec) -> bool:
@@ -282,23 +278,6 @@ def has_search_state(spec: PipelineSpec) -> bool:
 
     checkpoint = spec.autoquant.checkpoint
     return checkpoint is not None and Path(checkpoint_file(checkpoint)).is_file()
-
-
-@contextlib.contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` while a run works (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated("terminated (SIGTERM)")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # --------------------------------------------------------------------------- requests
@@ -332,6 +311,8 @@ class _OpenSweep:
 
     record: _Recorder
     before: frozenset[Path]
+    points: tuple[str, ...] = ()
+    """The sweep's own point folders: the only sub-folders whose files its record may list."""
 
 
 @attrs.frozen
@@ -422,7 +403,7 @@ class RunService:
                 )
             else:
                 self._write(toml, spec_to_toml(spec, header=request.header))
-            record.write(RUNNING, [toml, folder / RUN_FILE])
+            record.write(RUNNING, [toml, folder / RUN_FILE, *state_files(effective, existing=False)])
         except BaseException:
             self._clean_after_failure(folder, before, keep=())
             raise
@@ -434,25 +415,29 @@ class RunService:
                 extra = self._after(request, folder)
         except BaseException as err:
             kit = [toml, folder / RUN_FILE, *state_files(effective)]
-            if run.resume or has_search_state(effective):
+            saved = run.resume or has_search_state(effective)
+            stopped = isinstance(err, KeyboardInterrupt)
+            if saved or stopped:  # an interrupted run keeps its record, so `aqm resume` takes it up
                 self._clean_after_failure(folder, before, keep=kit)
                 record.write_failure(err, [p for p in kit if p.is_file()])
-                if not isinstance(err, KeyboardInterrupt):
-                    log.info("the run folder %s is kept; the same command resumes it", folder)
+                if isinstance(err, KeyboardInterrupt):
+                    raise retold(err, _interrupted_run(err, folder, saved=saved)) from None
+                log.info("the run folder %s is kept; the same command resumes it", folder)
             else:
                 self._clean_after_failure(folder, before, keep=())
             raise
-        written = [toml, *_report_files(store), *extra]
-        files = [*written, *(p for p in state_files(effective) if p not in written), folder / RUN_FILE]
-        manifest = _manifest_of(store)
-        done = record.write(
-            COMPLETE,
-            files,
-            device=manifest.model.device if manifest is not None else None,
-            forward_steps=_forward_steps(store),
-            seconds=(("library_imports", round(imports, 3)), *_stage_seconds(store)),
-        )
-        _print_summary(folder, [*written, done], time.perf_counter() - started, manifest, imports)
+        with signals_deferred(f"the run in {folder} is complete"):
+            written = [toml, *_report_files(store), *extra]
+            files = [*written, *(p for p in state_files(effective) if p not in written), folder / RUN_FILE]
+            manifest = _manifest_of(store)
+            done = record.write(
+                COMPLETE,
+                files,
+                device=manifest.model.device if manifest is not None else None,
+                forward_steps=_forward_steps(store),
+                seconds=(("library_imports", round(imports, 3)), *_stage_seconds(store)),
+            )
+            _print_summary(folder, [*written, done], time.perf_counter() - started, manifest, imports)
         return 0
 
     def _after(self, request: RunRequest, folder: Path) -> list[Path]:
@@ -496,7 +481,15 @@ class RunService:
                 results, _ = self._run_points(request, reuse_order(request.points), attempted, index=True)
         except BaseException as err:
             folder = request.folder
-            self._sweep_failed(sweep, err, ran=bool(attempted) or (folder / INDEX_NAME).is_file())
+            stopped = isinstance(err, KeyboardInterrupt)
+            self._sweep_failed(sweep, err, ran=stopped or bool(attempted) or (folder / INDEX_NAME).is_file())
+            if isinstance(err, KeyboardInterrupt):
+                raise retold(
+                    err,
+                    f"{what_stopped(err)}: the sweep in {folder} is recorded as stopped; "
+                    f"`aqm resume {folder}` goes on with it (finished points are skipped, an interrupted one "
+                    "resumes)",
+                ) from None
             raise
         return self._finish_sweep(request, sweep, results, started)
 
@@ -508,7 +501,7 @@ class RunService:
         resume = False
         previous: RunRecord | None = None
         if not claim.created:
-            previous = _read_previous(folder, request.force)
+            previous = _read_previous(folder)
             if previous is not None:
                 refuse_live_owner(folder, previous)
             if request.force:
@@ -538,13 +531,13 @@ class RunService:
         except BaseException:
             self._clean_after_failure(folder, before, keep=())
             raise
-        return _OpenSweep(record, before)
+        return _OpenSweep(record, before, _point_names(request))
 
     def _sweep_failed(self, sweep: _OpenSweep, err: BaseException, *, ran: bool) -> None:
         """Record the sweep failed when a point may have left a resume kit; else remove what it wrote."""
         folder = sweep.record.run.path
         if ran:
-            sweep.record.write_failure(err, aqm_files(folder))
+            sweep.record.write_failure(err, aqm_files(folder, points=sweep.points))
         else:
             self._clean_after_failure(folder, sweep.before, keep=())
 
@@ -608,7 +601,9 @@ class RunService:
             self._write(folder / INDEX_NAME, index_text)
         failed = [r for r in results if not r.ok]
         status = f"{FAILED}: {len(failed)} of {len(results)} sweep points failed" if failed else COMPLETE
-        sweep.record.write(status, [*aqm_files(folder), folder / RUN_FILE])
+        with signals_deferred(f"the sweep in {folder} is recorded {status}"):
+            files = [*aqm_files(folder, points=_point_names(request)), folder / RUN_FILE]
+            sweep.record.write(status, files)
         print(f"aqm: sweep done in {time.perf_counter() - started:.1f} s; index: {folder / INDEX_NAME}")
         for result in results:
             by = "" if result.worker is None else f"  [worker {result.worker}]"
@@ -749,6 +744,11 @@ class RunService:
                 session.remember(effective)
             return done
         before_run()
+        if point_dir.is_symlink():
+            raise LinkRefused(
+                f"sweep point folder {point_dir} is a symbolic link; aqm writes no point through a link: "
+                "remove the link, then rerun the sweep"
+            )
         made = make_folder(point_dir)
         run = open_run_folder(point_dir, spec, force=False, created=bool(made) and made[-1] == point_dir)
         toml = point_dir / PIPELINE_FILE
@@ -757,7 +757,7 @@ class RunService:
         try:
             if not run.resume:
                 self._write(toml, spec_to_toml(spec, header=f"{request.header}\nSweep point: {point.label}"))
-            record.write(RUNNING, [toml, point_dir / RUN_FILE])
+            record.write(RUNNING, [toml, point_dir / RUN_FILE, *state_files(effective, existing=False)])
         except BaseException:
             self._clean_after_failure(point_dir, before, keep=())
             raise
@@ -768,16 +768,17 @@ class RunService:
             self._clean_after_failure(point_dir, before, keep=kit)
             record.write_failure(err, [p for p in kit if p.is_file()])
             raise
-        written = [toml, *_report_files(store)]
-        files = [*written, *(p for p in state_files(effective) if p not in written), point_dir / RUN_FILE]
-        manifest = _manifest_of(store)
-        record.write(
-            COMPLETE,
-            files,
-            device=manifest.model.device if manifest is not None else None,
-            forward_steps=_forward_steps(store),
-            seconds=_stage_seconds(store),
-        )
+        with signals_deferred(f"sweep point {point_dir} is complete"):
+            written = [toml, *_report_files(store)]
+            files = [*written, *(p for p in state_files(effective) if p not in written), point_dir / RUN_FILE]
+            manifest = _manifest_of(store)
+            record.write(
+                COMPLETE,
+                files,
+                device=manifest.model.device if manifest is not None else None,
+                forward_steps=_forward_steps(store),
+                seconds=_stage_seconds(store),
+            )
         reuse = "" if session is None else session.reuse_of(point_dir)
         return PointOutcome(manifest, reuse="resumed" if run.resume and not reuse else reuse)
 
@@ -955,15 +956,26 @@ def _finished_point(folder: Path, spec: PipelineSpec) -> PointOutcome | None:
     return PointOutcome(manifest, earlier=True, seconds=seconds)
 
 
-def _read_previous(folder: Path, force: bool) -> RunRecord | None:
-    from auto_quantize_model.errors import InputError
+def _read_previous(folder: Path) -> RunRecord | None:
+    """The sweep folder's record; a corrupt one is refused, ``--force`` or not (only it says what is ours)."""
+    return read_run(folder)
 
-    try:
-        return read_run(folder)
-    except InputError:
-        if force:
-            return None
-        raise
+
+def _interrupted_run(err: KeyboardInterrupt, folder: Path, *, saved: bool) -> str:
+    """What a stopped run left, and how to go on: the line the CLI prints."""
+    if saved:
+        return (
+            f"{what_stopped(err)}: {folder} keeps the saved calibration and scores; `aqm resume {folder}` "
+            "goes on from them"
+        )
+    return (
+        f"{what_stopped(err)}: nothing computed was kept in {folder} (no calibration had been saved yet); "
+        f"`aqm resume {folder}` starts the run again"
+    )
+
+
+def _point_names(request: RunRequest) -> tuple[str, ...]:
+    return tuple(point.folder for point in request.points)
 
 
 def _report_files(store: Artifacts) -> list[Path]:

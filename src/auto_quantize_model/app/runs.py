@@ -30,13 +30,16 @@ import cattrs
 from auto_quantize_model.app.folders import (
     PIPELINE_FILE,
     RUN_FILE,
-    aqm_files,
     check_output_dir,
+    export_scratch_files,
+    foreign_run_files,
     is_aqm_pipeline,
+    recorded_own_files,
     remove_files,
 )
 from auto_quantize_model.app.lock import FolderBusy, Holder, Owner, is_alive
 from auto_quantize_model.app.logs import PACKAGE_LOGGER
+from auto_quantize_model.app.signals import what_stopped
 from auto_quantize_model.errors import AqmError, InputError
 from auto_quantize_model.io.convert import JSON_CONVERTER, json_problems
 
@@ -218,8 +221,13 @@ def read_run(folder: Path) -> RunRecord | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise InputError(
+            f"{path} is not a readable run record ({_first_line(err)}): it was cut short or edited, so aqm "
+            f"cannot tell which files in {folder} are its own; restore it, or choose another --output"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("status"), str):
         return None
     try:
@@ -228,9 +236,15 @@ def read_run(folder: Path) -> RunRecord | None:
         is_tree = isinstance(err, cattrs.BaseValidationError)
         details = "; ".join(json_problems(err)) if is_tree else str(err)
         raise InputError(
-            f"{path} is not a valid run record ({details}); pass --force to start over in {folder}"
+            f"{path} is not a valid run record ({details}): aqm cannot tell which files in {folder} are "
+            "its own; restore it, or choose another --output"
         ) from err
     return record
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 Writer = Callable[[Path, str], Path]
@@ -262,13 +276,26 @@ def refuse_live_owner(folder: Path, record: RunRecord) -> None:
 
 
 def remove_previous_run(folder: Path, record: RunRecord | None) -> list[Path]:
-    """``--force``: remove what earlier aqm runs wrote in ``folder`` (never other files)."""
-    files = aqm_files(folder, record.files if record is not None else ())
+    """``--force``: remove exactly the files the previous run listed in its ``run.json`` (and what a
+    killed export left in its scratch folders, which only aqm makes).
+
+    Without a record nothing is known to be aqm's: a folder holding run files anyway (another
+    tool's manifest, a copied report) is refused, naming them, rather than guessed at.
+    """
+    if record is None:
+        foreign = foreign_run_files(folder)
+        if foreign:
+            raise InputError(
+                f"--force replaces only a run that aqm recorded, and {folder} holds {foreign[0]} without a "
+                f"{RUN_FILE} of aqm's: choose another --output, or remove those files yourself"
+            )
+        return []
+    files = [*recorded_own_files(folder, record.files), *export_scratch_files(folder)]
     stuck = remove_files(folder, files)
     if stuck:
         raise InputError(f"--force: cannot remove {stuck[0]} left by the previous run in {folder}")
     if files:
-        log.info("--force: removed %d files of the previous run in %s", len(files), folder)
+        log.info("--force: removed the %d files the previous run recorded in %s", len(files), folder)
     return files
 
 
@@ -280,18 +307,14 @@ def open_run_folder(folder: Path, spec: PipelineSpec, *, force: bool, created: b
     * an interrupted run (``running`` with its owner gone, or ``failed``) of the same effective
       pipeline: resume;
     * the same with other settings: refused, naming every changed key (``--force`` starts over);
-    * a complete run, or another tool's output: refused unless ``--force``, which first removes
-      every file of the previous run so nothing of it is mixed into or left beside the new one.
+    * a complete run: refused unless ``--force``, which first removes every file the previous run
+      recorded, so nothing of it is mixed into or left beside the new one;
+    * another tool's output, or a ``run.json`` that does not read: refused, ``--force`` or not.
     """
     now = utc_now()
     if created:
         return RunFolder(folder, created=True, resume=False, started_at=now)
-    try:
-        record = read_run(folder)
-    except InputError:
-        if not force:
-            raise
-        record = None
+    record = read_run(folder)  # a corrupt record is refused, --force or not: it alone says what is ours
     if record is not None:
         refuse_live_owner(folder, record)
     if force:
@@ -367,7 +390,7 @@ def run_record(
 
 def failure_reason(err: BaseException) -> str:
     if isinstance(err, KeyboardInterrupt):
-        return str(err) or "interrupted"
+        return what_stopped(err)
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 

@@ -3,7 +3,8 @@
 The bytes go to a temporary file in the destination's own folder (same file system, so the
 final ``os.replace`` is a rename), are flushed and fsync'ed, then renamed over the destination.
 A reader sees the old file or the new one, never a torn one; on any failure the temporary file
-is removed and the destination is untouched.
+is removed and the destination is untouched. A destination that is a symbolic link is refused,
+never written through (issue 21: a planted link must not carry a write out of the folder).
 """
 
 from __future__ import annotations
@@ -23,6 +24,24 @@ _NEW_FILE_MODE = 0o644
 
 # --------------------------------------------------------------------------------------------
 # Atomic writes
+
+
+class LinkRefused(InputError):
+    """A path aqm would write, create or remove goes through a symbolic link; the message names it."""
+
+
+def own_folder(path: Path) -> Path:
+    """Make the sub-folder ``path`` of an output folder (``plots/``), refusing one that is a link.
+
+    A planted ``plots -> /elsewhere`` would otherwise carry every picture out of the folder.
+    """
+    if path.is_symlink():
+        raise LinkRefused(
+            f"{path} is a symbolic link; aqm writes nothing through a link: remove the link, or choose "
+            "another output folder"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def fsync_path(directory: Path) -> None:
@@ -45,6 +64,11 @@ def fsync_path(directory: Path) -> None:
 def _atomic_target(path: Path) -> Iterator[IO[bytes]]:
     """Yield a temp file next to ``path``; on clean exit it replaces ``path``, else it vanishes."""
     directory = path.parent
+    if path.is_symlink():
+        raise LinkRefused(
+            f"{path} is a symbolic link; aqm writes no file through a link: remove the link, or choose "
+            "another output folder"
+        )
     if not directory.is_dir():
         raise InputError(f"cannot write {path}: folder {directory} does not exist")
     try:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from auto_quantize_model.core.frontier import Frontier, FrontierPoint, step_changes
-from auto_quantize_model.io.atomic import atomic_write_text
+from auto_quantize_model.io.atomic import atomic_write_text, own_folder
 from auto_quantize_model.io.convert import dumps_json
 from auto_quantize_model.render.plots import save_figure, short_name
 
@@ -420,7 +420,7 @@ def write_frontier(
     pictures_dir = folder if plots_dir is None else Path(plots_dir)
     pictures: list[Path] = []
     if plots and frontier.points:
-        pictures_dir.mkdir(parents=True, exist_ok=True)
+        own_folder(pictures_dir)
         pictures += _save(_score_figure(frontier, title, run_budget), pictures_dir, SCORE_STEM)
         pictures += _save(_formats_figure(frontier, title), pictures_dir, FORMATS_STEM)
         if measured is not None and measured.points:

@@ -26,7 +26,7 @@ import attrs
 
 from auto_quantize_model.core.experts import display_name, expert_slot
 from auto_quantize_model.core.scores import coefficient_text, group_name, worst
-from auto_quantize_model.io.atomic import atomic_write_bytes
+from auto_quantize_model.io.atomic import atomic_write_bytes, own_folder
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import Interval, ValidatedGroup, ValidationReport
@@ -502,7 +502,7 @@ def write_plots(
     written: no heatmap when no group fits the layer grid, no bar chart when no group has a
     positive finite importance, no scatter without validation points.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    own_folder(directory)
     validation = validation if validation is not None else manifest.validation
     scheme = manifest.scheme.name
     written: list[Path] = []

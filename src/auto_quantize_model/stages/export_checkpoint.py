@@ -3,7 +3,8 @@
 The pieces are shared with ``aqm export`` (:mod:`auto_quantize_model.app.export`): the choice at a
 budget comes from the frontier solver (the same one-budget solve SolveBudgets runs), and
 :func:`export_mix` writes a folder's files and ``export.json``. Writing goes into a scratch folder
-next to the target that is renamed into place only once every file is there and read back.
+next to the target that is moved into place only once every file is there and read back
+(:mod:`auto_quantize_model.io.staged`: an earlier export there loses only the files it recorded).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +30,14 @@ from auto_quantize_model.artifacts import (
 from auto_quantize_model.core.export_config import GroupChoice, choices_at
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import AqmError, ConfigError
+from auto_quantize_model.io.staged import (
+    LinkRefused,
+    files_below,
+    place,
+    recorded_files,
+    refuse_links,
+    scratch_beside,
+)
 from auto_quantize_model.specs import ExportSpec, ValidateSpec
 
 if TYPE_CHECKING:
@@ -87,15 +94,43 @@ def solve_one(scores: SensitivityScores, budget: float) -> BudgetFrontier:
     )
 
 
-def refuse_taken(target: Path, force: bool) -> None:
-    """An existing non-empty target is refused unless ``force`` (then it is replaced at the end)."""
+def previous_export(target: Path) -> tuple[str, ...] | None:
+    """The files an earlier aqm export recorded in ``target/export.json``; None without a readable one."""
+    return recorded_files(target, EXPORT_FILE)
+
+
+def refuse_taken(target: Path, force: bool) -> tuple[str, ...]:
+    """Check that ``target`` may receive an export; returns the earlier export's files ``force`` replaces.
+
+    A new or empty folder is fine. A folder holding an earlier aqm export (its ``export.json``)
+    is replaced with ``force``, and then only the files that export recorded; anything else in it
+    stays. A folder with files and no export record is never written into, ``--force`` or not.
+    """
+    if target.is_symlink():
+        raise LinkRefused(f"export output {target} is a symbolic link; give the real folder")
     if target.exists() and not target.is_dir():
         raise ConfigError(f"export output {target} exists and is a file; give a folder")
-    if target.is_dir() and any(target.iterdir()) and not force:
+    if not target.is_dir():
+        return ()
+    present = sorted(p.name for p in target.iterdir())
+    if not present:
+        return ()
+    previous = previous_export(target)
+    if previous is None:
+        shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+        only = "--force replaces only an earlier aqm export; " if force else ""
         raise ConfigError(
-            f"export output {target} already exists and is not empty; choose a new folder (or --force to "
-            "replace it)"
+            f"export output {target} holds files aqm did not write ({shown}) and no {EXPORT_FILE}; "
+            f"{only}choose a new or empty folder"
         )
+    if not force:
+        raise ConfigError(
+            f"export output {target} already holds an aqm export ({len(previous)} files recorded in its "
+            f"{EXPORT_FILE}); choose a new folder, or pass --force to replace those files (nothing else "
+            "there is touched)"
+        )
+    refuse_links(target, previous)
+    return previous
 
 
 def export_mix(
@@ -120,7 +155,10 @@ def export_mix(
     from auto_quantize_model.backend.modelopt import export as ex
 
     started = time.perf_counter()
-    refuse_taken(target, force)
+    shown, target = target, target.absolute()
+    if target.name in ("", "..") or target.name.endswith(".."):
+        target = target.resolve()  # `--output .` / `..`: a folder with a name to stage beside
+    previous = refuse_taken(target, force)
     if checkpoint is not None:
         config = ex.prepare_export(
             choices,
@@ -130,9 +168,7 @@ def export_mix(
         )
     else:
         config = ex.prepare_export(choices, device=CONFIG_ONLY_DEVICE)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
-    try:
+    with scratch_beside(target, "export") as scratch:
         ex.write_quant_config(config, scratch)
         figures: dict[str, Any] = {}
         extra_notes: tuple[str, ...] = ()
@@ -141,24 +177,21 @@ def export_mix(
         counts: dict[str, int] = {}
         for choice in choices:
             counts[choice.format] = counts.get(choice.format, 0) + 1
-        files = tuple(sorted([*(p.name for p in scratch.iterdir() if p.is_file()), EXPORT_FILE]))
         mix = ExportedMix(
-            directory=str(target),
+            directory=str(shown),
             budget=budget,
             effective_bits_lm=effective_bits_lm,
             groups=len(choices),
             quantized_layers=len(config.quantized),
             formats=tuple(sorted(counts.items())),
-            files=files,
+            files=tuple(sorted({*files_below(scratch), EXPORT_FILE})),
             checkpoint=checkpoint is not None,
             seconds=time.perf_counter() - started,
             notes=(*notes, *extra_notes),
             **figures,
         )
         (scratch / EXPORT_FILE).write_text(export_json(mix), encoding="utf-8")
-        _place(scratch, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        place(scratch, target, previous)
     if not mix.ok:
         raise AqmError(
             f"{target}: the exported checkpoint reads back {mix.difference:+.2e} nats/token off the "
@@ -204,21 +237,6 @@ def _write_checkpoint(
         "ok": back.ok,
     }
     return figures, (*written.notes, *held_out.notes)
-
-
-def _place(scratch: Path, target: Path) -> None:
-    """Move the finished scratch folder to ``target``; an existing target (``--force``) goes last."""
-    if not target.exists():
-        scratch.rename(target)
-        return
-    old = target.with_name(f".{target.name}.replaced-{scratch.name.rsplit('-', 1)[-1]}")
-    target.rename(old)
-    try:
-        scratch.rename(target)
-    except BaseException:
-        old.rename(target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _number(value: float) -> float | None:
