@@ -65,6 +65,8 @@ class FakeRun:
     error: BaseException | None = None
     fail_after: str = "start"
     calls: list[Path] = attrs.field(factory=list)
+    fmt: str = "INT8"
+    """The manifest's format; a real name (``INT8_DEFAULT_CFG``) makes the run exportable."""
 
     def __call__(self, spec: PipelineSpec, folder: Path) -> Artifacts:
         self.calls.append(folder)
@@ -77,7 +79,7 @@ class FakeRun:
         state.with_name(state.name + ".raw-scores.json").write_text("{}", "utf-8")
         if self.error is not None and self.fail_after == "state":
             raise self.error
-        ranked = manifest(descending(["a", "b"]), scheme=scheme)
+        ranked = manifest(descending(["a", "b"]), scheme=scheme, fmt=self.fmt)
         written = [folder / f"{scheme}_quant_manifest.json"]
         written[0].write_text(manifest_to_json(ranked), "utf-8")
         if self.error is not None:
