@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -51,7 +52,10 @@ EXPORT_RECORD = "export.json"
 _EXPORT_SCRATCH = re.compile(rf"^\.{EXPORT_DIR}\.(export|replaced)-[^/]+$")
 """The scratch folders an export is written into (or an old one set aside in) before the rename
 into place; left only by a killed process."""
-_OWN_NAMES = frozenset({RUN_FILE, PIPELINE_FILE, INDEX_NAME, *REPORT_NAMES})
+OUTPUTS_RECORD = "aqm-outputs.json"
+"""What ``aqm report --output`` and ``aqm frontier --output`` wrote into a folder of the user's
+choosing: the record that lets a later command overwrite those files, and only those."""
+_OWN_NAMES = frozenset({RUN_FILE, PIPELINE_FILE, INDEX_NAME, OUTPUTS_RECORD, *REPORT_NAMES})
 """Not the lock file: only its holder removes it (see :mod:`lock`)."""
 _TEMP = re.compile(r"^\.(?P<name>.+?)\.[^.]+\.tmp(\.pt)?$")
 """An atomic write's temporary file (``.<name>.<random>.tmp``, ``.tmp.pt`` for the search state),
@@ -305,6 +309,34 @@ def recorded_own_files(folder: Path, listed: Iterable[str]) -> list[Path]:
         if path.is_symlink() or path.is_file():
             found.append(path)
     return found
+
+
+def refuse_foreign_files(folder: Path, names: Iterable[str]) -> None:
+    """Refuse to write ``names`` into ``folder`` where one exists that no aqm record lists as its own.
+
+    The records are the folder's :data:`OUTPUTS_RECORD` (earlier ``report``/``frontier`` outputs)
+    and its ``run.json`` (a run folder's own files). A link in a name's place is refused as such.
+    """
+    ours = set(recorded_files(folder, OUTPUTS_RECORD) or ()) | set(recorded_files(folder, RUN_FILE) or ())
+    for name in names:
+        path = folder / name
+        if path.is_symlink():
+            raise LinkRefused(
+                f"{path} is a symbolic link; aqm writes no file through a link: remove the link, or choose "
+                "another --output"
+            )
+        if path.exists() and name not in ours:
+            raise InputError(
+                f"{path} exists and was not written by aqm; aqm never overwrites it: move it away, or choose "
+                "another --output"
+            )
+
+
+def outputs_record(folder: Path, files: Iterable[Path]) -> str:
+    """The new :data:`OUTPUTS_RECORD` text: the files recorded before plus ``files``."""
+    names = set(recorded_files(folder, OUTPUTS_RECORD) or ()) | set(relative_names(folder, files))
+    names.discard(OUTPUTS_RECORD)
+    return json.dumps({"files": sorted(names)}, indent=1) + "\n"
 
 
 def foreign_run_files(folder: Path) -> list[str]:

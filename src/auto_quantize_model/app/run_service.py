@@ -37,7 +37,10 @@ import attrs
 
 from auto_quantize_model.app.folders import (
     INDEX_NAME,
+    OUTPUTS_RECORD,
     PIPELINE_FILE,
+    PLOT_SUFFIXES,
+    PLOTS_DIR,
     RUN_FILE,
     OutputError,
     aqm_files,
@@ -48,6 +51,8 @@ from auto_quantize_model.app.folders import (
     make_folder,
     os_reason,
     output_error,
+    outputs_record,
+    refuse_foreign_files,
     relative_names,
     remove_files,
     remove_made,
@@ -787,10 +792,17 @@ class RunService:
     def report(self, manifest: Path, output: Path | None) -> ReportPaths:
         """``aqm report``: regenerate reports; an OS failure leaves no new file and reads as one line."""
         target = output if output is not None else manifest.parent
+        own = output is None or _same_folder(output, manifest.parent)
+        if not own:
+            assert output is not None
+            refuse_foreign_files(output, _report_names())
         made = make_folder(output) if output is not None else []
         before = frozenset(aqm_files(target))
         try:
-            return self.report_writer(manifest, output)
+            paths = self.report_writer(manifest, output)
+            if not own:
+                self._write(target / OUTPUTS_RECORD, outputs_record(target, map(Path, paths.files)))
+            return paths
         except OSError as err:
             self._clean_after_failure(target, before, keep=())
             raise output_error(target, err) from None
@@ -806,9 +818,15 @@ class RunService:
         from auto_quantize_model.app.frontier import plan_frontier, solve_job, write_job
 
         job = plan_frontier(request)
+        own = _same_folder(job.target, job.manifest_path.parent)
+        if not own:
+            refuse_foreign_files(job.target, _frontier_names())
         with self._claim(job.target, request.command):
             frontier, measured = solve_job(job, self.frontier_measurer)
-            return write_job(job, frontier, measured)
+            written = write_job(job, frontier, measured)
+            if not own:
+                self._write(job.target / OUTPUTS_RECORD, outputs_record(job.target, written))
+            return written
 
     def export(self, request: ExportRequest) -> ExportedMix:
         """``aqm export``: a run's mix at one budget as a ModelOpt config (and checkpoint).
@@ -972,6 +990,28 @@ def _interrupted_run(err: KeyboardInterrupt, folder: Path, *, saved: bool) -> st
         f"{what_stopped(err)}: nothing computed was kept in {folder} (no calibration had been saved yet); "
         f"`aqm resume {folder}` starts the run again"
     )
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def _report_names() -> list[str]:
+    """Every file ``aqm report`` may write into an output folder (the manifest is never rewritten)."""
+    from auto_quantize_model.render import plots, reports
+
+    stems = (plots.HEATMAP_STEM, plots.TOP_STEM, plots.SCATTER_STEM, plots.EXPERTS_STEM)
+    pictures = [f"{PLOTS_DIR}/{stem}{suffix}" for stem in stems for suffix in PLOT_SUFFIXES]
+    return [reports.LAYER_JSON, reports.LAYER_MD, *pictures]
+
+
+def _frontier_names() -> list[str]:
+    """Every file ``aqm frontier`` may write into an output folder."""
+    from auto_quantize_model.render import frontier
+
+    stems = (frontier.SCORE_STEM, frontier.FORMATS_STEM, frontier.MEASURED_STEM)
+    pictures = [f"{PLOTS_DIR}/{stem}{suffix}" for stem in stems for suffix in PLOT_SUFFIXES]
+    return [frontier.MARKDOWN_FILE, frontier.JSON_FILE, *pictures]
 
 
 def _point_names(request: RunRequest) -> tuple[str, ...]:
