@@ -16,7 +16,8 @@ import pytest
 from pytest_mock import MockerFixture
 
 from auto_quantize_model.app import cli, folders, legacy_driver
-from auto_quantize_model.app.run_service import RunService, import_libraries
+from auto_quantize_model.app.defaults import import_libraries
+from auto_quantize_model.app.run_service import RunService
 from auto_quantize_model.artifacts import ReportPaths
 from auto_quantize_model.errors import InputError, StageError
 from auto_quantize_model.io.manifest import Manifest, ModelInfo

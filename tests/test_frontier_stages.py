@@ -462,7 +462,9 @@ def test_measured_frontier_of_a_run_folder_through_the_service(tmp_path: Path) -
     folder = run_folder(tmp_path, with_pipeline=True, with_state=True)
     measurer = FakeMeasurer()
     service = RunService(frontier_measurer=measurer)
-    paths = service.frontier(FrontierRequest(folder, bits="6:12:1", measure=2, workers=1, plots=False))
+    paths = service.outputs.frontier(
+        FrontierRequest(folder, bits="6:12:1", measure=2, workers=1, plots=False)
+    )
     ((pipeline, spec),) = measurer.calls
     assert spec == FrontierSpec(bits="6:12:1", measure=2, workers=1)
     assert Path(pipeline.autoquant.checkpoint).parent != folder  # the run folder is only read
@@ -478,7 +480,7 @@ def test_a_failed_measurement_leaves_the_folder_as_it_was(tmp_path: Path) -> Non
     before = listing(folder)
     service = RunService(frontier_measurer=FakeMeasurer(fail=True))
     with pytest.raises(AqmError, match="could not be loaded"):
-        service.frontier(FrontierRequest(folder, bits="6:12:1", measure=2))
+        service.outputs.frontier(FrontierRequest(folder, bits="6:12:1", measure=2))
     assert listing(folder) == before
 
 

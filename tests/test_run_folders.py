@@ -22,9 +22,10 @@ import attrs
 import pytest
 
 from auto_quantize_model.app import cli
+from auto_quantize_model.app.defaults import write_text
 from auto_quantize_model.app.folders import aqm_files, is_aqm_name
 from auto_quantize_model.app.lock import process_started_at
-from auto_quantize_model.app.run_service import RunService, write_text
+from auto_quantize_model.app.run_service import RunService
 from auto_quantize_model.app.runs import RunRecord, read_run
 from auto_quantize_model.artifacts import ReportPaths
 from auto_quantize_model.errors import InputError, StageError

@@ -1,6 +1,6 @@
 """What ``aqm`` sets up for its own process before the libraries load, and that it changes no result.
 
-Three settings (see :func:`auto_quantize_model.app.run_service.import_libraries`): OpenMP threads
+Three settings (see :func:`auto_quantize_model.app.defaults.import_libraries`): OpenMP threads
 sleep when idle, ModelOpt's module-level ``@torch.compile`` function is left undecorated so that
 importing ModelOpt does not import torch's Inductor, and the exit skips the garbage collector's
 passes over the libraries' objects. All must stay inside the ``aqm`` process: a value the user
@@ -18,7 +18,7 @@ import sys
 import pytest
 from pytest_mock import MockerFixture
 
-from auto_quantize_model.app.run_service import (
+from auto_quantize_model.app.defaults import (
     OMP_WAIT_POLICY,
     idle_threads_sleep,
     import_libraries,
@@ -98,7 +98,7 @@ def test_importing_other_libraries_sets_nothing(
 EXIT_PROBE = """\
 import atexit, gc
 atexit.register(lambda: print("frozen at exit", gc.get_freeze_count() > 0))
-from auto_quantize_model.app.run_service import freeze_heap_at_exit
+from auto_quantize_model.app.defaults import freeze_heap_at_exit
 freeze_heap_at_exit()
 freeze_heap_at_exit()
 print("frozen before exit", gc.get_freeze_count() > 0)
@@ -115,7 +115,7 @@ def test_the_heap_is_frozen_at_exit_only() -> None:
 
 PROBE = """\
 import json, os, sys
-from auto_quantize_model.app.run_service import import_libraries
+from auto_quantize_model.app.defaults import import_libraries
 import_libraries()
 import modelopt.torch.quantization.algorithms as algorithms
 import torch

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.app import cli
-from auto_quantize_model.app.run_service import write_text
+from auto_quantize_model.app.defaults import write_text
 from test_run_folders import FakeRun, run_into, service
 
 TESTS = Path(__file__).resolve().parents[1]

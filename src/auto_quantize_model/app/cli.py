@@ -109,7 +109,7 @@ def cmd_validate(args: argparse.Namespace, service: RunService) -> int:
 
 
 def cmd_report(args: argparse.Namespace, service: RunService) -> int:
-    paths = service.report(Path(args.manifest), Path(args.output) if args.output else None)
+    paths = service.outputs.report(Path(args.manifest), Path(args.output) if args.output else None)
     print(f"aqm: {len(paths.files)} files in {paths.directory}:")
     for name in paths.files:
         print(f"  {name}")
@@ -157,7 +157,7 @@ def cmd_frontier(args: argparse.Namespace, service: RunService) -> int:
         plots=not args.no_plots,
         command=tuple(args.command_line),
     )
-    paths = service.frontier(request)
+    paths = service.outputs.frontier(request)
     print(f"aqm: frontier: {len(paths)} files:")
     for path in paths:
         print(f"  {path}")
@@ -176,7 +176,7 @@ def cmd_export(args: argparse.Namespace, service: RunService) -> int:
         force=args.force,
         command=tuple(args.command_line),
     )
-    print(f"aqm: {summary_line(service.export(request))}")
+    print(f"aqm: {summary_line(service.outputs.export(request))}")
     return 0
 
 
@@ -198,7 +198,7 @@ def cmd_diff(args: argparse.Namespace, service: RunService) -> int:
 
     text = diff_paths(Path(args.a), Path(args.b))
     if args.output:
-        out = service.write_output(Path(args.output), text)
+        out = service.outputs.write_output(Path(args.output), text)
         print(f"aqm: wrote {out}")
     else:
         sys.stdout.write(text)

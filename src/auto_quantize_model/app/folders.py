@@ -23,7 +23,8 @@ from datetime import datetime
 from pathlib import Path
 
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.io.staged import LinkRefused, link_on_the_way, recorded_files, safe_relative
+from auto_quantize_model.io.atomic import LinkRefused
+from auto_quantize_model.io.staged import link_on_the_way, recorded_files, safe_relative
 
 RUN_FILE = "run.json"
 PIPELINE_FILE = "pipeline.toml"
@@ -317,15 +318,22 @@ def refuse_foreign_files(folder: Path, names: Iterable[str]) -> None:
     The records are the folder's :data:`OUTPUTS_RECORD` (earlier ``report``/``frontier`` outputs)
     and its ``run.json`` (a run folder's own files). A link in a name's place is refused as such.
     """
-    ours = set(recorded_files(folder, OUTPUTS_RECORD) or ()) | set(recorded_files(folder, RUN_FILE) or ())
-    for name in names:
-        path = folder / name
+    try:
+        ours = set(recorded_files(folder, OUTPUTS_RECORD) or ()) | set(recorded_files(folder, RUN_FILE) or ())
+        taken = [
+            (folder / name, name)
+            for name in names
+            if (folder / name).is_symlink() or (folder / name).exists()
+        ]
+    except OSError as err:  # a name too long, a parent that is a file: the writer words it the same way
+        raise output_error(folder, err, "read output folder") from None
+    for path, name in taken:
         if path.is_symlink():
             raise LinkRefused(
                 f"{path} is a symbolic link; aqm writes no file through a link: remove the link, or choose "
                 "another --output"
             )
-        if path.exists() and name not in ours:
+        if name not in ours:
             raise InputError(
                 f"{path} exists and was not written by aqm; aqm never overwrites it: move it away, or choose "
                 "another --output"

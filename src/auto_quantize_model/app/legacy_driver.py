@@ -137,7 +137,7 @@ def _report_only(args: argparse.Namespace, service: RunService) -> int:
             f"{manifest_path} was written by the previous tool and its reports sit next to it; "
             f"regenerate them elsewhere with: aqm report {manifest_path} --output DIR"
         )
-    paths = service.report(manifest_path, folder)
+    paths = service.outputs.report(manifest_path, folder)
     files = [Path(name) for name in paths.files]
     try:
         files += legacy_aliases(folder)

@@ -21,44 +21,51 @@ A run, single or sweep:
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
-import gc
-import importlib
 import logging
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import attrs
 
+from auto_quantize_model.app.defaults import (
+    AfterRun,
+    PipelineRunner,
+    ReportWriter,
+    for_folder,
+    has_search_state,
+    import_libraries,
+    join_workers,
+    load_for_export,
+    measure_frontier,
+    new_sweep_session,
+    regenerate_reports,
+    run_bench,
+    run_pipeline,
+    state_files,
+    write_text,
+)
 from auto_quantize_model.app.folders import (
     INDEX_NAME,
-    OUTPUTS_RECORD,
     PIPELINE_FILE,
-    PLOT_SUFFIXES,
-    PLOTS_DIR,
     RUN_FILE,
     OutputError,
     aqm_files,
     check_output_dir,
     describe_os_error,
-    file_above,
     is_aqm_pipeline,
     make_folder,
-    os_reason,
     output_error,
-    outputs_record,
-    refuse_foreign_files,
     relative_names,
-    remove_files,
-    remove_made,
 )
-from auto_quantize_model.app.lock import FolderLock, Owner
+from auto_quantize_model.app.lock import Owner
 from auto_quantize_model.app.logs import PACKAGE_LOGGER
+from auto_quantize_model.app.output_folder import Claim, clean_after_failure, write_file
+from auto_quantize_model.app.output_folder import claim as claim_folder
+from auto_quantize_model.app.outputs import OutputCommands
 from auto_quantize_model.app.runs import (
     COMPLETE,
     FAILED,
@@ -69,9 +76,7 @@ from auto_quantize_model.app.runs import (
     Writer,
     changed_settings,
     failure_reason,
-    is_out_of_memory,
     open_run_folder,
-    out_of_memory_error,
     read_run,
     refuse_live_owner,
     remove_previous_run,
@@ -85,204 +90,22 @@ from auto_quantize_model.io.atomic import LinkRefused
 
 if TYPE_CHECKING:
     from auto_quantize_model.app.distributed import Worker, WorkerGroup
-    from auto_quantize_model.app.export import ExportLoader, ExportRequest
-    from auto_quantize_model.app.frontier import FrontierMeasurer, FrontierRequest
+    from auto_quantize_model.app.export import ExportLoader
+    from auto_quantize_model.app.frontier import FrontierMeasurer
     from auto_quantize_model.app.sweep import PointOutcome, PointResult, PointSession, SweepPoint
-    from auto_quantize_model.artifacts import BudgetFrontier, ExportedMix, MeasuredFrontier, ReportPaths
     from auto_quantize_model.io.manifest import Manifest
     from auto_quantize_model.pipeline import Artifacts
-    from auto_quantize_model.specs import FrontierSpec, PipelineSpec
-    from auto_quantize_model.stages.export_checkpoint import CheckpointInputs
+    from auto_quantize_model.specs import PipelineSpec
 
 log = logging.getLogger(PACKAGE_LOGGER)
 
-PipelineRunner = Callable[["PipelineSpec", Path], "Artifacts"]
-"""Runs a spec (already pointed at the folder's search state) with reports going to the folder."""
-ReportWriter = Callable[[Path, "Path | None"], "ReportPaths"]
-"""``aqm report``: regenerate the reports of a manifest into a folder (None: the manifest's)."""
-AfterRun = Callable[[Path], list[Path]]
-"""Writes extra files once a run succeeded (the legacy driver's report aliases); returns them."""
-
-HEAVY_LIBRARIES = ("torch", "transformers", "modelopt.torch.quantization")
-
-OMP_WAIT_POLICY = ("OMP_WAIT_POLICY", "PASSIVE")
-"""The default of ``aqm``'s processes (a value in the environment wins): OpenMP threads waiting for
-work sleep rather than spin. torch runs each operator of the tiny model on both threads of the
-2-core machine, and a spinning thread takes the core the working one needs whenever another
-process is busy: at load 11 the tiny default's RunAutoQuant took 4.5 CPU s (11-30 s wall) with
-spinning threads and 0.4 CPU s (0.7 s) without, ValidateSensitivity 5.5 and 0.3 CPU s. The
-manifest is bit-identical: the same threads split the same work, only their idling differs."""
-
-
-# --------------------------------------------------------------------------- default collaborators
-
-
-def idle_threads_sleep() -> None:
-    """Set :data:`OMP_WAIT_POLICY` unless the environment has one; only before torch is loaded, since
-    OpenMP reads it once, when torch loads it (later it would change nothing but the environment)."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault(*OMP_WAIT_POLICY)
-
-
-def freeze_heap_at_exit() -> None:
-    """At exit, hide every object still alive from the garbage collector (:func:`gc.freeze`).
-
-    Why: once torch, transformers and ModelOpt are loaded, the interpreter's last collections at
-    shutdown walk millions of objects, to free memory the operating system takes back anyway:
-    1.3 of the 1.5 CPU seconds such a process spends exiting on the 2-core machine. Exit handlers
-    run first (registered after the libraries', this one runs before theirs, which it does not
-    affect), and frozen objects are still released by reference counting as modules are torn
-    down; only objects in reference cycles are left unfinalized, which Python never promised for
-    objects alive at exit. Registered once, however often it is called.
-    """
-    atexit.unregister(gc.freeze)
-    atexit.register(gc.freeze)
-
-
-def import_libraries(names: Sequence[str] = HEAVY_LIBRARIES) -> float:
-    """Import torch, transformers and ModelOpt before the first stage; seconds spent (0 if loaded).
-
-    They would otherwise be imported inside LoadModel and RunAutoQuant, and their 16-21 s in a
-    fresh process on the lent H100 image (more than the six stages there) would read as stage
-    time. Imported here, the stage timings are the work itself and the import cost is reported on
-    its own line. A library that fails to import is left for its stage to report as a one-line
-    error.
-
-    Three settings apply to this process only, chosen for start-up and exit and changing no
-    result: ModelOpt is imported with its ``@torch.compile`` function undecorated (unused by a
-    run; see :func:`~auto_quantize_model.backend.modelopt.compile_decorators_off`), OpenMP's
-    idle threads sleep instead of spinning (:data:`OMP_WAIT_POLICY`), and once torch is loaded
-    the exit skips the garbage collector's passes over the libraries (:func:`freeze_heap_at_exit`).
-    """
-    missing = [name for name in names if name not in sys.modules]
-    if not missing:
-        return 0.0
-    from auto_quantize_model.backend.modelopt import compile_decorators_off, import_off_stack
-
-    if "torch" in missing:
-        idle_threads_sleep()
-    started = time.perf_counter()
-    imported: list[str] = []
-    for name in missing:
-        try:
-            if name.startswith("modelopt"):
-                with compile_decorators_off():  # ModelOpt on its own thread, like RunAutoQuant
-                    import_off_stack(name)
-            else:
-                importlib.import_module(name)
-        except ImportError:
-            continue
-        imported.append(name)
-    seconds = time.perf_counter() - started
-    if "torch" in imported:
-        freeze_heap_at_exit()
-    if imported:
-        log.info("imported %s in %.1f s", ", ".join(imported), seconds)
-    return seconds
-
-
-def run_pipeline(spec: PipelineSpec, folder: Path) -> Artifacts:
-    """Run ``spec`` into ``folder``; running out of GPU memory becomes a one-line error."""
-    from auto_quantize_model.stages import build_pipeline
-
-    try:
-        # ModelOpt prints progress on stdout; stdout is for results (the summary), so route it away
-        with contextlib.redirect_stdout(sys.stderr):
-            return build_pipeline(spec, folder).run()
-    except StageError as err:
-        if is_out_of_memory(err.cause):
-            raise out_of_memory_error(err.stage, spec) from err
-        raise
-
-
-def new_sweep_session() -> PointSession:
-    """The runner of a sweep's points that loads the model once (see :mod:`.sweep_runner`)."""
-    from auto_quantize_model.app.sweep_runner import SweepSession
-
-    return SweepSession()
+# --------------------------------------------------------------------------- sweeps share a model
 
 
 def _sweep_session_for(service: RunService) -> Callable[[], PointSession] | None:
     """Sweeps share one loaded model when the service runs real pipelines; a service handed its own
     pipeline runner (a test's fake) runs every sweep point through that runner instead."""
     return new_sweep_session if service.pipeline_runner is run_pipeline else None
-
-
-def join_workers(worker: Worker) -> WorkerGroup:
-    from auto_quantize_model.app.distributed import WorkerGroup
-
-    return WorkerGroup.join(worker)
-
-
-def regenerate_reports(manifest: Path, output: Path | None) -> ReportPaths:
-    from auto_quantize_model.render.reports import regenerate_reports as regenerate
-
-    return regenerate(manifest, output)
-
-
-def measure_frontier(pipeline: PipelineSpec, spec: FrontierSpec) -> tuple[BudgetFrontier, MeasuredFrontier]:
-    from auto_quantize_model.app.frontier import measure_run
-
-    return measure_run(pipeline, spec)
-
-
-def load_for_export(pipeline: PipelineSpec) -> CheckpointInputs:
-    from auto_quantize_model.app.export import load_run_model
-
-    return load_run_model(pipeline)
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    from auto_quantize_model.bench.command import run_bench_command
-
-    return run_bench_command(args)
-
-
-def write_text(path: Path, text: str) -> Path:
-    from auto_quantize_model.io.atomic import atomic_write_text
-
-    return atomic_write_text(path, text)
-
-
-def state_file_in(folder: Path) -> Path:
-    from auto_quantize_model.backend.modelopt.checkpoint import STATE_FILE
-
-    return folder / STATE_FILE
-
-
-def for_folder(spec: PipelineSpec, folder: Path) -> PipelineSpec:
-    """The spec as run in ``folder``: ModelOpt's search state is always saved there.
-
-    The checkpoint goes into the run folder (never shared between runs), so rerunning into the
-    same folder resumes; ``pipeline.toml`` keeps the spec as the user wrote it, so repeating it
-    into a new folder starts a fresh search.
-    """
-    if spec.autoquant.checkpoint is None:
-        autoquant = attrs.evolve(spec.autoquant, checkpoint=str(state_file_in(folder)))
-        return attrs.evolve(spec, autoquant=autoquant)
-    return spec
-
-
-def state_files(spec: PipelineSpec, *, existing: bool = True) -> list[Path]:
-    """ModelOpt's search state of ``spec`` and the files kept beside it (``existing``: those there now).
-
-    A ``running`` record lists them all before they exist, so that ``--force`` after a kill removes
-    a half-finished search rather than letting the new run resume from it.
-    """
-    from auto_quantize_model.backend.modelopt.checkpoint import StateFiles
-
-    if spec.autoquant.checkpoint is None:
-        return []
-    files = StateFiles.for_checkpoint(spec.autoquant.checkpoint).all_files()
-    return [path for path in files if path.is_file() or not existing]
-
-
-def has_search_state(spec: PipelineSpec) -> bool:
-    """Whether ModelOpt saved a search state to resume from (its side files alone are not one)."""
-    from auto_quantize_model.backend.modelopt.checkpoint import checkpoint_file
-
-    checkpoint = spec.autoquant.checkpoint
-    return checkpoint is not None and Path(checkpoint_file(checkpoint)).is_file()
 
 
 # --------------------------------------------------------------------------- requests
@@ -320,19 +143,6 @@ class _OpenSweep:
     """The sweep's own point folders: the only sub-folders whose files its record may list."""
 
 
-@attrs.frozen
-class _Claim:
-    """A folder made (as far as needed) and locked for one command."""
-
-    folder: Path
-    made: tuple[Path, ...]
-    lock: FolderLock
-
-    @property
-    def created(self) -> bool:
-        return bool(self.made) and self.made[-1] == self.folder
-
-
 # --------------------------------------------------------------------------- the service
 
 
@@ -358,41 +168,28 @@ class RunService:
     worker_group: Callable[[Worker], WorkerGroup] = join_workers
     """Under torchrun: joins this worker to the others through the rendezvous store."""
 
+    @property
+    def outputs(self) -> OutputCommands:
+        """``report``, ``frontier``, ``export`` and ``diff --output``, with this service's collaborators."""
+        return OutputCommands(
+            report_writer=self.report_writer,
+            frontier_measurer=self.frontier_measurer,
+            export_loader=self.export_loader,
+            text_writer=self.text_writer,
+        )
+
     # ------------------------------------------------------------- runs
 
     def run(self, request: RunRequest) -> int:
         """Run ``request``; returns the exit code (a sweep with failed points exits 1)."""
         if request.worker is not None:
             return self._distributed(request, request.worker)
-        with self._claim(request.folder, request.command) as claim:
+        with claim_folder(request.folder, request.command) as claim:
             if request.is_sweep:
                 return self._sweep(request, claim)
             return self._single(request, claim)
 
-    @contextlib.contextmanager
-    def _claim(self, folder: Path, command: Sequence[str]) -> Iterator[_Claim]:
-        made = make_folder(folder)
-        try:
-            lock = FolderLock.acquire(folder, tuple(command))
-        except OSError as err:
-            remove_made(made)
-            raise OutputError(f"cannot write in output folder {folder}: {os_reason(err)}") from None
-        except BaseException:
-            remove_made(made)
-            raise
-        try:
-            with lock:
-                yield _Claim(folder, tuple(made), lock)
-        finally:
-            remove_made(made)  # only the empty ones: a run that wrote nothing leaves nothing
-
-    def _write(self, path: Path, text: str) -> Path:
-        try:
-            return self.text_writer(path, text)
-        except OSError as err:
-            raise output_error(path, err) from None
-
-    def _single(self, request: RunRequest, claim: _Claim) -> int:
+    def _single(self, request: RunRequest, claim: Claim) -> int:
         from auto_quantize_model.io.pipeline_file import spec_to_toml
 
         folder, spec = request.folder, request.spec
@@ -407,10 +204,10 @@ class RunService:
                     "resuming the interrupted run in %s (saved calibration and scores are reused)", folder
                 )
             else:
-                self._write(toml, spec_to_toml(spec, header=request.header))
+                write_file(self.text_writer, toml, spec_to_toml(spec, header=request.header))
             record.write(RUNNING, [toml, folder / RUN_FILE, *state_files(effective, existing=False)])
         except BaseException:
-            self._clean_after_failure(folder, before, keep=())
+            clean_after_failure(folder, before, keep=())
             raise
         started = time.perf_counter()
         try:
@@ -423,13 +220,13 @@ class RunService:
             saved = run.resume or has_search_state(effective)
             stopped = isinstance(err, KeyboardInterrupt)
             if saved or stopped:  # an interrupted run keeps its record, so `aqm resume` takes it up
-                self._clean_after_failure(folder, before, keep=kit)
+                clean_after_failure(folder, before, keep=kit)
                 record.write_failure(err, [p for p in kit if p.is_file()])
                 if isinstance(err, KeyboardInterrupt):
                     raise retold(err, _interrupted_run(err, folder, saved=saved)) from None
                 log.info("the run folder %s is kept; the same command resumes it", folder)
             else:
-                self._clean_after_failure(folder, before, keep=())
+                clean_after_failure(folder, before, keep=())
             raise
         with signals_deferred(f"the run in {folder} is complete"):
             written = [toml, *_report_files(store), *extra]
@@ -462,14 +259,7 @@ class RunService:
                 raise StageError(err.stage, OutputError(describe_os_error(err.cause, folder))) from err
             raise
 
-    def _clean_after_failure(self, folder: Path, before: frozenset[Path], keep: Sequence[Path]) -> None:
-        """Remove the files of aqm's that this attempt added, except ``keep``; never anything else."""
-        doomed = [p for p in aqm_files(folder) if p not in before and p not in keep]
-        stuck = remove_files(folder, doomed)
-        for path in stuck:
-            log.warning("could not remove %s after the failure", path)
-
-    def _sweep(self, request: RunRequest, claim: _Claim) -> int:
+    def _sweep(self, request: RunRequest, claim: Claim) -> int:
         """Run a sweep's points into subfolders; a rerun of the same sweep skips finished points.
 
         Each point keeps its own ``run.json``, so a rerun into the folder (same pipeline, no
@@ -498,7 +288,7 @@ class RunService:
             raise
         return self._finish_sweep(request, sweep, results, started)
 
-    def _open_sweep(self, request: RunRequest, claim: _Claim) -> _OpenSweep:
+    def _open_sweep(self, request: RunRequest, claim: Claim) -> _OpenSweep:
         """Decide fresh, resume or refuse for the sweep folder and record it ``running``."""
         from auto_quantize_model.io.pipeline_file import spec_to_toml
 
@@ -531,10 +321,10 @@ class RunService:
             if resume:
                 log.info("sweep in %s: finished points are skipped, an interrupted one resumes", folder)
             else:
-                self._write(toml, spec_to_toml(request.spec, header=request.header))
+                write_file(self.text_writer, toml, spec_to_toml(request.spec, header=request.header))
             record.write(RUNNING, [toml, folder / RUN_FILE])
         except BaseException:
-            self._clean_after_failure(folder, before, keep=())
+            clean_after_failure(folder, before, keep=())
             raise
         return _OpenSweep(record, before, _point_names(request))
 
@@ -544,7 +334,7 @@ class RunService:
         if ran:
             sweep.record.write_failure(err, aqm_files(folder, points=sweep.points))
         else:
-            self._clean_after_failure(folder, sweep.before, keep=())
+            clean_after_failure(folder, sweep.before, keep=())
 
     def _run_points(
         self,
@@ -603,7 +393,7 @@ class RunService:
         """Record the sweep complete (or failed, naming how many points failed) and print its table."""
         folder = request.folder
         if index_text is not None:
-            self._write(folder / INDEX_NAME, index_text)
+            write_file(self.text_writer, folder / INDEX_NAME, index_text)
         failed = [r for r in results if not r.ok]
         status = f"{FAILED}: {len(failed)} of {len(results)} sweep points failed" if failed else COMPLETE
         with signals_deferred(f"the sweep in {folder} is recorded {status}"):
@@ -660,7 +450,7 @@ class RunService:
         problem: AqmError | None = None
         if worker.leader:
             try:
-                sweep = self._open_sweep(request, stack.enter_context(self._claim(folder, request.command)))
+                sweep = self._open_sweep(request, stack.enter_context(claim_folder(folder, request.command)))
             except AqmError as err:
                 problem = err
         group.agree(problem, "opening the sweep folder")
@@ -761,16 +551,17 @@ class RunService:
         record = _Recorder(self, run, spec, request.command)
         try:
             if not run.resume:
-                self._write(toml, spec_to_toml(spec, header=f"{request.header}\nSweep point: {point.label}"))
+                header = f"{request.header}\nSweep point: {point.label}"
+                write_file(self.text_writer, toml, spec_to_toml(spec, header=header))
             record.write(RUNNING, [toml, point_dir / RUN_FILE, *state_files(effective, existing=False)])
         except BaseException:
-            self._clean_after_failure(point_dir, before, keep=())
+            clean_after_failure(point_dir, before, keep=())
             raise
         try:
             store = self._run_point(effective, point_dir, session)
         except BaseException as err:
             kit = [toml, point_dir / RUN_FILE, *state_files(effective)]
-            self._clean_after_failure(point_dir, before, keep=kit)
+            clean_after_failure(point_dir, before, keep=kit)
             record.write_failure(err, [p for p in kit if p.is_file()])
             raise
         with signals_deferred(f"sweep point {point_dir} is complete"):
@@ -786,77 +577,6 @@ class RunService:
             )
         reuse = "" if session is None else session.reuse_of(point_dir)
         return PointOutcome(manifest, reuse="resumed" if run.resume and not reuse else reuse)
-
-    # ------------------------------------------------------------- reports and other outputs
-
-    def report(self, manifest: Path, output: Path | None) -> ReportPaths:
-        """``aqm report``: regenerate reports; an OS failure leaves no new file and reads as one line."""
-        target = output if output is not None else manifest.parent
-        own = output is None or _same_folder(output, manifest.parent)
-        if not own:
-            assert output is not None
-            refuse_foreign_files(output, _report_names())
-        made = make_folder(output) if output is not None else []
-        before = frozenset(aqm_files(target))
-        try:
-            paths = self.report_writer(manifest, output)
-            if not own:
-                self._write(target / OUTPUTS_RECORD, outputs_record(target, map(Path, paths.files)))
-            return paths
-        except OSError as err:
-            self._clean_after_failure(target, before, keep=())
-            raise output_error(target, err) from None
-        finally:
-            remove_made(made)
-
-    def frontier(self, request: FrontierRequest) -> tuple[Path, ...]:
-        """``aqm frontier``: a run's budget frontier (measured points too with ``--measure``).
-
-        Everything is read and checked first; the target folder is locked while the frontier is
-        solved (and measured) and its files are put in place only once all of them are written.
-        """
-        from auto_quantize_model.app.frontier import plan_frontier, solve_job, write_job
-
-        job = plan_frontier(request)
-        own = _same_folder(job.target, job.manifest_path.parent)
-        if not own:
-            refuse_foreign_files(job.target, _frontier_names())
-        with self._claim(job.target, request.command):
-            frontier, measured = solve_job(job, self.frontier_measurer)
-            written = write_job(job, frontier, measured)
-            if not own:
-                self._write(job.target / OUTPUTS_RECORD, outputs_record(job.target, written))
-            return written
-
-    def export(self, request: ExportRequest) -> ExportedMix:
-        """``aqm export``: a run's mix at one budget as a ModelOpt config (and checkpoint).
-
-        Everything is read and checked first; the folder is written under a scratch name beside
-        the target and renamed into place once complete. The run folder is locked meanwhile, as
-        ``aqm run`` locks it: an export from a folder a run is writing is refused.
-        """
-        from auto_quantize_model.app.export import plan_export, reading_run_folder, run_export
-
-        with reading_run_folder(request.source, request.command):  # the lock aqm run takes
-            job = plan_export(request)
-            try:
-                return run_export(job, self.export_loader)
-            except OSError as err:
-                raise output_error(job.target, err) from None
-
-    def write_output(self, path: Path, text: str) -> Path:
-        """Write one result file (``aqm diff --output``), refusing a folder and naming OS failures."""
-        if path.is_dir():
-            raise OutputError(f"--output {path} is a folder; name a file in it, e.g. {path / 'diff.md'}")
-        blocker = file_above(path)
-        if blocker is not None:
-            raise OutputError(f"cannot write {path}: {blocker} is a file, not a folder")
-        made = make_folder(path.parent)
-        try:
-            return self._write(path, text)
-        except BaseException:
-            remove_made(made)
-            raise
 
 
 # --------------------------------------------------------------------------- helpers
@@ -990,28 +710,6 @@ def _interrupted_run(err: KeyboardInterrupt, folder: Path, *, saved: bool) -> st
         f"{what_stopped(err)}: nothing computed was kept in {folder} (no calibration had been saved yet); "
         f"`aqm resume {folder}` starts the run again"
     )
-
-
-def _same_folder(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve()
-
-
-def _report_names() -> list[str]:
-    """Every file ``aqm report`` may write into an output folder (the manifest is never rewritten)."""
-    from auto_quantize_model.render import plots, reports
-
-    stems = (plots.HEATMAP_STEM, plots.TOP_STEM, plots.SCATTER_STEM, plots.EXPERTS_STEM)
-    pictures = [f"{PLOTS_DIR}/{stem}{suffix}" for stem in stems for suffix in PLOT_SUFFIXES]
-    return [reports.LAYER_JSON, reports.LAYER_MD, *pictures]
-
-
-def _frontier_names() -> list[str]:
-    """Every file ``aqm frontier`` may write into an output folder."""
-    from auto_quantize_model.render import frontier
-
-    stems = (frontier.SCORE_STEM, frontier.FORMATS_STEM, frontier.MEASURED_STEM)
-    pictures = [f"{PLOTS_DIR}/{stem}{suffix}" for stem in stems for suffix in PLOT_SUFFIXES]
-    return [frontier.MARKDOWN_FILE, frontier.JSON_FILE, *pictures]
 
 
 def _point_names(request: RunRequest) -> tuple[str, ...]:

@@ -30,8 +30,8 @@ from auto_quantize_model.artifacts import (
 from auto_quantize_model.core.export_config import GroupChoice, choices_at
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import AqmError, ConfigError
+from auto_quantize_model.io.atomic import LinkRefused
 from auto_quantize_model.io.staged import (
-    LinkRefused,
     files_below,
     place,
     recorded_files,
