@@ -13,6 +13,7 @@ import torch
 from pytest_mock import MockerFixture
 
 from auto_quantize_model.artifacts import LoadedModel
+from auto_quantize_model.backend.devices import resolve_device, resolve_dtype
 from auto_quantize_model.backend.model_configs import ARCHITECTURES, Architecture
 from auto_quantize_model.backend.models import (
     BUILTIN_SOURCES,
@@ -24,8 +25,6 @@ from auto_quantize_model.backend.models import (
     load_tokenizer,
     qwen3_vl_4b_config,
     read_checkpoint_config,
-    resolve_device,
-    resolve_dtype,
     tiny_qwen3_vl_config,
     tiny_qwen3_vl_moe_config,
 )

