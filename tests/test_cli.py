@@ -28,7 +28,7 @@ from builders import INT8, descending, manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny-qwen3-vl.toml"
-SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-manifests"
+SEEDS = Path(__file__).resolve().parent / "data" / "seed-manifests"
 
 QUICK = RunService(library_importer=lambda: 0.0)
 """The real service minus the 11-16 s library import: for runs whose pipeline never starts."""
@@ -51,11 +51,6 @@ def failing_with(error: BaseException) -> RunService:
         raise error
 
     return RunService(pipeline_runner=run, library_importer=lambda: 0.0)
-
-
-needs_seeds = pytest.mark.skipif(
-    not SEEDS.is_dir(), reason=f"previous tool's manifests not available ({SEEDS} is absent)"
-)
 
 
 def run_cli(*argv: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -295,7 +290,6 @@ def seed_manifests() -> list[Path]:
     return sorted(SEEDS.glob("*/*_quant_manifest.json")) if SEEDS.is_dir() else []
 
 
-@needs_seeds
 @pytest.mark.parametrize("name", ["wint8_aint8", "wfp8_afp8", "int8_lm_default_legacy"])
 def test_report_on_previous_tool_manifests(
     name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -316,14 +310,12 @@ def test_report_on_previous_tool_manifests(
     assert positions == sorted(positions)
 
 
-@needs_seeds
 def test_report_refuses_to_overwrite_previous_tool_reports(capsys: pytest.CaptureFixture[str]) -> None:
     manifest = next(iter((SEEDS / "wint8_aint8").glob("*_quant_manifest.json")))
     assert cli.main(["report", str(manifest)]) == 2
     assert "--output" in capsys.readouterr().err
 
 
-@needs_seeds
 def test_diff_two_previous_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a, b = (next(iter((SEEDS / n).glob("*_quant_manifest.json"))) for n in ("wint8_aint8", "wfp8_afp8"))
     assert cli.main(["diff", str(a), str(b)]) == 0
@@ -427,7 +419,6 @@ def test_legacy_report_only_regenerates_with_the_old_names(
     ).read_bytes()
 
 
-@needs_seeds
 def test_legacy_report_only_refuses_the_previous_tool_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

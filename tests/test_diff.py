@@ -20,7 +20,7 @@ from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.manifest import Manifest
 from builders import manifest
 
-SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-manifests"
+SEEDS = Path(__file__).resolve().parent / "data" / "seed-manifests"
 INT8 = "wint8_aint8/wint8_aint8_autoquant_lm_quant_manifest.json"
 FP8 = "wfp8_afp8/wfp8_afp8_autoquant_lm_quant_manifest.json"
 INT8_OLD_LAYOUT = "int8_lm_default_legacy/int8_autoquant_lm_default_quant_manifest.json"
@@ -170,8 +170,6 @@ def test_diff_paths_on_our_manifests(tmp_path: Path) -> None:
 
 
 def _legacy(relative: str) -> Manifest:
-    if not SEEDS.is_dir():
-        pytest.skip(f"previous tool's manifests not found at {SEEDS} (../shared absent)")
     from auto_quantize_model.io.legacy import legacy_manifest_from_dict
 
     path = SEEDS / relative
@@ -209,8 +207,6 @@ def test_real_old_and_new_layout_of_one_int8_run_agree() -> None:
 
 
 def test_real_diff_paths_markdown() -> None:
-    if not SEEDS.is_dir():
-        pytest.skip(f"previous tool's manifests not found at {SEEDS} (../shared absent)")
     text = diff_paths(SEEDS / "wint8_aint8", SEEDS / FP8)
     assert text.startswith("## Ranking diff: wint8_aint8_autoquant_lm (A) vs wfp8_afp8_autoquant_lm (B)\n")
     assert "145 groups are ranked in both runs" in text

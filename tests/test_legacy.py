@@ -14,13 +14,9 @@ from auto_quantize_model.io.legacy import legacy_manifest_from_dict, looks_like_
 from auto_quantize_model.io.manifest import manifest_from_dict, manifest_to_json
 from auto_quantize_model.render.reports import LAYER_JSON, LAYER_MD, read_manifest, regenerate_reports
 
-SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-manifests"
+SEEDS = Path(__file__).resolve().parent / "data" / "seed-manifests"
 SEED_FOLDERS = ("wint8_aint8", "wfp8_afp8", "int8_lm_default_legacy")
 LEGACY_KEYS = ("layer", "num_bits", "sensitivity", "size_cost")
-
-needs_seeds = pytest.mark.skipif(
-    not SEEDS.is_dir(), reason=f"{SEEDS} is absent (the previous tool's reference outputs live in ../shared)"
-)
 
 
 def entry(scores: list[float], formats: tuple[str, ...] = ("INT8_DEFAULT_CFG", "NONE")) -> dict[str, Any]:
@@ -138,7 +134,6 @@ def test_broken_legacy_manifest_names_the_key(break_it: Any, needle: str) -> Non
 # ---- the previous tool's real outputs -----------------------------------------------------------
 
 
-@needs_seeds
 @pytest.mark.parametrize("folder", SEED_FOLDERS)
 def test_ranking_matches_their_own_report(folder: str, tmp_path: Path) -> None:
     directory = SEEDS / folder
@@ -157,7 +152,6 @@ def test_ranking_matches_their_own_report(folder: str, tmp_path: Path) -> None:
     assert (tmp_path / LAYER_MD).is_file()
 
 
-@needs_seeds
 def test_their_manifests_carry_what_they_recorded() -> None:
     (wint8,) = (SEEDS / "wint8_aint8").glob("*_quant_manifest.json")
     manifest = read_manifest(wint8)

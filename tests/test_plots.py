@@ -27,7 +27,7 @@ from auto_quantize_model.render.plots import (
 )
 from builders import manifest as make_manifest
 
-SEEDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-manifests"
+SEEDS = Path(__file__).resolve().parent / "data" / "seed-manifests"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -255,8 +255,6 @@ def test_render_plots_markdown(tmp_path: Path) -> None:
     ],
 )
 def test_real_manifests(tmp_path: Path, relative: str, has_head: bool, scored: int) -> None:
-    if not SEEDS.is_dir():
-        pytest.skip(f"previous tool's manifests not found at {SEEDS} (../shared absent)")
     from auto_quantize_model.io.legacy import legacy_manifest_from_dict
 
     path = SEEDS / relative

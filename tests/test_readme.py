@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import runpy
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-SEEDS = ROOT.parent / "shared" / "reference" / "seed-manifests"
+SEEDS = Path(__file__).resolve().parent / "data" / "seed-manifests"
 
 
 def _blocks(language: str) -> list[str]:
@@ -27,16 +26,14 @@ def test_first_command_installs_and_runs_the_tiny_default() -> None:
 
 
 @pytest.mark.slow
-def test_python_example_runs_as_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_python_example_runs_as_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     example = _blocks("python")[0]
     script = tmp_path / "example.py"
     script.write_text(example, encoding="utf-8")
-    cwd = Path.cwd()
-    os.chdir(tmp_path)
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(script), run_name="__main__")
     printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert [line.split()[0] for line in printed[-5:]] == ["1", "2", "3", "4", "5"]
     out = tmp_path / "runs" / "tiny-python"
@@ -44,7 +41,6 @@ def test_python_example_runs_as_shown(tmp_path: Path, capsys: pytest.CaptureFixt
     assert (out / "per-layer-sensitivity.md").is_file()
 
 
-@pytest.mark.skipif(not SEEDS.is_dir(), reason="../shared/reference/seed-manifests is absent (user clone)")
 def test_quoted_int8_vs_fp8_diff_is_current() -> None:
     from auto_quantize_model.core.diff import diff_paths
 
@@ -56,17 +52,15 @@ def test_quoted_int8_vs_fp8_diff_is_current() -> None:
 
 
 @pytest.mark.slow
-def test_python_export_example_runs_as_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_python_export_example_runs_as_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     example = _blocks("python")[1]
     assert "ExportCheckpoint" in example
     script = tmp_path / "export_example.py"
     script.write_text(example, encoding="utf-8")
-    cwd = Path.cwd()
-    os.chdir(tmp_path)
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(script), run_name="__main__")
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert 8.0 <= float(printed.split()[0]) <= 10.0, printed  # LM bits reached within the budget
     assert printed.endswith("read-back ok: True"), printed
