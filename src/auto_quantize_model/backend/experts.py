@@ -30,9 +30,9 @@ module by :class:`UnfusedExperts`, one ``nn.Linear`` per expert and projection h
 the same weights (no copy), named ``experts.<i>.gate_proj|up_proj|down_proj``, the layout ModelOpt
 knows from Qwen3-MoE in transformers 4. Its default rule (``algorithms.py`` l. 643) would group
 those back into one group per layer and score them at the MoE block's output;
-:func:`expert_search_rules` puts rules in front for one expert per group (``expert``) or gate+up
-and down apart per expert (``projection``), each expert projection scored at its own output like a
-dense layer (ModelOpt's documented way to customise grouping: ``model_quant.py`` l. 557). ModelOpt
+``patches.expert_search_rules`` (in the ModelOpt adapter) puts rules in front for one expert per
+group (``expert``) or gate+up and down apart per expert (``projection``), each expert projection
+scored at its own output like a dense layer (ModelOpt's documented way to customise grouping: ``model_quant.py`` l. 557). ModelOpt
 then wraps the MoE block as ``_QuantSparseSequentialMoe`` (``huggingface.py`` l. 1635), which gives
 every expert the same input scale after calibration, as the fused module's shared input
 quantizer does.
@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import attrs
@@ -270,54 +269,6 @@ def expert_group_key(grouping: ExpertGrouping, name: str) -> str | None:
     if grouping == "expert":
         return match["expert"]
     return f"{match['expert']}.{'down_proj' if match['proj'] == 'down_proj' else 'gate_up_proj'}"
-
-
-def _rule(grouping: ExpertGrouping) -> Any:
-    def rule(_model: nn.Module, name: str) -> str | None:
-        return expert_group_key(grouping, name)
-
-    return rule
-
-
-def _scores_at_mlp(rule: object) -> bool:
-    return isinstance(rule, str) and r"\.experts\.\d+\." in rule
-
-
-@contextlib.contextmanager
-def expert_search_rules(grouping: ExpertGrouping) -> Iterator[None]:
-    """ModelOpt's grouping and score rules for split experts, while a search runs; undone after.
-
-    ``layer`` changes nothing. Otherwise our rule goes first (ModelOpt applies the first rule that
-    matches a name) and the gradient searcher's rule that scores split experts at the MoE block's
-    output is set aside, so each expert projection is scored at its own output, as a dense
-    layer is: one extra forward of that projection per format instead of one of the whole block
-    per expert and format.
-
-    Split experts make ModelOpt register the MoE block's class, process-wide, as
-    ``_QuantSparseSequentialMoe``, whose calibration iterates over the experts: a later search
-    of the same class with *fused* experts (not iterable) would then fail. Registrations of that
-    kind made during the search are removed again; the modules already converted keep working.
-    """
-    if grouping == "layer":
-        yield
-        return
-    from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher, _AutoQuantizeBaseSearcher
-    from modelopt.torch.quantization.nn import QuantModuleRegistry
-    from modelopt.torch.quantization.plugins.huggingface import _QuantSparseSequentialMoe
-
-    base_rules = vars(_AutoQuantizeBaseSearcher)["quant_grouping_rules"]
-    score_rules = vars(AutoQuantizeGradientSearcher)["score_module_rules"]
-    registered = set(QuantModuleRegistry._registry)
-    _AutoQuantizeBaseSearcher.quant_grouping_rules = [_rule(grouping), *base_rules]
-    AutoQuantizeGradientSearcher.score_module_rules = [r for r in score_rules if not _scores_at_mlp(r)]
-    try:
-        yield
-    finally:
-        _AutoQuantizeBaseSearcher.quant_grouping_rules = base_rules
-        AutoQuantizeGradientSearcher.score_module_rules = score_rules
-        for cls, wrapper in list(QuantModuleRegistry._registry.items()):
-            if cls not in registered and wrapper is _QuantSparseSequentialMoe:
-                QuantModuleRegistry.unregister(cls)
 
 
 def prepare_experts(model: nn.Module, grouping: ExpertGrouping) -> tuple[ExpertLayer, ...]:

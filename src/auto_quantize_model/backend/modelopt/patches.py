@@ -26,6 +26,8 @@ from auto_quantize_model.io.atomic import fsync_path
 if TYPE_CHECKING:
     from torch import nn
 
+    from auto_quantize_model.backend.experts import ExpertGrouping
+
 
 @contextlib.contextmanager
 def swapped(owner: Any, name: str, value: Any) -> Iterator[None]:
@@ -133,11 +135,26 @@ def textlm_support() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _wrap_own(
+    module: Any, method: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> Iterator[None]:
+    """Wrap ``method`` of every class of ``module`` that defines it itself, for the block.
+
+    Each searcher class overrides its own copy, so each is wrapped around its own original; the
+    undo puts each class's own method back (:func:`swapped`).
+    """
+    with contextlib.ExitStack() as stack:
+        for cls in _classes_defining(module, method):
+            stack.enter_context(swapped(cls, method, wrap(vars(cls)[method])))
+        yield
+
+
+@contextlib.contextmanager
 def scoring_phase(on_start: Callable[[], None]) -> Iterator[None]:
     """Call ``on_start`` when ModelOpt starts scoring: its searchers' ``estimate_sensitivity_scores``.
 
     ModelOpt calls ``forward_step`` for both phases and says which only in progress bars, so the
-    searchers' scoring entry point is wrapped. Undo: each class's own method is put back.
+    searchers' scoring entry point is wrapped.
     """
     from modelopt.torch.quantization import algorithms
 
@@ -148,10 +165,7 @@ def scoring_phase(on_start: Callable[[], None]) -> Iterator[None]:
 
         return estimate
 
-    with contextlib.ExitStack() as stack:
-        for cls in _classes_defining(algorithms, "estimate_sensitivity_scores"):
-            original = vars(cls)["estimate_sensitivity_scores"]
-            stack.enter_context(swapped(cls, "estimate_sensitivity_scores", wrap(original)))
+    with _wrap_own(algorithms, "estimate_sensitivity_scores", wrap):
         yield
 
 
@@ -161,8 +175,7 @@ def candidate_stats_fix() -> Iterator[None]:
 
     ModelOpt keeps ``candidate_stats`` as a defaultdict but restores it from a checkpoint saved
     after calibration as a plain (empty) dict, so scoring then fails with a KeyError in
-    ``initialize_candidate_stats``: the wrapper gives it its defaultdict back first. Undo: each
-    class's own method is put back.
+    ``initialize_candidate_stats``: the wrapper gives it its defaultdict back first.
     """
     from modelopt.torch.quantization import algorithms
 
@@ -174,10 +187,66 @@ def candidate_stats_fix() -> Iterator[None]:
 
         return initialize
 
-    with contextlib.ExitStack() as stack:
-        for cls in _classes_defining(algorithms, "initialize_candidate_stats"):
-            original = vars(cls)["initialize_candidate_stats"]
-            stack.enter_context(swapped(cls, "initialize_candidate_stats", wrap(original)))
+    with _wrap_own(algorithms, "initialize_candidate_stats", wrap):
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# Split MoE experts: grouping and score rules, and the registrations a search leaves
+# --------------------------------------------------------------------------------------------------
+
+
+def _scores_at_mlp(rule: object) -> bool:
+    return isinstance(rule, str) and r"\.experts\.\d+\." in rule
+
+
+@contextlib.contextmanager
+def _new_registrations_undone(registry: Any, wrapper: type) -> Iterator[None]:
+    """Afterwards, unregister every class the block registered in ModelOpt's registry as ``wrapper``."""
+    before = set(registry._registry)
+    try:
+        yield
+    finally:
+        for cls, registered in list(registry._registry.items()):
+            if cls not in before and registered is wrapper:
+                registry.unregister(cls)
+
+
+@contextlib.contextmanager
+def expert_search_rules(grouping: ExpertGrouping) -> Iterator[None]:
+    """ModelOpt's grouping and score rules for split experts, while a search runs; undone after.
+
+    ``layer`` changes nothing. Otherwise our rule goes first (ModelOpt applies the first rule that
+    matches a name) and the gradient searcher's rule that scores split experts at the MoE block's
+    output is set aside, so each expert projection is scored at its own output, as a dense
+    layer is: one extra forward of that projection per format instead of one of the whole block
+    per expert and format.
+
+    Split experts make ModelOpt register the MoE block's class, process-wide, as
+    ``_QuantSparseSequentialMoe``, whose calibration iterates over the experts: a later search
+    of the same class with *fused* experts (not iterable) would then fail. Registrations of that
+    kind made during the search are removed again; the modules already converted keep working.
+    """
+    if grouping == "layer":
+        yield
+        return
+    from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher, _AutoQuantizeBaseSearcher
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+    from modelopt.torch.quantization.plugins.huggingface import _QuantSparseSequentialMoe
+
+    from auto_quantize_model.backend.experts import expert_group_key
+
+    def rule(_model: nn.Module, name: str) -> str | None:
+        return expert_group_key(grouping, name)
+
+    base_rules = vars(_AutoQuantizeBaseSearcher)["quant_grouping_rules"]
+    score_rules = vars(AutoQuantizeGradientSearcher)["score_module_rules"]
+    kept_scores = [r for r in score_rules if not _scores_at_mlp(r)]
+    with (
+        swapped(_AutoQuantizeBaseSearcher, "quant_grouping_rules", [rule, *base_rules]),
+        swapped(AutoQuantizeGradientSearcher, "score_module_rules", kept_scores),
+        _new_registrations_undone(QuantModuleRegistry, _QuantSparseSequentialMoe),
+    ):
         yield
 
 

@@ -221,7 +221,6 @@ def run_search(
     result).
     ``release`` replaces :func:`release_output_diffs` (looked up at call time).
     """
-    from auto_quantize_model.backend.experts import expert_search_rules
     from auto_quantize_model.backend.host_memory import host_memory_kept
     from auto_quantize_model.backend.lm_forward import (
         calibration_step_for,
@@ -257,7 +256,7 @@ def run_search(
             stack.enter_context(patches.textlm_support())
         stack.enter_context(patches.scoring_phase(scoring_started))
         stack.enter_context(patches.candidate_stats_fix())
-        stack.enter_context(expert_search_rules(lm.expert_grouping if lm.experts else "layer"))
+        stack.enter_context(patches.expert_search_rules(lm.expert_grouping if lm.experts else "layer"))
         stack.enter_context(patches.checked_state_load(checkpoint.loaded, checkpoint.unreadable))
         stack.enter_context(patches.atomic_state_save(checkpoint.before_replace))
         stack.enter_context(patches.frozen_heap())
