@@ -43,31 +43,27 @@ def _output_for(args_output: str | None, spec: PipelineSpec, stem: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace, service: RunService) -> int:
-    from auto_quantize_model.app.folders import pipeline_header
     from auto_quantize_model.app.run_service import RunRequest
-    from auto_quantize_model.app.sweep import expand_sweep
     from auto_quantize_model.io.pipeline_file import load_pipeline
 
     spec = load_pipeline(args.file, args.set)
-    points = expand_sweep(spec, source=args.file)
-    request = RunRequest(
+    folder = _output_for(args.output, spec, Path(args.file).stem)
+    request = RunRequest.of(
         spec,
-        points,
-        _output_for(args.output, spec, Path(args.file).stem),
-        header=pipeline_header(args.file, args.set),
-        title=args.file,
+        folder,
+        source=args.file,
+        overrides=args.set,
         force=args.force,
-        command=tuple(args.command_line),
+        command=args.command_line,
         worker=args.worker,
     )
     return service.run(request)
 
 
 def cmd_resume(args: argparse.Namespace, service: RunService) -> int:
-    from auto_quantize_model.app.folders import PIPELINE_FILE, pipeline_header
+    from auto_quantize_model.app.folders import PIPELINE_FILE
     from auto_quantize_model.app.run_service import RunRequest
     from auto_quantize_model.app.runs import COMPLETE, read_run
-    from auto_quantize_model.app.sweep import expand_sweep
     from auto_quantize_model.io.pipeline_file import load_pipeline
 
     folder = Path(args.folder)
@@ -77,16 +73,13 @@ def cmd_resume(args: argparse.Namespace, service: RunService) -> int:
     if record.status == COMPLETE and not args.force:
         raise InputError(f"{folder}: the run is already complete; nothing to resume (--force runs it again)")
     file = str(folder / PIPELINE_FILE)
-    spec = load_pipeline(file)
-    points = expand_sweep(spec, source=file)  # a sweep skips its finished points, resumes the rest
-    request = RunRequest(
-        spec,
-        points,
+    # a sweep skips its finished points and resumes the rest
+    request = RunRequest.of(
+        load_pipeline(file),
         folder,
-        header=pipeline_header(file),
-        title=file,
+        source=file,
         force=args.force,
-        command=tuple(args.command_line),
+        command=args.command_line,
         worker=args.worker,
     )
     return service.run(request)

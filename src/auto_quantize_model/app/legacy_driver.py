@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from auto_quantize_model.app.folders import new_run_dir, output_error, pipeline_header
+from auto_quantize_model.app.folders import new_run_dir, output_error
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -154,7 +154,6 @@ def cmd_qwen3_lm_int8(args: argparse.Namespace, service: RunService) -> int:
         raise InputError("--model-dir is required (a Qwen3-VL checkpoint folder), unless --report-only")
 
     from auto_quantize_model.app.run_service import RunRequest
-    from auto_quantize_model.app.sweep import expand_sweep
     from auto_quantize_model.io.pipeline_file import resolve_paths, spec_from_dict
 
     source = "aqm qwen3-lm-int8"
@@ -164,18 +163,14 @@ def cmd_qwen3_lm_int8(args: argparse.Namespace, service: RunService) -> int:
     raw["autoquant"]["checkpoint"] = str(folder / f"{LEGACY_SCHEME}_autoquant_state.pt")
     raw = resolve_paths(raw, Path.cwd())
     try:
-        spec = spec_from_dict(raw, source=source)
-        points = expand_sweep(spec, source=source)
+        request = RunRequest.of(
+            spec_from_dict(raw, source=source),
+            folder,
+            source=source,
+            force=args.force,
+            command=args.command_line,
+            after=legacy_aliases,
+        )
     except AqmError as err:
         raise _in_flag_terms(err) from None
-    request = RunRequest(
-        spec,
-        points,
-        folder,
-        header=pipeline_header(source),
-        title=source,
-        force=args.force,
-        command=tuple(args.command_line),
-        after=legacy_aliases,
-    )
     return service.run(request)

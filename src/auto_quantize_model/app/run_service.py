@@ -59,6 +59,7 @@ from auto_quantize_model.app.folders import (
     is_aqm_pipeline,
     make_folder,
     output_error,
+    pipeline_header,
     relative_names,
 )
 from auto_quantize_model.app.lock import Owner
@@ -131,6 +132,35 @@ class RunRequest:
     @property
     def is_sweep(self) -> bool:
         return len(self.points) > 1 or bool(self.points[0].settings)
+
+    @classmethod
+    def of(
+        cls,
+        spec: PipelineSpec,
+        folder: Path,
+        *,
+        source: str,
+        overrides: Sequence[str] = (),
+        force: bool = False,
+        command: Sequence[str] = (),
+        worker: Worker | None = None,
+        after: AfterRun | None = None,
+    ) -> RunRequest:
+        """The request to run ``spec`` (from ``source``, with ``--set`` ``overrides``) into ``folder``:
+        its sweep expanded into points, the ``pipeline.toml`` header written the one way."""
+        from auto_quantize_model.app.sweep import expand_sweep
+
+        return cls(
+            spec,
+            expand_sweep(spec, source=source),
+            folder,
+            header=pipeline_header(source, overrides),
+            title=source,
+            force=force,
+            command=tuple(command),
+            after=after,
+            worker=worker,
+        )
 
 
 @attrs.frozen

@@ -32,10 +32,10 @@ knows from Qwen3-MoE in transformers 4. Its default rule (``algorithms.py`` l. 6
 those back into one group per layer and score them at the MoE block's output;
 ``patches.expert_search_rules`` (in the ModelOpt adapter) puts rules in front for one expert per
 group (``expert``) or gate+up and down apart per expert (``projection``), each expert projection
-scored at its own output like a dense layer (ModelOpt's documented way to customise grouping: ``model_quant.py`` l. 557). ModelOpt
-then wraps the MoE block as ``_QuantSparseSequentialMoe`` (``huggingface.py`` l. 1635), which gives
-every expert the same input scale after calibration, as the fused module's shared input
-quantizer does.
+scored at its own output like a dense layer (ModelOpt's documented way to customise grouping:
+``model_quant.py`` l. 557). ModelOpt then wraps the MoE block as ``_QuantSparseSequentialMoe``
+(``huggingface.py`` l. 1635), which gives every expert the same input scale after calibration, as
+the fused module's shared input quantizer does.
 
 torch is imported at the top: this module is only imported from inside functions of the stages
 that hold a model, never by the command line's ``--help``/``report``/``diff`` paths.
