@@ -13,10 +13,9 @@ import pytest
 
 import auto_quantize_model
 from auto_quantize_model.io.pipeline_file import spec_from_dict, spec_to_dict
-from auto_quantize_model.specs import ExportSpec, FrontierSpec, PipelineSpec, ValidateSpec
+from auto_quantize_model.specs import STAGE_TABLES, ExportSpec, FrontierSpec, PipelineSpec, ValidateSpec
 from auto_quantize_model.stages import (
     STAGE_LABELS,
-    STAGE_TABLES,
     STAGES,
     build_pipeline,
     entry_named,

@@ -15,6 +15,7 @@ in pipeline order. :mod:`auto_quantize_model.stages` reads that into its registr
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -481,3 +482,20 @@ class PipelineSpec:
     )
     sweep: SweepTable = attrs.field(factory=dict)
     """Dotted setting (``calib.seq_len``) -> the values to try; empty means a single run."""
+
+
+def _stage_tables() -> dict[str, type]:
+    hints = typing.get_type_hints(PipelineSpec)
+    tables: dict[str, type] = {}
+    for field in attrs.fields(PipelineSpec):
+        if STAGE_METADATA in field.metadata:
+            kinds = [kind for kind in typing.get_args(hints[field.name]) if kind is not type(None)]
+            tables[field.name] = kinds[0] if kinds else hints[field.name]
+    return tables
+
+
+STAGE_TABLES: dict[str, type] = _stage_tables()
+"""Table name in pipeline files -> the spec class it structures into, in pipeline order.
+
+A fact of :class:`PipelineSpec`'s fields, so the file reader and converter (``io``) know the
+tables without importing the stages."""

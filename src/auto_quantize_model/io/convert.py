@@ -47,8 +47,13 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn
 
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.specs import DeviceMapSetting, MemoryLimitsSetting, SpecError, SweepTable
-from auto_quantize_model.stages import STAGE_TABLES
+from auto_quantize_model.specs import (
+    STAGE_TABLES,
+    DeviceMapSetting,
+    MemoryLimitsSetting,
+    SpecError,
+    SweepTable,
+)
 
 T = TypeVar("T")
 Record = TypeVar("Record", bound=attrs.AttrsInstance)

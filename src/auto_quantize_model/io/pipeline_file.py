@@ -24,8 +24,7 @@ import tomli_w
 
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.convert import CONVERTER, flatten_sweep, toml_problems
-from auto_quantize_model.specs import TABLE_METADATA, PipelineSpec, is_bundled
-from auto_quantize_model.stages import STAGES
+from auto_quantize_model.specs import STAGE_TABLES, TABLE_METADATA, PipelineSpec, is_bundled
 
 __all__ = [
     "PATH_KEYS",
@@ -235,11 +234,11 @@ def load_pipeline(
 def spec_to_dict(spec: PipelineSpec, *, with_sweep: bool = True) -> dict[str, Any]:
     """Plain tables (None values dropped, tuples as lists), the shape a TOML file would have."""
     raw: dict[str, Any] = {}
-    for entry in STAGES:
-        section = getattr(spec, entry.table)
+    for table in STAGE_TABLES:
+        section = getattr(spec, table)
         if section is None:
             continue
-        raw[entry.table] = {
+        raw[table] = {
             field.name: _plain_field(field, getattr(section, field.name))
             for field in attrs.fields(type(section))
             if getattr(section, field.name) is not None

@@ -105,9 +105,6 @@ STAGES: tuple[StageEntry, ...] = _entries()
 STAGE_LABELS: dict[str, str] = {entry.name: entry.label for entry in STAGES}
 """Stage class name -> short label (``RunAutoQuant`` -> ``autoquant``)."""
 
-STAGE_TABLES: dict[str, type] = {entry.table: entry.spec for entry in STAGES}
-"""Table name in pipeline files -> the spec class it structures into, in pipeline order."""
-
 
 def entry_named(name: str) -> StageEntry:
     """The registry row of stage class ``name``."""
