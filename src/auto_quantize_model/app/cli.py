@@ -116,16 +116,21 @@ def cmd_report(args: argparse.Namespace, service: RunService) -> int:
 
 
 def cmd_formats(args: argparse.Namespace, service: RunService) -> int:
+    from auto_quantize_model.core.export_config import export_format
     from auto_quantize_model.core.formats import CUSTOM_GRAMMAR, FORMAT_OPTIONS, all_formats
 
     rows = [("name", "bits", "weights", "activations", "runs on")]
     refused: list[str] = []
+    not_exported: list[str] = []
     for info in all_formats():
         if info.refused is not None:
             where = "not usable (see below)"
             refused.append(f"  {info.name}: {info.refused}")
         else:
             where = "CUDA only" if info.needs_cuda else "CPU and CUDA"
+            export_refused = export_format(info.name).refused
+            if export_refused is not None:
+                not_exported.append(f"  {info.name}: {export_refused}")
         rows.append((info.name, f"{info.bits:g}", info.weights, info.activations, where))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for number, row in enumerate(rows):
@@ -137,6 +142,9 @@ def cmd_formats(args: argparse.Namespace, service: RunService) -> int:
     if refused:
         print("\nListed but refused for AutoQuant here:")
         print("\n".join(refused))
+    if not_exported:
+        print("\nUsable for AutoQuant but not exportable (aqm export refuses them):")
+        print("\n".join(not_exported))
     return 0
 
 
