@@ -218,7 +218,7 @@ def cmd_diff(args: argparse.Namespace, service: RunService) -> int:
 def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
     """The ``aqm`` parser; ``bench_flags=False`` leaves the benchmark's flags (and their imports,
     a few hundred ms) out, for a command line that is not ``aqm bench``."""
-    from auto_quantize_model.app import legacy_driver
+    from auto_quantize_model.app import legacy_driver, pipelines_cmd
     from auto_quantize_model.app.folders import package_version
 
     common = argparse.ArgumentParser(add_help=False)
@@ -356,6 +356,7 @@ def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
     diff.add_argument("--output", metavar="FILE", help="write the Markdown here instead of stdout")
     diff.set_defaults(func=cmd_diff)
 
+    pipelines_cmd.add_parser(sub, common)
     legacy_driver.add_parser(sub, common)
     return parser
 
