@@ -22,6 +22,7 @@ from auto_quantize_model.core.formats import (
     local_quantizer,
     min_effective_bits,
     parse_custom,
+    quantizer_extensions,
     resolve_format,
 )
 from auto_quantize_model.errors import ConfigError
@@ -333,7 +334,8 @@ def _quiet_import() -> Any:
 
 @pytest.mark.slow
 def test_preset_table_matches_modelopt() -> None:
-    """Every ModelOpt preset is in the table with ModelOpt's cost, and the refusals are proven."""
+    """Every ModelOpt preset is in the table with ModelOpt's cost, calibration and the CUDA extensions
+    its linear quantizers call, and the refusals are proven."""
     mtq_config = _quiet_import()
     from modelopt.torch.quantization.algorithms import QuantRecipe
 
@@ -344,6 +346,9 @@ def test_preset_table_matches_modelopt() -> None:
         assert QuantRecipe(name).compression * 16 == pytest.approx(info.bits), name
         algo = raw.get("algorithm")
         assert (algo["method"] if isinstance(algo, dict) else algo) == info.algorithm, name
+        linear = linear_quantizers(raw["quant_cfg"])
+        called = quantizer_extensions([q.cfg for q in linear.values() if q.enabled])
+        assert info.cuda_extensions == (called if info.refused is None else ()), name
         reason = inert_reason(raw["quant_cfg"])
         if "KV-cache" in (info.refused or ""):
             assert reason == "unconfigured", name

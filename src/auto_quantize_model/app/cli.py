@@ -110,16 +110,21 @@ def cmd_report(args: argparse.Namespace, service: RunService) -> int:
 
 
 def cmd_formats(args: argparse.Namespace, service: RunService) -> int:
+    from auto_quantize_model.core.export_config import export_format
     from auto_quantize_model.core.formats import CUSTOM_GRAMMAR, FORMAT_OPTIONS, all_formats
 
     rows = [("name", "bits", "weights", "activations", "runs on")]
     refused: list[str] = []
+    not_exported: list[str] = []
     for info in all_formats():
         if info.refused is not None:
             where = "not usable (see below)"
             refused.append(f"  {info.name}: {info.refused}")
         else:
             where = "CUDA only" if info.needs_cuda else "CPU and CUDA"
+            export_refused = export_format(info.name).refused
+            if export_refused is not None:
+                not_exported.append(f"  {info.name}: {export_refused}")
         rows.append((info.name, f"{info.bits:g}", info.weights, info.activations, where))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for number, row in enumerate(rows):
@@ -131,6 +136,9 @@ def cmd_formats(args: argparse.Namespace, service: RunService) -> int:
     if refused:
         print("\nListed but refused for AutoQuant here:")
         print("\n".join(refused))
+    if not_exported:
+        print("\nUsable for AutoQuant but not exportable (aqm export refuses them):")
+        print("\n".join(not_exported))
     return 0
 
 
@@ -204,7 +212,7 @@ def cmd_diff(args: argparse.Namespace, service: RunService) -> int:
 def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
     """The ``aqm`` parser; ``bench_flags=False`` leaves the benchmark's flags (and their imports,
     a few hundred ms) out, for a command line that is not ``aqm bench``."""
-    from auto_quantize_model.app import legacy_driver
+    from auto_quantize_model.app import legacy_driver, pipelines_cmd
     from auto_quantize_model.app.folders import package_version
 
     common = argparse.ArgumentParser(add_help=False)
@@ -342,6 +350,7 @@ def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
     diff.add_argument("--output", metavar="FILE", help="write the Markdown here instead of stdout")
     diff.set_defaults(func=cmd_diff)
 
+    pipelines_cmd.add_parser(sub, common)
     legacy_driver.add_parser(sub, common)
     return parser
 

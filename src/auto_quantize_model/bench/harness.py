@@ -65,6 +65,7 @@ from auto_quantize_model.core.captions import (
     read_caption_file,
     read_captions,
 )
+from auto_quantize_model.core.formats import cuda_extensions
 from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ReportSpec
 
 if TYPE_CHECKING:
@@ -153,41 +154,6 @@ def release_memory(device: str) -> int | None:
     torch.cuda.synchronize(_cuda_index(device))
     torch.cuda.empty_cache()
     return int(torch.cuda.memory_allocated(_cuda_index(device)))
-
-
-def warm_cuda_extensions(formats: Sequence[str]) -> tuple[tuple[str, str, float], ...]:
-    """Load (JIT-building on a fresh machine, ~1 min) ModelOpt's CUDA extensions the formats use."""
-    from auto_quantize_model.backend.modelopt import import_off_stack
-    from auto_quantize_model.backend.modelopt.search import cuda_extension_built
-
-    extensions = import_off_stack("modelopt.torch.quantization.extensions")
-
-    wanted: list[tuple[str, Any]] = [("modelopt_cuda_ext", extensions.get_cuda_ext)]
-    if any("FP8" in name.upper() for name in formats):
-        wanted.append(("modelopt_cuda_ext_fp8", extensions.get_cuda_ext_fp8))
-    if any(tag in name.upper() for name in formats for tag in ("MX", "NVFP4")):
-        wanted.append(("modelopt_cuda_ext_mx", extensions.get_cuda_ext_mx))
-    found: list[tuple[str, str, float]] = []
-    for name, getter in wanted:
-        if hasattr(getter, "extension"):
-            found.append((name, "already loaded in this process", 0.0))
-            continue
-        prebuilt = cuda_extension_built(name)
-        if not prebuilt:
-            log.info(
-                "ModelOpt's CUDA extension %s is not built on this machine: building it now "
-                "(about a minute, once per machine)",
-                name,
-            )
-        started = time.perf_counter()
-        loaded = getter()
-        seconds = time.perf_counter() - started
-        if loaded is None:
-            what = "failed to build or load (ModelOpt falls back to slower code)"
-        else:
-            what = "prebuilt, loaded" if prebuilt else "JIT-built now"
-        found.append((name, what, seconds))
-    return tuple(found)
 
 
 def count_captions(source: str) -> int:
@@ -417,13 +383,18 @@ def warm_up(s: BenchSettings) -> tuple[Warmup, LoadedModel, str]:
 
     Returns the (now mutated) loaded model for its tokenizer, and its pristine weight checksum.
     """
+    from auto_quantize_model.backend.modelopt.search import warm_cuda_extensions
     from auto_quantize_model.stages.extract_lm import ExtractLM
     from auto_quantize_model.stages.load_model import LoadModel
 
     store = _continue([LoadModel(s.load)])
     loaded = store.get(LoadedModel)
     checksum = weight_checksum(loaded.model)
-    extensions = warm_cuda_extensions(s.autoquant.formats) if builds_extensions(loaded.device, s) else ()
+    extensions = (
+        warm_cuda_extensions(cuda_extensions(s.autoquant.formats))
+        if builds_extensions(loaded.device, s)
+        else ()
+    )
     captions = read_captions(s.calib.captions, 1)
     tiny = reference_calib_data(
         tokenize_captions(loaded.tokenizer, captions),

@@ -33,7 +33,9 @@ FP8 weight-only as ``FP8`` (W8A8), FP8 per-input-channel as ``FP8`` (per tensor)
 activations as ``W4A16_AWQ``, NVFP4 weights with INT8 or dynamic FP8 activations as ``NVFP4``
 (FP4 activations). A runtime reading those labels would compute something else than what was
 scored, so such formats are refused by :func:`export_format` with the label the exporter would
-write; so are INT4 weights without blocks, which the exporter cannot pack (it asserts).
+write; so are INT4 weights without blocks, which the exporter cannot pack (it asserts). A preset's
+label, group size and refusal are facts of its row in ``data/presets.toml``
+(:class:`~auto_quantize_model.core.formats.Preset`); a grammar name's are derived here.
 ``tests/test_export_labels.py`` checks every listed format and every grammar name against the
 exporter itself.
 """
@@ -42,14 +44,20 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import yaml
 
-from auto_quantize_model.core.formats import CustomFormat, local_quantizer, parse_custom, resolve_format
+from auto_quantize_model.core.formats import (
+    CustomFormat,
+    local_quantizer,
+    parse_custom,
+    preset,
+    resolve_format,
+)
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import ConfigError, InputError
 
@@ -96,39 +104,6 @@ class ExportFormat:
     needs_cuda: bool = False
     refused: str | None = None
     """Why this format cannot be exported; None when it can."""
-
-
-# Presets that are not one of the custom formats (those go through _custom_export). Verified on
-# CPU: INT8/FP8/INT4 rows; the CUDA rows follow the exporter's code (process_layer_quant_config).
-_PRESET_LABELS: dict[str, tuple[str, int | None]] = {
-    "INT8_SMOOTHQUANT_CFG": ("W8A8_SQ_PER_CHANNEL", None),
-    "INT4_AWQ_CFG": ("W4A16_AWQ", 128),
-    "W4A8_AWQ_BETA_CFG": ("W4A8_AWQ", 128),
-    "NVFP4_DEFAULT_CFG": ("NVFP4", 16),
-    "NVFP4_FP8_MHA_CONFIG": ("NVFP4", 16),
-    # Static NVFP4 weights (MSE/local-Hessian scales): labelled NVFP4, refused for their calibration.
-    "NVFP4_FOUR_OVER_SIX_CFG": ("NVFP4", 16),
-    "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG": ("NVFP4", 16),
-    "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG": ("NVFP4", 16),
-    "NVFP4_AWQ_LITE_CFG": ("NVFP4_AWQ", 16),
-    "NVFP4_AWQ_CLIP_CFG": ("NVFP4_AWQ", 16),
-    "NVFP4_AWQ_FULL_CFG": ("NVFP4_AWQ", 16),
-    "W4A16_NVFP4_CFG": ("W4A16_NVFP4", 16),
-    "W4A8_NVFP4_FP8_CFG": ("W4A8_NVFP4_FP8", 32),
-    "MXFP8_DEFAULT_CFG": ("MXFP8", 32),
-    "W4A8_MXFP4_FP8_CFG": ("W4A8_MXFP4_FP8", 32),
-}
-
-_PRESET_REFUSALS = {
-    "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG": (
-        "ModelOpt 0.47's HF exporter records it as 'fp8_pb_wo', a label no deployment runtime reads"
-    ),
-    "MXFP4_DEFAULT_CFG": (
-        "ModelOpt 0.47's HF exporter records it as 'mxfp4', which it has no per-layer entry for"
-    ),
-    "MXFP6_DEFAULT_CFG": "ModelOpt 0.47's HF exporter cannot write 6-bit weights (NotImplementedError)",
-    "MXINT8_DEFAULT_CFG": "ModelOpt 0.47's HF exporter records MXINT8 as plain INT8 (W8A8_SQ_PER_CHANNEL)",
-}
 
 
 _INT4_NEEDS_BLOCKS = (
@@ -189,20 +164,15 @@ def export_format(name: str) -> ExportFormat:
     info = resolve_format(name)
     if info.refused is not None:
         return ExportFormat(name=name, label=None, needs_cuda=info.needs_cuda, refused=info.refused)
-    base = info.base_name  # an AWQ alpha step changes the scales it finds, not what is exported
-    if base in _PRESET_REFUSALS:
-        return ExportFormat(name=name, label=None, needs_cuda=info.needs_cuda, refused=_PRESET_REFUSALS[base])
-    if base in _PRESET_LABELS:
-        label, group_size = _PRESET_LABELS[base]
-        return ExportFormat(name=name, label=label, group_size=group_size, needs_cuda=info.needs_cuda)
-    spec = parse_custom(info.equivalent or base)
-    if spec is None:
+    row = preset(info.base_name)  # an AWQ alpha step changes the scales it finds, not the export
+    if row is not None:
+        if row.export_refused is not None:
+            return ExportFormat(name=name, label=None, needs_cuda=info.needs_cuda, refused=row.export_refused)
         return ExportFormat(
-            name=name,
-            label=None,
-            needs_cuda=info.needs_cuda,
-            refused="no exporter label is known for it (see auto_quantize_model.core.export_config)",
+            name=name, label=row.export_label, group_size=row.export_group_size, needs_cuda=info.needs_cuda
         )
+    spec = parse_custom(info.base_name)
+    assert spec is not None, f"{name} resolved as neither a preset nor a grammar name"
     recorded, block, faithful = _custom_export(spec)
     if recorded is None:
         return ExportFormat(name=name, label=None, needs_cuda=info.needs_cuda, refused=_INT4_NEEDS_BLOCKS)
@@ -579,78 +549,28 @@ def read_quant_config(text: str, source: str = "quant_config.json") -> dict[str,
     return restored
 
 
-def _yaml_scalar(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return ".nan"
-        if math.isinf(value):
-            return ".inf" if value > 0 else "-.inf"
-        return repr(value)
-    if isinstance(value, str):
-        return "'" + value.replace("'", "''") + "'"
-    raise TypeError(f"cannot write {type(value).__name__} {value!r} to YAML")
-
-
-def _is_scalar(value: Any) -> bool:
-    return not isinstance(value, Mapping | list | tuple)
-
-
-def _yaml_lines(value: Any, indent: int) -> list[str]:
-    pad = " " * indent
-    if isinstance(value, Mapping):
-        lines: list[str] = []
-        for key, item in value.items():
-            head = f"{pad}{key if isinstance(key, int) else _yaml_scalar(str(key))}:"
-            if _is_scalar(item) or not item:
-                empty = "{}" if isinstance(item, Mapping) else "[]"
-                lines.append(f"{head} {_yaml_scalar(item) if _is_scalar(item) else empty}")
-            elif isinstance(item, list | tuple) and all(_is_scalar(v) for v in item):
-                lines.append(f"{head} [{', '.join(_yaml_scalar(v) for v in item)}]")
-            else:
-                lines.append(head)
-                lines.extend(_yaml_lines(item, indent + 2))
-        return lines
-    lines = []
-    for item in value:
-        if _is_scalar(item) or not item:
-            empty = "{}" if isinstance(item, Mapping) else "[]"
-            lines.append(f"{pad}- {_yaml_scalar(item) if _is_scalar(item) else empty}")
-            continue
-        nested = _yaml_lines(item, indent + 2)
-        if isinstance(item, Mapping):
-            nested[0] = f"{pad}- {nested[0][indent + 2 :]}"
-            lines.extend(nested)
-        else:
-            lines.append(f"{pad}-")
-            lines.extend(nested)
-    return lines
-
-
 def recipe_yaml(config: ExportConfig, description: str = RECIPE_DESCRIPTION) -> str:
     """``quant_recipe.yaml``: the config as a ModelOpt 0.47 PTQ recipe (``modelopt.recipe.load_recipe``).
 
-    Written by hand (a tiny emitter for dicts, lists and scalars) rather than through PyYAML,
-    which is not a dependency of this package; strings are single-quoted so that patterns such
-    as ``*`` are never read as YAML aliases.
+    ``yaml.safe_dump`` quotes what YAML would otherwise misread (a ``*`` pattern as an alias, a
+    ``-`` as a list) and keeps ``block_sizes``' integer keys, which is why the recipe is YAML at
+    all; keys stay in ModelOpt's order rather than sorted, so the file reads like its presets.
     """
-    recipe = {
-        "metadata": {"recipe_type": "ptq", "description": description},
-        "quantize": {
-            "algorithm": config.quant_config["algorithm"],
-            "quant_cfg": config.quant_config["quant_cfg"],
-        },
-    }
+    recipe = json_ready(
+        {
+            "metadata": {"recipe_type": "ptq", "description": description},
+            "quantize": {
+                "algorithm": config.quant_config["algorithm"],
+                "quant_cfg": config.quant_config["quant_cfg"],
+            },
+        }
+    )
     header = [
         "# ModelOpt PTQ recipe written by auto-quantize-model: one entry per quantizer of each chosen layer.",
         "# Load: from modelopt.recipe import load_recipe; cfg = load_recipe(PATH).quantize.model_dump()",
     ]
-    return "\n".join([*header, *_yaml_lines(recipe, 0)]) + "\n"
+    body = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, width=1_000_000)
+    return "\n".join(header) + "\n" + str(body)
 
 
 # --------------------------------------------------------------------------------------------------

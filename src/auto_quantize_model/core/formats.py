@@ -2,9 +2,10 @@
 
 Two kinds of names are accepted:
 
-* ModelOpt presets by their ModelOpt name (``INT8_DEFAULT_CFG``). The table below is static so that
-  ``aqm formats`` and pre-flight validation never import torch or ModelOpt; a test checks it
-  against ``modelopt.torch.quantization.config`` entry by entry.
+* ModelOpt presets by their ModelOpt name (``INT8_DEFAULT_CFG``). Their table is package data,
+  ``data/presets.toml`` (:class:`Preset` rows: cost, calibration, refusal, scheme name, export
+  label, CUDA extensions), so that ``aqm formats`` and pre-flight validation never import torch or
+  ModelOpt; a test checks it against ``modelopt.torch.quantization.config`` entry by entry.
 * Our own weight/activation names, parsed from a small grammar (:data:`CUSTOM_GRAMMAR`), e.g.
   ``wint8_aint8`` or ``wint4-b128_aint8-token``. They build a ModelOpt config with only the two
   quantizers of a linear layer set, which is all that ``auto_quantize`` looks at. Every name the
@@ -29,20 +30,33 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
+import importlib.resources
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import tomllib
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, cast
 
 import attrs
+import cattrs
+from cattrs.errors import IterableValidationError, IterableValidationNote
+from cattrs.v import format_exception
 
-from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.errors import ConfigError, InputError
 
 FormatKind = Literal["preset", "custom"]
 WeightType = Literal["fp4", "int4", "int8", "fp8"]
 WeightGranularity = Literal["pt", "pc", "pic", "b16", "b32", "b64", "b128"]
 ActivationType = Literal["16", "fp4", "fp8", "int8", "int4"]
 ActivationGranularity = Literal["tensor", "token", "b16"]
+Device = Literal["cpu", "cuda"]
+CudaExtension = Literal["modelopt_cuda_ext", "modelopt_cuda_ext_fp8", "modelopt_cuda_ext_mx"]
+
+CUDA_EXTENSIONS: tuple[CudaExtension, ...] = typing.get_args(CudaExtension)
+"""ModelOpt 0.47's JIT-built CUDA extensions (``modelopt.torch.quantization.extensions``), in the
+order a warm-up builds them."""
 
 LINEAR_QUANTIZERS = ("weight_quantizer", "input_quantizer")
 """Local names of the quantizers ModelOpt puts on a linear layer (besides the output one)."""
@@ -81,6 +95,9 @@ class FormatInfo:
     """Canonical custom name quantizing linear layers exactly like this preset (same calibration)."""
     alpha_step: float | None = None
     """AWQ-lite's alpha grid step when the name sets one (``PRESET:alpha_step=0.25``); None: ModelOpt's."""
+    cuda_extensions: tuple[CudaExtension, ...] = ()
+    """The ModelOpt CUDA extensions its quantizers call on a GPU (:func:`quantizer_extensions`);
+    empty for refused formats, which never run."""
 
     @property
     def usable(self) -> bool:
@@ -145,6 +162,31 @@ _FP4_BLOCK_SIZE = (
     "fp4_fake_quant_block without it), so other groups would be scored as blocks of 16 under another "
     "name"
 )
+
+
+def quantizer_extensions(cfg: Any) -> tuple[CudaExtension, ...]:
+    """The CUDA extensions ModelOpt 0.47 calls to fake-quantize with quantizer attributes ``cfg``.
+
+    Read from ``TensorQuantizer._fake_quantize`` and ``tensor_quant``: dynamic blocks (MX, NVFP4)
+    go to the MX extension (NVFP4 reaches triton instead on compute 8.9+ GPUs with triton, but
+    falls back to it elsewhere), other FP8 E4M3 to the FP8 one, integers to the base one; static
+    NVFP4 blocks run on triton alone. A list (a sequential quantizer) needs what each step needs;
+    None (disabled, or a16) needs nothing. The preset rows are checked against this rule.
+    """
+    if cfg is None:
+        return ()
+    if isinstance(cfg, list | tuple):
+        wanted = {extension for step in cfg for extension in quantizer_extensions(step)}
+        return tuple(extension for extension in CUDA_EXTENSIONS if extension in wanted)
+    blocks = cfg.get("block_sizes") or {}
+    if blocks.get("type") == "dynamic":
+        return ("modelopt_cuda_ext_mx",)
+    num_bits = cfg.get("num_bits", 8)
+    if isinstance(num_bits, int):
+        return ("modelopt_cuda_ext",)
+    if tuple(num_bits) == _NUM_BITS["fp8"]:
+        return ("modelopt_cuda_ext_fp8",)
+    return ()
 
 
 def _refusal(spec: CustomFormat) -> str | None:
@@ -220,6 +262,10 @@ class CustomFormat:
     @property
     def experimental(self) -> bool:
         return self.activation in EXPERIMENTAL_ACTIVATIONS
+
+    def cuda_extensions(self) -> tuple[CudaExtension, ...]:
+        """What its two quantizers call on a GPU, derived from their element types and blocks."""
+        return quantizer_extensions([self.weight_cfg(), self.input_cfg()])
 
     def weight_cfg(self) -> dict[str, Any]:
         if self.weight == "fp4":
@@ -321,7 +367,7 @@ def parse_custom(name: str) -> CustomFormat | None:
 
 
 def _custom_info(name: str, spec: CustomFormat) -> FormatInfo:
-    same = [p.name for p in _PRESETS if p.equivalent == spec.name]
+    same = [p.name for p in presets() if p.equivalent == spec.name]
     notes = []
     if same:
         notes.append(f"quantizes like {same[0]}")
@@ -340,6 +386,7 @@ def _custom_info(name: str, spec: CustomFormat) -> FormatInfo:
         modelopt_name=None,
         algorithm="max",
         refused=spec.refused,
+        cuda_extensions=() if spec.refused is not None else spec.cuda_extensions(),
     )
 
 
@@ -375,410 +422,219 @@ CUSTOM_REFUSED_EXAMPLES: tuple[str, ...] = (
 
 
 # --------------------------------------------------------------------------------------------------
-# ModelOpt presets (static: no torch/modelopt import)
+# ModelOpt presets: package data (data/presets.toml), read without torch or ModelOpt
 # --------------------------------------------------------------------------------------------------
 
-_W16 = "16-bit (not quantized)"
-_KV = "none (KV cache only)"
-_NVFP4 = _NVFP4_LABEL
-_NVFP4_ACT = "NVFP4 dynamic, blocks of 16"
-_MX_NOTE = "ModelOpt runs MX formats only through its CUDA extension."
-_NVFP4_NOTE = "ModelOpt's NVFP4 dynamic block quantization asserts CUDA tensors."
+PRESETS_FILE = "presets.toml"
+"""The preset table, shipped in ``auto_quantize_model/data``: one row per ModelOpt preset."""
 
 
-def _kv_refusal(bits: float) -> str:
-    return (
-        "KV-cache preset: it configures no quantizer of a linear layer, so under auto_quantize every "
-        f"layer would keep ModelOpt's default INT8 per-tensor quantizers while being costed at {bits:g} "
-        "bits; KV-cache quantization is a deployment choice, not a per-layer one"
-    )
+@attrs.frozen
+class Preset:
+    """One row of ``data/presets.toml``: every fact this package holds about a ModelOpt preset.
+
+    The search (bits, calibration, refusal), ``aqm formats`` (the texts, devices), scheme names,
+    the exporter's label and group size and the CUDA warm-up all read the same row, so no fact
+    about a preset is written twice. The file's header says what each key means.
+    """
+
+    name: str
+    bits: float
+    weights: str
+    activations: str
+    description: str
+    devices: tuple[Device, ...]
+    scheme: str
+    """This preset's part of a derived scheme name (the previous tool's short names)."""
+    algorithm: str | None = None
+    """ModelOpt's calibration method; None for dynamic formats, which need none."""
+    equivalent: str | None = None
+    refused: str | None = None
+    cuda_extensions: tuple[CudaExtension, ...] = ()
+    export_label: str | None = None
+    """The ``quant_algo`` ModelOpt 0.47's HF exporter records for a layer in this format."""
+    export_group_size: int | None = None
+    scored_group_size: int | None = None
+    """The block size the search fake-quantizes with where it is not ``export_group_size``."""
+    export_refused: str | None = None
+    """Why ``aqm export`` refuses it (with ``export_label`` set, what would have been written)."""
+
+    @property
+    def needs_cuda(self) -> bool:
+        return "cpu" not in self.devices
+
+    def problems(self) -> list[str]:
+        """What contradicts itself in this row: the rules the file's header states."""
+        found = []
+        if not self.devices or len(set(self.devices)) != len(self.devices):
+            found.append("devices must list cpu and/or cuda once each")
+        if len(set(self.cuda_extensions)) != len(self.cuda_extensions):
+            found.append("cuda_extensions lists an extension twice")
+        export = (self.export_label, self.export_group_size, self.scored_group_size, self.export_refused)
+        if self.refused is not None:
+            if self.cuda_extensions or any(fact is not None for fact in export):
+                found.append("a refused preset never runs: drop its cuda_extensions and export_* keys")
+            return found
+        if self.export_label is None and self.export_refused is None:
+            found.append("say what the exporter records (export_label) or why it is refused (export_refused)")
+        if self.export_group_size is not None and self.export_label is None:
+            found.append("export_group_size without export_label")
+        if self.scored_group_size is not None:
+            if self.scored_group_size == self.export_group_size:
+                found.append("scored_group_size is only for a block size unlike export_group_size")
+            elif self.export_refused is None:
+                found.append("scored and exported block sizes differ, so export_refused must say why")
+        return found
+
+    def info(self) -> FormatInfo:
+        return FormatInfo(
+            name=self.name,
+            bits=self.bits,
+            weights=self.weights,
+            activations=self.activations,
+            description=self.description,
+            needs_cuda=self.needs_cuda,
+            kind="preset",
+            modelopt_name=self.name,
+            algorithm=self.algorithm,
+            refused=self.refused,
+            equivalent=self.equivalent,
+            cuda_extensions=self.cuda_extensions,
+        )
 
 
-def _pattern_refusal(patterns: str, bits: float) -> str:
-    return (
-        f"its quantizer patterns ({patterns}) name modules, but auto_quantize matches them against a "
-        "layer's local quantizer names ('weight_quantizer'), so it would enable no quantizer while "
-        f"being costed at {bits:g} bits"
-    )
+@attrs.frozen
+class _PresetFile:
+    preset: tuple[Preset, ...]
 
 
-def _mamba_refusal(same_as: str) -> str:
-    return (
-        "Mamba-MoE preset: its layer exclusions are ignored by auto_quantize's per-layer matching, so "
-        f"here it quantizes exactly like {same_as}; use {same_as}"
-    )
+def _strict(kind: type, check: Callable[[Any], bool], make: Callable[[Any], Any]) -> Any:
+    def structure(value: Any, _: Any) -> Any:
+        if not check(value):
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        return make(value)
+
+    return structure
 
 
-def _preset(
-    name: str,
-    bits: float,
-    weights: str,
-    activations: str,
-    description: str,
-    *,
-    algorithm: str | None = "max",
-    needs_cuda: bool = False,
-    refused: str | None = None,
-    equivalent: str | None = None,
-) -> FormatInfo:
-    return FormatInfo(
-        name=name,
-        bits=bits,
-        weights=weights,
-        activations=activations,
-        description=description,
-        needs_cuda=needs_cuda,
-        kind="preset",
-        modelopt_name=name,
-        algorithm=algorithm,
-        refused=refused,
-        equivalent=equivalent,
-    )
+def _origin(kind: Any) -> object:
+    """``typing.get_origin``, typed as a plain object so identity checks against it type-check."""
+    return typing.get_origin(kind)
 
 
-_PRESETS: tuple[FormatInfo, ...] = (
-    # --- usable on CPU and GPU ---
-    _preset(
-        "INT8_DEFAULT_CFG",
-        8.0,
-        "INT8 per output channel",
-        "INT8 per tensor, static",
-        "W8A8 integer, max calibration",
-        equivalent="wint8-pc_aint8-tensor",
-    ),
-    _preset(
-        "INT8_SMOOTHQUANT_CFG",
-        8.0,
-        "INT8 per output channel",
-        "INT8 per tensor, static",
-        "W8A8 integer with SmoothQuant activation smoothing",
-        algorithm="smoothquant",
-    ),
-    _preset(
-        "INT8_WEIGHT_ONLY_CFG",
-        8.0,
-        "INT8 per output channel",
-        _W16,
-        "INT8 weight-only",
-        equivalent="wint8-pc_a16",
-    ),
-    _preset(
-        "FP8_DEFAULT_CFG",
-        8.0,
-        "FP8 E4M3 per tensor",
-        "FP8 E4M3 per tensor, static",
-        "W8A8 FP8, max calibration",
-        equivalent="wfp8-pt_afp8-tensor",
-    ),
-    _preset(
-        "FP8_PER_CHANNEL_PER_TOKEN_CFG",
-        8.0,
-        "FP8 E4M3 per output channel",
-        "FP8 E4M3 per token, dynamic",
-        "W8A8 FP8 with per-channel weights and per-token activations",
-        equivalent="wfp8-pc_afp8-token",
-    ),
-    _preset(
-        "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG",
-        8.0,
-        "FP8 E4M3 in 128x128 blocks",
-        _W16,
-        "FP8 weight-only with 2-D block scales",
-    ),
-    _preset(
-        "INT4_AWQ_CFG",
-        4.0,
-        "INT4 in blocks of 128 along the input dimension",
-        _W16,
-        "W4A16 with AWQ-lite scaling (calibrates with a quarter of the calibration steps)",
-        algorithm="awq_lite",
-    ),
-    _preset(
-        "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
-        4.0,
-        "INT4 in blocks of 128 along the input dimension",
-        _W16,
-        "W4A16 integer, max calibration",
-        equivalent="wint4-b128_a16",
-    ),
-    _preset(
-        "W4A8_AWQ_BETA_CFG",
-        4.0,
-        "INT4 blocks of 128, then FP8 per tensor",
-        "FP8 E4M3 per tensor, static",
-        "W4A8 with AWQ-lite scaling (beta in ModelOpt)",
-        algorithm="awq_lite",
-    ),
-    # --- CUDA only ---
-    _preset(
-        "NVFP4_DEFAULT_CFG",
-        4.5,
-        _NVFP4,
-        _NVFP4_ACT,
-        f"W4A4 NVFP4. {_NVFP4_NOTE}",
-        needs_cuda=True,
-        equivalent="wfp4-b16_afp4-b16",
-    ),
-    _preset(
-        "NVFP4_AWQ_LITE_CFG",
-        4.5,
-        _NVFP4,
-        _NVFP4_ACT,
-        f"W4A4 NVFP4 with AWQ-lite scaling. {_NVFP4_NOTE}",
-        algorithm="awq_lite",
-        needs_cuda=True,
-    ),
-    _preset(
-        "NVFP4_AWQ_CLIP_CFG",
-        4.5,
-        _NVFP4,
-        _NVFP4_ACT,
-        f"W4A4 NVFP4 with AWQ clipping. {_NVFP4_NOTE}",
-        algorithm="awq_clip",
-        needs_cuda=True,
-    ),
-    _preset(
-        "NVFP4_AWQ_FULL_CFG",
-        4.5,
-        _NVFP4,
-        _NVFP4_ACT,
-        f"W4A4 NVFP4 with full AWQ. {_NVFP4_NOTE}",
-        algorithm="awq_full",
-        needs_cuda=True,
-    ),
-    _preset(
-        "NVFP4_FOUR_OVER_SIX_CFG",
-        4.0,
-        "NVFP4 static blocks of 16, 4/6 scale search",
-        _NVFP4_ACT,
-        "W4A4 NVFP4 with MSE-searched static weight scales (needs triton). "
-        "Costed at 4 bits: its weights carry no effective-bits override.",
-        algorithm="mse",
-        needs_cuda=True,
-    ),
-    _preset(
-        "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",
-        4.0,
-        "NVFP4 static blocks of 16, MSE FP8-scale sweep",
-        _NVFP4_ACT,
-        "W4A4 NVFP4 with MSE-calibrated weight scales (needs triton). Costed at 4 bits.",
-        algorithm="mse",
-        needs_cuda=True,
-    ),
-    _preset(
-        "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG",
-        4.0,
-        "NVFP4 static blocks of 16, local-Hessian scales",
-        _NVFP4_ACT,
-        f"W4A4 NVFP4 with local-Hessian weight calibration. Costed at 4 bits. {_NVFP4_NOTE}",
-        algorithm="local_hessian",
-        needs_cuda=True,
-    ),
-    _preset(
-        "NVFP4_FP8_MHA_CONFIG",
-        4.5,
-        _NVFP4,
-        _NVFP4_ACT,
-        "NVFP4 linears; its FP8 attention (bmm/softmax) quantizers do not exist on linear layers, "
-        f"so under auto_quantize it is plain NVFP4. {_NVFP4_NOTE}",
-        needs_cuda=True,
-        equivalent="wfp4-b16_afp4-b16",
-    ),
-    _preset(
-        "W4A16_NVFP4_CFG",
-        4.5,
-        _NVFP4,
-        _W16,
-        f"NVFP4 weight-only. {_NVFP4_NOTE}",
-        needs_cuda=True,
-        equivalent="wfp4-b16_a16",
-    ),
-    _preset(
-        "W4A8_NVFP4_FP8_CFG",
-        4.0,
-        "NVFP4 (FP4 E2M1, blocks of 32, FP8 scales)",
-        "FP8 E4M3 per tensor, static",
-        f"W4A8 NVFP4 weights, FP8 activations. {_NVFP4_NOTE} On GPUs of compute capability 8.9+ "
-        "with triton (H100, H200) ModelOpt 0.47 fake-quantizes its weights in blocks of 16, not 32.",
-        needs_cuda=True,
-    ),
-    _preset(
-        "MXFP8_DEFAULT_CFG",
-        8.0,
-        "MXFP8 (E4M3, blocks of 32, E8M0 scales)",
-        "MXFP8 dynamic, blocks of 32",
-        f"W8A8 MXFP8. {_MX_NOTE}",
-        algorithm=None,
-        needs_cuda=True,
-    ),
-    _preset(
-        "MXFP6_DEFAULT_CFG",
-        6.0,
-        "MXFP6 (E3M2, blocks of 32, E8M0 scales)",
-        "MXFP6 dynamic, blocks of 32",
-        f"W6A6 MXFP6. {_MX_NOTE}",
-        algorithm=None,
-        needs_cuda=True,
-    ),
-    _preset(
-        "MXFP4_DEFAULT_CFG",
-        4.0,
-        "MXFP4 (E2M1, blocks of 32, E8M0 scales)",
-        "MXFP4 dynamic, blocks of 32",
-        f"W4A4 MXFP4. {_MX_NOTE}",
-        algorithm=None,
-        needs_cuda=True,
-    ),
-    _preset(
-        "MXINT8_DEFAULT_CFG",
-        8.0,
-        "MXINT8 (INT8, blocks of 32, E8M0 scales)",
-        "MXINT8 dynamic, blocks of 32",
-        f"W8A8 MXINT8. {_MX_NOTE}",
-        algorithm=None,
-        needs_cuda=True,
-    ),
-    _preset(
-        "W4A8_MXFP4_FP8_CFG",
-        4.0,
-        "MXFP4 (E2M1, blocks of 32, E8M0 scales)",
-        "FP8 E4M3 per tensor, static",
-        f"W4A8 MXFP4 weights, FP8 activations. {_MX_NOTE}",
-        algorithm=None,
-        needs_cuda=True,
-    ),
-    # --- refused: would be mislabelled or quantize nothing under auto_quantize ---
-    _preset("FP8_KV_CFG", 8.0, _KV, _KV, "FP8 KV cache", algorithm=None, refused=_kv_refusal(8.0)),
-    _preset(
-        "FP8_AFFINE_KV_CFG",
-        8.0,
-        _KV,
-        _KV,
-        "FP8 KV cache with affine bias",
-        algorithm=None,
-        refused=_kv_refusal(8.0),
-    ),
-    _preset(
-        "NVFP4_KV_CFG",
-        4.5,
-        _KV,
-        _KV,
-        "NVFP4 KV cache",
-        algorithm=None,
-        needs_cuda=True,
-        refused=_kv_refusal(4.5),
-    ),
-    _preset(
-        "NVFP4_AFFINE_KV_CFG",
-        4.5,
-        _KV,
-        _KV,
-        "NVFP4 KV cache with affine bias",
-        algorithm=None,
-        needs_cuda=True,
-        refused=_kv_refusal(4.5),
-    ),
-    _preset(
-        "NVFP4_KV_ROTATE_CFG",
-        4.5,
-        _KV,
-        _KV,
-        "NVFP4 KV cache with rotated keys",
-        needs_cuda=True,
-        refused=_kv_refusal(4.5),
-    ),
-    _preset(
-        "NVFP4_MLP_ONLY_CFG",
-        4.5,
-        _NVFP4,
-        _NVFP4_ACT,
-        "NVFP4 on MLP and MoE expert layers only",
-        needs_cuda=True,
-        refused=_pattern_refusal("'*mlp*weight_quantizer', '*.experts.*weight_quantizer', ...", 4.5),
-    ),
-    _preset(
-        "NVFP4_OMLP_ONLY_CFG",
-        4.5,
-        _NVFP4,
-        _NVFP4_ACT,
-        "NVFP4 on o_proj and MLP layers only",
-        needs_cuda=True,
-        refused=_pattern_refusal("'*o_proj*weight_quantizer', '*mlp*weight_quantizer', ...", 4.5),
-    ),
-    _preset(
-        "NVFP4_EXPERTS_ONLY_CFG",
-        4.5,
-        _NVFP4,
-        _NVFP4_ACT,
-        "NVFP4 on MoE expert layers only",
-        needs_cuda=True,
-        refused=_pattern_refusal("'*.experts.*weight_quantizer', ...", 4.5),
-    ),
-    _preset(
-        "NVFP4_MLP_WEIGHT_ONLY_CFG",
-        4.0,
-        "NVFP4 (blocks of 32)",
-        _W16,
-        "NVFP4 weight-only on MLP layers",
-        needs_cuda=True,
-        refused=_pattern_refusal("'*mlp*weight_quantizer', '*block_sparse_moe*weight_quantizer'", 4.0),
-    ),
-    _preset(
-        "MXFP4_MLP_WEIGHT_ONLY_CFG",
-        4.0,
-        "MXFP4 (blocks of 32)",
-        _W16,
-        "MXFP4 weight-only on MLP layers",
-        algorithm=None,
-        needs_cuda=True,
-        refused=_pattern_refusal("'*mlp*weight_quantizer', '*block_sparse_moe*weight_quantizer'", 4.0),
-    ),
-    _preset(
-        "NVFP4_SVDQUANT_DEFAULT_CFG",
-        4.5,
-        _NVFP4,
-        _NVFP4_ACT,
-        "NVFP4 with SVDQuant low-rank branch",
-        algorithm="svdquant",
-        needs_cuda=True,
-        refused="its calibration algorithm (svdquant) is not supported by auto_quantize",
-    ),
-    _preset(
-        "MAMBA_MOE_FP8_AGGRESSIVE_CFG",
-        8.0,
-        "FP8 E4M3 per tensor",
-        "FP8 E4M3 per tensor, static",
-        "FP8 for Mamba-MoE models, attention excluded",
-        refused=_mamba_refusal("FP8_DEFAULT_CFG"),
-    ),
-    _preset(
-        "MAMBA_MOE_FP8_CONSERVATIVE_CFG",
-        8.0,
-        "FP8 E4M3 per tensor",
-        "FP8 E4M3 per tensor, static",
-        "FP8 for Mamba-MoE models, attention and mixer projections excluded",
-        refused=_mamba_refusal("FP8_DEFAULT_CFG"),
-    ),
-    _preset(
-        "MAMBA_MOE_NVFP4_AGGRESSIVE_CFG",
-        4.5,
-        _NVFP4,
-        _NVFP4_ACT,
-        "NVFP4 for Mamba-MoE models, attention excluded",
-        needs_cuda=True,
-        refused=_mamba_refusal("NVFP4_DEFAULT_CFG"),
-    ),
-    _preset(
-        "MAMBA_MOE_NVFP4_CONSERVATIVE_CFG",
-        4.5,
-        _NVFP4,
-        _NVFP4_ACT,
-        "NVFP4 for Mamba-MoE models, attention and mixer projections excluded",
-        needs_cuda=True,
-        refused=_mamba_refusal("NVFP4_DEFAULT_CFG"),
-    ),
-)
-_PRESETS_BY_NAME: dict[str, FormatInfo] = {info.name: info for info in _PRESETS}
+def _preset_converter() -> cattrs.Converter:
+    """A converter as strict as the pipeline files' (io/convert.py), for the one file core reads.
+
+    core may not import io, and the preset file needs only a fraction of that converter: exact
+    scalar types (an int stands in for a float, nothing else is coerced), lists for tuples, the
+    closed choices checked, unknown keys refused.
+    """
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook(str, _strict(str, lambda v: isinstance(v, str), str))
+    converter.register_structure_hook(int, _strict(int, lambda v: type(v) is int, int))
+    converter.register_structure_hook(float, _strict(float, lambda v: type(v) in (int, float), float))
+
+    def as_tuple(value: Any, kind: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {type(value).__name__} {value!r}")
+        item = typing.get_args(kind)[0]
+        found: list[Any] = []
+        errors: list[Exception] = []
+        for index, entry in enumerate(value):
+            try:
+                found.append(converter.structure(entry, item))
+            except Exception as err:  # gathered, raised below with its index
+                err.add_note(IterableValidationNote(f"at index {index}", index, item))
+                errors.append(err)
+        if errors:
+            raise IterableValidationError(f"while structuring {kind}", errors, kind)
+        return tuple(found)
+
+    def one_of(value: Any, kind: Any) -> Any:
+        allowed = typing.get_args(kind)
+        if value not in allowed or type(value) is not type(allowed[0]):
+            raise TypeError(f"expected one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+
+    converter.register_structure_hook_func(lambda kind: _origin(kind) is Literal, one_of)
+    converter.register_structure_hook_func(lambda kind: _origin(kind) is tuple, as_tuple)
+    return converter
+
+
+_ROW_PATH = re.compile(r"\$\.preset\[(\d+)\]")
+
+
+def _problem(err: BaseException, kind: Any) -> str:
+    """Our hooks' own words for a wrong type; cattrs' for a missing or unknown key."""
+    if isinstance(err, TypeError) and str(err).startswith("expected "):
+        return str(err)
+    return format_exception(err, kind)
+
+
+def parse_presets(text: str, source: str) -> tuple[Preset, ...]:
+    """The rows of a preset file; InputError naming ``source``, the row and the key on any fault."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"{source}: not valid TOML ({err}); reinstall auto-quantize-model") from None
+    rows = raw.get("preset") if isinstance(raw, dict) else None
+
+    def where(path: str) -> str:
+        def name(match: re.Match[str]) -> str:
+            index = int(match[1])
+            row = rows[index] if isinstance(rows, list) and index < len(rows) else None
+            named = row.get("name") if isinstance(row, dict) else None
+            return f"preset {named}" if isinstance(named, str) else f"preset #{index + 1}"
+
+        return _ROW_PATH.sub(name, path)
+
+    try:
+        table = _preset_converter().structure(raw, _PresetFile)
+    except cattrs.BaseValidationError as err:
+        problems = [where(line) for line in cattrs.transform_error(err, "$", _problem)]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(f"{source}: {problems[0]}{more}") from None
+    seen: set[str] = set()
+    for row in table.preset:
+        if row.name in seen:
+            raise InputError(f"{source}: preset {row.name} is listed twice")
+        seen.add(row.name)
+        problems = row.problems()
+        if problems:
+            raise InputError(f"{source}: preset {row.name}: {problems[0]}")
+    return table.preset
+
+
+@functools.cache
+def presets() -> tuple[Preset, ...]:
+    """Every row of the packaged ``data/presets.toml``, in its order (read once per process)."""
+    source = f"auto_quantize_model/data/{PRESETS_FILE}"
+    try:
+        text = (importlib.resources.files("auto_quantize_model.data") / PRESETS_FILE).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{source}: cannot be read ({err}); reinstall auto-quantize-model") from None
+    return parse_presets(text, source)
+
+
+@functools.cache
+def _presets_by_name() -> dict[str, Preset]:
+    return {row.name: row for row in presets()}
+
+
+@functools.cache
+def _preset_infos() -> tuple[FormatInfo, ...]:
+    return tuple(row.info() for row in presets())
+
+
+def preset(name: str) -> Preset | None:
+    """The row of a ModelOpt preset name (without options), or None for any other name."""
+    return _presets_by_name().get(name)
+
+
+def cuda_extensions(names: Iterable[str]) -> tuple[CudaExtension, ...]:
+    """The ModelOpt CUDA extensions the formats' quantizers call, in :data:`CUDA_EXTENSIONS` order."""
+    wanted = {extension for name in names for extension in resolve_format(name).cuda_extensions}
+    return tuple(extension for extension in CUDA_EXTENSIONS if extension in wanted)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -793,11 +649,11 @@ def all_formats() -> tuple[FormatInfo, ...]:
         spec = parse_custom(name)
         assert spec is not None, name
         customs.append(_custom_info(name, spec))
-    return (*_PRESETS, *customs)
+    return (*_preset_infos(), *customs)
 
 
 def _closest(name: str) -> str | None:
-    candidates = [*_PRESETS_BY_NAME, *CUSTOM_EXAMPLES]
+    candidates = [*_presets_by_name(), *CUSTOM_EXAMPLES]
     folded = {c.lower(): c for c in candidates}
     found = difflib.get_close_matches(name.lower(), list(folded), n=1, cutoff=0.5)
     return folded[found[0]] if found else None
@@ -867,9 +723,9 @@ def resolve_format(name: str) -> FormatInfo:
     base_name, sep, options = name.partition(OPTION_SEPARATOR)
     if sep:
         return _with_options(name, resolve_format(base_name), options)
-    preset = _PRESETS_BY_NAME.get(name)
-    if preset is not None:
-        return preset
+    row = preset(name)
+    if row is not None:
+        return row.info()
     spec = parse_custom(name)
     if spec is not None:
         return _custom_info(name, spec)

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 
 from auto_quantize_model.artifacts import GroupScore
-from auto_quantize_model.core.formats import OPTION_SEPARATOR
+from auto_quantize_model.core.formats import OPTION_SEPARATOR, preset
 from auto_quantize_model.core.scores import (
     has_quantized_format,
     importance,
@@ -22,27 +22,6 @@ from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.io.convert import project
 from auto_quantize_model.io.manifest import RankedGroup
 from auto_quantize_model.specs import scheme_name_problem
-
-PRESET_SCHEME_NAMES: dict[str, str] = {
-    "INT8_DEFAULT_CFG": "wint8_aint8",
-    "INT8_SMOOTHQUANT_CFG": "wint8_aint8_sq",
-    "INT8_WEIGHT_ONLY_CFG": "wint8",
-    "FP8_DEFAULT_CFG": "wfp8_afp8",
-    "FP8_PER_CHANNEL_PER_TOKEN_CFG": "wfp8_afp8_pcpt",
-    "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG": "wfp8_block2d",
-    "INT4_AWQ_CFG": "wint4_awq",
-    "INT4_BLOCKWISE_WEIGHT_ONLY_CFG": "wint4_block",
-    "W4A8_AWQ_BETA_CFG": "wint4_afp8_awq",
-    "NVFP4_DEFAULT_CFG": "wnvfp4_anvfp4",
-    "W4A16_NVFP4_CFG": "wnvfp4",
-    "W4A8_NVFP4_FP8_CFG": "wnvfp4_afp8",
-    "W4A8_MXFP4_FP8_CFG": "wmxfp4_afp8",
-    "MXFP8_DEFAULT_CFG": "wmxfp8_amxfp8",
-    "MXFP6_DEFAULT_CFG": "wmxfp6_amxfp6",
-    "MXFP4_DEFAULT_CFG": "wmxfp4_amxfp4",
-    "MXINT8_DEFAULT_CFG": "wmxint8_amxint8",
-}
-"""Short weight/activation names for ModelOpt presets, the previous tool's naming (``wint8_aint8``)."""
 
 
 def rank_groups(groups: Sequence[GroupScore]) -> tuple[RankedGroup, ...]:
@@ -88,7 +67,8 @@ def check_ranking(groups: Sequence[GroupScore]) -> None:
 
 
 def format_scheme_part(format_name: str) -> str:
-    """Scheme-name fragment of one format: short names for presets, our own names unchanged.
+    """Scheme-name fragment of one format: a preset's ``scheme`` (data/presets.toml), our own names
+    unchanged, and unknown ``*_CFG`` names (a newer ModelOpt's, in an old manifest) shortened.
 
     An option after the name (``W4A8_AWQ_BETA_CFG:alpha_step=0.25``) becomes ``-a0.25``: ``:`` and
     ``=`` have no place in file names.
@@ -96,8 +76,9 @@ def format_scheme_part(format_name: str) -> str:
     base, sep, option = format_name.partition(OPTION_SEPARATOR)
     if sep:
         return f"{format_scheme_part(base)}-a{option.partition('=')[2]}"
-    if format_name in PRESET_SCHEME_NAMES:
-        return PRESET_SCHEME_NAMES[format_name]
+    row = preset(format_name)
+    if row is not None:
+        return row.scheme
     if format_name.endswith("_CFG"):
         return format_name.removesuffix("_CFG").lower().replace("_default", "")
     return format_name

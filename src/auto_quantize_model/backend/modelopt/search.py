@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,6 +139,55 @@ def cuda_extension_built(name: str = "modelopt_cuda_ext") -> bool:
     except Exception:
         return False
     return any(directory.glob("*.so"))
+
+
+EXTENSION_GETTERS: dict[str, str] = {
+    "modelopt_cuda_ext": "get_cuda_ext",
+    "modelopt_cuda_ext_fp8": "get_cuda_ext_fp8",
+    "modelopt_cuda_ext_mx": "get_cuda_ext_mx",
+}
+"""ModelOpt 0.47's loader of each extension in ``modelopt.torch.quantization.extensions``."""
+
+
+def warm_cuda_extensions(
+    names: Iterable[str],
+    getters: Mapping[str, Callable[[], Any]] | None = None,
+    built: Callable[[str], bool] = cuda_extension_built,
+) -> tuple[tuple[str, str, float], ...]:
+    """Load ModelOpt's CUDA extensions ``names``, JIT-building any this machine lacks (~1 min each).
+
+    ``names`` are what the formats' quantizers call
+    (:func:`~auto_quantize_model.core.formats.cuda_extensions`), so a timed run after this pays
+    for no build. ``getters`` replaces ModelOpt's loaders (tests); a loader holding ``extension``
+    already loaded it in this process. Returns ``(name, what happened, seconds)`` per extension.
+    """
+    if getters is None:
+        from auto_quantize_model.backend.modelopt import import_modelopt
+
+        module = import_modelopt("modelopt.torch.quantization.extensions")
+        getters = {name: getattr(module, getter) for name, getter in EXTENSION_GETTERS.items()}
+    found: list[tuple[str, str, float]] = []
+    for name in names:
+        getter = getters[name]
+        if hasattr(getter, "extension"):
+            found.append((name, "already loaded in this process", 0.0))
+            continue
+        prebuilt = built(name)
+        if not prebuilt:
+            log.info(
+                "ModelOpt's CUDA extension %s is not built on this machine: building it now "
+                "(about a minute, once per machine)",
+                name,
+            )
+        started = time.perf_counter()
+        loaded = getter()
+        seconds = time.perf_counter() - started
+        if loaded is None:
+            what = "failed to build or load (ModelOpt falls back to slower code)"
+        else:
+            what = "prebuilt, loaded" if prebuilt else "JIT-built now"
+        found.append((name, what, seconds))
+    return tuple(found)
 
 
 @contextlib.contextmanager
