@@ -56,6 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--effective-bits", type=float, default=8.0)
     parser.add_argument("--kernels", choices=("extension", "pytorch"), default="extension")
     parser.add_argument(
+        "--experts", choices=("layer", "expert", "projection"), default="layer", help="extract.experts"
+    )
+    parser.add_argument(
+        "--python-profile",
+        type=int,
+        action="append",
+        default=[],
+        metavar="K",
+        help="run case K (1-based) a second time under cProfile: Python time by package and function",
+    )
+    parser.add_argument(
         "--rankings", action="store_true", help="also record each case's group ranking (name, importance)"
     )
     parser.add_argument(
@@ -71,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     from auto_quantize_model.bench.harness import release_memory, run_layout, warm_up
     from auto_quantize_model.bench.settings import BenchSettings
-    from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, LoadSpec
+    from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec, LoadSpec
 
     cases = [parse_case(text) for text in args.case]
     calib = CalibSpec(
@@ -85,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     def settings(model: str, formats: tuple[str, ...], calib_size: int | None = None) -> BenchSettings:
         return BenchSettings(
             load=LoadSpec(path=model, device=args.device, dtype="auto", seed=0),
+            extract=ExtractSpec(experts=args.experts),
             calib=calib,
             autoquant=AutoQuantSpec(
                 formats=formats,
@@ -111,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": {"extensions": warmup.extensions, "seconds": round(time.perf_counter() - started, 2)},
         "device": device_name,
         "kernels": args.kernels,
+        "experts": args.experts,
     }
     with args.out.open("a", encoding="utf-8") as out:
         out.write(json.dumps(header) + "\n")
@@ -154,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print({k: v for k, v in record.items() if k != "ranking"}, flush=True)
         if number in args.profile:
             profile_case(s, calib, args.score_size, args.out.with_suffix(f".profile-{number}.txt"))
+        if number in args.python_profile:
+            python_profile_case(s, calib, args.score_size, args.out.with_suffix(f".pyprofile-{number}.txt"))
     return 0
 
 
@@ -187,6 +202,48 @@ def profile_case(settings: object, calib: object, score_size: int, path: Path) -
     ]
     path.write_text("\n".join(lines), encoding="utf-8")
     print(f"profile of the case: {path} (wall {wall:.1f} s, device busy {device_busy:.1f} s)", flush=True)
+
+
+def _package(filename: str) -> str:
+    """Which package a profiled function's file belongs to (its top-level import name)."""
+    for name in ("auto_quantize_model", "modelopt", "transformers", "accelerate", "torch"):
+        if f"/{name}/" in filename:
+            return name
+    return "other" if filename != "~" else "builtins"
+
+
+def python_profile_case(settings: object, calib: object, score_size: int, path: Path) -> None:
+    """One more run of a case under cProfile: host time by package and by function.
+
+    Where a MoE model's time goes is mostly host-side Python (per-expert loops, quantizer set-up):
+    self time summed by package says whose loops they are; the function tables say which.
+    cProfile's overhead inflates the wall time; the split is what matters.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    from auto_quantize_model.bench.harness import run_layout
+
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    run_layout(settings, "packed", calib, score_size)  # type: ignore[arg-type]
+    profiler.disable()
+    wall = time.perf_counter() - started
+    stats = pstats.Stats(profiler)
+    by_package: dict[str, float] = {}
+    raw: dict[tuple[str, int, str], tuple[int, int, float, float, object]] = stats.stats  # type: ignore[attr-defined]
+    for (filename, _, _), (_, _, self_time, _, _) in raw.items():
+        by_package[_package(filename)] = by_package.get(_package(filename), 0.0) + self_time
+    lines = [f"profiled wall {wall:.2f} s; self time by package:"]
+    lines += [f"  {name:<22} {sec:8.2f} s" for name, sec in sorted(by_package.items(), key=lambda kv: -kv[1])]
+    for key in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(45)
+        lines += ["", f"by {key}:", text.getvalue()]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    print(f"python profile of the case: {path} (wall {wall:.1f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -287,7 +287,7 @@ def run_layout(s: BenchSettings, layout: str, calib: CalibSpec, score_size: int)
     loaded = store.get(LoadedModel)
     device = loaded.device
     checksum = weight_checksum(loaded.model)
-    store = _continue([ExtractLM(), _calib_stage(calib, layout)], store)
+    store = _continue([ExtractLM(s.extract), _calib_stage(calib, layout)], store)
     with (
         tempfile.TemporaryDirectory(prefix="aqm-bench-") as state_dir,
         track_peak_gpu_memory(device) as peaks,

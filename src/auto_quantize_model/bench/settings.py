@@ -11,7 +11,7 @@ from __future__ import annotations
 import attrs
 
 from auto_quantize_model.errors import ConfigError
-from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, LoadSpec
+from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec, LoadSpec
 
 LAYOUTS = ("padded", "packed", "reference")
 """``reference``: one caption per batch, no padding (see :class:`~.harness.BuildReferenceCalib`)."""
@@ -46,6 +46,8 @@ class BenchSettings:
     """Everything ``aqm bench`` was asked to do (the command line, checked)."""
 
     load: LoadSpec = attrs.field(factory=lambda: LoadSpec(path=DEFAULT_MODEL))
+    extract: ExtractSpec = attrs.field(factory=ExtractSpec)
+    """How the language model is taken apart (``experts``: one group per MoE layer, expert or projection)."""
     calib: CalibSpec = attrs.field(factory=CalibSpec)
     """Captions, count, ``seq_len`` and batch size of every layout; each run sets its own ``layout``."""
     autoquant: AutoQuantSpec = attrs.field(factory=AutoQuantSpec)
