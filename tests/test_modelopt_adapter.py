@@ -492,7 +492,7 @@ def test_a_searcher_whose_load_calls_its_base_reports_once(
 
 @pytest.mark.slow
 def test_the_state_is_written_beside_and_renamed_over_the_old_one(modelopt: Any, tmp_path: Path) -> None:
-    from auto_quantize_model.backend.modelopt.patches import atomic_state_save
+    from auto_quantize_model.backend.modelopt.patches import StateNotSaved, atomic_state_save
 
     state = tmp_path / "search" / "state.pt"
     toy = _toy_searcher(modelopt, state)
@@ -513,7 +513,7 @@ def test_the_state_is_written_beside_and_renamed_over_the_old_one(modelopt: Any,
         raise OSError(28, "No space left on device")
 
     toy.value = 8
-    with atomic_state_save(full_disk), pytest.raises(OSError, match="No space left"):
+    with atomic_state_save(full_disk), pytest.raises(StateNotSaved, match="the disk is full"):
         toy.save_search_checkpoint()
     assert state.read_bytes() == first  # the old state is whole
     assert sorted(p.name for p in state.parent.iterdir()) == ["state.pt"]  # no temporary left behind

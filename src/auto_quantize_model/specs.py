@@ -73,6 +73,35 @@ def not_negative(instance: object, attribute: attrs.Attribute[Any], value: int) 
         raise SpecError(_owner(instance), attribute.name, f"must be >= 0, got {value}")
 
 
+MIN_SEQ_LEN = 2
+"""Shortest row that scores anything: a token's loss needs the next token as its target."""
+MIN_BOOTSTRAP = 40
+"""Fewest resamples with at least one beyond each 2.5% tail of the 95% interval (1 / 0.025)."""
+
+
+def _predicts_a_token(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    # 0 and below are left to ``positive`` (listed first), so each value gets one sentence.
+    if 0 < value < MIN_SEQ_LEN:
+        raise SpecError(
+            _owner(instance),
+            attribute.name,
+            f"must be at least {MIN_SEQ_LEN}, got {value}: a row of {value} token has no next token to "
+            "predict, so every score would be 0 and every group quantized",
+        )
+
+
+def _resamples(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    not_negative(instance, attribute, value)
+    if 0 < value < MIN_BOOTSTRAP:
+        raise SpecError(
+            _owner(instance),
+            attribute.name,
+            f"must be 0 (no intervals) or at least {MIN_BOOTSTRAP}, got {value}: with fewer resamples the "
+            "95% interval is just the extremes drawn (one resample gives a zero-width interval that calls "
+            "every difference beyond the noise)",
+        )
+
+
 def _budgets(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
     try:
         parse_budgets(value)
@@ -305,7 +334,8 @@ class CalibSpec:
     captions: str = "builtin"
     """A UTF-8 text file, one caption per line, or ``builtin`` for the bundled captions."""
     max_samples: int = attrs.field(default=512, validator=positive)
-    seq_len: int = attrs.field(default=512, validator=positive)
+    seq_len: int = attrs.field(default=512, validator=[positive, _predicts_a_token])
+    """Tokens per row (at least 2: the first token of a caption is never a target)."""
     batch_size: int = attrs.field(default=8, validator=positive)
     layout: Literal["packed", "padded"] = "packed"
     """``packed`` joins captions into rows of real tokens; ``padded`` pads each caption to
@@ -365,8 +395,9 @@ class ValidateSpec:
     calibration are always skipped."""
     holdout_samples: int = attrs.field(default=64, validator=positive)
     additivity: bool = True
-    bootstrap: int = attrs.field(default=1000, validator=not_negative)
-    """Bootstrap resamples of the held-out captions for the intervals (seeded by ``seed``); 0 = none."""
+    bootstrap: int = attrs.field(default=1000, validator=_resamples)
+    """Bootstrap resamples of the held-out captions for the intervals (seeded by ``seed``); 0 = none,
+    else at least :data:`MIN_BOOTSTRAP`."""
     refine: int = attrs.field(default=0, validator=not_negative)
     """Measure the single-group KL of the top ``refine`` predicted groups (and as many random
     others, as a control) and reorder them by it; 0 = off."""

@@ -254,9 +254,12 @@ class MemoryBudget:
     """What the padded layout may use, and what its activations scale with (read off the model)."""
 
     host_bytes: int
-    """Physical memory of this machine: the batches are built and kept here."""
+    """Host memory this process may still take: the batches are built and kept here."""
     device_bytes: int
     """Memory of the device the model runs on (``host_bytes`` on CPU)."""
+    host_limit: str | None = None
+    """What sets ``host_bytes`` (``MemAvailable``, a cgroup's ``memory.max``), named in the
+    message; None: the machine's memory as such."""
     hidden_size: int | None = None
     layers: int | None = None
     element_bytes: int = 2
@@ -300,6 +303,12 @@ def byte_text(count: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _host_text(budget: MemoryBudget) -> str:
+    if budget.host_limit is None:
+        return f"this machine's {byte_text(budget.host_bytes)} of memory"
+    return f"the {byte_text(budget.host_bytes)} of memory this process may still take ({budget.host_limit})"
+
+
 def check_padded_memory(samples: int, longest: int, spec: CalibSpec, budget: MemoryBudget) -> None:
     """Refuse a padded calibration that cannot fit before a single row is built.
 
@@ -323,7 +332,7 @@ def check_padded_memory(samples: int, longest: int, spec: CalibSpec, budget: Mem
         else ""
     )
     over = [
-        *([f"this machine's {byte_text(budget.host_bytes)} of memory"] if host_over else []),
+        *([_host_text(budget)] if host_over else []),
         *([f"the model device's {byte_text(budget.device_bytes)}"] if device_over else []),
     ]
     fit = max(1, min(longest, spec.seq_len))
@@ -365,6 +374,11 @@ def calib_columns(
     """Truncate, batch in ``spec.layout`` and count: the whole stage minus files, tokenizer and torch."""
     check_calib_spec(spec)
     cut_lists, truncated = truncate(token_lists, spec.seq_len)
+    if cut_lists and all(len(ids) < 2 for ids in cut_lists):
+        raise ConfigError(
+            f"calib.captions: all {len(cut_lists)} calibration captions ({captions_path}) are 1 token long, "
+            "so no token has a next one to predict and every score would be 0; use longer captions"
+        )
     build = packed_columns if spec.layout == "packed" else padded_columns
     batches, counts = build(cut_lists, spec.seq_len, spec.batch_size, pad_id)
     stats = CalibStats(

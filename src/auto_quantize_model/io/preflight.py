@@ -13,6 +13,10 @@ What is checked here, beyond the ranges the spec classes check themselves:
 * the captions: readable, UTF-8, not empty, and holding at least ``calib.max_samples`` captions.
   Too few is an error, not a warning: the manifest records ``max_samples`` as what was used, so
   a silent shortfall would make it lie; the held-out file must be readable and not empty;
+* something left to measure: held-out text (``validate``, measured ``frontier`` points, an
+  ``export`` checkpoint's read-back) that is not all among the calibration captions, which the
+  stages skip. Settings that leave nothing to score on their own (``calib.seq_len = 1``) are
+  refused by the spec classes' validators;
 * names that end up in file names (the scheme) short and safe enough;
 * the device spelling and the output folder.
 
@@ -29,7 +33,7 @@ from pathlib import Path
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.io.convert import did_you_mean, toml_value
 from auto_quantize_model.io.hf_config import read_config_json, supported_model_type
-from auto_quantize_model.specs import PipelineSpec, is_bundled, scheme_name_problem
+from auto_quantize_model.specs import PipelineSpec, ValidateSpec, is_bundled, scheme_name_problem
 
 _DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+")
 Report = Callable[..., None]
@@ -48,18 +52,13 @@ def preflight(spec: PipelineSpec, *, source: str | None = None) -> None:
     _check_scheme(spec, bad)
     if not _DEVICE.fullmatch(spec.model.device):
         bad("model.device", f"expected auto, cpu, cuda or cuda:N, got {toml_value(spec.model.device)}")
-    if _check_file(("calib", "captions"), spec.calib.captions, bad):
-        _check_captions(("calib", "captions"), spec.calib.captions, spec.calib.max_samples, bad)
-    holdout = ("validate", "holdout_captions")
-    if spec.validate is not None and _check_file(holdout, spec.validate.holdout_captions, bad):
-        _check_captions(holdout, spec.validate.holdout_captions, None, bad)
-    holdout = ("frontier", "holdout_captions")
-    if (
-        spec.frontier is not None
-        and spec.frontier.measure
-        and _check_file(holdout, spec.frontier.holdout_captions, bad)
-    ):
-        _check_captions(holdout, spec.frontier.holdout_captions, None, bad)
+    calib_ok = _check_file(("calib", "captions"), spec.calib.captions, bad) and _check_captions(
+        ("calib", "captions"), spec.calib.captions, spec.calib.max_samples, bad
+    )
+    for held_out in _held_out_sources(spec):
+        _, setting, value = held_out
+        if _check_file(setting, value, bad) and _check_captions(setting, value, None, bad) and calib_ok:
+            _check_something_held_out(held_out, spec, bad)
     if spec.reports.output_dir is not None:
         out = Path(spec.reports.output_dir)
         if out.exists() and not out.is_dir():
@@ -158,15 +157,82 @@ def _check_file(key: tuple[str, str], value: str, bad: Report) -> bool:
     return False
 
 
-def _check_captions(key: tuple[str, str], value: str, max_samples: int | None, bad: Report) -> None:
-    stamp = (0, 0)
-    if not is_bundled(*key, value):
-        stat = Path(value).stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
-    found = _captions_problem(value, max_samples, stamp)
+def _stamp(key: tuple[str, str], value: str) -> tuple[int, int]:
+    """What tells one version of a captions file from the next (bundled files never change)."""
+    if is_bundled(*key, value):
+        return (0, 0)
+    stat = Path(value).stat()
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+def _check_captions(key: tuple[str, str], value: str, max_samples: int | None, bad: Report) -> bool:
+    """Whether the captions can be read (else the problem is reported)."""
+    found = _captions_problem(value, max_samples, _stamp(key, value))
     if found is not None:
         message, kind = found
         bad(".".join(key), message, kind)
+    return found is None
+
+
+HeldOutSource = tuple[str, tuple[str, str], str]
+"""(the key problems are reported under, the setting whose bundled names apply, its value)."""
+
+
+def _held_out_sources(spec: PipelineSpec) -> list[HeldOutSource]:
+    """Every held-out text the pipeline's stages will measure on.
+
+    ``export.checkpoint`` reads its checkpoint back on the default held-out text (the stage gets
+    no ``[validate]`` settings), so that text is checked too, under the key that asks for it.
+    """
+    sources: list[HeldOutSource] = []
+    if spec.validate is not None:
+        key = ("validate", "holdout_captions")
+        sources.append((".".join(key), key, spec.validate.holdout_captions))
+    if spec.frontier is not None and spec.frontier.measure:
+        key = ("frontier", "holdout_captions")
+        sources.append((".".join(key), key, spec.frontier.holdout_captions))
+    if spec.export is not None and spec.export.checkpoint:
+        sources.append(
+            ("export.checkpoint", ("validate", "holdout_captions"), ValidateSpec().holdout_captions)
+        )
+    return sources
+
+
+def _check_something_held_out(source: HeldOutSource, spec: PipelineSpec, bad: Report) -> None:
+    """Held-out text that calibration uses in full leaves nothing to measure: the stages skip every
+    caption calibration saw, and would say so only after the model is loaded."""
+    report, setting, value = source
+    calib = spec.calib
+    left, total = _fresh_captions(
+        value,
+        _stamp(setting, value),
+        calib.captions,
+        calib.max_samples,
+        _stamp(("calib", "captions"), calib.captions),
+    )
+    if left:
+        return
+    fix = (
+        f"point {report} at other text" if report.endswith("holdout_captions") else "calibrate on other text"
+    )
+    bad(
+        report,
+        f"no held-out captions left: all {total} of {value} are among the {calib.max_samples} calibration "
+        f"captions (calib.captions = {toml_value(calib.captions)}); {fix} or lower calib.max_samples",
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _fresh_captions(
+    holdout: str, _holdout_stamp: tuple[int, int], calib: str, max_samples: int, _calib_stamp: tuple[int, int]
+) -> tuple[int, int]:
+    """(held-out captions calibration does not use, all of them), compared by stripped text as
+    the stages compare them (:func:`~auto_quantize_model.backend.measure.holdout_captions`)."""
+    from auto_quantize_model.core.captions import read_caption_file, read_captions
+
+    seen = {caption.strip() for caption in read_captions(calib, max_samples)}
+    candidates = read_caption_file(holdout)
+    return sum(1 for caption in candidates if caption.strip() not in seen), len(candidates)
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,8 +8,7 @@ holds. torch is imported only when a batch is built.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -24,6 +23,7 @@ from auto_quantize_model.core.batching import (
     tokenize_captions,
 )
 from auto_quantize_model.core.captions import captions_label, captions_sha256, read_captions
+from auto_quantize_model.io.memory_limits import HostMemory, available_memory
 from auto_quantize_model.specs import CalibSpec
 
 if TYPE_CHECKING:
@@ -58,12 +58,13 @@ def make_calib_data(
     )
 
 
-def memory_budget(loaded: LoadedModel) -> MemoryBudget:
-    """This machine's memory, the model device's, and the model's hidden size and depth."""
-    try:
-        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        host = 2**62  # unknown: never refuse on the host side
+def memory_budget(
+    loaded: LoadedModel, host_memory: Callable[[], HostMemory | None] = available_memory
+) -> MemoryBudget:
+    """The host memory this process may still take (its cgroup's limit included), the model
+    device's memory, and the model's hidden size and depth."""
+    free = host_memory()
+    host = 2**62 if free is None else free.available  # unknown: never refuse on the host side
     device = host
     if loaded.device.startswith("cuda"):
         import torch
@@ -77,6 +78,7 @@ def memory_budget(loaded: LoadedModel) -> MemoryBudget:
     return MemoryBudget(
         host_bytes=host,
         device_bytes=device,
+        host_limit=None if free is None else free.limited_by,
         hidden_size=hidden if isinstance(hidden, int) else None,
         layers=layers if isinstance(layers, int) else None,
         element_bytes=_ELEMENT_BYTES.get(loaded.dtype.removeprefix("torch."), 2),

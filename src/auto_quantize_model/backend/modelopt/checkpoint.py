@@ -13,12 +13,18 @@ three files make one unit (:class:`StateFiles`):
   sampled weights). Written before the search starts; a resume under anything else is refused,
   naming what changed;
 * ``<state>.raw-scores.json`` — the unclamped scores, with the sha256 of the exact state file
-  they belong to. Written just before the state that holds those scores replaces the old one, so
-  a kill at any moment leaves either a matching pair or a record that is recognised as stale.
+  they belong to and the sha256 of the scores themselves. Written just before the state that
+  holds those scores replaces the old one, so a kill at any moment leaves either a matching pair
+  or a record that is recognised as stale. The scores' own checksum, and the clamped scores in the
+  state (which must be ModelOpt's clamp of the raw ones), tell a record edited or damaged after
+  it was written: such a record is moved aside and the scores are recomputed, so a NaN typed into
+  it is never taken for the computation's.
 
 What cannot be read (a truncated state, a garbled settings record) is moved aside as
 ``*.corrupt`` with a warning naming it, and the search redoes what it lost; a raw-score record
-that does not match its state is never mixed in: the scores are recomputed instead.
+that does not match its state is never mixed in: the scores are recomputed instead. Recomputing
+(rather than refusing to resume) is safe because only scoring is redone, on the restored
+calibration: the result is the one a fresh search gives.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -88,6 +95,43 @@ def settings_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
 def file_sha256(path: Path) -> str:
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def raw_scores_sha256(raw: Mapping[str, Mapping[str, float]]) -> str:
+    """sha256 of the scores as canonical JSON: the same numbers give the same digest however the
+    file is laid out (floats are written in their shortest exact form, NaN as ``NaN``)."""
+    text = json.dumps(raw, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def clamp_disagreement(raw: RawScores, candidate_stats: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The first group whose clamped scores in the state are not ModelOpt's clamp of ``raw``, or None.
+
+    ModelOpt 0.47 stores ``min(score, previous)`` over each group's formats in order, with the
+    same float operations repeated here, so a record written with the state agrees exactly.
+    Groups the record lacks are not compared (their clamped scores are used as they are).
+    """
+    for key, entry in candidate_stats.items():
+        scores = raw.get(key)
+        labels = [str(recipe) for recipe in entry.get("formats", ())]
+        if scores is None or not all(label in scores for label in labels):
+            continue
+        previous = float("inf")
+        for label, saved in zip(labels, entry.get("scores", ()), strict=False):
+            clamped = min(float(scores[label]), previous)
+            if not _same(clamped, _float(saved)):
+                return f"{key} {label}"
+            previous = clamped
+    return None
+
+
+def _float(value: Any) -> float:
+    item = getattr(value, "item", None)
+    return float(item() if callable(item) else value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,6 +226,10 @@ class _Unreadable(Exception):
     """A file of the unit exists but cannot be parsed; the message says why."""
 
 
+class _Changed(_Unreadable):
+    """A raw-score record whose numbers are not the ones aqm wrote (edited or damaged since)."""
+
+
 @attrs.frozen
 class StateFiles:
     """ModelOpt's state file and the two records beside it, handled as one unit."""
@@ -258,14 +306,24 @@ class StateFiles:
             raise _Unreadable("it was written for another state file (its state_sha256 differs)")
         scores = record.get("raw_scores")
         if not isinstance(scores, dict) or not all(
-            isinstance(entry, dict) and all(isinstance(v, int | float) for v in entry.values())
+            isinstance(entry, dict)
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in entry.values())
             for entry in scores.values()
         ):
-            raise _Unreadable("its raw_scores are not a mapping of groups to format scores")
+            raise _Changed("its raw_scores are not a mapping of groups to format scores")
+        digest = record.get("raw_scores_sha256")
+        if digest is None:
+            raise _Unreadable("it has no checksum of its scores (written by an older aqm)")
+        if digest != raw_scores_sha256(scores):
+            raise _Changed("its scores do not match their checksum (raw_scores_sha256)")
         return scores
 
     def write_raw_scores(self, raw: RawScores, state: Path) -> None:
-        record = {"state_sha256": file_sha256(state), "raw_scores": raw}
+        record = {
+            "state_sha256": file_sha256(state),
+            "raw_scores_sha256": raw_scores_sha256(raw),
+            "raw_scores": raw,
+        }
         atomic_write_text(self.raw_scores, json.dumps(record, sort_keys=True) + "\n")
 
 
@@ -346,18 +404,29 @@ class SearchCheckpoint:
             log.info("AutoQuant: resuming from %s (calibration of %s is reused)", files.state, formats)
             return
         try:
-            self.raw = files.read_raw_scores(files.state)
+            raw = files.read_raw_scores(files.state)
+            disagreeing = clamp_disagreement(raw, searcher.candidate_stats)
+            if disagreeing is not None:
+                raise _Changed(
+                    f"its score of {disagreeing} disagrees with the clamped one saved in the state"
+                )
         except _Unreadable as err:
+            aside = files.move_aside(files.raw_scores) if isinstance(err, _Changed) else []
             log.warning(
-                "AutoQuant: the raw-score record %s is not usable with %s: %s; the scores are recomputed "
+                "AutoQuant: the raw-score record %s is not usable with %s: %s%s; the scores are recomputed "
                 "(calibration of %s is reused)",
                 files.raw_scores,
                 files.state,
                 err,
+                f"; it was changed after aqm wrote it, so none of its numbers are used (moved aside as "
+                f"{aside[0].name})"
+                if aside
+                else "",
                 formats,
             )
             searcher.candidate_stats = collections.defaultdict(dict)
             return
+        self.raw = raw
         log.info(
             "AutoQuant: resuming from %s (calibration of %s and the scores are reused)", files.state, formats
         )

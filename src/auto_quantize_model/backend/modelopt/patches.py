@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import gc
 import glob
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.atomic import fsync_path
 
 if TYPE_CHECKING:
@@ -250,8 +251,59 @@ def expert_search_rules(grouping: ExpertGrouping) -> Iterator[None]:
         yield
 
 
+class StateNotSaved(InputError):
+    """The search state could not be written for want of room; the message says what is kept."""
+
+
+NO_ROOM = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file-size limit stops it (ulimit -f, or the file system's largest file)",
+}
+"""OS errors that more room (or a higher limit) cures, and how the message says so."""
+
+
+def _no_room(err: BaseException) -> int | None:
+    """The errno of the out-of-room OS error behind ``err`` (torch wraps it in a RuntimeError of
+    its own, with the OS error as its context), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in NO_ROOM:
+            return current.errno
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def state_not_saved(real: Path, err: BaseException, had_state: bool) -> StateNotSaved | None:
+    """The one-line error for a save of ``real`` that ran out of room, or None for any other failure.
+
+    The temporary file is gone by then and ``real`` was never touched, which is what the message
+    promises.
+    """
+    code = _no_room(err)
+    if code is None:
+        return None
+    kept = (
+        "the file still holds the previous state, so a rerun resumes from it"
+        if had_state
+        else "no earlier state was saved, so a rerun starts the search again"
+    )
+    return StateNotSaved(
+        f"cannot save the search state {real}: {NO_ROOM[code]} ({os.strerror(code)}); {kept} once there "
+        "is room (nothing half-written is left)"
+    )
+
+
+def _new_file(path: Path) -> BinaryIO:
+    return path.open("wb")
+
+
 @contextlib.contextmanager
-def atomic_state_save(before_replace: Callable[[Any, Path, Path], None]) -> Iterator[None]:
+def atomic_state_save(
+    before_replace: Callable[[Any, Path, Path], None], open_file: Callable[[Path], BinaryIO] = _new_file
+) -> Iterator[None]:
     """ModelOpt's search state is written to a temporary file and renamed over the real one.
 
     ModelOpt 0.47 ``torch.save``s straight onto the checkpoint path, so a kill or a full disk
@@ -259,11 +311,25 @@ def atomic_state_save(before_replace: Callable[[Any, Path, Path], None]) -> Iter
     runs with the path pointed at a temporary file beside the real one; the file is fsync'ed,
     ``before_replace(searcher, real, temporary)`` runs (it writes files that must describe this
     very state, before the state becomes visible), then ``os.replace`` makes it the state at once.
-    Undo: ``BaseSearcher.save_search_checkpoint`` is put back.
+
+    The bytes go through a Python file (``open_file``; tests pass one that runs out of room):
+    ``torch.save`` onto a path writes from C++ and loses the OS's reason, so a full disk read
+    ``[enforce fail at inline_container.cc] ... unexpected pos``; through a Python file the
+    ``OSError`` stays attached, and running out of room becomes :class:`StateNotSaved`, one line
+    naming the file. Undo: ``BaseSearcher.save_search_checkpoint`` and the searcher module's
+    ``safe_save`` are put back.
     """
+    from modelopt.torch.opt import searcher as searcher_module
     from modelopt.torch.opt.searcher import BaseSearcher
 
     original = vars(BaseSearcher)["save_search_checkpoint"]
+    write = searcher_module.safe_save
+
+    def through_python_file(obj: Any, target: str, **kwargs: Any) -> None:
+        with open_file(Path(target)) as handle:
+            write(obj, handle, **kwargs)
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def save(self: Any, verbose: bool = False) -> None:
         path = self._get_checkpoint_path()
@@ -272,23 +338,29 @@ def atomic_state_save(before_replace: Callable[[Any, Path, Path], None]) -> Iter
         real = Path(path)
         real.parent.mkdir(parents=True, exist_ok=True)
         temporary = temporary_beside(real)
+        had_state = real.exists()
         config = self.config
         configured = config["checkpoint"]
         config["checkpoint"] = str(temporary)
         try:
             original(self, verbose=verbose)
-            fsync_path(temporary)
             before_replace(self, real, temporary)
             temporary.replace(real)
-        except BaseException:
+        except BaseException as err:
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()
+            failure = state_not_saved(real, err, had_state)
+            if failure is not None:
+                raise failure from err
             raise
         finally:
             config["checkpoint"] = configured
         fsync_path(real.parent)
 
-    with swapped(BaseSearcher, "save_search_checkpoint", save):
+    with (
+        swapped(BaseSearcher, "save_search_checkpoint", save),
+        swapped(searcher_module, "safe_save", through_python_file),
+    ):
         yield
 
 
