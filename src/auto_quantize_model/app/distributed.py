@@ -81,7 +81,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import attrs
-import cattrs
 
 from auto_quantize_model.app.logs import PACKAGE_LOGGER
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
@@ -378,7 +377,7 @@ def decode_message(raw: bytes, kind: Any, *, key: str, sender: int) -> Any:
     try:
         return JSON_CONVERTER.structure(data, kind)
     except Exception as err:  # cattrs reports type problems as several exception kinds
-        problems = json_problems(err) if isinstance(err, cattrs.BaseValidationError) else [str(err)]
+        problems = json_problems(err)
         shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
         raise _bad(key, sender, _one_line(shown)) from None
 
