@@ -12,36 +12,38 @@ stops the others when one dies. No process pool of our own.
 
 **Talking.** The workers need only small control messages (who failed pre-flight, who runs which
 point, the results), and they pass them through the key-value store torchrun's rendezvous
-already runs (a c10d ``TCPStore``): numbered keys, every wait bounded by
-:data:`COLLECTIVE_TIMEOUT`. No process group is started, on
-purpose: once ``torch.distributed`` is initialised, ModelOpt takes the workers for data-parallel
-replicas of one model, all-reduces calibration ranges and scores over them and renames its
-search checkpoint per rank (``autoquant_search_state0.pt``), which would mix the points of
-different workers. Waiting for the other workers' points has no fixed bound (a worker may hold
-an hour of points), so it is no timed message: each worker counts a heartbeat in the store
-every :data:`HEARTBEAT_EVERY` seconds and says when it is done or failed, and a waiting worker
-gives up on one whose heartbeat stood still for :data:`STALE_AFTER` seconds (it died, or its
-host did), with one line naming the rerun that finishes its points. On one host torchrun's
-agent is quicker still: when a worker dies it stops the others (SIGTERM, which unwinds a point
-as Ctrl-C does, so its folder is left resumable).
+already runs (a c10d ``TCPStore``): numbered keys, JSON values, every wait bounded by
+:data:`COLLECTIVE_TIMEOUT`. No process group is started, on purpose: once ``torch.distributed``
+is initialised, ModelOpt takes the workers for data-parallel replicas of one model, all-reduces
+calibration ranges and scores over them and renames its search checkpoint per rank
+(``autoquant_search_state0.pt``), which would mix the points of different workers. Waiting for
+the other workers' points has no fixed bound (a worker may hold an hour of points), so it is no
+timed message: each worker counts a heartbeat in the store every :data:`HEARTBEAT_EVERY` seconds
+and says when it is done or failed, and a waiting worker gives up on one whose heartbeat stood
+still for :data:`STALE_AFTER` seconds (it died, or its host did), with one line naming the rerun
+that finishes its points. On one host torchrun's agent is quicker still: when a worker dies it
+stops the others (SIGTERM, which unwinds a point as Ctrl-C does, so its folder is left resumable).
 
-**Trust.** The store is a network service: torch's ``TCPStore`` server listens on every
-interface whatever address it is given (torch 2.13, checked: ``[::]``, dual-stack), and
-nothing authenticates who writes to it. So a message is plain JSON of one declared type,
-structured by the strict :data:`~auto_quantize_model.io.convert.JSON_CONVERTER` on arrival;
-anything else is one line (:class:`BadMessage`) naming the key and the sender, never code run
-(the store used to carry pickles, which run whatever they name). Where an ``aqm`` worker hosts
-the store itself (no torchrun agent: ``TORCHELASTIC_USE_AGENT_STORE`` is not ``True``) and all
-workers share one host (``LOCAL_WORLD_SIZE == WORLD_SIZE``, or a loopback ``MASTER_ADDR``), it
-listens on 127.0.0.1 only (:func:`open_store`). Under torchrun's agent (the usual case) the
-agent hosts the store, and no torchrun flag narrows it: ``--standalone``, ``--rdzv-endpoint
-localhost:PORT`` and ``--master-addr 127.0.0.1`` only choose the address the workers dial; a
-single-host run logs one warning when it finds the store listening beyond loopback. Only
-``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` hands the store to rank 0 (loopback, then), and
-torchrun's c10d rendezvous (``--standalone``, or the default on one node) still keeps its own
-store on every interface and unpickles its state from it; ``--master-addr 127.0.0.1
---master-port PORT`` (the static rendezvous) avoids that pickle, not the open port. A
-multi-host run must trust the network between its hosts, or firewall the ports.
+**Trust.** The store is a network service that authenticates nobody: torch's ``TCPStore`` server
+listens on every interface (``[::]``, dual-stack) whatever host name it is given (checked on
+torch 2.13, both server back-ends). So every message is plain JSON of one declared type,
+structured on arrival by the strict :data:`~auto_quantize_model.io.convert.JSON_CONVERTER`;
+anything else is one line (:class:`BadMessage`) naming the key and the sending rank, and nothing
+written to the store can make a worker run code (a pickle could). Where the store listens:
+
+* an ``aqm`` worker hosts it (no torchrun agent: ``TORCHELASTIC_USE_AGENT_STORE`` is not
+  ``True``) for workers on one host (``LOCAL_WORLD_SIZE == WORLD_SIZE``, or a loopback
+  ``MASTER_ADDR``): on 127.0.0.1 only, on a socket :func:`open_store` binds;
+* torchrun's agent hosts it (the usual case): on every interface, and no torchrun flag narrows
+  it (``--standalone``, ``--rdzv-endpoint localhost:PORT`` and ``--master-addr 127.0.0.1`` only
+  choose the address the workers dial). Rank 0 of a single-host run logs one warning when
+  ``/proc/net`` shows it open beyond loopback. Under the c10d rendezvous (``--standalone``, or
+  torchrun's default on one node) the agent's own rendezvous store is open the same way and
+  torch unpickles its state from it; ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` moves the workers'
+  store to rank 0 (so onto loopback) but not that one. ``--master-addr 127.0.0.1 --master-port
+  PORT`` (the static rendezvous) has no such pickle, but its agent's store is open on PORT;
+* on several hosts the store must be reachable from all of them: such a run trusts the network
+  between its hosts (or firewalls the port to them).
 
 **GPUs.** Each worker sees only its own GPU: ``CUDA_VISIBLE_DEVICES`` is narrowed to the entry
 at ``LOCAL_RANK`` (of the list given, or of all GPUs) before torch starts CUDA. ``auto``,
@@ -84,7 +86,7 @@ import attrs
 
 from auto_quantize_model.app.logs import PACKAGE_LOGGER
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
-from auto_quantize_model.io.convert import JSON_CONVERTER, json_problems, to_strict_json_value
+from auto_quantize_model.io.convert import JSON_CONVERTER, json_problems, project, to_strict_json_value
 
 if TYPE_CHECKING:
     from auto_quantize_model.app.sweep import PointResult, SweepPoint
@@ -433,16 +435,7 @@ class WorkerReport:
 
 
 def point_report(result: PointResult) -> PointReport:
-    return PointReport(
-        folder=result.point.folder,
-        status=result.status,
-        seconds=result.seconds,
-        effective_bits=result.effective_bits,
-        top_layers=result.top_layers,
-        reuse=result.reuse,
-        earlier=result.earlier,
-        worker=result.worker,
-    )
+    return project(result, PointReport, folder=result.point.folder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,7 +448,7 @@ LOOPBACK = "127.0.0.1"
 def single_host(environ: Mapping[str, str]) -> bool:
     """All workers run on this host: torchrun's ``LOCAL_WORLD_SIZE`` is the whole world, or the
     workers dial a loopback ``MASTER_ADDR`` (which only reaches this host)."""
-    if "LOCAL_WORLD_SIZE" in environ and environ.get("LOCAL_WORLD_SIZE") == environ.get("WORLD_SIZE"):
+    if environ.get("LOCAL_WORLD_SIZE", "") == environ.get("WORLD_SIZE"):
         return True
     return is_loopback(environ.get("MASTER_ADDR", ""))
 
@@ -558,7 +551,7 @@ def open_store(worker: Worker, environ: Mapping[str, str], timeout: timedelta) -
     agent = environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
     if agent or not single_host(environ):
         store, _, _ = next(iter(rendezvous("env://", worker.rank, worker.world_size, timeout=timeout)))
-        if agent:
+        if agent and worker.leader:  # one line for the run, not one per worker
             warn_if_exposed(environ)
         return store  # type: ignore[no-any-return]
     port = _env_int(environ, "MASTER_PORT")
