@@ -278,9 +278,8 @@ def test_a_sweep_conversation_between_two_workers_is_json_on_the_wire() -> None:
         assert got == owners
         assert gathered == [(tuple(sent[0]), ("notes of 0",)), (tuple(sent[1]), ("notes of 1",))]
         assert code == 1
-    assert all(result.point is points[i] for i, result in enumerate(second[0][1][0][0])), (
-        "rank 0's own points"
-    )
+    joined = [result.point for found, _ in second[0][1] for result in found]
+    assert all(point is points[i] for i, point in enumerate(joined)), "rank 0 joins results to its own points"
     messages = {key: value for key, value in store.data.items() if key.startswith("msg/")}
     assert sorted(messages) == [
         f"msg/{n}/{r}" for n in range(1, 7) for r in (0, 1) if r == 0 or n in (1, 3, 5)
