@@ -258,7 +258,9 @@ def test_a_worker_that_never_answers_is_one_line_not_a_hang() -> None:
 def torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in TORCHRUN_ENV.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # empty reads as unset, and unlike delenv of an absent name, setenv is undone: the refused run
+    # narrows os.environ itself, which would leak CUDA_VISIBLE_DEVICES=1 into the torchrun tests below
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 def _never_joined(worker: Worker) -> WorkerGroup:
