@@ -223,7 +223,7 @@ def _on_threads(groups: list[WorkerGroup], work: Any) -> list[Any]:
 def test_gather_and_broadcast_hand_every_worker_the_same_values() -> None:
     def work(group: WorkerGroup) -> tuple[Any, Any]:
         rank = group.worker.rank
-        return group.gather({"rank": rank}), group.broadcast(f"from {rank}")
+        return group.gather({"rank": rank}, dict[str, int]), group.broadcast(f"from {rank}", str)
 
     for gathered, said in _on_threads(_groups(3), work):
         assert gathered == [{"rank": 0}, {"rank": 1}, {"rank": 2}]
@@ -246,7 +246,7 @@ def test_a_worker_that_never_answers_is_one_line_not_a_hang() -> None:
     with pytest.raises(
         WorkerLost, match=r"^lost contact with the other workers while assigning points \(wait"
     ):
-        group.gather("x", "assigning points")
+        group.gather("x", str, "assigning points")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,7 +258,9 @@ def test_a_worker_that_never_answers_is_one_line_not_a_hang() -> None:
 def torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in TORCHRUN_ENV.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # empty reads as unset, and unlike delenv of an absent name, setenv is undone: the refused run
+    # narrows os.environ itself, which would leak CUDA_VISIBLE_DEVICES=1 into the torchrun tests below
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 def _never_joined(worker: Worker) -> WorkerGroup:

@@ -12,18 +12,38 @@ stops the others when one dies. No process pool of our own.
 
 **Talking.** The workers need only small control messages (who failed pre-flight, who runs which
 point, the results), and they pass them through the key-value store torchrun's rendezvous
-already runs (``torch.distributed.rendezvous("env://")``, a TCPStore): numbered keys, pickled
-values, every wait bounded by :data:`COLLECTIVE_TIMEOUT`. No process group is started, on
-purpose: once ``torch.distributed`` is initialised, ModelOpt takes the workers for data-parallel
-replicas of one model, all-reduces calibration ranges and scores over them and renames its
-search checkpoint per rank (``autoquant_search_state0.pt``), which would mix the points of
-different workers. Waiting for the other workers' points has no fixed bound (a worker may hold
-an hour of points), so it is no timed message: each worker counts a heartbeat in the store
-every :data:`HEARTBEAT_EVERY` seconds and says when it is done or failed, and a waiting worker
-gives up on one whose heartbeat stood still for :data:`STALE_AFTER` seconds (it died, or its
-host did), with one line naming the rerun that finishes its points. On one host torchrun's
-agent is quicker still: when a worker dies it stops the others (SIGTERM, which unwinds a point
-as Ctrl-C does, so its folder is left resumable).
+already runs (a c10d ``TCPStore``): numbered keys, JSON values, every wait bounded by
+:data:`COLLECTIVE_TIMEOUT`. No process group is started, on purpose: once ``torch.distributed``
+is initialised, ModelOpt takes the workers for data-parallel replicas of one model, all-reduces
+calibration ranges and scores over them and renames its search checkpoint per rank
+(``autoquant_search_state0.pt``), which would mix the points of different workers. Waiting for
+the other workers' points has no fixed bound (a worker may hold an hour of points), so it is no
+timed message: each worker counts a heartbeat in the store every :data:`HEARTBEAT_EVERY` seconds
+and says when it is done or failed, and a waiting worker gives up on one whose heartbeat stood
+still for :data:`STALE_AFTER` seconds (it died, or its host did), with one line naming the rerun
+that finishes its points. On one host torchrun's agent is quicker still: when a worker dies it
+stops the others (SIGTERM, which unwinds a point as Ctrl-C does, so its folder is left resumable).
+
+**Trust.** The store is a network service that authenticates nobody: torch's ``TCPStore`` server
+listens on every interface (``[::]``, dual-stack) whatever host name it is given (checked on
+torch 2.13, both server back-ends). So every message is plain JSON of one declared type,
+structured on arrival by the strict :data:`~auto_quantize_model.io.convert.JSON_CONVERTER`;
+anything else is one line (:class:`BadMessage`) naming the key and the sending rank, and nothing
+written to the store can make a worker run code (a pickle could). Where the store listens:
+
+* an ``aqm`` worker hosts it (no torchrun agent: ``TORCHELASTIC_USE_AGENT_STORE`` is not
+  ``True``) for workers on one host (``LOCAL_WORLD_SIZE == WORLD_SIZE``, or a loopback
+  ``MASTER_ADDR``): on 127.0.0.1 only, on a socket :func:`open_store` binds;
+* torchrun's agent hosts it (the usual case): on every interface, and no torchrun flag narrows
+  it (``--standalone``, ``--rdzv-endpoint localhost:PORT`` and ``--master-addr 127.0.0.1`` only
+  choose the address the workers dial). Rank 0 of a single-host run logs one warning when
+  ``/proc/net`` shows it open beyond loopback. Under the c10d rendezvous (``--standalone``, or
+  torchrun's default on one node) the agent's own rendezvous store is open the same way and
+  torch unpickles its state from it; ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` moves the workers'
+  store to rank 0 (so onto loopback) but not that one. ``--master-addr 127.0.0.1 --master-port
+  PORT`` (the static rendezvous) has no such pickle, but its agent's store is open on PORT;
+* on several hosts the store must be reachable from all of them: such a run trusts the network
+  between its hosts (or firewalls the port to them).
 
 **GPUs.** Each worker sees only its own GPU: ``CUDA_VISIBLE_DEVICES`` is narrowed to the entry
 at ``LOCAL_RANK`` (of the list given, or of all GPUs) before torch starts CUDA. ``auto``,
@@ -49,21 +69,27 @@ of workers, or plain ``aqm run``) skips finished points and resumes an interrupt
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
-import pickle
+import os
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import attrs
 
 from auto_quantize_model.app.logs import PACKAGE_LOGGER
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
+from auto_quantize_model.io.convert import JSON_CONVERTER, json_problems, project, to_strict_json_value
 
 if TYPE_CHECKING:
-    from auto_quantize_model.app.sweep import SweepPoint
+    from auto_quantize_model.app.sweep import PointResult, SweepPoint
 
 log = logging.getLogger(PACKAGE_LOGGER)
 
@@ -267,7 +293,7 @@ def wait_for_workers(
         waiting = []
         for rank in range(world_size):
             if store.check([_failed(rank)]):
-                reason = store.get(_failed(rank)).decode("utf-8", errors="replace")
+                reason = _one_line(store.get(_failed(rank)).decode("utf-8", errors="replace"))
                 raise WorkerLost(f"worker {rank} of {world_size} failed ({reason}); {rerun}")
             if store.check([_done(rank)]):
                 continue
@@ -316,8 +342,54 @@ class Heartbeat:
 
 
 # --------------------------------------------------------------------------------------------------
-# The group of workers
+# Messages: plain JSON of one declared type, checked on arrival
 # --------------------------------------------------------------------------------------------------
+
+DETAIL_CHARS = 200
+"""At most this much of what was wrong with a message goes into its error line (it is not ours)."""
+
+
+class BadMessage(InputError):
+    """A value in the store that is not the message aqm sends under its key."""
+
+
+def _one_line(text: str, limit: int = DETAIL_CHARS) -> str:
+    """The first line of ``text``, cut at ``limit`` characters: a peer's words, kept to one line."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def encode_message(value: object, kind: Any) -> bytes:
+    """``value`` as compact JSON by ``kind``'s rules (attrs classes as objects, tuples as lists,
+    non-finite floats as the strings ``"NaN"``/``"Infinity"`` strict JSON lacks)."""
+    data = to_strict_json_value(JSON_CONVERTER.unstructure(value, kind))
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def decode_message(raw: bytes, kind: Any, *, key: str, sender: int) -> Any:
+    """The ``kind`` value in ``raw``, or :class:`BadMessage` naming ``key`` and the ``sender`` rank.
+
+    Only JSON is parsed and only ``kind``'s fields are built (no class is named by the data), so
+    whoever wrote the value can at worst make this worker stop with this line.
+    """
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, or nested past the parser's depth
+        raise _bad(key, sender, f"not JSON: {_one_line(str(err))}") from None
+    try:
+        return JSON_CONVERTER.structure(data, kind)
+    except Exception as err:  # cattrs reports type problems as several exception kinds
+        problems = json_problems(err)
+        shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        raise _bad(key, sender, _one_line(shown)) from None
+
+
+def _bad(key: str, sender: int, detail: str) -> BadMessage:
+    return BadMessage(
+        f"the workers' store holds under {key!r} (from rank {sender}) no message aqm sends ({detail}): "
+        "the store is open to the network, so someone else may have written it, or that worker runs "
+        "another aqm version"
+    )
 
 
 @attrs.frozen
@@ -339,12 +411,168 @@ class Problem:
         return err
 
 
+@attrs.frozen
+class PointReport:
+    """A :class:`~auto_quantize_model.app.sweep.PointResult` on the wire: the point is named by its
+    folder, since rank 0 holds every point's spec already and need not take one from the store."""
+
+    folder: str
+    status: str
+    seconds: float
+    effective_bits: float | None
+    top_layers: tuple[str, ...]
+    reuse: str
+    earlier: bool
+    worker: int | None
+
+
+@attrs.frozen
+class WorkerReport:
+    """What one worker ran: its points' results and its session's notes for the index."""
+
+    results: tuple[PointReport, ...]
+    notes: tuple[str, ...]
+
+
+def point_report(result: PointResult) -> PointReport:
+    return project(result, PointReport, folder=result.point.folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the store listens
+# --------------------------------------------------------------------------------------------------
+
+LOOPBACK = "127.0.0.1"
+
+
+def single_host(environ: Mapping[str, str]) -> bool:
+    """All workers run on this host: torchrun's ``LOCAL_WORLD_SIZE`` is the whole world, or the
+    workers dial a loopback ``MASTER_ADDR`` (which only reaches this host)."""
+    if environ.get("LOCAL_WORLD_SIZE", "") == environ.get("WORLD_SIZE"):
+        return True
+    return is_loopback(environ.get("MASTER_ADDR", ""))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: not resolved here, so not counted as loopback
+
+
+def _proc_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as ``/proc/net/tcp{,6}`` prints it: hex of 32-bit words in host byte order."""
+    words = [bytes.fromhex(text[i : i + 8]) for i in range(0, len(text), 8)]
+    if sys.byteorder == "little":
+        words = [word[::-1] for word in words]
+    packed = b"".join(words)
+    return ipaddress.IPv4Address(packed) if len(packed) == 4 else ipaddress.IPv6Address(packed)
+
+
+def listening_addresses(
+    port: int, proc_net: Path = Path("/proc/net")
+) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The addresses this host's TCP sockets listen on at ``port``; None where Linux's
+    ``/proc/net`` cannot tell (another system, or no such files)."""
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    listen = "0A"  # TCP_LISTEN in the kernel's state numbering
+    try:
+        for name in ("tcp", "tcp6"):
+            lines = (proc_net / name).read_text("ascii").splitlines()[1:]
+            for line in lines:
+                fields = line.split()
+                address, _, hex_port = fields[1].partition(":")
+                if fields[3] == listen and int(hex_port, 16) == port:
+                    found.append(_proc_address(address))
+    except (OSError, ValueError, IndexError):
+        return None
+    return found
+
+
+def _beyond_loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return not (mapped or address).is_loopback
+
+
+def warn_if_exposed(environ: Mapping[str, str], proc_net: Path = Path("/proc/net")) -> bool:
+    """Log one warning when a single-host run's store (hosted by torchrun's agent, out of our
+    hands) listens beyond loopback; returns whether it did."""
+    port = environ.get("MASTER_PORT", "")
+    if not single_host(environ) or not port.isdigit():
+        return False
+    addresses = listening_addresses(int(port), proc_net)
+    if not addresses or not any(_beyond_loopback(address) for address in addresses):
+        return False
+    shown = ", ".join(sorted({str(address) for address in addresses}))
+    log.warning(
+        "the workers' store (port %s, opened by torchrun's agent) listens on %s, not only on loopback, "
+        "and no torchrun flag narrows it: whoever reaches this host's port %s can rewrite the sweep's "
+        "messages (aqm reads them as plain JSON, so at worst it stops); firewall the port, or run on a "
+        "trusted network",
+        port,
+        shown,
+        port,
+    )
+    return True
+
+
+def _loopback_listener(port: int) -> int:
+    """The descriptor of a TCP socket listening on 127.0.0.1:``port``, for a store's server to own."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((LOOPBACK, port))
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(
+            f"cannot open the workers' store on {LOOPBACK}:{port} (MASTER_PORT): {err.strerror or err}; "
+            "pick a free port"
+        ) from None
+    # Handed over for good: closing it under a running server aborts the process (torch's
+    # non-libuv server) or stops it accepting (libuv), so Python must not close it on collection.
+    return sock.detach()
+
+
+def open_store(worker: Worker, environ: Mapping[str, str], timeout: timedelta) -> Store:
+    """This worker's connection to the store, which listens on loopback where an ``aqm`` worker
+    hosts it for a single-host run.
+
+    Under torchrun's agent (``TORCHELASTIC_USE_AGENT_STORE=True``) the agent hosts the store, and
+    on several hosts rank 0 must be reachable by the others: both are torch's own ``env://``
+    rendezvous, as before. Otherwise rank 0 hosts the store here, on a socket it bound to
+    127.0.0.1 (torch's ``TCPStore`` would bind every interface), and every worker dials 127.0.0.1.
+    """
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]  # re-exported, not in __all__
+    from torch.distributed.rendezvous import rendezvous
+
+    agent = environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    if agent or not single_host(environ):
+        store, _, _ = next(iter(rendezvous("env://", worker.rank, worker.world_size, timeout=timeout)))
+        if agent and worker.leader:  # one line for the run, not one per worker
+            warn_if_exposed(environ)
+        return store  # type: ignore[no-any-return]
+    port = _env_int(environ, "MASTER_PORT")
+    listener = _loopback_listener(port) if worker.leader else None
+    store = TCPStore(LOOPBACK, port, worker.world_size, worker.leader, timeout, master_listen_fd=listener)
+    return cast(Store, store)
+
+
+# --------------------------------------------------------------------------------------------------
+# The group of workers
+# --------------------------------------------------------------------------------------------------
+
+
 class WorkerGroup:
     """torchrun's workers talking through its rendezvous store: small messages, heartbeats, exit.
 
-    Messages are pickled values under numbered keys; every worker sends and receives them in the
-    same order, so the numbers agree. A peer that does not answer within :data:`COLLECTIVE_TIMEOUT`
-    becomes one line (:class:`WorkerLost`) instead of a store traceback.
+    Messages are JSON values (:func:`encode_message`) under numbered keys, each structured as the
+    type its receiver expects; every worker sends and receives them in the same order, so the
+    numbers agree. A peer that does not answer within :data:`COLLECTIVE_TIMEOUT` becomes one line
+    (:class:`WorkerLost`) instead of a store traceback; a value that is not the expected message
+    becomes one line too (:class:`BadMessage`).
     """
 
     def __init__(
@@ -358,12 +586,20 @@ class WorkerGroup:
         self._heartbeat: Heartbeat | None = None
 
     @classmethod
-    def join(cls, worker: Worker, timeout: float = COLLECTIVE_TIMEOUT) -> WorkerGroup:
+    def join(
+        cls, worker: Worker, timeout: float = COLLECTIVE_TIMEOUT, environ: Mapping[str, str] | None = None
+    ) -> WorkerGroup:
         """Connect to the store torchrun's agent hosts (rank 0 hosts it without the agent)."""
-        from torch.distributed.rendezvous import rendezvous
-
-        wait = timedelta(seconds=timeout)
-        store, _, _ = next(iter(rendezvous("env://", worker.rank, worker.world_size, timeout=wait)))
+        env = os.environ if environ is None else environ
+        try:
+            store = open_store(worker, env, timedelta(seconds=timeout))
+        except AqmError:
+            raise
+        except Exception as err:  # torch's store errors carry C++ frames; one line is enough
+            where = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
+            raise WorkerLost(
+                f"{worker.name}: cannot reach the other workers' store at {where} ({_one_line(str(err))})"
+            ) from err
         log.info("joined %d workers through the rendezvous store", worker.world_size)
         return cls(worker, store, timeout=timeout)
 
@@ -374,48 +610,92 @@ class WorkerGroup:
         rerun = f"; {self.rerun}" if self.rerun else ""
         return WorkerLost(f"lost contact with the other workers while {what} ({first}){rerun}")
 
-    def _receive(self, key: str, what: str) -> Any:
+    @staticmethod
+    def _key(number: int, rank: int) -> str:
+        return f"msg/{number}/{rank}"
+
+    def _send(self, key: str, value: object, kind: Any, what: str) -> None:
+        data = encode_message(value, kind)
         try:
-            self.store.wait([key], timedelta(seconds=self.timeout))
-            return pickle.loads(self.store.get(key))
+            self.store.set(key, data)
         except Exception as err:
             raise self._lost(what, err) from err
+
+    def _receive(self, number: int, sender: int, kind: Any, what: str) -> Any:
+        key = self._key(number, sender)
+        try:
+            self.store.wait([key], timedelta(seconds=self.timeout))
+            raw = self.store.get(key)
+        except Exception as err:
+            raise self._lost(what, err) from err
+        return decode_message(raw, kind, key=key, sender=sender)
 
     def _next(self) -> int:
         self._sent += 1
         return self._sent
 
-    def gather(self, value: T, what: str = "gathering results") -> list[T]:
-        """Every worker's ``value``, by rank."""
+    def gather(self, value: T, kind: Any, what: str = "gathering results") -> list[T]:
+        """Every worker's ``value``, by rank; ``kind`` is its type (``Problem | None``, ``int``)."""
         number = self._next()
-        try:
-            self.store.set(f"msg/{number}/{self.worker.rank}", pickle.dumps(value))
-        except Exception as err:
-            raise self._lost(what, err) from err
-        return [self._receive(f"msg/{number}/{rank}", what) for rank in range(self.worker.world_size)]
+        self._send(self._key(number, self.worker.rank), value, kind, what)
+        return [self._receive(number, rank, kind, what) for rank in range(self.worker.world_size)]
 
-    def broadcast(self, value: T, what: str = "hearing from rank 0") -> T:
+    def broadcast(self, value: T, kind: Any, what: str = "hearing from rank 0") -> T:
         """Rank 0's ``value`` on every worker (the others' ``value`` is ignored)."""
         number = self._next()
-        key = f"msg/{number}/0"
         if self.worker.leader:
-            try:
-                self.store.set(key, pickle.dumps(value))
-            except Exception as err:
-                raise self._lost(what, err) from err
-        result: T = self._receive(key, what)
+            self._send(self._key(number, 0), value, kind, what)
+        result: T = self._receive(number, 0, kind, what)
         return result
 
     def agree(self, problem: AqmError | None, what: str) -> None:
         """Raise on every worker the first (lowest-rank) problem any worker had; else go on."""
         sent = None if problem is None else Problem.of(problem)
-        problems = self.gather(sent, what)
+        problems = self.gather(sent, Problem | None, what)
         first = next((p for p in problems if p is not None), None)
         if first is None:
             return
         if problem is not None and sent == first:
             raise problem
         raise first.error()
+
+    def share_assignment(self, owners: tuple[int, ...], count: int) -> tuple[int, ...]:
+        """Rank 0's worker for each of the ``count`` points (:func:`assign_points`) on every worker."""
+        result = self.broadcast(owners, tuple[int, ...], "assigning points")
+        world = self.worker.world_size
+        if len(result) != count or not all(0 <= owner < world for owner in result):
+            raise _bad(
+                self._key(self._sent, 0),
+                0,
+                f"an assignment of {len(result)} points to ranks {sorted(set(result))}, "
+                f"not of {count} points to ranks 0..{world - 1}",
+            )
+        return result
+
+    def gather_results(
+        self, results: Sequence[PointResult], notes: Sequence[str], points: Sequence[SweepPoint]
+    ) -> list[tuple[tuple[PointResult, ...], tuple[str, ...]]]:
+        """Every worker's results and notes, by rank, each result joined again to its point
+        (of ``points``, the whole sweep); a result for no point of the sweep is refused."""
+        from auto_quantize_model.app.sweep import PointResult
+
+        report = WorkerReport(tuple(point_report(result) for result in results), tuple(notes))
+        reports = self.gather(report, WorkerReport)
+        by_folder = {point.folder: point for point in points}
+        gathered = []
+        for rank, got in enumerate(reports):
+            joined = []
+            for found in got.results:
+                if found.folder not in by_folder:
+                    raise _bad(
+                        self._key(self._sent, rank),
+                        rank,
+                        f"a result for {found.folder!r}, no point of the sweep",
+                    )
+                fields = attrs.asdict(found, recurse=False)
+                joined.append(PointResult(point=by_folder[fields.pop("folder")], **fields))
+            gathered.append((tuple(joined), got.notes))
+        return gathered
 
     # ------------------------------------------------------------- liveness
 

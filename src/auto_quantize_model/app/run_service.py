@@ -490,16 +490,18 @@ class RunService:
         started = time.perf_counter()
         try:
             token = group.broadcast(
-                None if sweep is None else _folder_token(sweep), "checking the sweep folder"
+                None if sweep is None else _folder_token(sweep),
+                tuple[str, Owner] | None,
+                "checking the sweep folder",
             )
             group.agree(
                 None if worker.leader else _shared_folder_problem(folder, token), "checking the folder"
             )
-            owners: tuple[int, ...] = group.broadcast(
+            owners = group.share_assignment(
                 assign_points(ordered, worker.world_size, self._still_to_run(folder))
                 if worker.leader
                 else (),
-                "assigning points",
+                len(ordered),
             )
             mine = [point for point, owner in zip(ordered, owners, strict=True) if owner == worker.rank]
             log.info("%d of the sweep's %d points are this worker's", len(mine), len(ordered))
@@ -516,7 +518,7 @@ class RunService:
             group.done()
             with sigterm_unwinds():
                 group.wait_for_others()
-            gathered = group.gather((results, notes))
+            gathered = group.gather_results(results, notes, ordered)
         except BaseException as err:
             if sweep is not None:
                 self._sweep_failed(sweep, err, ran=points_started)
@@ -529,7 +531,7 @@ class RunService:
             lines.insert(0, f"Spread over {worker.world_size} torchrun workers.")
             text = render_index(merged, total=len(ordered), title=request.title, notes=lines)
             code = self._finish_sweep(request, sweep, merged, started, index_text=text)
-        return group.broadcast(code, "finishing")
+        return group.broadcast(code, int, "finishing")
 
     def _still_to_run(self, folder: Path) -> Callable[[SweepPoint], bool]:
         """Whether a point has work left (an earlier run did not finish it), for the assignment."""
