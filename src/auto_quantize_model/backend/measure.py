@@ -32,7 +32,7 @@ import attrs
 from auto_quantize_model.backend import layer_cache as lc
 from auto_quantize_model.core.batching import holdout_columns
 from auto_quantize_model.core.scores import NO_QUANT
-from auto_quantize_model.core.validation import Candidate, GroupSelection, Measurement, delta_nll
+from auto_quantize_model.core.validation import Candidate, GroupSelection, Measurement, mean_delta_nll
 
 if TYPE_CHECKING:
     import torch
@@ -260,7 +260,7 @@ class MixPasses:
     """Wall time of each mix's pass, in the order given."""
 
     def delta_nll(self, result: PassResult) -> float:
-        return delta_nll(result, self.baseline)
+        return mean_delta_nll(result, self.baseline)
 
 
 def changed_modules(switch: RecipeSwitch, mix: Mapping[int, str]) -> list[nn.Module]:

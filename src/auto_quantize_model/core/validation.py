@@ -263,7 +263,7 @@ class PassSums(Protocol):
     def kl(self) -> float: ...
 
 
-def delta_nll(result: PassSums, baseline: PassSums) -> float:
+def mean_delta_nll(result: PassSums, baseline: PassSums) -> float:
     """Mean NLL increase per held-out token of ``result`` over ``baseline`` (same tokens)."""
     return (result.nll_sum - baseline.nll_sum) / baseline.tokens
 
@@ -293,7 +293,7 @@ class Measurement:
     """Wall time spent on the proxies' weight errors (the activation hooks ride the baseline pass)."""
 
     def delta_nll(self, result: PassSums) -> float:
-        return delta_nll(result, self.baseline)
+        return mean_delta_nll(result, self.baseline)
 
     def measured(self) -> tuple[tuple[Candidate, PassSums], ...]:
         """Every group measured alone: the selection, then the refinement's extra groups."""
