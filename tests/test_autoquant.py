@@ -29,10 +29,10 @@ from auto_quantize_model.backend.modelopt.plan import (
     leading_steps,
     limit_scored_captions,
     lm_membership,
-    model_constraint,
     textlm_name_map,
 )
 from auto_quantize_model.backend.modelopt.state import nonfinite_message, scores_from_state
+from auto_quantize_model.core.bits import model_constraint
 from auto_quantize_model.core.scores import parse_label
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.pipeline import Artifacts

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from auto_quantize_model.backend import host_memory, measure
+from auto_quantize_model.backend import host_memory, layer_cache
 from auto_quantize_model.backend.host_memory import (
     DEFAULT_MMAP_MAX,
     DEFAULT_TRIM_THRESHOLD,
@@ -67,7 +67,9 @@ def test_exponentials_are_kept_only_within_the_memory_share(monkeypatch: pytest.
     batches = [distributions(4, 50, seed)[0] for seed in range(3)]
     size = batches[0].numel() * batches[0].element_size()
     # room for two of the three batches' exponentials
-    monkeypatch.setattr(measure, "free_bytes", lambda device: int(2.5 * size / measure.LAYER_CACHE_SHARE))
+    monkeypatch.setattr(
+        layer_cache, "free_bytes", lambda device: int(2.5 * size / layer_cache.LAYER_CACHE_SHARE)
+    )
     reference = Reference.of(batches)
     assert [p is not None for p in reference.probs] == [True, True, False]
     kept = reference.probs[0]

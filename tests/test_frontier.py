@@ -14,6 +14,7 @@ import attrs
 import pytest
 
 from auto_quantize_model.core import frontier as frontier_module
+from auto_quantize_model.core.bits import effective_bits, model_constraint, unquantized_weights
 from auto_quantize_model.core.frontier import (
     IN_PROCESS_BELOW,
     REMAINING_LM,
@@ -24,7 +25,6 @@ from auto_quantize_model.core.frontier import (
     fixed_row,
     flag_non_monotone,
     lp_problem,
-    model_constraint,
     parse_budgets,
     search_scores,
     solve_frontier,
@@ -35,7 +35,7 @@ from auto_quantize_model.core.frontier import (
 )
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.render.frontier import JSON_FILE, MARKDOWN_FILE, frontier_to_dict, write_frontier
-from builders import FP8, INT8, group
+from builders import FP8, INT8, NONE, group, int8
 
 # --------------------------------------------------------------------------------------------------
 # Budgets
@@ -78,13 +78,22 @@ def test_parse_budgets_errors_name_the_text_and_the_forms(text: str, message: st
     assert "\n" not in str(err.value)
 
 
-def test_model_constraint_is_run_autoquants() -> None:
-    from auto_quantize_model.backend.modelopt.plan import model_constraint as stage_constraint
-
+def test_model_constraint_is_the_same_float_for_the_runs_counts_and_the_frontiers() -> None:
+    # RunAutoQuant passes integer weight counts, the frontier floats: the budgets must agree exactly
     for bits, lm, other in ((11.0, 106_496, 0), (12.0, 106_496, 113_152), (4.25, 3_000_000_017, 400_000_001)):
-        assert model_constraint(bits, float(lm), float(other)) == stage_constraint(bits, lm, other)
+        assert model_constraint(bits, float(lm), float(other)) == model_constraint(bits, lm, other)
+    assert model_constraint(8.0, 3, 1) == 10.0  # 3 LM weights at 8 bits and 1 vision weight at 16
     with pytest.raises(InputError, match="no weights"):
         model_constraint(8.0, 0.0, 0.0)
+
+
+def test_unquantized_weights_and_effective_bits_follow_modelopts_cost_units() -> None:
+    with_none = group("a", int8(1.0), NONE, costs=(50.0, 120.0))
+    assert unquantized_weights(with_none) == 120.0  # the NONE cost, not the 100 INT8's cost implies
+    without_none = group("b", int8(1.0), costs=(50.0,))
+    assert unquantized_weights(without_none) == 100.0  # 50 at 8 bits is 100 weights
+    assert effective_bits(50.0, 100.0) == 8.0
+    assert effective_bits(62.5, 200.0) == 5.0
 
 
 # --------------------------------------------------------------------------------------------------

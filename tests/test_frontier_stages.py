@@ -524,7 +524,8 @@ def test_measuring_the_frontier_restores_the_model_exactly(tmp_path: Path) -> No
     from modelopt.torch.opt.utils import named_hparams
 
     from auto_quantize_model.artifacts import CalibData, LanguageModel, LoadedModel, QuantSearch
-    from auto_quantize_model.backend.measure import HeldOutEval, held_out_set
+    from auto_quantize_model.backend.measure import HeldOutEval
+    from auto_quantize_model.core.validation import held_out_set
     from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec, LoadSpec, ValidateSpec
     from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
     from auto_quantize_model.stages.extract_lm import ExtractLM

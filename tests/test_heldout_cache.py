@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, cast
 import attrs
 import pytest
 
-from auto_quantize_model.backend import measure
+from auto_quantize_model.backend import layer_cache
+from auto_quantize_model.backend.layer_cache import LayerCache
 from auto_quantize_model.backend.measure import (
     HeldOutEval,
-    LayerCache,
     MixPasses,
     PassResult,
     changed_modules,
@@ -179,7 +179,7 @@ def test_a_cache_over_its_memory_share_is_dropped_and_every_pass_runs_in_full(
 ) -> None:
     mixes = int8.singles()[-2:]
     full = measure_mixes(int8.evaluator(cache=False), int8.switch, mixes)
-    monkeypatch.setattr(measure, "LAYER_CACHE_SHARE", 1e-12)
+    monkeypatch.setattr(layer_cache, "LAYER_CACHE_SHARE", 1e-12)
     evaluator = int8.evaluator(cache=True)
     with caplog.at_level("INFO", logger="auto_quantize_model"):
         dropped = measure_mixes(evaluator, int8.switch, mixes)

@@ -12,20 +12,18 @@ from typing import Any, cast
 
 import pytest
 
-from auto_quantize_model.backend.measure import (
-    ActivationRecorder,
+from auto_quantize_model.backend.measure import ActivationRecorder, PassResult
+from auto_quantize_model.core.proxies import ActivationStats, WeightStats
+from auto_quantize_model.core.validation import (
     Candidate,
     GroupSelection,
     HeldOut,
     Measurement,
-    PassResult,
     RefinePlan,
     RefineSets,
     refine_sets,
-    refined_order,
-    validation_report,
 )
-from auto_quantize_model.core.proxies import ActivationStats, WeightStats
+from auto_quantize_model.core.validation_report import refined_order, validation_report
 
 CAPTIONS = 24
 INT8 = "INT8_DEFAULT_CFG"

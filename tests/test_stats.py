@@ -7,7 +7,14 @@ import random
 
 import pytest
 
-from auto_quantize_model.core.stats import average_ranks, kendall_tau_b, spearman, top_k_overlap, top_k_shared
+from auto_quantize_model.core.stats import (
+    average_ranks,
+    kendall_tau_b,
+    nan_reason,
+    spearman,
+    top_k_overlap,
+    top_k_shared,
+)
 
 
 def test_average_ranks_share_the_mean_rank_of_ties() -> None:
@@ -96,3 +103,29 @@ def test_agrees_with_scipy_on_random_inputs(seed: int) -> None:
         assert math.isnan(kendall_tau_b(x, y))
     else:
         assert kendall_tau_b(x, y) == pytest.approx(expected_tau, abs=1e-12)
+
+
+def test_nan_reason_says_why_a_correlation_is_nan_in_the_order_a_reader_can_act_on() -> None:
+    nan = math.nan
+    assert nan_reason([1.0, 2.0], [3.0, 4.0], 1.0) == ""
+    assert nan_reason([1.0], [0.0], nan) == "fewer than 2 measured groups (1)"
+    assert nan_reason([], [], nan, items="points") == "fewer than 2 measured points (0)"
+    # a NaN is named before the equal sides it would otherwise look like
+    assert nan_reason([1.0, 1.0], [nan, 2.0], nan) == "a NaN among the values"
+    assert nan_reason([1.0, 1.0], [3.0, 4.0], nan) == "the predicted scores are all equal"
+    assert nan_reason([1.0, 2.0], [0.0, 0.0], nan) == "the measured values are all equal"
+    assert nan_reason([1.0, 2.0], [2.0, 1.0], nan) == "no untied pair"
+
+
+def test_nan_reason_explains_every_nan_spearman_and_kendall_give() -> None:
+    cases = (
+        ([1.0], [0.0]),
+        ([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]),
+        ([1.0, 2.0], [5.0, 5.0]),
+        ([1.0, 2.0], [1.0, math.nan]),
+    )
+    for x, y in cases:
+        for coefficient in (spearman, kendall_tau_b):
+            value = coefficient(x, y)
+            assert math.isnan(value)
+            assert nan_reason(x, y, value) not in ("", "no untied pair")

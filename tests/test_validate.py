@@ -20,21 +20,20 @@ from auto_quantize_model.artifacts import (
     SensitivityScores,
     ValidationReport,
 )
-from auto_quantize_model.backend.measure import (
-    Candidate,
-    correlation_notes,
-    held_out_set,
-    holdout_captions,
-    rank_candidates,
-    rank_overlap,
-    select_groups,
-    selection_notes,
-)
 from auto_quantize_model.core.batching import encode, holdout_columns, scorable
 from auto_quantize_model.core.captions import caption_file, captions_sha256, read_caption_file
 from auto_quantize_model.core.noise import choose_headline
 from auto_quantize_model.core.ranking import rank_groups
 from auto_quantize_model.core.scores import recipe_name
+from auto_quantize_model.core.validation import (
+    Candidate,
+    held_out_set,
+    holdout_captions,
+    rank_candidates,
+    select_groups,
+    selection_notes,
+)
+from auto_quantize_model.core.validation_report import rank_overlap
 from auto_quantize_model.errors import AqmError, InputError, WiringError
 from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.specs import ValidateSpec
@@ -288,13 +287,6 @@ def test_validation_of_scores_read_from_disk_is_refused_before_anything_runs() -
         Pipeline([ValidateSensitivity()], supplied=supplied).check()
     search = QuantSearch(model=cast(Any, None), formats=("INT8_DEFAULT_CFG",), method="gradient")
     Pipeline([ValidateSensitivity()], supplied=[*supplied, search]).check()
-
-
-def test_correlation_notes_say_why_a_value_is_nan() -> None:
-    assert correlation_notes("rho", [1.0, 2.0], [3.0, 4.0], 1.0) == ()
-    assert "scores are all equal" in correlation_notes("rho", [1.0, 1.0], [3.0, 4.0], math.nan)[0]
-    assert "measured values are all equal" in correlation_notes("rho", [1.0, 2.0], [0.0, 0.0], math.nan)[0]
-    assert "fewer than 2" in correlation_notes("rho", [1.0], [0.0], math.nan)[0]
 
 
 def test_rank_overlap_compares_predicted_and_measured_top_k() -> None:

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
+from auto_quantize_model.core.bits import effective_bits, model_constraint, unquantized_weights
 from auto_quantize_model.core.scores import NO_QUANT, group_name, has_quantized_format, parse_label
 from auto_quantize_model.errors import ConfigError, InputError
 
@@ -132,19 +133,6 @@ def parse_budgets(text: str) -> tuple[float, ...]:
     else:
         values = [_budget_value(text, part) for part in stripped.split(",")]
     return tuple(sorted(set(values)))
-
-
-def model_constraint(target_bits: float, lm_weights: float, other_weights: float) -> float:
-    """The effective bits over every costed weight that hold the LM at ``target_bits``.
-
-    Non-LM weights cost 16 bits each whatever is chosen. The expression is the one
-    ``RunAutoQuant`` hands ModelOpt, operation for operation, so the budget here is the same
-    float as there (integer weight counts are exact in a float).
-    """
-    total = lm_weights + other_weights
-    if total <= 0:
-        raise InputError("the search space holds no weights: nothing to budget")
-    return (target_bits * lm_weights + 16.0 * other_weights) / total
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,10 +275,7 @@ def fixed_row(name: str, weights: float, *, lm: bool) -> SearchRow:
 
 
 def _row_from_group(group: GroupScore) -> SearchRow:
-    if NO_QUANT in group.formats:
-        weights = group.costs[group.formats.index(NO_QUANT)]
-    else:
-        weights = group.costs[0] * 16.0 / group.bits[0]
+    weights = unquantized_weights(group)
     return SearchRow(
         name=group.name,
         formats=group.formats,
@@ -647,7 +632,7 @@ def _point(
         budget=budget,
         constraint=constraint,
         formats=tuple(rows[i].formats[selection[i]] for i in reported),
-        effective_bits_lm=16.0 * lm_cost / space.lm_weights,
+        effective_bits_lm=effective_bits(lm_cost, space.lm_weights),
         effective_bits_model=(_sequential_sum(costs) / total_weights) * 16,
         total_score=float(_sequential_sum(row.scores[i] for row, i in zip(rows, selection, strict=True))),
         reachable=reachable,

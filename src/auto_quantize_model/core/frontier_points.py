@@ -25,6 +25,7 @@ from auto_quantize_model.artifacts import (
     MeasuredPoint,
 )
 from auto_quantize_model.core import stats
+from auto_quantize_model.core.bits import unquantized_weights
 from auto_quantize_model.core.frontier import (
     Frontier,
     FrontierPoint,
@@ -51,13 +52,6 @@ def search_method(method: str, where: str) -> Method:
     )
 
 
-def _unquantized_weights(group: GroupScore) -> float:
-    """A group's size at 16 bits: its NONE cost (ModelOpt costs weights x bits / 16)."""
-    if NO_QUANT in group.formats:
-        return group.costs[group.formats.index(NO_QUANT)]
-    return group.costs[0] * 16.0 / group.bits[0]
-
-
 def search_space(
     groups: Sequence[GroupScore],
     method: Method,
@@ -77,7 +71,7 @@ def search_space(
     """
     scored = [g for g in groups if has_quantized_format(g.formats)]
     rows: list[SearchRow] = [fixed_row(f.name, f.weights, lm=f.lm) for f in fixed]
-    rows += [fixed_row(g.name, _unquantized_weights(g), lm=True) for g in groups if g not in scored]
+    rows += [fixed_row(g.name, unquantized_weights(g), lm=True) for g in groups if g not in scored]
     names = [g.name for g in scored] + [row.name for row in rows]
     notes: list[str] = []
     usable = bool(order) and len(order) == len(names) and set(order) == set(names)
@@ -200,21 +194,6 @@ def flag_measured(points: Sequence[MeasuredPoint]) -> tuple[MeasuredPoint, ...]:
     return tuple(out)
 
 
-def correlation_note(label: str, predicted: Sequence[float], measured: Sequence[float], value: float) -> str:
-    """Why a rank correlation along the frontier is NaN, or ``""`` when it is not."""
-    if not math.isnan(value):
-        return ""
-    if len(predicted) < 2:
-        why = f"fewer than 2 measured points ({len(predicted)})"
-    elif len(set(predicted)) == 1:
-        why = "the predicted scores are all equal"
-    elif len(set(measured)) == 1:
-        why = "the measured values are all equal"
-    else:
-        why = "a NaN among the values"
-    return f"{label} along the frontier is NaN: {why}"
-
-
 def measured_frontier(
     points: Sequence[MeasuredPoint],
     *,
@@ -235,8 +214,12 @@ def measured_frontier(
     spearman_nll = stats.spearman(predicted, nll)
     spearman_kl = stats.spearman(predicted, kl)
     found = [
-        correlation_note("Spearman(predicted, dNLL)", predicted, nll, spearman_nll),
-        correlation_note("Spearman(predicted, KL)", predicted, kl, spearman_kl),
+        f"{label} along the frontier is NaN: {why}"
+        for label, measured, value in (
+            ("Spearman(predicted, dNLL)", nll, spearman_nll),
+            ("Spearman(predicted, KL)", kl, spearman_kl),
+        )
+        if (why := stats.nan_reason(predicted, measured, value, items="points"))
     ]
     if not restored_exactly:
         found.append("the model did not come back bit-exactly after the measurements")
@@ -251,7 +234,7 @@ def measured_frontier(
         holdout_source=holdout_source,
         restored_exactly=restored_exactly,
         seconds=seconds,
-        notes=(*notes, *(note for note in found if note)),
+        notes=(*notes, *found),
     )
 
 

@@ -106,3 +106,23 @@ def top_k_overlap(a: Sequence[Hashable], b: Sequence[Hashable], k: int) -> float
     if size == 0:
         return math.nan
     return top_k_shared(a, b, k) / size
+
+
+def nan_reason(x: Sequence[float], y: Sequence[float], value: float, *, items: str = "groups") -> str:
+    """Why a rank correlation of ``x`` (predicted) and ``y`` (measured) is NaN; ``""`` when it is not.
+
+    The checks follow the rules in this module's docstring, in the order a reader can act on:
+    too few points first, then a NaN (which hides any variation), then a side that never varies.
+    ``items`` names what was measured ("groups", "points"), so the note counts the right thing.
+    """
+    if not math.isnan(value):
+        return ""
+    if len(x) < 2:
+        return f"fewer than 2 measured {items} ({len(x)})"
+    if any(math.isnan(v) for v in (*x, *y)):
+        return "a NaN among the values"
+    if len(set(x)) == 1:
+        return "the predicted scores are all equal"
+    if len(set(y)) == 1:
+        return "the measured values are all equal"
+    return "no untied pair"

@@ -204,8 +204,8 @@ def _write_checkpoint(
     config: Any, out: Path, inputs: CheckpointInputs
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
     from auto_quantize_model.backend.lm_forward import calibration_step_for, decoder_and_head
-    from auto_quantize_model.backend.measure import held_out_set
     from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.core.validation import held_out_set
 
     fresh, lm = inputs.fresh, inputs.lm
     held_out = held_out_set(inputs.holdout, inputs.calib, fresh.tokenizer)

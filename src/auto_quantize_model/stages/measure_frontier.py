@@ -18,9 +18,10 @@ from auto_quantize_model.artifacts import (
     QuantSearch,
     SensitivityScores,
 )
-from auto_quantize_model.backend.measure import HeldOutEval, held_out_set, measure_mixes
+from auto_quantize_model.backend.measure import HeldOutEval, measure_mixes
 from auto_quantize_model.core.frontier_points import measured_budgets, measured_frontier
 from auto_quantize_model.core.scores import NO_QUANT
+from auto_quantize_model.core.validation import held_out_set
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.specs import FrontierSpec, ValidateSpec
 

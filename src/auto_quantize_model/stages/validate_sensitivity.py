@@ -16,17 +16,16 @@ from auto_quantize_model.artifacts import (
     SensitivityScores,
     ValidationReport,
 )
-from auto_quantize_model.backend.measure import (
-    HeldOutEval,
+from auto_quantize_model.backend.measure import HeldOutEval, measure
+from auto_quantize_model.core.validation import (
     RefinePlan,
     held_out_set,
-    measure,
     rank_candidates,
     refine_sets,
     select_groups,
     selection_notes,
-    validation_report,
 )
+from auto_quantize_model.core.validation_report import validation_report
 from auto_quantize_model.specs import ValidateSpec
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ packed and padded layouts. ``scope="language_model"`` searches a
 :class:`~auto_quantize_model.backend.lm_forward.TextLM` (decoder + lm_head under one root);
 ``scope="full_model"`` the whole VLM with the vision modules disabled. ModelOpt costs disabled
 groups at 16 bits, which would dilute the budget, so the constraint passed is raised until the LM
-alone meets the user's target (:func:`model_constraint`).
+alone meets the user's target (:func:`~auto_quantize_model.core.bits.model_constraint`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import attrs
 from auto_quantize_model.artifacts import CalibData, LanguageModel
 from auto_quantize_model.core import formats as fmt
 from auto_quantize_model.core.batching import IGNORE_INDEX
+from auto_quantize_model.core.bits import model_constraint
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.specs import AutoQuantSpec
 
@@ -145,18 +146,6 @@ def limit_scored_captions(
     batch["labels"] = labels
     out[last] = batch
     return out, score_size
-
-
-def model_constraint(target_bits: float, lm_weights: int, other_weights: int) -> float:
-    """The effective-bits constraint over every costed weight that holds the LM at ``target_bits``.
-
-    ModelOpt's budget is ``sum(cost) <= bits / 16 * sum(weights)`` over all groups, and the
-    ``other_weights`` (disabled vision layers) always cost 16 bits each.
-    """
-    total = lm_weights + other_weights
-    if total <= 0:
-        raise ValueError("no weights to quantize")
-    return (target_bits * lm_weights + 16.0 * other_weights) / total
 
 
 def textlm_name_map(prefix: str, head_name: str) -> Callable[[str], str]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from auto_quantize_model.artifacts import FixedGroup, GroupScore, SensitivityScores
+from auto_quantize_model.core.bits import effective_bits
 from auto_quantize_model.core.scores import NO_QUANT, group_name, has_quantized_format, parse_label
 from auto_quantize_model.errors import AqmError
 
@@ -166,7 +167,7 @@ def scores_from_state(
     if "effective_bits" in constraints:
         bits_model = _number(constraints["effective_bits"])
     else:
-        bits_model = 16.0 * all_cost / all_weights if all_weights else math.nan
+        bits_model = effective_bits(all_cost, all_weights) if all_weights else math.nan
     score = best.get("score")
     total = _number(score) if score is not None else math.nan
     if math.isinf(total) and not chosen:
@@ -175,7 +176,7 @@ def scores_from_state(
         groups=tuple(groups),
         disabled=tuple(disabled),
         other=tuple(other),
-        effective_bits_lm=16.0 * lm_cost / lm_weights if lm_weights else math.nan,
+        effective_bits_lm=effective_bits(lm_cost, lm_weights) if lm_weights else math.nan,
         effective_bits_model=bits_model,
         total_score=total,
         satisfied=bool(best.get("is_satisfied", False)),
