@@ -24,7 +24,7 @@ import pytest
 
 from auto_quantize_model.app.cli import main
 from auto_quantize_model.app.run_service import RunService
-from auto_quantize_model.artifacts import FixedGroup, StageTiming
+from auto_quantize_model.artifacts import FixedGroup, GroupScore, StageTiming
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.convert import dumps_json
 from auto_quantize_model.io.manifest import (
@@ -45,7 +45,7 @@ NAME = "t_quant_manifest.json"
 SEEDS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "seed-manifests"
 
 
-def costed(name: str, weights: float, w4: float, int8: float, best: str) -> Any:
+def costed(name: str, weights: float, w4: float, int8: float, best: str) -> GroupScore:
     """A group offering W4, INT8 and NONE, costed as ModelOpt costs them (weights x bits / 16)."""
     entries: tuple[Entry, ...] = ((W4, 4.0, w4), (INT8, 8.0, int8), NONE)
     return group(name, *entries, best=best, costs=tuple(weights * bits / 16 for _, bits, _ in entries))
@@ -119,8 +119,8 @@ Says = str | None | dict[str, str]
 """What every command's refusal says, OK where every command reads the file, or per command
 (commands not named read it)."""
 
-CASES: list[tuple[str, Edit | str, Says]] = [
-    # (what, an edit of the file's data or the file's whole text, what the refusals say)
+CASES: list[tuple[str, Edit | str | bytes, Says]] = [
+    # (what, an edit of the file's data or the file's whole content, what the refusals say)
     ("no schema_version", deleting("schema_version"), "no schema_version and no layer_sensitivity"),
     ("no scheme", deleting("scheme"), "scheme is missing"),
     ("no model", deleting("model"), "model is missing"),
@@ -277,20 +277,21 @@ CASES: list[tuple[str, Edit | str, Says]] = [
     ("last brace lost", TEXT.rstrip()[:-1], "is not a quant manifest (not JSON"),
     ("empty file", "", "is not a quant manifest (not JSON"),
     ("nested past the parser", "[" * 100_000, "its JSON nests too deeply to read"),
+    ("not UTF-8", b"\xff\xfe" + TEXT.encode(), "is not a quant manifest (not UTF-8 text"),
 ]
 
 EXCEPTION_NAME = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception)\b")
 
 
-def write(folder: Path, content: str) -> Path:
+def write(folder: Path, content: str | bytes) -> Path:
     folder.mkdir(parents=True)
     path = folder / NAME
-    path.write_text(content, encoding="utf-8")
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return path
 
 
-def mutated(edit: Edit | str) -> str:
-    if isinstance(edit, str):
+def mutated(edit: Edit | str | bytes) -> str | bytes:
+    if isinstance(edit, str | bytes):
         return edit
     data = copy.deepcopy(BASE)
     edit(data)

@@ -375,10 +375,10 @@ def manifest_problems(manifest: Manifest) -> Iterator[str]:
     yield from _scheme_problems(manifest.scheme)
     yield from _dataset_problems(manifest.dataset)
     yield from _group_problems(manifest)
-    yield from _fixed_problems(manifest)
     for index, timing in enumerate(manifest.timings):
         if not (math.isfinite(timing.seconds) and timing.seconds >= 0.0):
             yield f"timings[{index}] ({timing.stage}) took {_number(timing.seconds)} s; a time is >= 0"
+    yield from _fixed_problems(manifest)
 
 
 def check_manifest(manifest: Manifest, source_path: str | os.PathLike[str]) -> None:
@@ -398,12 +398,11 @@ def check_solvable(manifest: Manifest, source_path: str | os.PathLike[str]) -> N
     """Refuse, before any solver runs, a manifest whose scores a budget search cannot use.
 
     The search multiplies scores into its objective: one NaN or infinite score makes every
-    budget's answer meaningless (CBC refuses outright); costs are its budget's denominator, which
-    must not be 0. ``aqm report`` still renders such a
-    manifest and lists the groups; the frontier and the export name the first one. Scores of the
-    search space's fixed groups are 0 by construction, so only the ranked groups are looked at.
-    The manifest is checked first (:func:`check_manifest`), since a manifest made in memory has
-    not been through a reader.
+    budget's answer meaningless (CBC refuses outright), and the weights are its budget's
+    denominator, so they must not all be 0. ``aqm report`` still renders a manifest with such
+    scores and lists the groups; the frontier and the export name the first one. Fixed groups
+    score 0 by construction, so only the ranked groups are looked at. The manifest is checked
+    first (:func:`check_manifest`): one made in memory has not been through a reader.
     """
     check_manifest(manifest, source_path)
     costs = [cost for group in manifest.groups for cost in group.costs]

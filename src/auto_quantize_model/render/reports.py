@@ -112,7 +112,8 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
 
 
 def _parsed(source: Path) -> Any:
-    """The file's JSON; text that is not JSON (or nests past the parser's depth) is one line."""
+    """The file's JSON; bytes that are not JSON text (or nest past the parser's depth) are one line
+    that says the file was damaged, since aqm only ever writes it whole."""
     try:
         return read_json(source)
     except RecursionError:
@@ -120,7 +121,7 @@ def _parsed(source: Path) -> Any:
             f"{source} is not a quant manifest (its JSON nests too deeply to read); {DAMAGED}"
         ) from None
     except InputError as err:
-        if isinstance(err.__cause__, json.JSONDecodeError):
+        if isinstance(err.__cause__, json.JSONDecodeError | UnicodeDecodeError):
             raise InputError(f"{err}; {DAMAGED}") from err.__cause__
         raise
 
