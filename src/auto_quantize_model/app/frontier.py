@@ -114,11 +114,13 @@ def _run_frontier_table(folder: Path) -> FrontierSpec | None:
 def plan_frontier(request: FrontierRequest) -> FrontierJob:
     """Read and check everything ``request`` needs; a problem is one line naming the path or flag."""
     from auto_quantize_model.core.frontier import parse_budgets
+    from auto_quantize_model.io.manifest import check_solvable
     from auto_quantize_model.render.reports import read_manifest
     from auto_quantize_model.specs import FrontierSpec
 
     manifest_path = locate_manifest(request.source)
     manifest = read_manifest(manifest_path)
+    check_solvable(manifest, manifest_path)  # measured or not, the search runs on these scores
     folder = manifest_path.parent
     table = _run_frontier_table(folder) if manifest.origin == "aqm" else None
     bits = request.bits if request.bits is not None else (table.bits if table is not None else None)
@@ -180,20 +182,31 @@ def _measurable_run(folder: Path, manifest: Manifest) -> tuple[PipelineSpec, Pat
 
 
 def frontier_of_manifest(manifest: Manifest, spec: FrontierSpec, where: Path) -> BudgetFrontier:
-    """The frontier of a manifest: its groups, ModelOpt's order and fixed groups, no model."""
+    """The frontier of a manifest: its groups, ModelOpt's order and fixed groups, no model.
+
+    The manifest is checked before anything is solved (:func:`check_solvable`: a NaN score is
+    named here, not by the solver's traceback); ``aqm export`` relies on that too. ``where``
+    names the manifest in every error.
+    """
     from auto_quantize_model.artifacts import GroupScore
     from auto_quantize_model.core.frontier import parse_budgets
     from auto_quantize_model.core.frontier_points import search_method, search_space, solve_budgets
     from auto_quantize_model.io.convert import project
+    from auto_quantize_model.io.manifest import check_solvable
 
+    check_solvable(manifest, where)
     groups = [project(group, GroupScore) for group in manifest.groups]
-    space, notes = search_space(
-        groups,
-        search_method(manifest.scheme.method, str(where)),
-        order=manifest.search_order,
-        fixed=manifest.fixed_groups,
-        groups_in_order=False,
-    )
+    try:
+        space, notes = search_space(
+            groups,
+            search_method(manifest.scheme.method, str(where)),
+            order=manifest.search_order,
+            fixed=manifest.fixed_groups,
+            groups_in_order=False,
+        )
+    except InputError as err:
+        message = str(err)
+        raise InputError(message if message.startswith(str(where)) else f"{where}: {message}") from None
     if manifest.origin == "legacy":
         notes = (
             *notes,

@@ -21,6 +21,7 @@ reports under the very same file names and those are the reference we compare ag
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -37,7 +38,14 @@ from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.atomic import atomic_copy, atomic_write_text
 from auto_quantize_model.io.convert import dumps_json, read_json
 from auto_quantize_model.io.legacy import legacy_manifest_from_dict, looks_like_legacy
-from auto_quantize_model.io.manifest import Manifest, RankedGroup, manifest_from_dict, manifest_to_json
+from auto_quantize_model.io.manifest import (
+    DAMAGED,
+    Manifest,
+    RankedGroup,
+    check_manifest,
+    manifest_from_dict,
+    manifest_to_json,
+)
 
 log = logging.getLogger("auto_quantize_model")
 
@@ -68,18 +76,29 @@ def state_file_name(scheme: str) -> str:
 # Reading manifests
 
 
+NOT_OURS = f"pass the *{MANIFEST_SUFFIX} that aqm run wrote (or the previous tool's)"
+"""The fix for a JSON file that is no manifest at all (a wrong path rather than a damaged file)."""
+
+
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Ours (recognised by ``schema_version``) or the previous tool's (recognised by its shape)."""
+    """Ours (recognised by ``schema_version``) or the previous tool's (recognised by its shape).
+
+    Either kind is checked by the same rules (:func:`~auto_quantize_model.io.manifest.check_manifest`)
+    before it is returned, so every command refuses the same files in the same words.
+    """
     source = Path(path)
-    data = read_json(source)
+    data = _parsed(source)
     if not isinstance(data, dict):
         raise InputError(
-            f"{source} is not a quant manifest (top level is a JSON {type(data).__name__}, not an object)"
+            f"{source} is not a quant manifest (top level is a JSON {type(data).__name__}, not an object); "
+            f"{NOT_OURS}"
         )
     if "schema_version" in data:
         return manifest_from_dict(data, source)
     if looks_like_legacy(data):
-        return legacy_manifest_from_dict(data, source)
+        manifest = legacy_manifest_from_dict(data, source)
+        check_manifest(manifest, source)
+        return manifest
     if isinstance(data.get("layer_sensitivity"), list):
         raise InputError(
             f"{source} is not a quant manifest (it looks like a per-layer sensitivity report; "
@@ -87,8 +106,24 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
         )
     keys = ", ".join(sorted(map(str, data))[:6]) or "none"
     raise InputError(
-        f"{source} is not a quant manifest (no schema_version and no layer_sensitivity; keys: {keys})"
+        f"{source} is not a quant manifest (no schema_version and no layer_sensitivity; keys: {keys}); "
+        f"{NOT_OURS}"
     )
+
+
+def _parsed(source: Path) -> Any:
+    """The file's JSON; bytes that are not JSON text (or nest past the parser's depth) are one line
+    that says the file was damaged, since aqm only ever writes it whole."""
+    try:
+        return read_json(source)
+    except RecursionError:
+        raise InputError(
+            f"{source} is not a quant manifest (its JSON nests too deeply to read); {DAMAGED}"
+        ) from None
+    except InputError as err:
+        if isinstance(err.__cause__, json.JSONDecodeError | UnicodeDecodeError):
+            raise InputError(f"{err}; {DAMAGED}") from err.__cause__
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,9 +604,16 @@ def format_agreement_section(manifest: Manifest) -> list[str]:
 
 
 def health_markdown(groups: Sequence[RankedGroup]) -> str:
-    """HOOK: the score-health section (:mod:`auto_quantize_model.core.health`)."""
+    """HOOK: the score-health section (:mod:`auto_quantize_model.core.health`).
+
+    No groups is said plainly: "All 0 groups passed every check" would read as a clean bill of
+    health for a ranking of nothing. Readers refuse such manifests (:func:`read_manifest`); this
+    keeps a manifest made in memory from saying otherwise.
+    """
     from auto_quantize_model.core.health import render_health_markdown, score_health
 
+    if not groups:
+        return "## Score health\n\nThe manifest ranks no group: there are no scores to check.\n"
     return render_health_markdown(score_health(groups))
 
 
