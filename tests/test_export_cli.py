@@ -181,8 +181,8 @@ def test_existing_output_and_unreachable_budget_are_refused(
     code, _, err = export(capsys, str(folder), "--output", str(taken))
     assert code != 0
     assert error_lines(err) == 1
-    assert "already exists and is not empty" in err
-    assert "--force" in err
+    assert "holds files aqm did not write (keep.txt)" in err
+    assert "--force" not in err  # never suggested for a folder aqm did not write
     assert sorted(p.name for p in taken.iterdir()) == ["keep.txt"]
     inside = folder / "export"
     code, _, err = export(capsys, str(folder), "--output", str(inside))
@@ -198,16 +198,20 @@ def test_existing_output_and_unreachable_budget_are_refused(
 
 
 @pytest.mark.slow
-def test_force_replaces_an_existing_export(
+def test_force_replaces_an_existing_export_and_nothing_else(
     tiny_default_run: AqmRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = finished(tiny_default_run)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old", encoding="utf-8")
-    code, _, _ = export(capsys, str(folder), "--output", str(out), "--force")
+    code, _, _ = export(capsys, str(folder), "--output", str(out))
     assert code == 0
-    assert "old.txt" not in {p.name for p in out.iterdir()}
+    first = sorted(p.name for p in out.iterdir())
+    (out / "old.txt").write_text("mine", encoding="utf-8")
+    code, _, _ = export(capsys, str(folder), "--output", str(out), "--bits", "12", "--force")
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([*first, "old.txt"])
+    assert (out / "old.txt").read_text(encoding="utf-8") == "mine"
+    assert json.loads((out / "export.json").read_text(encoding="utf-8"))["budget"] == 12.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
