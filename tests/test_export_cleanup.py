@@ -85,10 +85,11 @@ def test_force_removes_a_killed_exports_scratch_folder(
 
 
 def test_the_folder_names_match_the_export_stage() -> None:
+    from auto_quantize_model.backend.exporting import EXPORT_FILE
     from auto_quantize_model.io.pipeline_file import load_pipeline
     from auto_quantize_model.specs import ExportSpec
     from auto_quantize_model.stages import build_pipeline
-    from auto_quantize_model.stages.export_checkpoint import EXPORT_FILE, ExportCheckpoint
+    from auto_quantize_model.stages.export_checkpoint import ExportCheckpoint
 
     assert EXPORT_RECORD == EXPORT_FILE
     spec = attrs.evolve(load_pipeline(TINY), export=ExportSpec())

@@ -14,8 +14,9 @@ import pytest
 
 from auto_quantize_model.app.cli import main
 from auto_quantize_model.app.folders import PIPELINE_FILE
-from auto_quantize_model.app.frontier import FrontierRequest, frontier_of_manifest, locate_manifest
+from auto_quantize_model.app.frontier import FrontierRequest
 from auto_quantize_model.app.lock import LOCK_NAME
+from auto_quantize_model.app.run_folder import FinishedRun, locate_manifest
 from auto_quantize_model.app.run_service import RunService
 from auto_quantize_model.artifacts import (
     BudgetFrontier,
@@ -40,7 +41,7 @@ from auto_quantize_model.io.manifest import Manifest, manifest_from_dict, manife
 from auto_quantize_model.io.pipeline_file import spec_from_dict, spec_to_toml
 from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.render.frontier import JSON_FILE, MARKDOWN_FILE, write_budget_frontier
-from auto_quantize_model.render.reports import read_manifest, write_reports
+from auto_quantize_model.render.reports import write_reports
 from auto_quantize_model.specs import FrontierSpec, ManifestSpec, ReportSpec, SpecError
 from auto_quantize_model.stages.build_manifest import BuildManifest, build_manifest
 from auto_quantize_model.stages.solve_budgets import SolveBudgets
@@ -397,7 +398,7 @@ def listing(folder: Path) -> list[str]:
         (["empty"], "empty holds no *_quant_manifest.json: not a finished run folder"),
         (["run", "--bits", "8:4:1"], "--bits: budgets '8:4:1': start 8 is above stop 4"),
         (["run"], "no budgets given and its pipeline.toml has no [frontier] bits; pass --bits"),
-        (["run", "--bits", "8", "--measure", "2"], "has no pipeline.toml: --measure re-runs"),
+        (["run", "--bits", "8", "--measure", "2"], "has no pipeline.toml: --measure loads the run's model"),
     ],
 )
 def test_aqm_frontier_refuses_with_one_line_and_writes_nothing(
@@ -434,8 +435,7 @@ def test_locate_manifest_names_every_candidate(tmp_path: Path) -> None:
 
 def test_frontier_of_a_manifest_is_the_runs_choice_at_its_budget(tmp_path: Path) -> None:
     folder = run_folder(tmp_path)
-    manifest = read_manifest(locate_manifest(folder))
-    result = frontier_of_manifest(manifest, FrontierSpec(bits="5:13:0.5", workers=1), folder)
+    result = FinishedRun.open(folder).frontier(FrontierSpec(bits="5:13:0.5", workers=1))
     assert result.frontier.exact_order  # the manifest carries ModelOpt's order and fixed groups
     assert len(result.frontier.points) == 17
     assert result.run_checked
@@ -492,9 +492,10 @@ def test_a_failed_measurement_leaves_the_folder_as_it_was(tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_the_tiny_default_runs_choice_is_the_frontiers_at_its_budget(tiny_default_run: AqmRun) -> None:
     assert tiny_default_run.returncode == 0, tiny_default_run.stderr[-2000:]
-    manifest = read_manifest(locate_manifest(tiny_default_run.folder))
+    run = FinishedRun.open(tiny_default_run.folder)
+    manifest = run.manifest
     assert manifest.search_order  # RunAutoQuant records ModelOpt's order
-    result = frontier_of_manifest(manifest, FrontierSpec(bits="8:16:0.5"), tiny_default_run.folder)
+    result = run.frontier(FrontierSpec(bits="8:16:0.5"))
     point = result.frontier.point(manifest.scheme.effective_bits_target)
     by_name = {group.name: group.best_format for group in manifest.groups}
     assert point.formats == tuple(by_name[name] for name in result.frontier.groups)
@@ -608,7 +609,9 @@ def test_a_full_model_manifest_with_fixed_groups_re_solves_to_modelopts_choice()
     fixed = {group.name: group.lm for group in manifest.fixed_groups}
     assert True in fixed.values()  # the disabled MLP
     assert False in fixed.values()  # the vision tower
-    result = frontier_of_manifest(manifest, FrontierSpec(bits="9:15:1", workers=1), Path("full"))
+    result = FinishedRun(Path("full") / "full_quant_manifest.json", manifest).frontier(
+        FrontierSpec(bits="9:15:1", workers=1)
+    )
     assert result.frontier.exact_order
     assert result.frontier.other_weights > 0
     point = result.frontier.point(11.0)

@@ -19,7 +19,7 @@ import pytest
 
 from auto_quantize_model.artifacts import LanguageModel, SensitivityScores
 from auto_quantize_model.io.manifest import Manifest
-from auto_quantize_model.render.reports import read_manifest
+from auto_quantize_model.io.manifest_file import read_manifest
 from builders import AqmRun, six_stages
 
 PREFIX = "model.language_model"

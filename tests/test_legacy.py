@@ -12,7 +12,8 @@ import pytest
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.legacy import legacy_manifest_from_dict, looks_like_legacy, parse_format
 from auto_quantize_model.io.manifest import manifest_from_dict, manifest_to_json
-from auto_quantize_model.render.reports import LAYER_JSON, LAYER_MD, read_manifest, regenerate_reports
+from auto_quantize_model.io.manifest_file import read_manifest
+from auto_quantize_model.render.reports import LAYER_JSON, LAYER_MD, regenerate_reports
 
 SEEDS = Path(__file__).resolve().parent / "data" / "seed-manifests"
 SEED_FOLDERS = ("wint8_aint8", "wfp8_afp8", "int8_lm_default_legacy")

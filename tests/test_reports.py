@@ -40,11 +40,11 @@ from auto_quantize_model.io.manifest import (
     manifest_to_dict,
     manifest_to_json,
 )
+from auto_quantize_model.io.manifest_file import read_manifest
 from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.render.reports import (
     LAYER_JSON,
     LAYER_MD,
-    read_manifest,
     regenerate_reports,
     render_layer_json,
     render_markdown,

@@ -612,7 +612,7 @@ def test_a_four_point_sweep_loads_once_and_restores_the_weights(tmp_path: Path) 
 
 
 def _read_manifest(folder: Path) -> Manifest:
-    from auto_quantize_model.render.reports import read_manifest
+    from auto_quantize_model.io.manifest_file import read_manifest
 
     (path,) = folder.glob("*_quant_manifest.json")
     return read_manifest(path)

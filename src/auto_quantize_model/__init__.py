@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     )
     from auto_quantize_model.errors import AqmError
     from auto_quantize_model.io.manifest import Manifest
+    from auto_quantize_model.io.manifest_file import read_manifest
     from auto_quantize_model.pipeline import Artifacts, Pipeline, Stage
-    from auto_quantize_model.render.reports import read_manifest
     from auto_quantize_model.specs import (
         AutoQuantSpec,
         CalibSpec,

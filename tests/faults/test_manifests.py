@@ -35,7 +35,8 @@ from auto_quantize_model.io.manifest import (
     manifest_problems,
     manifest_to_dict,
 )
-from auto_quantize_model.render.reports import health_markdown, read_manifest, regenerate_reports
+from auto_quantize_model.io.manifest_file import read_manifest
+from auto_quantize_model.render.reports import health_markdown, regenerate_reports
 from auto_quantize_model.specs import ManifestSpec
 from auto_quantize_model.stages.build_manifest import build_manifest
 from builders import INT8, NONE, TEST_MODEL, Entry, group, scores

@@ -167,7 +167,7 @@ def cmd_frontier(args: argparse.Namespace, service: RunService) -> int:
 
 def cmd_export(args: argparse.Namespace, service: RunService) -> int:
     from auto_quantize_model.app.export import ExportRequest
-    from auto_quantize_model.stages.export_checkpoint import summary_line
+    from auto_quantize_model.backend.exporting import summary_line
 
     request = ExportRequest(
         source=Path(args.run),

@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     from auto_quantize_model.app.distributed import Worker, WorkerGroup
     from auto_quantize_model.app.sweep import PointSession
     from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier, ReportPaths
+    from auto_quantize_model.backend.exporting import CheckpointInputs
     from auto_quantize_model.pipeline import Artifacts
     from auto_quantize_model.specs import FrontierSpec, PipelineSpec
-    from auto_quantize_model.stages.export_checkpoint import CheckpointInputs
 
 log = logging.getLogger(PACKAGE_LOGGER)
 

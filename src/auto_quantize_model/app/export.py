@@ -1,38 +1,35 @@
 """``aqm export``: the mix of a finished run at one budget, as a ModelOpt config or a checkpoint.
 
-The budget's mix comes from the run folder's manifest through the solver ``aqm frontier`` uses
-(:func:`~auto_quantize_model.app.frontier.frontier_of_manifest`, one budget; the run's own budget
-when none is given). The config files need nothing else. ``--checkpoint`` rebuilds the run's
-model the way ``aqm frontier --measure`` does, from the run's ``pipeline.toml`` (LoadModel,
-ExtractLM, BuildCalibLoader; no AutoQuant: the export quantizes a fresh, unquantized model with
-the config), then writes and reads back the checkpoint
-(:func:`~auto_quantize_model.stages.export_checkpoint.export_mix`).
+The run folder is opened through the seam ``aqm frontier`` uses too
+(:class:`~auto_quantize_model.app.run_folder.FinishedRun`: its lock held while reading, the
+manifest checked, the budget solved from the manifest alone; the run's own budget when none is
+given). The config files need nothing else. ``--checkpoint`` rebuilds the run's model from its
+``pipeline.toml`` (LoadModel, ExtractLM, BuildCalibLoader; no AutoQuant: the export quantizes a
+fresh, unquantized model with the config), then writes and reads back the checkpoint
+(:func:`~auto_quantize_model.backend.exporting.export_mix`).
 
 Everything is read and checked before anything is solved, loaded or written; the folder is
-written beside the target under a scratch name and renamed into place when complete.
+written beside the target under a scratch name and moved into place when complete.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import attrs
 
-from auto_quantize_model.app.folders import PIPELINE_FILE
+from auto_quantize_model.app.run_folder import FinishedRun
 from auto_quantize_model.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
-    from auto_quantize_model.app.lock import FolderBusy
     from auto_quantize_model.artifacts import ExportedMix
-    from auto_quantize_model.io.manifest import Manifest
+    from auto_quantize_model.backend.exporting import CheckpointInputs
     from auto_quantize_model.specs import PipelineSpec
-    from auto_quantize_model.stages.export_checkpoint import CheckpointInputs
 
 ExportLoader = Callable[["PipelineSpec"], "CheckpointInputs"]
 """Runs a run's LoadModel, ExtractLM and BuildCalibLoader: a pristine model and its calibration data."""
@@ -55,57 +52,12 @@ class ExportRequest:
 class ExportJob:
     """A checked request: everything read, nothing solved or written yet."""
 
-    manifest_path: Path
-    manifest: Manifest
+    run: FinishedRun
     budget: float
     target: Path
     pipeline: PipelineSpec | None
     """The run's pipeline (only with ``--checkpoint``)."""
     force: bool = False
-
-
-_UNLOCKABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
-"""Why a lock file cannot be made in a folder that can still be read (someone else's, read-only)."""
-
-
-@contextlib.contextmanager
-def reading_run_folder(source: Path, command: tuple[str, ...] = ()) -> Iterator[None]:
-    """Hold the lock ``aqm run`` takes on the run folder behind ``source`` while it is read.
-
-    A run writing the folder (its manifest, its search state) is refused with one line naming it,
-    and no run can start there until the export has read what it needs. A folder this user cannot
-    write cannot be locked, nor written by this user's runs: there only ``run.json``'s record of a
-    live owner refuses. A ``source`` that does not exist is left to :func:`plan_export` to word.
-    """
-    from auto_quantize_model.app.lock import FolderBusy, FolderLock
-    from auto_quantize_model.app.runs import read_run, refuse_live_owner
-
-    folder = source if source.is_dir() else source.parent
-    if not folder.is_dir():
-        yield
-        return
-    try:
-        lock = FolderLock.acquire(folder, command)
-    except FolderBusy as busy:
-        raise _busy(busy) from None
-    except OSError as err:
-        if err.errno not in _UNLOCKABLE:
-            raise
-        record = read_run(folder)
-        if record is not None:
-            try:
-                refuse_live_owner(folder, record)
-            except FolderBusy as busy:
-                raise _busy(busy) from None
-        yield
-        return
-    with lock:
-        yield
-
-
-def _busy(busy: FolderBusy) -> InputError:
-    who = busy.holder.describe() if busy.holder is not None else "another aqm process"
-    return InputError(f"{busy.folder} is in use by {who}; export from it once that has finished (or stop it)")
 
 
 def parse_bits(text: str) -> float:
@@ -122,23 +74,22 @@ def parse_bits(text: str) -> float:
 
 
 def plan_export(request: ExportRequest) -> ExportJob:
-    """Read and check everything ``request`` needs; a problem is one line naming the path or flag."""
-    from auto_quantize_model.app.frontier import locate_manifest
-    from auto_quantize_model.render.reports import read_manifest
-    from auto_quantize_model.stages.export_checkpoint import refuse_taken
+    """Read and check everything ``request`` needs; a problem is one line naming the path or flag.
+
+    Called with the source folder's lock held (:func:`~auto_quantize_model.app.run_folder.reading`).
+    """
+    from auto_quantize_model.backend.exporting import refuse_taken
 
     budget = parse_bits(request.bits) if request.bits is not None else None
-    manifest_path = locate_manifest(request.source)
-    manifest = read_manifest(manifest_path)
-    folder = manifest_path.parent
+    run = FinishedRun.open(request.source)
     if budget is None:
-        budget = manifest.scheme.effective_bits_target
+        budget = run.manifest.scheme.effective_bits_target
         if budget is None or not math.isfinite(budget):
-            raise InputError(f"{manifest_path} records no effective-bits budget: pass --bits")
-    refuse_overlap(request.output, folder)
+            raise InputError(f"{run.manifest_path} records no effective-bits budget: pass --bits")
+    refuse_overlap(request.output, run.folder)
     refuse_taken(request.output, request.force)
-    pipeline = _checkpoint_pipeline(folder, manifest) if request.checkpoint else None
-    return ExportJob(manifest_path, manifest, budget, request.output, pipeline, force=request.force)
+    pipeline = run.pipeline("--checkpoint") if request.checkpoint else None
+    return ExportJob(run, budget, request.output, pipeline, force=request.force)
 
 
 def refuse_overlap(output: Path, folder: Path) -> None:
@@ -159,23 +110,6 @@ def refuse_overlap(output: Path, folder: Path) -> None:
         )
 
 
-def _checkpoint_pipeline(folder: Path, manifest: Manifest) -> PipelineSpec:
-    from auto_quantize_model.io.pipeline_file import load_pipeline
-
-    if manifest.origin != "aqm":
-        raise InputError(
-            f"{folder}: --checkpoint needs a run folder of aqm run (its {PIPELINE_FILE}); this manifest is "
-            "the previous tool's: export the config without --checkpoint"
-        )
-    toml = folder / PIPELINE_FILE
-    if not toml.is_file():
-        raise InputError(
-            f"{folder} has no {PIPELINE_FILE}: --checkpoint loads the run's model from it; point it at the "
-            "folder aqm run wrote"
-        )
-    return load_pipeline(toml)
-
-
 def load_run_model(pipeline: PipelineSpec) -> CheckpointInputs:
     """The run's LoadModel, ExtractLM and BuildCalibLoader, as ``aqm frontier --measure`` runs them.
 
@@ -183,15 +117,12 @@ def load_run_model(pipeline: PipelineSpec) -> CheckpointInputs:
     the run's ``[validate]`` table (its defaults without one).
     """
     from auto_quantize_model.artifacts import CalibData, LanguageModel, LoadedModel
-    from auto_quantize_model.pipeline import Pipeline
+    from auto_quantize_model.backend.exporting import CheckpointInputs
     from auto_quantize_model.specs import ValidateSpec
-    from auto_quantize_model.stages import STAGES
-    from auto_quantize_model.stages.export_checkpoint import CheckpointInputs
+    from auto_quantize_model.stages import partial_pipeline
 
-    wanted = ("LoadModel", "ExtractLM", "BuildCalibLoader")
-    stages = [entry.build(getattr(pipeline, entry.table)) for entry in STAGES if entry.name in wanted]
     with contextlib.redirect_stdout(sys.stderr):  # libraries print progress; stdout is for results
-        store = Pipeline(stages).run()
+        store = partial_pipeline(pipeline, through="BuildCalibLoader").run()
     validate = pipeline.validate or ValidateSpec()
     holdout = ValidateSpec(
         holdout_captions=validate.holdout_captions, holdout_samples=validate.holdout_samples
@@ -201,16 +132,13 @@ def load_run_model(pipeline: PipelineSpec) -> CheckpointInputs:
 
 def run_export(job: ExportJob, loader: ExportLoader) -> ExportedMix:
     """Solve the job's budget, then write the config (and, with a pipeline, the checkpoint)."""
-    from auto_quantize_model.app.frontier import frontier_of_manifest
     from auto_quantize_model.artifacts import GroupScore
+    from auto_quantize_model.backend.exporting import choice_at, export_mix
     from auto_quantize_model.io.convert import project
     from auto_quantize_model.specs import FrontierSpec
-    from auto_quantize_model.stages.export_checkpoint import choice_at, export_mix
 
-    groups = [project(group, GroupScore) for group in job.manifest.groups]
-    solved = frontier_of_manifest(
-        job.manifest, FrontierSpec(bits=repr(job.budget), workers=1), job.manifest_path
-    )
+    groups = [project(group, GroupScore) for group in job.run.manifest.groups]
+    solved = job.run.frontier(FrontierSpec(bits=repr(job.budget), workers=1))
     choices, bits = choice_at(solved, job.budget, groups)
     checkpoint = loader(job.pipeline) if job.pipeline is not None else None
     with contextlib.redirect_stdout(sys.stderr):

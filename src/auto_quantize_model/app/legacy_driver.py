@@ -126,7 +126,7 @@ def _find_manifest(folder: Path) -> Path:
 
 def _report_only(args: argparse.Namespace, service: RunService) -> int:
     from auto_quantize_model.app.run_service import print_summary
-    from auto_quantize_model.render.reports import read_manifest
+    from auto_quantize_model.io.manifest_file import read_manifest
 
     if not args.output_dir:
         raise InputError("--report-only needs --output-dir (the folder holding the manifest)")

@@ -35,11 +35,12 @@ from auto_quantize_model.app.folders import (
     remove_made,
 )
 from auto_quantize_model.app.output_folder import claim, clean_after_failure, write_file
+from auto_quantize_model.app.run_folder import reading
 from auto_quantize_model.app.runs import Writer
 
 if TYPE_CHECKING:
     from auto_quantize_model.app.export import ExportLoader, ExportRequest
-    from auto_quantize_model.app.frontier import FrontierMeasurer, FrontierRequest
+    from auto_quantize_model.app.frontier import FrontierJob, FrontierMeasurer, FrontierRequest
     from auto_quantize_model.artifacts import ExportedMix, ReportPaths
 
 
@@ -78,32 +79,42 @@ class OutputCommands:
     def frontier(self, request: FrontierRequest) -> tuple[Path, ...]:
         """``aqm frontier``: a run's budget frontier (measured points too with ``--measure``).
 
-        Everything is read and checked first; the target folder is locked while the frontier is
-        solved (and measured) and its files are put in place only once all of them are written.
+        Everything is read and checked first, with the run folder's lock held (as ``aqm export``
+        holds it), so no run can write the folder meanwhile; a separate ``--output`` folder is
+        locked as well while the frontier is solved (and measured), and its files are put in
+        place only once all of them are written.
         """
-        from auto_quantize_model.app.frontier import plan_frontier, solve_job, write_job
+        from auto_quantize_model.app.frontier import plan_frontier
 
-        job = plan_frontier(request)
-        own = _same_folder(job.target, job.manifest_path.parent)
-        if not own:
+        source = request.source if request.source.is_dir() else request.source.parent
+        if request.output is None or _same_folder(request.output, source):
+            with claim(source, request.command):  # the run folder itself: one lock, ours
+                return self._frontier_into(plan_frontier(request), own=True)
+        with reading(request.source, request.command, "solve a frontier from"):
+            job = plan_frontier(request)
             refuse_foreign_files(job.target, _frontier_names())
-        with claim(job.target, request.command):
-            frontier, measured = solve_job(job, self.frontier_measurer)
-            written = write_job(job, frontier, measured)
-            if not own:
-                write_file(self.text_writer, job.target / OUTPUTS_RECORD, outputs_record(job.target, written))
-            return written
+            with claim(job.target, request.command):
+                return self._frontier_into(job, own=False)
+
+    def _frontier_into(self, job: FrontierJob, *, own: bool) -> tuple[Path, ...]:
+        from auto_quantize_model.app.frontier import solve_job, write_job
+
+        frontier, measured = solve_job(job, self.frontier_measurer)
+        written = write_job(job, frontier, measured)
+        if not own:
+            write_file(self.text_writer, job.target / OUTPUTS_RECORD, outputs_record(job.target, written))
+        return written
 
     def export(self, request: ExportRequest) -> ExportedMix:
         """``aqm export``: a run's mix at one budget as a ModelOpt config (and checkpoint).
 
         Everything is read and checked first; the folder is written under a scratch name beside
-        the target and renamed into place once complete. The run folder is locked meanwhile, as
+        the target and moved into place once complete. The run folder is locked meanwhile, as
         ``aqm run`` locks it: an export from a folder a run is writing is refused.
         """
-        from auto_quantize_model.app.export import plan_export, reading_run_folder, run_export
+        from auto_quantize_model.app.export import plan_export, run_export
 
-        with reading_run_folder(request.source, request.command):  # the lock aqm run takes
+        with reading(request.source, request.command, "export from"):  # the lock aqm run takes
             job = plan_export(request)
             try:
                 return run_export(job, self.export_loader)

@@ -711,8 +711,8 @@ def _finished_point(folder: Path, spec: PipelineSpec) -> PointOutcome | None:
     """The outcome of a point an earlier run finished with exactly ``spec``; None otherwise."""
     from auto_quantize_model.app.folders import MANIFEST_SUFFIX
     from auto_quantize_model.app.sweep import PointOutcome
+    from auto_quantize_model.io.manifest_file import read_manifest
     from auto_quantize_model.io.pipeline_file import load_pipeline
-    from auto_quantize_model.render.reports import read_manifest
 
     record = read_run(folder)
     toml = folder / PIPELINE_FILE

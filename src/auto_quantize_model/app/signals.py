@@ -5,7 +5,7 @@ process with no word (Python's default action), and a signal that landed while t
 ``complete`` record was being written left ``running`` behind. So ``aqm`` turns SIGTERM into an
 exception for its whole life (:func:`sigterm_unwinds`), and the few steps that settle a folder's
 record run with both signals held back (:func:`signals_deferred`): a signal that arrives then is
-delivered once the record is written, and says so.
+raised once the record is written, and says so.
 
 Standard library only: the CLI installs this before anything heavy is imported.
 """
@@ -76,16 +76,26 @@ def signals_deferred(done: str) -> Iterator[None]:
 
     ``done`` says what is true once the block has run (``the run in X is complete``): a signal
     held back is raised after the block as :class:`Interrupted`/:class:`Terminated` naming it, so
-    the user learns that the stop came too late to lose anything.
+    the user learns that the stop came too late to lose anything. The handlers are swapped for
+    ones that only take note, rather than the signals masked: a process-directed signal goes to
+    any thread that does not mask it (torch keeps several), and Python would still run its
+    handler on the main thread in the middle of the block. A signal ignored before stays ignored.
     """
     if not _on_main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    held: list[signal.Signals] = []
+
+    def take_note(signum: int, frame: FrameType | None) -> None:
+        held.append(signal.Signals(signum))
+
+    previous = {number: signal.signal(number, take_note) for number in _HELD}
     try:
         yield
     finally:
-        try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        except KeyboardInterrupt as err:  # a held signal's handler runs here, on unblocking
-            raise retold(err, f"{what_stopped(err)} after the end: {done}") from None
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        stops = [number for number in held if previous[number] is not signal.SIG_IGN]
+        if stops:
+            stopped: Interrupted = Terminated() if stops[0] == signal.SIGTERM else Interrupted()
+            raise retold(stopped, f"{what_stopped(stopped)} after the end: {done}")

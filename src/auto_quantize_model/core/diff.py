@@ -225,7 +225,7 @@ def diff_paths(a: Path, b: Path, ks: Sequence[int] = (10, 25, 50), moved: int = 
 
     Runs are labelled by scheme name; when both share one, by file path instead.
     """
-    from auto_quantize_model.render.reports import read_manifest
+    from auto_quantize_model.io.manifest_file import read_manifest
 
     path_a, path_b = resolve_manifest_path(a), resolve_manifest_path(b)
     manifest_a, manifest_b = read_manifest(path_a), read_manifest(path_b)

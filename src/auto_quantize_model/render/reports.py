@@ -21,7 +21,6 @@ reports under the very same file names and those are the reference we compare ag
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,20 +35,16 @@ from auto_quantize_model.core.proxies import beats
 from auto_quantize_model.core.scores import NO_QUANT, coefficient_text, headline_index
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.atomic import atomic_copy, atomic_write_text
-from auto_quantize_model.io.convert import dumps_json, read_json
-from auto_quantize_model.io.legacy import legacy_manifest_from_dict, looks_like_legacy
+from auto_quantize_model.io.convert import dumps_json
 from auto_quantize_model.io.manifest import (
-    DAMAGED,
     Manifest,
     RankedGroup,
-    check_manifest,
-    manifest_from_dict,
     manifest_to_json,
 )
+from auto_quantize_model.io.manifest_file import MANIFEST_SUFFIX, read_manifest
 
 log = logging.getLogger("auto_quantize_model")
 
-MANIFEST_SUFFIX = "_quant_manifest.json"
 STATE_SUFFIX = "_autoquant_state.pt"
 LAYER_JSON = "per-layer-sensitivity.json"
 LAYER_MD = "per-layer-sensitivity.md"
@@ -70,60 +65,6 @@ def manifest_file_name(scheme: str) -> str:
 
 def state_file_name(scheme: str) -> str:
     return f"{scheme}{STATE_SUFFIX}"
-
-
-# --------------------------------------------------------------------------------------------
-# Reading manifests
-
-
-NOT_OURS = f"pass the *{MANIFEST_SUFFIX} that aqm run wrote (or the previous tool's)"
-"""The fix for a JSON file that is no manifest at all (a wrong path rather than a damaged file)."""
-
-
-def read_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Ours (recognised by ``schema_version``) or the previous tool's (recognised by its shape).
-
-    Either kind is checked by the same rules (:func:`~auto_quantize_model.io.manifest.check_manifest`)
-    before it is returned, so every command refuses the same files in the same words.
-    """
-    source = Path(path)
-    data = _parsed(source)
-    if not isinstance(data, dict):
-        raise InputError(
-            f"{source} is not a quant manifest (top level is a JSON {type(data).__name__}, not an object); "
-            f"{NOT_OURS}"
-        )
-    if "schema_version" in data:
-        return manifest_from_dict(data, source)
-    if looks_like_legacy(data):
-        manifest = legacy_manifest_from_dict(data, source)
-        check_manifest(manifest, source)
-        return manifest
-    if isinstance(data.get("layer_sensitivity"), list):
-        raise InputError(
-            f"{source} is not a quant manifest (it looks like a per-layer sensitivity report; "
-            f"pass the *{MANIFEST_SUFFIX} next to it)"
-        )
-    keys = ", ".join(sorted(map(str, data))[:6]) or "none"
-    raise InputError(
-        f"{source} is not a quant manifest (no schema_version and no layer_sensitivity; keys: {keys}); "
-        f"{NOT_OURS}"
-    )
-
-
-def _parsed(source: Path) -> Any:
-    """The file's JSON; bytes that are not JSON text (or nest past the parser's depth) are one line
-    that says the file was damaged, since aqm only ever writes it whole."""
-    try:
-        return read_json(source)
-    except RecursionError:
-        raise InputError(
-            f"{source} is not a quant manifest (its JSON nests too deeply to read); {DAMAGED}"
-        ) from None
-    except InputError as err:
-        if isinstance(err.__cause__, json.JSONDecodeError | UnicodeDecodeError):
-            raise InputError(f"{err}; {DAMAGED}") from err.__cause__
-        raise
 
 
 # --------------------------------------------------------------------------------------------

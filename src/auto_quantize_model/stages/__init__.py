@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,3 +141,23 @@ def build_pipeline(spec: PipelineSpec, output_dir: str | os.PathLike[str]) -> Pi
         )
     stages: list[Any] = [entry.build(getattr(spec, entry.table)) for entry in active_stages(spec)]
     return Pipeline(stages)
+
+
+def partial_pipeline(spec: PipelineSpec, through: str, then: Sequence[Stage] = ()) -> Pipeline:
+    """The run's required stages from the start up to and including ``through``, then ``then``.
+
+    Optional stages (validation, the frontier, the export) are left out: ``aqm export
+    --checkpoint`` needs a fresh model and its calibration data (``through="BuildCalibLoader"``),
+    ``aqm frontier --measure`` the restored search (``through="RunAutoQuant"``) followed by its own
+    SolveBudgets and MeasureFrontier.
+    """
+    from auto_quantize_model.pipeline import Pipeline
+
+    entry_named(through)  # a typo is a KeyError here, not a silently short pipeline
+    stages: list[Any] = []
+    for entry in STAGES:
+        if not entry.optional and entry.runs_in(spec):
+            stages.append(entry.build(getattr(spec, entry.table)))
+        if entry.name == through:
+            break
+    return Pipeline([*stages, *then])
