@@ -21,8 +21,14 @@ from typing import Any
 import pytest
 
 from auto_quantize_model.core import export_config as xc
-from auto_quantize_model.core.export_config import GroupChoice
-from auto_quantize_model.core.formats import parse_custom
+from auto_quantize_model.core.export_choice import (
+    GroupChoice,
+    check_fused_siblings,
+    choices_at,
+    choices_from_groups,
+)
+from auto_quantize_model.core.export_labels import export_format
+from auto_quantize_model.core.format_grammar import parse_custom
 from auto_quantize_model.core.frontier import Frontier, FrontierPoint
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from builders import FP8, INT8, fp8, group, int8
@@ -79,7 +85,7 @@ def layer_choices(attention: str, mlp: str, head: str, layers: int = 4) -> list[
 def test_export_format_gives_the_exporters_per_layer_label(
     name: str, label: str, group_size: int | None
 ) -> None:
-    found = xc.export_format(name)
+    found = export_format(name)
     assert (found.label, found.group_size, found.refused) == (label, group_size, None)
     assert found.needs_cuda == name.startswith("NVFP4")
 
@@ -97,7 +103,7 @@ def test_export_format_gives_the_exporters_per_layer_label(
     ],
 )
 def test_formats_the_exporter_would_mislabel_are_refused_with_the_label(name: str, reason: str) -> None:
-    found = xc.export_format(name)
+    found = export_format(name)
     assert found.label is None
     assert found.refused is not None
     assert reason in found.refused
@@ -165,13 +171,13 @@ def test_fused_siblings_split_across_groups_are_refused_naming_the_group() -> No
         GroupChoice("l.0.k_proj", ("l.0.k_proj", "l.0.v_proj"), "wfp8_afp8"),
     ]
     with pytest.raises(ConfigError, match=r"^group l\.0\.q_proj: fused siblings q/k/v of l\.0 must share"):
-        xc.check_fused_siblings(split)
+        check_fused_siblings(split)
     gate_only = [GroupChoice("l.0.mlp.gate_proj", ("l.0.mlp.gate_proj",), "wint8_aint8")]
-    xc.check_fused_siblings(gate_only)  # alone it splits nothing ...
+    check_fused_siblings(gate_only)  # alone it splits nothing ...
     with pytest.raises(ConfigError, match=r"l\.0\.mlp\.up_proj \(unlisted: NONE\)"):
-        xc.check_fused_siblings(gate_only, known_modules=["l.0.mlp.gate_proj", "l.0.mlp.up_proj"])
+        check_fused_siblings(gate_only, known_modules=["l.0.mlp.gate_proj", "l.0.mlp.up_proj"])
     together = [GroupChoice("l.0.mlp.gate_proj", ("l.0.mlp.gate_proj", "l.0.mlp.up_proj"), "wint8_aint8")]
-    xc.check_fused_siblings(
+    check_fused_siblings(
         together, known_modules=["l.0.mlp.gate_proj", "l.0.mlp.up_proj", "l.0.mlp.down_proj"]
     )
     experts = [
@@ -179,7 +185,7 @@ def test_fused_siblings_split_across_groups_are_refused_naming_the_group() -> No
         GroupChoice("m.mlp.experts.1.down_proj", ("m.mlp.experts.1.down_proj",), "NONE"),
     ]
     with pytest.raises(ConfigError, match=r"fused siblings experts of m\.mlp\.experts"):
-        xc.check_fused_siblings(experts)
+        check_fused_siblings(experts)
 
 
 def test_a_quantized_vision_layer_is_refused() -> None:
@@ -244,13 +250,13 @@ def test_malformed_choices_are_refused(choices: list[GroupChoice], message: str)
 def test_choices_come_from_the_runs_groups_or_a_frontier_point() -> None:
     mods = ("l.0.q_proj", "l.0.k_proj")
     groups = [group("l.0.q_proj", int8(1.0), fp8(2.0), module_names=mods), group("l.0.o_proj", fp8(1.0))]
-    assert xc.choices_from_groups(groups) == (
+    assert choices_from_groups(groups) == (
         GroupChoice("l.0.q_proj", mods, INT8),
         GroupChoice("l.0.o_proj", ("l.0.o_proj",), FP8),
     )
-    assert xc.choices_from_groups(groups, {"l.0.o_proj": "NONE"})[1].format == "NONE"
+    assert choices_from_groups(groups, {"l.0.o_proj": "NONE"})[1].format == "NONE"
     with pytest.raises(ConfigError, match=r"format chosen for 'l\.9', which is no recipe group"):
-        xc.choices_from_groups(groups, {"l.9": INT8})
+        choices_from_groups(groups, {"l.9": INT8})
 
     def point(budget: float, formats: tuple[str, ...], reachable: bool = True) -> FrontierPoint:
         return FrontierPoint(budget, budget, formats, budget, budget, 0.0, reachable, True)
@@ -267,17 +273,17 @@ def test_choices_come_from_the_runs_groups_or_a_frontier_point() -> None:
         exact_order=True,
         seconds=0.0,
     )
-    chosen = xc.choices_at(frontier, 12.0, groups)
+    chosen = choices_at(frontier, 12.0, groups)
     assert [(c.name, c.module_names, c.format) for c in chosen] == [
         ("l.0.q_proj", mods, FP8),
         ("l.0.o_proj", ("l.0.o_proj",), "NONE"),
     ]
     with pytest.raises(ConfigError, match=r"no point at 9 bits \(solved: 7, 12\)"):
-        xc.choices_at(frontier, 9.0, groups)
+        choices_at(frontier, 9.0, groups)
     with pytest.raises(ConfigError, match="below the cheapest mix"):
-        xc.choices_at(frontier, 7.0, groups)
+        choices_at(frontier, 7.0, groups)
     with pytest.raises(InputError, match=r"frontier group 'l\.0\.o_proj' is not among"):
-        xc.choices_at(frontier, 12.0, groups[:1])
+        choices_at(frontier, 12.0, groups[:1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -679,7 +685,7 @@ def test_the_runs_own_choice_gives_modelopts_get_auto_quantize_config(tmp_path: 
     chosen = {g.best_format for g in scores.groups}
     assert "NONE" in chosen
     assert chosen & {INT8, FP8}  # a real mix of quantized and unquantized groups
-    config = ex.prepare_export(xc.choices_from_groups(scores.groups))
+    config = ex.prepare_export(choices_from_groups(scores.groups))
 
     # The state file is written after scoring, before the search: ModelOpt re-solves it for the
     # run's budget (in language_model scope the constraint is the LM budget itself).
@@ -724,7 +730,7 @@ def test_nvfp4_mixes_export_and_read_back_on_cuda(
     hf_quant = json.loads((Path(result.directory) / "hf_quant_config.json").read_text(encoding="utf-8"))
     layers = hf_quant["quantization"]["quantized_layers"]
     assert result.quant_algo == "MIXED_PRECISION"
-    assert layers[f"{LAYERS}.0.self_attn.q_proj"]["quant_algo"] == xc.export_format(attention).label
+    assert layers[f"{LAYERS}.0.self_attn.q_proj"]["quant_algo"] == export_format(attention).label
     assert layers[f"{LAYERS}.0.self_attn.q_proj"]["group_size"] == 16
     assert xc.checkpoint_mismatches(hf_quant, config) == ()
     back = ex.read_back_nll(result, evaluate, device="cuda")
@@ -738,8 +744,8 @@ def test_an_awq_alpha_step_exports_like_its_preset() -> None:
     from auto_quantize_model.backend.modelopt import export as ex
 
     coarse = "W4A8_AWQ_BETA_CFG:alpha_step=0.25"
-    preset = xc.export_format("W4A8_AWQ_BETA_CFG")
-    assert attrs.evolve(xc.export_format(coarse), name="W4A8_AWQ_BETA_CFG") == preset
+    preset = export_format("W4A8_AWQ_BETA_CFG")
+    assert attrs.evolve(export_format(coarse), name="W4A8_AWQ_BETA_CFG") == preset
     configs = ex.format_configs([coarse, "W4A8_AWQ_BETA_CFG"])
     assert configs[coarse]["algorithm"] == {"method": "awq_lite", "alpha_step": 0.25}
     assert configs[coarse]["quant_cfg"] == configs["W4A8_AWQ_BETA_CFG"]["quant_cfg"]

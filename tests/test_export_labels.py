@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
-from auto_quantize_model.core import export_config as xc
-from auto_quantize_model.core.formats import all_formats, parse_custom, preset, resolve_format
+from auto_quantize_model.core.export_labels import export_format
+from auto_quantize_model.core.format_grammar import parse_custom
+from auto_quantize_model.core.formats import all_formats, resolve_format
+from auto_quantize_model.core.presets import preset
 
 GRAMMAR_NAMES = tuple(
     f"w{weight}-{granularity}_{activation}"
@@ -78,7 +80,7 @@ def _quiet_modelopt() -> Any:
 
 
 def check_against_exporter(name: str) -> None:
-    ours = xc.export_format(name)
+    ours = export_format(name)
     info = resolve_format(name)
     if info.refused is not None:  # not searchable at all: the export says the same
         assert ours.refused == info.refused
@@ -126,7 +128,7 @@ def test_every_grammar_name_gets_the_exporters_label_or_a_reason() -> None:
     ],
 )
 def test_nvfp4_custom_formats_get_the_fp4_labels(name: str, label: str, group_size: int) -> None:
-    found = xc.export_format(name)
+    found = export_format(name)
     assert (found.label, found.group_size, found.refused) == (label, group_size, None)
     assert found.needs_cuda
 
@@ -142,7 +144,7 @@ def test_nvfp4_custom_formats_get_the_fp4_labels(name: str, label: str, group_si
     ],
 )
 def test_custom_formats_the_exporter_cannot_write_are_refused(name: str, reason: str) -> None:
-    found = xc.export_format(name)
+    found = export_format(name)
     assert found.label is None
     assert found.refused is not None
     assert reason in found.refused

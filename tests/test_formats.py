@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from auto_quantize_model.backend.modelopt.formats import modelopt_config
+from auto_quantize_model.core.format_grammar import CustomFormat, parse_custom, quantizer_extensions
 from auto_quantize_model.core.formats import (
     CUSTOM_EXAMPLES,
     CUSTOM_REFUSED_EXAMPLES,
-    CustomFormat,
     all_formats,
     check_effective_bits,
     check_formats,
@@ -21,8 +21,6 @@ from auto_quantize_model.core.formats import (
     linear_quantizers,
     local_quantizer,
     min_effective_bits,
-    parse_custom,
-    quantizer_extensions,
     resolve_format,
 )
 from auto_quantize_model.errors import ConfigError

@@ -16,28 +16,24 @@ import pytest
 import yaml
 
 from auto_quantize_model.app.cli import main
+from auto_quantize_model.core.export_choice import GroupChoice
 from auto_quantize_model.core.export_config import (
     SUPPORTED_ALGORITHMS,
     ExportConfig,
-    GroupChoice,
     build_export_config,
-    export_format,
     json_ready,
     recipe_yaml,
 )
+from auto_quantize_model.core.export_labels import export_format
+from auto_quantize_model.core.format_grammar import CUDA_EXTENSIONS, parse_custom
 from auto_quantize_model.core.formats import (
-    CUDA_EXTENSIONS,
-    Preset,
     all_formats,
     check_formats,
     cuda_extensions,
     min_effective_bits,
-    parse_custom,
-    parse_presets,
-    preset,
-    presets,
     resolve_format,
 )
+from auto_quantize_model.core.presets import Preset, parse_presets, preset, presets
 from auto_quantize_model.core.ranking import format_scheme_part, scheme_name
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
 

@@ -110,8 +110,9 @@ def cmd_report(args: argparse.Namespace, service: RunService) -> int:
 
 
 def cmd_formats(args: argparse.Namespace, service: RunService) -> int:
-    from auto_quantize_model.core.export_config import export_format
-    from auto_quantize_model.core.formats import CUSTOM_GRAMMAR, FORMAT_OPTIONS, all_formats
+    from auto_quantize_model.core.export_labels import export_format
+    from auto_quantize_model.core.format_grammar import CUSTOM_GRAMMAR
+    from auto_quantize_model.core.formats import FORMAT_OPTIONS, all_formats
 
     rows = [("name", "bits", "weights", "activations", "runs on")]
     refused: list[str] = []

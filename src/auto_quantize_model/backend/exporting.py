@@ -29,7 +29,7 @@ from auto_quantize_model.artifacts import (
     LoadedModel,
     SensitivityScores,
 )
-from auto_quantize_model.core.export_config import GroupChoice, choices_at
+from auto_quantize_model.core.export_choice import GroupChoice, choices_at
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.io.atomic import LinkRefused

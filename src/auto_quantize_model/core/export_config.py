@@ -25,19 +25,9 @@ writes that format. YAML keeps the integer keys of ``block_sizes`` (``-1: 128``)
 requires; JSON turns them into strings, which ``QuantizerAttributeConfig`` rejects, so
 :func:`read_quant_config` restores them.
 
-Which formats the exporter writes faithfully: its per-layer label (``quant_algo`` in
-``hf_quant_config.json``) is derived from the quantizers alone (``get_quantization_format`` in
-``modelopt/torch/export/quant_utils.py:488``) and says less than the format: INT8 weights with
-dynamic per-token activations are recorded as ``W8A8_SQ_PER_CHANNEL`` (static per-tensor),
-FP8 weight-only as ``FP8`` (W8A8), FP8 per-input-channel as ``FP8`` (per tensor), INT4 with
-activations as ``W4A16_AWQ``, NVFP4 weights with INT8 or dynamic FP8 activations as ``NVFP4``
-(FP4 activations). A runtime reading those labels would compute something else than what was
-scored, so such formats are refused by :func:`export_format` with the label the exporter would
-write; so are INT4 weights without blocks, which the exporter cannot pack (it asserts). A preset's
-label, group size and refusal are facts of its row in ``data/presets.toml``
-(:class:`~auto_quantize_model.core.formats.Preset`); a grammar name's are derived here.
-``tests/test_export_labels.py`` checks every listed format and every grammar name against the
-exporter itself.
+What the exporter records for each format, and which formats it cannot record faithfully, is
+:mod:`auto_quantize_model.core.export_labels`; which format each group gets, and the fused-sibling
+rule, is :mod:`auto_quantize_model.core.export_choice`.
 """
 
 from __future__ import annotations
@@ -46,24 +36,16 @@ import fnmatch
 import json
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import yaml
 
-from auto_quantize_model.core.formats import (
-    CustomFormat,
-    local_quantizer,
-    parse_custom,
-    preset,
-    resolve_format,
-)
+from auto_quantize_model.core.export_choice import GroupChoice, check_fused_siblings
+from auto_quantize_model.core.export_labels import ExportFormat, export_format
+from auto_quantize_model.core.formats import local_quantizer
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import ConfigError, InputError
-
-if TYPE_CHECKING:
-    from auto_quantize_model.artifacts import GroupScore
-    from auto_quantize_model.core.frontier import Frontier
 
 QUANTIZER_ATTRS = ("weight_quantizer", "input_quantizer", "output_quantizer")
 """The quantizers ModelOpt puts on a linear layer; the config names each of them per module."""
@@ -75,234 +57,6 @@ MIXED_PRECISION = "MIXED_PRECISION"
 """ModelOpt's ``quant_algo`` when layers carry more than one format (a per-layer map follows)."""
 
 RECIPE_DESCRIPTION = "Per-layer mixed-precision PTQ chosen by auto-quantize-model from AutoQuant scores."
-
-
-# --------------------------------------------------------------------------------------------------
-# What the exporter writes for each format
-# --------------------------------------------------------------------------------------------------
-
-_LABEL_MEANING = {
-    "W8A8_SQ_PER_CHANNEL": "INT8 per-channel weights with static per-tensor INT8 activations",
-    "W8A16": "INT8 per-channel weights with 16-bit activations",
-    "FP8": "FP8 per-tensor weights with static per-tensor FP8 activations",
-    "FP8_PER_CHANNEL_PER_TOKEN": "FP8 per-channel weights with dynamic per-token FP8 activations",
-    "W4A16_AWQ": "INT4 block weights with 16-bit activations",
-    "fp8_pb_wo": "a label no deployment runtime reads (FP8 block weight-only)",
-    "NVFP4": "NVFP4 weights with NVFP4 (FP4, dynamic blocks of 16) activations",
-}
-
-
-@attrs.frozen
-class ExportFormat:
-    """What ModelOpt 0.47's HF exporter records for a format, or why it cannot record it faithfully."""
-
-    name: str
-    label: str | None
-    """``quant_algo`` of each layer in ``hf_quant_config.json``; None when refused."""
-    group_size: int | None = None
-    """Block size the exporter writes beside the label (INT4/NVFP4/MX formats)."""
-    needs_cuda: bool = False
-    refused: str | None = None
-    """Why this format cannot be exported; None when it can."""
-
-
-_INT4_NEEDS_BLOCKS = (
-    "ModelOpt 0.47's HF exporter packs INT4 weights only in blocks along the input dimension "
-    "(get_quantization_format asserts block_sizes, so the export would stop with an AssertionError); "
-    "use wint4-b128 (or -b64, -b32)"
-)
-
-
-def _custom_export(spec: CustomFormat) -> tuple[str | None, int | None, bool]:
-    """The label the exporter writes for a custom format, its group size, and whether it is faithful.
-
-    Mirrors ``get_quantization_format`` (``quant_utils.py:488``) and ``process_layer_quant_config``
-    (``:683``): the weight's type, axis and blocks decide the label; activations only switch INT8
-    between W8A8 and W8A16, and NVFP4 weights between NVFP4, W4A16_NVFP4 and W4A8_NVFP4_FP8. The
-    label is None where the exporter raises instead of writing one (INT4 without blocks).
-    """
-    block = int(spec.weight_granularity[1:]) if spec.weight_granularity.startswith("b") else None
-    if spec.weight == "int4":
-        if block is None:
-            return None, None, False
-        return "W4A16_AWQ", block, spec.activation == "16"
-    if spec.weight == "int8":
-        if spec.activation == "16":
-            return "W8A16", None, spec.weight_granularity == "pc"
-        faithful = (
-            spec.weight_granularity == "pc"
-            and spec.activation == "int8"
-            and spec.activation_granularity == "tensor"
-        )
-        return "W8A8_SQ_PER_CHANNEL", None, faithful
-    if spec.weight == "fp4":
-        # Only NVFP4 weights (dynamic blocks of 16, FP8 scales) get here: other FP4 weights are
-        # refused for the search already. Any other input quantizer falls through to NVFP4.
-        if spec.activation == "16":
-            return "W4A16_NVFP4", block, True
-        if spec.activation == "fp8" and spec.activation_granularity == "tensor":
-            return "W4A8_NVFP4_FP8", block, True
-        return "NVFP4", block, spec.activation == "fp4"
-    if block is not None:
-        return "fp8_pb_wo", None, False
-    if spec.weight_granularity == "pc":
-        faithful = spec.activation == "fp8" and spec.activation_granularity == "token"
-        return "FP8_PER_CHANNEL_PER_TOKEN", None, faithful
-    # Per tensor, and per input channel too: the exporter tests ``axis == 0`` alone.
-    faithful = (
-        spec.weight_granularity == "pt"
-        and spec.activation == "fp8"
-        and spec.activation_granularity == "tensor"
-    )
-    return "FP8", None, faithful
-
-
-def export_format(name: str) -> ExportFormat:
-    """The exporter's label for a format, or the reason it cannot be exported (unknown names raise)."""
-    if name == NO_QUANT:
-        return ExportFormat(name=name, label=None)
-    info = resolve_format(name)
-    if info.refused is not None:
-        return ExportFormat(name=name, label=None, needs_cuda=info.needs_cuda, refused=info.refused)
-    row = preset(info.base_name)  # an AWQ alpha step changes the scales it finds, not the export
-    if row is not None:
-        if row.export_refused is not None:
-            return ExportFormat(name=name, label=None, needs_cuda=info.needs_cuda, refused=row.export_refused)
-        return ExportFormat(
-            name=name, label=row.export_label, group_size=row.export_group_size, needs_cuda=info.needs_cuda
-        )
-    spec = parse_custom(info.base_name)
-    assert spec is not None, f"{name} resolved as neither a preset nor a grammar name"
-    recorded, block, faithful = _custom_export(spec)
-    if recorded is None:
-        return ExportFormat(name=name, label=None, needs_cuda=info.needs_cuda, refused=_INT4_NEEDS_BLOCKS)
-    if not faithful:
-        meaning = _LABEL_MEANING.get(recorded, recorded)
-        return ExportFormat(
-            name=name,
-            label=None,
-            needs_cuda=info.needs_cuda,
-            refused=(
-                f"it quantizes {spec.describe_weights()} with {spec.describe_activations()} activations, "
-                f"but ModelOpt 0.47's HF exporter records it as {recorded} ({meaning}), so a runtime "
-                "reading the checkpoint would not compute what was scored"
-            ),
-        )
-    return ExportFormat(name=name, label=recorded, group_size=block, needs_cuda=info.needs_cuda)
-
-
-# --------------------------------------------------------------------------------------------------
-# The choice
-# --------------------------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class GroupChoice:
-    """One recipe group and the format chosen for it (``NONE``: left unquantized)."""
-
-    name: str
-    module_names: tuple[str, ...]
-    """Full-model module names (as in :attr:`GroupScore.module_names`); they share the format."""
-    format: str
-
-
-def choices_from_groups(
-    groups: Sequence[GroupScore], formats: Mapping[str, str] | None = None
-) -> tuple[GroupChoice, ...]:
-    """Every group on ``formats[group.name]``, or on the run's own choice (``best_format``) if absent.
-
-    A name in ``formats`` that is no group is an error (a typo would otherwise export silently).
-    """
-    formats = dict(formats or {})
-    known = {group.name for group in groups}
-    unknown = sorted(set(formats) - known)
-    if unknown:
-        raise ConfigError(f"format chosen for {unknown[0]!r}, which is no recipe group of this run")
-    return tuple(
-        GroupChoice(group.name, group.module_names, formats.get(group.name, group.best_format))
-        for group in groups
-    )
-
-
-def choices_at(frontier: Frontier, budget: float, groups: Sequence[GroupScore]) -> tuple[GroupChoice, ...]:
-    """The frontier's choice at ``budget`` (to 1e-9), with each group's modules from ``groups``.
-
-    ``groups`` are the run's scored groups (SensitivityScores or the manifest): the frontier
-    holds group names only.
-    """
-    try:
-        point = frontier.point(budget)
-    except KeyError:
-        solved = ", ".join(f"{p.budget:g}" for p in frontier.points[:12])
-        raise ConfigError(f"the frontier has no point at {budget:g} bits (solved: {solved})") from None
-    if not point.reachable:
-        raise ConfigError(
-            f"{budget:g} bits is below the cheapest mix ({frontier.min_bits_lm:g} bits over the LM); "
-            "pick a larger budget"
-        )
-    by_name = {group.name: group for group in groups}
-    missing = [name for name in frontier.groups if name not in by_name]
-    if missing:
-        raise InputError(f"frontier group {missing[0]!r} is not among the run's scored groups")
-    chosen = dict(zip(frontier.groups, point.formats, strict=True))
-    return tuple(GroupChoice(g.name, g.module_names, chosen.get(g.name, NO_QUANT)) for g in groups)
-
-
-_SIBLING_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
-    # Per-expert projections of one MoE block are searched as one group by ModelOpt.
-    (
-        re.compile(r"^(?P<parent>.*?\.(?:mlp|mixer)\.experts)\.\d+\.(?:gate_proj|up_proj|down_proj)$"),
-        "experts",
-    ),
-    (
-        re.compile(r"^(?P<parent>.*?\.mlp\.experts\.local_experts)\.\d+\.(?:linear_fc1|linear_fc2)$"),
-        "experts",
-    ),
-    (re.compile(r"^(?P<parent>.*)\.(?:q_proj|k_proj|v_proj)$"), "q/k/v"),
-    (re.compile(r"^(?P<parent>.*)\.(?:gate_proj|up_proj)$"), "gate/up"),
-    (re.compile(r"^(?P<parent>.*?\.linear_attn)\.(?:in_proj_qkv|in_proj_z)$"), "qkv/z"),
-    (re.compile(r"^(?P<parent>.*?\.linear_attn)\.(?:in_proj_a|in_proj_b)$"), "a/b"),
-)
-"""Modules that deployment runtimes fuse into one GEMM, so they must share one format. The same
-families ModelOpt's AutoQuant groups (``quant_grouping_rules`` in ``algorithms.py:640``)."""
-
-
-def fused_siblings(module: str) -> str | None:
-    """A key shared by the modules fused with ``module`` (``<parent> q/k/v``), or None."""
-    for pattern, family in _SIBLING_RULES:
-        match = pattern.match(module)
-        if match is not None:
-            return f"{match['parent']} {family}"
-    return None
-
-
-def check_fused_siblings(choices: Sequence[GroupChoice], known_modules: Collection[str] = ()) -> None:
-    """Refuse a choice that gives fused siblings (q/k/v, gate/up, experts) different formats.
-
-    ``known_modules`` (every linear layer of the model, optional) also catches a sibling the
-    choice leaves out: unlisted modules stay unquantized, which splits the family too.
-    """
-    owner: dict[str, GroupChoice] = {}
-    for choice in choices:
-        for module in choice.module_names:
-            owner[module] = choice
-    families: dict[str, list[str]] = {}
-    for module in [*owner, *(m for m in known_modules if m not in owner)]:
-        key = fused_siblings(module)
-        if key is not None:
-            families.setdefault(key, []).append(module)
-    for key, members in families.items():
-        formats = {owner[m].format if m in owner else NO_QUANT for m in members}
-        if len(formats) > 1:
-            detail = ", ".join(
-                f"{m} ({owner[m].format} in group {owner[m].name})" if m in owner else f"{m} (unlisted: NONE)"
-                for m in members
-            )
-            group = next(owner[m].name for m in members if m in owner)
-            raise ConfigError(
-                f"group {group}: fused siblings {key.split(' ')[-1]} of {key.rsplit(' ', 1)[0]} must share "
-                f"one format, got {detail}; choose one format for all of them"
-            )
 
 
 # --------------------------------------------------------------------------------------------------

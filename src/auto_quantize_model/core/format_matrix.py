@@ -1,7 +1,7 @@
 """The previous tool's format matrix in our grammar: which of its combinations run, and why not the rest.
 
 It crossed 16 weight x activation pairs with 9 granularity overlays (and 3 calibration sizes). In
-our grammar (:mod:`auto_quantize_model.core.formats`) every combination is a name; some are
+our grammar (:mod:`auto_quantize_model.core.format_grammar`) every combination is a name; some are
 refused by ModelOpt 0.47 (FP4 is NVFP4's blocks of 16 only), some make no sense (activation
 overlays of weight-only pairs) and many are another spelling of one already listed (the INT8
 default is per output channel). ``pipelines/qwen3-vl-4b-format-matrix.toml`` is this table
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import attrs
 
-from auto_quantize_model.core.formats import parse_custom
+from auto_quantize_model.core.format_grammar import parse_custom
 
 WEIGHTS = ("fp4", "fp8", "int4", "int8")
 """Weight types of the previous tool's pairs (FP4 = NVFP4)."""

@@ -11,7 +11,8 @@ import math
 from collections.abc import Sequence
 
 from auto_quantize_model.artifacts import GroupScore
-from auto_quantize_model.core.formats import OPTION_SEPARATOR, preset
+from auto_quantize_model.core.formats import OPTION_SEPARATOR
+from auto_quantize_model.core.presets import preset
 from auto_quantize_model.core.scores import (
     has_quantized_format,
     importance,

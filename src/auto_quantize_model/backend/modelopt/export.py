@@ -38,6 +38,7 @@ import attrs
 
 from auto_quantize_model.backend.modelopt import import_modelopt
 from auto_quantize_model.core import export_config as xc
+from auto_quantize_model.core.export_choice import GroupChoice
 from auto_quantize_model.core.formats import resolve_format
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
@@ -132,7 +133,7 @@ def linear_modules(model: nn.Module) -> tuple[str, ...]:
 
 
 def prepare_export(
-    choices: Sequence[xc.GroupChoice],
+    choices: Sequence[GroupChoice],
     *,
     device: str = "cpu",
     vision_prefixes: Sequence[str] = (),

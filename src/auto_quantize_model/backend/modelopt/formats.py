@@ -6,7 +6,8 @@ import copy
 from typing import Any
 
 from auto_quantize_model.backend.modelopt import import_modelopt
-from auto_quantize_model.core.formats import FormatInfo, parse_custom, resolve_format
+from auto_quantize_model.core.format_grammar import parse_custom
+from auto_quantize_model.core.formats import FormatInfo, resolve_format
 from auto_quantize_model.errors import ConfigError
 
 
