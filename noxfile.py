@@ -40,16 +40,16 @@ def real(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Ruff lint and format check (posargs: paths, default src, tests and this file)."""
+    """Ruff lint and format check (posargs: paths, default src, tests, benchmarks and this file)."""
     session.install("ruff>=0.6")
-    paths = session.posargs or ["src", "tests", "noxfile.py"]
+    paths = session.posargs or ["src", "tests", "benchmarks", "noxfile.py"]
     session.run("ruff", "check", *paths)
     session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over src, tests and this file."""
+    """mypy --strict over src, tests, benchmarks and this file."""
     session.install(*CONSTRAINTS, "-e", ".[dev,real]")
     session.run("mypy", *session.posargs)
 

@@ -460,7 +460,7 @@ def frozen_heap() -> Iterator[None]:
     ModelOpt runs two full ``gc.collect()`` passes around scoring to free GPU memory. Each walks
     every object of the process (torch, transformers and ModelOpt with all they import, the
     model's modules), a fixed cost paid whatever the data. Same-process A/B
-    (``tests/bench/frozen_heap_ab.py``, BENCHMARKS.md): 2.29 -> 1.56 s for the tiny model on CPU;
+    (``benchmarks/frozen_heap_ab.py``, BENCHMARKS.md): 2.29 -> 1.56 s for the tiny model on CPU;
     within noise for a packed 4B run on an H100 host (3.00 vs 2.99 s). What those passes are for
     (tensors left over from calibration) is created after this point and stays collectable.
     Undo: the frozen objects go back to the collector. A process that froze its heap itself is

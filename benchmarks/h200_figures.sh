@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md's third-wave section, on one GPU of a fresh machine (not a test).
 #
-#   tests/bench/h200_figures.sh kernels  OUTDIR   # first run with and without ModelOpt's CUDA extension
-#   tests/bench/h200_figures.sh ship     OUTDIR   # run -> frontier -> measured points -> export, 4B
-#   tests/bench/h200_figures.sh scale    OUTDIR   # 8B / 32B / 30B-A3B, per-format and four-format passes
-#   tests/bench/h200_figures.sh startup  OUTDIR   # fresh-process import split, this tree vs BASE
-#   tests/bench/h200_figures.sh matrix   OUTDIR   # the format matrix sweep (resumable: run it again)
+#   benchmarks/h200_figures.sh kernels  OUTDIR   # first run with and without ModelOpt's CUDA extension
+#   benchmarks/h200_figures.sh ship     OUTDIR   # run -> frontier -> measured points -> export, 4B
+#   benchmarks/h200_figures.sh scale    OUTDIR   # 8B / 32B / 30B-A3B, per-format and four-format passes
+#   benchmarks/h200_figures.sh startup  OUTDIR   # fresh-process import split, this tree vs BASE
+#   benchmarks/h200_figures.sh matrix   OUTDIR   # the format matrix sweep (resumable: run it again)
 #
 # "kernels" must be the first thing on a fresh machine: its first extension run includes the JIT build.
 # Every step's wall time goes to OUTDIR/walls.txt, its output to OUTDIR/<step>.log; nvidia-smi samples
@@ -57,7 +57,7 @@ ship)
     ;;
 scale)
     four=INT8_DEFAULT_CFG+FP8_DEFAULT_CFG+NVFP4_DEFAULT_CFG+W4A8_AWQ_BETA_CFG
-    step scale python3 tests/bench/gpu_scale.py --out "$out/scale.jsonl" \
+    step scale python3 benchmarks/gpu_scale.py --out "$out/scale.jsonl" \
         --case config:qwen3-vl-32b=INT8_DEFAULT_CFG \
         --case config:qwen3-vl-8b=INT8_DEFAULT_CFG \
         --case config:qwen3-vl-30b-a3b=INT8_DEFAULT_CFG \
@@ -76,9 +76,9 @@ startup)
     # a JIT build. BASE=<folder of another checkout's src/ and pipelines/> (e.g. `git archive 996d3fb
     # src pipelines | tar -x -C base`) adds its split, run with its own tiny pipeline file.
     hidden=(--env CUDA_VISIBLE_DEVICES=)
-    step startup_ours python3 tests/bench/startup_split.py --repeat "${REPEAT:-2}" "${hidden[@]}"
+    step startup_ours python3 benchmarks/startup_split.py --repeat "${REPEAT:-2}" "${hidden[@]}"
     if [ -n "${BASE:-}" ]; then
-        step startup_base python3 tests/bench/startup_split.py --repeat "${REPEAT:-2}" "${hidden[@]}" \
+        step startup_base python3 benchmarks/startup_split.py --repeat "${REPEAT:-2}" "${hidden[@]}" \
             --src "$BASE/src" --pipeline "$BASE/pipelines/tiny-qwen3-vl.toml"
     fi
     dirs=()

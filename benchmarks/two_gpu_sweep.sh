@@ -4,8 +4,8 @@
 # the points alone (each run's fixed start, library imports and the model build, is paid by every
 # worker at once and does not shrink), and checks that every point's ranking is the same in both.
 #
-#   tests/bench/two_gpu_sweep.sh              # pipelines/qwen3-vl-4b-sweep8.toml on 2 GPUs
-#   tests/bench/two_gpu_sweep.sh --cpu        # the tiny model on CPU, two workers (a plumbing check)
+#   benchmarks/two_gpu_sweep.sh              # pipelines/qwen3-vl-4b-sweep8.toml on 2 GPUs
+#   benchmarks/two_gpu_sweep.sh --cpu        # the tiny model on CPU, two workers (a plumbing check)
 #
 # Folders go under $OUT (or a new /tmp folder): one/ and two/, each with its sweep-index.md.
 # Estimate on 2 H200s from the figures in BENCHMARKS.md: library imports ~20 s and the 4B build
@@ -15,7 +15,7 @@
 # outlasted a 10-minute call on one GPU.
 set -euo pipefail
 
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 ROOT="${OUT:-$(mktemp -d /tmp/two-gpu-sweep.XXXXXX)}"
 mkdir -p "$ROOT"
 PY="${PYTHON:-python}"

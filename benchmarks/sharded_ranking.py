@@ -1,7 +1,7 @@
 """Does a model split over two GPUs rank its layers as on one? (issue 14, part 1)
 
-    python tests/bench/sharded_ranking.py --out sharded.json                  # 2 GPUs: the check
-    python tests/bench/sharded_ranking.py --model builtin:tiny-qwen3-vl --device cpu \\
+    python benchmarks/sharded_ranking.py --out sharded.json                  # 2 GPUs: the check
+    python benchmarks/sharded_ranking.py --model builtin:tiny-qwen3-vl --device cpu \\
         --samples 24 --seq-len 64 --batch 4 --score-size 16                    # CPU smoke run
 
 Runs the same AutoQuant (``INT8_DEFAULT_CFG``, packed captions, gradient scores) twice, each in a

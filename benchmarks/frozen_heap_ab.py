@@ -5,7 +5,7 @@ smaller than the spread between lent machines, so it can only be measured by alt
 variants in one process on one model. Runs alternate (the first is a discarded warm-up) and the
 scores of both variants are compared, since freezing must not change them.
 
-    python tests/bench/frozen_heap_ab.py --model config:qwen3-vl-4b --device cuda \\
+    python benchmarks/frozen_heap_ab.py --model config:qwen3-vl-4b --device cuda \\
         --captions coco2017_captions_large.txt --runs 3
 """
 

@@ -6,9 +6,9 @@ run costs on top of that is ours: our own modules, libraries only we pull in (ma
 plots), and the stages. The script measures both in fresh interpreters, with ``-X importtime``, and
 prints one table (paste it into BENCHMARKS.md):
 
-    python tests/bench/startup_split.py                      # this checkout's src/
-    python tests/bench/startup_split.py --src /tmp/base/src  # another snapshot, same libraries
-    python tests/bench/startup_split.py --env OMP_NUM_THREADS=1
+    python benchmarks/startup_split.py                      # this checkout's src/
+    python benchmarks/startup_split.py --src /tmp/base/src  # another snapshot, same libraries
+    python benchmarks/startup_split.py --env OMP_NUM_THREADS=1
 
 Why CPU seconds next to wall seconds: the machines this runs on are shared, and on a loaded one
 the wall time of the same import varies by a factor of two or more while its CPU time (user +
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import attrs
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny-qwen3-vl.toml"
 
 FLOOR_STEPS = (

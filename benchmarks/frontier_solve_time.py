@@ -4,7 +4,7 @@ A Qwen3-VL-4B language model has 145 recipe groups (36 layers x 4 + lm_head); 25
 five formats each (NONE plus four) is a generous stand-in. Scores are log-uniform over six
 decades, as real sensitivities are, and sized so CBC's absolute tolerances do not stop it early.
 
-    python tests/bench/frontier_solve_time.py [--groups 250] [--budgets 4:16:0.04] [--workers N]
+    python benchmarks/frontier_solve_time.py [--groups 250] [--budgets 4:16:0.04] [--workers N]
 
 Prints one line per method: budgets solved, wall seconds, CPU count, load average.
 """

@@ -8,10 +8,10 @@ packed BuildCalibLoader, RunAutoQuant, BuildManifest), so every figure is a warm
 same settings. Each finished case is appended to a JSON-lines file at once: a run cut short at a
 time limit keeps what it measured.
 
-    python tests/bench/gpu_scale.py --out scale.jsonl \\
+    python benchmarks/gpu_scale.py --out scale.jsonl \\
         --case config:qwen3-vl-32b=INT8_DEFAULT_CFG \\
         --case config:qwen3-vl-4b=INT8_DEFAULT_CFG+FP8_DEFAULT_CFG+NVFP4_DEFAULT_CFG+W4A8_AWQ_BETA_CFG
-    python tests/bench/gpu_scale.py --device cpu --max-samples 16 --seq-len 64 --score-size 8 \\
+    python benchmarks/gpu_scale.py --device cpu --max-samples 16 --seq-len 64 --score-size 8 \\
         --case builtin:tiny-qwen3-vl=INT8_DEFAULT_CFG        # the plumbing, on CPU
 
 Peak memory is ``torch.cuda.max_memory_allocated`` over the AutoQuant stage, kept across ModelOpt's

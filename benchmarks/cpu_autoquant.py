@@ -1,8 +1,8 @@
 """CPU cost of AutoQuant on a trained model: SmolLM2-135M, INT8, 128 captions (one packed batch).
 
-    OMP_WAIT_POLICY=ACTIVE python tests/bench/cpu_autoquant.py      # torch's default waiting
-    python tests/bench/cpu_autoquant.py                             # what aqm sets (PASSIVE)
-    python tests/bench/cpu_autoquant.py --threads 1 --captions 32
+    OMP_WAIT_POLICY=ACTIVE python benchmarks/cpu_autoquant.py      # torch's default waiting
+    python benchmarks/cpu_autoquant.py                             # what aqm sets (PASSIVE)
+    python benchmarks/cpu_autoquant.py --threads 1 --captions 32
 
 Prints wall and CPU seconds of loading, calibration + scoring (RunAutoQuant) and, for scale, one
 plain forward+backward of the same batch; and the machine's load, which dominates on shared cores.

@@ -1,9 +1,9 @@
 """CPU cost of validation on a trained model: SmolLM2-135M, 30 groups, 64 held-out captions.
 
-    python tests/bench/cpu_validation.py                       # 2 rounds of cache off / on
-    python tests/bench/cpu_validation.py --rounds 1 --captions 32 --formats INT8_DEFAULT_CFG FP8_DEFAULT_CFG
-    python tests/bench/cpu_validation.py --device cuda --dtype bfloat16
-    python tests/bench/cpu_validation.py --cache on --figures /tmp/figures.txt   # vs another checkout
+    python benchmarks/cpu_validation.py                       # 2 rounds of cache off / on
+    python benchmarks/cpu_validation.py --rounds 1 --captions 32 --formats INT8_DEFAULT_CFG FP8_DEFAULT_CFG
+    python benchmarks/cpu_validation.py --device cuda --dtype bfloat16
+    python benchmarks/cpu_validation.py --cache on --figures /tmp/figures.txt   # vs another checkout
 
 Runs AutoQuant once (on ``--captions`` COCO captions; validation's cost does not depend on how
 many), then ValidateSensitivity ``--rounds`` times with the held-out layer cache off and on (or
