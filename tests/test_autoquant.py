@@ -31,7 +31,12 @@ from auto_quantize_model.backend.modelopt.plan import (
     lm_membership,
     textlm_name_map,
 )
-from auto_quantize_model.backend.modelopt.state import nonfinite_message, scores_from_state
+from auto_quantize_model.backend.modelopt.state import (
+    StateReading,
+    nonfinite_message,
+    review_search,
+    scores_from_state,
+)
 from auto_quantize_model.core.bits import model_constraint
 from auto_quantize_model.core.scores import parse_label
 from auto_quantize_model.errors import AqmError, ConfigError
@@ -157,8 +162,40 @@ def _state(
     }
 
 
+def _same(name: str) -> str:
+    return name
+
+
+def _read(
+    state: dict[str, Any],
+    name_map: Callable[[str], str] = _same,
+    is_lm: Callable[[str], bool] = lambda name: True,
+    raw_scores: dict[str, dict[str, float]] | None = None,
+) -> StateReading:
+    """``scores_from_state`` with fixed values for what the stage adds (see the first test)."""
+    return scores_from_state(
+        state,
+        name_map,
+        is_lm,
+        raw_scores,
+        formats=("INT4_AWQ_CFG", "INT8_DEFAULT_CFG"),
+        method="gradient",
+        scope="language_model",
+        effective_bits_target=9.0,
+        calib_steps=3,
+        score_steps=2,
+        score_samples=7,
+        autoquant_seconds=1.5,
+        state_path="state.pt",
+        calib_forward_steps=3,
+        score_forward_steps=0,
+        warnings=("autoquant.score_size 99 exceeds the 7 calibration captions; all 7 were used",),
+    )
+
+
 def test_scores_from_state_textlm() -> None:
-    summary = scores_from_state(_state("decoder"), textlm_name_map("model.language_model", "lm_head"))
+    reading = _read(_state("decoder"), textlm_name_map("model.language_model", "lm_head"))
+    summary = reading.scores
     names = [g.name for g in summary.groups]
     assert names == [
         "model.language_model.layers.0.self_attn.q_proj",
@@ -177,9 +214,29 @@ def test_scores_from_state_textlm() -> None:
     # chosen costs 50 + 25 + 200 over weights 100 + 100 + 200
     assert summary.effective_bits_lm == pytest.approx(16 * 275 / 400)
     assert summary.effective_bits_model == 9.5  # ModelOpt's own figure, as reported
-    assert (summary.total_score, summary.satisfied, summary.method) == (5.0, True, "gradient")
-    assert (summary.lm_weights, summary.other_weights) == (400, 0)
-    assert (summary.disabled, summary.other, summary.nonfinite) == ((), (), ())
+    assert (summary.total_score, summary.satisfied, reading.ran_method) == (5.0, True, "gradient")
+    assert (reading.lm_weights, reading.other_weights) == (400, 0)
+    assert (reading.disabled, reading.other, reading.nonfinite) == ((), (), ())
+    # what the stage passes in lands in the scores unchanged
+    assert summary.formats == ("INT4_AWQ_CFG", "INT8_DEFAULT_CFG")
+    assert (summary.method, summary.scope, summary.effective_bits_target) == (
+        "gradient",
+        "language_model",
+        9.0,
+    )
+    assert (summary.calib_steps, summary.score_steps, summary.score_samples) == (3, 2, 7)
+    assert (summary.autoquant_seconds, summary.state_path) == (1.5, "state.pt")
+    assert (summary.calib_forward_steps, summary.score_forward_steps) == (3, 0)
+    assert summary.warnings == (
+        "autoquant.score_size 99 exceeds the 7 calibration captions; all 7 were used",
+    )
+
+
+def test_review_search_refuses_a_method_other_than_asked() -> None:
+    reading = _read(_state("decoder"), textlm_name_map("model.language_model", "lm_head"))
+    review_search(reading, allow_nonfinite=False, other_weights=0)  # as asked: no complaint
+    with pytest.raises(AqmError, match=r"^ModelOpt ran method 'kl_div', asked for 'gradient'$"):
+        review_search(attrs.evolve(reading, ran_method="kl_div"), allow_nonfinite=False, other_weights=0)
 
 
 def test_scores_from_state_full_model_keeps_vision_out_of_groups_and_lm_bits() -> None:
@@ -206,18 +263,19 @@ def test_scores_from_state_full_model_keeps_vision_out_of_groups_and_lm_bits() -
     }
     state = _state(prefix, extra, chosen)
     del state["best"]["constraints"]  # fall back to our own whole-model arithmetic
-    summary = scores_from_state(state, is_lm=lm_membership(prefix, "lm_head"))
+    reading = _read(state, is_lm=lm_membership(prefix, "lm_head"))
+    summary = reading.scores
     assert [g.name for g in summary.groups] == [
         f"{prefix}.layers.0.self_attn.q_proj",
         f"{prefix}.layers.0.mlp.down_proj",
         "lm_head",
     ]
-    assert summary.other == ("model.visual.blocks.0.attn.qkv",)
-    assert summary.disabled == (f"{prefix}.layers.1.mlp.down_proj",)
+    assert reading.other == ("model.visual.blocks.0.attn.qkv",)
+    assert reading.disabled == (f"{prefix}.layers.1.mlp.down_proj",)
     # LM: chosen 50 + 25 + 200 + 100 (disabled, 16 bits) over 500; whole: + 300 vision at 16 bits
     assert summary.effective_bits_lm == pytest.approx(16 * 375 / 500)
     assert summary.effective_bits_model == pytest.approx(16 * 675 / 800)
-    assert (summary.lm_weights, summary.other_weights) == (500, 300)
+    assert (reading.lm_weights, reading.other_weights) == (500, 300)
     # the constraint RunAutoQuant would pass for this LM target lands exactly on the whole-model figure
     assert model_constraint(summary.effective_bits_lm, 500, 300) == pytest.approx(
         summary.effective_bits_model
@@ -228,9 +286,9 @@ def test_scores_from_state_flags_nonfinite_scores() -> None:
     state = _state("decoder")
     state["candidate_stats"]["lm_head.quant_recipe"]["scores"] = [math.nan, 0.0]
     state["candidate_stats"]["decoder.layers.0.mlp.down_proj.quant_recipe"]["scores"] = [math.inf, 1.0, 0.0]
-    summary = scores_from_state(state, textlm_name_map("model.language_model", "lm_head"))
-    assert summary.nonfinite == ("model.language_model.layers.0.mlp.down_proj", "lm_head")
-    message = nonfinite_message(summary.nonfinite)
+    reading = _read(state, textlm_name_map("model.language_model", "lm_head"))
+    assert reading.nonfinite == ("model.language_model.layers.0.mlp.down_proj", "lm_head")
+    message = nonfinite_message(reading.nonfinite)
     assert "2 recipe group(s): model.language_model.layers.0.mlp.down_proj, lm_head" in message
     assert "allow_nonfinite" in message
     assert "\n" not in message
@@ -699,9 +757,9 @@ def test_scores_from_state_prefers_unclamped_raw_scores() -> None:
         # incomplete record: that group keeps candidate_stats' scores
         "decoder.layers.0.self_attn.q_proj.quant_recipe": {str(INT8): 9.0},
     }
-    summary = scores_from_state(
+    summary = _read(
         _state("decoder"), textlm_name_map("model.language_model", "lm_head"), raw_scores=raw
-    )
+    ).scores
     q, down, _ = summary.groups
     assert down.scores == (3.0, 3.5, 0.0)
     assert q.scores == (2.0, 0.0)

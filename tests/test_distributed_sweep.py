@@ -16,7 +16,11 @@ import attrs
 import pytest
 
 from auto_quantize_model.app import cli
-from auto_quantize_model.app.distributed import (
+from auto_quantize_model.app.folders import INDEX_NAME
+from auto_quantize_model.app.run_service import RunService
+from auto_quantize_model.app.runs import read_run
+from auto_quantize_model.app.sweep.points import expand_sweep, reuse_order
+from auto_quantize_model.app.sweep.workers import (
     Worker,
     WorkerGroup,
     WorkerLost,
@@ -26,10 +30,6 @@ from auto_quantize_model.app.distributed import (
     wait_for_workers,
     worker_from_env,
 )
-from auto_quantize_model.app.folders import INDEX_NAME
-from auto_quantize_model.app.run_service import RunService
-from auto_quantize_model.app.runs import read_run
-from auto_quantize_model.app.sweep import expand_sweep, reuse_order
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.pipeline_file import spec_from_dict
 from builders import comparable_manifest, tiny_pipeline_toml

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from auto_quantize_model.app.sweep import expand_sweep
+from auto_quantize_model.app.sweep.points import expand_sweep
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.pipeline_file import load_pipeline, spec_from_dict, spec_to_toml
 from auto_quantize_model.specs import PipelineSpec

@@ -17,7 +17,7 @@ from auto_quantize_model.app import cli
 from auto_quantize_model.app.folders import INDEX_NAME
 from auto_quantize_model.app.run_service import RunService
 from auto_quantize_model.app.runs import read_run
-from auto_quantize_model.app.sweep import (
+from auto_quantize_model.app.sweep.points import (
     PointOutcome,
     PointResult,
     SweepPoint,
@@ -31,7 +31,7 @@ from auto_quantize_model.app.sweep import (
     run_sweep,
     search_key,
 )
-from auto_quantize_model.app.sweep_runner import (
+from auto_quantize_model.app.sweep.session import (
     GIB,
     PristineModel,
     SweepSession,

@@ -355,22 +355,20 @@ def scores_artifact(state: dict[str, Any]) -> SensitivityScores:
     from auto_quantize_model.backend.modelopt.plan import textlm_name_map
     from auto_quantize_model.backend.modelopt.state import scores_from_state
 
-    summary = scores_from_state(state, textlm_name_map("model.language_model", "lm_head"))
-    return SensitivityScores(
-        groups=summary.groups,
-        formats=tuple(sorted({f for g in summary.groups for f in g.formats if f != "NONE"})),
+    offered = {recipe_name(str(r)) for entry in state["candidate_stats"].values() for r in entry["formats"]}
+    reading = scores_from_state(
+        state,
+        textlm_name_map("model.language_model", "lm_head"),
+        formats=tuple(sorted(offered - {"NONE"})),
         method="gradient",
         scope="language_model",
         effective_bits_target=8.0,
-        effective_bits_lm=summary.effective_bits_lm,
-        effective_bits_model=summary.effective_bits_model,
-        total_score=summary.total_score,
-        satisfied=summary.satisfied,
         calib_steps=2,
         score_steps=2,
         score_samples=12,
         autoquant_seconds=0.0,
     )
+    return reading.scores
 
 
 @attrs.frozen(eq=False)

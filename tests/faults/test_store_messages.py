@@ -20,7 +20,9 @@ from typing import Any
 import attrs
 import pytest
 
-from auto_quantize_model.app.distributed import (
+from auto_quantize_model.app.lock import Owner
+from auto_quantize_model.app.sweep.points import PointResult, expand_sweep, reuse_order
+from auto_quantize_model.app.sweep.workers import (
     BadMessage,
     PointReport,
     Problem,
@@ -34,8 +36,6 @@ from auto_quantize_model.app.distributed import (
     wait_for_workers,
     warn_if_exposed,
 )
-from auto_quantize_model.app.lock import Owner
-from auto_quantize_model.app.sweep import PointResult, expand_sweep, reuse_order
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.pipeline_file import spec_from_dict
 

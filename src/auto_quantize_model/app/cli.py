@@ -24,8 +24,8 @@ from auto_quantize_model.app.signals import Interrupted, sigterm_unwinds, what_s
 from auto_quantize_model.errors import AqmError, InputError, StageError
 
 if TYPE_CHECKING:
-    from auto_quantize_model.app.distributed import Worker
     from auto_quantize_model.app.run_service import RunService
+    from auto_quantize_model.app.sweep.workers import Worker
     from auto_quantize_model.specs import PipelineSpec
 
 
@@ -86,7 +86,7 @@ def cmd_resume(args: argparse.Namespace, service: RunService) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, service: RunService) -> int:
-    from auto_quantize_model.app.sweep import expand_sweep
+    from auto_quantize_model.app.sweep.points import expand_sweep
     from auto_quantize_model.io.pipeline_file import load_pipeline
     from auto_quantize_model.stages import stage_names
 
@@ -368,7 +368,7 @@ def _worker(command: str) -> Worker | None:
     """
     import os
 
-    from auto_quantize_model.app.distributed import narrow_visible_gpus, worker_from_env
+    from auto_quantize_model.app.sweep.workers import narrow_visible_gpus, worker_from_env
     from auto_quantize_model.errors import ConfigError
 
     worker = worker_from_env(os.environ)

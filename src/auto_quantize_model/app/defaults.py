@@ -29,8 +29,8 @@ from auto_quantize_model.app.runs import is_out_of_memory, out_of_memory_error
 from auto_quantize_model.errors import StageError
 
 if TYPE_CHECKING:
-    from auto_quantize_model.app.distributed import Worker, WorkerGroup
-    from auto_quantize_model.app.sweep import PointSession
+    from auto_quantize_model.app.sweep.points import PointSession
+    from auto_quantize_model.app.sweep.workers import Worker, WorkerGroup
     from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier, ReportPaths
     from auto_quantize_model.backend.exporting import CheckpointInputs
     from auto_quantize_model.pipeline import Artifacts
@@ -138,14 +138,14 @@ def run_pipeline(spec: PipelineSpec, folder: Path) -> Artifacts:
 
 
 def new_sweep_session() -> PointSession:
-    """The runner of a sweep's points that loads the model once (see :mod:`.sweep_runner`)."""
-    from auto_quantize_model.app.sweep_runner import SweepSession
+    """The runner of a sweep's points that loads the model once (see :mod:`.sweep.session`)."""
+    from auto_quantize_model.app.sweep.session import SweepSession
 
     return SweepSession()
 
 
 def join_workers(worker: Worker) -> WorkerGroup:
-    from auto_quantize_model.app.distributed import WorkerGroup
+    from auto_quantize_model.app.sweep.workers import WorkerGroup
 
     return WorkerGroup.join(worker)
 

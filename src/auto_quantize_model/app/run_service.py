@@ -90,10 +90,10 @@ from auto_quantize_model.errors import InputError, StageError
 from auto_quantize_model.io.atomic import LinkRefused
 
 if TYPE_CHECKING:
-    from auto_quantize_model.app.distributed import Worker, WorkerGroup
     from auto_quantize_model.app.export import ExportLoader
     from auto_quantize_model.app.frontier import FrontierMeasurer
-    from auto_quantize_model.app.sweep import PointOutcome, PointResult, PointSession, SweepPoint
+    from auto_quantize_model.app.sweep.points import PointOutcome, PointResult, PointSession, SweepPoint
+    from auto_quantize_model.app.sweep.workers import Worker, WorkerGroup
     from auto_quantize_model.io.manifest import Manifest
     from auto_quantize_model.pipeline import Artifacts
     from auto_quantize_model.specs import PipelineSpec
@@ -148,7 +148,7 @@ class RunRequest:
     ) -> RunRequest:
         """The request to run ``spec`` (from ``source``, with ``--set`` ``overrides``) into ``folder``:
         its sweep expanded into points, the ``pipeline.toml`` header written the one way."""
-        from auto_quantize_model.app.sweep import expand_sweep
+        from auto_quantize_model.app.sweep.points import expand_sweep
 
         return cls(
             spec,
@@ -296,7 +296,7 @@ class RunService:
         ``--force``) skips points recorded complete with the same settings and resumes an
         interrupted one from its saved search state, like a single run.
         """
-        from auto_quantize_model.app.sweep import reuse_order
+        from auto_quantize_model.app.sweep.points import reuse_order
 
         sweep = self._open_sweep(request, claim)
         attempted: list[Path] = []
@@ -381,7 +381,7 @@ class RunService:
         not: rank 0 writes it once from everyone's results). ``attempted`` collects the folders
         of the points that started, for the caller's failure bookkeeping.
         """
-        from auto_quantize_model.app.sweep import run_sweep
+        from auto_quantize_model.app.sweep.points import run_sweep
 
         session = self.sweep_session() if self.sweep_session is not None else None
         imported: list[float] = []
@@ -444,13 +444,13 @@ class RunService:
     # ------------------------------------------------------------- a sweep spread over torchrun's workers
 
     def _distributed(self, request: RunRequest, worker: Worker) -> int:
-        """This worker's share of a sweep started by torchrun (see :mod:`.distributed`).
+        """This worker's share of a sweep started by torchrun (see :mod:`.sweep.workers`).
 
         Every rank checks the points the same way, so a pre-flight problem is the same one line
         on every rank; rank 0's problems with the folder (busy, other settings) are sent to the
         others, who raise them too. The exit code is rank 0's, on every rank.
         """
-        from auto_quantize_model.app.distributed import point_problems
+        from auto_quantize_model.app.sweep.workers import point_problems
         from auto_quantize_model.errors import ConfigError
 
         if not request.is_sweep:
@@ -471,8 +471,8 @@ class RunService:
             group.close()
 
     def _as_worker(self, request: RunRequest, group: WorkerGroup, stack: contextlib.ExitStack) -> int:
-        from auto_quantize_model.app.distributed import assign_points
-        from auto_quantize_model.app.sweep import render_index, reuse_order
+        from auto_quantize_model.app.sweep.points import render_index, reuse_order
+        from auto_quantize_model.app.sweep.workers import assign_points
         from auto_quantize_model.errors import AqmError
 
         worker, folder = group.worker, request.folder
@@ -560,7 +560,7 @@ class RunService:
         A failed point keeps its ``pipeline.toml``, its ``run.json`` (``failed: <reason>``) and any
         search state, so the next run of the sweep resumes it.
         """
-        from auto_quantize_model.app.sweep import PointOutcome
+        from auto_quantize_model.app.sweep.points import PointOutcome
         from auto_quantize_model.io.pipeline_file import spec_to_toml
 
         spec = _point_spec(point, point_dir)
@@ -710,7 +710,7 @@ def _check_same_sweep(folder: Path, spec: PipelineSpec) -> None:
 def _finished_point(folder: Path, spec: PipelineSpec) -> PointOutcome | None:
     """The outcome of a point an earlier run finished with exactly ``spec``; None otherwise."""
     from auto_quantize_model.app.folders import MANIFEST_SUFFIX
-    from auto_quantize_model.app.sweep import PointOutcome
+    from auto_quantize_model.app.sweep.points import PointOutcome
     from auto_quantize_model.io.manifest_file import read_manifest
     from auto_quantize_model.io.pipeline_file import load_pipeline
 

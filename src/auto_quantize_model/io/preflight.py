@@ -1,7 +1,7 @@
 """Pre-flight: every check of a pipeline that needs no model, run before anything heavy.
 
 ``aqm run`` runs these before it imports torch, and ``aqm validate`` runs exactly the same ones
-(both through :func:`~auto_quantize_model.app.sweep.expand_sweep`), so validate never says OK to
+(both through :func:`~auto_quantize_model.app.sweep.points.expand_sweep`), so validate never says OK to
 what run would refuse in its first seconds. A typo costs a second, not a model load.
 
 What is checked here, beyond the ranges the spec classes check themselves:

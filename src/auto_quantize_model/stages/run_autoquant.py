@@ -36,7 +36,7 @@ from auto_quantize_model.backend.modelopt.plan import (
     plan_steps,
 )
 from auto_quantize_model.backend.modelopt.search import cuda_extension_built, run_search, search_data
-from auto_quantize_model.backend.modelopt.state import quantized_in_place, review_summary, scores_from_state
+from auto_quantize_model.backend.modelopt.state import quantized_in_place, review_search, scores_from_state
 from auto_quantize_model.errors import AqmError
 from auto_quantize_model.specs import AutoQuantSpec
 
@@ -92,17 +92,11 @@ class RunAutoQuant:
         kernels = pytorch_fake_quant() if spec.kernels == "pytorch" else contextlib.nullcontext()
         with kernels:
             outcome = run_search(search, lm, plan, data, steps, spec, checkpoint)
-        summary = scores_from_state(outcome.state, plan.name_map, plan.is_lm, outcome.raw)
-        review_summary(summary, spec.method, spec.allow_nonfinite, plan.other_weights)
-        log.info(
-            "AutoQuant: %d LM groups scored in %.1f s; effective bits %.3f (LM), %.3f (all costed weights)",
-            len(summary.groups),
-            outcome.seconds,
-            summary.effective_bits_lm,
-            summary.effective_bits_model,
-        )
-        scores = SensitivityScores(
-            **summary.scores_fields(),
+        reading = scores_from_state(
+            outcome.state,
+            plan.name_map,
+            plan.is_lm,
+            outcome.raw,
             formats=tuple(spec.formats),
             method=spec.method,
             scope=lm.scope,
@@ -115,6 +109,15 @@ class RunAutoQuant:
             calib_forward_steps=outcome.calib_forward_steps,
             score_forward_steps=outcome.score_forward_steps,
             warnings=steps.unmet,
+        )
+        review_search(reading, spec.allow_nonfinite, plan.other_weights)
+        scores = reading.scores
+        log.info(
+            "AutoQuant: %d LM groups scored in %.1f s; effective bits %.3f (LM), %.3f (all costed weights)",
+            len(scores.groups),
+            outcome.seconds,
+            scores.effective_bits_lm,
+            scores.effective_bits_model,
         )
         return scores, QuantSearch(model=lm.full_model, formats=tuple(spec.formats), method=spec.method)
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from auto_quantize_model.artifacts import FixedGroup, GroupScore, SensitivityScores
+from auto_quantize_model.artifacts import FixedGroup, GroupScore, Method, Scope, SensitivityScores
 from auto_quantize_model.core.bits import effective_bits
 from auto_quantize_model.core.scores import NO_QUANT, group_name, has_quantized_format, parse_label
 from auto_quantize_model.errors import AqmError
@@ -42,46 +42,24 @@ def _everything(name: str) -> bool:
 
 
 @attrs.frozen
-class StateSummary:
-    """ModelOpt's search state as plain numbers, split into the LM part and the whole."""
+class StateReading:
+    """The scores read from ModelOpt's search state, and what only :func:`review_search` needs.
 
-    groups: tuple[GroupScore, ...]
-    """LM groups that had at least one format to choose from, in ModelOpt's order."""
+    The scores are the artifact RunAutoQuant hands on; the other fields are facts about the
+    search that the review checks or logs and the manifest does not record.
+    """
+
+    scores: SensitivityScores
+    ran_method: str
+    """The method ModelOpt says it ran; ``scores.method`` is the one asked for."""
+    nonfinite: tuple[str, ...]
+    """LM groups with a NaN or infinite score for some format."""
     disabled: tuple[str, ...]
     """LM groups ModelOpt could only leave unquantized (``disabled_layers``); costed at 16 bits."""
     other: tuple[str, ...]
     """Groups outside the language model (vision), all of them costed too."""
-    effective_bits_lm: float
-    effective_bits_model: float
-    total_score: float
-    satisfied: bool
-    method: str
     lm_weights: float
     other_weights: float
-    nonfinite: tuple[str, ...]
-    """LM groups with a NaN or infinite score for some format."""
-    search_order: tuple[str, ...] = ()
-    """Every group (mapped names) in ``candidate_stats`` order: :attr:`groups` and
-    :attr:`fixed_groups`. Empty when a non-LM group had a format to choose (it could not be a
-    fixed row)."""
-    fixed_groups: tuple[FixedGroup, ...] = ()
-    """The groups with no format to choose (disabled LM layers, vision), with their weights."""
-
-    def scores_fields(self) -> dict[str, Any]:
-        """What :class:`SensitivityScores` takes from the search, by field name.
-
-        Fields named alike in both classes mean the same thing, so RunAutoQuant adds only what
-        the stage knows (formats, steps, timings) instead of copying every field by hand; a field
-        added to both is carried without touching the stage. ``method`` is left out: the scores
-        record the method asked for (a typed choice), which :func:`review_summary` has checked
-        ModelOpt ran.
-        """
-        wanted = {field.name for field in attrs.fields(SensitivityScores)} - {"method"}
-        return {
-            field.name: getattr(self, field.name)
-            for field in attrs.fields(StateSummary)
-            if field.name in wanted
-        }
 
 
 def scores_from_state(
@@ -89,16 +67,33 @@ def scores_from_state(
     name_map: Callable[[str], str] = _identity,
     is_lm: Callable[[str], bool] = _everything,
     raw_scores: Mapping[str, Mapping[str, float]] | None = None,
-) -> StateSummary:
-    """Convert ``mtq.auto_quantize``'s returned state into plain :class:`GroupScore` tuples.
+    *,
+    formats: tuple[str, ...],
+    method: Method,
+    scope: Scope,
+    effective_bits_target: float,
+    calib_steps: int,
+    score_steps: int,
+    score_samples: int,
+    autoquant_seconds: float,
+    state_path: str | None = None,
+    calib_forward_steps: int | None = None,
+    score_forward_steps: int | None = None,
+    warnings: tuple[str, ...] = (),
+) -> StateReading:
+    """Convert ``mtq.auto_quantize``'s returned state into :class:`SensitivityScores`.
+
+    The keyword arguments are what the state does not hold (the request, the step counts, the
+    timings) and go into the scores unchanged, so that the scores are built in one place, every
+    field named. ``method`` is the one asked for; :func:`review_search` checks that ModelOpt ran it.
 
     ``state["candidate_stats"]`` maps ``"<module>.quant_recipe"`` to ``formats`` (recipe objects
     whose ``str()`` is ``"NAME(effective-bits: B)"``), ``scores``, ``costs`` (weights x bits/16),
     ``module_names`` and, in 0.47, ``uncompressed_cost``; ``state["best"]`` holds the chosen
     ``recipe`` per key, ``constraints.effective_bits``, ``score`` and ``is_satisfied``.
     ``name_map`` turns the names ModelOpt saw into full-model names; ``is_lm`` (on mapped names)
-    says which groups belong to the language model: only those are returned as groups, but every
-    group counts toward the whole-model effective bits.
+    says which groups belong to the language model: only those become the scores' ``groups``, but
+    every group counts toward the whole-model effective bits.
 
     ``raw_scores`` (``"<module>.quant_recipe"`` -> format label -> score) replaces the scores of
     ``candidate_stats``, which ModelOpt clamps so that no format scores above a cheaper-or-equal
@@ -172,20 +167,35 @@ def scores_from_state(
     total = _number(score) if score is not None else math.nan
     if math.isinf(total) and not chosen:
         total = math.nan  # ModelOpt's "no search ran" default
-    return StateSummary(
+    sensitivity = SensitivityScores(
         groups=tuple(groups),
-        disabled=tuple(disabled),
-        other=tuple(other),
+        formats=formats,
+        method=method,
+        scope=scope,
+        effective_bits_target=effective_bits_target,
         effective_bits_lm=effective_bits(lm_cost, lm_weights) if lm_weights else math.nan,
         effective_bits_model=bits_model,
         total_score=total,
         satisfied=bool(best.get("is_satisfied", False)),
-        method=str(state.get("method", "")),
-        lm_weights=lm_weights,
-        other_weights=all_weights - lm_weights,
-        nonfinite=tuple(nonfinite),
+        calib_steps=calib_steps,
+        score_steps=score_steps,
+        score_samples=score_samples,
+        autoquant_seconds=autoquant_seconds,
+        state_path=state_path,
+        calib_forward_steps=calib_forward_steps,
+        score_forward_steps=score_forward_steps,
+        warnings=warnings,
         search_order=tuple(order) if order_known else (),
         fixed_groups=tuple(fixed) if order_known else (),
+    )
+    return StateReading(
+        scores=sensitivity,
+        ran_method=str(state.get("method", "")),
+        nonfinite=tuple(nonfinite),
+        disabled=tuple(disabled),
+        other=tuple(other),
+        lm_weights=lm_weights,
+        other_weights=all_weights - lm_weights,
     )
 
 
@@ -221,20 +231,21 @@ def quantized_in_place(model: nn.Module) -> bool:
     return any(isinstance(module, TensorQuantizer) for module in model.modules())
 
 
-def review_summary(summary: StateSummary, method: str, allow_nonfinite: bool, other_weights: int) -> None:
+def review_search(reading: StateReading, allow_nonfinite: bool, other_weights: int) -> None:
     """Refuse a result that is not what was asked for; log what is merely imperfect."""
-    if summary.method != method:
-        raise AqmError(f"ModelOpt ran method {summary.method!r}, asked for {method!r}")
-    if summary.nonfinite:
+    asked = reading.scores.method
+    if reading.ran_method != asked:
+        raise AqmError(f"ModelOpt ran method {reading.ran_method!r}, asked for {asked!r}")
+    if reading.nonfinite:
         if not allow_nonfinite:
-            raise AqmError(nonfinite_message(summary.nonfinite))
-        log.warning("%s (kept: allow_nonfinite)", nonfinite_message(summary.nonfinite).split(";")[0])
-    if other_weights and abs(summary.other_weights - other_weights) > 0.5:
+            raise AqmError(nonfinite_message(reading.nonfinite))
+        log.warning("%s (kept: allow_nonfinite)", nonfinite_message(reading.nonfinite).split(";")[0])
+    if other_weights and abs(reading.other_weights - other_weights) > 0.5:
         log.warning(
             "AutoQuant costed %d non-LM weights, %d were expected: the LM effective bits may miss the "
             "target slightly",
-            int(summary.other_weights),
+            int(reading.other_weights),
             other_weights,
         )
-    if not summary.satisfied:
+    if not reading.scores.satisfied:
         log.warning("AutoQuant found no choice meeting the effective-bits constraint")

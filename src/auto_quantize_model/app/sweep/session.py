@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Literal
 
 import attrs
 
-from auto_quantize_model.app.sweep import SearchKey, calib_key, model_key, search_key
+from auto_quantize_model.app.sweep.points import SearchKey, calib_key, model_key, search_key
 from auto_quantize_model.errors import AqmError, StageError
 
 if TYPE_CHECKING:

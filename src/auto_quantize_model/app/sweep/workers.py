@@ -53,11 +53,11 @@ manifests record ``cuda`` the same way on every worker. ``cuda:N`` with N > 0 an
 model (``model.device_map``) are refused before anything runs: a worker has one GPU.
 
 **Points.** :func:`assign_points` gives each worker a contiguous run of the sweep's
-:func:`~auto_quantize_model.app.sweep.reuse_order`, cut only between searches (points that differ
+:func:`~auto_quantize_model.app.sweep.points.reuse_order`, cut only between searches (points that differ
 only in their budget stay together, so the re-solve finds the saved scores in its worker) and
 balanced by the number of points still to run. Contiguous runs keep points that share a model
 and calibration on as few workers as possible: each worker loads a model once and copies it per
-point (:mod:`.sweep_runner`).
+point (:mod:`.session`).
 
 **Folders.** Rank 0 takes the sweep folder's lock, decides fresh, resume or refuse, and writes the
 sweep's ``pipeline.toml``, ``run.json`` and, at the end, ``sweep-index.md`` from every worker's
@@ -89,7 +89,7 @@ from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.io.convert import JSON_CONVERTER, json_problems, project, to_strict_json_value
 
 if TYPE_CHECKING:
-    from auto_quantize_model.app.sweep import PointResult, SweepPoint
+    from auto_quantize_model.app.sweep.points import PointResult, SweepPoint
 
 log = logging.getLogger(PACKAGE_LOGGER)
 
@@ -220,7 +220,7 @@ def assign_points(
     finished set give the same assignment on every host. With nothing to run, points count one
     each (a worker only reads finished ones back).
     """
-    from auto_quantize_model.app.sweep import search_key
+    from auto_quantize_model.app.sweep.points import search_key
 
     searches: list[list[int]] = []
     for index, point in enumerate(points):
@@ -413,7 +413,7 @@ class Problem:
 
 @attrs.frozen
 class PointReport:
-    """A :class:`~auto_quantize_model.app.sweep.PointResult` on the wire: the point is named by its
+    """A :class:`~auto_quantize_model.app.sweep.points.PointResult` on the wire: the point is named by its
     folder, since rank 0 holds every point's spec already and need not take one from the store."""
 
     folder: str
@@ -677,7 +677,7 @@ class WorkerGroup:
     ) -> list[tuple[tuple[PointResult, ...], tuple[str, ...]]]:
         """Every worker's results and notes, by rank, each result joined again to its point
         (of ``points``, the whole sweep); a result for no point of the sweep is refused."""
-        from auto_quantize_model.app.sweep import PointResult
+        from auto_quantize_model.app.sweep.points import PointResult
 
         report = WorkerReport(tuple(point_report(result) for result in results), tuple(notes))
         reports = self.gather(report, WorkerReport)

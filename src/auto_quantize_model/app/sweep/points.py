@@ -5,7 +5,7 @@ third value of a list fails the sweep in a second instead of after two hours of 
 Once running, a failing point is recorded in ``sweep-index.md`` and the sweep goes on: on a
 shared GPU, one out-of-memory setting should not throw away the others.
 
-What points share is done once (:mod:`auto_quantize_model.app.sweep_runner`): the keys below say
+What points share is done once (:mod:`auto_quantize_model.app.sweep.session`): the keys below say
 what a point's model, calibration batches and AutoQuant search depend on, and
 :func:`reuse_order` runs the points that share them back to back.
 """
@@ -120,7 +120,7 @@ def search_key(spec: PipelineSpec) -> SearchKey:
 
 
 class PointSession(Protocol):
-    """Runs a sweep's points, doing once what they share (:class:`~.sweep_runner.SweepSession`)."""
+    """Runs a sweep's points, doing once what they share (:class:`~.session.SweepSession`)."""
 
     def __call__(self, spec: PipelineSpec, folder: Path) -> Artifacts:
         """Run one point's spec (pointed at its folder's search state) into its folder."""

@@ -1,0 +1,6 @@
+"""Sweeps: one pipeline file, many runs.
+
+:mod:`.points` expands a ``[sweep]`` table into checked points, runs them and writes the index;
+:mod:`.session` runs them on copies of one loaded model, sharing calibration and searches;
+:mod:`.workers` spreads them over ``torchrun`` workers that talk through the rendezvous store.
+"""
