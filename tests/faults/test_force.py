@@ -152,3 +152,20 @@ def test_run_force_after_a_kill_removes_the_half_search_so_nothing_resumes_from_
     (out / "run.json").write_text(json.dumps(record), "utf-8")
     assert run_into(out, "--force", "--set", 'manifest.scheme="other"') == 0
     assert (out / "autoquant_search_state.pt").read_text("utf-8") == "other"
+
+
+@pytest.mark.parametrize("text", ['{"status": "complete", "started_at": 5}', '{"status": "runn', "\xff\xfe"])
+def test_a_corrupt_run_json_is_named_by_resume_and_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    out = tmp_path / "out"
+    assert run_into(out) == 0
+    (out / "run.json").write_bytes(text.encode("latin-1"))
+    before = tree(out)
+    capsys.readouterr()
+    assert cli.main(["resume", str(out)], service=service()) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"{out / 'run.json'} is not a" in line
+    assert "not a run folder" not in line
+    assert run_into(out, "--force") == 2  # nothing there is known to be aqm's without its record
+    assert tree(out) == before
