@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from auto_quantize_model.artifacts import GroupScore, SensitivityScores, ValidationReport
-from auto_quantize_model.io.manifest import SCHEMA_VERSION, Manifest, ModelInfo, RankedGroup, SchemeInfo
+from auto_quantize_model.io.manifest import SCHEMA_VERSION
+from auto_quantize_model.manifest_records import Manifest, ModelInfo, RankedGroup, SchemeInfo
 
 if TYPE_CHECKING:
     from transformers import Qwen3VLForConditionalGeneration

@@ -29,7 +29,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Integration tests load it back through ``from_pretrained`` so they exercise the same path as
     a real checkpoint directory. Do not write into it: it is shared by the whole session.
     """
-    from auto_quantize_model.backend.models import TINY_QWEN3_VL, build_builtin
+    from auto_quantize_model.backend.models import build_builtin
+    from auto_quantize_model.sources import TINY_QWEN3_VL
 
     directory = tmp_path_factory.mktemp("tiny-qwen3-vl")
     loaded = build_builtin(TINY_QWEN3_VL, seed=TINY_SEED, dtype="float32", device="cpu")
@@ -42,7 +43,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tiny_loaded() -> LoadedModel:
     """A fresh in-memory ``builtin:tiny-qwen3-vl`` (CPU, fp32); fresh per test since stages mutate it."""
-    from auto_quantize_model.backend.models import TINY_QWEN3_VL, build_builtin
+    from auto_quantize_model.backend.models import build_builtin
+    from auto_quantize_model.sources import TINY_QWEN3_VL
 
     return build_builtin(TINY_QWEN3_VL, seed=TINY_SEED, dtype="float32", device="cpu")
 

@@ -11,7 +11,8 @@ from typing import Any
 import attrs
 import pytest
 
-from auto_quantize_model.bench.command import add_bench_arguments, build_parser, main, settings_from_args
+from auto_quantize_model.app.cli import main
+from auto_quantize_model.bench.command import add_bench_arguments, build_parser, settings_from_args
 from auto_quantize_model.bench.harness import (
     BuildReferenceCalib,
     builds_extensions,
@@ -473,6 +474,7 @@ def test_main_runs_every_layout_on_the_tiny_model(tmp_path: Path, capsys: pytest
     out = tmp_path / "bench.json"
     code = main(
         [
+            "bench",
             "--device",
             "cpu",
             "--max-samples",

@@ -20,8 +20,8 @@ from auto_quantize_model.app.defaults import import_libraries
 from auto_quantize_model.app.run_service import RunService
 from auto_quantize_model.artifacts import ReportPaths
 from auto_quantize_model.errors import InputError, StageError
-from auto_quantize_model.io.manifest import Manifest, ModelInfo
 from auto_quantize_model.io.pipeline_file import load_pipeline, spec_from_dict
+from auto_quantize_model.manifest_records import Manifest, ModelInfo
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import PipelineSpec
 from builders import INT8, descending, manifest

@@ -8,16 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from auto_quantize_model.core.diff import (
-    RankMove,
-    TopKOverlap,
-    diff_manifests,
-    diff_paths,
-    render_diff_markdown,
-    resolve_manifest_path,
-)
+from auto_quantize_model.app.diff import diff_paths, resolve_manifest_path
+from auto_quantize_model.core.diff import RankMove, TopKOverlap, diff_manifests, render_diff_markdown
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.io.manifest import Manifest
+from auto_quantize_model.manifest_records import Manifest
 from builders import manifest
 
 SEEDS = Path(__file__).resolve().parent / "data" / "seed-manifests"

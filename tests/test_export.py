@@ -466,7 +466,8 @@ def test_written_files_are_accepted_by_modelopt_and_quantize_the_chosen_layers(t
     import modelopt.torch.quantization as mtq
 
     from auto_quantize_model.backend.modelopt import export as ex
-    from auto_quantize_model.backend.models import TINY_QWEN3_VL, build_builtin
+    from auto_quantize_model.backend.models import build_builtin
+    from auto_quantize_model.sources import TINY_QWEN3_VL
 
     model = build_builtin(TINY_QWEN3_VL, seed=0, dtype="float32", device="cpu").model
     choices = layer_choices(INT8, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "wfp8-pc_afp8-token")
@@ -506,10 +507,11 @@ def tiny_export(
     from auto_quantize_model.backend.lm_forward import as_tensors, calibration_step_for
     from auto_quantize_model.backend.locate import extract_language_model
     from auto_quantize_model.backend.modelopt import export as ex
-    from auto_quantize_model.backend.models import TINY_QWEN3_VL, build_builtin
+    from auto_quantize_model.backend.models import build_builtin
     from auto_quantize_model.core.batching import encode, holdout_columns, scorable
     from auto_quantize_model.core.captions import read_caption_file
     from auto_quantize_model.data import builtin_captions_path
+    from auto_quantize_model.sources import TINY_QWEN3_VL
     from auto_quantize_model.specs import ExtractSpec
 
     loaded = build_builtin(TINY_QWEN3_VL, seed=0, dtype=dtype, device=device)  # type: ignore[arg-type]
@@ -625,7 +627,8 @@ def test_a_bfloat16_export_reads_back_within_the_16_bit_tolerance(tmp_path: Path
 @pytest.mark.slow
 def test_export_refuses_a_used_folder_and_a_quantized_model(tmp_path: Path) -> None:
     from auto_quantize_model.backend.modelopt import export as ex
-    from auto_quantize_model.backend.models import TINY_QWEN3_VL, build_builtin
+    from auto_quantize_model.backend.models import build_builtin
+    from auto_quantize_model.sources import TINY_QWEN3_VL
 
     loaded = build_builtin(TINY_QWEN3_VL, seed=0, dtype="float32", device="cpu")
     config = ex.prepare_export(layer_choices(INT8, INT8, "NONE"))

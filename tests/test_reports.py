@@ -33,14 +33,12 @@ from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.io.atomic import atomic_copy, atomic_write_bytes, atomic_write_text
 from auto_quantize_model.io.manifest import (
     SCHEMA_VERSION,
-    DatasetInfo,
-    Manifest,
-    ModelInfo,
     manifest_from_dict,
     manifest_to_dict,
     manifest_to_json,
 )
 from auto_quantize_model.io.manifest_file import read_manifest
+from auto_quantize_model.manifest_records import DatasetInfo, Manifest, ModelInfo
 from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.render.reports import (
     LAYER_JSON,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from auto_quantize_model.backend import lm_forward
-from auto_quantize_model.backend.models import TINY_QWEN3_VL, load
+from auto_quantize_model.backend.models import load
 from auto_quantize_model.backend.sharding import (
     initialize,
     layers_per_device,
@@ -36,6 +36,7 @@ from auto_quantize_model.backend.sharding import (
 )
 from auto_quantize_model.errors import ConfigError
 from auto_quantize_model.io.pipeline_file import load_pipeline, spec_from_dict, spec_to_toml
+from auto_quantize_model.sources import TINY_QWEN3_VL
 from auto_quantize_model.specs import LoadSpec, SpecError, size_bytes
 from builders import comparable_manifest
 

@@ -43,8 +43,9 @@ from auto_quantize_model.app.sweep.session import (
 )
 from auto_quantize_model.artifacts import ReportPaths
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
-from auto_quantize_model.io.manifest import Manifest, ModelInfo, manifest_to_json
+from auto_quantize_model.io.manifest import manifest_to_json
 from auto_quantize_model.io.pipeline_file import spec_from_dict
+from auto_quantize_model.manifest_records import Manifest, ModelInfo
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import PipelineSpec
 from builders import INT8, descending, manifest

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
         ValidationReport,
     )
     from auto_quantize_model.errors import AqmError
-    from auto_quantize_model.io.manifest import Manifest
     from auto_quantize_model.io.manifest_file import read_manifest
+    from auto_quantize_model.manifest_records import Manifest
     from auto_quantize_model.pipeline import Artifacts, Pipeline, Stage
     from auto_quantize_model.specs import (
         AutoQuantSpec,
@@ -79,7 +79,7 @@ _EXPORTS = {
     "ExportedMix": "artifacts",
     "RunTimings": "artifacts",
     "ReportPaths": "artifacts",
-    "Manifest": "io.manifest",
+    "Manifest": "manifest_records",
     "AqmError": "errors",
 }
 """Public names other than the stage classes -> their module; the stages come from the registry."""

@@ -28,14 +28,13 @@ from auto_quantize_model.artifacts import FixedGroup, GroupScore, StageTiming
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.convert import dumps_json
 from auto_quantize_model.io.manifest import (
-    DatasetInfo,
-    Manifest,
     check_manifest,
     manifest_from_dict,
     manifest_problems,
     manifest_to_dict,
 )
 from auto_quantize_model.io.manifest_file import read_manifest
+from auto_quantize_model.manifest_records import DatasetInfo, Manifest
 from auto_quantize_model.render.reports import health_markdown, regenerate_reports
 from auto_quantize_model.specs import ManifestSpec
 from auto_quantize_model.stages.build_manifest import build_manifest

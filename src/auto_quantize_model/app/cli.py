@@ -196,7 +196,7 @@ def _count(minimum: int) -> Callable[[str], int]:
 
 
 def cmd_diff(args: argparse.Namespace, service: RunService) -> int:
-    from auto_quantize_model.core.diff import diff_paths
+    from auto_quantize_model.app.diff import diff_paths
 
     text = diff_paths(Path(args.a), Path(args.b))
     if args.output:

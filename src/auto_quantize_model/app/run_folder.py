@@ -30,7 +30,7 @@ from auto_quantize_model.errors import InputError
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import BudgetFrontier
-    from auto_quantize_model.io.manifest import Manifest
+    from auto_quantize_model.manifest_records import Manifest
     from auto_quantize_model.specs import FrontierSpec, PipelineSpec
 
 log = logging.getLogger(PACKAGE_LOGGER)

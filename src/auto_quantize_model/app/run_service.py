@@ -94,7 +94,7 @@ if TYPE_CHECKING:
     from auto_quantize_model.app.frontier import FrontierMeasurer
     from auto_quantize_model.app.sweep.points import PointOutcome, PointResult, PointSession, SweepPoint
     from auto_quantize_model.app.sweep.workers import Worker, WorkerGroup
-    from auto_quantize_model.io.manifest import Manifest
+    from auto_quantize_model.manifest_records import Manifest
     from auto_quantize_model.pipeline import Artifacts
     from auto_quantize_model.specs import PipelineSpec
 
@@ -756,7 +756,7 @@ def _report_files(store: Artifacts) -> list[Path]:
 
 
 def _manifest_of(store: Artifacts) -> Manifest | None:
-    from auto_quantize_model.io.manifest import Manifest
+    from auto_quantize_model.manifest_records import Manifest
 
     return store.find(Manifest)
 

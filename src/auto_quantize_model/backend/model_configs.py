@@ -37,15 +37,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
+from auto_quantize_model.sources import QWEN3_VL_4B, QWEN3_VL_8B, QWEN3_VL_30B_A3B, QWEN3_VL_32B
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 Family = Literal["qwen3_vl", "qwen3_vl_moe"]
-
-QWEN3_VL_4B = "config:qwen3-vl-4b"
-QWEN3_VL_8B = "config:qwen3-vl-8b"
-QWEN3_VL_32B = "config:qwen3-vl-32b"
-QWEN3_VL_30B_A3B = "config:qwen3-vl-30b-a3b"
 
 # Shared by every Qwen3-VL size: transformers' Qwen3VLConfig / Qwen3VLMoeConfig defaults, and
 # the same ids in every published config.json.

@@ -34,10 +34,6 @@ from auto_quantize_model.backend.devices import resolve_device, resolve_dtype
 from auto_quantize_model.backend.gguf import load_gguf
 from auto_quantize_model.backend.model_configs import (
     ARCHITECTURES,
-    QWEN3_VL_4B,
-    QWEN3_VL_8B,
-    QWEN3_VL_30B_A3B,
-    QWEN3_VL_32B,
     TINY_VISION,
     tiny_moe_text,
     transformers_config,
@@ -53,6 +49,14 @@ from auto_quantize_model.backend.sharding import (
 from auto_quantize_model.data import tiny_tokenizer_dir
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.hf_config import read_config_json, supported_model_type
+from auto_quantize_model.sources import (
+    BUILTIN_SOURCES,
+    QWEN3_VL_4B,
+    TINY_QWEN3_VL,
+    TINY_QWEN3_VL_MOE,
+    TINY_SOURCES,
+    TOKENIZER_FILES,
+)
 from auto_quantize_model.specs import Dtype, LoadSpec
 
 if TYPE_CHECKING:
@@ -62,19 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TINY_QWEN3_VL = "builtin:tiny-qwen3-vl"
-TINY_QWEN3_VL_MOE = "builtin:tiny-qwen3-vl-moe"
-TINY_SOURCES = (TINY_QWEN3_VL, TINY_QWEN3_VL_MOE)
-BUILTIN_SOURCES = (*TINY_SOURCES, *ARCHITECTURES)
-"""Every name :func:`build_builtin` accepts: the tiny models, then the ``config:`` architectures."""
 __all__ = [
-    "BUILTIN_SOURCES",
-    "QWEN3_VL_4B",
-    "QWEN3_VL_8B",
-    "QWEN3_VL_30B_A3B",
-    "QWEN3_VL_32B",
-    "TINY_QWEN3_VL",
-    "TINY_QWEN3_VL_MOE",
     "build_builtin",
     "build_placed_builtin",
     "builtin_config",
@@ -86,9 +78,6 @@ __all__ = [
     "tiny_qwen3_vl_config",
     "tiny_qwen3_vl_moe_config",
 ]
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-"""Any one of these marks a directory that ``AutoTokenizer`` can load."""
 
 
 def config_source_config(name: str) -> PretrainedConfig:

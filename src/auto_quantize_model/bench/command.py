@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from auto_quantize_model.bench.settings import (
     parse_scaling_item,
 )
 from auto_quantize_model.core.captions import BUILTIN
-from auto_quantize_model.errors import AqmError, ConfigError
+from auto_quantize_model.errors import ConfigError
 from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, LoadSpec
 
 DESCRIPTION = (
@@ -149,16 +148,3 @@ def run_bench_command(args: argparse.Namespace) -> int:
         sys.stdout.write(f"\nnumbers written to {args.json}\n")
     sys.stdout.flush()
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``aqm bench`` parsed on its own: what ``aqm`` calls until it registers the flags itself."""
-    from auto_quantize_model.app.logs import configure_logging
-
-    args = build_parser().parse_args(argv)
-    configure_logging()
-    try:
-        return run_bench_command(args)
-    except AqmError as err:
-        print(f"aqm bench: error: {err}", file=sys.stderr)
-        return err.exit_code

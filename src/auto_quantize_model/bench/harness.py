@@ -277,7 +277,7 @@ def _continue(stages: Sequence[Stage], store: Artifacts | None = None) -> Artifa
 
 def run_layout(s: BenchSettings, layout: str, calib: CalibSpec, score_size: int) -> LayoutRun:
     """Load afresh, build ``layout``'s batches, AutoQuant, rank; the model is freed on return."""
-    from auto_quantize_model.io.manifest import Manifest
+    from auto_quantize_model.manifest_records import Manifest
     from auto_quantize_model.stages.build_manifest import BuildManifest
     from auto_quantize_model.stages.extract_lm import ExtractLM
     from auto_quantize_model.stages.load_model import LoadModel
@@ -497,11 +497,3 @@ def run_bench(s: BenchSettings) -> BenchReport:
         scaling=tuple(points),
         weight_checksums=tuple(dict.fromkeys(checksums)),
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``aqm bench ARGV`` parsed on its own, for a CLI that does not yet register the bench flags
-    on its subparser (:func:`~auto_quantize_model.bench.command.add_bench_arguments`)."""
-    from auto_quantize_model.bench.command import main as command_main
-
-    return command_main(argv)

@@ -16,25 +16,24 @@ Choices, and why:
   shift every rank below it. Groups found in one run only are listed apart.
 * **Correlations** are computed on the importances (Spearman with average ranks for ties,
   Kendall τ-b), not on the manifest's tie-broken ranks. A NaN importance makes them NaN.
+
+Pure: finding and reading the two manifests is :mod:`auto_quantize_model.app.diff`'s job.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import attrs
 
 from auto_quantize_model.core.scores import coefficient_text, group_name, has_quantized_format
 from auto_quantize_model.core.stats import kendall_tau_b, spearman, top_k_shared
-from auto_quantize_model.errors import InputError
 
 if TYPE_CHECKING:
-    from auto_quantize_model.io.manifest import Manifest, RankedGroup
+    from auto_quantize_model.manifest_records import Manifest, RankedGroup
 
-MANIFEST_GLOB = "*_quant_manifest.json"
 LISTED_ONLY = 20
 """Groups present in one run only, listed by name in Markdown before the list is cut."""
 
@@ -199,38 +198,3 @@ def render_diff_markdown(diff: ManifestDiff, label_a: str, label_b: str, level: 
     lines += _only_section(f"Only in {label_a}", diff.only_a)
     lines += _only_section(f"Only in {label_b}", diff.only_b)
     return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def resolve_manifest_path(path: Path) -> Path:
-    """A manifest file as given, or the single ``*_quant_manifest.json`` inside a run folder."""
-    if path.is_file():
-        return path
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder (expected a run folder or a manifest JSON)")
-    found = sorted(path.glob(MANIFEST_GLOB))
-    if not found:
-        raise InputError(f"{path}: no {MANIFEST_GLOB} in this folder; pass the manifest file itself")
-    if len(found) > 1:
-        names = ", ".join(p.name for p in found)
-        raise InputError(f"{path}: several manifests ({names}); pass the one to compare")
-    return found[0]
-
-
-def _label(manifest: Manifest, path: Path) -> str:
-    return manifest.scheme.name or path.stem.removesuffix("_quant_manifest")
-
-
-def diff_paths(a: Path, b: Path, ks: Sequence[int] = (10, 25, 50), moved: int = 15, level: int = 2) -> str:
-    """``aqm diff``: read two manifests (run folders or files) and return the diff as Markdown.
-
-    Runs are labelled by scheme name; when both share one, by file path instead.
-    """
-    from auto_quantize_model.io.manifest_file import read_manifest
-
-    path_a, path_b = resolve_manifest_path(a), resolve_manifest_path(b)
-    manifest_a, manifest_b = read_manifest(path_a), read_manifest(path_b)
-    label_a, label_b = _label(manifest_a, path_a), _label(manifest_b, path_b)
-    if label_a == label_b:
-        label_a, label_b = str(path_a), str(path_b)
-    diff = diff_manifests(manifest_a, manifest_b, ks=ks, moved=moved)
-    return render_diff_markdown(diff, label_a, label_b, level=level)

@@ -20,10 +20,9 @@ import math
 from collections.abc import Sequence
 from typing import Protocol
 
-import attrs
-
 from auto_quantize_model.core.scores import is_none_format, rank_order
 from auto_quantize_model.core.stats import spearman
+from auto_quantize_model.manifest_records import FormatAgreement, FormatPair, FormatTop, SharedGroup
 
 TOP_SHARE = 0.10
 """The top-k of each format is this share of the scored groups ..."""
@@ -42,59 +41,6 @@ class ScoredGroup(Protocol):
 
     @property
     def scores(self) -> tuple[float, ...]: ...
-
-
-@attrs.frozen
-class FormatTop:
-    """The top-k groups under one format, most sensitive first."""
-
-    format: str
-    groups: tuple[str, ...]
-    scored: int
-    """Groups scored under this format (the ranking's length)."""
-
-
-@attrs.frozen
-class SharedGroup:
-    """A group in the top-k of some formats but not of all."""
-
-    name: str
-    formats: tuple[str, ...]
-    """The formats whose top-k it is in, in the run's format order."""
-    best_rank: int
-    """Its best place in any of those lists (1 = the most sensitive group of that format)."""
-
-
-@attrs.frozen
-class FormatPair:
-    """How two formats' rankings agree."""
-
-    first: str
-    second: str
-    shared_top: int
-    """Groups in both top-k lists."""
-    spearman: float
-    """Rank correlation of the two formats' scores over the groups scored (finitely) under both;
-    NaN with fewer than two such groups or a constant score."""
-
-
-@attrs.frozen
-class FormatAgreement:
-    """The top-k of each format and what the lists share; only for runs of two or more formats."""
-
-    k: int
-    formats: tuple[str, ...]
-    """The quantized formats compared, in the run's order."""
-    top: tuple[FormatTop, ...]
-    every: tuple[str, ...]
-    """Groups in the top-k of every format, by their mean place in those lists."""
-    some: tuple[SharedGroup, ...]
-    """Groups in the top-k of at least one format but not all: most formats first, then best rank."""
-    pairs: tuple[FormatPair, ...]
-
-    def unique_to(self, name: str) -> tuple[str, ...]:
-        """Groups in the top-k of format ``name`` and of no other."""
-        return tuple(group.name for group in self.some if group.formats == (name,))
 
 
 def default_k(groups: int) -> int:

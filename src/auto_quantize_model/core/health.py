@@ -37,7 +37,7 @@ LISTED_NAMES = 8
 
 
 class ScoredGroup(Protocol):
-    """What the checks read; both :class:`~auto_quantize_model.io.manifest.RankedGroup` and
+    """What the checks read; both :class:`~auto_quantize_model.manifest_records.RankedGroup` and
     :class:`~auto_quantize_model.artifacts.GroupScore` fit, so health runs before ranking too."""
 
     @property

@@ -20,8 +20,7 @@ from auto_quantize_model.core.scores import (
     rank_order,
 )
 from auto_quantize_model.errors import AqmError, ConfigError
-from auto_quantize_model.io.convert import project
-from auto_quantize_model.io.manifest import RankedGroup
+from auto_quantize_model.manifest_records import RankedGroup
 from auto_quantize_model.specs import scheme_name_problem
 
 
@@ -40,7 +39,7 @@ def rank_groups(groups: Sequence[GroupScore]) -> tuple[RankedGroup, ...]:
             )
     values = [importance(g.formats, g.scores) for g in groups]
     ranked = [
-        project(groups[position], RankedGroup, rank=rank, importance=values[position])
+        RankedGroup.from_score(groups[position], rank=rank, importance=values[position])
         for rank, position in enumerate(rank_order(values), start=1)
     ]
     return tuple(ranked)

@@ -29,7 +29,8 @@ from auto_quantize_model.core.ranking import rank_groups
 from auto_quantize_model.core.scores import group_name, parse_label
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.convert import JSON_CONVERTER, json_problems, open_schema
-from auto_quantize_model.io.manifest import SCHEMA_VERSION, DatasetInfo, Manifest, ModelInfo, SchemeInfo
+from auto_quantize_model.io.manifest import SCHEMA_VERSION
+from auto_quantize_model.manifest_records import DatasetInfo, Manifest, ModelInfo, SchemeInfo
 
 LEGACY_LAYOUT = "padded"
 """The previous tool padded every caption to the sequence length."""

@@ -5,11 +5,15 @@ The manifest is plain data so ``aqm report`` and ``aqm diff`` never need torch.
 Manifests converted from the previous tool (``origin == "legacy"``) lack some facts: numbers it
 never recorded are None, names it never recorded are ``""`` (reports print ``n/a`` for both).
 
-The records here are the file's schema. Where an artifact carries the same facts
-(:class:`~auto_quantize_model.artifacts.CalibStats` -> :class:`DatasetInfo`,
-:class:`~auto_quantize_model.artifacts.SensitivityScores` -> :class:`SchemeInfo`, ...), the
-manifest record is made from it by :func:`~auto_quantize_model.io.convert.project`, field by
-name; stage timings and validation results are the artifacts themselves.
+The file's schema is the records of :mod:`auto_quantize_model.manifest_records` (nouns, so
+that pure code can name them without this reader); this module turns them into JSON and back and
+refuses what no run can write. Where an artifact carries the same facts
+(:class:`~auto_quantize_model.artifacts.CalibStats` ->
+:class:`~auto_quantize_model.manifest_records.DatasetInfo`,
+:class:`~auto_quantize_model.artifacts.SensitivityScores` ->
+:class:`~auto_quantize_model.manifest_records.SchemeInfo`, ...), the manifest record is made from
+it by :func:`~auto_quantize_model.io.convert.project`, field by name; stage timings and
+validation results are the artifacts themselves.
 """
 
 from __future__ import annotations
@@ -25,12 +29,11 @@ from typing import Any
 import attrs
 import cattrs
 
-from auto_quantize_model.artifacts import FixedGroup, FrontierSummary, StageTiming, ValidationReport
-from auto_quantize_model.core.format_agreement import FormatAgreement
 from auto_quantize_model.core.noise import random_weights_notice
 from auto_quantize_model.core.scores import importance
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.convert import JSON_CONVERTER, dumps_json, json_problems, to_strict_json_value
+from auto_quantize_model.manifest_records import DatasetInfo, Manifest, RankedGroup, SchemeInfo
 
 SCHEMA_VERSION = 1
 """Bumped whenever a field changes meaning; readers refuse versions they do not know."""
@@ -42,93 +45,6 @@ VERSIONED_DISTRIBUTIONS: tuple[tuple[str, str], ...] = (
     ("auto_quantize_model", "auto-quantize-model"),
 )
 """(name in files, distribution) of the packages that shape the numbers."""
-
-
-@attrs.frozen
-class SchemeInfo:
-    name: str
-    formats: tuple[str, ...]
-    method: str
-    scope: str
-    effective_bits_target: float
-    effective_bits_lm: float | None
-    effective_bits_model: float
-    total_score: float
-    satisfied: bool
-    score_samples: int
-    calib_steps: int | None
-    score_steps: int | None
-
-
-@attrs.frozen
-class ModelInfo:
-    source: str
-    architecture: str
-    dtype: str
-    device: str
-    devices: str = ""
-    """Which modules went to which device when a ``device_map`` spread the model; else empty."""
-
-
-@attrs.frozen
-class DatasetInfo:
-    captions_path: str
-    captions_sha256: str | None
-    layout: str
-    seq_len: int
-    batch_size: int
-    max_samples: int
-    samples: int
-    real_tokens: int | None
-    total_tokens: int
-    batches: int
-
-
-@attrs.frozen
-class RankedGroup:
-    """One recipe group with its scores and its place in the ranking."""
-
-    name: str
-    """Module path of the group (ModelOpt's ``.quant_recipe`` suffix stripped)."""
-    rank: int
-    importance: float
-    """Max score over the group's quantized (non-NONE) formats: the damage of the worst choice."""
-    best_format: str
-    """The format the effective-bits search picked; ``""`` when unknown (legacy manifests)."""
-    module_names: tuple[str, ...]
-    formats: tuple[str, ...]
-    bits: tuple[float, ...]
-    scores: tuple[float, ...]
-    costs: tuple[float, ...]
-
-
-@attrs.frozen
-class Manifest:
-    schema_version: int
-    scheme: SchemeInfo
-    model: ModelInfo
-    dataset: DatasetInfo | None
-    groups: tuple[RankedGroup, ...]
-    """Sorted by rank (most sensitive first)."""
-    timings: tuple[StageTiming, ...] = ()
-    created_at: str = ""
-    versions: tuple[tuple[str, str], ...] = ()
-    validation: ValidationReport | None = None
-    origin: str = "aqm"
-    """``aqm`` for our runs, ``legacy`` for manifests of the previous script-based tool."""
-    warnings: tuple[str, ...] = ()
-    """Settings that could not be honoured as written and notes on figures that could not be
-    measured, one sentence each (the report shows them first). Left out of the file when empty."""
-    search_order: tuple[str, ...] = ()
-    """Every recipe group of ModelOpt's search in its order (scored and fixed groups), so that
-    ``aqm frontier`` re-solves it exactly from the manifest alone. Left out of the file when empty."""
-    fixed_groups: tuple[FixedGroup, ...] = ()
-    """Groups of the search with no format to choose, with their weights. Left out when empty."""
-    frontier: FrontierSummary | None = None
-    """The budget frontier of a pipeline with a ``[frontier]`` table. Left out when absent."""
-    format_agreement: FormatAgreement | None = None
-    """For runs of two or more formats: each format's top-k groups and which are sensitive under
-    every format vs only some. Left out when absent."""
 
 
 def installed_versions() -> tuple[tuple[str, str], ...]:

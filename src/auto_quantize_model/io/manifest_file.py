@@ -16,7 +16,8 @@ from typing import Any
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.convert import read_json
 from auto_quantize_model.io.legacy import legacy_manifest_from_dict, looks_like_legacy
-from auto_quantize_model.io.manifest import DAMAGED, Manifest, check_manifest, manifest_from_dict
+from auto_quantize_model.io.manifest import DAMAGED, check_manifest, manifest_from_dict
+from auto_quantize_model.manifest_records import Manifest
 
 MANIFEST_SUFFIX = "_quant_manifest.json"
 """What every manifest's file name ends with (``<scheme>_quant_manifest.json``)."""

@@ -33,6 +33,7 @@ from pathlib import Path
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.io.convert import did_you_mean, toml_value
 from auto_quantize_model.io.hf_config import read_config_json, supported_model_type
+from auto_quantize_model.sources import BUILTIN_SOURCES, PYPI_MODELS, PYPI_PREFIX, TOKENIZER_FILES
 from auto_quantize_model.specs import PipelineSpec, ValidateSpec, is_bundled, scheme_name_problem
 
 _DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+")
@@ -76,15 +77,11 @@ def _check_model(spec: PipelineSpec, bad: Report) -> None:
     folder = Path(model_path)
     hint = " (point it at a Hugging Face checkout: --set model.path=DIR)"
     if model_path.startswith("pypi:"):
-        from auto_quantize_model.backend.pypi_models import PYPI_MODELS, PYPI_PREFIX
-
         known_pypi = [PYPI_PREFIX + name for name in PYPI_MODELS]
         if model_path not in known_pypi:
             hint = did_you_mean(model_path, known_pypi)
             bad("model.path", f"unknown PyPI source {model_path!r}{hint} (known: {', '.join(known_pypi)})")
     elif is_bundled("model", "path", model_path):
-        from auto_quantize_model.backend.models import BUILTIN_SOURCES
-
         if model_path not in BUILTIN_SOURCES:
             known = ", ".join(BUILTIN_SOURCES)
             hint = did_you_mean(model_path, BUILTIN_SOURCES)
@@ -120,8 +117,6 @@ def _holds_gguf(folder: Path) -> bool:
 
 
 def _check_tokenizer(key: str, folder: Path, bad: Report, hint: str = "") -> None:
-    from auto_quantize_model.backend.models import TOKENIZER_FILES
-
     if not folder.is_dir():
         bad(key, f"{folder} is not a directory", InputError)
     elif not any((folder / name).is_file() for name in TOKENIZER_FILES):

@@ -30,7 +30,7 @@ from auto_quantize_model.io.atomic import atomic_write_bytes, own_folder
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import Interval, ValidatedGroup, ValidationReport
-    from auto_quantize_model.io.manifest import Manifest, RankedGroup
+    from auto_quantize_model.manifest_records import Manifest, RankedGroup
 
 EXPERT_KINDS = ("experts", "experts gate/up", "experts down")
 """Heatmap rows of a mixture-of-experts layer: all its experts (fused, or each expert whole),

@@ -36,12 +36,9 @@ from auto_quantize_model.core.scores import NO_QUANT, coefficient_text, headline
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.atomic import atomic_copy, atomic_write_text
 from auto_quantize_model.io.convert import dumps_json
-from auto_quantize_model.io.manifest import (
-    Manifest,
-    RankedGroup,
-    manifest_to_json,
-)
+from auto_quantize_model.io.manifest import manifest_to_json
 from auto_quantize_model.io.manifest_file import MANIFEST_SUFFIX, read_manifest
+from auto_quantize_model.manifest_records import Manifest, RankedGroup
 
 log = logging.getLogger("auto_quantize_model")
 

@@ -28,15 +28,8 @@ from auto_quantize_model.core.format_agreement import format_agreement
 from auto_quantize_model.core.frontier_points import frontier_summary
 from auto_quantize_model.core.ranking import check_ranking, rank_groups, scheme_name
 from auto_quantize_model.io.convert import project
-from auto_quantize_model.io.manifest import (
-    SCHEMA_VERSION,
-    DatasetInfo,
-    Manifest,
-    ModelInfo,
-    SchemeInfo,
-    installed_versions,
-    utc_now_iso,
-)
+from auto_quantize_model.io.manifest import SCHEMA_VERSION, installed_versions, utc_now_iso
+from auto_quantize_model.manifest_records import DatasetInfo, Manifest, ModelInfo, SchemeInfo
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import ManifestSpec
 

@@ -9,7 +9,7 @@ import attrs
 
 from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier, ReportPaths, SensitivityScores
 from auto_quantize_model.errors import ConfigError
-from auto_quantize_model.io.manifest import Manifest
+from auto_quantize_model.manifest_records import Manifest
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.render.reports import write_reports
 from auto_quantize_model.specs import ReportSpec

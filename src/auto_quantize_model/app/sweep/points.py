@@ -31,7 +31,7 @@ from auto_quantize_model.io.preflight import preflight
 from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec, LoadSpec, PipelineSpec
 
 if TYPE_CHECKING:
-    from auto_quantize_model.io.manifest import Manifest
+    from auto_quantize_model.manifest_records import Manifest
     from auto_quantize_model.pipeline import Artifacts
 
 log = logging.getLogger("auto_quantize_model")
