@@ -1,4 +1,4 @@
-"""What must stay torch-free, and what must stay acyclic.
+"""What must stay torch-free, acyclic and layered.
 
 Torch-free: the commands that only read files, and the pure modules behind them. Each case runs
 in a fresh interpreter, because the test process itself imported torch long ago: only a new
@@ -9,6 +9,13 @@ transformers or ModelOpt (another 12 s together).
 Acyclic: the package's module-level imports. A cycle works or fails depending on which of its
 modules a caller happens to import first (a half-initialised module has not yet defined the name
 the other one wants), so it is read from the source with :mod:`ast`, for every module at once.
+Counting every import (in functions, under ``TYPE_CHECKING``) there must be no cycle either: one
+through a function only waits for the call that closes it.
+
+Layered: nouns < core < io < render, backend < stages < bench < app < the package's own
+``__init__``/``__main__`` (:data:`LAYER_OF`, :data:`LAYER_RANKS`). A module imports only from its
+own layer or lower ones, wherever the import is written: a function-level import is deferred, not
+allowed.
 """
 
 from __future__ import annotations
