@@ -288,6 +288,8 @@ class SweepRuns:
             group.close()
 
     def _as_worker(self, request: RunRequest, group: WorkerGroup, stack: contextlib.ExitStack) -> int:
+        """The conversation every rank follows in the same order (a rank that skipped a step would
+        wait for the others forever). ``stack`` holds rank 0's lock on the folder to the end."""
         worker, folder = group.worker, request.folder
         sweep: _OpenSweep | None = None
         problem: AqmError | None = None
