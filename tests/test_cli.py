@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -276,12 +277,12 @@ def test_formats_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["formats"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["name", "bits", "weights", "activations", "runs", "on"]
+    assert lines[0].split() == ["name", "bits", "weights", "activations", "runs", "on", "export"]
     int8 = next(line for line in lines if line.startswith("INT8_DEFAULT_CFG "))
     assert int8.split()[1] == "8"
-    assert int8.rstrip().endswith("CPU and CUDA")
+    assert re.split(r"\s{2,}", int8.rstrip())[-2:] == ["CPU and CUDA", "modelopt, compressed-tensors"]
     nvfp4 = next(line for line in lines if line.startswith("NVFP4_DEFAULT_CFG "))
-    assert nvfp4.rstrip().endswith("CUDA only")
+    assert re.split(r"\s{2,}", nvfp4.rstrip())[-2:] == ["CUDA only", "modelopt"]
     assert any(line.startswith("wint4-b128_aint8-token ") for line in lines)
     assert "Your own weight/activation pairs" in out
 

@@ -503,6 +503,18 @@ class ExportedMix:
     """The read-back NLL is within :attr:`tolerance` of :attr:`exported_nll` (True without a checkpoint)."""
     seconds: float = 0.0
     notes: tuple[str, ...] = ()
+    format: str = "modelopt"
+    """The checkpoint format: ``modelopt`` (ModelOpt's HF export) or ``compressed-tensors``."""
+    loader: str = ""
+    """compressed-tensors: what read it back (transformers' class, quantizer and versions)."""
+    weight_worst_layer: str = ""
+    """compressed-tensors: the layer whose read-back weight is furthest from the fake-quantized one."""
+    weight_max_diff: float = math.nan
+    weight_relative: float = math.nan
+    """That layer's max |read back - fake-quantized| over its largest |weight|."""
+    weight_tolerance: float = math.nan
+    weight_per_format: tuple[tuple[str, str, float, float], ...] = ()
+    """compressed-tensors: each format's worst layer, max |difference| and relative difference."""
 
     @property
     def difference(self) -> float:

@@ -429,6 +429,14 @@ def _export_bits(instance: object, attribute: attrs.Attribute[Any], value: float
             raise SpecError(_owner(instance), attribute.name, str(err)) from None
 
 
+def _export_format(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    from auto_quantize_model.core.ct_config import EXPORT_FORMATS
+
+    if value not in EXPORT_FORMATS:
+        choices = ", ".join(EXPORT_FORMATS)
+        raise SpecError(_owner(instance), attribute.name, f"{value!r} is not one of {choices}")
+
+
 @attrs.frozen
 class ExportSpec:
     """Write the mix at one budget as a ModelOpt config (and, when asked, a calibrated checkpoint)."""
@@ -440,6 +448,9 @@ class ExportSpec:
     checkpoint: bool = False
     """Also quantize a freshly loaded copy of the model, calibrate it on the run's batches, write it
     with ModelOpt's HF exporter and read it back (held-out NLL); False writes the config only."""
+    format: str = attrs.field(default="modelopt", validator=_export_format)
+    """The checkpoint format: ``modelopt`` (ModelOpt's HF exporter) or ``compressed-tensors`` (needs
+    ``checkpoint``; read back through transformers' own loader)."""
 
 
 def is_bundled(table: str, key: str, value: str) -> bool:

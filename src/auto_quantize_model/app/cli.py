@@ -110,11 +110,12 @@ def cmd_report(args: argparse.Namespace, service: RunService) -> int:
 
 
 def cmd_formats(args: argparse.Namespace, service: RunService) -> int:
+    from auto_quantize_model.core.ct_config import export_formats_of
     from auto_quantize_model.core.export_labels import export_format
     from auto_quantize_model.core.format_grammar import CUSTOM_GRAMMAR
     from auto_quantize_model.core.formats import FORMAT_OPTIONS, all_formats
 
-    rows = [("name", "bits", "weights", "activations", "runs on")]
+    rows = [("name", "bits", "weights", "activations", "runs on", "export")]
     refused: list[str] = []
     not_exported: list[str] = []
     for info in all_formats():
@@ -126,7 +127,8 @@ def cmd_formats(args: argparse.Namespace, service: RunService) -> int:
             export_refused = export_format(info.name).refused
             if export_refused is not None:
                 not_exported.append(f"  {info.name}: {export_refused}")
-        rows.append((info.name, f"{info.bits:g}", info.weights, info.activations, where))
+        taken = ", ".join(export_formats_of(info.name)) if info.refused is None else ""
+        rows.append((info.name, f"{info.bits:g}", info.weights, info.activations, where, taken or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for number, row in enumerate(rows):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
@@ -177,6 +179,7 @@ def cmd_export(args: argparse.Namespace, service: RunService) -> int:
         checkpoint=args.checkpoint,
         force=args.force,
         command=tuple(args.command_line),
+        format=args.format,
     )
     print(f"aqm: {summary_line(service.outputs.export(request))}")
     return 0
@@ -341,6 +344,13 @@ def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
     export.add_argument("--output", metavar="DIR", required=True, help="the export folder (new or empty)")
     export.add_argument(
         "--checkpoint", action="store_true", help="also write the calibrated checkpoint and read it back"
+    )
+    export.add_argument(
+        "--format",
+        choices=("modelopt", "compressed-tensors"),
+        default="modelopt",
+        help="checkpoint format: ModelOpt's HF export (default) or compressed-tensors (vLLM's; needs "
+        "--checkpoint and the ct extra; read back through transformers' own loader)",
     )
     export.add_argument("--force", action="store_true", help="replace an existing, non-empty DIR")
     export.set_defaults(func=cmd_export)

@@ -46,6 +46,8 @@ class ExportRequest:
     checkpoint: bool = False
     force: bool = False
     command: tuple[str, ...] = ()
+    format: str = "modelopt"
+    """The checkpoint format: ``modelopt`` or ``compressed-tensors`` (which needs ``checkpoint``)."""
 
 
 @attrs.frozen(eq=False)
@@ -58,6 +60,7 @@ class ExportJob:
     pipeline: PipelineSpec | None
     """The run's pipeline (only with ``--checkpoint``)."""
     force: bool = False
+    format: str = "modelopt"
 
 
 def parse_bits(text: str) -> float:
@@ -79,7 +82,14 @@ def plan_export(request: ExportRequest) -> ExportJob:
     Called with the source folder's lock held (:func:`~auto_quantize_model.app.run_folder.reading`).
     """
     from auto_quantize_model.backend.exporting import refuse_taken
+    from auto_quantize_model.core.ct_config import COMPRESSED_TENSORS, EXPORT_FORMATS
 
+    if request.format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format {request.format}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if request.format == COMPRESSED_TENSORS and not request.checkpoint:
+        raise ConfigError(
+            "--format compressed-tensors writes a checkpoint (the weights are the format): add --checkpoint"
+        )
     budget = parse_bits(request.bits) if request.bits is not None else None
     run = FinishedRun.open(request.source)
     if budget is None:
@@ -89,7 +99,7 @@ def plan_export(request: ExportRequest) -> ExportJob:
     refuse_overlap(request.output, run.folder)
     refuse_taken(request.output, request.force)
     pipeline = run.pipeline("--checkpoint") if request.checkpoint else None
-    return ExportJob(run, budget, request.output, pipeline, force=request.force)
+    return ExportJob(run, budget, request.output, pipeline, force=request.force, format=request.format)
 
 
 def refuse_overlap(output: Path, folder: Path) -> None:
@@ -140,6 +150,10 @@ def run_export(job: ExportJob, loader: ExportLoader) -> ExportedMix:
     groups = [project(group, GroupScore) for group in job.run.manifest.groups]
     solved = job.run.frontier(FrontierSpec(bits=repr(job.budget), workers=1))
     choices, bits = choice_at(solved, job.budget, groups)
+    if job.format == "compressed-tensors":
+        from auto_quantize_model.core.ct_config import check_ct_choices
+
+        check_ct_choices(choices)  # before the model is loaded
     checkpoint = loader(job.pipeline) if job.pipeline is not None else None
     with contextlib.redirect_stdout(sys.stderr):
         return export_mix(
@@ -150,4 +164,5 @@ def run_export(job: ExportJob, loader: ExportLoader) -> ExportedMix:
             checkpoint=checkpoint,
             force=job.force,
             notes=solved.notes,
+            checkpoint_format=job.format,
         )

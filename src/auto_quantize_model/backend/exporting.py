@@ -29,7 +29,14 @@ from auto_quantize_model.artifacts import (
     LoadedModel,
     SensitivityScores,
 )
+from auto_quantize_model.core.ct_config import (
+    COMPRESSED_TENSORS,
+    MODELOPT,
+    check_ct_choices,
+    ct_export_format,
+)
 from auto_quantize_model.core.export_choice import GroupChoice, choices_at
+from auto_quantize_model.core.export_labels import export_format
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.io.atomic import LinkRefused
@@ -141,6 +148,7 @@ def export_mix(
     checkpoint: CheckpointInputs | None = None,
     force: bool = False,
     notes: Sequence[str] = (),
+    checkpoint_format: str = MODELOPT,
 ) -> ExportedMix:
     """Write ``choices`` to ``target``: config files, README, ``export.json`` and, asked, the checkpoint.
 
@@ -149,10 +157,22 @@ def export_mix(
     quantized with the config, calibrated on the run's batches, exported by ModelOpt's HF exporter
     and loaded back; ``export.json`` records the held-out NLL of the in-memory, exported and
     read-back models. A read-back outside tolerance is an AqmError after the files are in place
-    (they are the evidence).
+    (they are the evidence). ``checkpoint_format`` ``compressed-tensors`` writes the checkpoint with
+    compressed-tensors instead (:mod:`~auto_quantize_model.backend.export_ct`); its formats are
+    checked before anything is loaded or written, and it needs ``checkpoint``.
     """
+    from auto_quantize_model.backend import export_ct
     from auto_quantize_model.backend.modelopt import export as ex
 
+    compressed = checkpoint_format == COMPRESSED_TENSORS
+    if compressed:
+        check_ct_choices(choices)
+        if checkpoint is None:
+            raise ConfigError(
+                "--format compressed-tensors writes a checkpoint (the weights are the format): "
+                "add --checkpoint"
+            )
+    exportable = ct_export_format if compressed else export_format
     started = time.perf_counter()
     shown, target = target, target.absolute()
     if target.name in ("", "..") or target.name.endswith(".."):
@@ -164,6 +184,7 @@ def export_mix(
             device=checkpoint.fresh.device,
             vision_prefixes=checkpoint.lm.vision_modules,
             known_modules=ex.linear_modules(checkpoint.fresh.model),
+            exportable=exportable,
         )
     else:
         config = ex.prepare_export(choices, device=CONFIG_ONLY_DEVICE)
@@ -172,7 +193,8 @@ def export_mix(
         figures: dict[str, Any] = {}
         extra_notes: tuple[str, ...] = ()
         if checkpoint is not None:
-            figures, extra_notes = _write_checkpoint(config, scratch, checkpoint)
+            write = export_ct.write_ct_checkpoint if compressed else _write_checkpoint
+            figures, extra_notes = write(config, scratch, checkpoint)
         counts: dict[str, int] = {}
         for choice in choices:
             counts[choice.format] = counts.get(choice.format, 0) + 1
@@ -191,6 +213,8 @@ def export_mix(
         )
         (scratch / EXPORT_FILE).write_text(export_json(mix), encoding="utf-8")
         place(scratch, target, previous)
+    if not mix.ok and compressed:
+        raise AqmError(export_ct.failure_line(mix, target))
     if not mix.ok:
         raise AqmError(
             f"{target}: the exported checkpoint reads back {mix.difference:+.2e} nats/token off the "
@@ -245,6 +269,7 @@ def _number(value: float) -> float | None:
 def export_json(mix: ExportedMix) -> str:
     """``export.json``: the budget, the mix and, with a checkpoint, the read-back figures."""
     record: dict[str, Any] = {
+        "format": mix.format,
         "budget": mix.budget,
         "effective_bits_lm": mix.effective_bits_lm,
         "groups": mix.groups,
@@ -265,6 +290,10 @@ def export_json(mix: ExportedMix) -> str:
             "tolerance": _number(mix.tolerance),
             "ok": mix.ok,
         }
+        if mix.format == COMPRESSED_TENSORS:
+            from auto_quantize_model.backend.export_ct import weights_record
+
+            record["read_back"].update(loader=mix.loader, weights=weights_record(mix))
     return json.dumps(record, indent=2) + "\n"
 
 
@@ -277,7 +306,7 @@ def summary_line(mix: ExportedMix) -> str:
     )
     if mix.checkpoint:
         text += (
-            f"; {mix.quant_algo} checkpoint, held-out NLL {mix.in_memory_nll:.5f} in memory, "
+            f"; {mix.quant_algo} {mix.format} checkpoint, held-out NLL {mix.in_memory_nll:.5f} in memory, "
             f"{mix.exported_nll:.5f} exported, {mix.read_back_nll:.5f} read back "
             f"(difference {mix.difference:+.1e}, tolerance {mix.tolerance:.0e}, "
             f"{'ok' if mix.ok else 'FAILED'})"

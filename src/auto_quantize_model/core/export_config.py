@@ -170,6 +170,7 @@ def build_export_config(
     *,
     vision_prefixes: Sequence[str] = (),
     known_modules: Collection[str] = (),
+    exportable: Callable[[str], ExportFormat] = export_format,
 ) -> ExportConfig:
     """The ModelOpt config for ``choices``; every choice ModelOpt could not export faithfully refused.
 
@@ -177,6 +178,8 @@ def build_export_config(
     ModelOpt defines them, custom formats from :meth:`CustomFormat.quant_cfg`). ``vision_prefixes``
     are the model's vision modules (quantizing them is refused: ModelOpt's exporter keeps vision
     layers unquantized); ``known_modules`` are all its linear layers (for the fused-sibling check).
+    ``exportable`` says what the target checkpoint format records for a format, or why it cannot
+    (ModelOpt's exporter by default; :func:`~auto_quantize_model.core.ct_config.ct_export_format`).
     """
     if not choices:
         raise ConfigError("nothing to export: the choice holds no recipe group")
@@ -197,7 +200,7 @@ def build_export_config(
     for choice in choices:
         if choice.format == NO_QUANT or choice.format in export_formats:
             continue
-        found = export_format(choice.format)
+        found = exportable(choice.format)
         if found.refused is not None:
             raise ConfigError(
                 f"group {choice.name}: format {choice.format} cannot be exported: {found.refused}"

@@ -92,6 +92,7 @@ class ExportCheckpoint:
             checkpoint=checkpoint,
             force=(target / EXPORT_FILE).is_file(),  # a previous export of this stage is replaced
             notes=solved.notes,
+            checkpoint_format=self.spec.format,
         )
         log.info("%s", summary_line(mix))
         return mix

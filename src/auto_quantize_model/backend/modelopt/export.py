@@ -39,6 +39,7 @@ import attrs
 from auto_quantize_model.backend.modelopt import import_modelopt
 from auto_quantize_model.core import export_config as xc
 from auto_quantize_model.core.export_choice import GroupChoice
+from auto_quantize_model.core.export_labels import ExportFormat, export_format
 from auto_quantize_model.core.formats import resolve_format
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
@@ -138,16 +139,18 @@ def prepare_export(
     device: str = "cpu",
     vision_prefixes: Sequence[str] = (),
     known_modules: Sequence[str] = (),
+    exportable: Callable[[str], ExportFormat] = export_format,
 ) -> xc.ExportConfig:
     """The export config of ``choices``, refused with a one-line ConfigError when it cannot be exported.
 
     ``device`` is where the model will be quantized: NVFP4/MX formats need CUDA.
     ``vision_prefixes`` (``LanguageModel.vision_modules``) and ``known_modules``
-    (:func:`linear_modules` of the model) sharpen the checks; both are optional.
+    (:func:`linear_modules` of the model) sharpen the checks; both are optional. ``exportable``
+    judges each format for the checkpoint format written (ModelOpt's by default).
     """
     configs = format_configs(choice.format for choice in choices)
     config = xc.build_export_config(
-        choices, configs, vision_prefixes=vision_prefixes, known_modules=known_modules
+        choices, configs, vision_prefixes=vision_prefixes, known_modules=known_modules, exportable=exportable
     )
     if config.needs_cuda and not _is_cuda(device):
         raise ConfigError(

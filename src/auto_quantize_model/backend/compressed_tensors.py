@@ -1,0 +1,485 @@
+"""A chosen format mix as a compressed-tensors checkpoint, read back through transformers' own loader.
+
+:func:`export_ct_checkpoint` quantizes a fresh model with the mix's ModelOpt config (as the
+ModelOpt export does: ``mtq.quantize`` calibrated on the run's batches, then ModelOpt's fusion of
+sibling input ranges, which vLLM's fused q/k/v and gate/up GEMMs need as well), takes every chosen
+layer's fake-quantized weight and ranges from ModelOpt's quantizers, and writes a pristine copy of
+the model with compressed-tensors (``apply_quantization_config``, ``ModelCompressor.compress_model``,
+``save_pretrained``, ``ModelCompressor.update_config``): compressed-tensors does the packing.
+
+ModelOpt's symmetric quantizers compute ``round(x * bound / amax) * amax / bound``
+(``_tensor_quant`` and ``_fp8_eager`` in ``modelopt/torch/quantization/tensor_quant.py``; ``bound``
+is ``TensorQuantizer.maxbound``: 127 INT8, 7 INT4, 448 FP8 E4M3), and compressed-tensors'
+``quantize``/``dequantize`` compute ``round(x / scale) * scale``; so a layer's ``weight_scale`` is
+its weight quantizer's exported ``amax / bound`` (per output channel, per tensor, or per group of
+the input dimension) and a static ``input_scale`` is the input quantizer's ``amax / bound``. The
+weights given to the compressor are ModelOpt's fake-quantized ones, which lie on that grid, so the
+stored codes are ModelOpt's codes.
+
+:func:`read_back_ct` loads the folder with ``from_pretrained`` through transformers'
+``CompressedTensorsHfQuantizer`` (``dequantize=True``: dense weights on any device; activations
+are still fake-quantized by compressed-tensors on every forward), checks that its loader put each
+scheme on exactly the chosen layers, compares every decompressed weight with ModelOpt's
+fake-quantized one and measures the held-out NLL.
+
+Measured on CPU (tiny Qwen3-VL, float32, 16 held-out captions; transformers 5.17, compressed-tensors
+0.20.1, ModelOpt 0.47): weights agree to float rounding (worst layer ~1e-7 of its largest
+weight) for INT8, FP8 and INT4; held-out NLL differences are listed in :data:`READ_BACK_NOTE`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from auto_quantize_model.backend.modelopt import export as ex
+from auto_quantize_model.backend.modelopt import import_modelopt
+from auto_quantize_model.core.ct_config import CtArgs, CtPlan
+from auto_quantize_model.core.export_config import ExportConfig
+from auto_quantize_model.errors import AqmError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger("auto_quantize_model")
+
+READ_BACK_NOTE = (
+    "The held-out NLL tolerance is the ModelOpt export's (5e-4 nats/token in float32, 3e-3 in 16 "
+    "bits) because the same roundings differ: ModelOpt multiplies by bound/amax where "
+    "compressed-tensors divides by amax/bound, so an activation on a rounding tie can land on "
+    "either side (one tie in the tiny model's first layer moved INT8 W8A8 by 3.7e-5), and "
+    "compressed-tensors' dynamic INT8 per-token scale is amax/127.5 where ModelOpt's is amax/127."
+)
+"""Why a correct checkpoint does not read back to the exact NLL; measured on CPU, float32, tiny model."""
+
+WEIGHT_TOLERANCE = 1e-5
+"""Largest accepted |decompressed - fake-quantized| of a layer, relative to its largest |weight|, float32.
+
+The stored codes are ModelOpt's own, so the two differ only by how each multiplies code and scale
+in float32 (measured: at most 1.0e-7 for INT8, FP8 and INT4 layers); a wrong scale convention
+(amax/128 for amax/127, say) moves the worst weight by about half a step, 4e-3 for INT8."""
+
+WEIGHT_TOLERANCE_16BIT = 2.0**-7
+"""The same for bfloat16/float16 weights, where compressed-tensors keeps each scale in the weight's
+dtype (2^-9 relative rounding) and the product is rounded again; not measured on a 16-bit model."""
+
+
+def weight_tolerance(dtype: str) -> float:
+    """The weight tolerance for weights of ``dtype`` (``float32``, ``bfloat16``...)."""
+    return WEIGHT_TOLERANCE_16BIT if dtype in ("bfloat16", "float16") else WEIGHT_TOLERANCE
+
+
+def import_ct(module: str = "compressed_tensors") -> Any:
+    """A compressed-tensors module, or a one-line ConfigError saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            "--format compressed-tensors needs the compressed-tensors package: "
+            "pip install 'auto-quantize-model[ct]' (or pip install compressed-tensors)"
+        ) from None
+
+
+@attrs.frozen(eq=False)
+class CtCheckpoint:
+    """What :func:`export_ct_checkpoint` wrote, and what the read-back must reproduce."""
+
+    directory: str
+    plan: CtPlan
+    reference: Mapping[str, torch.Tensor]
+    """Every chosen layer's fake-quantized weight as ModelOpt computed it (on the CPU)."""
+    in_memory_nll: float
+    exported_nll: float
+    """After ModelOpt's fusion of sibling ranges: what the checkpoint holds."""
+    quantize_seconds: float
+    export_seconds: float
+    notes: tuple[str, ...] = ()
+
+
+def _head_name(model: nn.Module) -> str | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def _untie_head(model: nn.Module, chosen: set[str]) -> str | None:
+    """Mark tied embeddings untied when the head is quantized (the table itself stays in float)."""
+    head = _head_name(model)
+    if head is None or head not in chosen:
+        return None
+    config = getattr(model, "config", None)
+    sections = [config, getattr(config, "get_text_config", lambda: None)()]
+    changed = False
+    for section in sections:
+        if section is not None and getattr(section, "tie_word_embeddings", False):
+            section.tie_word_embeddings = False
+            changed = True
+    if not changed:
+        return None
+    return (
+        f"{head} is quantized while its weight was tied to the input embeddings: config.json says "
+        "tie_word_embeddings false (the checkpoint holds the float embedding table and the quantized head)"
+    )
+
+
+def _expected_ranges(args: CtArgs, weight: torch.Tensor) -> int:
+    rows, columns = weight.shape
+    if args.strategy == "channel":
+        return int(rows)
+    if args.strategy == "group":
+        return int(rows) * (int(columns) // int(args.group_size or columns))
+    return 1
+
+
+def _layer_tensors(
+    name: str, module: Any, args: CtArgs, inputs: CtArgs | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A chosen layer's fake-quantized weight, its weight scales and (static inputs) its input scale."""
+    import torch
+
+    weight_q, input_q = module.weight_quantizer, module.input_quantizer
+    if not weight_q.is_enabled:
+        raise AqmError(f"{name}: ModelOpt left its weight quantizer off, contrary to the chosen format")
+    with torch.no_grad():
+        fake = weight_q(module.weight).detach()
+    with warnings.catch_warnings():
+        # An all-zero weight row (a padding token's row of a tied head) gets a stand-in positive
+        # range; its codes are zero whatever the scale, so ModelOpt's warning says nothing here.
+        warnings.filterwarnings("ignore", message=r".*amax entries of this TensorQuantizer are zero")
+        amax = weight_q.export_amax()
+    expected = _expected_ranges(args, module.weight)
+    if amax is None or amax.numel() != expected:
+        found = "no" if amax is None else str(amax.numel())
+        raise AqmError(
+            f"{name}: ModelOpt's weight quantizer holds {found} ranges, the compressed-tensors "
+            f"{args.strategy} scheme needs {expected}"
+        )
+    if bool(input_q.is_enabled) != (inputs is not None):
+        state = "on" if input_q.is_enabled else "off"
+        raise AqmError(f"{name}: ModelOpt's input quantizer is {state}, contrary to the chosen format")
+    input_scale = None
+    if inputs is not None and not inputs.dynamic:
+        input_amax = input_q.export_amax()
+        if input_amax is None or input_amax.numel() != 1:
+            raise AqmError(f"{name}: ModelOpt calibrated no per-tensor input range for its static scheme")
+        input_scale = input_amax.float().reshape(1) / inputs.bound
+    return fake, amax.float() / args.bound, input_scale
+
+
+def _build_ct_config(plan: CtPlan) -> Any:
+    """compressed-tensors' QuantizationConfig of ``plan``, each group's packing checked against its own."""
+    import torch
+
+    quantization = import_ct("compressed_tensors.quantization")
+    infer = import_ct("compressed_tensors.compressors.format").infer_module_format
+    config = quantization.QuantizationConfig.model_validate(plan.quantization_config())
+    for group in plan.groups:
+        scheme = config.config_groups[group.format]
+        inferred = infer(torch.nn.Linear, scheme.model_copy(update={"format": None})).value
+        if inferred != group.scheme.compression:
+            raise AqmError(
+                f"compressed-tensors packs {group.format} as {inferred}, not {group.scheme.compression}: "
+                "the installed compressed-tensors is not the one this export was checked with (0.20)"
+            )
+    return config
+
+
+def export_ct_checkpoint(
+    model: nn.Module,
+    tokenizer: Any,
+    config: ExportConfig,
+    plan: CtPlan,
+    calib_batches: Sequence[Mapping[str, torch.Tensor]],
+    forward: ex.Forward,
+    output_dir: str | Path,
+    *,
+    evaluate: ex.Evaluate,
+) -> CtCheckpoint:
+    """Quantize ``model`` with ``config`` as ModelOpt would, then write ``plan`` with compressed-tensors.
+
+    ``model`` is the full, unquantized model and is consumed (ModelOpt inserts quantizers). A
+    pristine deep copy is taken first, since the checkpoint must hold plain modules: peak memory is
+    about twice the model. Writes ``config.json`` (with compressed-tensors' ``quantization_config``),
+    the safetensors and the tokenizer into ``output_dir``.
+    """
+    import torch
+
+    out = Path(output_dir)
+    ex._check_output_dir(out)
+    ex._check_fresh(model)
+    quantization = import_ct("compressed_tensors.quantization")
+    compressor_cls = import_ct("compressed_tensors.compressors").ModelCompressor
+    ct_config = _build_ct_config(plan)
+    if not calib_batches and config.algorithm is not None:
+        raise ConfigError(f"export got no calibration batches, and {config.algorithm} calibration needs data")
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and not getattr(hf_config, "architectures", None):
+        hf_config.architectures = [type(model).__name__]  # ModelOpt's fusion step reads it
+    pristine = copy.deepcopy(model)
+
+    mtq = import_modelopt("modelopt.torch.quantization")
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        mtq.quantize(model, copy.deepcopy(config.quant_config), ex.calibration_loop(calib_batches, forward))
+    quantize_seconds = time.perf_counter() - started
+    ex._check_quantizers(model, config)
+    in_memory = evaluate(model)
+    fuse = import_modelopt("modelopt.torch.export.unified_export_hf").requantize_resmooth_fused_llm_layers
+    with contextlib.redirect_stdout(io.StringIO()):
+        fuse(model)
+    exported = evaluate(model)
+
+    started = time.perf_counter()
+    schemes = plan.scheme_of()
+    tensors = {
+        name: _layer_tensors(name, model.get_submodule(name), scheme.weights, scheme.inputs)
+        for name, scheme in schemes.items()
+    }
+    notes: list[str] = []
+    untied = _untie_head(pristine, set(schemes))
+    if untied is not None:
+        notes.append(untied)
+    with torch.no_grad():
+        for name, (fake, _, _) in tensors.items():
+            # A new Parameter: the head's weight may be the embedding table's too.
+            pristine.get_submodule(name).weight = torch.nn.Parameter(fake.clone(), requires_grad=False)
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+        quantization.apply_quantization_config(pristine, ct_config)
+    with torch.no_grad():
+        for name, (_, weight_scale, input_scale) in tensors.items():
+            module: Any = pristine.get_submodule(name)
+            module.weight_scale.copy_(weight_scale.reshape(module.weight_scale.shape))
+            if input_scale is not None:
+                module.input_scale.copy_(input_scale.reshape(module.input_scale.shape))
+    reference = {name: fake.to("cpu", copy=True) for name, (fake, _, _) in tensors.items()}
+    del tensors
+    compressor = compressor_cls(quantization_config=ct_config)
+    with contextlib.redirect_stderr(io.StringIO()):
+        compressor.compress_model(pristine)
+        save: Any = pristine.save_pretrained
+        save(str(out))
+    compressor.update_config(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    export_seconds = time.perf_counter() - started
+    return CtCheckpoint(
+        directory=str(out),
+        plan=plan,
+        reference=reference,
+        in_memory_nll=in_memory,
+        exported_nll=exported,
+        quantize_seconds=quantize_seconds,
+        export_seconds=export_seconds,
+        notes=tuple(notes),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading back through transformers
+# --------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class CtReadBack:
+    """How the checkpoint read back through transformers compares with the fake-quantized model."""
+
+    directory: str
+    loader: str
+    """The class and quantizer that loaded it, with the library versions."""
+    in_memory_nll: float
+    exported_nll: float
+    read_back_nll: float
+    tolerance: float
+    worst_layer: str
+    """The layer whose decompressed weight is furthest (relative to its largest weight) from ModelOpt's."""
+    weight_max_diff: float
+    """That layer's max |decompressed - fake-quantized|."""
+    weight_relative: float
+    """The same divided by the layer's largest |weight|."""
+    weight_tolerance: float
+    per_format: tuple[tuple[str, str, float, float], ...] = ()
+    """Each format's worst layer: ``(format, layer, max |difference|, relative)``."""
+
+    @property
+    def difference(self) -> float:
+        return self.read_back_nll - self.exported_nll
+
+    @property
+    def weights_ok(self) -> bool:
+        return self.weight_relative <= self.weight_tolerance
+
+    @property
+    def ok(self) -> bool:
+        return self.weights_ok and abs(self.difference) <= self.tolerance
+
+
+@contextlib.contextmanager
+def _head_per_token(head: nn.Module) -> Iterator[None]:
+    """Give ``head`` 2-D inputs as ``[1, positions, hidden]`` while the held-out set is measured.
+
+    The evaluator hands lm_head the selected positions as ``[positions, hidden]``; compressed-tensors
+    0.20 keeps the first two dimensions for a per-token scale, so a 2-D input would get one scale
+    for all positions, while transformers' own forward (and vLLM) gives it one per token.
+    """
+    flat: list[bool] = []
+
+    def before(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        flat.append(args[0].dim() == 2)
+        return (args[0].unsqueeze(0), *args[1:]) if flat[-1] else None
+
+    def after(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        return output.squeeze(0) if flat.pop() else None
+
+    handles = [head.register_forward_pre_hook(before), head.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def load_ct(
+    export_dir: str | Path, *, device: str = "cpu", dtype: str | None = None
+) -> tuple[nn.Module, str]:
+    """The folder through ``from_pretrained`` and transformers' compressed-tensors quantizer, dequantized.
+
+    Returns the model and a description of the loader. A load that leaves weights missing,
+    unexpected or mismatched is an AqmError naming the first.
+    """
+    import compressed_tensors
+    import transformers
+    from transformers import AutoConfig, CompressedTensorsConfig
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    from auto_quantize_model.backend.models import auto_class_for
+
+    directory = str(export_dir)
+    hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    auto = auto_class_for(hf_config, directory)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            # "quantization_config from the model will be used": only dequantize is ours, as meant.
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model, info = auto.from_pretrained(
+                directory,
+                quantization_config=CompressedTensorsConfig(dequantize=True),
+                dtype=dtype or "auto",
+                local_files_only=True,
+                output_loading_info=True,
+            )
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AqmError(f"transformers could not load {directory}: {type(err).__name__}: {first}") from err
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        found = sorted(str(item) for item in info.get(key) or ())
+        if found:
+            raise AqmError(f"transformers loaded {directory} with {key.replace('_', ' ')}: {found[0]}")
+    model.to(device)
+    model.eval()
+    # With dequantize=True transformers drops model.hf_quantizer after loading; name it by the method.
+    method = getattr(hf_config, "quantization_config", {}).get("quant_method", "")
+    quantizer = AUTO_QUANTIZER_MAPPING.get(str(method))
+    loader = (
+        f"{auto.__name__}.from_pretrained via {quantizer.__name__ if quantizer else 'no quantizer'} "
+        f"(dequantize=True); transformers {transformers.__version__}, compressed-tensors "
+        f"{compressed_tensors.__version__}"
+    )
+    loaded: nn.Module = model
+    return loaded, loader
+
+
+def _check_schemes(model: nn.Module, plan: CtPlan) -> None:
+    """Every chosen layer carries its group's scheme as transformers applied it; no other layer has one."""
+    from torch import nn
+
+    wanted = plan.scheme_of()
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if not isinstance(module, nn.Linear):
+            continue
+        if name not in wanted:
+            if scheme is not None and scheme.weights is not None:
+                raise AqmError(f"transformers' loader quantized {name}, which the export left at 16 bits")
+            continue
+        expected = wanted[name]
+        got = None if scheme is None or scheme.weights is None else scheme.weights
+        if got is None or (got.num_bits, str(got.type), str(got.strategy), got.group_size) != (
+            expected.weights.num_bits,
+            expected.weights.type,
+            expected.weights.strategy,
+            expected.weights.group_size,
+        ):
+            raise AqmError(f"transformers' loader gave {name} {got}, the export chose {expected.weights}")
+    missing = set(wanted) - {name for name, _ in model.named_modules()}
+    if missing:
+        raise AqmError(f"the read-back model has no module {sorted(missing)[0]}")
+
+
+def read_back_ct(
+    written: CtCheckpoint,
+    evaluate: ex.Evaluate,
+    head_path: str,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    tolerance: float | None = None,
+) -> CtReadBack:
+    """Load the folder with transformers (:func:`load_ct`) and compare it with the fake-quantized model.
+
+    (a) every chosen layer's decompressed weight against ModelOpt's fake-quantized one (the worst
+    layer relative to its largest weight, within :func:`weight_tolerance`); (b) the held-out NLL
+    against :attr:`CtCheckpoint.exported_nll`, within the ModelOpt export's tolerance
+    (:func:`~auto_quantize_model.backend.modelopt.export.read_back_tolerance`): see
+    :data:`READ_BACK_NOTE` for why it is not zero. Does not raise on a difference, so the
+    caller can record the numbers either way.
+    """
+    import torch
+
+    model, loader = load_ct(written.directory, device=device, dtype=dtype)
+    _check_schemes(model, written.plan)
+    worst = ("", 0.0, -1.0)
+    format_of = {module: group.format for group in written.plan.groups for module in group.modules}
+    per_format: dict[str, tuple[str, float, float]] = {}
+    with torch.no_grad():
+        for name, reference in written.reference.items():
+            layer: Any = model.get_submodule(name)
+            got = layer.weight.detach().float().cpu()
+            if got.shape != reference.shape:
+                raise AqmError(f"{name} reads back as {tuple(got.shape)}, written {tuple(reference.shape)}")
+            diff = float((got - reference.float()).abs().max())
+            scale = float(reference.float().abs().max())
+            relative = diff / scale if scale > 0 else diff
+            if relative > worst[2]:
+                worst = (name, diff, relative)
+            if relative > per_format.get(format_of[name], ("", 0.0, -1.0))[2]:
+                per_format[format_of[name]] = (name, diff, relative)
+    weight_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    with _head_per_token(model.get_submodule(head_path)):
+        nll = evaluate(model)
+    return CtReadBack(
+        directory=written.directory,
+        loader=loader,
+        in_memory_nll=written.in_memory_nll,
+        exported_nll=written.exported_nll,
+        read_back_nll=nll,
+        tolerance=ex.read_back_tolerance(weight_dtype) if tolerance is None else tolerance,
+        worst_layer=worst[0],
+        weight_max_diff=worst[1],
+        weight_relative=max(worst[2], 0.0),
+        per_format=tuple((fmt, *found) for fmt, found in per_format.items()),
+        weight_tolerance=weight_tolerance(weight_dtype),
+    )

@@ -1,0 +1,117 @@
+"""The compressed-tensors branch of :func:`~auto_quantize_model.backend.exporting.export_mix`.
+
+``export_mix`` keeps the flow (budget, scratch folder, ``export.json``, placing); this module writes
+the checkpoint into the scratch folder with :mod:`auto_quantize_model.backend.compressed_tensors`,
+reads it back through transformers and returns the figures ``ExportedMix`` records.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from auto_quantize_model.core.ct_config import COMPRESSED_TENSORS, ct_readme_text, plan_ct
+from auto_quantize_model.io.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    from auto_quantize_model.artifacts import ExportedMix
+    from auto_quantize_model.backend.exporting import CheckpointInputs
+    from auto_quantize_model.core.export_config import ExportConfig
+
+log = logging.getLogger("auto_quantize_model")
+
+
+def write_ct_checkpoint(
+    config: ExportConfig, out: Path, inputs: CheckpointInputs
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Quantize the fresh model, write it as compressed-tensors into ``out``, read it back, write README."""
+    from auto_quantize_model.backend import compressed_tensors as ct
+    from auto_quantize_model.backend.lm_forward import calibration_step_for, decoder_and_head
+    from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.core.validation import held_out_set
+
+    fresh, lm = inputs.fresh, inputs.lm
+    plan = plan_ct(config, ex.linear_modules(fresh.model))
+    held_out = held_out_set(inputs.holdout, inputs.calib, fresh.tokenizer)
+    decoder_path, head_path = decoder_and_head(lm, fresh.model)
+    evaluate = ex.holdout_evaluator(held_out.token_lists, lm.pad_token_id, decoder_path, head_path)
+    written = ct.export_ct_checkpoint(
+        fresh.model,
+        fresh.tokenizer,
+        config,
+        plan,
+        inputs.calib.batches,
+        calibration_step_for(lm, fresh.model),
+        out,
+        evaluate=evaluate,
+    )
+    started = time.perf_counter()
+    back = ct.read_back_ct(written, evaluate, head_path, device=fresh.device)
+    log.info(
+        "export: quantized in %.1f s, written in %.1f s, read back through transformers in %.1f s",
+        written.quantize_seconds,
+        written.export_seconds,
+        time.perf_counter() - started,
+    )
+    notes = (*written.notes, *held_out.notes)
+    checked = (
+        f"Read back with {back.loader}: held-out NLL {back.read_back_nll:.6f} nats/token against "
+        f"{back.exported_nll:.6f} for the fake-quantized model ({len(held_out.token_lists)} captions, "
+        f"difference {back.difference:+.1e}, tolerance {back.tolerance:.0e}).",
+        f"Decompressed weights against the fake-quantized ones: worst layer {back.worst_layer}, max "
+        f"|difference| {back.weight_max_diff:.2e} ({back.weight_relative:.1e} of its largest weight, "
+        f"tolerance {back.weight_tolerance:.0e}).",
+        ct.READ_BACK_NOTE,
+    )
+    model_class = back.loader.split(".", 1)[0]
+    atomic_write_text(
+        out / "README.md", ct_readme_text(plan, model_class=model_class, checked=checked, notes=notes)
+    )
+    figures = {
+        "format": COMPRESSED_TENSORS,
+        "quant_algo": plan.compression,
+        "in_memory_nll": back.in_memory_nll,
+        "exported_nll": back.exported_nll,
+        "read_back_nll": back.read_back_nll,
+        "tolerance": back.tolerance,
+        "ok": back.ok,
+        "loader": back.loader,
+        "weight_worst_layer": back.worst_layer,
+        "weight_max_diff": back.weight_max_diff,
+        "weight_relative": back.weight_relative,
+        "weight_tolerance": back.weight_tolerance,
+        "weight_per_format": back.per_format,
+    }
+    return figures, notes
+
+
+def weights_record(mix: ExportedMix) -> dict[str, Any]:
+    """``export.json``'s ``read_back.weights``: how far the decompressed weights are from ModelOpt's."""
+    return {
+        "worst_layer": mix.weight_worst_layer,
+        "max_abs_diff": mix.weight_max_diff,
+        "relative": mix.weight_relative,
+        "tolerance": mix.weight_tolerance,
+        "ok": mix.weight_relative <= mix.weight_tolerance,
+        "per_format": {
+            fmt: {"worst_layer": layer, "max_abs_diff": diff, "relative": relative}
+            for fmt, layer, diff, relative in mix.weight_per_format
+        },
+    }
+
+
+def failure_line(mix: ExportedMix, target: Path) -> str:
+    """The one-line error of a compressed-tensors read-back outside tolerance (files kept as evidence)."""
+    if not mix.weight_relative <= mix.weight_tolerance:
+        return (
+            f"{target}: transformers reads {mix.weight_worst_layer}'s weights back {mix.weight_relative:.1e} "
+            f"(of its largest weight) off the fake-quantized ones (tolerance {mix.weight_tolerance:.0e}); "
+            f"the figures are in {target / 'export.json'}"
+        )
+    return (
+        f"{target}: the compressed-tensors checkpoint reads back through transformers {mix.difference:+.2e} "
+        f"nats/token off the written model (tolerance {mix.tolerance:.0e}); the figures are in "
+        f"{target / 'export.json'}"
+    )
