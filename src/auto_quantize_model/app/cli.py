@@ -43,7 +43,7 @@ def _output_for(args_output: str | None, spec: PipelineSpec, stem: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace, service: RunService) -> int:
-    from auto_quantize_model.app.run_service import RunRequest
+    from auto_quantize_model.app.run_steps import RunRequest
     from auto_quantize_model.io.pipeline_file import load_pipeline
 
     spec = load_pipeline(args.file, args.set)
@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace, service: RunService) -> int:
 
 def cmd_resume(args: argparse.Namespace, service: RunService) -> int:
     from auto_quantize_model.app.folders import PIPELINE_FILE
-    from auto_quantize_model.app.run_service import RunRequest
+    from auto_quantize_model.app.run_steps import RunRequest
     from auto_quantize_model.app.runs import COMPLETE, read_run
     from auto_quantize_model.io.pipeline_file import load_pipeline
 

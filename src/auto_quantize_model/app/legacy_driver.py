@@ -125,7 +125,7 @@ def _find_manifest(folder: Path) -> Path:
 
 
 def _report_only(args: argparse.Namespace, service: RunService) -> int:
-    from auto_quantize_model.app.run_service import print_summary
+    from auto_quantize_model.app.run_steps import print_summary
     from auto_quantize_model.io.manifest_file import read_manifest
 
     if not args.output_dir:
@@ -153,7 +153,7 @@ def cmd_qwen3_lm_int8(args: argparse.Namespace, service: RunService) -> int:
     if not args.model_dir:
         raise InputError("--model-dir is required (a Qwen3-VL checkpoint folder), unless --report-only")
 
-    from auto_quantize_model.app.run_service import RunRequest
+    from auto_quantize_model.app.run_steps import RunRequest
     from auto_quantize_model.io.pipeline_file import resolve_paths, spec_from_dict
 
     source = "aqm qwen3-lm-int8"

@@ -73,10 +73,6 @@ if TYPE_CHECKING:
     from auto_quantize_model.app.sweep.runs import SweepRuns
     from auto_quantize_model.app.sweep.workers import Worker, WorkerGroup
 
-__all__ = ["RunRequest", "RunService", "print_summary"]
-"""``RunRequest`` and ``print_summary`` live in :mod:`.run_steps`; the CLI and the legacy driver
-take them from here, beside the service they go with."""
-
 log = logging.getLogger(PACKAGE_LOGGER)
 
 
