@@ -28,7 +28,12 @@ from auto_quantize_model.artifacts import (
     SensitivityScores,
 )
 from auto_quantize_model.backend.modelopt.checkpoint import STATE_FILE
-from auto_quantize_model.core.frontier import Frontier, FrontierPoint, flag_non_monotone, solve_frontier
+from auto_quantize_model.core.frontier import (
+    Frontier,
+    FrontierPoint,
+    flag_non_monotone,
+    modelopt_frontier,
+)
 from auto_quantize_model.core.frontier_points import (
     frontier_summary,
     measured_budgets,
@@ -87,7 +92,7 @@ def with_choice(groups: Sequence[GroupScore], frontier: Frontier, budget: float)
 def run_scores(method: str = "kl_div", target: float = 9.0) -> SensitivityScores:
     """Scores of a run over GROUPS whose best formats are the search's own at ``target``."""
     space, _ = search_space(GROUPS, method, order=ORDER, fixed=FIXED)  # type: ignore[arg-type]
-    frontier = solve_frontier(space, (target,), workers=1)
+    frontier = modelopt_frontier(space, (target,), workers=1)
     return scores(
         *with_choice(GROUPS, frontier, target),
         method=method,
@@ -158,7 +163,7 @@ def test_the_runs_budget_is_solved_too_and_matches_the_runs_choice(method: str) 
 def test_a_choice_other_than_the_runs_is_named() -> None:
     run = run_scores()
     space, _ = search_space(run.groups, "kl_div", order=ORDER, fixed=FIXED)
-    at_run = solve_frontier(space, (9.0,)).point(9.0)
+    at_run = modelopt_frontier(space, (9.0,)).point(9.0)
     wrong = next(f for f in (W4, INT8, NONE) if f != at_run.formats[0])
     altered = (attrs.evolve(run.groups[0], best_format=wrong), *run.groups[1:])
     result = solve_budgets(space, (9.0,), run_budget=9.0, run_choice=altered)
