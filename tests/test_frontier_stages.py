@@ -38,10 +38,12 @@ from auto_quantize_model.core.frontier_points import (
     frontier_summary,
     measured_budgets,
     measured_frontier,
+    search_method,
     search_space,
     solve_budgets,
 )
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
+from auto_quantize_model.io.convert import project
 from auto_quantize_model.io.manifest import Manifest, manifest_from_dict, manifest_to_dict
 from auto_quantize_model.io.pipeline_file import spec_from_dict, spec_to_toml
 from auto_quantize_model.pipeline import Artifacts, Pipeline
@@ -494,6 +496,19 @@ def test_a_failed_measurement_leaves_the_folder_as_it_was(tmp_path: Path) -> Non
 # --------------------------------------------------------------------------------------------------
 
 
+def modelopt_point(manifest: Manifest, budget: float) -> FrontierPoint:
+    """ModelOpt's own search replayed from a manifest alone, as the run check replays it."""
+    groups = [project(group, GroupScore) for group in manifest.groups]
+    space, _ = search_space(
+        groups,
+        search_method(manifest.scheme.method, "manifest"),
+        order=manifest.search_order,
+        fixed=manifest.fixed_groups,
+        groups_in_order=False,
+    )
+    return modelopt_frontier(space, (budget,), workers=1).point(budget)
+
+
 @pytest.mark.slow
 def test_the_tiny_default_runs_choice_is_the_frontiers_at_its_budget(tiny_default_run: AqmRun) -> None:
     assert tiny_default_run.returncode == 0, tiny_default_run.stderr[-2000:]
@@ -501,12 +516,14 @@ def test_the_tiny_default_runs_choice_is_the_frontiers_at_its_budget(tiny_defaul
     manifest = run.manifest
     assert manifest.search_order  # RunAutoQuant records ModelOpt's order
     result = run.frontier(FrontierSpec(bits="8:16:0.5"))
-    point = result.frontier.point(manifest.scheme.effective_bits_target)
+    point = modelopt_point(manifest, manifest.scheme.effective_bits_target)
     by_name = {group.name: group.best_format for group in manifest.groups}
     assert point.formats == tuple(by_name[name] for name in result.frontier.groups)
     assert point.effective_bits_lm == manifest.scheme.effective_bits_lm
     assert result.run_checked
     assert result.run_mismatches == ()
+    # the frontier is the exact optimum: never worse than ModelOpt's choice (CBC stops short here)
+    assert result.frontier.point(manifest.scheme.effective_bits_target).total_score <= point.total_score
 
 
 @pytest.mark.slow
@@ -619,9 +636,10 @@ def test_a_full_model_manifest_with_fixed_groups_re_solves_to_modelopts_choice()
     )
     assert result.frontier.exact_order
     assert result.frontier.other_weights > 0
-    point = result.frontier.point(11.0)
+    point = modelopt_point(manifest, 11.0)
     by_name = {group.name: group.best_format for group in manifest.groups}
     assert point.formats == tuple(by_name[name] for name in result.frontier.groups)
     assert point.effective_bits_model == manifest.scheme.effective_bits_model
     assert result.run_checked
     assert result.run_mismatches == ()
+    assert result.frontier.point(11.0).total_score <= point.total_score

@@ -113,9 +113,8 @@ def test_the_full_budget_quantizes_nothing() -> None:
     assert top.effective_bits_lm == 16.0
     # a hair below, the free group alone makes room (it saves 2048 of the 368640 weights' 16 bits)
     below = frontier.point(15.95)
-    assert [(name, fmt) for name, fmt in zip(frontier.groups, below.formats, strict=True) if fmt != "NONE"] == [
-        ("layers.dead.proj", "INT8")
-    ]
+    picked = zip(frontier.groups, below.formats, strict=True)
+    assert [(name, fmt) for name, fmt in picked if fmt != "NONE"] == [("layers.dead.proj", "INT8")]
     assert below.total_score == 0.0
 
 
