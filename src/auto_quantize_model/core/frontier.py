@@ -1,8 +1,16 @@
 """The budget frontier: AutoQuant's per-group format choice re-solved for many effective-bits budgets.
 
 One scoring pass gives every recipe group a score and a cost per format; the effective-bits budget
-only enters ModelOpt's final search. This module repeats that search, with no model and no GPU,
-for as many budgets as wanted, and reproduces ModelOpt 0.47's own choice, tie-breaks included.
+only enters ModelOpt's final search. This module solves that choice again, with no model and no
+GPU, for as many budgets as wanted, two ways:
+
+* :func:`solve_frontier`, what ``aqm frontier`` reports and ``aqm export`` writes: at each budget
+  the mix of least summed search score that fits, solved exactly (:func:`_exact_select`), so that
+  more bits never predict more damage, the full budget quantizes nothing and multiplying every
+  score by a constant changes no choice. ModelOpt's own search guarantees none of these (below).
+* :func:`modelopt_frontier`, ModelOpt 0.47's own choice replayed, tie-breaks and shortfalls
+  included: it checks that a run's records rebuild its search (the run check of
+  :func:`~auto_quantize_model.core.frontier_points.solve_budgets`).
 
 How ModelOpt 0.47 searches (``modelopt/torch/quantization/algorithms.py``):
 
@@ -23,16 +31,17 @@ How ModelOpt 0.47 searches (``modelopt/torch/quantization/algorithms.py``):
   tower) are rows too and must stay in place, or the tie-breaks move. CBC's tolerances are
   absolute: with scores of order 1e-7 (a tiny model) it stops at its first mix and calls it
   optimal, and with larger ones it can still stop ~1 % above the optimum. ModelOpt keeps what
-  CBC returns, and so does this module (:attr:`FrontierPoint.non_monotone` shows the damage).
+  CBC returns, and so does the replay (:attr:`FrontierPoint.non_monotone` shows the damage).
 * ``kl_div``: 100 bisection steps on a score threshold; each group takes its first format
   scoring at most the threshold. The last step's choice is kept even when an earlier one met
-  the budget (``is_satisfied`` then says False). Replayed step by step here.
+  the budget (``is_satisfied`` then says False). Replayed step by step; :func:`solve_frontier`
+  minimises the summed score for this method too.
 * A budget below the cheapest mix is refused before calibration (``_verify_resolved_constraint``);
   here it gives an unreachable point holding the cheapest mix.
 
 ``mtq.get_auto_quantize_config(state, {"effective_bits": b})`` re-solves the same way, but
 needs torch, ModelOpt and the pickled search state; this module needs plain numbers only.
-PuLP is imported inside the gradient solver only.
+PuLP (the replay) and numpy (the exact search) are imported inside the solvers only.
 """
 
 from __future__ import annotations
@@ -454,14 +463,14 @@ PRUNE_SLACK = 1e-9
 """Relative margin of every pruning test of the exact search, so that float rounding (~1e-16
 relative) can only keep a mix that could have been dropped, never drop one that could win."""
 
-SEARCH_WORK = 4_000_000
+SEARCH_WORK = 2_000_000
 """Partial mixes the exact search may weigh for one budget before it settles for its best mix so far.
 
 250 groups x 5 formats with scores spread over decades weigh ~10^4 a budget, 7 x 10^5 at most
 when every group scores within a factor 1.6 of the others (measured). Only scores almost exactly
 proportional to the weights saved (every mix of one size then scores nearly alike) pass the
 limit; such a point keeps the best mix found, is marked not satisfied, and still scores no
-worse than the budget before it. The limit bounds a budget to about 1 s and 100 MB."""
+worse than the budget before it. The limit bounds a budget to ~0.3 s and ~70 MB (measured)."""
 
 
 @attrs.frozen
@@ -713,8 +722,8 @@ def _exact_select(rows: Sequence[SearchRow], limits: Sequence[float]) -> list[tu
             candidates.append(previous)
         if not candidates:  # rounding put the greedy mix a hair over: the cheapest mix fits
             candidates.append(_cheapest(rows))
-        incumbent = min(candidates, key=lambda mix: _score(rows, mix))
-        best, proven = _least_score(table, limit, price, incumbent, _score(rows, incumbent))
+        incumbent_score, incumbent = min((_score(rows, mix), mix) for mix in candidates)
+        best, proven = _least_score(table, limit, price, incumbent, incumbent_score)
         found = _prefer_unquantized(rows, best, limit)
         out.append((found, proven))
         previous = found
@@ -743,7 +752,8 @@ class FrontierPoint:
     reachable: bool
     """False when even the cheapest mix exceeds the budget; the point then holds that mix."""
     satisfied: bool
-    """ModelOpt's ``is_satisfied``: CBC proved an optimum (gradient) or the last threshold fits (kl_div)."""
+    """:func:`solve_frontier`: the mix is proven the least score within the budget. The replay:
+    ModelOpt's ``is_satisfied``, CBC proved an optimum (gradient) or the last threshold fits (kl_div)."""
     non_monotone: bool = False
     """This budget is above the previous point's and the predicted score is worse (higher)."""
 
@@ -767,7 +777,7 @@ class Frontier:
     exact_order: bool
     """See :attr:`SearchSpace.exact_order`."""
     seconds: float
-    """Wall time of the solve (CBC runs included)."""
+    """Wall time of the solve (CBC runs included in the replay)."""
 
     def point(self, budget: float) -> FrontierPoint:
         """The point of ``budget`` (to 1e-9), for looking up e.g. the run's own budget."""
@@ -960,24 +970,26 @@ def solve_frontier(space: SearchSpace, budgets: Iterable[float], *, workers: int
 
     Solved exactly (:func:`_exact_select`) instead of by ModelOpt's CBC run: CBC's tolerances
     are absolute, so with the scores real models give (1e-6..1e-9) it stops at its first mix
-    and calls it optimal; on the tiny default run 8 of 32 steps of 8:16:0.25 then predict more
-    damage for more bits, and a 16-bit budget still quantizes groups. Normalising the scores
-    before CBC would move the problem, not remove it (its relative gap and cut-off increments
-    still stop it short), so the search is a dynamic program over Pareto states, pruned by the
-    LP relaxation's Lagrangian bound; it only compares sums of the given scores, so multiplying
-    every score by a positive constant changes no choice. Consequences:
+    and calls it optimal. On the tiny default run 8 of the 32 steps of 8:16:0.25 then predicted
+    more damage for more bits; 36 groups scored ~1e-9 kept the cheapest mix even at 16 bits.
+    Dividing the scores by the largest one first mostly rescues CBC (one budget in 121 still
+    8e-5 above the optimum, measured) but proves nothing and keeps its cost (~0.3 s a budget
+    for 250 groups). The search here is a dynamic program over Pareto states, pruned by the LP
+    relaxation's Lagrangian bound (~7 ms a budget for the same); it only compares sums of the
+    given scores, so multiplying every score by a positive constant changes no choice. Hence:
 
     * the predicted score never rises as the budget grows: a mix that fits a budget fits every
       larger one, and each budget also starts from the previous budget's answer;
     * where leaving a group unquantized scores as well as quantizing it, it is left alone while
       the budget allows (:func:`_prefer_unquantized`): the full budget quantizes nothing;
-    * every reachable point is satisfied (the optimum is proven, not stopped short).
+    * a reachable point is satisfied when its optimum is proven, which only scores almost
+      proportional to the weights saved can prevent (:data:`SEARCH_WORK`).
 
-    It is not always ModelOpt's choice: where CBC stopped short, or between formats of equal
-    score and cost, the mix differs; :func:`modelopt_frontier` replays ModelOpt's own search
-    (the run check uses it). One pass per budget in this process, a few ms each for 250 groups
-    x 5 formats; ``workers`` is accepted for callers that size CBC processes and checked, but
-    the exact search does not use processes.
+    It is not always ModelOpt's choice: where CBC stopped short the mix scores less, and
+    between formats of equal search score and cost (FP8 clamped to INT8's) the one listed first
+    is taken, whose own score is the lower; :func:`modelopt_frontier` replays ModelOpt's search
+    (the run check uses it). One pass per budget in this process; ``workers`` is accepted for
+    callers that size CBC processes and checked, but the exact search does not use processes.
     """
     if workers is not None:
         solver_processes(len(space.rows), 1, workers)  # the same check as the replay's
