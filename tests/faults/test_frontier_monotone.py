@@ -18,6 +18,7 @@ import pytest
 
 from auto_quantize_model.app.frontier import frontier_of_manifest, locate_manifest
 from auto_quantize_model.artifacts import GroupScore
+from auto_quantize_model.core import frontier as frontier_module
 from auto_quantize_model.core.frontier import Frontier, SearchSpace, parse_budgets, solve_frontier
 from auto_quantize_model.core.frontier_points import search_space
 from auto_quantize_model.render.reports import read_manifest
@@ -147,6 +148,22 @@ def test_a_format_scored_nan_is_never_chosen() -> None:
     assert "W4" not in picked
     assert all(math.isfinite(p.total_score) and p.satisfied for p in frontier.points)
     assert worse_steps(frontier) == []
+
+
+def test_a_search_cut_short_still_never_predicts_more_damage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scores proportional to the weights saved make every mix of one size score alike: the
+    search gives up past its work limit (made tiny here) and keeps the best mix it has."""
+    rng = random.Random(3)
+    groups = []
+    for index in range(30):
+        weights = float(rng.randint(1000, 30000))
+        groups.append(scored(f"layers.{index}.proj", weights, 1e-13 * weights * 12, 1e-13 * weights * 8))
+    monkeypatch.setattr(frontier_module, "SEARCH_WORK", 200)
+    frontier = solve_frontier(space_of(groups), GRID)
+    assert any(not p.satisfied for p in frontier.points)  # the limit was reached
+    assert worse_steps(frontier) == []
+    assert quantized(frontier.points[-1].formats) == 0
+    assert all(p.effective_bits_lm <= p.budget + 1e-9 for p in frontier.points)
 
 
 def test_aqm_export_takes_the_frontiers_mix_at_each_budget() -> None:
