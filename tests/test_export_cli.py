@@ -43,13 +43,13 @@ def group_choice(folder: Path) -> tuple[float, dict[str, str], dict[str, tuple[s
     """The run's budget, every group's format there as the frontier picks it from the manifest (what
     aqm export writes: the least predicted score, which can beat ModelOpt's own choice), and each
     group's modules."""
-    from auto_quantize_model.app.frontier import frontier_of_manifest
-    from auto_quantize_model.render.reports import read_manifest
+    from auto_quantize_model.app.run_folder import FinishedRun
     from auto_quantize_model.specs import FrontierSpec
 
-    manifest = read_manifest(folder / MANIFEST)
+    run = FinishedRun.open(folder / MANIFEST)
+    manifest = run.manifest
     budget = manifest.scheme.effective_bits_target
-    frontier = frontier_of_manifest(manifest, FrontierSpec(bits=repr(budget), workers=1), folder).frontier
+    frontier = run.frontier(FrontierSpec(bits=repr(budget), workers=1)).frontier
     chosen = dict(zip(frontier.groups, frontier.point(budget).formats, strict=True))
     modules = {group.name: group.module_names for group in manifest.groups}
     return budget, {name: chosen.get(name, NO_QUANT) for name in modules}, modules

@@ -16,14 +16,13 @@ from collections.abc import Sequence
 import attrs
 import pytest
 
-from auto_quantize_model.app.frontier import frontier_of_manifest, locate_manifest
+from auto_quantize_model.app.run_folder import FinishedRun
 from auto_quantize_model.artifacts import GroupScore
+from auto_quantize_model.backend.exporting import choice_at, solve_one
 from auto_quantize_model.core import frontier as frontier_module
 from auto_quantize_model.core.frontier import Frontier, SearchSpace, parse_budgets, solve_frontier
 from auto_quantize_model.core.frontier_points import search_space
-from auto_quantize_model.render.reports import read_manifest
 from auto_quantize_model.specs import FrontierSpec
-from auto_quantize_model.stages.export_checkpoint import choice_at, solve_one
 from builders import AqmRun, scores
 
 FORMATS = (("W4", 4.0), ("INT8", 8.0), ("NONE", 16.0))
@@ -186,9 +185,9 @@ def test_aqm_export_takes_the_frontiers_mix_at_each_budget() -> None:
 def test_the_tiny_default_runs_frontier_never_says_more_bits_is_worse(tiny_default_run: AqmRun) -> None:
     """The README's tiny run (scores ~1e-8) over its README frontier grid, 8:16:0.25."""
     assert tiny_default_run.returncode == 0, tiny_default_run.stderr[-2000:]
-    folder = tiny_default_run.folder
-    manifest = read_manifest(locate_manifest(folder))
-    result = frontier_of_manifest(manifest, FrontierSpec(bits="8:16:0.25", workers=1), folder)
+    run = FinishedRun.open(tiny_default_run.folder)
+    manifest = run.manifest
+    result = run.frontier(FrontierSpec(bits="8:16:0.25", workers=1))
     frontier = result.frontier
     assert len(frontier.points) == 33
     assert worse_steps(frontier) == []
