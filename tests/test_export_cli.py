@@ -1,9 +1,9 @@
 """``aqm export`` on the finished tiny default run, and the ``[export]`` table / ExportCheckpoint stage.
 
 The run folder comes from the session fixture ``tiny_default_run`` (read-only): every export goes
-to ``tmp_path``. The config test compares the written per-layer config with the manifest's own
-choice (every group's ``best_format``) at the run's budget; the checkpoint test loads the model
-again, quantizes, exports and reads back on CPU.
+to ``tmp_path``. The config test compares the written per-layer config with the frontier's choice
+at the run's budget (solved from the manifest); the checkpoint test loads the model again,
+quantizes, exports and reads back on CPU.
 """
 
 from __future__ import annotations
@@ -39,13 +39,26 @@ def error_lines(err: str) -> int:
     return sum(line.startswith("aqm: error:") for line in err.splitlines())
 
 
+def group_choice(folder: Path) -> tuple[float, dict[str, str], dict[str, tuple[str, ...]]]:
+    """The run's budget, every group's format there as the frontier picks it from the manifest (what
+    aqm export writes: the least predicted score, which can beat ModelOpt's own choice), and each
+    group's modules."""
+    from auto_quantize_model.app.run_folder import FinishedRun
+    from auto_quantize_model.specs import FrontierSpec
+
+    run = FinishedRun.open(folder / MANIFEST)
+    manifest = run.manifest
+    budget = manifest.scheme.effective_bits_target
+    frontier = run.frontier(FrontierSpec(bits=repr(budget), workers=1)).frontier
+    chosen = dict(zip(frontier.groups, frontier.point(budget).formats, strict=True))
+    modules = {group.name: group.module_names for group in manifest.groups}
+    return budget, {name: chosen.get(name, NO_QUANT) for name in modules}, modules
+
+
 def manifest_choice(folder: Path) -> tuple[float, dict[str, str]]:
-    """The run's budget and every module's format as ModelOpt chose it (the manifest's best_format)."""
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    formats = {
-        module: group["best_format"] for group in manifest["groups"] for module in group["module_names"]
-    }
-    return float(manifest["scheme"]["effective_bits_target"]), formats
+    """The run's budget and every module's format at it (:func:`group_choice`)."""
+    budget, chosen, modules = group_choice(folder)
+    return budget, {module: chosen[name] for name, names in modules.items() for module in names}
 
 
 def enabled_formats(quant_config: dict[str, object], formats: dict[str, str]) -> dict[str, bool]:
@@ -78,9 +91,8 @@ def test_export_writes_the_runs_choice_at_its_budget(
     assert not all(enabled.values())
     record = json.loads((out / "export.json").read_text(encoding="utf-8"))
     counts: dict[str, int] = {}
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    for group in manifest["groups"]:
-        counts[group["best_format"]] = counts.get(group["best_format"], 0) + 1
+    for fmt in group_choice(folder)[1].values():
+        counts[fmt] = counts.get(fmt, 0) + 1
     assert (record["budget"], record["formats"], record["checkpoint"]) == (budget, counts, False)
     assert record["effective_bits_lm"] <= budget
     # The same folder through the explicit --bits of the run's budget, and a lower budget that

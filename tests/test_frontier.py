@@ -25,6 +25,7 @@ from auto_quantize_model.core.frontier import (
     fixed_row,
     flag_non_monotone,
     lp_problem,
+    modelopt_frontier,
     parse_budgets,
     search_scores,
     solve_frontier,
@@ -198,7 +199,7 @@ def test_budgets_below_the_cheapest_mix_are_unreachable(method: str) -> None:
 
 def test_kl_div_replays_the_threshold_bisection() -> None:
     space = _space("kl_div")
-    frontier = solve_frontier(space, (4.0, 6.0, 9.0, 12.0, 16.0))
+    frontier = modelopt_frontier(space, (4.0, 6.0, 9.0, 12.0, 16.0))
     assert frontier.point(16.0).formats == ("NONE",) * 6
     for point in frontier.points:
         # one threshold explains every group's pick: the first format scoring at most it
@@ -241,13 +242,14 @@ def test_non_monotone_flags_mark_more_budget_with_a_worse_score() -> None:
 
 def test_tiny_scores_leave_cbc_short_of_the_optimum_as_in_modelopt() -> None:
     """Scores around 1e-7 (what the tiny test model scores) sit below CBC's absolute tolerances:
-    CBC stops at its first mix and calls it optimal. ModelOpt's search does the same, so the
-    frontier reproduces it rather than fixing it; if a CBC release changes this, so does ModelOpt."""
+    CBC stops at its first mix and calls it optimal. ModelOpt's search does the same, and its
+    replay reproduces it (the frontier itself is solved exactly: tests/faults/test_frontier_monotone.py);
+    if a CBC release changes this, so does ModelOpt."""
     tiny = SearchSpace(
         rows=tuple(attrs.evolve(r, scores=tuple(s * 1e-7 for s in r.scores)) for r in _space().rows),
         method="gradient",
     )
-    frontier = solve_frontier(tiny, (4.0, 6.5, 10.0, 16.0), workers=1)
+    frontier = modelopt_frontier(tiny, (4.0, 6.5, 10.0, 16.0), workers=1)
     best = [_brute_force_best(tiny, p.budget) for p in frontier.points]
     assert all(p.satisfied for p in frontier.points)
     assert all(p.total_score >= b for p, b in zip(frontier.points, best, strict=True))
@@ -258,11 +260,11 @@ def test_tiny_scores_leave_cbc_short_of_the_optimum_as_in_modelopt() -> None:
 def test_worker_processes_give_the_in_process_answer() -> None:
     space = _space()
     budgets = (4.5, 5.5, 7.0, 9.0, 11.0)
-    parallel = solve_frontier(space, budgets, workers=2)
-    serial = solve_frontier(space, budgets, workers=1)
+    parallel = modelopt_frontier(space, budgets, workers=2)
+    serial = modelopt_frontier(space, budgets, workers=1)
     assert parallel.points == serial.points
     with pytest.raises(ConfigError, match="workers must be at least 1"):
-        solve_frontier(space, budgets, workers=0)
+        modelopt_frontier(space, budgets, workers=0)
 
 
 def test_a_small_problem_is_solved_in_process_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -270,7 +272,7 @@ def test_a_small_problem_is_solved_in_process_by_default(monkeypatch: pytest.Mon
     space = _space()
     budgets = (4.5, 5.5, 7.0, 9.0, 11.0)
     assert len(space.rows) * len(budgets) < IN_PROCESS_BELOW
-    serial = solve_frontier(space, budgets, workers=1)
+    serial = modelopt_frontier(space, budgets, workers=1)
     asked: list[int] = []
     solve_lp = frontier_module._solve_lp
 
@@ -279,7 +281,7 @@ def test_a_small_problem_is_solved_in_process_by_default(monkeypatch: pytest.Mon
         return solve_lp(rows, max_weights, workers)
 
     monkeypatch.setattr(frontier_module, "_solve_lp", spy)
-    assert solve_frontier(space, budgets).points == serial.points
+    assert modelopt_frontier(space, budgets).points == serial.points
     assert asked == [1]
 
 
@@ -523,7 +525,7 @@ def test_gradient_choice_is_modelopts_at_each_budget(tmp_path: Path) -> None:
     space = space_from_state(state, name_map)
     assert space.exact_order
     assert any(not r.reported for r in space.rows[:-1])  # fixed rows sit inside the order
-    _assert_matches(solve_frontier(space, budgets), results)
+    _assert_matches(modelopt_frontier(space, budgets), results)
 
     # the same space rebuilt from plain scores: raw scores, the fixed rows and the order
     fixed = [fixed_row(r.name, r.weights, lm=r.lm) for r in space.rows if not r.reported]
@@ -531,11 +533,11 @@ def test_gradient_choice_is_modelopts_at_each_budget(tmp_path: Path) -> None:
         results[0].groups, "gradient", fixed=fixed, order=[r.name for r in space.rows]
     )
     assert rebuilt.rows == space.rows
-    _assert_matches(solve_frontier(rebuilt, budgets), results)
+    _assert_matches(modelopt_frontier(rebuilt, budgets), results)
 
     # ModelOpt's own re-solve (get_auto_quantize_config's) over many more budgets
     many = parse_budgets("10:16:0.5")
-    frontier = solve_frontier(space, many)
+    frontier = modelopt_frontier(space, many)
     lm, other = space.lm_weights, space.other_weights
     for point in frontier.points:
         if not point.reachable:
@@ -585,10 +587,10 @@ def test_kl_div_choice_is_modelopts_with_vision_rows_first(tmp_path: Path) -> No
     results, state = _modelopt_runs(tmp_path, "full_model", "kl_div", budgets)
     space = space_from_state(state, is_lm=lm_membership(PREFIX, HEAD))
     assert not space.rows[0].lm  # the vision tower's rows come first
-    _assert_matches(solve_frontier(space, budgets), results)
+    _assert_matches(modelopt_frontier(space, budgets), results)
     # without ModelOpt's order (today's SensitivityScores): kl_div's bisection does not depend on it
     plain = space_from_scores(
         results[0].groups, "kl_div", lm_weights=space.lm_weights, other_weights=space.other_weights
     )
     assert not plain.exact_order
-    _assert_matches(solve_frontier(plain, budgets), results)
+    _assert_matches(modelopt_frontier(plain, budgets), results)

@@ -28,15 +28,22 @@ from auto_quantize_model.artifacts import (
     SensitivityScores,
 )
 from auto_quantize_model.backend.modelopt.checkpoint import STATE_FILE
-from auto_quantize_model.core.frontier import Frontier, FrontierPoint, flag_non_monotone, solve_frontier
+from auto_quantize_model.core.frontier import (
+    Frontier,
+    FrontierPoint,
+    flag_non_monotone,
+    modelopt_frontier,
+)
 from auto_quantize_model.core.frontier_points import (
     frontier_summary,
     measured_budgets,
     measured_frontier,
+    search_method,
     search_space,
     solve_budgets,
 )
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
+from auto_quantize_model.io.convert import project
 from auto_quantize_model.io.manifest import manifest_from_dict, manifest_to_dict
 from auto_quantize_model.io.pipeline_file import spec_from_dict, spec_to_toml
 from auto_quantize_model.manifest_records import Manifest
@@ -88,7 +95,7 @@ def with_choice(groups: Sequence[GroupScore], frontier: Frontier, budget: float)
 def run_scores(method: str = "kl_div", target: float = 9.0) -> SensitivityScores:
     """Scores of a run over GROUPS whose best formats are the search's own at ``target``."""
     space, _ = search_space(GROUPS, method, order=ORDER, fixed=FIXED)  # type: ignore[arg-type]
-    frontier = solve_frontier(space, (target,), workers=1)
+    frontier = modelopt_frontier(space, (target,), workers=1)
     return scores(
         *with_choice(GROUPS, frontier, target),
         method=method,
@@ -159,7 +166,7 @@ def test_the_runs_budget_is_solved_too_and_matches_the_runs_choice(method: str) 
 def test_a_choice_other_than_the_runs_is_named() -> None:
     run = run_scores()
     space, _ = search_space(run.groups, "kl_div", order=ORDER, fixed=FIXED)
-    at_run = solve_frontier(space, (9.0,)).point(9.0)
+    at_run = modelopt_frontier(space, (9.0,)).point(9.0)
     wrong = next(f for f in (W4, INT8, NONE) if f != at_run.formats[0])
     altered = (attrs.evolve(run.groups[0], best_format=wrong), *run.groups[1:])
     result = solve_budgets(space, (9.0,), run_budget=9.0, run_choice=altered)
@@ -490,6 +497,19 @@ def test_a_failed_measurement_leaves_the_folder_as_it_was(tmp_path: Path) -> Non
 # --------------------------------------------------------------------------------------------------
 
 
+def modelopt_point(manifest: Manifest, budget: float) -> FrontierPoint:
+    """ModelOpt's own search replayed from a manifest alone, as the run check replays it."""
+    groups = [project(group, GroupScore) for group in manifest.groups]
+    space, _ = search_space(
+        groups,
+        search_method(manifest.scheme.method, "manifest"),
+        order=manifest.search_order,
+        fixed=manifest.fixed_groups,
+        groups_in_order=False,
+    )
+    return modelopt_frontier(space, (budget,), workers=1).point(budget)
+
+
 @pytest.mark.slow
 def test_the_tiny_default_runs_choice_is_the_frontiers_at_its_budget(tiny_default_run: AqmRun) -> None:
     assert tiny_default_run.returncode == 0, tiny_default_run.stderr[-2000:]
@@ -497,12 +517,14 @@ def test_the_tiny_default_runs_choice_is_the_frontiers_at_its_budget(tiny_defaul
     manifest = run.manifest
     assert manifest.search_order  # RunAutoQuant records ModelOpt's order
     result = run.frontier(FrontierSpec(bits="8:16:0.5"))
-    point = result.frontier.point(manifest.scheme.effective_bits_target)
+    point = modelopt_point(manifest, manifest.scheme.effective_bits_target)
     by_name = {group.name: group.best_format for group in manifest.groups}
     assert point.formats == tuple(by_name[name] for name in result.frontier.groups)
     assert point.effective_bits_lm == manifest.scheme.effective_bits_lm
     assert result.run_checked
     assert result.run_mismatches == ()
+    # the frontier is the exact optimum: never worse than ModelOpt's choice (CBC stops short here)
+    assert result.frontier.point(manifest.scheme.effective_bits_target).total_score <= point.total_score
 
 
 @pytest.mark.slow
@@ -615,9 +637,10 @@ def test_a_full_model_manifest_with_fixed_groups_re_solves_to_modelopts_choice()
     )
     assert result.frontier.exact_order
     assert result.frontier.other_weights > 0
-    point = result.frontier.point(11.0)
+    point = modelopt_point(manifest, 11.0)
     by_name = {group.name: group.best_format for group in manifest.groups}
     assert point.formats == tuple(by_name[name] for name in result.frontier.groups)
     assert point.effective_bits_model == manifest.scheme.effective_bits_model
     assert result.run_checked
     assert result.run_mismatches == ()
+    assert result.frontier.point(11.0).total_score <= point.total_score
