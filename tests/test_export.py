@@ -29,8 +29,8 @@ from auto_quantize_model.core.export_choice import (
 )
 from auto_quantize_model.core.export_labels import export_format
 from auto_quantize_model.core.format_grammar import parse_custom
-from auto_quantize_model.core.frontier import Frontier, FrontierPoint
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
+from auto_quantize_model.frontier_records import Frontier, FrontierPoint
 from builders import FP8, INT8, fp8, group, int8
 
 LAYERS = "model.language_model.layers"

@@ -19,14 +19,12 @@ from auto_quantize_model.core.frontier import (
     IN_PROCESS_BELOW,
     REMAINING_LM,
     REMAINING_OTHER,
-    FrontierPoint,
     SearchRow,
     SearchSpace,
     fixed_row,
     flag_non_monotone,
     lp_problem,
     modelopt_frontier,
-    parse_budgets,
     search_scores,
     solve_frontier,
     solver_processes,
@@ -35,7 +33,9 @@ from auto_quantize_model.core.frontier import (
     step_changes,
 )
 from auto_quantize_model.errors import ConfigError, InputError
+from auto_quantize_model.frontier_records import FrontierPoint
 from auto_quantize_model.render.frontier import JSON_FILE, MARKDOWN_FILE, frontier_to_dict, write_frontier
+from auto_quantize_model.specs import parse_budgets
 from builders import FP8, INT8, NONE, group, int8
 
 # --------------------------------------------------------------------------------------------------

@@ -29,8 +29,6 @@ from auto_quantize_model.artifacts import (
 )
 from auto_quantize_model.backend.modelopt.checkpoint import STATE_FILE
 from auto_quantize_model.core.frontier import (
-    Frontier,
-    FrontierPoint,
     flag_non_monotone,
     modelopt_frontier,
 )
@@ -43,6 +41,7 @@ from auto_quantize_model.core.frontier_points import (
     solve_budgets,
 )
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
+from auto_quantize_model.frontier_records import Frontier, FrontierPoint
 from auto_quantize_model.io.convert import project
 from auto_quantize_model.io.manifest import manifest_from_dict, manifest_to_dict
 from auto_quantize_model.io.pipeline_file import spec_from_dict, spec_to_toml

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Literal
 
 import attrs
 
-from auto_quantize_model.core.frontier import Frontier
+from auto_quantize_model.frontier_records import Frontier
+from auto_quantize_model.specs import ValidateSpec
 
 if TYPE_CHECKING:
     import torch
@@ -520,3 +521,15 @@ class ExportedMix:
     def difference(self) -> float:
         """Read back minus exported NLL; NaN without a checkpoint."""
         return self.read_back_nll - self.exported_nll
+
+
+@attrs.frozen(eq=False)
+class CheckpointInputs:
+    """What a checkpoint export needs: a pristine model and the run's calibration and held-out text."""
+
+    fresh: LoadedModel
+    """A freshly loaded, unquantized model (the run's own one carries AutoQuant's quantizers)."""
+    lm: LanguageModel
+    """The run's language model: only its names (decoder, head, vision towers, pad id) are used."""
+    calib: CalibData
+    holdout: ValidateSpec = attrs.field(factory=ValidateSpec)

@@ -14,6 +14,7 @@ in pipeline order. :mod:`auto_quantize_model.stages` reads that into its registr
 
 from __future__ import annotations
 
+import math
 import re
 import typing
 from collections.abc import Iterable, Mapping
@@ -21,12 +22,70 @@ from typing import Any, Literal
 
 import attrs
 
-from auto_quantize_model.core.frontier import parse_budgets
 from auto_quantize_model.errors import ConfigError
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 SweepTable = dict[str, tuple[Any, ...]]
 """Dotted setting (``calib.seq_len``) -> the values to try."""
+
+
+# --------------------------------------------------------------------------- effective-bits budgets
+
+_BUDGET_FORMS = (
+    "a number (7.5), a comma list (6,7,8.5) or a range start:stop:step (4.5:8:0.25, stop included)"
+)
+
+MAX_BUDGETS = 10_000
+"""More budgets than this in one range is almost surely a typo'd step."""
+
+
+def _budget_value(text: str, part: str) -> float:
+    try:
+        value = float(part)
+    except ValueError:
+        raise ConfigError(
+            f"budgets {text!r}: {part.strip()!r} is not a number; expected {_BUDGET_FORMS}"
+        ) from None
+    if not math.isfinite(value) or not 0.0 < value <= 16.0:
+        raise ConfigError(
+            f"budgets {text!r}: {part.strip()!r} is outside (0, 16]; effective bits are bits per weight"
+        )
+    return value
+
+
+def parse_budgets(text: str) -> tuple[float, ...]:
+    """Effective-bits budgets from ``7.5``, ``6,7,8.5`` or ``4.5:8:0.25`` (stop included).
+
+    Range values after the start are ``start + i * step`` (not accumulated) rounded to 9
+    decimals, so ``4.5:5:0.1`` holds 4.8 rather than 4.800000000000001 and ends at exactly 5.0;
+    the stop is included when it lies within 1e-9 of a step. Returned sorted, without duplicates.
+    """
+    stripped = text.strip()
+    if not stripped:
+        raise ConfigError(f"budgets {text!r}: empty; expected {_BUDGET_FORMS}")
+    if ":" in stripped:
+        parts = stripped.split(":")
+        if len(parts) != 3:
+            raise ConfigError(f"budgets {text!r}: a range has three parts; expected {_BUDGET_FORMS}")
+        start, stop = _budget_value(text, parts[0]), _budget_value(text, parts[1])
+        try:
+            step = float(parts[2])
+        except ValueError:
+            raise ConfigError(f"budgets {text!r}: step {parts[2].strip()!r} is not a number") from None
+        if not math.isfinite(step) or step <= 0.0:
+            raise ConfigError(
+                f"budgets {text!r}: the step must be a positive number, got {parts[2].strip()!r}"
+            )
+        if stop < start:
+            raise ConfigError(f"budgets {text!r}: start {start:g} is above stop {stop:g}")
+        count = math.floor((stop - start) / step + 1e-9) + 1
+        if count > MAX_BUDGETS:
+            raise ConfigError(f"budgets {text!r}: {count} budgets; at most {MAX_BUDGETS} (use a larger step)")
+        values = [start] + [min(round(start + index * step, 9), stop) for index in range(1, count)]
+    else:
+        values = [_budget_value(text, part) for part in stripped.split(",")]
+    return tuple(sorted(set(values)))
+
 
 STAGE_METADATA = "auto_quantize_model.stage"
 """Key of a :class:`PipelineSpec` field's metadata: ``(stage class, its module, short label)``."""
@@ -429,9 +488,12 @@ def _export_bits(instance: object, attribute: attrs.Attribute[Any], value: float
             raise SpecError(_owner(instance), attribute.name, str(err)) from None
 
 
-def _export_format(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    from auto_quantize_model.core.ct_config import EXPORT_FORMATS
+EXPORT_FORMATS = ("modelopt", "compressed-tensors")
+"""Checkpoint formats ``aqm export`` writes: ModelOpt's Hugging Face checkpoint, or compressed-tensors
+(vLLM's format for mixed precision, which transformers also loads)."""
 
+
+def _export_format(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if value not in EXPORT_FORMATS:
         choices = ", ".join(EXPORT_FORMATS)
         raise SpecError(_owner(instance), attribute.name, f"{value!r} is not one of {choices}")

@@ -20,9 +20,10 @@ from auto_quantize_model.app.run_folder import FinishedRun
 from auto_quantize_model.artifacts import GroupScore
 from auto_quantize_model.backend.exporting import choice_at, solve_one
 from auto_quantize_model.core import frontier as frontier_module
-from auto_quantize_model.core.frontier import Frontier, SearchSpace, parse_budgets, solve_frontier
+from auto_quantize_model.core.frontier import SearchSpace, solve_frontier
 from auto_quantize_model.core.frontier_points import search_space
-from auto_quantize_model.specs import FrontierSpec
+from auto_quantize_model.frontier_records import Frontier
+from auto_quantize_model.specs import FrontierSpec, parse_budgets
 from builders import AqmRun, scores
 
 FORMATS = (("W4", 4.0), ("INT8", 8.0), ("NONE", 16.0))

@@ -31,8 +31,7 @@ from auto_quantize_model.errors import StageError
 if TYPE_CHECKING:
     from auto_quantize_model.app.sweep.points import PointSession
     from auto_quantize_model.app.sweep.workers import Worker, WorkerGroup
-    from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier, ReportPaths
-    from auto_quantize_model.backend.exporting import CheckpointInputs
+    from auto_quantize_model.artifacts import BudgetFrontier, CheckpointInputs, MeasuredFrontier, ReportPaths
     from auto_quantize_model.pipeline import Artifacts
     from auto_quantize_model.specs import FrontierSpec, PipelineSpec
 

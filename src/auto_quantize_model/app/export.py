@@ -27,8 +27,7 @@ from auto_quantize_model.app.run_folder import FinishedRun
 from auto_quantize_model.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
-    from auto_quantize_model.artifacts import ExportedMix
-    from auto_quantize_model.backend.exporting import CheckpointInputs
+    from auto_quantize_model.artifacts import CheckpointInputs, ExportedMix
     from auto_quantize_model.specs import PipelineSpec
 
 ExportLoader = Callable[["PipelineSpec"], "CheckpointInputs"]
@@ -65,7 +64,7 @@ class ExportJob:
 
 def parse_bits(text: str) -> float:
     """One effective-bits budget from ``--bits``; a one-line ConfigError naming the flag otherwise."""
-    from auto_quantize_model.core.frontier import parse_budgets
+    from auto_quantize_model.specs import parse_budgets
 
     try:
         budgets = parse_budgets(text)
@@ -82,7 +81,8 @@ def plan_export(request: ExportRequest) -> ExportJob:
     Called with the source folder's lock held (:func:`~auto_quantize_model.app.run_folder.reading`).
     """
     from auto_quantize_model.backend.exporting import refuse_taken
-    from auto_quantize_model.core.ct_config import COMPRESSED_TENSORS, EXPORT_FORMATS
+    from auto_quantize_model.core.ct_config import COMPRESSED_TENSORS
+    from auto_quantize_model.specs import EXPORT_FORMATS
 
     if request.format not in EXPORT_FORMATS:
         raise ConfigError(f"--format {request.format}: choose one of {', '.join(EXPORT_FORMATS)}")
@@ -126,8 +126,7 @@ def load_run_model(pipeline: PipelineSpec) -> CheckpointInputs:
     AutoQuant is not run: the export quantizes this pristine model itself. Held-out text follows
     the run's ``[validate]`` table (its defaults without one).
     """
-    from auto_quantize_model.artifacts import CalibData, LanguageModel, LoadedModel
-    from auto_quantize_model.backend.exporting import CheckpointInputs
+    from auto_quantize_model.artifacts import CalibData, CheckpointInputs, LanguageModel, LoadedModel
     from auto_quantize_model.specs import ValidateSpec
     from auto_quantize_model.stages import partial_pipeline
 

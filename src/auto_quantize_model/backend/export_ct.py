@@ -16,8 +16,7 @@ from auto_quantize_model.core.ct_config import COMPRESSED_TENSORS, ct_readme_tex
 from auto_quantize_model.io.atomic import atomic_write_text
 
 if TYPE_CHECKING:
-    from auto_quantize_model.artifacts import ExportedMix
-    from auto_quantize_model.backend.exporting import CheckpointInputs
+    from auto_quantize_model.artifacts import CheckpointInputs, ExportedMix
     from auto_quantize_model.core.export_config import ExportConfig
 
 log = logging.getLogger("auto_quantize_model")

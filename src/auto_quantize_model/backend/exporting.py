@@ -19,14 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
-
 from auto_quantize_model.artifacts import (
     BudgetFrontier,
-    CalibData,
+    CheckpointInputs,
     ExportedMix,
-    LanguageModel,
-    LoadedModel,
     SensitivityScores,
 )
 from auto_quantize_model.core.ct_config import (
@@ -47,7 +43,6 @@ from auto_quantize_model.io.staged import (
     refuse_links,
     scratch_beside,
 )
-from auto_quantize_model.specs import ValidateSpec
 
 log = logging.getLogger("auto_quantize_model")
 
@@ -58,18 +53,6 @@ CONFIG_ONLY_DEVICE = "cuda"
 """The device a config-only export is checked for: nothing is quantized here, and the written
 config runs wherever ModelOpt has the format's kernels (NVFP4 needs CUDA; that check belongs to
 the checkpoint, which is made on the model's own device)."""
-
-
-@attrs.frozen(eq=False)
-class CheckpointInputs:
-    """What a checkpoint export needs: a pristine model and the run's calibration and held-out text."""
-
-    fresh: LoadedModel
-    """A freshly loaded, unquantized model (the run's own one carries AutoQuant's quantizers)."""
-    lm: LanguageModel
-    """The run's language model: only its names (decoder, head, vision towers, pad id) are used."""
-    calib: CalibData
-    holdout: ValidateSpec = attrs.field(factory=ValidateSpec)
 
 
 def choice_at(

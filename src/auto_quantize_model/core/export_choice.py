@@ -21,7 +21,7 @@ from auto_quantize_model.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import GroupScore
-    from auto_quantize_model.core.frontier import Frontier
+    from auto_quantize_model.frontier_records import Frontier
 
 
 @attrs.frozen

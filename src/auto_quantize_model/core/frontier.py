@@ -58,18 +58,18 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from auto_quantize_model.core.bits import effective_bits, model_constraint, unquantized_weights
 from auto_quantize_model.core.scores import NO_QUANT, group_name, has_quantized_format, parse_label
 from auto_quantize_model.errors import ConfigError, InputError
+from auto_quantize_model.frontier_records import Frontier, FrontierPoint, Method
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import GroupScore
 
-Method = Literal["gradient", "kl_div"]
 
 LOWER_BOUNDS: tuple[float | None, ...] = (None, 0.99, 0.90)
 """ModelOpt's retry schedule for the gradient search (weight cost model): cost floors as budget fractions."""
@@ -80,68 +80,8 @@ KL_DIV_STEPS = 100
 FEASIBILITY_TOLERANCE = 1e-12
 """ModelOpt's slack (relative to the uncompressed size) when it checks that a budget is reachable."""
 
-MAX_BUDGETS = 10_000
-"""More budgets than this in one range is almost surely a typo'd step."""
-
 REMAINING_LM = "(LM weights outside the groups)"
 REMAINING_OTHER = "(non-LM weights)"
-
-_BUDGET_FORMS = (
-    "a number (7.5), a comma list (6,7,8.5) or a range start:stop:step (4.5:8:0.25, stop included)"
-)
-
-
-# --------------------------------------------------------------------------------------------------
-# Budgets
-# --------------------------------------------------------------------------------------------------
-
-
-def _budget_value(text: str, part: str) -> float:
-    try:
-        value = float(part)
-    except ValueError:
-        raise ConfigError(
-            f"budgets {text!r}: {part.strip()!r} is not a number; expected {_BUDGET_FORMS}"
-        ) from None
-    if not math.isfinite(value) or not 0.0 < value <= 16.0:
-        raise ConfigError(
-            f"budgets {text!r}: {part.strip()!r} is outside (0, 16]; effective bits are bits per weight"
-        )
-    return value
-
-
-def parse_budgets(text: str) -> tuple[float, ...]:
-    """Effective-bits budgets from ``7.5``, ``6,7,8.5`` or ``4.5:8:0.25`` (stop included).
-
-    Range values after the start are ``start + i * step`` (not accumulated) rounded to 9
-    decimals, so ``4.5:5:0.1`` holds 4.8 rather than 4.800000000000001 and ends at exactly 5.0;
-    the stop is included when it lies within 1e-9 of a step. Returned sorted, without duplicates.
-    """
-    stripped = text.strip()
-    if not stripped:
-        raise ConfigError(f"budgets {text!r}: empty; expected {_BUDGET_FORMS}")
-    if ":" in stripped:
-        parts = stripped.split(":")
-        if len(parts) != 3:
-            raise ConfigError(f"budgets {text!r}: a range has three parts; expected {_BUDGET_FORMS}")
-        start, stop = _budget_value(text, parts[0]), _budget_value(text, parts[1])
-        try:
-            step = float(parts[2])
-        except ValueError:
-            raise ConfigError(f"budgets {text!r}: step {parts[2].strip()!r} is not a number") from None
-        if not math.isfinite(step) or step <= 0.0:
-            raise ConfigError(
-                f"budgets {text!r}: the step must be a positive number, got {parts[2].strip()!r}"
-            )
-        if stop < start:
-            raise ConfigError(f"budgets {text!r}: start {start:g} is above stop {stop:g}")
-        count = math.floor((stop - start) / step + 1e-9) + 1
-        if count > MAX_BUDGETS:
-            raise ConfigError(f"budgets {text!r}: {count} budgets; at most {MAX_BUDGETS} (use a larger step)")
-        values = [start] + [min(round(start + index * step, 9), stop) for index in range(1, count)]
-    else:
-        values = [_budget_value(text, part) for part in stripped.split(",")]
-    return tuple(sorted(set(values)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -733,58 +673,6 @@ def _exact_select(rows: Sequence[SearchRow], limits: Sequence[float]) -> list[tu
 # --------------------------------------------------------------------------------------------------
 # The frontier
 # --------------------------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class FrontierPoint:
-    """ModelOpt's choice at one budget and what it reaches."""
-
-    budget: float
-    """Asked-for effective bits over the language model's weights."""
-    constraint: float
-    """Effective bits over every costed weight: what ModelOpt is given (:func:`model_constraint`)."""
-    formats: tuple[str, ...]
-    """Chosen format of every :attr:`Frontier.groups` entry, in that order."""
-    effective_bits_lm: float
-    effective_bits_model: float
-    total_score: float
-    """Predicted damage: the sum of the chosen formats' search scores (ModelOpt's ``best["score"]``)."""
-    reachable: bool
-    """False when even the cheapest mix exceeds the budget; the point then holds that mix."""
-    satisfied: bool
-    """:func:`solve_frontier`: the mix is proven the least score within the budget. The replay:
-    ModelOpt's ``is_satisfied``, CBC proved an optimum (gradient) or the last threshold fits (kl_div)."""
-    non_monotone: bool = False
-    """This budget is above the previous point's and the predicted score is worse (higher)."""
-
-
-@attrs.frozen
-class Frontier:
-    """Per-group formats and predicted scores over a range of budgets, from one scoring pass."""
-
-    method: Method
-    groups: tuple[str, ...]
-    """The LM groups with a quantized format to choose, in ModelOpt's order."""
-    points: tuple[FrontierPoint, ...]
-    """One per budget, budgets ascending."""
-    format_bits: tuple[tuple[str, float], ...]
-    """Every format the groups choose from and its bits, fewest bits first (``NONE`` last)."""
-    min_bits_lm: float
-    """The fewest LM effective bits any mix reaches (every group on its cheapest format)."""
-    min_bits_model: float
-    lm_weights: float
-    other_weights: float
-    exact_order: bool
-    """See :attr:`SearchSpace.exact_order`."""
-    seconds: float
-    """Wall time of the solve (CBC runs included in the replay)."""
-
-    def point(self, budget: float) -> FrontierPoint:
-        """The point of ``budget`` (to 1e-9), for looking up e.g. the run's own budget."""
-        for candidate in self.points:
-            if abs(candidate.budget - budget) <= 1e-9:
-                return candidate
-        raise KeyError(f"no frontier point at {budget:g} bits")
 
 
 @attrs.frozen

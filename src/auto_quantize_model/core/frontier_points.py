@@ -27,9 +27,6 @@ from auto_quantize_model.artifacts import (
 from auto_quantize_model.core import stats
 from auto_quantize_model.core.bits import unquantized_weights
 from auto_quantize_model.core.frontier import (
-    Frontier,
-    FrontierPoint,
-    Method,
     SearchRow,
     SearchSpace,
     fixed_row,
@@ -39,6 +36,7 @@ from auto_quantize_model.core.frontier import (
 )
 from auto_quantize_model.core.scores import NO_QUANT, has_quantized_format
 from auto_quantize_model.errors import InputError
+from auto_quantize_model.frontier_records import Frontier, FrontierPoint, Method
 
 METHODS: tuple[Method, ...] = ("gradient", "kl_div")
 

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from auto_quantize_model.core.frontier import Frontier, FrontierPoint, step_changes
+from auto_quantize_model.core.frontier import step_changes
+from auto_quantize_model.frontier_records import Frontier, FrontierPoint
 from auto_quantize_model.io.atomic import atomic_write_text, own_folder
 from auto_quantize_model.io.convert import dumps_json
 from auto_quantize_model.render.plots import save_figure, short_name

@@ -14,6 +14,7 @@ import attrs
 
 from auto_quantize_model.artifacts import (
     CalibData,
+    CheckpointInputs,
     ExportedMix,
     LanguageModel,
     LoadedModel,
@@ -21,7 +22,6 @@ from auto_quantize_model.artifacts import (
 )
 from auto_quantize_model.backend.exporting import (
     EXPORT_FILE,
-    CheckpointInputs,
     choice_at,
     export_mix,
     solve_one,

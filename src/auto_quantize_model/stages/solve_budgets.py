@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 
 from auto_quantize_model.artifacts import BudgetFrontier, SensitivityScores
-from auto_quantize_model.core.frontier import parse_budgets
 from auto_quantize_model.core.frontier_points import search_method, search_space, solve_budgets
-from auto_quantize_model.specs import FrontierSpec
+from auto_quantize_model.specs import FrontierSpec, parse_budgets
 
 if TYPE_CHECKING:
     from auto_quantize_model.pipeline import Artifacts
