@@ -336,8 +336,20 @@ def check_export(folder: Path, choice: dict[str, str]) -> dict[str, Any]:
 
 
 def manifest_choice(folder: Path, name: str) -> dict[str, str]:
-    data = json.loads((folder / name).read_text(encoding="utf-8"))
-    return {module: g["best_format"] for g in data["groups"] for module in g["module_names"]}
+    """Every module's format at the run's budget as the frontier picks it (what aqm export writes:
+    the least predicted score, which can beat ModelOpt's own choice)."""
+    from auto_quantize_model.app.run_folder import FinishedRun
+    from auto_quantize_model.specs import FrontierSpec
+
+    run = FinishedRun.open(folder / name)
+    budget = run.manifest.scheme.effective_bits_target
+    frontier = run.frontier(FrontierSpec(bits=repr(budget), workers=1)).frontier
+    chosen = dict(zip(frontier.groups, frontier.point(budget).formats, strict=True))
+    return {
+        module: chosen.get(group.name, NO_QUANT)
+        for group in run.manifest.groups
+        for module in group.module_names
+    }
 
 
 @pytest.mark.slow
