@@ -477,7 +477,8 @@ class FrontierSpec:
     holdout_samples: int = attrs.field(default=64, validator=positive)
     workers: int | None = attrs.field(default=None, validator=positive)
     """Processes for the gradient method's CBC solves (~0.25 s each); None: in process for a small
-    problem, else one per available CPU (:func:`~auto_quantize_model.core.frontier.solver_processes`)."""
+    problem, else one per available CPU
+    (:func:`~auto_quantize_model.core.frontier_replay.solver_processes`)."""
 
 
 def _export_bits(instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
