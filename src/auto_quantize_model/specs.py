@@ -10,6 +10,10 @@ Python constructor stops at the first.
 :class:`PipelineSpec` is also where the stage list is written down, once: each stage table
 carries the name of the stage class it configures and a short label (see :func:`stage_table`),
 in pipeline order. :mod:`auto_quantize_model.stages` reads that into its registry.
+
+One module (about 600 lines) on purpose: it is the pipeline file's whole schema, and the value
+types of its fields (the budget grammar, the device-map and memory tables) sit beside those fields
+and the validators that check them; split, a knob and its check would live in different files.
 """
 
 from __future__ import annotations
