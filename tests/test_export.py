@@ -449,32 +449,32 @@ def test_the_pure_module_imports_no_torch_or_modelopt() -> None:
 def test_presets_come_from_modelopt_and_cuda_formats_are_refused_on_cpu() -> None:
     import modelopt.torch.quantization.config as presets
 
-    from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt import quant_config as qc
 
-    found = ex.format_configs(["INT8_DEFAULT_CFG", "wfp8_afp8", "NONE"])
+    found = qc.format_configs(["INT8_DEFAULT_CFG", "wfp8_afp8", "NONE"])
     assert found["INT8_DEFAULT_CFG"] == presets.INT8_DEFAULT_CFG
     assert found["INT8_DEFAULT_CFG"] is not presets.INT8_DEFAULT_CFG  # a copy: nothing edits ModelOpt's
     assert set(found) == {"INT8_DEFAULT_CFG", "wfp8_afp8"}
     choices = layer_choices("NVFP4_DEFAULT_CFG", FP8, "NONE")
     with pytest.raises(ConfigError, match=r"^format NVFP4_DEFAULT_CFG cannot be exported on cpu: .*CUDA"):
-        ex.prepare_export(choices, device="cpu")
-    assert ex.prepare_export(choices, device="cuda:0").needs_cuda == ("NVFP4_DEFAULT_CFG",)
+        qc.prepare_export(choices, device="cpu")
+    assert qc.prepare_export(choices, device="cuda:0").needs_cuda == ("NVFP4_DEFAULT_CFG",)
 
 
 @pytest.mark.slow
 def test_written_files_are_accepted_by_modelopt_and_quantize_the_chosen_layers(tmp_path: Path) -> None:
     import modelopt.torch.quantization as mtq
 
-    from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt import quant_config as qc
     from auto_quantize_model.backend.models import build_builtin
     from auto_quantize_model.sources import TINY_QWEN3_VL
 
     model = build_builtin(TINY_QWEN3_VL, seed=0, dtype="float32", device="cpu").model
     choices = layer_choices(INT8, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "wfp8-pc_afp8-token")
-    config = ex.prepare_export(
-        choices, vision_prefixes=("model.visual",), known_modules=ex.linear_modules(model)
+    config = qc.prepare_export(
+        choices, vision_prefixes=("model.visual",), known_modules=qc.linear_modules(model)
     )
-    files = ex.write_quant_config(config, tmp_path)  # reads both back itself (YAML via load_recipe)
+    files = qc.write_quant_config(config, tmp_path)  # reads both back itself (YAML via load_recipe)
     assert files.layers == len(config.layers) == 4 * 7 + 1
     readme = Path(files.readme_path).read_text(encoding="utf-8")
     assert "quant_recipe.yaml" in readme
@@ -507,6 +507,7 @@ def tiny_export(
     from auto_quantize_model.backend.lm_forward import as_tensors, calibration_step_for
     from auto_quantize_model.backend.locate import extract_language_model
     from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt import quant_config as qc
     from auto_quantize_model.backend.models import build_builtin
     from auto_quantize_model.core.batching import encode, holdout_columns, scorable
     from auto_quantize_model.core.captions import read_caption_file
@@ -516,11 +517,11 @@ def tiny_export(
 
     loaded = build_builtin(TINY_QWEN3_VL, seed=0, dtype=dtype, device=device)  # type: ignore[arg-type]
     lm = extract_language_model(loaded.model, loaded.tokenizer, ExtractSpec())
-    config = ex.prepare_export(
+    config = qc.prepare_export(
         choices,
         device=device,
         vision_prefixes=lm.vision_modules,
-        known_modules=ex.linear_modules(loaded.model),
+        known_modules=qc.linear_modules(loaded.model),
     )
     captions = read_caption_file(builtin_captions_path())
     calib = scorable(encode(loaded.tokenizer, captions[:calib_captions]), 64)
@@ -528,7 +529,7 @@ def tiny_export(
     batches = [as_tensors(c) for c in holdout_columns(calib, lm.pad_token_id)]
     evaluate = ex.holdout_evaluator(held_out, lm.pad_token_id, lm.prefix, lm.head_name)
     out = tmp_path / "export"
-    ex.write_quant_config(config, out)
+    qc.write_quant_config(config, out)
     result = ex.export_checkpoint(
         loaded.model,
         loaded.tokenizer,
@@ -627,11 +628,12 @@ def test_a_bfloat16_export_reads_back_within_the_16_bit_tolerance(tmp_path: Path
 @pytest.mark.slow
 def test_export_refuses_a_used_folder_and_a_quantized_model(tmp_path: Path) -> None:
     from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt import quant_config as qc
     from auto_quantize_model.backend.models import build_builtin
     from auto_quantize_model.sources import TINY_QWEN3_VL
 
     loaded = build_builtin(TINY_QWEN3_VL, seed=0, dtype="float32", device="cpu")
-    config = ex.prepare_export(layer_choices(INT8, INT8, "NONE"))
+    config = qc.prepare_export(layer_choices(INT8, INT8, "NONE"))
     used = tmp_path / "used"
     used.mkdir()
     (used / "config.json").write_text("{}", encoding="utf-8")
@@ -643,7 +645,7 @@ def test_export_refuses_a_used_folder_and_a_quantized_model(tmp_path: Path) -> N
         ex.export_checkpoint(loaded.model, None, config, [], lambda m, b: None, tmp_path / "new")
     import modelopt.torch.quantization as mtq
 
-    mtq.quantize(loaded.model, copy.deepcopy(ex.format_configs([INT8])[INT8]), None)
+    mtq.quantize(loaded.model, copy.deepcopy(qc.format_configs([INT8])[INT8]), None)
     with pytest.raises(ConfigError, match="already carries ModelOpt quantizers"):
         ex.export_checkpoint(loaded.model, None, config, [{}], lambda m, b: None, tmp_path / "new")
     with pytest.raises(InputError, match=r"has no config\.json"):
@@ -661,7 +663,7 @@ def test_the_runs_own_choice_gives_modelopts_get_auto_quantize_config(tmp_path: 
     import torch
 
     from auto_quantize_model.artifacts import LanguageModel, SensitivityScores
-    from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt import quant_config as qc
     from auto_quantize_model.backend.modelopt.plan import textlm_name_map
     from auto_quantize_model.pipeline import Pipeline
     from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec, LoadSpec
@@ -688,7 +690,7 @@ def test_the_runs_own_choice_gives_modelopts_get_auto_quantize_config(tmp_path: 
     chosen = {g.best_format for g in scores.groups}
     assert "NONE" in chosen
     assert chosen & {INT8, FP8}  # a real mix of quantized and unquantized groups
-    config = ex.prepare_export(choices_from_groups(scores.groups))
+    config = qc.prepare_export(choices_from_groups(scores.groups))
 
     # The state file is written after scoring, before the search: ModelOpt re-solves it for the
     # run's budget (in language_model scope the constraint is the LM budget itself).
@@ -699,9 +701,9 @@ def test_the_runs_own_choice_gives_modelopts_get_auto_quantize_config(tmp_path: 
         module, _, attr = entry["quantizer_name"].rpartition(".")
         if module:
             entry["quantizer_name"] = f"{full_name(module)}.{attr}"
-    configs = ex.format_configs([INT8, FP8])
+    configs = qc.format_configs([INT8, FP8])
     # ModelOpt leaves out attributes at their defaults (axis None): compare through its schema.
-    problems = xc.config_mismatches(theirs, config, configs, canonical=ex.modelopt_canonical)
+    problems = xc.config_mismatches(theirs, config, configs, canonical=qc.modelopt_canonical)
     assert problems == (), problems[:3]
     assert xc.config_mismatches(theirs, config, configs) != ()  # ... which the plain spelling cannot
     assert xc.config_mismatches(config.quant_config, config, configs) == ()
@@ -744,12 +746,12 @@ def test_nvfp4_mixes_export_and_read_back_on_cuda(
 def test_an_awq_alpha_step_exports_like_its_preset() -> None:
     import attrs
 
-    from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt import quant_config as qc
 
     coarse = "W4A8_AWQ_BETA_CFG:alpha_step=0.25"
     preset = export_format("W4A8_AWQ_BETA_CFG")
     assert attrs.evolve(export_format(coarse), name="W4A8_AWQ_BETA_CFG") == preset
-    configs = ex.format_configs([coarse, "W4A8_AWQ_BETA_CFG"])
+    configs = qc.format_configs([coarse, "W4A8_AWQ_BETA_CFG"])
     assert configs[coarse]["algorithm"] == {"method": "awq_lite", "alpha_step": 0.25}
     assert configs[coarse]["quant_cfg"] == configs["W4A8_AWQ_BETA_CFG"]["quant_cfg"]
     assert xc.algorithm_method(configs[coarse]["algorithm"]) == "awq_lite"

@@ -50,7 +50,7 @@ def exporter_record(name: str) -> dict[str, Any] | str:
     import torch
     from modelopt.torch.export.quant_utils import get_quant_config
 
-    from auto_quantize_model.backend.modelopt.export import format_configs
+    from auto_quantize_model.backend.modelopt.quant_config import format_configs
 
     config = copy.deepcopy(format_configs([name])[name])
     algorithm = config.get("algorithm")

@@ -13,24 +13,24 @@ from typing import Any
 import attrs
 import pytest
 
-from auto_quantize_model.core import frontier as frontier_module
+from auto_quantize_model.core import frontier_replay
 from auto_quantize_model.core.bits import effective_bits, model_constraint, unquantized_weights
 from auto_quantize_model.core.frontier import (
-    IN_PROCESS_BELOW,
+    flag_non_monotone,
+    modelopt_frontier,
+    solve_frontier,
+    step_changes,
+)
+from auto_quantize_model.core.frontier_replay import IN_PROCESS_BELOW, lp_problem, solver_processes
+from auto_quantize_model.core.frontier_space import (
     REMAINING_LM,
     REMAINING_OTHER,
     SearchRow,
     SearchSpace,
     fixed_row,
-    flag_non_monotone,
-    lp_problem,
-    modelopt_frontier,
     search_scores,
-    solve_frontier,
-    solver_processes,
     space_from_scores,
     space_from_state,
-    step_changes,
 )
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.frontier_records import FrontierPoint
@@ -274,19 +274,21 @@ def test_a_small_problem_is_solved_in_process_by_default(monkeypatch: pytest.Mon
     assert len(space.rows) * len(budgets) < IN_PROCESS_BELOW
     serial = modelopt_frontier(space, budgets, workers=1)
     asked: list[int] = []
-    solve_lp = frontier_module._solve_lp
+    solve_lp = frontier_replay._solve_lp
 
     def spy(rows: Any, max_weights: Any, workers: int) -> Any:
         asked.append(workers)
         return solve_lp(rows, max_weights, workers)
 
-    monkeypatch.setattr(frontier_module, "_solve_lp", spy)
+    monkeypatch.setattr(frontier_replay, "_solve_lp", spy)
     assert modelopt_frontier(space, budgets).points == serial.points
     assert asked == [1]
 
 
 def test_solver_processes_threshold_and_requests(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("auto_quantize_model.core.frontier.os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(
+        "auto_quantize_model.core.frontier_replay.os.sched_getaffinity", lambda pid: set(range(8))
+    )
     below = IN_PROCESS_BELOW - 1
     assert solver_processes(below, 1) == 1
     assert solver_processes(1, below) == 1

@@ -10,6 +10,10 @@ Python constructor stops at the first.
 :class:`PipelineSpec` is also where the stage list is written down, once: each stage table
 carries the name of the stage class it configures and a short label (see :func:`stage_table`),
 in pipeline order. :mod:`auto_quantize_model.stages` reads that into its registry.
+
+One module (about 600 lines) on purpose: it is the pipeline file's whole schema, and the value
+types of its fields (the budget grammar, the device-map and memory tables) sit beside those fields
+and the validators that check them; split, a knob and its check would live in different files.
 """
 
 from __future__ import annotations
@@ -477,7 +481,8 @@ class FrontierSpec:
     holdout_samples: int = attrs.field(default=64, validator=positive)
     workers: int | None = attrs.field(default=None, validator=positive)
     """Processes for the gradient method's CBC solves (~0.25 s each); None: in process for a small
-    problem, else one per available CPU (:func:`~auto_quantize_model.core.frontier.solver_processes`)."""
+    problem, else one per available CPU
+    (:func:`~auto_quantize_model.core.frontier_replay.solver_processes`)."""
 
 
 def _export_bits(instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:

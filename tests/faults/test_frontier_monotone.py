@@ -19,9 +19,10 @@ import pytest
 from auto_quantize_model.app.run_folder import FinishedRun
 from auto_quantize_model.artifacts import GroupScore
 from auto_quantize_model.backend.exporting import choice_at, solve_one
-from auto_quantize_model.core import frontier as frontier_module
-from auto_quantize_model.core.frontier import SearchSpace, solve_frontier
+from auto_quantize_model.core import frontier_exact
+from auto_quantize_model.core.frontier import solve_frontier
 from auto_quantize_model.core.frontier_points import search_space
+from auto_quantize_model.core.frontier_space import SearchSpace
 from auto_quantize_model.frontier_records import Frontier
 from auto_quantize_model.specs import FrontierSpec, parse_budgets
 from builders import AqmRun, scores
@@ -158,7 +159,7 @@ def test_a_search_cut_short_still_never_predicts_more_damage(monkeypatch: pytest
     for index in range(30):
         weights = float(rng.randint(1000, 30000))
         groups.append(scored(f"layers.{index}.proj", weights, 1e-13 * weights * 12, 1e-13 * weights * 8))
-    monkeypatch.setattr(frontier_module, "SEARCH_WORK", 200, raising=False)
+    monkeypatch.setattr(frontier_exact, "SEARCH_WORK", 200)
     frontier = solve_frontier(space_of(groups), GRID)
     assert worse_steps(frontier) == []
     assert quantized(frontier.points[-1].formats) == 0

@@ -21,21 +21,17 @@ import attrs
 import pytest
 
 from auto_quantize_model.app.lock import Owner
-from auto_quantize_model.app.sweep.points import PointResult, expand_sweep, reuse_order
-from auto_quantize_model.app.sweep.workers import (
+from auto_quantize_model.app.sweep.messages import (
     BadMessage,
     PointReport,
     Problem,
-    Worker,
-    WorkerGroup,
-    WorkerLost,
     WorkerReport,
     decode_message,
     encode_message,
-    listening_addresses,
-    wait_for_workers,
-    warn_if_exposed,
 )
+from auto_quantize_model.app.sweep.points import PointResult, expand_sweep, reuse_order
+from auto_quantize_model.app.sweep.store import listening_addresses, warn_if_exposed
+from auto_quantize_model.app.sweep.workers import Worker, WorkerGroup, WorkerLost, wait_for_workers
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.io.pipeline_file import spec_from_dict
 

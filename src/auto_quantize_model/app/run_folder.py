@@ -171,8 +171,8 @@ class FinishedRun:
         named here, not by the solver's traceback).
         """
         from auto_quantize_model.artifacts import GroupScore
-        from auto_quantize_model.core.frontier import solver_processes
         from auto_quantize_model.core.frontier_points import search_method, search_space, solve_budgets
+        from auto_quantize_model.core.frontier_replay import solver_processes
         from auto_quantize_model.io.convert import project
         from auto_quantize_model.io.manifest import check_solvable
         from auto_quantize_model.specs import parse_budgets

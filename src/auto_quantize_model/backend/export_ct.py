@@ -29,10 +29,11 @@ def write_ct_checkpoint(
     from auto_quantize_model.backend import compressed_tensors as ct
     from auto_quantize_model.backend.lm_forward import calibration_step_for, decoder_and_head
     from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt.quant_config import linear_modules
     from auto_quantize_model.core.validation import held_out_set
 
     fresh, lm = inputs.fresh, inputs.lm
-    plan = plan_ct(config, ex.linear_modules(fresh.model))
+    plan = plan_ct(config, linear_modules(fresh.model))
     held_out = held_out_set(inputs.holdout, inputs.calib, fresh.tokenizer)
     decoder_path, head_path = decoder_and_head(lm, fresh.model)
     evaluate = ex.holdout_evaluator(held_out.token_lists, lm.pad_token_id, decoder_path, head_path)

@@ -145,7 +145,7 @@ def export_mix(
     checked before anything is loaded or written, and it needs ``checkpoint``.
     """
     from auto_quantize_model.backend import export_ct
-    from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt import quant_config as qc
 
     compressed = checkpoint_format == COMPRESSED_TENSORS
     if compressed:
@@ -162,17 +162,17 @@ def export_mix(
         target = target.resolve()  # `--output .` / `..`: a folder with a name to stage beside
     previous = refuse_taken(target, force)
     if checkpoint is not None:
-        config = ex.prepare_export(
+        config = qc.prepare_export(
             choices,
             device=checkpoint.fresh.device,
             vision_prefixes=checkpoint.lm.vision_modules,
-            known_modules=ex.linear_modules(checkpoint.fresh.model),
+            known_modules=qc.linear_modules(checkpoint.fresh.model),
             exportable=exportable,
         )
     else:
-        config = ex.prepare_export(choices, device=CONFIG_ONLY_DEVICE)
+        config = qc.prepare_export(choices, device=CONFIG_ONLY_DEVICE)
     with scratch_beside(target, "export") as scratch:
-        ex.write_quant_config(config, scratch)
+        qc.write_quant_config(config, scratch)
         figures: dict[str, Any] = {}
         extra_notes: tuple[str, ...] = ()
         if checkpoint is not None:

@@ -1,8 +1,9 @@
 """A chosen per-group format mix as a ModelOpt quantization config, and the checks that read it back.
 
-Pure: no torch, no ModelOpt. The ModelOpt side (preset configs, ``mtq.quantize``, the Hugging Face
-exporter) is :mod:`auto_quantize_model.backend.modelopt.export`; it hands this module each
-format's ModelOpt config as a plain dict.
+Pure: no torch, no ModelOpt. The ModelOpt side is :mod:`auto_quantize_model.backend.modelopt.quant_config`
+(preset configs, ModelOpt's recipe reader) and :mod:`auto_quantize_model.backend.modelopt.export`
+(``mtq.quantize``, the Hugging Face exporter); they hand this module each format's ModelOpt config
+as a plain dict.
 
 The config has the shape ModelOpt 0.47's own ``get_auto_quantize_config`` gives a search result
 (``modelopt/torch/quantization/algorithms.py:1976``): a deny-all entry ``{"quantizer_name": "*",

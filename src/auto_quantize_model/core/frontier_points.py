@@ -26,14 +26,8 @@ from auto_quantize_model.artifacts import (
 )
 from auto_quantize_model.core import stats
 from auto_quantize_model.core.bits import unquantized_weights
-from auto_quantize_model.core.frontier import (
-    SearchRow,
-    SearchSpace,
-    fixed_row,
-    modelopt_frontier,
-    solve_frontier,
-    space_from_scores,
-)
+from auto_quantize_model.core.frontier import modelopt_frontier, solve_frontier
+from auto_quantize_model.core.frontier_space import SearchRow, SearchSpace, fixed_row, space_from_scores
 from auto_quantize_model.core.scores import NO_QUANT, has_quantized_format
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.frontier_records import Frontier, FrontierPoint, Method

@@ -7,7 +7,8 @@ Files (the previous tool's names, so existing scripts keep finding them):
   ``autoquant_state``, ``layer_sensitivity: [{layer, num_bits, sensitivity, size_cost}]``) with
   ``rank``, ``best_format`` and every format's bits/score/cost added to each row;
 * ``per-layer-sensitivity.md``: the run's warnings first (settings that could not be honoured,
-  figures that could not be measured), then run summary, score health, plots and the ranked table;
+  figures that could not be measured), then run summary, score health, plots, the validation
+  (:mod:`auto_quantize_model.render.validation`) and the ranked table;
 * ``plots/*.png|svg`` unless plots are off; ``<scheme>_autoquant_state.pt`` when asked for.
 
 Every table lists groups in manifest order, which is rank order, so ranks agree across the three
@@ -22,23 +23,23 @@ reports under the very same file names and those are the reference we compare ag
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from auto_quantize_model.artifacts import Interval, ReportPaths, ValidationReport
+from auto_quantize_model.artifacts import ReportPaths
 from auto_quantize_model.core.experts import experts_markdown
-from auto_quantize_model.core.noise import NAN_INTERVAL, noise_sentences, random_weights_notice
-from auto_quantize_model.core.proxies import beats
-from auto_quantize_model.core.scores import NO_QUANT, coefficient_text, headline_index
+from auto_quantize_model.core.noise import random_weights_notice
+from auto_quantize_model.core.scores import NO_QUANT, headline_index
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.atomic import atomic_copy, atomic_write_text
 from auto_quantize_model.io.convert import dumps_json
 from auto_quantize_model.io.manifest import manifest_to_json
 from auto_quantize_model.io.manifest_file import MANIFEST_SUFFIX, read_manifest
 from auto_quantize_model.manifest_records import Manifest, RankedGroup
+from auto_quantize_model.render.cells import NOT_AVAILABLE, number
+from auto_quantize_model.render.validation import validation_markdown
 
 log = logging.getLogger("auto_quantize_model")
 
@@ -46,7 +47,6 @@ STATE_SUFFIX = "_autoquant_state.pt"
 LAYER_JSON = "per-layer-sensitivity.json"
 LAYER_MD = "per-layer-sensitivity.md"
 PLOTS_DIR = "plots"
-NOT_AVAILABLE = "n/a"
 TABLE_ALL_UP_TO = 60
 """Rankings up to this many groups are one table; longer ones show the top :data:`TABLE_TOP`."""
 TABLE_TOP = 30
@@ -72,18 +72,8 @@ def _or_na(value: object) -> str:
     return NOT_AVAILABLE if value is None or value == "" else str(value)
 
 
-def _num(value: float | None, spec: str = ".4e") -> str:
-    if value is None:
-        return NOT_AVAILABLE
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return format(value, spec)
-
-
 def _bits(value: float | None) -> str:
-    return _num(value, ".3f")
+    return number(value, ".3f")
 
 
 def quantized_formats(groups: Sequence[RankedGroup]) -> tuple[str, ...]:
@@ -233,7 +223,7 @@ def _header(manifest: Manifest) -> list[str]:
         "",
         f"- **Effective bits:** target {_bits(scheme.effective_bits_target)}, "
         f"language model {_bits(scheme.effective_bits_lm)}, whole model {_bits(scheme.effective_bits_model)}",
-        f"- **Total score:** {_num(scheme.total_score)}",
+        f"- **Total score:** {number(scheme.total_score)}",
         f"- **Constraint satisfied:** {'yes' if scheme.satisfied else 'no'}",
         f"- **Scoring:** {scheme.score_samples} samples, {_or_na(scheme.score_steps)} score steps, "
         f"{_or_na(scheme.calib_steps)} calibration steps",
@@ -246,213 +236,10 @@ def _header(manifest: Manifest) -> list[str]:
     return lines
 
 
-def _cell(text: str) -> str:
-    """Text for a Markdown table cell: a bare ``|`` would end the cell."""
-    return text.replace("|", "\\|")
-
-
 def _notice(manifest: Manifest) -> list[str]:
     """The random-weights sentence, right under the title: nothing below means anything without it."""
     notice = random_weights_notice(manifest.model.source)
     return [f"> **{notice}**", ""] if notice else []
-
-
-def _interval(interval: Interval | None, spec: str = ".3f") -> str:
-    """``[low, high]``; ``n/a`` when not computed or NaN."""
-    if interval is None or math.isnan(interval.low) or math.isnan(interval.high):
-        return NOT_AVAILABLE
-    return f"[{_num(interval.low, spec)}, {_num(interval.high, spec)}]"
-
-
-def _coefficient(value: float, interval: Interval | None) -> str:
-    text = coefficient_text(value)
-    return text if interval is None else f"{text} {_interval(interval)}"
-
-
-def _agreement(report: ValidationReport) -> list[str]:
-    """Rank agreement, headline first; with a noise floor, every coefficient with its interval."""
-    noise, k = report.noise, report.k
-    if noise is None:
-        return [
-            f"- **Rank agreement (measured ΔNLL):** Spearman {coefficient_text(report.spearman_nll)}, "
-            f"Kendall {coefficient_text(report.kendall_nll)}; "
-            f"(KL) Spearman {coefficient_text(report.spearman_kl)}, "
-            f"Kendall {coefficient_text(report.kendall_kl)}",
-            f"- **Top-{k} overlap:** {report.topk_overlap:.2f}",
-            "- **Noise floor:** not computed (no per-caption measurements, or validate.bootstrap = 0): "
-            "differences between measured values may be noise",
-        ]
-    by_kl = (
-        f"Spearman {_coefficient(report.spearman_kl, noise.spearman_kl)}, "
-        f"Kendall {_coefficient(report.kendall_kl, noise.kendall_kl)}, "
-        f"top-{k} overlap {noise.topk_overlap_kl:.2f}"
-    )
-    by_nll = (
-        f"Spearman {_coefficient(report.spearman_nll, noise.spearman_nll)}, "
-        f"Kendall {_coefficient(report.kendall_nll, noise.kendall_nll)}, "
-        f"top-{k} overlap {report.topk_overlap:.2f}"
-    )
-    lines = (
-        [f"- **Headline: predicted score vs measured KL:** {by_kl}", f"- **vs measured ΔNLL:** {by_nll}"]
-        if noise.headline == "kl"
-        else [f"- **Headline: predicted score vs measured ΔNLL:** {by_nll}", f"- **vs measured KL:** {by_kl}"]
-    )
-    sentences = noise_sentences(
-        [g.name for g in report.groups],
-        [g.delta_nll for g in report.groups],
-        [g.delta_nll_ci or NAN_INTERVAL for g in report.groups],
-        [g.kl_ci or NAN_INTERVAL for g in report.groups],
-        noise.confidence,
-    )
-    return [
-        *lines,
-        f"- **Why this headline:** {noise.headline_reason}.",
-        f"- **Noise floor:** {noise.confidence:.0%} intervals in brackets, from {noise.resamples} bootstrap "
-        f"resamples of the held-out captions (seed {noise.seed}, {noise.seconds:.2f} s). The measured order "
-        f"of {noise.kl_pairs_resolved} of {noise.pairs} pairs of groups is beyond the noise by KL, "
-        f"{noise.nll_pairs_resolved} of {noise.pairs} by ΔNLL.",
-        *(f"  - {sentence[:1].upper()}{sentence[1:]}." for sentence in sentences),
-    ]
-
-
-def _measured_table(report: ValidationReport) -> list[str]:
-    """The validated groups with their intervals. The group comes first: rows that start with a
-    rank and a group name are the ranking's (scripts read the ranked table by that shape)."""
-    if not report.groups:
-        return []
-    noisy = set(report.noise.nll_within_noise) if report.noise is not None else set()
-    lines = [
-        "",
-        "### Measured groups",
-        "",
-        "Each group quantized alone on the format that sets its importance, everything else unquantized.",
-        "",
-        "| Group | Rank | Selected as | Format | Score | ΔNLL | ΔNLL interval | KL | KL interval "
-        "| ΔNLL vs noise |",
-        "| :--- | ---: | :--- | :--- | ---: | ---: | :--- | ---: | :--- | :--- |",
-    ]
-    for g in report.groups:
-        verdict = NOT_AVAILABLE if g.delta_nll_ci is None else "within" if g.name in noisy else "beyond"
-        lines.append(
-            f"| `{g.name}` | {g.rank or NOT_AVAILABLE} | {g.selection} | {g.format} | "
-            f"{_num(g.score, '.3e')} | {_num(g.delta_nll, '.3e')} | {_interval(g.delta_nll_ci, '.2e')} | "
-            f"{_num(g.kl_div, '.3e')} | "
-            f"{_interval(g.kl_ci, '.2e')} | {verdict} |"
-        )
-    return lines
-
-
-def _proxy_table(report: ValidationReport) -> list[str]:
-    if not report.proxies:
-        return []
-    noise = report.noise
-    lines = [
-        "",
-        "### Proxy baselines",
-        "",
-        "Free predictors rated against the same measured damage of the "
-        f"{len(report.groups)} validated groups (Spearman over the groups where the proxy is "
-        "defined). *AutoQuant lead* is Spearman(AutoQuant, KL) minus Spearman(proxy, KL) on the same "
-        "groups and resamples: above 0 throughout, AutoQuant ranks the damage better. Weight errors "
-        "come from each format's own weight quantizer (fake quantization); activations are each "
-        "group's input on the held-out captions' real tokens, unquantized.",
-        "",
-        "| Predictor | Groups | Spearman vs KL | Spearman vs ΔNLL | AutoQuant lead (KL) | Verdict |",
-        "| :--- | ---: | :--- | :--- | :--- | :--- |",
-        f"| **AutoQuant score** | {len(report.groups)} | "
-        f"{_coefficient(report.spearman_kl, None if noise is None else noise.spearman_kl)} | "
-        f"{_coefficient(report.spearman_nll, None if noise is None else noise.spearman_nll)} | | |",
-    ]
-    for rating in report.proxies:
-        lines.append(
-            f"| {_cell(rating.name)} | {rating.groups} | "
-            f"{_coefficient(rating.spearman_kl, rating.spearman_kl_ci)} | "
-            f"{_coefficient(rating.spearman_nll, rating.spearman_nll_ci)} | "
-            f"{_interval(rating.autoquant_lead_kl)} | {beats(rating)} |"
-        )
-    return lines
-
-
-def _refinement(report: ValidationReport) -> list[str]:
-    refined = report.refinement
-    if refined is None:
-        return []
-    measured = [g for g in refined.groups if g.measured]
-    controls = sum(1 for g in measured if g.measured == "control")
-    top_k = (
-        "unchanged"
-        if not refined.entered
-        else f"changed: {', '.join(f'`{n}`' for n in refined.entered)} in, "
-        f"{', '.join(f'`{n}`' for n in refined.left)} out"
-    )
-    promoted = (
-        "none measured above the least damaging of the top "
-        f"{refined.n} (the prediction missed no control group)"
-        if not refined.promoted
-        else f"{', '.join(f'`{n}`' for n in refined.promoted)} measured above the least damaging of the top "
-        f"{refined.n}: the prediction ranked them too low"
-    )
-    shown = [g for g in refined.groups if g.measured]
-    unmeasured = len(refined.groups) - len(shown)
-    lines = [
-        "",
-        "### Measured refinement",
-        "",
-        f"- **Measured:** the top {refined.n} predicted groups and {controls} random control group(s), each "
-        "alone (KL on the same held-out captions)",
-        f"- **Cost:** {refined.passes} extra pass(es) over the held-out captions ({refined.forward_batches} "
-        f"forward batches) in {refined.seconds:.2f} s; {refined.reused} measurement(s) reused from the "
-        "validation above",
-        f"- **Top-{refined.k}:** {top_k}",
-        (
-            f"- **Beyond the noise:** {refined.neighbours_resolved} of {refined.neighbours} neighbouring "
-            "pairs of the measured block differ in KL beyond the noise (their interval excludes 0)"
-            if report.noise is not None
-            else "- **Beyond the noise:** not computed (validate.bootstrap = 0)"
-        ),
-        f"- **Controls:** {promoted}",
-        f"- **Within the top {refined.n}:** Spearman(predicted, KL) "
-        f"{coefficient_text(refined.spearman_top_kl)}",
-        "- **Order:** the top groups (and any promoted control) by measured KL, ties in predicted order; "
-        f"the other {unmeasured} group(s) and the unpromoted controls follow in predicted order.",
-        "",
-        "| Refined rank | Predicted rank | Group | Measured as | KL | KL interval | ΔNLL |",
-        "| ---: | ---: | :--- | :--- | ---: | :--- | ---: |",
-    ]
-    for g in shown:
-        lines.append(
-            f"| {g.refined_rank} | {g.predicted_rank} | `{g.name}` | {g.measured} | "
-            f"{_num(g.kl_div, '.3e')} | {_interval(g.kl_ci, '.2e')} | {_num(g.delta_nll, '.3e')} |"
-        )
-    return lines
-
-
-def _validation(manifest: Manifest) -> list[str]:
-    report = manifest.validation
-    if report is None:
-        return []
-    source = f" of `{Path(report.holdout_source).name}`" if report.holdout_source else ""
-    lines = [
-        "",
-        "## Validation",
-        "",
-    ]
-    if random_weights_notice(manifest.model.source):
-        lines += [
-            "> Random weights: the figures below compare a random model's damage with its random scores; "
-            "they test the machinery, not AutoQuant.",
-            "",
-        ]
-    lines += [
-        f"- **Held-out:** {report.holdout_samples} samples{source}, {report.holdout_tokens} tokens, "
-        f"baseline NLL {report.baseline_nll:.4f}",
-        *_agreement(report),
-        f"- **Additivity:** joint ΔNLL {report.joint_delta_nll:.4g} vs sum of single ΔNLL "
-        f"{report.sum_delta_nll:.4g}",
-        f"- **AutoQuant's chosen mix:** ΔNLL {report.chosen_delta_nll:.4g}",
-        *(f"- Note: {note}" for note in report.notes),
-    ]
-    return [*lines, *_measured_table(report), *_proxy_table(report), *_refinement(report)]
 
 
 def _table(groups: Sequence[RankedGroup]) -> list[str]:
@@ -503,10 +290,10 @@ def _table_row(group: RankedGroup, formats: Sequence[str]) -> str:
         str(group.rank),
         f"`{group.name}`",
         _or_na(group.best_format),
-        _num(group.importance),
-        *(_num(by_format[name]) if name in by_format else "" for name in formats),
+        number(group.importance),
+        *(number(by_format[name]) if name in by_format else "" for name in formats),
         format(group.bits[head], "g"),
-        _num(group.costs[head], ".3e"),
+        number(group.costs[head], ".3e"),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -520,7 +307,7 @@ def render_markdown(manifest: Manifest, *, health_section: str = "", plots_secti
         lines += ["", "## Plots", "", plots_section.strip()]
     lines += experts_markdown(manifest.groups)
     lines += format_agreement_section(manifest)
-    lines += _validation(manifest)
+    lines += validation_markdown(manifest)
     lines += _table(manifest.groups)
     return "\n".join(lines) + "\n"
 

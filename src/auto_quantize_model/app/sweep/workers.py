@@ -24,26 +24,10 @@ still for :data:`STALE_AFTER` seconds (it died, or its host did), with one line 
 that finishes its points. On one host torchrun's agent is quicker still: when a worker dies it
 stops the others (SIGTERM, which unwinds a point as Ctrl-C does, so its folder is left resumable).
 
-**Trust.** The store is a network service that authenticates nobody: torch's ``TCPStore`` server
-listens on every interface (``[::]``, dual-stack) whatever host name it is given (checked on
-torch 2.13, both server back-ends). So every message is plain JSON of one declared type,
-structured on arrival by the strict :data:`~auto_quantize_model.io.convert.JSON_CONVERTER`;
-anything else is one line (:class:`BadMessage`) naming the key and the sending rank, and nothing
-written to the store can make a worker run code (a pickle could). Where the store listens:
-
-* an ``aqm`` worker hosts it (no torchrun agent: ``TORCHELASTIC_USE_AGENT_STORE`` is not
-  ``True``) for workers on one host (``LOCAL_WORLD_SIZE == WORLD_SIZE``, or a loopback
-  ``MASTER_ADDR``): on 127.0.0.1 only, on a socket :func:`open_store` binds;
-* torchrun's agent hosts it (the usual case): on every interface, and no torchrun flag narrows
-  it (``--standalone``, ``--rdzv-endpoint localhost:PORT`` and ``--master-addr 127.0.0.1`` only
-  choose the address the workers dial). Rank 0 of a single-host run logs one warning when
-  ``/proc/net`` shows it open beyond loopback. Under the c10d rendezvous (``--standalone``, or
-  torchrun's default on one node) the agent's own rendezvous store is open the same way and
-  torch unpickles its state from it; ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` moves the workers'
-  store to rank 0 (so onto loopback) but not that one. ``--master-addr 127.0.0.1 --master-port
-  PORT`` (the static rendezvous) has no such pickle, but its agent's store is open on PORT;
-* on several hosts the store must be reachable from all of them: such a run trusts the network
-  between its hosts (or firewalls the port to them).
+**Trust.** The store is a network service that authenticates nobody (:mod:`.store` says where
+it listens and when rank 0 warns about it), so every message is plain JSON of one declared type,
+checked on arrival (:mod:`.messages`): a stray or hostile value stops a worker with one line and
+can never make it run code.
 
 **GPUs.** Each worker sees only its own GPU: ``CUDA_VISIBLE_DEVICES`` is narrowed to the entry
 at ``LOCAL_RANK`` (of the list given, or of all GPUs) before torch starts CUDA. ``auto``,
@@ -69,24 +53,34 @@ of workers, or plain ``aqm run``) skips finished points and resumes an interrupt
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
 import os
-import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from datetime import timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 
 from auto_quantize_model.app.logs import PACKAGE_LOGGER
-from auto_quantize_model.errors import AqmError, ConfigError, InputError
-from auto_quantize_model.io.convert import JSON_CONVERTER, json_problems, project, to_strict_json_value
+from auto_quantize_model.app.sweep.messages import (
+    Problem,
+    WorkerReport,
+    bad_message,
+    decode_message,
+    encode_message,
+    one_line,
+    point_report,
+)
+from auto_quantize_model.app.sweep.store import (
+    LOOPBACK,
+    Store,
+    loopback_listener,
+    single_host,
+    warn_if_exposed,
+)
+from auto_quantize_model.errors import AqmError, ConfigError
 
 if TYPE_CHECKING:
     from auto_quantize_model.app.sweep.points import PointResult, SweepPoint
@@ -248,20 +242,6 @@ def assign_points(
 # --------------------------------------------------------------------------------------------------
 
 
-class Store(Protocol):
-    """The part of torch's c10d ``Store`` the workers use (tests hand in a dict-backed fake)."""
-
-    def add(self, key: str, value: int) -> int: ...
-
-    def set(self, key: str, value: str | bytes) -> None: ...
-
-    def get(self, key: str) -> bytes: ...
-
-    def check(self, keys: list[str]) -> bool: ...
-
-    def wait(self, keys: list[str], timeout: timedelta) -> None: ...
-
-
 def _beat(rank: int) -> str:
     return f"beat/{rank}"
 
@@ -293,7 +273,7 @@ def wait_for_workers(
         waiting = []
         for rank in range(world_size):
             if store.check([_failed(rank)]):
-                reason = _one_line(store.get(_failed(rank)).decode("utf-8", errors="replace"))
+                reason = one_line(store.get(_failed(rank)).decode("utf-8", errors="replace"))
                 raise WorkerLost(f"worker {rank} of {world_size} failed ({reason}); {rerun}")
             if store.check([_done(rank)]):
                 continue
@@ -342,198 +322,8 @@ class Heartbeat:
 
 
 # --------------------------------------------------------------------------------------------------
-# Messages: plain JSON of one declared type, checked on arrival
+# Joining the store
 # --------------------------------------------------------------------------------------------------
-
-DETAIL_CHARS = 200
-"""At most this much of what was wrong with a message goes into its error line (it is not ours)."""
-
-
-class BadMessage(InputError):
-    """A value in the store that is not the message aqm sends under its key."""
-
-
-def _one_line(text: str, limit: int = DETAIL_CHARS) -> str:
-    """The first line of ``text``, cut at ``limit`` characters: a peer's words, kept to one line."""
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return first if len(first) <= limit else first[: limit - 3] + "..."
-
-
-def encode_message(value: object, kind: Any) -> bytes:
-    """``value`` as compact JSON by ``kind``'s rules (attrs classes as objects, tuples as lists,
-    non-finite floats as the strings ``"NaN"``/``"Infinity"`` strict JSON lacks)."""
-    data = to_strict_json_value(JSON_CONVERTER.unstructure(value, kind))
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
-def decode_message(raw: bytes, kind: Any, *, key: str, sender: int) -> Any:
-    """The ``kind`` value in ``raw``, or :class:`BadMessage` naming ``key`` and the ``sender`` rank.
-
-    Only JSON is parsed and only ``kind``'s fields are built (no class is named by the data), so
-    whoever wrote the value can at worst make this worker stop with this line.
-    """
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, or nested past the parser's depth
-        raise _bad(key, sender, f"not JSON: {_one_line(str(err))}") from None
-    try:
-        return JSON_CONVERTER.structure(data, kind)
-    except Exception as err:  # cattrs reports type problems as several exception kinds
-        problems = json_problems(err)
-        shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
-        raise _bad(key, sender, _one_line(shown)) from None
-
-
-def _bad(key: str, sender: int, detail: str) -> BadMessage:
-    return BadMessage(
-        f"the workers' store holds under {key!r} (from rank {sender}) no message aqm sends ({detail}): "
-        "the store is open to the network, so someone else may have written it, or that worker runs "
-        "another aqm version"
-    )
-
-
-@attrs.frozen
-class Problem:
-    """A worker's one-line error, sent to the others so every rank raises the same."""
-
-    kind: str
-    message: str
-    exit_code: int
-
-    @classmethod
-    def of(cls, err: AqmError) -> Problem:
-        return cls(type(err).__name__, str(err), err.exit_code)
-
-    def error(self) -> AqmError:
-        kinds: dict[str, type[AqmError]] = {"ConfigError": ConfigError, "InputError": InputError}
-        err = kinds.get(self.kind, AqmError)(self.message)
-        err.exit_code = self.exit_code
-        return err
-
-
-@attrs.frozen
-class PointReport:
-    """A :class:`~auto_quantize_model.app.sweep.points.PointResult` on the wire: the point is named by its
-    folder, since rank 0 holds every point's spec already and need not take one from the store."""
-
-    folder: str
-    status: str
-    seconds: float
-    effective_bits: float | None
-    top_layers: tuple[str, ...]
-    reuse: str
-    earlier: bool
-    worker: int | None
-
-
-@attrs.frozen
-class WorkerReport:
-    """What one worker ran: its points' results and its session's notes for the index."""
-
-    results: tuple[PointReport, ...]
-    notes: tuple[str, ...]
-
-
-def point_report(result: PointResult) -> PointReport:
-    return project(result, PointReport, folder=result.point.folder)
-
-
-# --------------------------------------------------------------------------------------------------
-# Where the store listens
-# --------------------------------------------------------------------------------------------------
-
-LOOPBACK = "127.0.0.1"
-
-
-def single_host(environ: Mapping[str, str]) -> bool:
-    """All workers run on this host: torchrun's ``LOCAL_WORLD_SIZE`` is the whole world, or the
-    workers dial a loopback ``MASTER_ADDR`` (which only reaches this host)."""
-    if environ.get("LOCAL_WORLD_SIZE", "") == environ.get("WORLD_SIZE"):
-        return True
-    return is_loopback(environ.get("MASTER_ADDR", ""))
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: not resolved here, so not counted as loopback
-
-
-def _proc_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """An address as ``/proc/net/tcp{,6}`` prints it: hex of 32-bit words in host byte order."""
-    words = [bytes.fromhex(text[i : i + 8]) for i in range(0, len(text), 8)]
-    if sys.byteorder == "little":
-        words = [word[::-1] for word in words]
-    packed = b"".join(words)
-    return ipaddress.IPv4Address(packed) if len(packed) == 4 else ipaddress.IPv6Address(packed)
-
-
-def listening_addresses(
-    port: int, proc_net: Path = Path("/proc/net")
-) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
-    """The addresses this host's TCP sockets listen on at ``port``; None where Linux's
-    ``/proc/net`` cannot tell (another system, or no such files)."""
-    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
-    listen = "0A"  # TCP_LISTEN in the kernel's state numbering
-    try:
-        for name in ("tcp", "tcp6"):
-            lines = (proc_net / name).read_text("ascii").splitlines()[1:]
-            for line in lines:
-                fields = line.split()
-                address, _, hex_port = fields[1].partition(":")
-                if fields[3] == listen and int(hex_port, 16) == port:
-                    found.append(_proc_address(address))
-    except (OSError, ValueError, IndexError):
-        return None
-    return found
-
-
-def _beyond_loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
-    return not (mapped or address).is_loopback
-
-
-def warn_if_exposed(environ: Mapping[str, str], proc_net: Path = Path("/proc/net")) -> bool:
-    """Log one warning when a single-host run's store (hosted by torchrun's agent, out of our
-    hands) listens beyond loopback; returns whether it did."""
-    port = environ.get("MASTER_PORT", "")
-    if not single_host(environ) or not port.isdigit():
-        return False
-    addresses = listening_addresses(int(port), proc_net)
-    if not addresses or not any(_beyond_loopback(address) for address in addresses):
-        return False
-    shown = ", ".join(sorted({str(address) for address in addresses}))
-    log.warning(
-        "the workers' store (port %s, opened by torchrun's agent) listens on %s, not only on loopback, "
-        "and no torchrun flag narrows it: whoever reaches this host's port %s can rewrite the sweep's "
-        "messages (aqm reads them as plain JSON, so at worst it stops); firewall the port, or run on a "
-        "trusted network",
-        port,
-        shown,
-        port,
-    )
-    return True
-
-
-def _loopback_listener(port: int) -> int:
-    """The descriptor of a TCP socket listening on 127.0.0.1:``port``, for a store's server to own."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((LOOPBACK, port))
-        sock.listen(128)
-    except OSError as err:
-        sock.close()
-        raise ConfigError(
-            f"cannot open the workers' store on {LOOPBACK}:{port} (MASTER_PORT): {err.strerror or err}; "
-            "pick a free port"
-        ) from None
-    # Handed over for good: closing it under a running server aborts the process (torch's
-    # non-libuv server) or stops it accepting (libuv), so Python must not close it on collection.
-    return sock.detach()
 
 
 def open_store(worker: Worker, environ: Mapping[str, str], timeout: timedelta) -> Store:
@@ -555,7 +345,7 @@ def open_store(worker: Worker, environ: Mapping[str, str], timeout: timedelta) -
             warn_if_exposed(environ)
         return store  # type: ignore[no-any-return]
     port = _env_int(environ, "MASTER_PORT")
-    listener = _loopback_listener(port) if worker.leader else None
+    listener = loopback_listener(port) if worker.leader else None
     store = TCPStore(LOOPBACK, port, worker.world_size, worker.leader, timeout, master_listen_fd=listener)
     return cast(Store, store)
 
@@ -568,11 +358,11 @@ def open_store(worker: Worker, environ: Mapping[str, str], timeout: timedelta) -
 class WorkerGroup:
     """torchrun's workers talking through its rendezvous store: small messages, heartbeats, exit.
 
-    Messages are JSON values (:func:`encode_message`) under numbered keys, each structured as the
+    Messages are JSON values (:func:`~.messages.encode_message`) under numbered keys, each structured as the
     type its receiver expects; every worker sends and receives them in the same order, so the
     numbers agree. A peer that does not answer within :data:`COLLECTIVE_TIMEOUT` becomes one line
     (:class:`WorkerLost`) instead of a store traceback; a value that is not the expected message
-    becomes one line too (:class:`BadMessage`).
+    becomes one line too (:class:`~.messages.BadMessage`).
     """
 
     def __init__(
@@ -598,7 +388,7 @@ class WorkerGroup:
         except Exception as err:  # torch's store errors carry C++ frames; one line is enough
             where = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
             raise WorkerLost(
-                f"{worker.name}: cannot reach the other workers' store at {where} ({_one_line(str(err))})"
+                f"{worker.name}: cannot reach the other workers' store at {where} ({one_line(str(err))})"
             ) from err
         log.info("joined %d workers through the rendezvous store", worker.world_size)
         return cls(worker, store, timeout=timeout)
@@ -664,7 +454,7 @@ class WorkerGroup:
         result = self.broadcast(owners, tuple[int, ...], "assigning points")
         world = self.worker.world_size
         if len(result) != count or not all(0 <= owner < world for owner in result):
-            raise _bad(
+            raise bad_message(
                 self._key(self._sent, 0),
                 0,
                 f"an assignment of {len(result)} points to ranks {sorted(set(result))}, "
@@ -687,7 +477,7 @@ class WorkerGroup:
             joined = []
             for found in got.results:
                 if found.folder not in by_folder:
-                    raise _bad(
+                    raise bad_message(
                         self._key(self._sent, rank),
                         rank,
                         f"a result for {found.folder!r}, no point of the sweep",

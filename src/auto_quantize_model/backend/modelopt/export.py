@@ -1,12 +1,12 @@
-"""A chosen format mix written out: ModelOpt quantize config, calibrated HF checkpoint, read-back checks.
+"""A chosen format mix written out as a calibrated HF checkpoint, and read back to check it.
 
 Three steps, each usable alone (the stage and the CLI compose them):
 
-1. :func:`prepare_export` turns a per-group choice into an
-   :class:`~auto_quantize_model.core.export_config.ExportConfig` (the pure builder, fed with the
-   installed ModelOpt's preset configs) and refuses what cannot be exported on the model's device;
-   :func:`write_quant_config` writes it as ``quant_config.json`` and ``quant_recipe.yaml`` and reads
-   both back (the YAML through ModelOpt's own ``load_recipe``).
+1. the quantize config (:mod:`auto_quantize_model.backend.modelopt.quant_config`):
+   :func:`~auto_quantize_model.backend.modelopt.quant_config.prepare_export` turns a per-group
+   choice into an :class:`~auto_quantize_model.core.export_config.ExportConfig`, and
+   :func:`~auto_quantize_model.backend.modelopt.quant_config.write_quant_config` writes it and
+   reads it back through ModelOpt;
 2. :func:`export_checkpoint` quantizes a fresh model with that config (``mtq.quantize``, calibrated
    on the given batches) and writes it with ModelOpt's ``export_hf_checkpoint``
    (``modelopt/torch/export/unified_export_hf.py:1495``), then checks that ``hf_quant_config.json``
@@ -14,6 +14,10 @@ Three steps, each usable alone (the stage and the CLI compose them):
    quantized layers hold int8/fp8 weights afterwards), so the in-memory model is measured before.
 3. :func:`read_back_nll` rebuilds the model from the checkpoint (:func:`load_exported`) and
    measures the same held-out NLL.
+
+Reading back stays beside writing: the reader undoes exactly the packing and scales this writer
+produces, and every exported folder's README tells its user to import :func:`load_exported` from
+this module, so its path is published.
 
 What runs where (ModelOpt 0.47, torch 2.13, transformers 5.17; measured on CPU): quantizing and
 exporting INT8 (W8A8, W8A16), FP8 (per tensor, per channel/per token), INT4 blocks (max and
@@ -30,18 +34,20 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from auto_quantize_model.backend.modelopt import import_modelopt
+from auto_quantize_model.backend.modelopt.quant_config import (
+    HF_QUANT_CONFIG_FILE,
+    is_cuda,
+    raise_mismatches,
+    write_readme,
+)
 from auto_quantize_model.core import export_config as xc
-from auto_quantize_model.core.export_choice import GroupChoice
-from auto_quantize_model.core.export_labels import ExportFormat, export_format
-from auto_quantize_model.core.formats import resolve_format
-from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.io.atomic import atomic_write_text
 
@@ -50,11 +56,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 log = logging.getLogger("auto_quantize_model")
-
-QUANT_CONFIG_FILE = "quant_config.json"
-RECIPE_FILE = "quant_recipe.yaml"
-README_FILE = "README.md"
-HF_QUANT_CONFIG_FILE = "hf_quant_config.json"
 
 READ_BACK_TOLERANCE = 5e-4
 """Largest accepted |NLL(read back) - NLL(written)| for a float32 model, in nats per token.
@@ -103,135 +104,6 @@ READABLE_LABELS = (
     "W4A16_NVFP4",
 )
 """Per-layer formats :func:`load_exported` can rebuild (dequantize) from a checkpoint."""
-
-
-# --------------------------------------------------------------------------------------------------
-# 1. The config
-# --------------------------------------------------------------------------------------------------
-
-
-def format_configs(names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """Each format's ModelOpt quantize config as a fresh dict: presets from the installed ModelOpt."""
-    from auto_quantize_model.backend.modelopt.formats import format_config
-
-    found: dict[str, dict[str, Any]] = {}
-    for name in names:
-        if name == NO_QUANT or name in found:
-            continue
-        found[name] = format_config(resolve_format(name))
-    return found
-
-
-def _is_cuda(device: str) -> bool:
-    return device.strip().lower().startswith("cuda")
-
-
-def linear_modules(model: nn.Module) -> tuple[str, ...]:
-    """Names of the model's linear layers (what ModelOpt puts weight quantizers on)."""
-    from torch import nn
-
-    return tuple(name for name, module in model.named_modules() if isinstance(module, nn.Linear))
-
-
-def prepare_export(
-    choices: Sequence[GroupChoice],
-    *,
-    device: str = "cpu",
-    vision_prefixes: Sequence[str] = (),
-    known_modules: Sequence[str] = (),
-    exportable: Callable[[str], ExportFormat] = export_format,
-) -> xc.ExportConfig:
-    """The export config of ``choices``, refused with a one-line ConfigError when it cannot be exported.
-
-    ``device`` is where the model will be quantized: NVFP4/MX formats need CUDA.
-    ``vision_prefixes`` (``LanguageModel.vision_modules``) and ``known_modules``
-    (:func:`linear_modules` of the model) sharpen the checks; both are optional. ``exportable``
-    judges each format for the checkpoint format written (ModelOpt's by default).
-    """
-    configs = format_configs(choice.format for choice in choices)
-    config = xc.build_export_config(
-        choices, configs, vision_prefixes=vision_prefixes, known_modules=known_modules, exportable=exportable
-    )
-    if config.needs_cuda and not _is_cuda(device):
-        raise ConfigError(
-            f"format {config.needs_cuda[0]} cannot be exported on {device}: ModelOpt quantizes (and so "
-            "exports) it only with CUDA kernels; export on a CUDA device"
-        )
-    return config
-
-
-@attrs.frozen
-class ConfigFiles:
-    """The config as written, and proof that both files read back as the choice."""
-
-    json_path: str
-    yaml_path: str
-    readme_path: str
-    layers: int
-    """Layers whose setting was read back from both files (quantized and NONE)."""
-
-
-def write_quant_config(
-    config: xc.ExportConfig, output_dir: str | Path, description: str = xc.RECIPE_DESCRIPTION
-) -> ConfigFiles:
-    """Write ``quant_config.json`` and ``quant_recipe.yaml``, then read both back and compare.
-
-    The JSON is parsed with :func:`~auto_quantize_model.core.export_config.read_quant_config`;
-    the YAML with ModelOpt's ``modelopt.recipe.load_recipe`` (so ModelOpt itself accepts it).
-    Each must give every chosen layer exactly its format's quantizer settings; AqmError if not.
-    """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = atomic_write_text(out / QUANT_CONFIG_FILE, xc.quant_config_json(config))
-    yaml_path = atomic_write_text(out / RECIPE_FILE, xc.recipe_yaml(config, description))
-    configs = format_configs(layer.format for layer in config.layers)
-    from_json = xc.read_quant_config(json_path.read_text(encoding="utf-8"), str(json_path))
-    _raise_mismatches(
-        str(json_path), xc.config_mismatches(from_json, config, configs, canonical=modelopt_canonical)
-    )
-    recipe_module = import_modelopt("modelopt.recipe")
-    with contextlib.redirect_stdout(io.StringIO()):  # load_recipe prints the path it loads
-        recipe = recipe_module.load_recipe(yaml_path)
-    from_yaml = recipe.quantize.model_dump(exclude_unset=True)
-    _raise_mismatches(
-        str(yaml_path), xc.config_mismatches(from_yaml, config, configs, canonical=modelopt_canonical)
-    )
-    readme = write_readme(out, config)
-    return ConfigFiles(str(json_path), str(yaml_path), str(readme), len(config.layers))
-
-
-def write_readme(output_dir: Path, config: xc.ExportConfig, notes: Sequence[str] = ()) -> Path:
-    """``README.md`` for what the folder holds: the config files, and the checkpoint once written."""
-    has_checkpoint = (output_dir / HF_QUANT_CONFIG_FILE).is_file()
-    return atomic_write_text(
-        output_dir / README_FILE, xc.readme_text(config, checkpoint=has_checkpoint, notes=notes)
-    )
-
-
-def modelopt_canonical(cfg: Any) -> str:
-    """A quantizer's attributes with ModelOpt's defaults filled in, as sorted JSON.
-
-    Two spellings of one setting (``{"num_bits": 8}`` and ``{"num_bits": 8, "axis": None}``)
-    give the same text; sequential quantizers (lists) are spelled element by element.
-    """
-    attribute_config = import_modelopt("modelopt.torch.quantization.config").QuantizerAttributeConfig
-
-    def full(one: Any) -> Any:
-        if isinstance(one, list | tuple):
-            return [full(item) for item in one]
-        if one is None:
-            return None
-        dumped = attribute_config(**dict(one)).model_dump()
-        dumped.pop("enable", None)  # enabling is compared on its own
-        return dumped
-
-    return json.dumps(json.loads(json.dumps(xc.json_ready(full(cfg)), default=str)), sort_keys=True)
-
-
-def _raise_mismatches(source: str, problems: Sequence[str]) -> None:
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise AqmError(f"{source} does not read back as the chosen formats: {problems[0]}{more}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,7 +243,7 @@ def export_checkpoint(
     """
     out = Path(output_dir)
     device = _device_of(model)
-    if quant_config.needs_cuda and not _is_cuda(device):
+    if quant_config.needs_cuda and not is_cuda(device):
         raise ConfigError(
             f"format {quant_config.needs_cuda[0]} cannot be exported on {device}: ModelOpt quantizes (and so "
             "exports) it only with CUDA kernels; load the model on a CUDA device"
@@ -423,7 +295,7 @@ def export_checkpoint(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     hf_quant = json.loads((out / HF_QUANT_CONFIG_FILE).read_text(encoding="utf-8"))
-    _raise_mismatches(str(out / HF_QUANT_CONFIG_FILE), xc.checkpoint_mismatches(hf_quant, quant_config))
+    raise_mismatches(str(out / HF_QUANT_CONFIG_FILE), xc.checkpoint_mismatches(hf_quant, quant_config))
     write_readme(out, quant_config, notes)
     return CheckpointExport(
         directory=str(out),
