@@ -18,7 +18,9 @@ from auto_quantize_model.app.run_service import RunService
 from auto_quantize_model.errors import InputError, StageError
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import PipelineSpec
-from test_run_folders import STATE_KIT, TINY, FakeRun, tree
+from builders import STATE_KIT, tree
+from builders import TINY_DEFAULT as TINY
+from fakes import FakeRun
 
 EXPORT_FILES = ("README.md", "quant_config.json", "quant_recipe.yaml", EXPORT_RECORD)
 

@@ -18,7 +18,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import attrs
 import pytest
 
 from auto_quantize_model.app import cli
@@ -30,14 +29,11 @@ from auto_quantize_model.app.runs import RunRecord, read_run
 from auto_quantize_model.artifacts import ReportPaths
 from auto_quantize_model.errors import InputError, StageError
 from auto_quantize_model.io.manifest import manifest_to_json
-from auto_quantize_model.pipeline import Artifacts
-from auto_quantize_model.specs import PipelineSpec
-from builders import descending, manifest
+from builders import REPO, STATE_KIT, descending, error_lines, manifest, tree
+from fakes import FakeRun, Writer, run_into, service
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny-qwen3-vl.toml"
 SYS = Path("/sys")
-STATE_KIT = ("autoquant_search_state.pt", "autoquant_search_state.pt.raw-scores.json")
 
 
 def _sysfs_refuses_files() -> bool:
@@ -55,47 +51,6 @@ needs_sysfs = pytest.mark.skipif(
 )
 
 
-@attrs.define
-class FakeRun:
-    """A pipeline runner that writes a real run's files, and raises ``error`` after ``fail_after``.
-
-    ``fail_after``: ``start`` (nothing written), ``state`` (search state saved) or ``manifest``
-    (the manifest written too, the other reports not yet).
-    """
-
-    error: BaseException | None = None
-    fail_after: str = "start"
-    calls: list[Path] = attrs.field(factory=list)
-    fmt: str = "INT8"
-    """The manifest's format; a real name (``INT8_DEFAULT_CFG``) makes the run exportable."""
-
-    def __call__(self, spec: PipelineSpec, folder: Path) -> Artifacts:
-        self.calls.append(folder)
-        if self.error is not None and self.fail_after == "start":
-            raise self.error
-        assert spec.autoquant.checkpoint is not None  # the service always points it at the folder
-        state = Path(spec.autoquant.checkpoint)
-        scheme = spec.manifest.scheme or "unnamed"
-        state.write_text(scheme, "utf-8")
-        state.with_name(state.name + ".raw-scores.json").write_text("{}", "utf-8")
-        if self.error is not None and self.fail_after == "state":
-            raise self.error
-        ranked = manifest(descending(["a", "b"]), scheme=scheme, fmt=self.fmt)
-        written = [folder / f"{scheme}_quant_manifest.json"]
-        written[0].write_text(manifest_to_json(ranked), "utf-8")
-        if self.error is not None:
-            raise self.error
-        (folder / "plots").mkdir(exist_ok=True)
-        written += [folder / "plots" / "sensitivity-top.png", folder / "plots" / "sensitivity-top.svg"]
-        written += [folder / "per-layer-sensitivity.json", folder / "per-layer-sensitivity.md"]
-        for path in written[1:]:
-            path.write_text("x", "utf-8")
-        return Artifacts.of([ranked, ReportPaths(directory=str(folder), files=tuple(map(str, written)))])
-
-
-Writer = Callable[[Path, str], Path]
-
-
 def full_disk_when(condition: Callable[[Path, str], bool]) -> Writer:
     """The real atomic writer, except that it fails as a full disk does when ``condition`` holds."""
 
@@ -107,19 +62,6 @@ def full_disk_when(condition: Callable[[Path, str], bool]) -> Writer:
     return write
 
 
-def service(runner: FakeRun | None = None, writer: Writer = write_text) -> RunService:
-    return RunService(pipeline_runner=runner or FakeRun(), library_importer=lambda: 0.0, text_writer=writer)
-
-
-def run_into(out: Path, *extra: str, using: RunService | None = None) -> int:
-    return cli.main(["run", str(TINY), "--output", str(out), *extra], service=using or service())
-
-
-def tree(folder: Path) -> list[str]:
-    """Every file and folder below ``folder``, relative, sorted."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) if folder.exists() else []
-
-
 def record_of(out: Path) -> RunRecord:
     record = read_run(out)
     assert record is not None
@@ -129,11 +71,6 @@ def record_of(out: Path) -> RunRecord:
 def disk_full(path: Path) -> OSError:
     """ENOSPC as an atomic write of ``path`` raises it (naming its temporary file)."""
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path.parent / f".{path.name}.z9q2k.tmp"))
-
-
-def error_lines(err: str) -> list[str]:
-    assert "Traceback" not in err
-    return [line for line in err.splitlines() if line.startswith("aqm: error:")]
 
 
 # --------------------------------------------------------------------------- run.json
