@@ -21,6 +21,7 @@ from auto_quantize_model.core.scores import (
 )
 
 INT8 = "INT8_DEFAULT_CFG"
+FP8 = "FP8_DEFAULT_CFG"
 NAN = math.nan
 INF = math.inf
 
@@ -89,3 +90,28 @@ def test_coefficient_text() -> None:
     assert coefficient_text(0.91234) == "0.912"
     assert coefficient_text(-1.0) == "-1.000"
     assert coefficient_text(NAN) == "n/a"
+
+
+# ---- importance ---------------------------------------------------------------------------------
+
+
+def test_importance_is_max_over_quantized_formats_ignoring_none() -> None:
+    assert importance((INT8, FP8, "NONE"), (0.25, 0.75, 9.0)) == 0.75
+
+
+def test_importance_without_quantized_format_is_zero() -> None:
+    assert importance(("NONE",), (0.0,)) == 0.0
+
+
+def test_importance_is_nan_when_any_quantized_score_is_nan() -> None:
+    # max() alone would give 0.5 or NaN depending on order; NaN must never hide.
+    assert math.isnan(importance((INT8, FP8, "NONE"), (0.5, math.nan, 0.0)))
+    assert math.isnan(importance((INT8, FP8, "NONE"), (math.nan, 0.5, 0.0)))
+
+
+def test_headline_format_is_the_one_setting_importance() -> None:
+    assert headline_index((INT8, FP8, "NONE"), (0.25, 0.75, 0.0)) == 1
+    assert headline_index((INT8, FP8, "NONE"), (0.5, 0.5, 0.0)) == 0  # first on ties
+    assert headline_index((INT8, FP8, "NONE"), (0.5, math.nan, 0.0)) == 1
+    assert headline_index(("NONE",), (0.0,)) == 0
+    assert headline_index((INT8, "NONE"), (0.0, 0.0)) == 0  # quantized format even at score 0

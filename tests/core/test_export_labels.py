@@ -151,3 +151,49 @@ def test_custom_formats_the_exporter_cannot_write_are_refused(name: str, reason:
     spec = parse_custom(name)
     assert spec is not None
     assert spec.refused is None
+
+
+# --------------------------------------------------------------------------------------------------
+# What the exporter can write
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "label", "group_size"),
+    [
+        ("INT8_DEFAULT_CFG", "W8A8_SQ_PER_CHANNEL", None),
+        ("wint8_aint8", "W8A8_SQ_PER_CHANNEL", None),
+        ("INT8_SMOOTHQUANT_CFG", "W8A8_SQ_PER_CHANNEL", None),
+        ("INT8_WEIGHT_ONLY_CFG", "W8A16", None),
+        ("FP8_DEFAULT_CFG", "FP8", None),
+        ("wfp8-pc_afp8-token", "FP8_PER_CHANNEL_PER_TOKEN", None),
+        ("INT4_AWQ_CFG", "W4A16_AWQ", 128),
+        ("wint4-b64_a16", "W4A16_AWQ", 64),
+        ("NVFP4_DEFAULT_CFG", "NVFP4", 16),
+    ],
+)
+def test_export_format_gives_the_exporters_per_layer_label(
+    name: str, label: str, group_size: int | None
+) -> None:
+    found = export_format(name)
+    assert (found.label, found.group_size, found.refused) == (label, group_size, None)
+    assert found.needs_cuda == name.startswith("NVFP4")
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("wint8-pc_aint8-token", "records it as W8A8_SQ_PER_CHANNEL"),  # dynamic acts labelled static
+        ("wfp8_a16", "records it as FP8"),  # weight-only labelled W8A8
+        ("wint4-b128_aint8-token", "records it as W4A16_AWQ"),  # activations dropped by the label
+        ("wint8-pt_aint8", "records it as W8A8_SQ_PER_CHANNEL"),  # per-tensor weights labelled per channel
+        ("FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", "fp8_pb_wo"),
+        ("MXFP6_DEFAULT_CFG", "6-bit"),
+        ("FP8_KV_CFG", "KV-cache preset"),
+    ],
+)
+def test_formats_the_exporter_would_mislabel_are_refused_with_the_label(name: str, reason: str) -> None:
+    found = export_format(name)
+    assert found.label is None
+    assert found.refused is not None
+    assert reason in found.refused

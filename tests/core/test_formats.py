@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from auto_quantize_model.backend.modelopt.formats import modelopt_config
 from auto_quantize_model.core.format_grammar import CustomFormat, parse_custom, quantizer_extensions
 from auto_quantize_model.core.formats import (
     CUSTOM_EXAMPLES,
@@ -566,14 +565,6 @@ def test_fp4_block_size_reason_holds_in_the_installed_modelopt() -> None:
     assert "fp4_fake_quant_block without it" in (resolve_format("wfp4-b64_a16").refused or "")
 
 
-@pytest.mark.slow
-def test_modelopt_config_returns_names_for_presets_and_dicts_for_custom() -> None:
-    assert modelopt_config("FP8_DEFAULT_CFG") == "FP8_DEFAULT_CFG"
-    custom = modelopt_config("wint8_aint8")
-    assert isinstance(custom, dict)
-    assert custom["quant_cfg"][1]["cfg"] == {"num_bits": 8, "axis": 0}
-
-
 # --------------------------------------------------------------------------------------------------
 # On a CUDA device (the GPU machine; skipped elsewhere)
 # --------------------------------------------------------------------------------------------------
@@ -675,18 +666,3 @@ def test_awq_alpha_step_option_on_awq_lite_presets() -> None:
 def test_bad_format_options_are_refused_naming_the_format(name: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         resolve_format(name)
-
-
-def test_awq_alpha_step_config_is_the_preset_with_its_step() -> None:
-    import modelopt.torch.quantization.config as mtq_config
-
-    assert modelopt_config("W4A8_AWQ_BETA_CFG") == "W4A8_AWQ_BETA_CFG"
-    config = modelopt_config("W4A8_AWQ_BETA_CFG:alpha_step=0.25")
-    assert isinstance(config, dict)
-    preset = mtq_config.W4A8_AWQ_BETA_CFG
-    assert config["algorithm"] == {"method": "awq_lite", "alpha_step": 0.25}
-    assert config["quant_cfg"] == preset["quant_cfg"]
-    assert preset["algorithm"] == "awq_lite"  # ModelOpt's own preset untouched
-    # ModelOpt accepts it, and its own algorithm config reads the step back
-    parsed = mtq_config.QuantizeConfig(**config)
-    assert mtq_config.AWQLiteCalibConfig(**parsed.algorithm).alpha_step == 0.25
