@@ -18,9 +18,10 @@ from auto_quantize_model.artifacts import (
 )
 from auto_quantize_model.errors import AqmError
 from auto_quantize_model.io.manifest import SCHEMA_VERSION
+from auto_quantize_model.manifest_records import DatasetInfo
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import ManifestSpec
-from auto_quantize_model.stages.build_manifest import BuildManifest
+from auto_quantize_model.stages.build_manifest import BuildManifest, dataset_info
 from builders import NONE, group, int8
 from builders import scores as scores_of
 
@@ -91,3 +92,13 @@ def test_build_manifest_records_model_dataset_timings_and_versions() -> None:
     versions = dict(manifest.versions)
     assert set(versions) == {"python", "torch", "transformers", "modelopt", "auto_quantize_model"}
     assert versions["python"].count(".") == 2
+
+
+# ---- manifest JSON ------------------------------------------------------------------------------
+
+
+def test_dataset_record_is_the_calibration_stats_by_field_name() -> None:
+    stats = CalibStats("/c.txt", "f" * 64, "padded", 64, 2, 8, 8, 300, 512, 4, truncated_samples=1)
+    info = dataset_info(stats)
+    assert info == DatasetInfo("/c.txt", "f" * 64, "padded", 64, 2, 8, 8, 300, 512, 4)
+    assert dataset_info(None) is None

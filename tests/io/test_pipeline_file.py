@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,6 @@ from typing import Any
 import pytest
 
 from auto_quantize_model.errors import ConfigError, InputError
-from auto_quantize_model.io.convert import toml_value
 from auto_quantize_model.io.pipeline_file import (
     apply_overrides,
     load_pipeline,
@@ -19,7 +17,6 @@ from auto_quantize_model.io.pipeline_file import (
     spec_from_dict,
     spec_to_toml,
 )
-from auto_quantize_model.io.preflight import preflight
 from auto_quantize_model.specs import (
     AutoQuantSpec,
     CalibSpec,
@@ -236,18 +233,6 @@ def test_python_and_toml_users_get_the_same_range_error(
     assert str(info.value) == f"{owner}.{key.partition('.')[2]}: {problem}"
     path = write(tmp_path, TINY)
     assert problems(path, (setting,)) == [f"{path}: {key}: {problem} (from --set {setting})"]
-
-
-def test_a_string_is_not_a_tuple_of_formats() -> None:
-    with pytest.raises(
-        SpecError, match=r"AutoQuantSpec\.formats: expected a tuple of format names, got the str"
-    ):
-        AutoQuantSpec(formats="INT8_DEFAULT_CFG")
-    with pytest.raises(SpecError, match=r"AutoQuantSpec\.disabled_layers: expected a tuple"):
-        AutoQuantSpec(disabled_layers="*lm_head*")
-    spec = AutoQuantSpec(formats=["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"], disabled_layers=["*lm_head*"])
-    assert spec.formats == ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG")
-    assert spec.disabled_layers == ("*lm_head*",)
 
 
 @pytest.mark.parametrize("value", ["9223372036854775808", "-9223372036854775809", "99999999999999999999"])
@@ -473,132 +458,3 @@ def test_spec_to_toml_omits_absent_values_and_tables() -> None:
     assert "sweep" not in data
     assert "tokenizer" not in data["model"]
     assert "checkpoint" not in data["autoquant"]
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (True, "true"),
-        (3, "3"),
-        (8.0, "8.0"),
-        (1e-7, "1e-07"),
-        (math.inf, "inf"),
-        (-math.inf, "-inf"),
-        ('a"b\\c\n', '"a\\"b\\\\c\\n"'),
-        ("\x01", '"\\u0001"'),
-        ([1, "x", [2.5]], '[1, "x", [2.5]]'),
-        ({"a.b": 1}, '{ "a.b" = 1 }'),
-    ],
-)
-def test_toml_value(value: object, expected: str) -> None:
-    assert toml_value(value) == expected
-    assert tomllib.loads(f"v = {expected}")["v"] == value
-
-
-def test_toml_value_nan() -> None:
-    assert math.isnan(tomllib.loads(f"v = {toml_value(math.nan)}")["v"])
-
-
-# --------------------------------------------------------------------------- pre-flight
-
-
-def _spec(**tables: object) -> PipelineSpec:
-    raw: dict[str, object] = {"model": {"path": "builtin:tiny-qwen3-vl", "device": "cpu"}, **tables}
-    return spec_from_dict(raw, source="t")
-
-
-def test_preflight_accepts_a_good_spec() -> None:
-    preflight(_spec(validate={"k": 2}))
-
-
-def test_every_bad_number_is_reported_at_once_before_preflight() -> None:
-    with pytest.raises(ConfigError) as info:
-        _spec(
-            calib={"seq_len": 0, "batch_size": -1, "max_samples": 0},
-            autoquant={"score_size": 0, "effective_bits": 17},
-            validate={"k": 0},
-        )
-    assert str(info.value).splitlines() == [
-        "t: calib.max_samples: must be > 0, got 0",
-        "t: calib.seq_len: must be > 0, got 0",
-        "t: calib.batch_size: must be > 0, got -1",
-        "t: autoquant.effective_bits: must be in (0, 16], got 17",
-        "t: autoquant.score_size: must be > 0, got 0",
-        "t: validate.k: must be > 0, got 0",
-    ]
-
-
-@pytest.mark.parametrize("bits", [0, -1, 16.5])
-def test_preflight_effective_bits_range(bits: float) -> None:
-    with pytest.raises(ConfigError, match=r"autoquant.effective_bits: must be in \(0, 16\]"):
-        preflight(_spec(autoquant={"effective_bits": bits}))
-
-
-def test_preflight_effective_bits_below_reach_names_the_minimum() -> None:
-    spec = _spec(autoquant={"formats": ["INT8_DEFAULT_CFG"], "effective_bits": 6})
-    with pytest.raises(ConfigError, match=r"autoquant.effective_bits: 6 is below .* \(minimum 8\)"):
-        preflight(spec)
-
-
-def test_preflight_unknown_format_suggests_the_closest() -> None:
-    spec = _spec(autoquant={"formats": ["INT8_DEFAUT_CFG"]})
-    with pytest.raises(ConfigError) as info:
-        preflight(spec)
-    (line,) = str(info.value).splitlines()
-    assert line.startswith("autoquant.formats: ")
-    assert "INT8_DEFAUT_CFG" in line
-    assert "INT8_DEFAULT_CFG" in line
-
-
-def test_preflight_cuda_only_format_on_cpu() -> None:
-    with pytest.raises(ConfigError, match=r"autoquant.formats: .*NVFP4_DEFAULT_CFG.*CUDA"):
-        preflight(_spec(autoquant={"formats": ["NVFP4_DEFAULT_CFG"], "effective_bits": 8}))
-
-
-def test_preflight_files(tmp_path: Path) -> None:
-    not_hf = tmp_path / "empty"
-    not_hf.mkdir()
-    spec = spec_from_dict(
-        {
-            "model": {"path": str(not_hf), "tokenizer": str(tmp_path / "tok"), "device": "cpu"},
-            "calib": {"captions": str(tmp_path / "missing.txt")},
-            "validate": {"holdout_captions": str(tmp_path)},
-        },
-        source="t",
-    )
-    with pytest.raises(InputError) as info:
-        preflight(spec)
-    assert str(info.value).splitlines() == [
-        f"model.path: {not_hf} has no config.json: not a Hugging Face checkout",
-        f"model.tokenizer: {tmp_path / 'tok'} is not a directory",
-        f"calib.captions: {tmp_path / 'missing.txt'} does not exist",
-        f"validate.holdout_captions: {tmp_path} is not a file",
-    ]
-
-
-def test_preflight_missing_model_dir_hints_at_set(tmp_path: Path) -> None:
-    spec = spec_from_dict({"model": {"path": str(tmp_path / "nope"), "device": "cpu"}}, source="t")
-    with pytest.raises(InputError, match=r"does not exist \(point it at .*--set model.path=DIR\)"):
-        preflight(spec)
-
-
-def test_preflight_unknown_builtin_and_device() -> None:
-    spec = spec_from_dict({"model": {"path": "builtin:tiny-qwen3vl", "device": "gpu"}}, source="t")
-    with pytest.raises(ConfigError) as info:
-        preflight(spec)
-    text = str(info.value)
-    assert "model.path: unknown built-in source 'builtin:tiny-qwen3vl'" in text
-    assert "did you mean builtin:tiny-qwen3-vl?" in text
-    assert 'model.device: expected auto, cpu, cuda or cuda:N, got "gpu"' in text
-
-
-def test_build_pipeline_assembles_stages_in_order(tmp_path: Path) -> None:
-    from auto_quantize_model.stages import build_pipeline
-
-    spec = _spec(validate={"k": 2})
-    pipeline = build_pipeline(spec, tmp_path / "out")
-    assert tuple(type(stage).__name__ for stage in pipeline.stages) == stage_names(spec)
-    reports = pipeline.stages[-1]
-    assert reports.spec.output_dir == str(tmp_path / "out")  # type: ignore[attr-defined]
-    assert pipeline.stages[0].spec == spec.model  # type: ignore[attr-defined]
-    pipeline.check()

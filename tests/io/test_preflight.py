@@ -8,7 +8,6 @@ a run. The checkout's ``config.json`` is judged without torch (:mod:`auto_quanti
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,12 +17,12 @@ import pytest
 
 from auto_quantize_model.app import cli
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
-from auto_quantize_model.io import hf_config
-from auto_quantize_model.io.hf_config import read_config_json, supported_model_type
 from auto_quantize_model.io.pipeline_file import spec_from_dict
 from auto_quantize_model.io.preflight import preflight
 from auto_quantize_model.pipeline import Pipeline
 from auto_quantize_model.sources import BUILTIN_SOURCES, CONFIG_SOURCES
+from auto_quantize_model.specs import PipelineSpec
+from auto_quantize_model.stages import stage_names
 from builders import tiny_pipeline_toml
 
 BASE = tiny_pipeline_toml(max_samples=8, score_size=4)
@@ -202,71 +201,106 @@ def test_captions_are_read_once_per_file_version(tmp_path: Path) -> None:
     preflight(spec)
 
 
-# --------------------------------------------------------------------------- config.json
+# --------------------------------------------------------------------------- pre-flight
 
 
-def _write_config(tmp_path: Path, content: str) -> Path:
-    (tmp_path / "config.json").write_text(content, encoding="utf-8")
-    return tmp_path
+def _spec(**tables: object) -> PipelineSpec:
+    raw: dict[str, object] = {"model": {"path": "builtin:tiny-qwen3-vl", "device": "cpu"}, **tables}
+    return spec_from_dict(raw, source="t")
 
 
-def test_read_config_json(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match=r"has no config\.json"):
-        read_config_json(tmp_path)
-    assert read_config_json(_write_config(tmp_path, '{"model_type": "qwen3"}')) == {"model_type": "qwen3"}
-    with pytest.raises(InputError, match=r"config\.json holds a JSON str, not an object"):
-        read_config_json(_write_config(tmp_path, '"qwen3"'))
-    (tmp_path / "config.json").write_bytes(b'{"a": "\xff"}')
-    with pytest.raises(InputError, match=r"config\.json is not UTF-8"):
-        read_config_json(tmp_path)
+def test_preflight_accepts_a_good_spec() -> None:
+    preflight(_spec(validate={"k": 2}))
 
 
-@pytest.mark.parametrize(
-    ("model_type", "kind"),
-    [
-        ("qwen3_vl", "image-text-to-text"),
-        ("llava", "image-text-to-text"),
-        ("qwen3", "causal-lm"),
-        ("llama", "causal-lm"),
-    ],
-)
-def test_supported_model_types(model_type: str, kind: str) -> None:
-    assert supported_model_type({"model_type": model_type}, "x/config.json") == kind
+def test_every_bad_number_is_reported_at_once_before_preflight() -> None:
+    with pytest.raises(ConfigError) as info:
+        _spec(
+            calib={"seq_len": 0, "batch_size": -1, "max_samples": 0},
+            autoquant={"score_size": 0, "effective_bits": 17},
+            validate={"k": 0},
+        )
+    assert str(info.value).splitlines() == [
+        "t: calib.max_samples: must be > 0, got 0",
+        "t: calib.seq_len: must be > 0, got 0",
+        "t: calib.batch_size: must be > 0, got -1",
+        "t: autoquant.effective_bits: must be in (0, 16], got 17",
+        "t: autoquant.score_size: must be > 0, got 0",
+        "t: validate.k: must be > 0, got 0",
+    ]
 
 
-@pytest.mark.parametrize(
-    ("config", "needle"),
-    [
-        ({"model_type": "vit"}, "'vit' has no language model"),
-        ({}, "has no model_type"),
-        ({"model_type": 3}, "has no model_type string, got 3"),
-    ],
-)
-def test_unsupported_configs_name_the_file(config: dict[str, Any], needle: str) -> None:
-    with pytest.raises(InputError, match=r"x/config\.json") as info:
-        supported_model_type(config, "x/config.json")
-    assert needle in str(info.value)
+@pytest.mark.parametrize("bits", [0, -1, 16.5])
+def test_preflight_effective_bits_range(bits: float) -> None:
+    with pytest.raises(ConfigError, match=r"autoquant.effective_bits: must be in \(0, 16\]"):
+        preflight(_spec(autoquant={"effective_bits": bits}))
 
 
-def test_unreadable_transformers_tables_leave_the_decision_to_load_model(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    hf_config.auto_model_types.cache_clear()
-    try:
-        assert hf_config.auto_model_types() is None
-        assert supported_model_type({"model_type": "vit"}, "x/config.json") is None
-    finally:
-        hf_config.auto_model_types.cache_clear()
+def test_preflight_effective_bits_below_reach_names_the_minimum() -> None:
+    spec = _spec(autoquant={"formats": ["INT8_DEFAULT_CFG"], "effective_bits": 6})
+    with pytest.raises(ConfigError, match=r"autoquant.effective_bits: 6 is below .* \(minimum 8\)"):
+        preflight(spec)
 
 
-@pytest.mark.slow
-def test_tables_read_from_source_match_the_imported_ones() -> None:
-    from transformers.models.auto import modeling_auto
+def test_preflight_unknown_format_suggests_the_closest() -> None:
+    spec = _spec(autoquant={"formats": ["INT8_DEFAUT_CFG"]})
+    with pytest.raises(ConfigError) as info:
+        preflight(spec)
+    (line,) = str(info.value).splitlines()
+    assert line.startswith("autoquant.formats: ")
+    assert "INT8_DEFAUT_CFG" in line
+    assert "INT8_DEFAULT_CFG" in line
 
-    tables = hf_config.auto_model_types()
-    assert tables is not None
-    assert tables[hf_config.CAUSAL_LM_TABLE] == set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    assert tables[hf_config.IMAGE_TEXT_TO_TEXT_TABLE] == set(
-        modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+def test_preflight_cuda_only_format_on_cpu() -> None:
+    with pytest.raises(ConfigError, match=r"autoquant.formats: .*NVFP4_DEFAULT_CFG.*CUDA"):
+        preflight(_spec(autoquant={"formats": ["NVFP4_DEFAULT_CFG"], "effective_bits": 8}))
+
+
+def test_preflight_files(tmp_path: Path) -> None:
+    not_hf = tmp_path / "empty"
+    not_hf.mkdir()
+    spec = spec_from_dict(
+        {
+            "model": {"path": str(not_hf), "tokenizer": str(tmp_path / "tok"), "device": "cpu"},
+            "calib": {"captions": str(tmp_path / "missing.txt")},
+            "validate": {"holdout_captions": str(tmp_path)},
+        },
+        source="t",
     )
+    with pytest.raises(InputError) as info:
+        preflight(spec)
+    assert str(info.value).splitlines() == [
+        f"model.path: {not_hf} has no config.json: not a Hugging Face checkout",
+        f"model.tokenizer: {tmp_path / 'tok'} is not a directory",
+        f"calib.captions: {tmp_path / 'missing.txt'} does not exist",
+        f"validate.holdout_captions: {tmp_path} is not a file",
+    ]
+
+
+def test_preflight_missing_model_dir_hints_at_set(tmp_path: Path) -> None:
+    spec = spec_from_dict({"model": {"path": str(tmp_path / "nope"), "device": "cpu"}}, source="t")
+    with pytest.raises(InputError, match=r"does not exist \(point it at .*--set model.path=DIR\)"):
+        preflight(spec)
+
+
+def test_preflight_unknown_builtin_and_device() -> None:
+    spec = spec_from_dict({"model": {"path": "builtin:tiny-qwen3vl", "device": "gpu"}}, source="t")
+    with pytest.raises(ConfigError) as info:
+        preflight(spec)
+    text = str(info.value)
+    assert "model.path: unknown built-in source 'builtin:tiny-qwen3vl'" in text
+    assert "did you mean builtin:tiny-qwen3-vl?" in text
+    assert 'model.device: expected auto, cpu, cuda or cuda:N, got "gpu"' in text
+
+
+def test_build_pipeline_assembles_stages_in_order(tmp_path: Path) -> None:
+    from auto_quantize_model.stages import build_pipeline
+
+    spec = _spec(validate={"k": 2})
+    pipeline = build_pipeline(spec, tmp_path / "out")
+    assert tuple(type(stage).__name__ for stage in pipeline.stages) == stage_names(spec)
+    reports = pipeline.stages[-1]
+    assert reports.spec.output_dir == str(tmp_path / "out")  # type: ignore[attr-defined]
+    assert pipeline.stages[0].spec == spec.model  # type: ignore[attr-defined]
+    pipeline.check()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,6 @@ from pytest_mock import MockerFixture
 
 import builders
 from auto_quantize_model.artifacts import (
-    CalibStats,
     GroupScore,
     Interval,
     NoiseFloor,
@@ -30,7 +27,6 @@ from auto_quantize_model.artifacts import (
     ValidationReport,
 )
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
-from auto_quantize_model.io.atomic import atomic_copy, atomic_write_bytes, atomic_write_text
 from auto_quantize_model.io.manifest import (
     SCHEMA_VERSION,
     manifest_from_dict,
@@ -49,7 +45,7 @@ from auto_quantize_model.render.reports import (
     write_reports,
 )
 from auto_quantize_model.specs import ManifestSpec, ReportSpec
-from auto_quantize_model.stages.build_manifest import BuildManifest, build_manifest, dataset_info
+from auto_quantize_model.stages.build_manifest import BuildManifest, build_manifest
 from auto_quantize_model.stages.write_reports import WriteReports
 from builders import scores
 
@@ -241,13 +237,6 @@ def test_warnings_come_first_in_the_markdown() -> None:
     assert "Warnings" not in render_markdown(crafted_manifest())
 
 
-def test_dataset_record_is_the_calibration_stats_by_field_name() -> None:
-    stats = CalibStats("/c.txt", "f" * 64, "padded", 64, 2, 8, 8, 300, 512, 4, truncated_samples=1)
-    info = dataset_info(stats)
-    assert info == DatasetInfo("/c.txt", "f" * 64, "padded", 64, 2, 8, 8, 300, 512, 4)
-    assert dataset_info(None) is None
-
-
 def test_python_nan_tokens_are_read_too() -> None:
     data = manifest_to_dict(crafted_manifest())
     back = manifest_from_dict(json.loads(json.dumps(data)), "m.json")  # bare NaN/Infinity tokens
@@ -319,71 +308,6 @@ def test_read_manifest_not_utf8(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(InputError, match="not UTF-8"):
         read_manifest(path)
-
-
-# ---- atomic writes ------------------------------------------------------------------------------
-
-
-def test_atomic_write_creates_readable_file(tmp_path: Path) -> None:
-    target = atomic_write_text(tmp_path / "a.txt", "héllo\n")
-    assert target.read_bytes() == "héllo\n".encode()
-    assert stat.S_IMODE(target.stat().st_mode) == 0o644
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
-
-
-def test_atomic_write_keeps_mode_of_existing_file(tmp_path: Path) -> None:
-    target = tmp_path / "a.txt"
-    target.write_text("old")
-    target.chmod(0o600)
-    atomic_write_text(target, "new")
-    assert target.read_text() == "new"
-    assert stat.S_IMODE(target.stat().st_mode) == 0o600
-
-
-def test_failed_rename_leaves_old_file_and_no_temp(tmp_path: Path, mocker: MockerFixture) -> None:
-    target = tmp_path / "a.txt"
-    target.write_text("old")
-    mocker.patch.object(Path, "replace", side_effect=OSError("disk full"))
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write_text(target, "new")
-    assert target.read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
-
-
-def test_failed_write_leaves_nothing(tmp_path: Path, mocker: MockerFixture) -> None:
-    mocker.patch("auto_quantize_model.io.atomic.os.fsync", side_effect=OSError("I/O error"))
-    with pytest.raises(OSError, match="I/O error"):
-        atomic_write_bytes(tmp_path / "b.bin", b"\x00" * 10)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_interrupted_write_leaves_nothing(tmp_path: Path, mocker: MockerFixture) -> None:
-    mocker.patch("auto_quantize_model.io.atomic.os.fsync", side_effect=KeyboardInterrupt)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write_text(tmp_path / "c.txt", "x")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_write_into_missing_folder_is_a_user_error(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="does not exist"):
-        atomic_write_text(tmp_path / "no" / "a.txt", "x")
-
-
-def test_atomic_copy(tmp_path: Path, mocker: MockerFixture) -> None:
-    source = tmp_path / "src.pt"
-    source.write_bytes(os.urandom(3 << 20))
-    copied = atomic_copy(source, tmp_path / "dst.pt")
-    assert copied.read_bytes() == source.read_bytes()
-
-    mocker.patch.object(Path, "replace", side_effect=OSError("no space"))
-    with pytest.raises(OSError, match="no space"):
-        atomic_copy(source, tmp_path / "other.pt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.pt", "src.pt"]
-
-
-def test_atomic_copy_of_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="no such file"):
-        atomic_copy(tmp_path / "nope.pt", tmp_path / "x.pt")
 
 
 # ---- rendering and WriteReports -----------------------------------------------------------------
