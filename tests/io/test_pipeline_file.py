@@ -458,3 +458,72 @@ def test_spec_to_toml_omits_absent_values_and_tables() -> None:
     assert "sweep" not in data
     assert "tokenizer" not in data["model"]
     assert "checkpoint" not in data["autoquant"]
+
+
+# --------------------------------------------------------------------------------------------------
+# (a) what a user writes
+# --------------------------------------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, model_table: str) -> Path:
+    path = tmp_path / "p.toml"
+    path.write_text(f'[model]\npath = "builtin:tiny-qwen3-vl"\n{model_table}', encoding="utf-8")
+    return path
+
+
+def test_pipeline_file_takes_tables_and_round_trips(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        'device_map = "balanced"\n[model.max_memory]\n0 = "40GiB"\n1 = "40GiB"\ncpu = "100GB"\n',
+    )
+    spec = load_pipeline(path)
+    assert spec.model.device_map == "balanced"
+    assert spec.model.max_memory == (("0", "40GiB"), ("1", "40GiB"), ("cpu", "100GB"))
+    assert spec_from_dict(tomllib.loads(spec_to_toml(spec)), source="again") == spec
+
+    table = load_pipeline(_write(tmp_path, '[model.device_map]\n"" = "cpu"\n"model.visual" = 0\n'))
+    assert table.model.device_map == (("", "cpu"), ("model.visual", "cuda:0"))
+    text = spec_to_toml(table)
+    assert '[model.device_map]\n"" = "cpu"\n"model.visual" = "cuda:0"' in text
+    assert spec_from_dict(tomllib.loads(text), source="again") == table
+
+
+def test_pipeline_file_reports_every_bad_entry(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(_write(tmp_path, '[model.device_map]\n"model.visual" = true\nlm_head = 1.5\n'))
+    text = str(info.value)
+    assert "model.device_map.model.visual: expected a device name or GPU number" in text
+    assert "model.device_map.lm_head: expected a device name or GPU number" in text
+    with pytest.raises(ConfigError, match=r"p\.toml: model\.max_memory: unknown device key 'x'.*bad size"):
+        load_pipeline(_write(tmp_path, 'device_map = "auto"\nmax_memory = {x = "1GiB", 0 = "lots"}\n'))
+    with pytest.raises(ConfigError, match=r"model\.max_memory: expected a table of device -> size"):
+        load_pipeline(_write(tmp_path, 'device_map = "auto"\nmax_memory = "40GiB"\n'))
+
+
+def test_set_override_reaches_device_map(tmp_path: Path) -> None:
+    spec = load_pipeline(_write(tmp_path, ""), ["model.device_map=sequential"])
+    assert spec.model.device_map == "sequential"
+
+
+# --------------------------------------------------------------------------------------------------
+# ExtractLM
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pipeline_file_accepts_the_experts_setting(tmp_path: Any) -> None:
+    from auto_quantize_model.errors import ConfigError
+    from auto_quantize_model.io.pipeline_file import load_pipeline
+
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[model]\npath = "builtin:tiny-qwen3-vl-moe"\n[extract]\nexperts = "expert"\n'
+        '[autoquant]\nformats = ["INT8_DEFAULT_CFG"]\n[manifest]\nscheme = "t"\n',
+        encoding="utf-8",
+    )
+    assert load_pipeline(good).extract.experts == "expert"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text(encoding="utf-8").replace('"expert"', '"experts"'), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(bad)
+    assert "experts" in str(err.value)
+    assert "projection" in str(err.value)

@@ -188,25 +188,6 @@ def test_extract_lm_on_a_dense_model_warns_that_there_is_nothing_to_split(
     assert "has no mixture-of-experts layers, nothing to split" in caplog.text
 
 
-def test_pipeline_file_accepts_the_experts_setting(tmp_path: Any) -> None:
-    from auto_quantize_model.errors import ConfigError
-    from auto_quantize_model.io.pipeline_file import load_pipeline
-
-    good = tmp_path / "good.toml"
-    good.write_text(
-        '[model]\npath = "builtin:tiny-qwen3-vl-moe"\n[extract]\nexperts = "expert"\n'
-        '[autoquant]\nformats = ["INT8_DEFAULT_CFG"]\n[manifest]\nscheme = "t"\n',
-        encoding="utf-8",
-    )
-    assert load_pipeline(good).extract.experts == "expert"
-    bad = tmp_path / "bad.toml"
-    bad.write_text(good.read_text(encoding="utf-8").replace('"expert"', '"experts"'), encoding="utf-8")
-    with pytest.raises(ConfigError) as err:
-        load_pipeline(bad)
-    assert "experts" in str(err.value)
-    assert "projection" in str(err.value)
-
-
 # --------------------------------------------------------------------------------------------------
 # What RunAutoQuant is told: weights counted, routers disabled
 # --------------------------------------------------------------------------------------------------

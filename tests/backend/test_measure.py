@@ -15,15 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from auto_quantize_model.backend import host_memory, layer_cache
-from auto_quantize_model.backend.host_memory import (
-    DEFAULT_MMAP_MAX,
-    DEFAULT_TRIM_THRESHOLD,
-    M_MMAP_MAX,
-    M_TRIM_THRESHOLD,
-    host_memory_kept,
-)
-from auto_quantize_model.backend.measure import HeldOutEval, Reference
+from auto_quantize_model.backend import layer_cache
+from auto_quantize_model.backend.host_memory import host_memory_kept
+from auto_quantize_model.backend.measure import ActivationRecorder, HeldOutEval, Reference
 from auto_quantize_model.core.batching import holdout_columns
 from builders import tiny_llama
 
@@ -141,53 +135,23 @@ def test_a_pass_with_host_memory_kept_equals_one_without() -> None:
     assert inside.kl_sum == 0.0
 
 
-class FakeLibc:
-    """Records ``mallopt`` and ``malloc_trim`` calls instead of changing the allocator."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int, int]] = []
-
-    def mallopt(self, param: int, value: int) -> int:
-        self.calls.append(("mallopt", param, value))
-        return 1
-
-    def malloc_trim(self, pad: int) -> int:
-        self.calls.append(("malloc_trim", pad, 0))
-        return 1
-
-
-def test_host_memory_is_kept_once_and_the_defaults_come_back_also_on_failure(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_activation_recorder_counts_real_tokens_only_and_removes_its_hooks() -> None:
     import torch
 
-    libc = FakeLibc()
-    monkeypatch.setattr(host_memory, "_glibc", lambda: libc)
-    cpu = torch.device("cpu")
-
-    def nested_then_failing() -> None:
-        with host_memory_kept(cpu):
-            with host_memory_kept(cpu):
-                assert [c[1:] for c in libc.calls] == [(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)]
-            assert len(libc.calls) == 2  # the inner exit changes nothing
-            raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        nested_then_failing()
-    assert libc.calls[2:] == [
-        ("mallopt", M_MMAP_MAX, DEFAULT_MMAP_MAX),
-        ("mallopt", M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD),
-        ("malloc_trim", 0, 0),
-    ]
-    libc.calls.clear()
-    with host_memory_kept(torch.device("meta")):  # not the host: nothing to keep
-        pass
-    assert libc.calls == []
-
-
-def test_the_c_library_is_found_on_glibc_systems() -> None:
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("not a glibc system")
-    assert host_memory._glibc() is not None
+    linear, head = torch.nn.Linear(4, 3), torch.nn.Linear(4, 2)
+    recorder = ActivationRecorder({"layer": [linear], "head": [head]})
+    batch = {"labels": torch.tensor([[5, 6, -100], [7, -100, -100]])}
+    x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) - 12.0
+    x[0, 2] = 1000.0  # padding: must not count
+    with recorder.recording():
+        recorder.batch(batch)
+        linear(x)
+        head(torch.full((5, 4), -2.0))  # lm_head input: scored positions only, nothing to cut
+    linear(x)  # hooks are gone
+    stats = recorder.result()
+    real = x[batch["labels"] != -100].abs()
+    assert stats["layer"].count == 12
+    assert stats["layer"].max_abs == float(real.max())
+    assert stats["layer"].abs_sum == pytest.approx(float(real.sum()))
+    assert stats["layer"].rms == pytest.approx(float(real.square().mean().sqrt()))
+    assert (stats["head"].count, stats["head"].max_abs, stats["head"].mean_abs) == (20, 2.0, 2.0)

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import pytest
 
-from auto_quantize_model.backend.measure import ActivationRecorder, PassResult
+from auto_quantize_model.backend.measure import PassResult
 from auto_quantize_model.core.proxies import ActivationStats, WeightStats
 from auto_quantize_model.core.validation import (
     Candidate,
@@ -207,25 +207,3 @@ def test_without_bootstrap_or_with_one_caption_there_is_no_noise_floor() -> None
     report = validation_report(single, held_out(), 2, (), 1.0, resamples=100)
     assert report.noise is None
     assert report.notes[-1] == "no bootstrap intervals: 1 held-out caption(s), at least 2 are needed"
-
-
-def test_activation_recorder_counts_real_tokens_only_and_removes_its_hooks() -> None:
-    import torch
-
-    linear, head = torch.nn.Linear(4, 3), torch.nn.Linear(4, 2)
-    recorder = ActivationRecorder({"layer": [linear], "head": [head]})
-    batch = {"labels": torch.tensor([[5, 6, -100], [7, -100, -100]])}
-    x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) - 12.0
-    x[0, 2] = 1000.0  # padding: must not count
-    with recorder.recording():
-        recorder.batch(batch)
-        linear(x)
-        head(torch.full((5, 4), -2.0))  # lm_head input: scored positions only, nothing to cut
-    linear(x)  # hooks are gone
-    stats = recorder.result()
-    real = x[batch["labels"] != -100].abs()
-    assert stats["layer"].count == 12
-    assert stats["layer"].max_abs == float(real.max())
-    assert stats["layer"].abs_sum == pytest.approx(float(real.sum()))
-    assert stats["layer"].rms == pytest.approx(float(real.square().mean().sqrt()))
-    assert (stats["head"].count, stats["head"].max_abs, stats["head"].mean_abs) == (20, 2.0, 2.0)

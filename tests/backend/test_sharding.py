@@ -16,16 +16,12 @@ What is real and what is faked:
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
-from auto_quantize_model.backend import lm_forward
 from auto_quantize_model.backend.models import load
 from auto_quantize_model.backend.sharding import (
     initialize,
@@ -35,95 +31,11 @@ from auto_quantize_model.backend.sharding import (
     placement_summary,
 )
 from auto_quantize_model.errors import ConfigError
-from auto_quantize_model.io.pipeline_file import load_pipeline, spec_from_dict, spec_to_toml
 from auto_quantize_model.sources import TINY_QWEN3_VL
-from auto_quantize_model.specs import LoadSpec, SpecError, size_bytes
+from auto_quantize_model.specs import LoadSpec
 from builders import comparable_manifest
 
 LAYERS = 4  # tiny-qwen3-vl's decoder layers
-
-
-# --------------------------------------------------------------------------------------------------
-# (a) what a user writes
-# --------------------------------------------------------------------------------------------------
-
-
-def test_device_map_forms_are_normalised() -> None:
-    assert LoadSpec("x", device_map="auto").device_map == "auto"
-    assert LoadSpec("x", device_map="cuda:1").device_map == (("", "cuda:1"),)
-    assert LoadSpec("x", device_map={"": 0, "lm_head": "cpu"}).device_map == (
-        ("", "cuda:0"),
-        ("lm_head", "cpu"),
-    )
-    assert LoadSpec("x", device_map={"": 0}) == LoadSpec("x", device_map={"": "cuda:0"})
-    spread = LoadSpec("x", device_map="balanced", max_memory={0: "40GiB", "1": 4096})
-    assert spread.max_memory == (("0", "40GiB"), ("1", "4096B"))
-    assert len({spread, LoadSpec("x", device_map="balanced", max_memory={"0": "40GiB", "1": "4096B"})}) == 1
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"device_map": "fastest"}, r"LoadSpec\.device_map: unknown strategy 'fastest'"),
-        ({"device_map": {"lm_head": "disk"}}, r"LoadSpec\.device_map: lm_head: unknown device 'disk'"),
-        ({"device_map": {"a..b": "cpu"}}, r"LoadSpec\.device_map: 'a\.\.b' is not a module name"),
-        ({"device_map": {}}, r"LoadSpec\.device_map: empty table"),
-        ({"device_map": "auto", "max_memory": {"gpu0": "1GiB"}}, r"unknown device key 'gpu0'"),
-        ({"device_map": "auto", "max_memory": {"0": "40Gb"}}, r"LoadSpec\.max_memory: 0: bad size '40Gb'"),
-        ({"max_memory": {"0": "40GiB"}}, r"LoadSpec\.max_memory: applies only to a device_map strategy"),
-        ({"device_map": {"": "cpu"}, "max_memory": {"0": "1GiB"}}, r"applies only to a device_map strategy"),
-    ],
-)
-def test_bad_placements_name_the_field_and_the_culprit(kwargs: dict[str, Any], message: str) -> None:
-    with pytest.raises(SpecError, match=message):
-        LoadSpec("x", **kwargs)
-
-
-def test_sizes_are_case_sensitive_units() -> None:
-    assert size_bytes("40GiB") == 40 * 2**30
-    assert size_bytes("1.5 GB") == 1_500_000_000
-    assert size_bytes("40Gb") is None  # accelerate would read gigabits
-    assert size_bytes("40") is None
-
-
-def _write(tmp_path: Path, model_table: str) -> Path:
-    path = tmp_path / "p.toml"
-    path.write_text(f'[model]\npath = "builtin:tiny-qwen3-vl"\n{model_table}', encoding="utf-8")
-    return path
-
-
-def test_pipeline_file_takes_tables_and_round_trips(tmp_path: Path) -> None:
-    path = _write(
-        tmp_path,
-        'device_map = "balanced"\n[model.max_memory]\n0 = "40GiB"\n1 = "40GiB"\ncpu = "100GB"\n',
-    )
-    spec = load_pipeline(path)
-    assert spec.model.device_map == "balanced"
-    assert spec.model.max_memory == (("0", "40GiB"), ("1", "40GiB"), ("cpu", "100GB"))
-    assert spec_from_dict(tomllib.loads(spec_to_toml(spec)), source="again") == spec
-
-    table = load_pipeline(_write(tmp_path, '[model.device_map]\n"" = "cpu"\n"model.visual" = 0\n'))
-    assert table.model.device_map == (("", "cpu"), ("model.visual", "cuda:0"))
-    text = spec_to_toml(table)
-    assert '[model.device_map]\n"" = "cpu"\n"model.visual" = "cuda:0"' in text
-    assert spec_from_dict(tomllib.loads(text), source="again") == table
-
-
-def test_pipeline_file_reports_every_bad_entry(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as info:
-        load_pipeline(_write(tmp_path, '[model.device_map]\n"model.visual" = true\nlm_head = 1.5\n'))
-    text = str(info.value)
-    assert "model.device_map.model.visual: expected a device name or GPU number" in text
-    assert "model.device_map.lm_head: expected a device name or GPU number" in text
-    with pytest.raises(ConfigError, match=r"p\.toml: model\.max_memory: unknown device key 'x'.*bad size"):
-        load_pipeline(_write(tmp_path, 'device_map = "auto"\nmax_memory = {x = "1GiB", 0 = "lots"}\n'))
-    with pytest.raises(ConfigError, match=r"model\.max_memory: expected a table of device -> size"):
-        load_pipeline(_write(tmp_path, 'device_map = "auto"\nmax_memory = "40GiB"\n'))
-
-
-def test_set_override_reaches_device_map(tmp_path: Path) -> None:
-    spec = load_pipeline(_write(tmp_path, ""), ["model.device_map=sequential"])
-    assert spec.model.device_map == "sequential"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,100 +149,6 @@ def test_placement_errors_name_the_module(tmp_path: Path) -> None:
         load(LoadSpec(TINY_QWEN3_VL, device_map={"model": "cpu"}))
     with pytest.raises(ConfigError, match=r"does not fit the memory allowed \(model\.max_memory\)"):
         load(LoadSpec(TINY_QWEN3_VL, device_map="sequential", max_memory={"cpu": "1MB"}))
-
-
-# --------------------------------------------------------------------------------------------------
-# (c) plumbing across devices, with fakes
-# --------------------------------------------------------------------------------------------------
-
-
-class FakeEmbeddings(nn.Module):
-    def __init__(self, device: str) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(8, 4, device=device))
-
-
-class FakeDecoder(nn.Module):
-    """Embeddings on ``meta`` (as if on another GPU); returns real hidden states on CPU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embeddings = FakeEmbeddings("meta")
-        self.seen: list[torch.device] = []
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings
-
-    def forward(self, input_ids: torch.Tensor, **_: Any) -> Any:
-        self.seen.append(input_ids.device)
-        return SimpleNamespace(last_hidden_state=torch.ones(*input_ids.shape, 4))
-
-
-class FakeHead(nn.Module):
-    """An lm_head whose accelerate-style hook says it runs on ``meta``; records its inputs' device."""
-
-    def __init__(self, hook: Any) -> None:
-        super().__init__()
-        self._hf_hook = hook
-        self.seen: list[torch.device] = []
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        self.seen.append(hidden.device)
-        return torch.zeros(hidden.shape[0], 8, device=hidden.device)
-
-
-def _batch() -> dict[str, torch.Tensor]:
-    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, -100]])
-    return {"input_ids": ids.clamp(min=0), "labels": ids}
-
-
-def test_batches_go_to_the_embeddings_device() -> None:
-    assert lm_forward.input_device(FakeDecoder()) == torch.device("meta")
-
-
-def test_head_chunks_follow_the_hook_device() -> None:
-    decoder = FakeDecoder()
-    head = FakeHead(SimpleNamespace(execution_device="meta"))
-    logits = lm_forward.selected_logits(decoder, head, _batch())
-    assert head.seen == [torch.device("meta")]
-    assert logits.device.type == "meta"
-    assert logits.shape == (5, 8)  # 3 + 2 positions with a real next token
-
-    wrapped = FakeHead(SimpleNamespace(hooks=(SimpleNamespace(), SimpleNamespace(execution_device=1))))
-    assert lm_forward.module_device(wrapped) == torch.device("cuda", 1)  # accelerate's SequentialHook
-    assert lm_forward.module_device(nn.Linear(2, 2)) == torch.device("cpu")
-    assert lm_forward.module_device(nn.ReLU()) is None
-
-
-def test_calibration_step_sends_chunks_to_the_head_device() -> None:
-    root = lm_forward.TextLM(FakeDecoder(), FakeHead(SimpleNamespace(execution_device="meta")))
-    lm: Any = SimpleNamespace(prefix="model", head_name="lm_head")
-    lm_forward.calibration_step_for(lm, root)(root, _batch())
-    assert root.lm_head.seen == [torch.device("meta")]
-
-
-class EmbeddingDecoder(nn.Module):
-    """A one-layer decoder (embeddings only) with the interface :mod:`lm_forward` expects."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(8, 4)
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embed
-
-    def forward(self, input_ids: torch.Tensor, **_: Any) -> Any:
-        return SimpleNamespace(last_hidden_state=self.embed(input_ids))
-
-
-def test_chunked_backward_keeps_targets_with_the_logits() -> None:
-    """Targets follow the logits chunk by chunk, and the gradient reaches the decoder."""
-    decoder = EmbeddingDecoder()
-    head = nn.Linear(4, 8)
-    total = lm_forward.chunked_loss_backward(decoder, head, _batch(), normalizer=5.0, chunk_tokens=2)
-    assert total > 0
-    assert decoder.embed.weight.grad is not None
-    assert head.weight.grad is not None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,36 +18,10 @@ import sys
 import pytest
 from pytest_mock import MockerFixture
 
-from auto_quantize_model.app.defaults import (
-    OMP_WAIT_POLICY,
-    idle_threads_sleep,
-    import_libraries,
-)
-from auto_quantize_model.backend.modelopt import DYNAMO_DISABLE, compile_decorators_off
+from auto_quantize_model.app.defaults import OMP_WAIT_POLICY, idle_threads_sleep, import_libraries
+from auto_quantize_model.backend.modelopt import DYNAMO_DISABLE
 
 OMP = OMP_WAIT_POLICY[0]
-
-
-def test_compile_decorators_off_sets_the_variable_for_the_block_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(DYNAMO_DISABLE, raising=False)
-    with compile_decorators_off():
-        assert os.environ[DYNAMO_DISABLE] == "1"
-    assert DYNAMO_DISABLE not in os.environ
-
-
-def test_compile_decorators_off_restores_after_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(DYNAMO_DISABLE, raising=False)
-    with pytest.raises(ImportError), compile_decorators_off():
-        raise ImportError("no such library")
-    assert DYNAMO_DISABLE not in os.environ
-
-
-@pytest.mark.parametrize("value", ["0", "1"])
-def test_compile_decorators_off_leaves_the_users_value(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
-    monkeypatch.setenv(DYNAMO_DISABLE, value)
-    with compile_decorators_off():
-        assert os.environ[DYNAMO_DISABLE] == value
-    assert os.environ[DYNAMO_DISABLE] == value
 
 
 def _without_torch(mocker: MockerFixture) -> None:
