@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from auto_quantize_model.errors import ConfigError
-from auto_quantize_model.specs import AutoQuantSpec, ExportSpec, LoadSpec, SpecError, size_bytes
+from auto_quantize_model.io.pipeline_file import spec_from_dict
+from auto_quantize_model.specs import (
+    AutoQuantSpec,
+    ExportSpec,
+    FrontierSpec,
+    LoadSpec,
+    SpecError,
+    parse_budgets,
+    size_bytes,
+)
+
+if TYPE_CHECKING:
+    pass
 
 # --------------------------------------------------------------------------- structuring
 
@@ -100,3 +112,64 @@ def test_the_export_table_takes_a_format() -> None:
         SpecError, match=r"^ExportSpec.format: 'ct' is not one of modelopt, compressed-tensors$"
     ):
         ExportSpec(format="ct")
+
+
+# --------------------------------------------------------------------------------------------------
+# Budgets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_parse_budgets_range_includes_its_stop_and_stays_on_the_grid() -> None:
+    assert parse_budgets("4.5:8:0.25") == tuple(4.5 + 0.25 * i for i in range(15))
+    tenths = parse_budgets("4.5:5:0.1")
+    assert tenths == (4.5, 4.6, 4.7, 4.8, 4.9, 5.0)  # not 4.800000000000001, and 5.0 is included
+    assert parse_budgets("4:5:0.3") == (4.0, 4.3, 4.6, 4.9)  # a stop off the grid is not added
+    assert parse_budgets(" 6, 8.5 ,7,6") == (6.0, 7.0, 8.5)  # sorted, duplicates dropped
+    assert parse_budgets("7.5") == (7.5,)
+    assert parse_budgets("16") == (16.0,)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("eight", "'eight' is not a number"),
+        ("6,,7", "'' is not a number"),
+        ("4:8", "three parts"),
+        ("4:8:1:2", "three parts"),
+        ("8:4:0.5", "start 8 is above stop 4"),
+        ("4:8:0", "step must be a positive number"),
+        ("4:8:-1", "step must be a positive number"),
+        ("4:8:x", "step 'x' is not a number"),
+        ("0", "outside (0, 16]"),
+        ("17", "outside (0, 16]"),
+        ("nan", "outside (0, 16]"),
+        ("1:16:1e-6", "at most 10000"),
+    ],
+)
+def test_parse_budgets_errors_name_the_text_and_the_forms(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_budgets(text)
+    assert f"budgets {text!r}" in str(err.value)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# The spec, the manifest and the pipeline stages
+# --------------------------------------------------------------------------------------------------
+
+
+def test_frontier_spec_checks_its_budgets_and_counts() -> None:
+    with pytest.raises(SpecError, match=r"FrontierSpec.bits: budgets '8:4:1': start 8 is above stop 4"):
+        FrontierSpec(bits="8:4:1")
+    with pytest.raises(SpecError, match=r"FrontierSpec\.measure: must be >= 0"):
+        FrontierSpec(bits="8", measure=-1)
+    with pytest.raises(ConfigError) as err:
+        spec_from_dict(
+            {"model": {"path": "builtin:tiny-qwen3-vl"}, "frontier": {"bits": "4.5:x:1", "measure": "3"}},
+            source="p.toml",
+        )
+    lines = str(err.value).splitlines()
+    assert any(line.startswith("p.toml: frontier.bits: budgets '4.5:x:1'") for line in lines)
+    assert any(line.startswith("p.toml: frontier.measure: expected int") for line in lines)

@@ -18,7 +18,11 @@ import sys
 import pytest
 from pytest_mock import MockerFixture
 
-from auto_quantize_model.app.defaults import OMP_WAIT_POLICY, idle_threads_sleep, import_libraries
+from auto_quantize_model.app.defaults import (
+    OMP_WAIT_POLICY,
+    idle_threads_sleep,
+    import_libraries,
+)
 from auto_quantize_model.backend.modelopt import DYNAMO_DISABLE
 
 OMP = OMP_WAIT_POLICY[0]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import pytest
 import torch
 from torch import nn
 
 from auto_quantize_model.backend import lm_forward
+
+if TYPE_CHECKING:
+    from torch import nn
+
 
 # --------------------------------------------------------------------------------------------------
 # (c) plumbing across devices, with fakes
@@ -102,3 +107,41 @@ def test_chunked_backward_keeps_targets_with_the_logits() -> None:
     assert total > 0
     assert decoder.embed.weight.grad is not None
     assert head.weight.grad is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Real AutoQuant on a tiny Qwen3-VL (random weights) on CPU
+# --------------------------------------------------------------------------------------------------
+
+
+def test_chunked_loss_backward_matches_one_backward() -> None:
+    import torch
+
+    from auto_quantize_model.backend.lm_forward import chunked_loss_backward, selected_logits, target_index
+
+    torch.manual_seed(0)
+    decoder = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 8))
+    head = torch.nn.Linear(8, 50)
+
+    class Decoder(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, **_: Any) -> Any:
+            return (decoder(input_ids),)
+
+    batch = {
+        "input_ids": torch.randint(0, 50, (3, 11)),
+        "position_ids": torch.arange(11).repeat(3, 1),
+        "labels": torch.randint(0, 50, (3, 11)),
+    }
+    batch["labels"][1, 4:] = -100
+    logits = selected_logits(Decoder(), head, batch)
+    expected = torch.nn.functional.cross_entropy(logits, target_index(batch)[1], reduction="sum") / 7.0
+    expected.backward()  # type: ignore[no-untyped-call]
+    want = [p.grad.clone() for p in (*decoder.parameters(), *head.parameters()) if p.grad is not None]
+    for p in (*decoder.parameters(), *head.parameters()):
+        p.grad = None
+    value = chunked_loss_backward(Decoder(), head, batch, normalizer=7.0, chunk_tokens=4)
+    got = [p.grad for p in (*decoder.parameters(), *head.parameters()) if p.grad is not None]
+    assert value == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert len(got) == len(want) == 5  # embedding, linear w+b, head w+b
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pytest
@@ -18,20 +18,31 @@ from auto_quantize_model.core.batching import (
     MemoryBudget,
     check_calib_spec,
     check_padded_memory,
+    encode,
+    holdout_columns,
     pack_rows,
     packed_columns,
     pad_token_id,
     padded_columns,
     padded_memory,
+    scorable,
     tokenize_captions,
     truncate,
 )
-from auto_quantize_model.core.captions import captions_label, captions_sha256, parse_captions, read_captions
+from auto_quantize_model.core.captions import (
+    captions_label,
+    captions_sha256,
+    parse_captions,
+    read_captions,
+)
 from auto_quantize_model.errors import AqmError, ConfigError, InputError, WiringError
 from auto_quantize_model.pipeline import Artifacts, Stage, check_wiring
 from auto_quantize_model.specs import CalibSpec
 from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader, make_calib_data
 from fakes import FakeTokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 PAD = 0
 X = -100  # IGNORE_INDEX, short so expected tensors stay readable
@@ -430,3 +441,30 @@ def test_stage_refuses_an_absurd_padded_seq_len_before_building_rows(tmp_path: P
     stage = BuildCalibLoader(CalibSpec(captions=str(path), max_samples=2, seq_len=10**12, layout="padded"))
     with pytest.raises(ConfigError, match=r"calib\.seq_len: 1000000000000 .* set calib\.seq_len = 3"):
         stage.run(Artifacts.of([loaded_with(FakeTokenizer())]))
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_scorable_truncates_and_drops_one_token_captions() -> None:
+    tokenizer = FakeTokenizer(first_id=1, forbid_special_tokens=True)
+    ids = scorable(encode(tokenizer, ["a b c d", "x", "e f"]), max_len=3)
+    assert ids == [[1, 2, 3], [6, 7]]
+
+
+def test_holdout_batches_one_caption_per_row_with_padding_out_of_the_loss() -> None:
+    import torch
+
+    from auto_quantize_model.backend.lm_forward import as_tensors, target_index
+
+    lists = [[5, 6, 7], [8, 9], [1, 2, 3, 4], [3, 3]]
+    batches = [as_tensors(b) for b in holdout_columns(lists, pad_id=0, rows=3)]
+    assert [b["input_ids"].shape for b in batches] == [torch.Size([3, 3]), torch.Size([1, 4])]
+    first = batches[0]
+    assert first["input_ids"].tolist() == [[8, 9, 0], [3, 3, 0], [5, 6, 7]]
+    assert first["labels"].tolist() == [[8, 9, -100], [3, 3, -100], [5, 6, 7]]
+    assert first["position_ids"].tolist() == [[0, 1, 2]] * 3
+    targets = torch.cat([target_index(b)[1] for b in batches])
+    assert targets.numel() == sum(len(x) - 1 for x in lists)
+    assert sorted(targets.tolist()) == sorted(t for x in lists for t in x[1:])

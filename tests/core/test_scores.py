@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -19,6 +20,13 @@ from auto_quantize_model.core.scores import (
     recipe_name,
     worst,
 )
+
+if TYPE_CHECKING:
+    pass
+
+if TYPE_CHECKING:
+    pass
+
 
 INT8 = "INT8_DEFAULT_CFG"
 FP8 = "FP8_DEFAULT_CFG"
@@ -115,3 +123,26 @@ def test_headline_format_is_the_one_setting_importance() -> None:
     assert headline_index((INT8, FP8, "NONE"), (0.5, math.nan, 0.0)) == 1
     assert headline_index(("NONE",), (0.0,)) == 0
     assert headline_index((INT8, "NONE"), (0.0, 0.0)) == 0  # quantized format even at score 0
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_recipe_name_drops_the_effective_bits_suffix() -> None:
+    assert recipe_name("INT8_DEFAULT_CFG(effective-bits: 8.0)") == "INT8_DEFAULT_CFG"
+    assert recipe_name("NONE(effective-bits: 16.0)") == "NONE"
+    assert recipe_name("w8a8_per_channel") == "w8a8_per_channel"
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_parse_label() -> None:
+    assert parse_label("INT8_DEFAULT_CFG(effective-bits: 8.0)") == ("INT8_DEFAULT_CFG", 8.0)
+    assert parse_label("NVFP4_DEFAULT_CFG(effective-bits: 4.5)") == ("NVFP4_DEFAULT_CFG", 4.5)
+    assert parse_label("wint4-b64_aint8-token(effective-bits: 4.0)") == ("wint4-b64_aint8-token", 4.0)
+    with pytest.raises(ValueError, match="unexpected ModelOpt recipe label"):
+        parse_label("INT8_DEFAULT_CFG")

@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -18,12 +18,16 @@ from auto_quantize_model.backend.modelopt.checkpoint import (
     CORRUPT_SUFFIX,
     SearchCheckpoint,
     StateFiles,
+    checkpoint_file,
     file_sha256,
     settings_mismatch,
     weight_checksum,
 )
 from auto_quantize_model.errors import ConfigError
 from auto_quantize_model.specs import AutoQuantSpec
+
+if TYPE_CHECKING:
+    pass
 
 LOGGER = "auto_quantize_model"
 
@@ -272,3 +276,15 @@ def test_the_pytorch_kernels_enter_the_settings_record_and_the_default_keeps_old
     assert {key: value for key, value in plain.items() if key != "kernels"} == default
     assert plain["kernels"] == "pytorch"
     assert settings_mismatch(default, plain) == ["kernels: None -> 'pytorch'"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_helpers(tmp_path: Path) -> None:
+    assert checkpoint_file(str(tmp_path / "state.pt")) == str(tmp_path / "state.pt")
+    assert checkpoint_file(str(tmp_path)) == str(tmp_path / "rank0.pth")
+    assert checkpoint_file(str(tmp_path / "noext")) == str(tmp_path / "noext" / "rank0.pth")
+    assert settings_mismatch({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == ["b: 2 -> 3", "c: None -> 4"]

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from auto_quantize_model.backend.modelopt.patches import modes_restored, swapped
+from auto_quantize_model.backend.modelopt.patches import frozen_heap, modes_restored, swapped
+
+if TYPE_CHECKING:
+    pass
 
 # --------------------------------------------------------------------------------------------------
 # Patches without ModelOpt
@@ -332,3 +336,38 @@ def test_pytorch_fake_quant_hides_the_extensions_and_puts_back_what_was_loaded(m
         assert vars(extensions.get_cuda_ext).get("extension") is int8_before
     finally:
         del extensions.get_cuda_ext_fp8.extension
+
+
+# --------------------------------------------------------------------------------------------------
+# Real AutoQuant on a tiny Qwen3-VL (random weights) on CPU
+# --------------------------------------------------------------------------------------------------
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_frozen_heap_skips_old_objects_but_collects_new_garbage() -> None:
+    import weakref
+
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0
+        cycle = _Cycle()
+        alive = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert alive() is None  # garbage made inside is still collected
+    assert gc.get_freeze_count() == 0
+
+
+def test_frozen_heap_leaves_a_callers_freeze_alone() -> None:
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

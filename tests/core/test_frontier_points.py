@@ -40,7 +40,7 @@ from auto_quantize_model.core.frontier_points import (
     search_space,
     solve_budgets,
 )
-from auto_quantize_model.errors import AqmError, ConfigError, InputError
+from auto_quantize_model.errors import AqmError, InputError
 from auto_quantize_model.frontier_records import Frontier, FrontierPoint
 from auto_quantize_model.io.convert import project
 from auto_quantize_model.io.manifest import manifest_from_dict, manifest_to_dict
@@ -49,7 +49,7 @@ from auto_quantize_model.manifest_records import Manifest
 from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.render.frontier import JSON_FILE, MARKDOWN_FILE, write_budget_frontier
 from auto_quantize_model.render.reports import write_reports
-from auto_quantize_model.specs import FrontierSpec, ManifestSpec, ReportSpec, SpecError
+from auto_quantize_model.specs import FrontierSpec, ManifestSpec, ReportSpec
 from auto_quantize_model.stages.build_manifest import BuildManifest, build_manifest
 from auto_quantize_model.stages.solve_budgets import SolveBudgets
 from auto_quantize_model.stages.write_reports import WriteReports
@@ -326,21 +326,6 @@ def test_rendered_frontier_flags_unreachable_budgets_and_non_monotone_steps(tmp_
 # --------------------------------------------------------------------------------------------------
 
 
-def test_frontier_spec_checks_its_budgets_and_counts() -> None:
-    with pytest.raises(SpecError, match=r"FrontierSpec.bits: budgets '8:4:1': start 8 is above stop 4"):
-        FrontierSpec(bits="8:4:1")
-    with pytest.raises(SpecError, match=r"FrontierSpec\.measure: must be >= 0"):
-        FrontierSpec(bits="8", measure=-1)
-    with pytest.raises(ConfigError) as err:
-        spec_from_dict(
-            {"model": {"path": "builtin:tiny-qwen3-vl"}, "frontier": {"bits": "4.5:x:1", "measure": "3"}},
-            source="p.toml",
-        )
-    lines = str(err.value).splitlines()
-    assert any(line.startswith("p.toml: frontier.bits: budgets '4.5:x:1'") for line in lines)
-    assert any(line.startswith("p.toml: frontier.measure: expected int") for line in lines)
-
-
 def test_the_manifest_keeps_order_fixed_groups_and_summary_and_omits_them_when_absent() -> None:
     run = run_scores("gradient")
     budget_frontier = flagged_frontier()
@@ -539,65 +524,6 @@ def test_aqm_frontier_on_the_tiny_default_run_folder(tiny_default_run: AqmRun, t
     assert (tmp_path / "plots" / "frontier-formats.png").is_file()
     assert "one CBC solve each" in done.stderr
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
-
-
-@pytest.mark.slow
-def test_measuring_the_frontier_restores_the_model_exactly(tmp_path: Path) -> None:
-    import torch
-    from modelopt.torch.opt.utils import named_hparams
-
-    from auto_quantize_model.artifacts import CalibData, LanguageModel, LoadedModel, QuantSearch
-    from auto_quantize_model.backend.measure import HeldOutEval
-    from auto_quantize_model.core.validation import held_out_set
-    from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec, LoadSpec, ValidateSpec
-    from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
-    from auto_quantize_model.stages.extract_lm import ExtractLM
-    from auto_quantize_model.stages.load_model import LoadModel
-    from auto_quantize_model.stages.measure_frontier import MeasureFrontier
-    from auto_quantize_model.stages.run_autoquant import RunAutoQuant
-
-    spec = FrontierSpec(bits="8:16:1", measure=3, holdout_samples=12, workers=1)
-    store = Pipeline(
-        [
-            LoadModel(LoadSpec(path="builtin:tiny-qwen3-vl", device="cpu")),
-            ExtractLM(ExtractSpec()),
-            BuildCalibLoader(CalibSpec(max_samples=16, seq_len=64, batch_size=4)),
-            RunAutoQuant(AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), effective_bits=12.0, score_size=8)),
-            SolveBudgets(spec),
-        ]
-    ).run()
-    model = store.get(QuantSearch).model
-    held_out = held_out_set(
-        ValidateSpec(holdout_samples=12), store.get(CalibData), store.get(LoadedModel).tokenizer
-    )
-    evaluator = HeldOutEval.on(store.get(LanguageModel), held_out.token_lists)
-
-    def snapshot() -> tuple[dict[str, torch.Tensor], dict[str, str], Any]:
-        state = {name: value.detach().clone() for name, value in model.state_dict().items()}
-        recipes = {name: str(h.active) for name, h in named_hparams(model) if name.endswith(".quant_recipe")}
-        return state, recipes, evaluator.run()[0]
-
-    state_before, recipes_before, chosen_before = snapshot()
-    measured = MeasureFrontier(spec).run(store)
-    state_after, recipes_after, chosen_after = snapshot()
-
-    assert measured.restored_exactly
-    assert recipes_after == recipes_before
-    assert recipes_before
-    assert state_after.keys() == state_before.keys()
-    assert any("amax" in name for name in state_before)  # the quantizers' calibrated state is compared too
-    assert all(torch.equal(state_before[name], value) for name, value in state_after.items())
-    assert chosen_after.same_as(chosen_before)  # the chosen model's held-out NLL, to the last bit
-
-    points = measured.points
-    assert len(points) == 3
-    assert [p.budget for p in points] == sorted(p.budget for p in points)
-    assert all(p.quantized_groups > 0 and math.isfinite(p.delta_nll) and p.kl_div > 0.0 for p in points)
-    frontier = store.get(BudgetFrontier).frontier
-    assert all(p.predicted_score == frontier.point(p.budget).total_score for p in points)
-    assert measured.chosen_delta_nll == pytest.approx(
-        (chosen_before.nll_sum / chosen_before.tokens) - measured.baseline_nll, abs=1e-9
-    )
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import gc
 import json
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,15 +22,7 @@ from auto_quantize_model.artifacts import (
     SensitivityScores,
 )
 from auto_quantize_model.backend.modelopt import search as search_module
-from auto_quantize_model.backend.modelopt.checkpoint import checkpoint_file, settings_mismatch
-from auto_quantize_model.backend.modelopt.patches import frozen_heap
-from auto_quantize_model.backend.modelopt.plan import (
-    caption_segments,
-    leading_steps,
-    limit_scored_captions,
-    lm_membership,
-    textlm_name_map,
-)
+from auto_quantize_model.backend.modelopt.plan import lm_membership, textlm_name_map
 from auto_quantize_model.backend.modelopt.state import (
     StateReading,
     nonfinite_message,
@@ -38,10 +30,15 @@ from auto_quantize_model.backend.modelopt.state import (
     scores_from_state,
 )
 from auto_quantize_model.core.bits import model_constraint
-from auto_quantize_model.core.scores import parse_label
+from auto_quantize_model.core.frontier import (
+    fixed_row,
+    modelopt_frontier,
+    space_from_scores,
+    space_from_state,
+)
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.pipeline import Artifacts
-from auto_quantize_model.specs import AutoQuantSpec
+from auto_quantize_model.specs import AutoQuantSpec, parse_budgets
 from auto_quantize_model.stages.run_autoquant import RunAutoQuant
 from builders import tiny_qwen3_vl
 
@@ -50,49 +47,10 @@ if TYPE_CHECKING:
 
     from auto_quantize_model.backend.modelopt.search import AutoQuantize
 
+
 # --------------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def test_leading_steps_counts_captions_not_batches() -> None:
-    assert leading_steps((8, 8, 8, 8), 16) == (2, 16)
-    assert leading_steps((8, 8, 8, 8), 17) == (3, 24)
-    assert leading_steps((40, 3), 10) == (1, 40)  # packed rows hold many captions
-    assert leading_steps((8, 8), 100) == (2, 16)  # more than there is: everything
-    assert leading_steps((8, 8, 5), None) == (3, 21)
-
-
-def test_model_constraint_holds_the_lm_at_its_target() -> None:
-    lm, vision = 300, 100
-    constraint = model_constraint(6.0, lm, vision)
-    assert constraint == pytest.approx(8.5)
-    # the LM at exactly 6 bits and the vision at 16 spend exactly the whole-model budget
-    assert (6.0 * lm + 16.0 * vision) / (lm + vision) == pytest.approx(constraint)
-    assert model_constraint(6.0, lm, 0) == 6.0
-    assert model_constraint(16.0, lm, vision) == 16.0
-
-
-def test_parse_label() -> None:
-    assert parse_label("INT8_DEFAULT_CFG(effective-bits: 8.0)") == ("INT8_DEFAULT_CFG", 8.0)
-    assert parse_label("NVFP4_DEFAULT_CFG(effective-bits: 4.5)") == ("NVFP4_DEFAULT_CFG", 4.5)
-    assert parse_label("wint4-b64_aint8-token(effective-bits: 4.0)") == ("wint4-b64_aint8-token", 4.0)
-    with pytest.raises(ValueError, match="unexpected ModelOpt recipe label"):
-        parse_label("INT8_DEFAULT_CFG")
-
-
-def test_name_maps() -> None:
-    full = textlm_name_map("model.language_model", "lm_head")
-    assert full("decoder.layers.3.mlp.up_proj") == "model.language_model.layers.3.mlp.up_proj"
-    assert full("decoder") == "model.language_model"
-    assert full("lm_head") == "lm_head"
-    assert textlm_name_map("", "embed_out")("lm_head") == "embed_out"
-    assert textlm_name_map("", "lm_head")("decoder.layers.0.self_attn.q_proj") == "layers.0.self_attn.q_proj"
-    is_lm = lm_membership("model.language_model", "lm_head")
-    assert is_lm("model.language_model.layers.0.mlp.up_proj")
-    assert is_lm("lm_head")
-    assert not is_lm("model.visual.blocks.0.attn.qkv")
-    assert not is_lm("model.language_model_extra.x")
 
 
 class FakeRecipe:
@@ -296,13 +254,6 @@ def test_scores_from_state_flags_nonfinite_scores() -> None:
     assert "g0, g1, g2, g3, g4 and 3 more" in many
 
 
-def test_checkpoint_helpers(tmp_path: Path) -> None:
-    assert checkpoint_file(str(tmp_path / "state.pt")) == str(tmp_path / "state.pt")
-    assert checkpoint_file(str(tmp_path)) == str(tmp_path / "rank0.pth")
-    assert checkpoint_file(str(tmp_path / "noext")) == str(tmp_path / "noext" / "rank0.pth")
-    assert settings_mismatch({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == ["b: 2 -> 3", "c: None -> 4"]
-
-
 # --------------------------------------------------------------------------------------------------
 # Real AutoQuant on a tiny Qwen3-VL (random weights) on CPU
 # --------------------------------------------------------------------------------------------------
@@ -369,36 +320,6 @@ def _weights(model: nn.Module, keep: Callable[[str], bool]) -> int:
 
     kinds = (nn.Linear, nn.Conv3d)
     return sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, kinds) and keep(n))
-
-
-class _Cycle:
-    def __init__(self) -> None:
-        self.me = self
-
-
-def test_frozen_heap_skips_old_objects_but_collects_new_garbage() -> None:
-    import weakref
-
-    assert gc.get_freeze_count() == 0
-    with frozen_heap():
-        assert gc.get_freeze_count() > 0
-        cycle = _Cycle()
-        alive = weakref.ref(cycle)
-        del cycle
-        gc.collect()
-        assert alive() is None  # garbage made inside is still collected
-    assert gc.get_freeze_count() == 0
-
-
-def test_frozen_heap_leaves_a_callers_freeze_alone() -> None:
-    gc.freeze()
-    try:
-        frozen = gc.get_freeze_count()
-        with frozen_heap():
-            pass
-        assert gc.get_freeze_count() == frozen
-    finally:
-        gc.unfreeze()
 
 
 @pytest.fixture(scope="module")
@@ -634,47 +555,6 @@ def test_bad_settings_refused_before_modelopt(settings: dict[str, Any], message:
     assert not any("Quant" in type(m).__name__ for m in model.modules())  # ModelOpt never touched it
 
 
-def test_caption_segments_skip_padding() -> None:
-    # two captions (3 and 2 tokens) then a padding segment of pad id 0
-    positions = [0, 1, 2, 0, 1, 0, 1]
-    tokens = [5, 6, 7, 8, 9, 0, 0]
-    assert caption_segments(positions, tokens, pad_id=0) == [(0, 3), (3, 5)]
-
-
-def test_limit_scored_captions_masks_only_captions_past_score_size() -> None:
-    import torch
-
-    first = {
-        "input_ids": torch.tensor([[5, 6, 7, 8]]),
-        "position_ids": torch.tensor([[0, 1, 0, 1]]),
-        "labels": torch.tensor([[-100, 6, -100, 8]]),
-    }
-    second = {
-        "input_ids": torch.tensor([[1, 2, 3, 4, 9], [7, 7, 7, 0, 0]]),
-        "position_ids": torch.tensor([[0, 1, 0, 1, 2], [0, 1, 2, 0, 1]]),
-        "labels": torch.tensor([[-100, 2, -100, 4, 9], [-100, 7, 7, -100, -100]]),
-    }
-    batches, scored = limit_scored_captions([first, second], [2, 3], score_steps=2, score_size=3, pad_id=0)
-    assert scored == 3
-    assert batches[0] is first
-    # caption 3 (first of batch two) stays; captions 4 and 5 lose their labels
-    assert batches[1]["labels"].tolist() == [[-100, 2, -100, -100, -100], [-100, -100, -100, -100, -100]]
-    assert second["labels"].tolist()[0] == [-100, 2, -100, 4, 9]  # the caller's batch is not mutated
-
-
-def test_limit_scored_captions_leaves_whole_batches_alone() -> None:
-    import torch
-
-    batch = {
-        "input_ids": torch.tensor([[5, 6]]),
-        "position_ids": torch.tensor([[0, 1]]),
-        "labels": torch.tensor([[-100, 6]]),
-    }
-    batches, scored = limit_scored_captions([batch, batch], [1, 1], score_steps=1, score_size=1, pad_id=0)
-    assert scored == 1
-    assert batches == [batch, batch]
-
-
 @pytest.mark.slow
 @pytest.mark.usefixtures("quiet_modelopt")
 def test_releasing_output_diffs_keeps_scores_identical(tmp_path: Path, mocker: Any) -> None:
@@ -699,39 +579,6 @@ def test_releasing_output_diffs_keeps_scores_identical(tmp_path: Path, mocker: A
     mocker.patch.object(aq, "release_output_diffs", return_value=[])
     _, kept = _run("language_model", spec, tmp_path / "b")
     assert [g.scores for g in freed.groups] == [g.scores for g in kept.groups]
-
-
-def test_chunked_loss_backward_matches_one_backward() -> None:
-    import torch
-
-    from auto_quantize_model.backend.lm_forward import chunked_loss_backward, selected_logits, target_index
-
-    torch.manual_seed(0)
-    decoder = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 8))
-    head = torch.nn.Linear(8, 50)
-
-    class Decoder(torch.nn.Module):
-        def forward(self, input_ids: torch.Tensor, **_: Any) -> Any:
-            return (decoder(input_ids),)
-
-    batch = {
-        "input_ids": torch.randint(0, 50, (3, 11)),
-        "position_ids": torch.arange(11).repeat(3, 1),
-        "labels": torch.randint(0, 50, (3, 11)),
-    }
-    batch["labels"][1, 4:] = -100
-    logits = selected_logits(Decoder(), head, batch)
-    expected = torch.nn.functional.cross_entropy(logits, target_index(batch)[1], reduction="sum") / 7.0
-    expected.backward()  # type: ignore[no-untyped-call]
-    want = [p.grad.clone() for p in (*decoder.parameters(), *head.parameters()) if p.grad is not None]
-    for p in (*decoder.parameters(), *head.parameters()):
-        p.grad = None
-    value = chunked_loss_backward(Decoder(), head, batch, normalizer=7.0, chunk_tokens=4)
-    got = [p.grad for p in (*decoder.parameters(), *head.parameters()) if p.grad is not None]
-    assert value == pytest.approx(float(expected.detach()), rel=1e-6)
-    assert len(got) == len(want) == 5  # embedding, linear w+b, head w+b
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.slow
@@ -834,3 +681,100 @@ def test_awq_alpha_step_reaches_modelopts_search_under_its_own_name(tmp_path: Pa
     import modelopt.torch.quantization.config as mtq_config
 
     assert not hasattr(mtq_config, coarse)  # registered for the search only
+
+
+# --------------------------------------------------------------------------------------------------
+# Exactness against ModelOpt 0.47 (real auto_quantize on the tiny Qwen3-VL, CPU)
+# --------------------------------------------------------------------------------------------------
+
+
+def _modelopt_runs(
+    tmp_path: Path, scope: str, method: str, budgets: Sequence[float], disabled: tuple[str, ...] = ()
+) -> tuple[list[Any], dict[str, Any]]:
+    """RunAutoQuant at each budget on one checkpoint: the first run scores, the others only search."""
+    from auto_quantize_model.specs import AutoQuantSpec
+    from builders import FP8, INT8
+
+    checkpoint = str(tmp_path / "state.pt")
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for bits in budgets:
+            spec = AutoQuantSpec(
+                formats=(INT8, FP8),
+                method=method,  # type: ignore[arg-type]
+                effective_bits=bits,
+                score_size=4,
+                disabled_layers=disabled,
+                checkpoint=checkpoint,
+            )
+            results.append(_run(scope, spec, tmp_path)[1])  # type: ignore[arg-type]
+    return results, _load_state(results[0])
+
+
+def _assert_matches(frontier: Any, results: Sequence[Any]) -> None:
+    for result in results:
+        point = frontier.point(result.effective_bits_target)
+        assert frontier.groups == tuple(g.name for g in result.groups)
+        assert point.formats == tuple(g.best_format for g in result.groups), result.effective_bits_target
+        assert point.total_score == result.total_score
+        assert point.effective_bits_model == result.effective_bits_model
+        assert point.effective_bits_lm == result.effective_bits_lm
+        assert point.satisfied == result.satisfied
+
+
+@pytest.mark.slow
+def test_gradient_choice_is_modelopts_at_each_budget(tmp_path: Path) -> None:
+    """INT8 and FP8 tie on clamped scores everywhere here, so CBC's tie-breaks are under test too;
+    the disabled MLP of layer 1 puts one-format rows in the middle of ModelOpt's order."""
+    from modelopt.torch.quantization.algorithms import _resolve_best_recipe
+
+    from auto_quantize_model.backend.modelopt.plan import textlm_name_map
+
+    budgets = (11.0, 10.0, 13.5)
+    results, state = _modelopt_runs(
+        tmp_path, "language_model", "gradient", budgets, disabled=(f"{PREFIX}.layers.1.mlp.*",)
+    )
+    name_map = textlm_name_map(PREFIX, HEAD)
+    space = space_from_state(state, name_map)
+    assert space.exact_order
+    assert any(not r.reported for r in space.rows[:-1])  # fixed rows sit inside the order
+    _assert_matches(modelopt_frontier(space, budgets), results)
+
+    # the same space rebuilt from plain scores: raw scores, the fixed rows and the order
+    fixed = [fixed_row(r.name, r.weights, lm=r.lm) for r in space.rows if not r.reported]
+    rebuilt = space_from_scores(
+        results[0].groups, "gradient", fixed=fixed, order=[r.name for r in space.rows]
+    )
+    assert rebuilt.rows == space.rows
+    _assert_matches(modelopt_frontier(rebuilt, budgets), results)
+
+    # ModelOpt's own re-solve (get_auto_quantize_config's) over many more budgets
+    many = parse_budgets("10:16:0.5")
+    frontier = modelopt_frontier(space, many)
+    lm, other = space.lm_weights, space.other_weights
+    for point in frontier.points:
+        if not point.reachable:
+            continue
+        chosen = _resolve_best_recipe(state, {"effective_bits": model_constraint(point.budget, lm, other)})
+        theirs = {
+            name_map(key.removesuffix(".quant_recipe")): str(r).split("(")[0] for key, r in chosen.items()
+        }
+        assert point.formats == tuple(theirs[g] for g in frontier.groups), point.budget
+
+
+@pytest.mark.slow
+def test_kl_div_choice_is_modelopts_with_vision_rows_first(tmp_path: Path) -> None:
+    from auto_quantize_model.backend.modelopt.plan import lm_membership
+
+    budgets = (12.0, 10.0, 14.0)
+    results, state = _modelopt_runs(tmp_path, "full_model", "kl_div", budgets)
+    space = space_from_state(state, is_lm=lm_membership(PREFIX, HEAD))
+    assert not space.rows[0].lm  # the vision tower's rows come first
+    _assert_matches(modelopt_frontier(space, budgets), results)
+    # without ModelOpt's order (today's SensitivityScores): kl_div's bisection does not depend on it
+    plain = space_from_scores(
+        results[0].groups, "kl_div", lm_weights=space.lm_weights, other_weights=space.other_weights
+    )
+    assert not plain.exact_order
+    _assert_matches(modelopt_frontier(plain, budgets), results)

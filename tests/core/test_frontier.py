@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import attrs
 import pytest
 
 from auto_quantize_model.core import frontier as frontier_module
-from auto_quantize_model.core.bits import effective_bits, model_constraint, unquantized_weights
+from auto_quantize_model.core.bits import model_constraint
 from auto_quantize_model.core.frontier import (
     IN_PROCESS_BELOW,
     REMAINING_LM,
@@ -35,67 +34,7 @@ from auto_quantize_model.core.frontier import (
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.frontier_records import FrontierPoint
 from auto_quantize_model.render.frontier import JSON_FILE, MARKDOWN_FILE, frontier_to_dict, write_frontier
-from auto_quantize_model.specs import parse_budgets
-from builders import FP8, INT8, NONE, group, int8
-
-# --------------------------------------------------------------------------------------------------
-# Budgets
-# --------------------------------------------------------------------------------------------------
-
-
-def test_parse_budgets_range_includes_its_stop_and_stays_on_the_grid() -> None:
-    assert parse_budgets("4.5:8:0.25") == tuple(4.5 + 0.25 * i for i in range(15))
-    tenths = parse_budgets("4.5:5:0.1")
-    assert tenths == (4.5, 4.6, 4.7, 4.8, 4.9, 5.0)  # not 4.800000000000001, and 5.0 is included
-    assert parse_budgets("4:5:0.3") == (4.0, 4.3, 4.6, 4.9)  # a stop off the grid is not added
-    assert parse_budgets(" 6, 8.5 ,7,6") == (6.0, 7.0, 8.5)  # sorted, duplicates dropped
-    assert parse_budgets("7.5") == (7.5,)
-    assert parse_budgets("16") == (16.0,)
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("", "empty"),
-        ("eight", "'eight' is not a number"),
-        ("6,,7", "'' is not a number"),
-        ("4:8", "three parts"),
-        ("4:8:1:2", "three parts"),
-        ("8:4:0.5", "start 8 is above stop 4"),
-        ("4:8:0", "step must be a positive number"),
-        ("4:8:-1", "step must be a positive number"),
-        ("4:8:x", "step 'x' is not a number"),
-        ("0", "outside (0, 16]"),
-        ("17", "outside (0, 16]"),
-        ("nan", "outside (0, 16]"),
-        ("1:16:1e-6", "at most 10000"),
-    ],
-)
-def test_parse_budgets_errors_name_the_text_and_the_forms(text: str, message: str) -> None:
-    with pytest.raises(ConfigError) as err:
-        parse_budgets(text)
-    assert f"budgets {text!r}" in str(err.value)
-    assert message in str(err.value)
-    assert "\n" not in str(err.value)
-
-
-def test_model_constraint_is_the_same_float_for_the_runs_counts_and_the_frontiers() -> None:
-    # RunAutoQuant passes integer weight counts, the frontier floats: the budgets must agree exactly
-    for bits, lm, other in ((11.0, 106_496, 0), (12.0, 106_496, 113_152), (4.25, 3_000_000_017, 400_000_001)):
-        assert model_constraint(bits, float(lm), float(other)) == model_constraint(bits, lm, other)
-    assert model_constraint(8.0, 3, 1) == 10.0  # 3 LM weights at 8 bits and 1 vision weight at 16
-    with pytest.raises(InputError, match="no weights"):
-        model_constraint(8.0, 0.0, 0.0)
-
-
-def test_unquantized_weights_and_effective_bits_follow_modelopts_cost_units() -> None:
-    with_none = group("a", int8(1.0), NONE, costs=(50.0, 120.0))
-    assert unquantized_weights(with_none) == 120.0  # the NONE cost, not the 100 INT8's cost implies
-    without_none = group("b", int8(1.0), costs=(50.0,))
-    assert unquantized_weights(without_none) == 100.0  # 50 at 8 bits is 100 weights
-    assert effective_bits(50.0, 100.0) == 8.0
-    assert effective_bits(62.5, 200.0) == 5.0
-
+from builders import FP8, INT8, group
 
 # --------------------------------------------------------------------------------------------------
 # Synthetic search spaces
@@ -473,82 +412,6 @@ def test_frontier_pictures_are_written(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _modelopt_runs(
-    tmp_path: Path, scope: str, method: str, budgets: Sequence[float], disabled: tuple[str, ...] = ()
-) -> tuple[list[Any], dict[str, Any]]:
-    """RunAutoQuant at each budget on one checkpoint: the first run scores, the others only search."""
-    from auto_quantize_model.specs import AutoQuantSpec
-    from test_autoquant import _load_state, _run
-
-    checkpoint = str(tmp_path / "state.pt")
-    results = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for bits in budgets:
-            spec = AutoQuantSpec(
-                formats=(INT8, FP8),
-                method=method,  # type: ignore[arg-type]
-                effective_bits=bits,
-                score_size=4,
-                disabled_layers=disabled,
-                checkpoint=checkpoint,
-            )
-            results.append(_run(scope, spec, tmp_path)[1])  # type: ignore[arg-type]
-    return results, _load_state(results[0])
-
-
-def _assert_matches(frontier: Any, results: Sequence[Any]) -> None:
-    for result in results:
-        point = frontier.point(result.effective_bits_target)
-        assert frontier.groups == tuple(g.name for g in result.groups)
-        assert point.formats == tuple(g.best_format for g in result.groups), result.effective_bits_target
-        assert point.total_score == result.total_score
-        assert point.effective_bits_model == result.effective_bits_model
-        assert point.effective_bits_lm == result.effective_bits_lm
-        assert point.satisfied == result.satisfied
-
-
-@pytest.mark.slow
-def test_gradient_choice_is_modelopts_at_each_budget(tmp_path: Path) -> None:
-    """INT8 and FP8 tie on clamped scores everywhere here, so CBC's tie-breaks are under test too;
-    the disabled MLP of layer 1 puts one-format rows in the middle of ModelOpt's order."""
-    from modelopt.torch.quantization.algorithms import _resolve_best_recipe
-
-    from auto_quantize_model.backend.modelopt.plan import textlm_name_map
-    from test_autoquant import HEAD, PREFIX
-
-    budgets = (11.0, 10.0, 13.5)
-    results, state = _modelopt_runs(
-        tmp_path, "language_model", "gradient", budgets, disabled=(f"{PREFIX}.layers.1.mlp.*",)
-    )
-    name_map = textlm_name_map(PREFIX, HEAD)
-    space = space_from_state(state, name_map)
-    assert space.exact_order
-    assert any(not r.reported for r in space.rows[:-1])  # fixed rows sit inside the order
-    _assert_matches(modelopt_frontier(space, budgets), results)
-
-    # the same space rebuilt from plain scores: raw scores, the fixed rows and the order
-    fixed = [fixed_row(r.name, r.weights, lm=r.lm) for r in space.rows if not r.reported]
-    rebuilt = space_from_scores(
-        results[0].groups, "gradient", fixed=fixed, order=[r.name for r in space.rows]
-    )
-    assert rebuilt.rows == space.rows
-    _assert_matches(modelopt_frontier(rebuilt, budgets), results)
-
-    # ModelOpt's own re-solve (get_auto_quantize_config's) over many more budgets
-    many = parse_budgets("10:16:0.5")
-    frontier = modelopt_frontier(space, many)
-    lm, other = space.lm_weights, space.other_weights
-    for point in frontier.points:
-        if not point.reachable:
-            continue
-        chosen = _resolve_best_recipe(state, {"effective_bits": model_constraint(point.budget, lm, other)})
-        theirs = {
-            name_map(key.removesuffix(".quant_recipe")): str(r).split("(")[0] for key, r in chosen.items()
-        }
-        assert point.formats == tuple(theirs[g] for g in frontier.groups), point.budget
-
-
 def _mps(problem: Any, path: Path) -> bytes:
     problem.writeMPS(str(path), rename=1)
     return path.read_bytes()
@@ -576,21 +439,3 @@ def test_lp_problem_writes_modelopts_mps_file(tmp_path: Path) -> None:
             problem += constraint
         mine, _ = lp_problem(costs, scores, 9000.0, lower)
         assert _mps(mine, tmp_path / "mine.mps") == _mps(problem, tmp_path / "theirs.mps"), lower
-
-
-@pytest.mark.slow
-def test_kl_div_choice_is_modelopts_with_vision_rows_first(tmp_path: Path) -> None:
-    from auto_quantize_model.backend.modelopt.plan import lm_membership
-    from test_autoquant import HEAD, PREFIX
-
-    budgets = (12.0, 10.0, 14.0)
-    results, state = _modelopt_runs(tmp_path, "full_model", "kl_div", budgets)
-    space = space_from_state(state, is_lm=lm_membership(PREFIX, HEAD))
-    assert not space.rows[0].lm  # the vision tower's rows come first
-    _assert_matches(modelopt_frontier(space, budgets), results)
-    # without ModelOpt's order (today's SensitivityScores): kl_div's bisection does not depend on it
-    plain = space_from_scores(
-        results[0].groups, "kl_div", lm_weights=space.lm_weights, other_weights=space.other_weights
-    )
-    assert not plain.exact_order
-    _assert_matches(modelopt_frontier(plain, budgets), results)

@@ -21,7 +21,7 @@ from auto_quantize_model.artifacts import (
     ValidationReport,
 )
 from auto_quantize_model.core.batching import encode, holdout_columns, scorable
-from auto_quantize_model.core.captions import caption_file, captions_sha256, read_caption_file
+from auto_quantize_model.core.captions import captions_sha256, read_caption_file
 from auto_quantize_model.core.noise import choose_headline
 from auto_quantize_model.core.ranking import rank_groups
 from auto_quantize_model.core.scores import recipe_name
@@ -34,7 +34,7 @@ from auto_quantize_model.core.validation import (
     selection_notes,
 )
 from auto_quantize_model.core.validation_report import rank_overlap
-from auto_quantize_model.errors import AqmError, InputError, WiringError
+from auto_quantize_model.errors import AqmError, WiringError
 from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.specs import ValidateSpec
 from auto_quantize_model.stages.validate_sensitivity import ValidateSensitivity
@@ -55,12 +55,6 @@ def ranked(n: int) -> tuple[Candidate, ...]:
 
 # --------------------------------------------------------------------------------------------
 # Pure helpers
-
-
-def test_recipe_name_drops_the_effective_bits_suffix() -> None:
-    assert recipe_name("INT8_DEFAULT_CFG(effective-bits: 8.0)") == "INT8_DEFAULT_CFG"
-    assert recipe_name("NONE(effective-bits: 16.0)") == "NONE"
-    assert recipe_name("w8a8_per_channel") == "w8a8_per_channel"
 
 
 def test_the_measured_format_is_the_one_setting_the_manifest_importance() -> None:
@@ -175,25 +169,6 @@ def test_k_beyond_the_groups_is_a_note_saying_what_was_asked_and_measured() -> N
     assert beyond.endswith("measured 3 top, 0 bottom and 0 random; the top-k overlap uses k = 3")
 
 
-def test_read_caption_file_skips_blank_lines_and_strips(tmp_path: Path) -> None:
-    path = tmp_path / "c.txt"
-    path.write_text("  a cat \n\n\t\nA dog.\n", encoding="utf-8")
-    assert read_caption_file(path) == ("a cat", "A dog.")
-    with pytest.raises(InputError, match=r"missing\.txt"):
-        read_caption_file(tmp_path / "missing.txt")
-
-
-def test_builtin_names_the_package_captions() -> None:
-    path = caption_file("builtin")
-    assert path.parts[-3:] == ("auto_quantize_model", "data", "captions.txt")
-    assert caption_file("builtin-holdout").parts[-3:] == (
-        "auto_quantize_model",
-        "data",
-        "holdout-captions.txt",
-    )
-    assert caption_file("x/y.txt") == Path("x/y.txt")
-
-
 def test_holdout_captions_exclude_calibration_text_and_keep_order() -> None:
     texts, skipped = holdout_captions(["a", "b ", "c", "d", "e"], ["b", "d"], limit=2, source="f.txt")
     assert texts == ("a", "c")
@@ -296,29 +271,6 @@ def test_rank_overlap_compares_predicted_and_measured_top_k() -> None:
     assert rank_overlap(candidates, [4.0, 3.0, 2.0, 1.0], 2) == 1.0
     assert rank_overlap(candidates, [1.0, 2.0, 3.0, 4.0], 2) == 0.0
     assert rank_overlap(candidates, [1.0, 1.0, 1.0, 1.0], 2) == 1.0  # measured ties: in rank order
-
-
-def test_scorable_truncates_and_drops_one_token_captions() -> None:
-    tokenizer = FakeTokenizer(first_id=1, forbid_special_tokens=True)
-    ids = scorable(encode(tokenizer, ["a b c d", "x", "e f"]), max_len=3)
-    assert ids == [[1, 2, 3], [6, 7]]
-
-
-def test_holdout_batches_one_caption_per_row_with_padding_out_of_the_loss() -> None:
-    import torch
-
-    from auto_quantize_model.backend.lm_forward import as_tensors, target_index
-
-    lists = [[5, 6, 7], [8, 9], [1, 2, 3, 4], [3, 3]]
-    batches = [as_tensors(b) for b in holdout_columns(lists, pad_id=0, rows=3)]
-    assert [b["input_ids"].shape for b in batches] == [torch.Size([3, 3]), torch.Size([1, 4])]
-    first = batches[0]
-    assert first["input_ids"].tolist() == [[8, 9, 0], [3, 3, 0], [5, 6, 7]]
-    assert first["labels"].tolist() == [[8, 9, -100], [3, 3, -100], [5, 6, 7]]
-    assert first["position_ids"].tolist() == [[0, 1, 2]] * 3
-    targets = torch.cat([target_index(b)[1] for b in batches])
-    assert targets.numel() == sum(len(x) - 1 for x in lists)
-    assert sorted(targets.tolist()) == sorted(t for x in lists for t in x[1:])
 
 
 # --------------------------------------------------------------------------------------------
