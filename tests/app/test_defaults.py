@@ -11,6 +11,7 @@ loaded torch is not touched.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -129,3 +130,20 @@ def test_aqm_imports_modelopt_without_inductor_and_leaves_torch_compile_working(
         "omp": OMP_WAIT_POLICY[1],
         "compile_after": True,
     }
+
+
+# --------------------------------------------------------------------------- previous tool's driver
+
+
+def test_import_libraries_times_only_what_is_missing(
+    mocker: MockerFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    mocker.patch.dict(sys.modules)
+    sys.modules.pop("colorsys", None)
+    with caplog.at_level(logging.INFO, logger="auto_quantize_model"):
+        assert import_libraries(("colorsys", "no_such_library_here")) > 0
+    assert "colorsys" in sys.modules
+    # the library that cannot be imported is left for its stage to report, and not claimed
+    assert "imported colorsys in" in caplog.text
+    assert "no_such_library_here" not in caplog.text
+    assert import_libraries(("colorsys",)) == 0.0

@@ -12,8 +12,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from auto_quantize_model.app import cli
-from auto_quantize_model.app.folders import EXPORT_DIR, EXPORT_RECORD, aqm_files
+from auto_quantize_model.app import cli, folders
+from auto_quantize_model.app.folders import EXPORT_DIR, EXPORT_RECORD, aqm_files, is_aqm_name
 from auto_quantize_model.app.run_service import RunService
 from auto_quantize_model.errors import InputError, StageError
 from auto_quantize_model.pipeline import Artifacts
@@ -98,3 +98,68 @@ def test_the_folder_names_match_the_export_stage() -> None:
     stages = build_pipeline(spec, "/runs/x").stages
     export = next(stage for stage in stages if isinstance(stage, ExportCheckpoint))
     assert export.spec.output_dir == f"/runs/x/{EXPORT_DIR}"
+
+
+# --------------------------------------------------------------------------- which files are aqm's
+
+
+@pytest.mark.parametrize(
+    ("name", "ours"),
+    [
+        ("run.json", True),
+        ("pipeline.toml", True),
+        ("sweep-index.md", True),
+        ("x_quant_manifest.json", True),
+        ("int8_autoquant_lm_default_autoquant_state.pt", True),
+        ("autoquant_search_state.pt.settings.json", True),
+        ("my.pt.raw-scores.json", True),
+        ("layer-sensitivity-report.md", True),
+        (".per-layer-sensitivity.md.a1b2c3.tmp", True),
+        (".autoquant_search_state.pt.4242.tmp.pt", True),
+        ("autoquant_search_state.pt.settings.json.corrupt", True),
+        ("notes.txt", False),
+        ("model.pt", False),
+        ("settings.json", False),
+        (".aqm.lock", False),  # only the lock's holder removes it
+        (".notes.txt.a1b2.tmp", False),
+    ],
+)
+def test_is_aqm_name(name: str, ours: bool) -> None:
+    assert is_aqm_name(name) is ours
+
+
+def test_aqm_files_never_leave_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "secret.txt").write_text("x", "utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text("{}", "utf-8")
+    assert aqm_files(out, ["../secret.txt", "run.json", "missing.bin"]) == [out / "run.json"]
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def test_check_output_dir(tmp_path: Path) -> None:
+    folders.check_output_dir(tmp_path / "new", force=False)
+    (tmp_path / "empty").mkdir()
+    folders.check_output_dir(tmp_path / "empty", force=False)
+    for marker in ("run.json", "x_quant_manifest.json", "sweep-index.md"):
+        folder = tmp_path / marker.replace(".", "_")
+        folder.mkdir()
+        (folder / marker).write_text("{}", "utf-8")
+        with pytest.raises(InputError, match=rf"already holds a run \({marker}\); pass --force"):
+            folders.check_output_dir(folder, force=False)
+        folders.check_output_dir(folder, force=True)
+    (tmp_path / "file").write_text("x", "utf-8")
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        folders.check_output_dir(tmp_path / "file", force=True)
+
+
+def test_new_run_dir_never_reuses_a_folder(tmp_path: Path) -> None:
+    first = folders.new_run_dir("tiny", tmp_path)
+    assert first.parent == tmp_path / "runs"
+    assert first.name.endswith("-tiny")
+    first.mkdir(parents=True)
+    second = folders.new_run_dir("tiny", tmp_path)
+    assert second != first
+    assert not second.exists()

@@ -18,18 +18,28 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import pytest
 
 from auto_quantize_model.app import cli
 from auto_quantize_model.app.defaults import write_text
-from auto_quantize_model.app.folders import aqm_files, is_aqm_name
 from auto_quantize_model.app.lock import process_started_at
 from auto_quantize_model.app.run_service import RunService
-from auto_quantize_model.app.runs import RunRecord, read_run
+from auto_quantize_model.app.runs import (
+    COMPLETE,
+    FAILED,
+    RUNNING,
+    RunRecord,
+    open_run_folder,
+    read_run,
+    write_run,
+)
 from auto_quantize_model.artifacts import ReportPaths
 from auto_quantize_model.errors import InputError, StageError
+from auto_quantize_model.io.atomic import atomic_write_text
 from auto_quantize_model.io.manifest import manifest_to_json
-from builders import REPO, STATE_KIT, descending, error_lines, manifest, tree
+from auto_quantize_model.io.pipeline_file import load_pipeline
+from builders import REPO, STATE_KIT, descending, error_lines, manifest, tiny_pipeline_toml, tree
 from fakes import FakeRun, Writer, run_into, service
 
 TINY = REPO / "pipelines" / "tiny-qwen3-vl.toml"
@@ -459,37 +469,49 @@ def test_disk_full_while_writing_a_diff(tmp_path: Path, capsys: pytest.CaptureFi
     assert not (tmp_path / "d").exists()
 
 
-# --------------------------------------------------------------------------- which files are aqm's
+RECORD = RunRecord(
+    status=RUNNING,
+    started_at="2024-01-01T00:00:00+00:00",
+    ended_at=None,
+    resumed=False,
+    command=("aqm", "run", "p.toml"),
+    spec_sha256="0" * 64,
+    versions=(("aqm", "0"),),
+    device="cpu",
+    owner=None,
+)
 
 
 @pytest.mark.parametrize(
-    ("name", "ours"),
+    ("status", "sweep", "resumable"),
     [
-        ("run.json", True),
-        ("pipeline.toml", True),
-        ("sweep-index.md", True),
-        ("x_quant_manifest.json", True),
-        ("int8_autoquant_lm_default_autoquant_state.pt", True),
-        ("autoquant_search_state.pt.settings.json", True),
-        ("my.pt.raw-scores.json", True),
-        ("layer-sensitivity-report.md", True),
-        (".per-layer-sensitivity.md.a1b2c3.tmp", True),
-        (".autoquant_search_state.pt.4242.tmp.pt", True),
-        ("autoquant_search_state.pt.settings.json.corrupt", True),
-        ("notes.txt", False),
-        ("model.pt", False),
-        ("settings.json", False),
-        (".aqm.lock", False),  # only the lock's holder removes it
-        (".notes.txt.a1b2.tmp", False),
+        (RUNNING, False, True),
+        (f"{FAILED}: out of memory", False, True),
+        (COMPLETE, False, False),
+        (RUNNING, True, True),  # an interrupted sweep: its finished points are skipped, the rest resume
+        (f"{FAILED}: 1 of 3 points failed", True, True),
+        (COMPLETE, True, False),
     ],
 )
-def test_is_aqm_name(name: str, ours: bool) -> None:
-    assert is_aqm_name(name) is ours
+def test_interrupted_and_failed_runs_and_sweeps_are_resumable(
+    status: str, sweep: bool, resumable: bool
+) -> None:
+    assert attrs.evolve(RECORD, status=status, sweep=sweep).is_resumable is resumable
 
 
-def test_aqm_files_never_leave_the_folder(tmp_path: Path) -> None:
-    (tmp_path / "secret.txt").write_text("x", "utf-8")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "run.json").write_text("{}", "utf-8")
-    assert aqm_files(out, ["../secret.txt", "run.json", "missing.bin"]) == [out / "run.json"]
+@pytest.mark.parametrize(
+    ("status", "advice"),
+    [(f"{FAILED}: stopped", "aqm resume {folder} goes on with it"), (COMPLETE, "--force replaces it")],
+)
+def test_a_single_run_into_a_sweep_folder_says_how_to_go_on(tmp_path: Path, status: str, advice: str) -> None:
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(tiny_pipeline_toml(), encoding="utf-8")
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    write_run(folder, attrs.evolve(RECORD, status=status, sweep=True), atomic_write_text)
+    with pytest.raises(InputError) as caught:
+        open_run_folder(folder, load_pipeline(pipeline), force=False, created=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"already holds a sweep ({status})" in message
+    assert advice.format(folder=folder) in message

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import shutil
@@ -14,10 +13,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from pytest_mock import MockerFixture
 
-from auto_quantize_model.app import cli, folders, legacy_driver
-from auto_quantize_model.app.defaults import import_libraries
+from auto_quantize_model.app import cli, legacy_driver
 from auto_quantize_model.app.run_service import RunService
 from auto_quantize_model.artifacts import ReportPaths
 from auto_quantize_model.errors import InputError, StageError
@@ -197,32 +194,6 @@ def test_a_bug_in_a_stage_exits_1_and_points_at_debug(
 # --------------------------------------------------------------------------- output folders
 
 
-def test_check_output_dir(tmp_path: Path) -> None:
-    folders.check_output_dir(tmp_path / "new", force=False)
-    (tmp_path / "empty").mkdir()
-    folders.check_output_dir(tmp_path / "empty", force=False)
-    for marker in ("run.json", "x_quant_manifest.json", "sweep-index.md"):
-        folder = tmp_path / marker.replace(".", "_")
-        folder.mkdir()
-        (folder / marker).write_text("{}", "utf-8")
-        with pytest.raises(InputError, match=rf"already holds a run \({marker}\); pass --force"):
-            folders.check_output_dir(folder, force=False)
-        folders.check_output_dir(folder, force=True)
-    (tmp_path / "file").write_text("x", "utf-8")
-    with pytest.raises(InputError, match="exists and is not a folder"):
-        folders.check_output_dir(tmp_path / "file", force=True)
-
-
-def test_new_run_dir_never_reuses_a_folder(tmp_path: Path) -> None:
-    first = folders.new_run_dir("tiny", tmp_path)
-    assert first.parent == tmp_path / "runs"
-    assert first.name.endswith("-tiny")
-    first.mkdir(parents=True)
-    second = folders.new_run_dir("tiny", tmp_path)
-    assert second != first
-    assert not second.exists()
-
-
 def test_run_refuses_a_folder_holding_another_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -285,10 +256,6 @@ def test_formats_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert re.split(r"\s{2,}", nvfp4.rstrip())[-2:] == ["CUDA only", "modelopt"]
     assert any(line.startswith("wint4-b128_aint8-token ") for line in lines)
     assert "Your own weight/activation pairs" in out
-
-
-def seed_manifests() -> list[Path]:
-    return sorted(SEEDS.glob("*/*_quant_manifest.json")) if SEEDS.is_dir() else []
 
 
 @pytest.mark.parametrize("name", ["wint8_aint8", "wfp8_afp8", "int8_lm_default_legacy"])
@@ -434,20 +401,6 @@ def test_legacy_report_only_refuses_the_previous_tool_folder(
 def test_legacy_report_only_without_a_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["qwen3-lm-int8", "--report-only", "--output-dir", str(tmp_path)]) == 2
     assert "no *_quant_manifest.json" in capsys.readouterr().err
-
-
-def test_import_libraries_times_only_what_is_missing(
-    mocker: MockerFixture, caplog: pytest.LogCaptureFixture
-) -> None:
-    mocker.patch.dict(sys.modules)
-    sys.modules.pop("colorsys", None)
-    with caplog.at_level(logging.INFO, logger="auto_quantize_model"):
-        assert import_libraries(("colorsys", "no_such_library_here")) > 0
-    assert "colorsys" in sys.modules
-    # the library that cannot be imported is left for its stage to report, and not claimed
-    assert "imported colorsys in" in caplog.text
-    assert "no_such_library_here" not in caplog.text
-    assert import_libraries(("colorsys",)) == 0.0
 
 
 # --------------------------------------------------------------------------- real runs (slow)
