@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from transformers import Qwen3VLForConditionalGeneration
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+"""Files the tests read, vendored into the repository (see its README)."""
+SEEDS = DATA / "seed-manifests"
+"""The previous tool's three real run folders."""
 TINY_DEFAULT = REPO / "pipelines" / "tiny-qwen3-vl.toml"
 """The pipeline the README's first command runs."""
 

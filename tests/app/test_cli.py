@@ -22,11 +22,9 @@ from auto_quantize_model.io.pipeline_file import load_pipeline, spec_from_dict
 from auto_quantize_model.manifest_records import Manifest, ModelInfo
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import PipelineSpec
-from builders import INT8, descending, manifest
+from builders import INT8, REPO, SEEDS, descending, manifest
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny-qwen3-vl.toml"
-SEEDS = Path(__file__).resolve().parent / "data" / "seed-manifests"
 
 QUICK = RunService(library_importer=lambda: 0.0)
 """The real service minus the 11-16 s library import: for runs whose pipeline never starts."""

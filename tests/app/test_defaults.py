@@ -132,7 +132,7 @@ def test_aqm_imports_modelopt_without_inductor_and_leaves_torch_compile_working(
     }
 
 
-# --------------------------------------------------------------------------- previous tool's driver
+# --------------------------------------------------------------------------- library imports
 
 
 def test_import_libraries_times_only_what_is_missing(

@@ -1,4 +1,4 @@
-"""``aqm export`` on the finished tiny default run, and the ``[export]`` table / ExportCheckpoint stage.
+"""``aqm export`` on the finished tiny default run.
 
 The run folder comes from the session fixture ``tiny_default_run`` (read-only): every export goes
 to ``tmp_path``. The config test compares the written per-layer config with the frontier's choice

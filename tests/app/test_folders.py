@@ -1,6 +1,7 @@
-"""A failed run with an ``[export]`` table leaves no export behind, nor a killed export's scratch.
+"""Output folders: which files are aqm's, and what a failed run or a killed export leaves.
 
-The export itself is atomic (a scratch folder renamed into place); what a run folder must not keep
+A failed run with an ``[export]`` table leaves no export behind, nor a killed export's scratch. The
+export itself is atomic (a scratch folder renamed into place); what a run folder must not keep
 is an export of an attempt that failed afterwards, or the scratch folder of a killed one.
 """
 

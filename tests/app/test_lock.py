@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.app.lock import LOCK_NAME, FolderBusy, FolderLock, Owner, read_holder
+from builders import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny-qwen3-vl.toml"
 
 HOLD_LOCK = """\

@@ -18,9 +18,9 @@ from auto_quantize_model.app.pipelines_cmd import (
     summary,
 )
 from auto_quantize_model.errors import InputError
+from builders import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "pipelines" / "tiny-qwen3-vl.toml"
+TINY = REPO / "pipelines" / "tiny-qwen3-vl.toml"
 
 
 def test_ls_lists_every_example_with_the_first_sentence_of_its_comment(
@@ -28,7 +28,7 @@ def test_ls_lists_every_example_with_the_first_sentence_of_its_comment(
 ) -> None:
     assert main(["pipelines", "ls"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == sorted(p.stem for p in (ROOT / "pipelines").glob("*.toml"))
+    assert [line.split()[0] for line in lines] == sorted(p.stem for p in (REPO / "pipelines").glob("*.toml"))
     tiny = next(line for line in lines if line.startswith("tiny-qwen3-vl "))
     assert (
         tiny.split(None, 1)[1] == "Tiny end to end run: a few seconds on a laptop CPU, nothing to download."
@@ -69,7 +69,7 @@ def test_cp_defaults_to_the_current_folder(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.chdir(tmp_path)
     assert main(["pipelines", "cp", "smollm2-135m"]) == 0
     assert (tmp_path / "smollm2-135m.toml").read_bytes() == (
-        ROOT / "pipelines" / "smollm2-135m.toml"
+        REPO / "pipelines" / "smollm2-135m.toml"
     ).read_bytes()
 
 
@@ -143,7 +143,7 @@ def test_the_package_copy_wins_and_the_checkout_is_the_fallback(tmp_path: Path) 
 
 
 def test_the_wheel_maps_the_top_level_folder_to_the_one_looked_up() -> None:
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     force = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
     assert force == {"pipelines": f"auto_quantize_model/{PACKAGED}"}
-    assert REPOSITORY == ROOT / "pipelines"
+    assert REPOSITORY == REPO / "pipelines"

@@ -1,9 +1,10 @@
 """``aqm export --format compressed-tensors``: the mix written with compressed-tensors, read by transformers.
 
-Pure tests check which ModelOpt formats map to which compressed-tensors scheme, the refusals and the
-flag. The slow ones export the tiny model's INT8 W8A8 run (the session's ``tiny_default_run``) and
-one tiny run that mixes FP8 with max-calibrated INT4 blocks, then load each folder with
-``from_pretrained`` through transformers' own compressed-tensors quantizer, not our code.
+Fast tests check the flag and the refusals before anything is loaded (the scheme of each format:
+core/test_ct_config.py). The slow ones export the tiny model's INT8 W8A8 run (the session's
+``tiny_default_run``) and one tiny run that mixes FP8 with max-calibrated INT4 blocks, then load
+each folder with ``from_pretrained`` through transformers' own compressed-tensors quantizer, not
+our code.
 """
 
 from __future__ import annotations

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import pytest
 
 from auto_quantize_model.backend import host_memory
@@ -14,9 +12,6 @@ from auto_quantize_model.backend.host_memory import (
     M_TRIM_THRESHOLD,
     host_memory_kept,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 class FakeLibc:

@@ -110,7 +110,7 @@ def test_chunked_backward_keeps_targets_with_the_logits() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Real AutoQuant on a tiny Qwen3-VL (random weights) on CPU
+# Chunked lm_head loss
 # --------------------------------------------------------------------------------------------------
 
 

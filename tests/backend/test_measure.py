@@ -4,8 +4,7 @@ Validation's KL no longer calls ``kl_div`` per pass: the reference's exponential
 once and the terms are formed in place. The same operations in the same order give the same
 bits, which is checked here against ``torch.nn.functional.kl_div`` on random distributions and on
 a whole held-out pass of a tiny Llama. The host allocator setting (:func:`host_memory_kept`)
-only changes where tensors live: a pass inside it equals one outside it, and the allocator's
-defaults come back afterwards, once, however deeply the setting is nested.
+only changes where tensors live: a pass inside it equals one outside it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LoadModel, the built-in sources and the package data they rely on."""
+"""The built-in sources: their configs, and the tiny models built from them."""
 
 from __future__ import annotations
 

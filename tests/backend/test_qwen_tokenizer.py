@@ -11,11 +11,11 @@ import pytest
 
 from auto_quantize_model.backend import qwen_tokenizer as qt
 from auto_quantize_model.errors import ConfigError, InputError
+from builders import DATA
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-DATA = Path(__file__).resolve().parent / "data"
 COCO_512 = DATA / "coco2017_captions_large.txt"
 COCO_512_TOKENS = 6066
 """The previous tool's count for these captions with the real Qwen3-VL tokenizer (shared/data/README.md)."""

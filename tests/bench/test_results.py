@@ -1,4 +1,4 @@
-"""aqm bench: the pure helpers (reference layout, score alignment, tables, JSON), then one CPU run."""
+"""The benchmark's results on plain numbers: timings, score alignment, agreement, tables and JSON."""
 
 from __future__ import annotations
 

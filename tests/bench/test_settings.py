@@ -8,7 +8,7 @@ from auto_quantize_model.bench.settings import ScalingSource, parse_scaling_item
 from auto_quantize_model.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------
-# Arithmetic and agreement
+# Scaling items
 # --------------------------------------------------------------------------------------------------
 
 

@@ -444,7 +444,7 @@ def test_stage_refuses_an_absurd_padded_seq_len_before_building_rows(tmp_path: P
 
 
 # --------------------------------------------------------------------------------------------
-# Pure helpers
+# Held-out batches
 
 
 def test_scorable_truncates_and_drops_one_token_captions() -> None:

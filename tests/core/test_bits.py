@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import pytest
 
 from auto_quantize_model.core.bits import effective_bits, model_constraint, unquantized_weights
 from auto_quantize_model.errors import InputError
 from builders import NONE, group, int8
 
-if TYPE_CHECKING:
-    pass
-
-
 # --------------------------------------------------------------------------------------------------
-# Pure helpers
+# The model constraint
 # --------------------------------------------------------------------------------------------------
 
 
@@ -30,7 +24,7 @@ def test_model_constraint_holds_the_lm_at_its_target() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Budgets
+# In ModelOpt's cost units
 # --------------------------------------------------------------------------------------------------
 
 

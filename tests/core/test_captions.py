@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from auto_quantize_model.core.captions import caption_file, read_caption_file
 from auto_quantize_model.errors import InputError
 
-if TYPE_CHECKING:
-    pass
-
-
 # --------------------------------------------------------------------------------------------
-# Pure helpers
+# Held-out caption files
 
 
 def test_read_caption_file_skips_blank_lines_and_strips(tmp_path: Path) -> None:

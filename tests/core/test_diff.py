@@ -12,9 +12,8 @@ from auto_quantize_model.app.diff import diff_paths, resolve_manifest_path
 from auto_quantize_model.core.diff import RankMove, TopKOverlap, diff_manifests, render_diff_markdown
 from auto_quantize_model.errors import InputError
 from auto_quantize_model.manifest_records import Manifest
-from builders import manifest
+from builders import SEEDS, manifest
 
-SEEDS = Path(__file__).resolve().parent / "data" / "seed-manifests"
 INT8 = "wint8_aint8/wint8_aint8_autoquant_lm_quant_manifest.json"
 FP8 = "wfp8_afp8/wfp8_afp8_autoquant_lm_quant_manifest.json"
 INT8_OLD_LAYOUT = "int8_lm_default_legacy/int8_autoquant_lm_default_quant_manifest.json"

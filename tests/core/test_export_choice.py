@@ -15,7 +15,7 @@ from auto_quantize_model.frontier_records import Frontier, FrontierPoint
 from builders import FP8, INT8, fp8, group, int8
 
 # --------------------------------------------------------------------------------------------------
-# The config
+# Choices
 # --------------------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,7 @@
-"""Export: the per-layer ModelOpt config, the Hugging Face checkpoint, and reading both back.
+"""Export's per-layer ModelOpt config and the files beside it, built and checked on plain data.
 
-The pure builder and checks are tested on plain data (custom formats build their ModelOpt config
-without ModelOpt). The ModelOpt side runs on CPU with the tiny Qwen3-VL: INT8/FP8/INT4 mixes are
-quantized, exported by ModelOpt's own exporter and loaded back; NVFP4 needs CUDA (``gpu`` test).
+Custom formats build their ModelOpt config without ModelOpt; ModelOpt's own exporter is tested in
+backend/modelopt/test_export.py.
 """
 
 from __future__ import annotations

@@ -6,9 +6,7 @@ import re
 from pathlib import Path
 
 from auto_quantize_model.app.sweep.points import expand_sweep
-
-REPO = Path(__file__).resolve().parents[1]
-
+from builders import REPO
 
 # --------------------------------------------------------------------------------------------------
 # The previous tool's matrix as a pipeline file

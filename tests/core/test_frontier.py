@@ -1,4 +1,4 @@
-"""The budget frontier: budget parsing, the replayed searches, the reports, and exactness vs ModelOpt."""
+"""The budget frontier: the replayed searches, their reports, and the LP problem against ModelOpt's."""
 
 from __future__ import annotations
 

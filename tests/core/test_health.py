@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 from auto_quantize_model.core.health import NonFinite, NonMonotone, Tie, render_health_markdown, score_health
 from auto_quantize_model.manifest_records import RankedGroup
-from builders import NONE, group, ranked_group
-
-SEEDS = Path(__file__).resolve().parent / "data" / "seed-manifests"
-
+from builders import NONE, SEEDS, group, ranked_group
 
 CRAFTED = (
     group("fine", ("INT8", 8.0, 1.5), NONE),

@@ -8,7 +8,6 @@ except for the export fixes listed in :data:`FIXED` (each checked for its new va
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -36,9 +35,10 @@ from auto_quantize_model.core.formats import (
 from auto_quantize_model.core.presets import Preset, parse_presets, preset, presets
 from auto_quantize_model.core.ranking import format_scheme_part, scheme_name
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
+from builders import DATA
 
-SNAPSHOT = Path(__file__).parent / "data" / "preset_facts.json"
-PREVIOUS_YAML = Path(__file__).parent / "data" / "recipe_previous.yaml"
+SNAPSHOT = DATA / "preset_facts.json"
+PREVIOUS_YAML = DATA / "recipe_previous.yaml"
 """What the hand-written YAML emitter wrote for :func:`sample_config` (main at f775419)."""
 AWQ_LITE = ("INT4_AWQ_CFG", "W4A8_AWQ_BETA_CFG", "NVFP4_AWQ_LITE_CFG")
 

@@ -1,4 +1,4 @@
-"""Ranking rules and the BuildManifest stage, on plain data (no model, no torch)."""
+"""Ranking rules and scheme names, on plain data (no model, no torch)."""
 
 from __future__ import annotations
 

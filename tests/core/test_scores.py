@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import pytest
 
@@ -20,13 +19,6 @@ from auto_quantize_model.core.scores import (
     recipe_name,
     worst,
 )
-
-if TYPE_CHECKING:
-    pass
-
-if TYPE_CHECKING:
-    pass
-
 
 INT8 = "INT8_DEFAULT_CFG"
 FP8 = "FP8_DEFAULT_CFG"
@@ -125,19 +117,13 @@ def test_headline_format_is_the_one_setting_importance() -> None:
     assert headline_index((INT8, "NONE"), (0.0, 0.0)) == 0  # quantized format even at score 0
 
 
-# --------------------------------------------------------------------------------------------
-# Pure helpers
+# ---- recipe labels ------------------------------------------------------------------------------
 
 
 def test_recipe_name_drops_the_effective_bits_suffix() -> None:
     assert recipe_name("INT8_DEFAULT_CFG(effective-bits: 8.0)") == "INT8_DEFAULT_CFG"
     assert recipe_name("NONE(effective-bits: 16.0)") == "NONE"
     assert recipe_name("w8a8_per_channel") == "w8a8_per_channel"
-
-
-# --------------------------------------------------------------------------------------------------
-# Pure helpers
-# --------------------------------------------------------------------------------------------------
 
 
 def test_parse_label() -> None:

@@ -1,7 +1,8 @@
 """Validation's own reliability on synthetic measurements: intervals, headline, proxies, refinement.
 
 The measurement is built by hand (per-caption sums of known groups), so every figure of the
-report can be checked without a model; the stage on a real tiny model is in test_validate.py.
+report can be checked without a model; the stage on a real tiny model is in
+stages/test_validate_sensitivity.py.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from auto_quantize_model.io.legacy import legacy_manifest_from_dict, looks_like_
 from auto_quantize_model.io.manifest import manifest_from_dict, manifest_to_json
 from auto_quantize_model.io.manifest_file import read_manifest
 from auto_quantize_model.render.reports import LAYER_JSON, LAYER_MD, regenerate_reports
+from builders import SEEDS
 
-SEEDS = Path(__file__).resolve().parent / "data" / "seed-manifests"
 SEED_FOLDERS = ("wint8_aint8", "wfp8_afp8", "int8_lm_default_legacy")
 LEGACY_KEYS = ("layer", "num_bits", "sensitivity", "size_cost")
 

@@ -25,9 +25,9 @@ from auto_quantize_model.render.plots import (
     short_name,
     write_plots,
 )
+from builders import SEEDS
 from builders import manifest as make_manifest
 
-SEEDS = Path(__file__).resolve().parent / "data" / "seed-manifests"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.app.cli import main
+from builders import TINY_DEFAULT
 
 
 @pytest.mark.slow
@@ -17,7 +18,7 @@ def test_export_table_runs_the_stage_after_solve_budgets(tmp_path: Path) -> None
     from auto_quantize_model.io.pipeline_file import load_pipeline
     from auto_quantize_model.stages import stage_names
 
-    source = Path(__file__).resolve().parents[1] / "pipelines" / "tiny-qwen3-vl.toml"
+    source = TINY_DEFAULT
     toml = tmp_path / "p.toml"
     text = source.read_text(encoding="utf-8").replace("[validate]", '[frontier]\nbits = "9,12"\n\n[validate]')
     toml.write_text(text + "\n[export]\nbits = 9\n", encoding="utf-8")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
@@ -13,12 +13,8 @@ from auto_quantize_model.pipeline import Pipeline
 from auto_quantize_model.specs import FrontierSpec
 from auto_quantize_model.stages.solve_budgets import SolveBudgets
 
-if TYPE_CHECKING:
-    pass
-
-
 # --------------------------------------------------------------------------------------------------
-# The tiny default run (real ModelOpt) and the model restored after measuring
+# The model restored after measuring (real ModelOpt)
 # --------------------------------------------------------------------------------------------------
 
 

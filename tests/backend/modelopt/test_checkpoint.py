@@ -1,4 +1,4 @@
-"""The ModelOpt door: version guard, patches that undo themselves, and the resume protocol's files.
+"""The resume protocol's files: settings records, raw scores, fingerprints, states set aside.
 
 Fast tests use plain objects for ModelOpt's searcher (only the attributes the protocol reads);
 tests that import ModelOpt itself (tens of seconds on the 2-core machine) are ``slow``.
@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
@@ -25,9 +25,6 @@ from auto_quantize_model.backend.modelopt.checkpoint import (
 )
 from auto_quantize_model.errors import ConfigError
 from auto_quantize_model.specs import AutoQuantSpec
-
-if TYPE_CHECKING:
-    pass
 
 LOGGER = "auto_quantize_model"
 
@@ -256,7 +253,7 @@ def test_the_raw_record_is_written_for_the_exact_state_about_to_replace_the_old(
 
 
 # --------------------------------------------------------------------------------------------------
-# Patches of ModelOpt itself (imports ModelOpt: slow)
+# The kernels setting in the settings record
 # --------------------------------------------------------------------------------------------------
 
 
@@ -279,7 +276,7 @@ def test_the_pytorch_kernels_enter_the_settings_record_and_the_default_keeps_old
 
 
 # --------------------------------------------------------------------------------------------------
-# Pure helpers
+# File names and settings diffs
 # --------------------------------------------------------------------------------------------------
 
 

@@ -7,14 +7,11 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
 from auto_quantize_model.backend.modelopt.patches import frozen_heap, modes_restored, swapped
-
-if TYPE_CHECKING:
-    pass
 
 # --------------------------------------------------------------------------------------------------
 # Patches without ModelOpt
@@ -339,7 +336,7 @@ def test_pytorch_fake_quant_hides_the_extensions_and_puts_back_what_was_loaded(m
 
 
 # --------------------------------------------------------------------------------------------------
-# Real AutoQuant on a tiny Qwen3-VL (random weights) on CPU
+# The frozen heap
 # --------------------------------------------------------------------------------------------------
 
 

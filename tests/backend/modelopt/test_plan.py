@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from auto_quantize_model.backend.modelopt.plan import (
     caption_segments,
     leading_steps,
@@ -13,9 +11,6 @@ from auto_quantize_model.backend.modelopt.plan import (
     textlm_name_map,
 )
 from auto_quantize_model.specs import AutoQuantSpec
-
-if TYPE_CHECKING:
-    pass
 
 # --------------------------------------------------------------------------------------------------
 # Steps, fingerprint, messages
@@ -57,7 +52,7 @@ def test_name_maps() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Real AutoQuant on a tiny Qwen3-VL (random weights) on CPU
+# Caption segments and the score-size mask
 # --------------------------------------------------------------------------------------------------
 
 
