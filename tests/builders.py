@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from transformers import Qwen3VLForConditionalGeneration
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+"""Files the tests read, vendored into the repository (see its README)."""
+SEEDS = DATA / "seed-manifests"
+"""The previous tool's three real run folders."""
 TINY_DEFAULT = REPO / "pipelines" / "tiny-qwen3-vl.toml"
 """The pipeline the README's first command runs."""
 
@@ -464,3 +468,21 @@ def tiny_llama(vocab_size: int = 96, layers: int = 3, seed: int = 0) -> Any:
     model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
     model.eval()  # type: ignore[no-untyped-call]
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folders
+# --------------------------------------------------------------------------------------------------
+
+STATE_KIT = ("autoquant_search_state.pt", "autoquant_search_state.pt.raw-scores.json")
+"""The search state and its raw-score record: what a run folder keeps to resume."""
+
+
+def tree(folder: Path) -> list[str]:
+    """Every file and folder below ``folder``, relative, sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) if folder.exists() else []
+
+
+def error_lines(err: str) -> list[str]:
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("aqm: error:")]

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
         ValidateSpec,
     )
 
-    # For type checkers, which cannot follow the registry; test_registry checks these names.
+    # For type checkers, which cannot follow the registry; tests/test_stages.py checks these names.
     from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
     from auto_quantize_model.stages.build_manifest import BuildManifest
     from auto_quantize_model.stages.export_checkpoint import ExportCheckpoint
@@ -122,7 +122,7 @@ __all__ = [
     "WriteReports",
     "read_manifest",
 ]
-"""Spelled out for type checkers and linters, like the imports above; test_registry checks both."""
+"""Spelled out for type checkers and linters, like the imports above; tests/test_stages.py checks both."""
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.app import cli
-from test_run_folders import FakeRun, error_lines, run_into, service, tree
+from builders import error_lines, tree
+from fakes import FakeRun, run_into, service
 
 
 def outside_file(tmp_path: Path) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.app import cli
-from test_run_folders import FakeRun, run_into, service
+from fakes import FakeRun, run_into, service
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.app import cli
-from test_run_folders import FakeRun, error_lines, run_into, service
+from builders import error_lines
+from fakes import FakeRun, run_into, service
 
 
 def manifest_of(tmp_path: Path) -> Path:

@@ -18,21 +18,9 @@ from pathlib import Path
 import pytest
 
 from auto_quantize_model.app import cli
-from auto_quantize_model.app.defaults import write_text
-from test_run_folders import FakeRun, run_into, service
+from fakes import FakeRun, run_into, service, signal_on_complete
 
 TESTS = Path(__file__).resolve().parents[1]
-
-
-def signal_on_complete(signum: int):  # type: ignore[no-untyped-def]
-    """The real writer, which first sends ``signum`` to this process when it writes a ``complete`` record."""
-
-    def write(path: Path, text: str) -> Path:
-        if path.name == "run.json" and '"status": "complete"' in text:
-            os.kill(os.getpid(), signum)
-        return write_text(path, text)
-
-    return write
 
 
 def status(folder: Path) -> str:
@@ -62,8 +50,7 @@ def test_sigterm_while_the_run_completes_leaves_it_complete(tmp_path: Path) -> N
     child = (
         "import signal, sys\n"
         "from pathlib import Path\n"
-        "from faults.test_signals import signal_on_complete\n"
-        "from test_run_folders import run_into, service\n"
+        "from fakes import run_into, service, signal_on_complete\n"
         f"sys.exit(run_into(Path({str(out)!r}), using=service(writer=signal_on_complete(signal.SIGTERM))))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}

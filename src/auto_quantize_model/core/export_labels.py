@@ -10,7 +10,7 @@ would compute something else than what was scored, so such formats are refused b
 :func:`export_format` with the label the exporter would write; so are INT4 weights without blocks,
 which the exporter cannot pack (it asserts). A preset's label, group size and refusal are facts of
 its row in ``data/presets.toml`` (:class:`~auto_quantize_model.core.presets.Preset`); a grammar
-name's are derived here. ``tests/test_export_labels.py`` checks every listed format and every
+name's are derived here. ``tests/core/test_export_labels.py`` checks every listed format and every
 grammar name against the exporter itself. Pure: no torch, no ModelOpt.
 """
 

@@ -1,0 +1,173 @@
+"""compressed-tensors schemes of the ModelOpt formats: the mapping, the refusals, the plan by format."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from auto_quantize_model.core import ct_config as cc
+from auto_quantize_model.core.export_choice import GroupChoice
+from auto_quantize_model.core.export_config import build_export_config
+from auto_quantize_model.core.scores import NO_QUANT
+from auto_quantize_model.errors import ConfigError
+
+CT = "compressed-tensors"
+
+
+# --------------------------------------------------------------------------------------------------
+# Which formats map, and to what
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "weights", "inputs", "packing"),
+    [
+        ("INT8_DEFAULT_CFG", ("int", 8, "channel", None), ("int", "tensor", False), "int-quantized"),
+        ("wint8-pc_aint8-token", ("int", 8, "channel", None), ("int", "token", True), "int-quantized"),
+        ("INT8_WEIGHT_ONLY_CFG", ("int", 8, "channel", None), None, "pack-quantized"),
+        ("FP8_DEFAULT_CFG", ("float", 8, "tensor", None), ("float", "tensor", False), "float-quantized"),
+        (
+            "FP8_PER_CHANNEL_PER_TOKEN_CFG",
+            ("float", 8, "channel", None),
+            ("float", "token", True),
+            "float-quantized",
+        ),
+        ("wfp8_a16", ("float", 8, "tensor", None), None, "naive-quantized"),
+        ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", ("int", 4, "group", 128), None, "pack-quantized"),
+        ("wint4-b128_a16", ("int", 4, "group", 128), None, "pack-quantized"),
+        ("wint4-b32_a16", ("int", 4, "group", 32), None, "pack-quantized"),
+    ],
+)
+def test_each_written_format_has_its_scheme(
+    name: str, weights: tuple[Any, ...], inputs: tuple[Any, ...] | None, packing: str
+) -> None:
+    found = cc.ct_format(name)
+    assert found.refused is None
+    assert found.scheme is not None
+    w = found.scheme.weights
+    assert (w.type, w.num_bits, w.strategy, w.group_size, w.dynamic) == (*weights, False)
+    a = found.scheme.inputs
+    assert (None if a is None else (a.type, a.strategy, a.dynamic)) == inputs
+    assert found.scheme.compression == packing
+
+
+def test_the_schemes_are_what_compressed_tensors_itself_packs_that_way() -> None:
+    """compressed-tensors infers the same packing for each scheme as the one written in its group."""
+    import torch
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import QuantizationScheme
+
+    for name in ("INT8_DEFAULT_CFG", "INT8_WEIGHT_ONLY_CFG", "FP8_DEFAULT_CFG", "wfp8_a16", "wint4-b64_a16"):
+        scheme = cc.ct_format(name).scheme
+        assert scheme is not None
+        spelled = scheme.as_dict(["layer"])
+        spelled.pop("format")
+        inferred = infer_module_format(torch.nn.Linear, QuantizationScheme.model_validate(spelled))
+        assert inferred.value == scheme.compression, name
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        (
+            "INT4_AWQ_CFG",
+            "awq_lite calibration scales each layer's input by a per-input-channel pre_quant_scale",
+        ),
+        ("INT8_SMOOTHQUANT_CFG", "smoothquant calibration scales each layer's input"),
+        ("NVFP4_DEFAULT_CFG", "compressed-tensors writes NVFP4 as nvfp4-pack-quantized, but converting"),
+        ("W4A16_NVFP4_CFG", "nvfp4-pack-quantized"),
+        ("wint8-pic_a16", "never per input channel"),
+        ("FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", "FP8 E4M3 in 128x128 blocks; activations 16-bit"),
+        ("MXFP8_DEFAULT_CFG", "has no compressed-tensors scheme this export writes"),
+        ("wint4-b128_aint8-token", "are not among the compressed-tensors schemes this export writes"),
+        ("FP8_KV_CFG", "KV-cache preset"),
+    ],
+)
+def test_formats_compressed_tensors_cannot_hold_are_refused_with_the_reason(name: str, reason: str) -> None:
+    found = cc.ct_format(name)
+    assert found.scheme is None
+    assert found.refused is not None
+    assert reason in found.refused
+
+
+def test_a_refused_choice_is_one_line_naming_group_format_and_what_to_use() -> None:
+    choices = (
+        GroupChoice("g0", ("a.q_proj",), "INT8_DEFAULT_CFG"),
+        GroupChoice("g1", ("a.down_proj",), "INT4_AWQ_CFG"),
+    )
+    with pytest.raises(ConfigError) as caught:
+        cc.check_ct_choices(choices)
+    text = str(caught.value)
+    assert "\n" not in text
+    assert text.startswith(
+        "group g1: format INT4_AWQ_CFG cannot be exported as compressed-tensors: its awq_lite"
+    )
+    assert "export it with --format modelopt, or choose a run whose formats it writes" in text
+    assert "wint4-b128_a16" in text
+    # A format neither exporter takes does not point at --format modelopt.
+    with pytest.raises(ConfigError, match=r"^group g: format MXFP4_DEFAULT_CFG .*; choose a run") as other:
+        cc.check_ct_choices((GroupChoice("g", ("m",), "MXFP4_DEFAULT_CFG"),))
+    assert "--format modelopt" not in str(other.value)
+    cc.check_ct_choices((*choices[:1], GroupChoice("g2", ("b",), NO_QUANT)))  # INT8 and NONE pass
+
+
+@pytest.mark.parametrize(
+    ("name", "taken"),
+    [
+        ("INT8_DEFAULT_CFG", ("modelopt", CT)),
+        ("INT4_AWQ_CFG", ("modelopt",)),
+        ("wfp8_a16", (CT,)),  # ModelOpt's exporter would record it as FP8 W8A8
+        ("wint8-pc_aint8-token", (CT,)),
+        ("MXFP4_DEFAULT_CFG", ()),
+    ],
+)
+def test_the_formats_export_column(name: str, taken: tuple[str, ...]) -> None:
+    assert cc.export_formats_of(name) == taken
+
+
+def test_plan_groups_by_format_with_exact_names_and_ignores_the_rest() -> None:
+    from compressed_tensors.quantization import QuantizationConfig
+
+    linears = ("vis.fc", "l0.q_proj", "l0.k_proj", "l0.v_proj", "l0.o_proj", "l0.down_proj", "lm_head")
+    choices = (
+        GroupChoice("qkv", ("l0.q_proj", "l0.k_proj", "l0.v_proj"), "FP8_DEFAULT_CFG"),
+        GroupChoice("o", ("l0.o_proj",), NO_QUANT),
+        GroupChoice("down", ("l0.down_proj",), "wint4-b128_a16"),
+        GroupChoice("head", ("lm_head",), "FP8_DEFAULT_CFG"),
+    )
+    configs: dict[str, dict[str, Any]] = {
+        "FP8_DEFAULT_CFG": {
+            "quant_cfg": [
+                {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": (4, 3), "axis": None}},
+                {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": (4, 3), "axis": None}},
+            ],
+            "algorithm": "max",
+        },
+        "wint4-b128_a16": {
+            "quant_cfg": [
+                {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 4, "block_sizes": {-1: 128}}},
+                {"quantizer_name": "*input_quantizer", "enable": False},
+            ],
+            "algorithm": "max",
+        },
+    }
+    config = build_export_config(choices, configs, known_modules=linears, exportable=cc.ct_export_format)
+    plan = cc.plan_ct(config, linears)
+    assert [(g.format, g.modules) for g in plan.groups] == [
+        ("FP8_DEFAULT_CFG", ("l0.q_proj", "l0.k_proj", "l0.v_proj", "lm_head")),
+        ("wint4-b128_a16", ("l0.down_proj",)),
+    ]
+    assert plan.ignore == ("vis.fc", "l0.o_proj")
+    assert plan.compression == "mixed-precision"
+    parsed = QuantizationConfig.model_validate(plan.quantization_config())
+    assert set(parsed.config_groups) == {"FP8_DEFAULT_CFG", "wint4-b128_a16"}
+    assert parsed.config_groups["wint4-b128_a16"].weights.group_size == 128
+    assert parsed.config_groups["FP8_DEFAULT_CFG"].format == "float-quantized"
+    assert parsed.ignore == ["vis.fc", "l0.o_proj"]
+    # compressed-tensors' own matcher picks exactly the chosen modules for each group.
+    from compressed_tensors.utils.match import match_name
+
+    for group in parsed.config_groups.values():
+        for name in linears:
+            assert any(match_name(name, t) for t in group.targets) == (name in group.targets)
