@@ -14,6 +14,7 @@ with 143.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -160,11 +161,14 @@ def cmd_frontier(args: argparse.Namespace, service: RunService) -> int:
         workers=args.workers,
         plots=not args.no_plots,
         command=tuple(args.command_line),
+        max_kl=args.max_kl,
     )
-    paths = service.outputs.frontier(request)
-    print(f"aqm: frontier: {len(paths)} files:")
-    for path in paths:
+    written = service.outputs.frontier(request)
+    print(f"aqm: frontier: {len(written.paths)} files:")
+    for path in written.paths:
         print(f"  {path}")
+    for line in written.answer:
+        print(f"aqm: {line}")
     return 0
 
 
@@ -180,6 +184,7 @@ def cmd_export(args: argparse.Namespace, service: RunService) -> int:
         force=args.force,
         command=tuple(args.command_line),
         format=args.format,
+        max_kl=args.max_kl,
     )
     print(f"aqm: {summary_line(service.outputs.export(request))}")
     return 0
@@ -196,6 +201,24 @@ def _count(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _kl_bound(text: str) -> float:
+    """``--max-kl``: a positive, finite KL in nats per held-out token."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number (nats per token), got {text!r}") from None
+    if not math.isfinite(value) or value <= 0.0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+MAX_KL_HELP = (
+    "the cheapest mix whose predicted held-out KL to the unquantized model (nats per token; the upper "
+    "end of its 95%% interval) is at most K, from a damage model fitted on the run's measured frontier "
+    "points (aqm frontier RUN --measure 3 makes them)"
+)
 
 
 def cmd_diff(args: argparse.Namespace, service: RunService) -> int:
@@ -322,6 +345,12 @@ def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
         help="CBC processes for the gradient method (default: one per CPU; in process for small problems)",
     )
     frontier.add_argument("--no-plots", action="store_true", help="write frontier.md/json only")
+    frontier.add_argument(
+        "--max-kl",
+        metavar="K",
+        type=_kl_bound,
+        help=MAX_KL_HELP + "; with --measure the chosen mix is measured and the bound checked",
+    )
     frontier.set_defaults(func=cmd_frontier)
 
     export = sub.add_parser(
@@ -339,7 +368,10 @@ def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
     )
     export.add_argument("run", metavar="RUN_DIR", help="a run folder of aqm run (or a *_quant_manifest.json)")
     export.add_argument(
-        "--bits", metavar="B", help="effective-bits budget over the LM weights (default: the run's own)"
+        "--bits",
+        metavar="B",
+        help="effective-bits budget over the LM weights (default: the run's own); with --max-kl, the "
+        "budgets to choose among (START:STOP:STEP or a list; default: the run's frontier budgets)",
     )
     export.add_argument("--output", metavar="DIR", required=True, help="the export folder (new or empty)")
     export.add_argument(
@@ -353,6 +385,7 @@ def build_parser(*, bench_flags: bool = True) -> argparse.ArgumentParser:
         "--checkpoint and the ct extra; read back through transformers' own loader)",
     )
     export.add_argument("--force", action="store_true", help="replace an existing, non-empty DIR")
+    export.add_argument("--max-kl", metavar="K", type=_kl_bound, help=MAX_KL_HELP)
     export.set_defaults(func=cmd_export)
 
     diff = sub.add_parser("diff", parents=[common], help="compare two runs (manifests or run folders)")

@@ -15,6 +15,7 @@ written beside the target under a scratch name and moved into place when complet
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from auto_quantize_model.errors import ConfigError, InputError
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import CheckpointInputs, ExportedMix
     from auto_quantize_model.specs import PipelineSpec
+
+log = logging.getLogger("auto_quantize_model")
 
 ExportLoader = Callable[["PipelineSpec"], "CheckpointInputs"]
 """Runs a run's LoadModel, ExtractLM and BuildCalibLoader: a pristine model and its calibration data."""
@@ -47,6 +50,9 @@ class ExportRequest:
     command: tuple[str, ...] = ()
     format: str = "modelopt"
     """The checkpoint format: ``modelopt`` or ``compressed-tensors`` (which needs ``checkpoint``)."""
+    max_kl: float | None = None
+    """``--max-kl``: the budget is the cheapest whose predicted KL is at most this (``bits`` then
+    names the budgets to choose among)."""
 
 
 @attrs.frozen(eq=False)
@@ -60,6 +66,8 @@ class ExportJob:
     """The run's pipeline (only with ``--checkpoint``)."""
     force: bool = False
     format: str = "modelopt"
+    notes: tuple[str, ...] = ()
+    """Why this budget (``--max-kl``'s answer), recorded in ``export.json``."""
 
 
 def parse_bits(text: str) -> float:
@@ -90,16 +98,25 @@ def plan_export(request: ExportRequest) -> ExportJob:
         raise ConfigError(
             "--format compressed-tensors writes a checkpoint (the weights are the format): add --checkpoint"
         )
-    budget = parse_bits(request.bits) if request.bits is not None else None
+    bounded = request.max_kl is not None
+    budget = parse_bits(request.bits) if request.bits is not None and not bounded else None
     run = FinishedRun.open(request.source)
+    refuse_overlap(request.output, run.folder)
+    refuse_taken(request.output, request.force)
+    notes: tuple[str, ...] = ()
+    if request.max_kl is not None:
+        choice = run.bounded(request.max_kl, request.bits, workers=1)[3]
+        budget, notes = choice.point.budget, choice.lines()
+        for line in notes:
+            log.info("export: %s", line)
     if budget is None:
         budget = run.manifest.scheme.effective_bits_target
         if budget is None or not math.isfinite(budget):
             raise InputError(f"{run.manifest_path} records no effective-bits budget: pass --bits")
-    refuse_overlap(request.output, run.folder)
-    refuse_taken(request.output, request.force)
     pipeline = run.pipeline("--checkpoint") if request.checkpoint else None
-    return ExportJob(run, budget, request.output, pipeline, force=request.force, format=request.format)
+    return ExportJob(
+        run, budget, request.output, pipeline, force=request.force, format=request.format, notes=notes
+    )
 
 
 def refuse_overlap(output: Path, folder: Path) -> None:
@@ -162,6 +179,6 @@ def run_export(job: ExportJob, loader: ExportLoader) -> ExportedMix:
             effective_bits_lm=bits,
             checkpoint=checkpoint,
             force=job.force,
-            notes=solved.notes,
+            notes=(*job.notes, *solved.notes),
             checkpoint_format=job.format,
         )

@@ -11,6 +11,13 @@ Two ways, one set of files (``frontier.md``, ``frontier.json``, ``plots/frontier
   runs), then SolveBudgets and MeasureFrontier, as a pipeline with ``[frontier] measure = K``
   would. The run folder itself is only read.
 
+Points measured earlier (the manifest's ``[frontier] measure``, or a ``frontier.json`` that
+``--measure`` wrote into the run folder) are kept: a later solve writes them again, a later
+measurement is merged with them, and they feed the damage model (predicted KL per budget).
+``--max-kl K`` answers with the cheapest mix whose predicted KL stays within K
+(:meth:`~auto_quantize_model.app.run_folder.FinishedRun.bounded`); with ``--measure`` that mix
+is measured as well and the answer says whether the bound held.
+
 Everything is read and checked before anything is solved, loaded or written; the files are
 rendered into a scratch folder and moved into place only once all of them exist.
 """
@@ -30,10 +37,13 @@ import attrs
 
 from auto_quantize_model.app.folders import PIPELINE_FILE, PLOTS_DIR, output_error
 from auto_quantize_model.app.run_folder import FinishedRun
+from auto_quantize_model.core.damage import merge_measured, with_measurement
+from auto_quantize_model.core.frontier_points import measured_budgets
 from auto_quantize_model.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier
+    from auto_quantize_model.core.damage import BoundChoice, DamageModel
     from auto_quantize_model.specs import FrontierSpec, PipelineSpec
 
 log = logging.getLogger("auto_quantize_model")
@@ -55,6 +65,8 @@ class FrontierRequest:
     workers: int | None = None
     plots: bool = True
     command: tuple[str, ...] = ()
+    max_kl: float | None = None
+    """``--max-kl``: choose the cheapest mix whose predicted KL (upper end) is at most this."""
 
 
 @attrs.frozen(eq=False)
@@ -69,6 +81,29 @@ class FrontierJob:
     state: Path | None
     """The run's search-state file (only when measuring)."""
     plots: bool = True
+    max_kl: float | None = None
+    stored: MeasuredFrontier | None = None
+    """Points the run folder holds from earlier measurements (None: none, or none readable)."""
+
+
+@attrs.frozen(eq=False)
+class FrontierOutcome:
+    """What a frontier job found: the solve, the measured points, the damage model, the answer."""
+
+    frontier: BudgetFrontier
+    measured: MeasuredFrontier | None = None
+    damage: DamageModel | None = None
+    bound: BoundChoice | None = None
+    notes: tuple[str, ...] = ()
+    """What kept the damage model out or left points aside, one sentence each."""
+
+
+@attrs.frozen
+class FrontierWritten:
+    """The files ``aqm frontier`` wrote and, with ``--max-kl``, its answer in a few lines."""
+
+    paths: tuple[Path, ...]
+    answer: tuple[str, ...] = ()
 
 
 def plan_frontier(request: FrontierRequest) -> FrontierJob:
@@ -81,8 +116,11 @@ def plan_frontier(request: FrontierRequest) -> FrontierJob:
 
     run = FinishedRun.open(request.source)
     check_solvable(run.manifest, run.manifest_path)  # measured or not, the search runs on these scores
+    stored, _ = run.stored_measurements(strict=request.max_kl is not None)
     table = run.frontier_table()
     bits = request.bits if request.bits is not None else (table.bits if table is not None else None)
+    if bits is None and request.max_kl is not None:
+        bits = run.candidate_bits(None, stored)
     if bits is None:
         raise ConfigError(
             f"{run.folder}: no budgets given and its {PIPELINE_FILE} has no [frontier] bits; pass --bits "
@@ -106,7 +144,9 @@ def plan_frontier(request: FrontierRequest) -> FrontierJob:
     if request.measure:
         pipeline = run.pipeline("--measure")
         state = run.search_state(pipeline, "--measure")
-    return FrontierJob(run, spec, target, pipeline, state, plots=request.plots)
+    return FrontierJob(
+        run, spec, target, pipeline, state, plots=request.plots, max_kl=request.max_kl, stored=stored
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,15 +185,90 @@ def copied_state(state: Path) -> Iterator[Path]:
         yield Path(scratch) / state.name
 
 
-def solve_job(job: FrontierJob, measurer: FrontierMeasurer) -> tuple[BudgetFrontier, MeasuredFrontier | None]:
-    """The frontier of ``job``: from the manifest, or measured on the run's model."""
+def solve_job(job: FrontierJob, measurer: FrontierMeasurer) -> FrontierOutcome:
+    """The frontier of ``job``: from the manifest, or measured on the run's model; with the points
+    measured earlier kept, the damage model fitted and, with ``--max-kl``, the answer."""
+    if job.max_kl is not None:
+        return _bounded(job, job.max_kl, measurer)
+    stored, notes = _checked(job)
     if job.pipeline is None or job.state is None:
-        return job.run.frontier(job.spec), None
+        budget_frontier, measured = job.run.frontier(job.spec), _carried(stored)
+    else:
+        budget_frontier, new = _measure(job, job.spec, measurer)
+        measured = new if stored is None else merge_measured(stored, new)
+    damage, why = _fitted(job, measured)
+    return FrontierOutcome(budget_frontier, measured, damage, notes=(*notes, *why))
+
+
+def _bounded(job: FrontierJob, max_kl: float, measurer: FrontierMeasurer) -> FrontierOutcome:
+    """``--max-kl``: choose from the stored points (no model); with ``--measure K``, measure the
+    chosen mix and K - 1 others spread over the range in one pass, and say whether the bound held.
+
+    The damage model shown is the one the choice was made with: the new points join the fit
+    the next time the folder is read.
+    """
+    budget_frontier, stored, damage, choice = job.run.bounded(max_kl, job.spec.bits, job.spec.workers)
+    if job.pipeline is None or job.state is None:
+        return FrontierOutcome(budget_frontier, _carried(stored), damage, choice)
+    others = measured_budgets(budget_frontier.frontier, job.spec.measure - 1) if job.spec.measure > 1 else ()
+    budgets = sorted({choice.point.budget, *(p.budget for p in others)})
+    # MeasureFrontier measures every distinct mix when asked for at least as many as there are;
+    # the solve adds the run's own budget, hence one more than listed
+    spec = attrs.evolve(job.spec, bits=",".join(repr(b) for b in budgets), measure=len(budgets) + 1)
+    _, new = _measure(job, spec, measurer)
+    checked = with_measurement(choice, new.points)
+    notes: tuple[str, ...] = ()
+    if checked.measured_kl is None:
+        notes = ("the chosen mix was not among the points measured: the bound is not checked",)
+    for line in checked.lines()[-1:] if checked.measured_kl is not None else ():
+        (log.info if checked.held else log.warning)("frontier: %s", line)
+    return FrontierOutcome(budget_frontier, merge_measured(stored, new), damage, checked, notes)
+
+
+def _measure(
+    job: FrontierJob, spec: FrontierSpec, measurer: FrontierMeasurer
+) -> tuple[BudgetFrontier, MeasuredFrontier]:
+    assert job.pipeline is not None
+    assert job.state is not None
     with copied_state(job.state) as copy:
         pipeline = attrs.evolve(
             job.pipeline, autoquant=attrs.evolve(job.pipeline.autoquant, checkpoint=str(copy))
         )
-        return measurer(pipeline, job.spec)
+        return measurer(pipeline, spec)
+
+
+def _checked(job: FrontierJob) -> tuple[MeasuredFrontier | None, tuple[str, ...]]:
+    """The stored points when they belong to this run's scores; else none, and why."""
+    if job.stored is None:
+        return None, ()
+    try:
+        job.run.check_measured(job.stored)
+    except InputError as err:
+        log.warning("frontier: %s", err)
+        return None, (f"points measured earlier were left out: {err}",)
+    return job.stored, ()
+
+
+def _carried(stored: MeasuredFrontier | None) -> MeasuredFrontier | None:
+    """Points measured earlier, marked as such where they are shown again."""
+    if stored is None:
+        return None
+    note = "these points were measured earlier (not again by this command) and are kept with the frontier"
+    return attrs.evolve(stored, notes=(*stored.notes, note))
+
+
+def _fitted(
+    job: FrontierJob, measured: MeasuredFrontier | None
+) -> tuple[DamageModel | None, tuple[str, ...]]:
+    """The damage model of ``measured``, or None and why (too few usable points)."""
+    from auto_quantize_model.core.damage import fit_damage
+
+    if measured is None or not measured.points:
+        return None, ()
+    try:
+        return fit_damage(measured.points, additivity=job.run.additivity()), ()
+    except InputError as err:
+        return None, (f"no damage model: {err}",)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,9 +276,7 @@ def solve_job(job: FrontierJob, measurer: FrontierMeasurer) -> tuple[BudgetFront
 # --------------------------------------------------------------------------------------------------
 
 
-def write_job(
-    job: FrontierJob, budget_frontier: BudgetFrontier, measured: MeasuredFrontier | None
-) -> tuple[Path, ...]:
+def write_job(job: FrontierJob, outcome: FrontierOutcome) -> FrontierWritten:
     """Render every file into a scratch folder inside the target, then move them into place.
 
     A failure while rendering leaves the target as it was; OS errors are one line naming the path.
@@ -178,12 +291,15 @@ def write_job(
         raise output_error(target, err) from None
     try:
         staged = write_budget_frontier(
-            budget_frontier,
+            outcome.frontier,
             scratch,
             title=job.run.manifest.scheme.name,
-            measured=measured,
+            measured=outcome.measured,
             plots=job.plots,
             plots_dir=scratch / PLOTS_DIR,
+            damage=outcome.damage,
+            bound=outcome.bound,
+            notes=outcome.notes,
         )
         placed = []
         for path in staged:
@@ -195,4 +311,5 @@ def write_job(
         raise output_error(target, err) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return tuple(placed)
+    answer = outcome.bound.lines() if outcome.bound is not None else ()
+    return FrontierWritten(tuple(placed), answer)

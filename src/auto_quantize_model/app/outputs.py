@@ -40,7 +40,12 @@ from auto_quantize_model.app.runs import Writer
 
 if TYPE_CHECKING:
     from auto_quantize_model.app.export import ExportLoader, ExportRequest
-    from auto_quantize_model.app.frontier import FrontierJob, FrontierMeasurer, FrontierRequest
+    from auto_quantize_model.app.frontier import (
+        FrontierJob,
+        FrontierMeasurer,
+        FrontierRequest,
+        FrontierWritten,
+    )
     from auto_quantize_model.artifacts import ExportedMix, ReportPaths
 
 
@@ -76,7 +81,7 @@ class OutputCommands:
         finally:
             remove_made(made)
 
-    def frontier(self, request: FrontierRequest) -> tuple[Path, ...]:
+    def frontier(self, request: FrontierRequest) -> FrontierWritten:
         """``aqm frontier``: a run's budget frontier (measured points too with ``--measure``).
 
         Everything is read and checked first, with the run folder's lock held (as ``aqm export``
@@ -96,13 +101,13 @@ class OutputCommands:
             with claim(job.target, request.command):
                 return self._frontier_into(job, own=False)
 
-    def _frontier_into(self, job: FrontierJob, *, own: bool) -> tuple[Path, ...]:
+    def _frontier_into(self, job: FrontierJob, *, own: bool) -> FrontierWritten:
         from auto_quantize_model.app.frontier import solve_job, write_job
 
-        frontier, measured = solve_job(job, self.frontier_measurer)
-        written = write_job(job, frontier, measured)
+        written = write_job(job, solve_job(job, self.frontier_measurer))
         if not own:
-            write_file(self.text_writer, job.target / OUTPUTS_RECORD, outputs_record(job.target, written))
+            record = outputs_record(job.target, written.paths)
+            write_file(self.text_writer, job.target / OUTPUTS_RECORD, record)
         return written
 
     def export(self, request: ExportRequest) -> ExportedMix:
@@ -153,6 +158,5 @@ def _frontier_names() -> list[str]:
     """Every file ``aqm frontier`` may write into an output folder."""
     from auto_quantize_model.render import frontier
 
-    stems = (frontier.SCORE_STEM, frontier.FORMATS_STEM, frontier.MEASURED_STEM)
-    pictures = [f"{PLOTS_DIR}/{stem}{suffix}" for stem in stems for suffix in PLOT_SUFFIXES]
+    pictures = [f"{PLOTS_DIR}/{stem}{suffix}" for stem in frontier.STEMS for suffix in PLOT_SUFFIXES]
     return [frontier.MARKDOWN_FILE, frontier.JSON_FILE, *pictures]

@@ -6,7 +6,9 @@ first stages) and had drifted apart: export locked the folder it read, frontier 
 share this seam now: :func:`reading` holds the source folder's lock while a command reads it,
 :meth:`FinishedRun.open` finds and checks the manifest, :meth:`FinishedRun.pipeline` and
 :meth:`FinishedRun.search_state` refuse what a model-loading command cannot use, and
-:meth:`FinishedRun.frontier` solves budgets from the manifest alone.
+:meth:`FinishedRun.frontier` solves budgets from the manifest alone. The damage model behind
+``--max-kl`` (:meth:`FinishedRun.damage_model`, :meth:`FinishedRun.bounded`) lives here too, so
+both commands read the same measured points and refuse with the same words.
 
 Only the standard library, attrs and our light modules are imported at the top.
 """
@@ -29,7 +31,8 @@ from auto_quantize_model.app.runs import read_run, refuse_live_owner
 from auto_quantize_model.errors import InputError
 
 if TYPE_CHECKING:
-    from auto_quantize_model.artifacts import BudgetFrontier
+    from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier
+    from auto_quantize_model.core.damage import Additivity, BoundChoice, DamageModel
     from auto_quantize_model.manifest_records import Manifest
     from auto_quantize_model.specs import FrontierSpec, PipelineSpec
 
@@ -220,3 +223,178 @@ class FinishedRun:
             workers=spec.workers,
             notes=notes,
         )
+
+    # ------------------------------------------------------------------------------ measured damage
+
+    def stored_measurements(self, *, strict: bool) -> tuple[MeasuredFrontier | None, tuple[str, ...]]:
+        """The measured frontier points this run folder keeps, and where they were read.
+
+        Two places hold them: the manifest's frontier summary (a pipeline with ``[frontier]
+        measure = K``) and the folder's ``frontier.json`` (``aqm frontier RUN --measure K``,
+        which writes into the run folder). Points of both are merged when they used the same
+        held-out text; otherwise ``frontier.json``'s, the later, are kept. An unreadable
+        ``frontier.json`` is an InputError when ``strict`` (``--max-kl`` needs its points), else
+        a warning: the plain frontier rewrites that file anyway.
+        """
+        from auto_quantize_model.core.damage import merge_measured
+
+        found: list[MeasuredFrontier] = []
+        sources: list[str] = []
+        summary = self.manifest.frontier
+        if summary is not None and summary.measured is not None and summary.measured.points:
+            found.append(summary.measured)
+            sources.append(str(self.manifest_path))
+        try:
+            written = self._frontier_json_measured()
+        except InputError as err:
+            if strict:
+                raise
+            log.warning("frontier: %s; its measured points are not kept", err)
+            written = None
+        if written is not None and written.points:
+            found.append(written)
+            sources.append(str(self.folder / _frontier_json()))
+        if not found:
+            return None, ()
+        measured = found[0]
+        for later in found[1:]:
+            measured = merge_measured(measured, later)
+        return measured, tuple(sources)
+
+    def _frontier_json_measured(self) -> MeasuredFrontier | None:
+        from auto_quantize_model.artifacts import MeasuredFrontier
+        from auto_quantize_model.io.convert import JSON_CONVERTER, json_problems, read_json
+
+        path = self.folder / _frontier_json()
+        if not path.is_file():
+            return None
+        data = read_json(path, "the frontier.json aqm frontier wrote")
+        if not isinstance(data, dict) or data.get("measured") is None:
+            return None
+        try:
+            return JSON_CONVERTER.structure(data["measured"], MeasuredFrontier)
+        except Exception as err:  # cattrs reports every problem of the record at once
+            problems = json_problems(err)
+            first = problems[0] if problems else str(err)
+            raise InputError(
+                f"{path}: measured.{first}; rerun aqm frontier {self.folder} --measure 3 to write it again"
+            ) from None
+
+    def additivity(self) -> Additivity | None:
+        """The validation's joint-vs-summed check, when the run validated with additivity on."""
+        import math
+
+        from auto_quantize_model.core.damage import Additivity
+
+        report = self.manifest.validation
+        if (
+            report is None
+            or not math.isfinite(report.joint_delta_nll)
+            or not math.isfinite(report.sum_delta_nll)
+        ):
+            return None
+        return Additivity(report.k, report.joint_delta_nll, report.sum_delta_nll)
+
+    def check_measured(self, measured: MeasuredFrontier) -> None:
+        """Each measured point's budget must solve, from this manifest, to the mix it measured (the
+        same predicted score and bits); points of another run's scores (a ``frontier.json`` an
+        earlier run left in this folder) are an InputError naming the first such point."""
+        from auto_quantize_model.specs import FrontierSpec
+
+        budgets = sorted({p.budget for p in measured.points})
+        solved = self.frontier(FrontierSpec(bits=",".join(repr(b) for b in budgets), workers=1)).frontier
+        for point in measured.points:
+            again = solved.point(point.budget)
+            if not (
+                _close(again.total_score, point.predicted_score)
+                and _close(again.effective_bits_lm, point.effective_bits_lm)
+            ):
+                raise InputError(
+                    f"{self.folder}: the measured point at {point.budget:g} bits had predicted score "
+                    f"{point.predicted_score:.6g}, but this run's manifest solves that budget to "
+                    f"{again.total_score:.6g}: the points are another run's; {self._how()}"
+                )
+
+    def _how(self) -> str:
+        return f"measure a few mixes first: aqm frontier {self.folder} --measure 3"
+
+    def damage_model(self, measured: MeasuredFrontier | None, flag: str = "--max-kl") -> DamageModel:
+        """The damage model of ``measured`` (the folder's stored points, checked against this
+        manifest by :meth:`check_measured`), or one line saying how to get points:
+        ``aqm frontier RUN --measure 3``."""
+        from auto_quantize_model.core.damage import fit_damage
+
+        if measured is None or not measured.points:
+            raise InputError(
+                f"{self.folder} has no measured frontier points: {flag} fits its damage model on them; "
+                f"{self._how()}"
+            )
+        self.check_measured(measured)
+        try:
+            return fit_damage(measured.points, additivity=self.additivity())
+        except InputError as err:
+            raise InputError(f"{self.folder}: {err}; {self._how()}") from None
+
+    def candidate_bits(self, bits: str | None, measured: MeasuredFrontier | None) -> str:
+        """The budgets ``--max-kl`` chooses among: ``--bits``, else the run's ``[frontier] bits``, else
+        the budgets of the points measured (and those between them), else one line asking for ``--bits``."""
+        if bits is not None:
+            return bits
+        table = self.frontier_table()
+        if table is not None:
+            return table.bits
+        written = self._frontier_json_budgets()
+        if written:
+            return ",".join(repr(b) for b in written)
+        if measured is not None and measured.points:
+            return ",".join(repr(b) for b in sorted({p.budget for p in measured.points}))
+        raise InputError(f"{self.folder}: no budgets to choose among; pass --bits (e.g. --bits 4.5:16:0.25)")
+
+    def _frontier_json_budgets(self) -> tuple[float, ...]:
+        import json
+
+        path = self.folder / _frontier_json()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            budgets = [float(point["budget"]) for point in data["points"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return ()
+        return tuple(sorted(set(budgets)))
+
+    def bounded(
+        self, max_kl: float, bits: str | None, workers: int | None = None
+    ) -> tuple[BudgetFrontier, MeasuredFrontier, DamageModel, BoundChoice]:
+        """The cheapest mix whose predicted KL (upper end) is within ``max_kl``, from the stored points.
+
+        Solves the candidate budgets (:meth:`candidate_bits`) from the manifest, fits the damage
+        model and chooses (:func:`~auto_quantize_model.core.damage.choose_under_bound`); every
+        refusal is one line naming ``--max-kl``. Nothing is loaded or written.
+        """
+        from auto_quantize_model.core.damage import choose_under_bound
+        from auto_quantize_model.errors import ConfigError
+        from auto_quantize_model.specs import FrontierSpec
+
+        measured, _ = self.stored_measurements(strict=True)
+        model = self.damage_model(measured)
+        assert measured is not None  # damage_model refuses a run without points
+        candidates = self.candidate_bits(bits, measured)
+        budget_frontier = self.frontier(FrontierSpec(bits=candidates, workers=workers))
+        try:
+            choice = choose_under_bound(budget_frontier.frontier.points, model, max_kl)
+        except ConfigError as err:
+            raise ConfigError(f"--max-kl {max_kl:g}: {err}") from None
+        except InputError as err:
+            raise InputError(f"--max-kl {max_kl:g}: {err} (budgets {candidates})") from None
+        return budget_frontier, measured, model, choice
+
+
+def _close(a: float, b: float) -> bool:
+    import math
+
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-300)
+
+
+def _frontier_json() -> str:
+    from auto_quantize_model.render.frontier import JSON_FILE
+
+    return JSON_FILE

@@ -8,6 +8,9 @@
   at each step: where the budget is spent, and which layers flip first.
 * ``frontier-measured`` (when points were measured): predicted score and measured ΔNLL of the
   measured mixes against their LM effective bits, on two axes.
+* ``frontier-damage`` (when a damage model was fitted on measured points): predicted held-out KL
+  per budget with its interval, the measured points, and with ``--max-kl`` the bound and the
+  chosen mix: the damage axis a user states a tolerance on.
 
 matplotlib is imported inside the plotting functions only, through its object API with the Agg
 canvas (no ``pyplot``, no global backend switch).
@@ -33,12 +36,16 @@ from auto_quantize_model.render.plots import save_figure, short_name
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier
+    from auto_quantize_model.core.damage import BoundChoice, DamageModel, Prediction
 
 MARKDOWN_FILE = "frontier.md"
 JSON_FILE = "frontier.json"
 SCORE_STEM = "frontier-score"
 FORMATS_STEM = "frontier-formats"
 MEASURED_STEM = "frontier-measured"
+DAMAGE_STEM = "frontier-damage"
+STEMS = (SCORE_STEM, FORMATS_STEM, MEASURED_STEM, DAMAGE_STEM)
+"""Every picture a frontier may write (each as PNG and SVG)."""
 DPI = 150
 CHANGES_SHOWN = 12
 """Format changes listed per budget step in the Markdown; the JSON keeps them all."""
@@ -62,13 +69,18 @@ def frontier_to_dict(
     measured: MeasuredFrontier | None = None,
     notes: Sequence[str] = (),
     run_matches: bool | None = None,
+    damage: DamageModel | None = None,
+    bound: BoundChoice | None = None,
 ) -> dict[str, Any]:
     """Plain JSON data: the summary, then one record per budget with every group's format.
 
     ``formats`` lists follow ``groups``; ``changes`` name the groups that differ from the
     previous budget, so a reader can follow one layer without diffing lists. ``measured``
     (predicted vs measured at a few budgets) and ``notes`` are added when given, and
-    ``run_matches`` says whether the re-solve at ``run_budget`` is ModelOpt's choice.
+    ``run_matches`` says whether the re-solve at ``run_budget`` is ModelOpt's choice. With
+    ``damage`` every point gains ``predicted_kl`` and ``predicted_delta_nll`` (``central``,
+    ``low``, ``high``; null beyond the measured scores, where ``beyond_data`` is true) and the
+    model itself is under ``damage``; ``bound`` is ``--max-kl``'s answer.
     """
     changes = step_changes(frontier)
     points = []
@@ -76,6 +88,13 @@ def frontier_to_dict(
         record = attrs.asdict(point)
         record["formats"] = list(point.formats)
         record["changes"] = [attrs.asdict(change) for change in changed]
+        if damage is not None:
+            inside = damage.within_data(point.total_score)
+            record["beyond_data"] = not inside
+            record["predicted_kl"] = attrs.asdict(damage.kl(point.total_score)) if inside else None
+            record["predicted_delta_nll"] = (
+                attrs.asdict(damage.delta_nll(point.total_score)) if inside else None
+            )
         points.append(record)
     data: dict[str, Any] = {
         "method": frontier.method,
@@ -96,7 +115,62 @@ def frontier_to_dict(
         data["notes"] = list(notes)
     if measured is not None:
         data["measured"] = attrs.asdict(measured)
+    if damage is not None:
+        data["damage"] = {
+            **attrs.asdict(damage),
+            "factor": damage.factor,
+            "description": list(damage.lines()),
+        }
+    if bound is not None:
+        data["bound"] = {
+            "max_kl": bound.bound,
+            "budget": bound.point.budget,
+            "effective_bits_lm": bound.point.effective_bits_lm,
+            "predicted_score": bound.point.total_score,
+            "predicted_kl": attrs.asdict(bound.kl),
+            "predicted_delta_nll": attrs.asdict(bound.delta_nll),
+            "cheaper_effective_bits_lm": bound.cheaper.effective_bits_lm if bound.cheaper else None,
+            "cheaper_predicted_kl": attrs.asdict(bound.cheaper_kl) if bound.cheaper_kl else None,
+            "measured_kl": bound.measured_kl,
+            "measured_delta_nll": bound.measured_delta_nll,
+            "held": bound.held,
+            "in_interval": bound.in_interval,
+            "description": list(bound.lines()),
+        }
     return data
+
+
+def _prediction_cell(damage: DamageModel, point: FrontierPoint) -> str:
+    if not any(fmt != "NONE" for fmt in point.formats):
+        return "0 (nothing quantized)"
+    if not damage.within_data(point.total_score):
+        return "beyond the data"
+    return damage.kl(point.total_score).text()
+
+
+def _damage_markdown(damage: DamageModel) -> list[str]:
+    """The damage model in words: how predicted KL comes from the score, and how far to trust it."""
+    lines = [
+        "",
+        "## Damage model: predicted held-out KL",
+        "",
+        f"Fitted on {len(damage.points)} measured mix(es) (the table's *predicted KL* column is its "
+        f"centre and {damage.level:.0%} prediction interval; KL in nats per held-out token, to the "
+        "unquantized model):",
+        "",
+    ]
+    lines += [f"- {line}" for line in damage.lines()]
+    return lines
+
+
+def _bound_markdown(bound: BoundChoice) -> list[str]:
+    lines = ["", f"## Cheapest mix within KL {bound.bound:.4g}", ""]
+    lines += [f"- {line}" for line in bound.lines()]
+    lines.append(
+        "- Chosen on the upper end of the interval: under the model, a mix chosen this way exceeds "
+        "the bound 2.5% of the time; the centre would exceed it about half of the time."
+    )
+    return lines
 
 
 def _format_counts(point: FrontierPoint, order: Sequence[str]) -> str:
@@ -151,9 +225,12 @@ def render_markdown(
     measured: MeasuredFrontier | None = None,
     notes: Sequence[str] = (),
     base: Path | None = None,
+    damage: DamageModel | None = None,
+    bound: BoundChoice | None = None,
 ) -> str:
     """The frontier as a Markdown page; ``pictures`` are linked relative to ``base`` (the page's
-    folder; their own folder when None). ``notes`` are listed first, ``measured`` points last."""
+    folder; their own folder when None). ``notes`` are listed first, ``measured`` points last;
+    ``damage`` adds a predicted-KL column and its model, ``bound`` the ``--max-kl`` answer."""
     order = [name for name, _ in frontier.format_bits]
     points = frontier.points
     unreachable = [p for p in points if not p.reachable]
@@ -202,16 +279,22 @@ def render_markdown(
     lines += [f"- {note}" for note in notes]
     if unreachable or unsatisfied or non_monotone or notes:
         lines.append("")
+    if bound is not None:
+        lines += [f"**{bound.lines()[0][0].upper()}{bound.lines()[0][1:]}.**", ""]
+    kl_head, kl_rule = (" predicted KL [95%] |", " ---: |") if damage is not None else ("", "")
     lines += [
-        "| budget | LM bits | model bits | predicted score | formats | changed | flags |",
-        "| ---: | ---: | ---: | ---: | :--- | ---: | :--- |",
+        f"| budget | LM bits | model bits | predicted score |{kl_head} formats | changed | flags |",
+        f"| ---: | ---: | ---: | ---: |{kl_rule} :--- | ---: | :--- |",
     ]
     changes = step_changes(frontier)
     for point, changed in zip(points, changes, strict=True):
         marker = " (run)" if run_budget is not None and abs(point.budget - run_budget) <= 1e-9 else ""
+        if bound is not None and point == bound.point:
+            marker += " (max KL)"
+        kl = f" {_prediction_cell(damage, point)} |" if damage is not None else ""
         lines.append(
             f"| {point.budget:g}{marker} | {point.effective_bits_lm:.3f} | {point.effective_bits_model:.3f} "
-            f"| {point.total_score:.4e} | {_format_counts(point, order)} | {len(changed)} "
+            f"| {point.total_score:.4e} |{kl} {_format_counts(point, order)} | {len(changed)} "
             f"| {', '.join(_flags(point))} |"
         )
     steps = [(a, b, c) for (a, b), c in zip(itertools.pairwise(points), changes[1:], strict=True) if c]
@@ -225,6 +308,10 @@ def render_markdown(
             lines.append(f"- **{before.budget:g} → {after.budget:g}**: {shown}{more}")
     if measured is not None:
         lines += _measured_markdown(measured)
+    if damage is not None:
+        lines += _damage_markdown(damage)
+    if bound is not None:
+        lines += _bound_markdown(bound)
     pngs = [p for p in pictures if p.suffix == ".png"]
     if pngs:
         lines += ["", "## Plots", ""]
@@ -397,6 +484,85 @@ def _measured_figure(measured: MeasuredFrontier, title: str) -> Any:
     return figure
 
 
+def _damage_figure(frontier: Frontier, damage: DamageModel, bound: BoundChoice | None, title: str) -> Any:
+    """Predicted KL per budget (centre and interval band within the data), the measured KL of
+    the fitted mixes, and the bound with the chosen mix when ``--max-kl`` was asked."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 4.6), layout="constrained")
+    axes = figure.add_subplot()
+    inside: list[tuple[float, Prediction]] = []
+    beyond: list[tuple[float, Prediction]] = []
+    for point in sorted(frontier.points, key=lambda p: p.effective_bits_lm):
+        if point.total_score > 0.0 and math.isfinite(point.total_score):
+            kept = inside if damage.within_data(point.total_score) else beyond
+            kept.append((point.effective_bits_lm, damage.kl(point.total_score)))
+    if inside:
+        x = [bits for bits, _ in inside]
+        axes.fill_between(
+            x,
+            [p.low for _, p in inside],
+            [p.high for _, p in inside],
+            color="C0",
+            alpha=0.2,
+            linewidth=0,
+            label=f"{damage.level:.0%} prediction interval",
+        )
+        axes.plot(
+            x, [p.central for _, p in inside], color="C0", marker="o", markersize=3, label="predicted KL"
+        )
+    if beyond:
+        axes.plot(
+            [bits for bits, _ in beyond],
+            [p.central for _, p in beyond],
+            color="0.6",
+            linestyle="--",
+            marker="o",
+            markersize=3,
+            label="beyond the measured scores (not trusted)",
+        )
+    axes.scatter(
+        [p.effective_bits_lm for p in damage.points],
+        [p.kl_div for p in damage.points],
+        marker="s",
+        s=36,
+        color="C2",
+        zorder=3,
+        label=f"measured KL ({len(damage.points)} fitted)",
+    )
+    if bound is not None:
+        axes.axhline(bound.bound, color="C3", linestyle=":", linewidth=1.0, label=f"bound {bound.bound:.3g}")
+        axes.scatter(
+            [bound.point.effective_bits_lm],
+            [bound.kl.high],
+            marker="*",
+            s=140,
+            color="C3",
+            zorder=4,
+            label=f"chosen: {bound.point.effective_bits_lm:.3f} bits (upper end)",
+        )
+        if bound.measured_kl is not None:
+            axes.scatter(
+                [bound.point.effective_bits_lm],
+                [bound.measured_kl],
+                marker="D",
+                s=40,
+                facecolors="none",
+                edgecolors="C3",
+                zorder=4,
+                label="chosen, measured",
+            )
+    values = [p.kl_div for p in damage.points] + [p.low for _, p in inside + beyond]
+    if values and all(v > 0 for v in values):
+        axes.set_yscale("log")
+    axes.set_xlabel("effective bits reached (language model)")
+    axes.set_ylabel("held-out KL to the unquantized model (nats/token)")
+    axes.set_title(f"{title}: predicted damage per budget (KL = score x {damage.factor:.3g})", fontsize=9)
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(fontsize=7)
+    return figure
+
+
 def write_frontier(
     frontier: Frontier,
     directory: str | Path,
@@ -408,6 +574,8 @@ def write_frontier(
     notes: Sequence[str] = (),
     run_matches: bool | None = None,
     plots_dir: str | Path | None = None,
+    damage: DamageModel | None = None,
+    bound: BoundChoice | None = None,
 ) -> tuple[Path, ...]:
     """Write ``frontier.md``, ``frontier.json`` and (``plots``) the pictures; return every path.
 
@@ -426,8 +594,16 @@ def write_frontier(
         pictures += _save(_formats_figure(frontier, title), pictures_dir, FORMATS_STEM)
         if measured is not None and measured.points:
             pictures += _save(_measured_figure(measured, title), pictures_dir, MEASURED_STEM)
+        if damage is not None:
+            pictures += _save(_damage_figure(frontier, damage, bound, title), pictures_dir, DAMAGE_STEM)
     data = frontier_to_dict(
-        frontier, run_budget=run_budget, measured=measured, notes=notes, run_matches=run_matches
+        frontier,
+        run_budget=run_budget,
+        measured=measured,
+        notes=notes,
+        run_matches=run_matches,
+        damage=damage,
+        bound=bound,
     )
     json_path = atomic_write_text(folder / JSON_FILE, dumps_json(data))
     markdown = render_markdown(
@@ -438,6 +614,8 @@ def write_frontier(
         measured=measured,
         notes=notes,
         base=folder,
+        damage=damage,
+        bound=bound,
     )
     md_path = atomic_write_text(folder / MARKDOWN_FILE, markdown)
     return (md_path, json_path, *pictures)
@@ -469,6 +647,9 @@ def write_budget_frontier(
     measured: MeasuredFrontier | None = None,
     plots: bool = True,
     plots_dir: str | Path | None = None,
+    damage: DamageModel | None = None,
+    bound: BoundChoice | None = None,
+    notes: Sequence[str] = (),
 ) -> tuple[Path, ...]:
     """:func:`write_frontier` for a stage's :class:`BudgetFrontier`: its run check and notes included."""
     checked = budget_frontier.run_checked
@@ -479,7 +660,9 @@ def write_budget_frontier(
         run_budget=budget_frontier.run_budget,
         plots=plots,
         measured=measured,
-        notes=(run_line(budget_frontier), *budget_frontier.notes),
+        notes=(run_line(budget_frontier), *budget_frontier.notes, *notes),
         run_matches=not budget_frontier.run_mismatches if checked else None,
         plots_dir=plots_dir,
+        damage=damage,
+        bound=bound,
     )
