@@ -456,7 +456,7 @@ def test_measured_frontier_of_a_run_folder_through_the_service(tmp_path: Path) -
     service = RunService(frontier_measurer=measurer)
     paths = service.outputs.frontier(
         FrontierRequest(folder, bits="6:12:1", measure=2, workers=1, plots=False)
-    )
+    ).paths
     ((pipeline, spec),) = measurer.calls
     assert spec == FrontierSpec(bits="6:12:1", measure=2, workers=1)
     assert Path(pipeline.autoquant.checkpoint).parent != folder  # the run folder is only read

@@ -217,12 +217,15 @@ def _bounded(job: FrontierJob, max_kl: float, measurer: FrontierMeasurer) -> Fro
     spec = attrs.evolve(job.spec, bits=",".join(repr(b) for b in budgets), measure=len(budgets) + 1)
     _, new = _measure(job, spec, measurer)
     checked = with_measurement(choice, new.points)
-    notes: tuple[str, ...] = ()
+    notes = [
+        f"the damage model shown is the one the choice was made with ({len(damage.points)} point(s)); "
+        "the points measured now join its fit the next time this folder is read"
+    ]
     if checked.measured_kl is None:
-        notes = ("the chosen mix was not among the points measured: the bound is not checked",)
+        notes.append("the chosen mix was not among the points measured: the bound is not checked")
     for line in checked.lines()[-1:] if checked.measured_kl is not None else ():
         (log.info if checked.held else log.warning)("frontier: %s", line)
-    return FrontierOutcome(budget_frontier, merge_measured(stored, new), damage, checked, notes)
+    return FrontierOutcome(budget_frontier, merge_measured(stored, new), damage, checked, tuple(notes))
 
 
 def _measure(
@@ -260,15 +263,9 @@ def _carried(stored: MeasuredFrontier | None) -> MeasuredFrontier | None:
 def _fitted(
     job: FrontierJob, measured: MeasuredFrontier | None
 ) -> tuple[DamageModel | None, tuple[str, ...]]:
-    """The damage model of ``measured``, or None and why (too few usable points)."""
-    from auto_quantize_model.core.damage import fit_damage
+    from auto_quantize_model.core.damage import fit_or_why
 
-    if measured is None or not measured.points:
-        return None, ()
-    try:
-        return fit_damage(measured.points, additivity=job.run.additivity()), ()
-    except InputError as err:
-        return None, (f"no damage model: {err}",)
+    return fit_or_why(measured, job.run.additivity())
 
 
 # --------------------------------------------------------------------------------------------------

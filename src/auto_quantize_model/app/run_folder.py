@@ -282,18 +282,9 @@ class FinishedRun:
 
     def additivity(self) -> Additivity | None:
         """The validation's joint-vs-summed check, when the run validated with additivity on."""
-        import math
+        from auto_quantize_model.core.damage import additivity_of
 
-        from auto_quantize_model.core.damage import Additivity
-
-        report = self.manifest.validation
-        if (
-            report is None
-            or not math.isfinite(report.joint_delta_nll)
-            or not math.isfinite(report.sum_delta_nll)
-        ):
-            return None
-        return Additivity(report.k, report.joint_delta_nll, report.sum_delta_nll)
+        return additivity_of(self.manifest.validation)
 
     def check_measured(self, measured: MeasuredFrontier) -> None:
         """Each measured point's budget must solve, from this manifest, to the mix it measured (the

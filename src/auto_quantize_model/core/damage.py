@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from auto_quantize_model.artifacts import MeasuredFrontier, MeasuredPoint
+from auto_quantize_model.artifacts import MeasuredFrontier, MeasuredPoint, ValidationReport
 from auto_quantize_model.core.frontier import FrontierPoint
 from auto_quantize_model.core.frontier_points import measured_frontier
 from auto_quantize_model.core.scores import NO_QUANT
@@ -149,6 +149,13 @@ class Additivity:
             f"the validation quantized its top {self.k} groups together: joint ΔNLL "
             f"{self.joint_delta_nll:.4g} vs {self.sum_delta_nll:.4g} summed over the singles{share}"
         )
+
+
+def additivity_of(report: ValidationReport | None) -> Additivity | None:
+    """The validation's joint-vs-summed check, when it ran (``validate.additivity``) and is finite."""
+    if report is None or not math.isfinite(report.joint_delta_nll) or not math.isfinite(report.sum_delta_nll):
+        return None
+    return Additivity(report.k, report.joint_delta_nll, report.sum_delta_nll)
 
 
 @attrs.frozen
@@ -300,6 +307,18 @@ def fit_damage(
         additivity=additivity,
         left_out=tuple(left_out),
     )
+
+
+def fit_or_why(
+    measured: MeasuredFrontier | None, additivity: Additivity | None = None
+) -> tuple[DamageModel | None, tuple[str, ...]]:
+    """:func:`fit_damage` for reports: the model, or None and the reason (none when nothing was measured)."""
+    if measured is None or not measured.points:
+        return None, ()
+    try:
+        return fit_damage(measured.points, additivity=additivity), ()
+    except InputError as err:
+        return None, (f"no damage model: {err}",)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -49,15 +49,20 @@ class WriteReports:
         frontier = inputs.find(BudgetFrontier)
         if frontier is None:
             return paths
+        from auto_quantize_model.core.damage import additivity_of, fit_or_why
         from auto_quantize_model.render.frontier import write_budget_frontier
         from auto_quantize_model.render.reports import PLOTS_DIR
 
+        measured = inputs.find(MeasuredFrontier)
+        damage, why = fit_or_why(measured, additivity_of(manifest.validation))
         written = write_budget_frontier(
             frontier,
             self.spec.output_dir,
             title=manifest.scheme.name,
-            measured=inputs.find(MeasuredFrontier),
+            measured=measured,
             plots=self.spec.plots,
             plots_dir=Path(self.spec.output_dir) / PLOTS_DIR,
+            damage=damage,
+            notes=why,
         )
         return attrs.evolve(paths, files=(*paths.files, *(str(path) for path in written)))
