@@ -278,6 +278,7 @@ def write_job(job: FrontierJob, outcome: FrontierOutcome) -> FrontierWritten:
 
     A failure while rendering leaves the target as it was; OS errors are one line naming the path.
     """
+    from auto_quantize_model.core.noise import random_weights_banner
     from auto_quantize_model.render.frontier import write_budget_frontier
 
     target = job.target
@@ -297,6 +298,7 @@ def write_job(job: FrontierJob, outcome: FrontierOutcome) -> FrontierWritten:
             damage=outcome.damage,
             bound=outcome.bound,
             notes=outcome.notes,
+            banner=random_weights_banner(job.run.manifest.model.source),
         )
         placed = []
         for path in staged:

@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from auto_quantize_model.app.sweep.points import PointSession
     from auto_quantize_model.app.sweep.runs import SweepRuns
     from auto_quantize_model.app.sweep.workers import Worker, WorkerGroup
+    from auto_quantize_model.pipeline import Artifacts
 
 log = logging.getLogger(PACKAGE_LOGGER)
 
@@ -166,6 +167,7 @@ class RunService:
             with sigterm_unwinds():
                 imports = self.library_importer()
                 store = run_point(self.pipeline_runner, effective, folder)
+                _complete_timings(store, imports)
                 extra = self._after(request, folder)
         except BaseException as err:
             kit = [toml, folder / RUN_FILE, *state_files(effective)]
@@ -199,3 +201,16 @@ class RunService:
             return request.after(folder)
         except OSError as err:
             raise output_error(folder, err) from None
+
+
+def _complete_timings(store: Artifacts, imports: float) -> None:
+    """The report and manifest of a finished pipeline rewritten with every stage's seconds and the
+    library imports, the same figures ``run.json`` records (WriteReports cannot time itself)."""
+    from auto_quantize_model.artifacts import ReportPaths, RunTimings, StageTiming
+    from auto_quantize_model.manifest_records import Manifest
+    from auto_quantize_model.render.reports import IMPORTS_STAGE, rewrite_timings
+
+    manifest, paths, timings = store.find(Manifest), store.find(ReportPaths), store.find(RunTimings)
+    if manifest is None or paths is None or timings is None:
+        return
+    rewrite_timings(manifest, paths, (StageTiming(IMPORTS_STAGE, round(imports, 3)), *timings.stages))

@@ -58,6 +58,14 @@ def random_weights_notice(source: str) -> str:
     )
 
 
+def random_weights_banner(source: str) -> str:
+    """The short form of :func:`random_weights_notice` that every plot of such a run carries
+    (a picture travels without its report); ``""`` for a trained model."""
+    if not random_weights_notice(source):
+        return ""
+    return f"RANDOM WEIGHTS ({source}): these figures carry no information about any real checkpoint"
+
+
 @attrs.frozen(eq=False)
 class Resamples:
     """Caption multiplicities of every bootstrap resample, shared by all figures of a validation."""

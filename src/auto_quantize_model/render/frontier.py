@@ -32,7 +32,7 @@ from auto_quantize_model.core.frontier import step_changes
 from auto_quantize_model.frontier_records import Frontier, FrontierPoint
 from auto_quantize_model.io.atomic import atomic_write_text, own_folder
 from auto_quantize_model.io.convert import dumps_json
-from auto_quantize_model.render.plots import save_figure, short_name
+from auto_quantize_model.render.plots import save_figure, short_name, symlog_ticks
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier
@@ -252,6 +252,8 @@ def render_markdown(
         f"({frontier.min_bits_model:.3f} over every costed weight).",
         "Predicted score: the sum of the chosen formats' scores as the search sees them "
         "(each format clamped to at most the score of the one with fewer bits); lower is better.",
+        "Formats: `NONE` leaves a group unquantized, at 16 bits. A group is named after its first module "
+        "and stands for the modules fused with it (q/k/v after `q_proj`, gate/up after `gate_proj`).",
         "",
     ]
     if not frontier.exact_order:
@@ -327,9 +329,9 @@ def render_markdown(
 # --------------------------------------------------------------------------------------------------
 
 
-def _save(figure: Any, directory: Path, stem: str) -> list[Path]:
+def _save(figure: Any, directory: Path, stem: str, banner: str = "") -> list[Path]:
     """PNG and SVG without dates or random ids: the same frontier gives the same bytes."""
-    return save_figure(figure, directory, stem, salt="auto-quantize-model-frontier", dpi=DPI)
+    return save_figure(figure, directory, stem, salt="auto-quantize-model-frontier", dpi=DPI, banner=banner)
 
 
 def _kind(point: FrontierPoint) -> str:
@@ -375,6 +377,7 @@ def _score_figure(frontier: Frontier, title: str, run_budget: float | None) -> A
     elif y:
         magnitudes = [abs(v) for v in y if v != 0]
         axes.set_yscale("symlog", linthresh=min(magnitudes) if magnitudes else 1e-12)
+        symlog_ticks(axes.yaxis, y)
         notes.append("scores ≤ 0 present: symlog axis")
     if run_budget is not None:
         try:
@@ -576,6 +579,7 @@ def write_frontier(
     plots_dir: str | Path | None = None,
     damage: DamageModel | None = None,
     bound: BoundChoice | None = None,
+    banner: str = "",
 ) -> tuple[Path, ...]:
     """Write ``frontier.md``, ``frontier.json`` and (``plots``) the pictures; return every path.
 
@@ -590,12 +594,13 @@ def write_frontier(
     pictures: list[Path] = []
     if plots and frontier.points:
         own_folder(pictures_dir)
-        pictures += _save(_score_figure(frontier, title, run_budget), pictures_dir, SCORE_STEM)
-        pictures += _save(_formats_figure(frontier, title), pictures_dir, FORMATS_STEM)
+        pictures += _save(_score_figure(frontier, title, run_budget), pictures_dir, SCORE_STEM, banner)
+        pictures += _save(_formats_figure(frontier, title), pictures_dir, FORMATS_STEM, banner)
         if measured is not None and measured.points:
-            pictures += _save(_measured_figure(measured, title), pictures_dir, MEASURED_STEM)
+            pictures += _save(_measured_figure(measured, title), pictures_dir, MEASURED_STEM, banner)
         if damage is not None:
-            pictures += _save(_damage_figure(frontier, damage, bound, title), pictures_dir, DAMAGE_STEM)
+            figure = _damage_figure(frontier, damage, bound, title)
+            pictures += _save(figure, pictures_dir, DAMAGE_STEM, banner)
     data = frontier_to_dict(
         frontier,
         run_budget=run_budget,
@@ -650,8 +655,10 @@ def write_budget_frontier(
     damage: DamageModel | None = None,
     bound: BoundChoice | None = None,
     notes: Sequence[str] = (),
+    banner: str = "",
 ) -> tuple[Path, ...]:
-    """:func:`write_frontier` for a stage's :class:`BudgetFrontier`: its run check and notes included."""
+    """:func:`write_frontier` for a stage's :class:`BudgetFrontier`: its run check and notes included;
+    ``banner`` (the random-weights warning) goes on every picture."""
     checked = budget_frontier.run_checked
     return write_frontier(
         budget_frontier.frontier,
@@ -665,4 +672,5 @@ def write_budget_frontier(
         plots_dir=plots_dir,
         damage=damage,
         bound=bound,
+        banner=banner,
     )

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from auto_quantize_model.core.experts import display_name, expert_slot
+from auto_quantize_model.core.noise import random_weights_banner
 from auto_quantize_model.core.scores import coefficient_text, group_name, worst
 from auto_quantize_model.io.atomic import atomic_write_bytes, own_folder
 
@@ -190,6 +191,53 @@ def _titled(header: str, notes: Sequence[str], width: int = 90) -> str:
     return header + "\n(" + "\n".join(lines) + ")"
 
 
+SYMLOG_TICKS_A_SIDE = 4
+"""Most labelled decades on either side of 0 on a symlog axis: more would overlap on a panel."""
+LINEAR_HALF_BAND = 1.0 / (1.0 - 1.0 / 10.0)
+"""Decades of display width matplotlib gives each half of symlog's linear band (linscale 1, base 10)."""
+
+
+def symlog_tick_values(
+    linthresh: float, low: float, high: float, most: int = SYMLOG_TICKS_A_SIDE
+) -> list[float]:
+    """Tick positions for a symlog axis spanning [``low``, ``high``]: 0 and powers of ten of either sign.
+
+    matplotlib's symlog locator also labels decades inside the linear band (below ``linthresh``),
+    which sit a fraction of a decade from the 0 label and overlap it, and labels every decade of
+    a range that spans tens of them. Here only decades at or beyond ``linthresh`` are kept, every
+    ``stride``-th one (always the largest), at most ``most`` a side, so the labels never touch.
+    """
+    ticks = [0.0] if low <= 0.0 <= high else []
+    first = math.ceil(math.log10(linthresh) - 1e-9)
+    for sign, end in ((1.0, high), (-1.0, -low)):
+        if end < linthresh:
+            continue
+        last = math.floor(math.log10(end) + 1e-9)
+        if last < first:
+            continue
+        stride = max(1, math.ceil((last - first + 1) / most))
+        # a decade sits (its distance above linthresh) + ~1.1 decades (the linear half-band) from 0:
+        # keep it only that far from the 0 label as from its neighbour, or the two labels touch
+        ticks += [
+            sign * 10.0**k
+            for k in range(last, first - 1, -stride)
+            if k - math.log10(linthresh) + LINEAR_HALF_BAND >= stride - 1e-9
+        ]
+    return sorted(ticks)
+
+
+def symlog_ticks(axis: Any, values: Sequence[float]) -> None:
+    """Place :func:`symlog_tick_values` on ``axis`` (already symlog) for the range of ``values``."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return
+    linthresh = axis.get_transform().linthresh
+    axis.set_major_locator(FixedLocator(symlog_tick_values(linthresh, min(finite), max(finite))))
+    axis.set_minor_locator(NullLocator())
+
+
 def _clip(value: float) -> float:
     """``value`` with its magnitude held to [PLOT_MIN, PLOT_MAX]; 0 and non-finite unchanged."""
     if value == 0 or not math.isfinite(value):
@@ -206,7 +254,9 @@ _NO_SOFTWARE: Any = {"Software": None}
 """PNG metadata as ``savefig`` gets it here: no Matplotlib version, so files compare across versions."""
 
 
-def save_figure(figure: Any, directory: Path, stem: str, *, salt: str, dpi: int = DPI) -> list[Path]:
+def save_figure(
+    figure: Any, directory: Path, stem: str, *, salt: str, dpi: int = DPI, banner: str = ""
+) -> list[Path]:
     """``<stem>.png`` and ``<stem>.svg`` from one layout and one raster drawing of ``figure``.
 
     ``savefig`` per format would lay the figure out and draw it twice for each (a layout pass,
@@ -215,11 +265,15 @@ def save_figure(figure: Any, directory: Path, stem: str, *, salt: str, dpi: int 
     ``savefig`` would (same bytes), and the SVG drawing reuses that layout: two passes, and both
     pictures have the same layout. The figure keeps no layout engine afterwards. No dates, a
     fixed SVG id ``salt``, SVG text kept as text: the same input gives byte-identical, selectable
-    files. Each file is written atomically.
+    files. Each file is written atomically. A ``banner`` (the random-weights warning) is put
+    above everything, in red, so the picture says it even when shown without its report.
     """
     import matplotlib
     import matplotlib.image
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if banner:
+        figure.suptitle(banner, color="#c00000", fontsize=8, fontweight="bold")
 
     canvas: Any = FigureCanvasAgg(figure)
     figure.set_dpi(dpi)
@@ -241,8 +295,8 @@ def save_figure(figure: Any, directory: Path, stem: str, *, salt: str, dpi: int 
     return written
 
 
-def _save(figure: Any, directory: Path, stem: str) -> list[Path]:
-    return save_figure(figure, directory, stem, salt="auto-quantize-model")
+def _save(figure: Any, directory: Path, stem: str, banner: str = "") -> list[Path]:
+    return save_figure(figure, directory, stem, salt="auto-quantize-model", banner=banner)
 
 
 def _heatmap(grid: ImportanceGrid, title: str) -> Any:
@@ -455,6 +509,7 @@ def _scatter_panel(axes: Any, validation: ValidationReport, title: str, measure:
             # symlog: linear within ±linthresh, logarithmic beyond, so ≤ 0 stays visible.
             magnitudes = _positive_finite(abs(v) for v in values)
             set_scale("symlog", linthresh=min(magnitudes) if magnitudes else 1e-6)
+            symlog_ticks(axes.xaxis if label == "score" else axes.yaxis, [*values, *extra])
             below = sum(v <= 0 for v in values)
             notes.append(
                 f"{below} {label} ≤ 0: symlog axis" if below else f"{label} intervals reach ≤ 0: symlog axis"
@@ -505,26 +560,29 @@ def write_plots(
     own_folder(directory)
     validation = validation if validation is not None else manifest.validation
     scheme = manifest.scheme.name
+    banner = random_weights_banner(manifest.model.source)
     written: list[Path] = []
 
     grid = importance_grid(manifest.groups)
     if grid.kinds:
-        written += _save(_heatmap(grid, f"{scheme}: importance by layer and module"), directory, HEATMAP_STEM)
+        written += _save(
+            _heatmap(grid, f"{scheme}: importance by layer and module"), directory, HEATMAP_STEM, banner
+        )
 
     ranked = sorted(manifest.groups, key=lambda g: g.rank)
     scored = [g for g in ranked if math.isfinite(g.importance) and g.importance > 0]
     non_finite = sum(1 for g in ranked if not math.isfinite(g.importance))
     if scored:
         top = _top_bars(scored[:TOP_GROUPS], len(scored), non_finite, scheme)
-        written += _save(top, directory, TOP_STEM)
+        written += _save(top, directory, TOP_STEM, banner)
 
     experts = expert_grid(manifest.groups)
     if experts is not None:
         title = f"{scheme}: importance of each expert"
-        written += _save(_expert_map(experts, title), directory, EXPERTS_STEM)
+        written += _save(_expert_map(experts, title), directory, EXPERTS_STEM, banner)
 
     if validation is not None and validation.groups:
-        written += _save(_scatter(validation, scheme), directory, SCATTER_STEM)
+        written += _save(_scatter(validation, scheme), directory, SCATTER_STEM, banner)
     return tuple(written)
 
 

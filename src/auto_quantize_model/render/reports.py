@@ -28,7 +28,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from auto_quantize_model.artifacts import ReportPaths
+import attrs
+
+from auto_quantize_model.artifacts import ReportPaths, StageTiming
 from auto_quantize_model.core.experts import experts_markdown
 from auto_quantize_model.core.noise import random_weights_notice
 from auto_quantize_model.core.scores import NO_QUANT, headline_index
@@ -228,12 +230,63 @@ def _header(manifest: Manifest) -> list[str]:
         f"- **Scoring:** {scheme.score_samples} samples, {_or_na(scheme.score_steps)} score steps, "
         f"{_or_na(scheme.calib_steps)} calibration steps",
     ]
-    if manifest.timings:
-        total = sum(t.seconds for t in manifest.timings)
-        lines += ["", "## Timings", "", "| Stage | Seconds |", "| :--- | ---: |"]
-        lines += [f"| {t.stage} | {t.seconds:.2f} |" for t in manifest.timings]
-        lines.append(f"| **total** | **{total:.2f}** |")
+    return [*lines, *_timings(manifest)]
+
+
+IMPORTS_STAGE = "library_imports"
+"""The first timing of a complete record: importing torch, transformers and ModelOpt (``run.json``'s name)."""
+
+
+def _timings(manifest: Manifest) -> list[str]:
+    """The timings table and what it covers: a run's complete record adds up to the command's wall
+    time (``run.json``'s ``seconds``); an older or in-process record covers the stages before the
+    manifest was built, and says so."""
+    timings = manifest.timings
+    if not timings:
+        return []
+    total = sum(t.seconds for t in timings)
+    if timings[0].stage == IMPORTS_STAGE:
+        about = (
+            "The one-off import of torch, transformers and ModelOpt, then every stage of the run: the total "
+            "is the command's wall time as `run.json` records it (`seconds`); only starting Python and "
+            "writing `run.json` itself fall outside it."
+        )
+    else:
+        about = (
+            "The stages that ran before this manifest was built. Not in it: importing the libraries, "
+            "building the manifest and writing the reports (a run folder's `run.json` has them all)."
+        )
+    lines = ["", "## Timings", "", about, "", "| Stage | Seconds |", "| :--- | ---: |"]
+    lines += [f"| {t.stage} | {t.seconds:.2f} |" for t in timings]
+    lines.append(f"| **total** | **{total:.2f}** |")
     return lines
+
+
+def rewrite_timings(manifest: Manifest, paths: ReportPaths, timings: Sequence[StageTiming]) -> Manifest:
+    """The manifest and Markdown report among ``paths`` written again with complete ``timings``.
+
+    WriteReports cannot time itself, nor see the library imports before the pipeline; the run
+    service calls this once the pipeline is done, so the report's table and the manifest hold
+    the same seconds as ``run.json``. Only the manifest and the Markdown are rewritten (each
+    atomically); plots and the JSON report hold no timings.
+    """
+    complete = attrs.evolve(manifest, timings=tuple(timings))
+    files = [Path(name) for name in paths.files]
+    directory = Path(paths.directory)
+    own = directory / manifest_file_name(manifest.scheme.name)
+    if own in files:
+        atomic_write_text(own, manifest_to_json(complete))
+    markdown = directory / LAYER_MD
+    if markdown in files:
+        had_plots = "\n## Plots\n" in markdown.read_text(encoding="utf-8")
+        pictures = [f for f in files if f.parent == directory / PLOTS_DIR]
+        text = render_markdown(
+            complete,
+            health_section=health_markdown(complete.groups),
+            plots_section=plots_markdown(complete, pictures, directory) if had_plots else "",
+        )
+        atomic_write_text(markdown, text)
+    return complete
 
 
 def _notice(manifest: Manifest) -> list[str]:
@@ -250,9 +303,15 @@ def _table(groups: Sequence[RankedGroup]) -> list[str]:
         "",
         "- **Rank** 1 is the group whose quantization hurts most; ties keep network order.",
         "- **Importance:** the largest AutoQuant score over the quantized formats (higher = more harmful).",
+        "- **Layer:** a recipe group, named after its first module. A group of several modules that must "
+        "share one format (the fused q/k/v projections, gate/up) lists the others after the name "
+        "(`+ k_proj, v_proj`); all of them take the group's format.",
         "- **Score columns:** each format's score for the group (blank where the group was not offered it).",
-        "- **Bits / Size cost:** bits and compressed weight size of the format that sets the importance.",
-        "- **Best format:** what the effective-bits search chose for the group.",
+        "- **Bits / Size cost:** bits per weight and weight size of the format that sets the importance. "
+        "The size cost is the group's weights x bits / 16: its size counted in 16-bit weights (x 2 for "
+        "bytes), the unit ModelOpt's effective-bits search budgets in.",
+        f"- **Best format:** what the effective-bits search chose for the group; `{NO_QUANT}` means left "
+        "unquantized, at 16 bits.",
         "",
     ]
     head = [
@@ -283,12 +342,25 @@ def _table(groups: Sequence[RankedGroup]) -> list[str]:
     ]
 
 
+def layer_cell(group: RankedGroup) -> str:
+    """The group's name and, for a fused group, the other modules it stands for (by their last part).
+
+    ModelOpt names a group after its first module; a manifest that names it otherwise (the
+    previous tool's) still gets every module after the first listed."""
+    if len(group.module_names) < 2:
+        return f"`{group.name}`"
+    others = [name for name in group.module_names if name != group.name]
+    if len(others) == len(group.module_names):
+        others = others[1:]
+    return f"`{group.name}` + {', '.join(name.rsplit('.', 1)[-1] for name in others)}"
+
+
 def _table_row(group: RankedGroup, formats: Sequence[str]) -> str:
     by_format = dict(zip(group.formats, group.scores, strict=True))
     head = headline_index(group.formats, group.scores)
     cells = [
         str(group.rank),
-        f"`{group.name}`",
+        layer_cell(group),
         _or_na(group.best_format),
         number(group.importance),
         *(number(by_format[name]) if name in by_format else "" for name in formats),

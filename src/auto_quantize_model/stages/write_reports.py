@@ -50,6 +50,7 @@ class WriteReports:
         if frontier is None:
             return paths
         from auto_quantize_model.core.damage import additivity_of, fit_or_why
+        from auto_quantize_model.core.noise import random_weights_banner
         from auto_quantize_model.render.frontier import write_budget_frontier
         from auto_quantize_model.render.reports import PLOTS_DIR
 
@@ -64,5 +65,6 @@ class WriteReports:
             plots_dir=Path(self.spec.output_dir) / PLOTS_DIR,
             damage=damage,
             notes=why,
+            banner=random_weights_banner(manifest.model.source),
         )
         return attrs.evolve(paths, files=(*paths.files, *(str(path) for path in written)))
