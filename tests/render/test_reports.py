@@ -607,7 +607,8 @@ def test_random_weights_are_announced_first_in_the_manifest_and_ignored_on_readi
 def test_markdown_validation_states_headline_noise_proxies_and_refinement() -> None:
     manifest = crafted_manifest(reliable_validation())
     text = render_markdown(manifest)
-    ranking_rows = [(int(m[1]), m[2]) for m in re.finditer(r"^\| (\d+) \| `([^`]+)`(?: \+ [^|]+)? \|", text, flags=re.M)]
+    row = r"^\| (\d+) \| `([^`]+)`(?: \+ [^|]+)? \|"
+    ranking_rows = [(int(m[1]), m[2]) for m in re.finditer(row, text, flags=re.M)]
     assert ranking_rows == [(g.rank, g.name) for g in manifest.groups]  # only the ranked table looks so
     section = text[text.index("## Validation") : text.index("## Ranked groups")]
     lines = section.splitlines()
