@@ -18,9 +18,9 @@ from auto_quantize_model.core.damage import (
     t_quantile,
     with_measurement,
 )
-from auto_quantize_model.core.frontier import FrontierPoint
 from auto_quantize_model.core.frontier_points import measured_frontier
 from auto_quantize_model.errors import ConfigError, InputError
+from auto_quantize_model.frontier_records import FrontierPoint
 
 FACTOR = 0.02
 """The known curve: KL = FACTOR x score (times the noise below), ΔNLL = half the KL."""

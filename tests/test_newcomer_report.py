@@ -13,8 +13,8 @@ import pytest
 from auto_quantize_model.app.cli import main
 from auto_quantize_model.app.run_service import RunService
 from auto_quantize_model.artifacts import RunTimings, StageTiming, ValidatedGroup
-from auto_quantize_model.io.manifest import ModelInfo
 from auto_quantize_model.io.manifest_file import read_manifest
+from auto_quantize_model.manifest_records import ModelInfo
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.render.frontier import write_frontier
 from auto_quantize_model.render.plots import _scatter, symlog_tick_values, write_plots
@@ -134,7 +134,7 @@ def overlapping_labels(figure: Any) -> list[tuple[str, str]]:
     """Pairs of tick labels on one axis whose drawn boxes intersect."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    canvas = FigureCanvasAgg(figure)
+    canvas: Any = FigureCanvasAgg(figure)
     canvas.draw()
     renderer = canvas.get_renderer()
     found = []
