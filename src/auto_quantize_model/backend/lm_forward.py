@@ -107,6 +107,36 @@ def target_index(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     return flat, nxt[keep]
 
 
+def real_index(batch: dict[str, torch.Tensor], pad_id: int | None = None) -> torch.Tensor:
+    """Flat indices of every real token of a batch, in row order, padding left out.
+
+    Calibration must see these all, not only the positions with a next-token target: the last
+    token of a caption predicts nothing in the batch, yet a deployed model computes every
+    generated token from exactly that position, so an activation range fitted without it clips
+    in service. An ``attention_mask`` (padded layout) says it directly. Packed rows carry none: a
+    position is real when its label is (a caption's second token on), when the next position's
+    label is (a caption's first token), or when it and the next both start a caption (a
+    one-token caption); padding has ``IGNORE_INDEX`` labels and positions counting up from 0, so
+    it never qualifies. A one-token caption in a row's last column looks like one token of
+    padding; there its token decides (real unless it is ``pad_id``; without ``pad_id``, padding).
+    """
+    labels = batch["labels"]
+    rows, length = labels.shape
+    if "attention_mask" in batch:
+        real = batch["attention_mask"].to(labels.device) != 0
+    else:
+        real = labels != IGNORE_INDEX
+        if length > 1:
+            real[:, :-1] |= labels[:, 1:] != IGNORE_INDEX
+        if "position_ids" in batch:
+            starts = batch["position_ids"].to(labels.device) == 0
+            if length > 1:
+                real[:, :-1] |= starts[:, :-1] & starts[:, 1:]
+            if pad_id is not None:
+                real[:, -1] |= starts[:, -1] & (batch["input_ids"][:, -1].to(labels.device) != pad_id)
+    return torch.arange(rows * length, device=labels.device)[real.reshape(-1)]
+
+
 def uses_flash_attention(decoder: nn.Module) -> bool:
     implementation = getattr(getattr(decoder, "config", None), "_attn_implementation", None)
     return isinstance(implementation, str) and "flash" in implementation
@@ -192,18 +222,20 @@ def chunked_loss_backward(
 
 
 def calibration_step_for(lm: LanguageModel, root: nn.Module) -> Any:
-    """A forward for ModelOpt's calibration: every quantizer sees the batch, no logits are kept.
+    """A forward for ModelOpt's calibration: every quantizer sees every real token, no logits are kept.
 
-    Calibration only collects activation statistics, so lm_head runs chunk by chunk on the
-    labelled positions and its outputs are dropped at once.
+    Calibration only collects activation statistics, so lm_head runs chunk by chunk on every real
+    position (:func:`real_index`: the last token of each caption too, which scoring skips for want
+    of a target) and its outputs are dropped at once.
     """
     decoder_path, head_path = decoder_and_head(lm, root)
+    pad_id = lm.pad_token_id
 
     def calibration_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
         decoder = model.get_submodule(decoder_path) if decoder_path else model
         head = model.get_submodule(head_path)
         hidden = decoder_hidden(decoder, batch)
-        flat, _ = target_index(batch)
+        flat = real_index(batch, pad_id)
         picked = to_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device)), head)
         for start in range(0, picked.shape[0], HEAD_CHUNK_TOKENS):
             head(picked[start : start + HEAD_CHUNK_TOKENS])
