@@ -36,7 +36,8 @@ def _markdown_ranking(text: str) -> list[tuple[int, str]]:
     other tables (validation's measured groups) have rows of the same shape."""
     section = re.search(r"^## Ranked groups\n(.*?)(?=^#{1,2} |\Z)", text, flags=re.M | re.S)
     assert section is not None, "per-layer-sensitivity.md has no '## Ranked groups' section"
-    return [(int(m[1]), m[2]) for m in re.finditer(r"^\| (\d+) \| `([^`]+)` \|", section[1], flags=re.M)]
+    row = r"^\| (\d+) \| `([^`]+)`(?: \+ [^|]+)? \|"  # a fused group lists its other modules after the name
+    return [(int(m[1]), m[2]) for m in re.finditer(row, section[1], flags=re.M)]
 
 
 def test_tiny_default_through_the_command_line(tiny_default_run: AqmRun) -> None:

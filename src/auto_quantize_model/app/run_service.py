@@ -213,4 +213,5 @@ def _complete_timings(store: Artifacts, imports: float) -> None:
     manifest, paths, timings = store.find(Manifest), store.find(ReportPaths), store.find(RunTimings)
     if manifest is None or paths is None or timings is None:
         return
-    rewrite_timings(manifest, paths, (StageTiming(IMPORTS_STAGE, round(imports, 3)), *timings.stages))
+    stages = [StageTiming(t.stage, round(t.seconds, 3)) for t in timings.stages]  # as run.json rounds them
+    rewrite_timings(manifest, paths, (StageTiming(IMPORTS_STAGE, round(imports, 3)), *stages))
