@@ -226,6 +226,7 @@ def test_a_run_without_measured_points_says_how_to_get_them(
     folder = run_folder(tmp_path)
     for command in (
         ["frontier", str(folder), "--bits", "7:13:0.5"],
+        ["frontier", str(folder)],  # no budgets either: the missing points are what to fix first
         ["export", str(folder), "--output", "x"],
     ):
         code, _, err = aqm(capsys, None, *command, "--max-kl", "0.03")
@@ -261,6 +262,9 @@ def test_a_plain_solve_keeps_the_measured_points(
     assert data["measured"]["notes"][-1].startswith("these points were measured earlier")
     assert "bound" not in data
     assert data["damage"]["factor"] == pytest.approx(0.02, rel=1e-12)
+    code, _, _ = aqm(capsys, None, "frontier", str(measured_run), "--bits", "8:12:1")
+    notes = frontier_json(measured_run)["measured"]["notes"]
+    assert sum(n.startswith("these points were measured earlier") for n in notes) == 1  # said once
 
 
 def test_export_max_kl_takes_the_same_mix_from_the_frontier_budgets(

@@ -120,6 +120,8 @@ def plan_frontier(request: FrontierRequest) -> FrontierJob:
     table = run.frontier_table()
     bits = request.bits if request.bits is not None else (table.bits if table is not None else None)
     if bits is None and request.max_kl is not None:
+        if stored is None:
+            run.damage_model(None)  # the refusal that says how to get measured points
         bits = run.candidate_bits(None, stored)
     if bits is None:
         raise ConfigError(
@@ -257,7 +259,7 @@ def _carried(stored: MeasuredFrontier | None) -> MeasuredFrontier | None:
     if stored is None:
         return None
     note = "these points were measured earlier (not again by this command) and are kept with the frontier"
-    return attrs.evolve(stored, notes=(*stored.notes, note))
+    return stored if note in stored.notes else attrs.evolve(stored, notes=(*stored.notes, note))
 
 
 def _fitted(
