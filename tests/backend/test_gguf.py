@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from auto_quantize_model.backend import gguf as gguf_backend
+from auto_quantize_model.backend.gguf_cache import GGUF_DIR, content_sha256, folder_bytes, size_text
 from auto_quantize_model.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -440,3 +442,101 @@ def test_modelopt_quantizes_the_loaded_model(tiny: TinyGguf) -> None:
         after = model(**batch).logits
     assert torch.isfinite(after).all()
     assert not torch.equal(after, before)  # INT8 fake quantization changes the logits a little
+
+
+# --------------------------------------------------------------------------------------------
+# A user's GGUF file: its converted copy in the model cache, keyed by content (issue 26)
+
+
+def load_cached(file: Path, cache: Path) -> Any:
+    model, _ = gguf_backend.load_gguf(file, dtype="float32", device="cpu", cache_dir=cache)
+    return model
+
+
+def kept_copies(cache: Path) -> list[Path]:
+    return sorted((cache / GGUF_DIR).iterdir()) if (cache / GGUF_DIR).is_dir() else []
+
+
+def test_a_users_gguf_is_converted_once_and_kept_in_the_cache_by_content(
+    tmp_path: Path,
+    tiny: TinyGguf,
+    mocker: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import torch
+
+    file = _copy_of(tiny, tmp_path / "mine")
+    cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger=gguf_backend.__name__)
+    first = load_cached(file, cache)
+    (folder,) = kept_copies(cache)
+    assert folder.name.startswith(content_sha256(file) + ".converted-float32-transformers-")
+    assert sorted(p.name for p in file.parent.iterdir()) == [file.name]  # nothing beside the user's file
+    on_disk = size_text(folder_bytes(folder))
+    assert f"kept the converted copy of {file} in {folder} ({on_disk} on disk;" in caplog.text
+
+    parse = mocker.spy(gguf_backend, "read_token_info")
+    elsewhere = _copy_of(tiny, tmp_path / "copy")  # the same bytes under another path
+    again = load_cached(elsewhere, cache)
+    assert parse.call_count == 0  # not converted again: the content is the key
+    assert f"loaded {elsewhere} from its converted copy {folder} ({on_disk} on disk)" in caplog.text
+    assert kept_copies(cache) == [folder]
+    expected = first.state_dict()
+    assert {
+        name: torch.equal(value, expected[name]) for name, value in again.state_dict().items()
+    } == dict.fromkeys(expected, True)
+
+
+def test_a_file_changed_in_place_is_converted_again(
+    tmp_path: Path,
+    tiny: TinyGguf,
+    mocker: Any,
+) -> None:
+    file = _copy_of(tiny, tmp_path / "mine")
+    cache = tmp_path / "cache"
+    load_cached(file, cache)
+    with file.open("ab") as grown:  # GGUF readers ignore trailing bytes; the content differs
+        grown.write(b"\0" * 32)
+    parse = mocker.spy(gguf_backend, "read_token_info")
+    load_cached(file, cache)
+    assert parse.call_count == 1
+    assert len(kept_copies(cache)) == 2
+
+
+def test_a_copy_with_another_record_is_converted_again(
+    tmp_path: Path,
+    tiny: TinyGguf,
+    mocker: Any,
+) -> None:
+    file = _copy_of(tiny, tmp_path / "mine")
+    cache = tmp_path / "cache"
+    load_cached(file, cache)
+    (folder,) = kept_copies(cache)
+    marker = folder / gguf_backend.CONVERTED_MARKER
+    record = json.loads(marker.read_text(encoding="utf-8"))
+    marker.write_text(json.dumps({**record, "size": 1}), encoding="utf-8")
+    parse = mocker.spy(gguf_backend, "read_token_info")
+    load_cached(file, cache)
+    assert parse.call_count == 1
+    assert json.loads(marker.read_text(encoding="utf-8")) == record
+
+
+def test_an_unwritable_cache_costs_a_conversion_not_the_run(
+    tmp_path: Path,
+    tiny: TinyGguf,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    file = _copy_of(tiny, tmp_path / "mine")
+    cache = tmp_path / "cache"
+    cache.write_text("a file where the cache folder should be")
+    caplog.set_level(logging.INFO, logger=gguf_backend.__name__)
+    assert load_cached(file, cache) is not None
+    assert "the next run converts again" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [(0, "0 bytes"), (999, "999 bytes"), (517_000_000, "517.0 MB"), (16_200_000_000, "16.2 GB")],
+)
+def test_size_text(count: int, text: str) -> None:
+    assert size_text(count) == text

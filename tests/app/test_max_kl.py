@@ -1,9 +1,10 @@
 """``aqm frontier RUN --max-kl K`` and ``aqm export RUN --max-kl K`` on a fake run folder.
 
-The run folder is ``test_frontier_stages.run_folder`` (a manifest of four groups, its pipeline file
-and a stand-in search state); the model is a fake measurer whose held-out KL follows a known curve,
-KL = factor x predicted score. Its points go into ``frontier.json`` exactly as ``aqm frontier
---measure`` writes them, and ``--max-kl`` reads them back from there.
+The run folder is :func:`run_folder` (a manifest of four groups and two fixed ones, its pipeline
+file and a stand-in search state, as tests/core/test_frontier_points.py builds it); the model is a
+fake measurer whose held-out KL follows a known curve, KL = factor x predicted score. Its points go
+into ``frontier.json`` exactly as ``aqm frontier --measure`` writes them, and ``--max-kl`` reads
+them back from there.
 """
 
 from __future__ import annotations
@@ -13,19 +14,88 @@ import math
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from auto_quantize_model.app.cli import main
 from auto_quantize_model.app.export import ExportRequest, plan_export
+from auto_quantize_model.app.folders import PIPELINE_FILE
 from auto_quantize_model.app.run_folder import FinishedRun
 from auto_quantize_model.app.run_service import RunService
-from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier, MeasuredPoint
+from auto_quantize_model.artifacts import (
+    BudgetFrontier,
+    FixedGroup,
+    GroupScore,
+    MeasuredFrontier,
+    MeasuredPoint,
+)
+from auto_quantize_model.backend.modelopt.checkpoint import STATE_FILE
 from auto_quantize_model.core.damage import t_quantile
-from auto_quantize_model.core.frontier_points import measured_budgets, measured_frontier
+from auto_quantize_model.core.frontier import solve_frontier
+from auto_quantize_model.core.frontier_points import measured_budgets, measured_frontier, search_space
 from auto_quantize_model.core.scores import NO_QUANT
+from auto_quantize_model.io.pipeline_file import spec_from_dict, spec_to_toml
 from auto_quantize_model.render.frontier import JSON_FILE, MARKDOWN_FILE
-from auto_quantize_model.specs import FrontierSpec
-from test_frontier_stages import listing, run_folder
+from auto_quantize_model.render.reports import write_reports
+from auto_quantize_model.specs import FrontierSpec, ManifestSpec
+from auto_quantize_model.stages.build_manifest import build_manifest
+from builders import TEST_MODEL, scores
+
+W4, INT8, NONE = "W4", "INT8", "NONE"
+FORMAT_BITS = ((W4, 4.0), (INT8, 8.0), (NONE, 16.0))
+
+
+def scored(name: str, weights: float, raw: tuple[float, float, float]) -> GroupScore:
+    """A group offering W4, INT8 and NONE, costed as ModelOpt costs them (weights x bits / 16)."""
+    return GroupScore(
+        name=name,
+        module_names=(name,),
+        formats=tuple(f for f, _ in FORMAT_BITS),
+        bits=tuple(b for _, b in FORMAT_BITS),
+        scores=raw,
+        costs=tuple(weights * b / 16 for _, b in FORMAT_BITS),
+        best_format="",
+    )
+
+
+GROUPS = (
+    scored("layers.0.q", 4096.0, (0.9, 0.05, 0.0)),
+    scored("layers.0.o", 1024.0, (0.4, 0.3, 0.0)),
+    scored("layers.1.q", 8192.0, (2.0, 0.01, 0.0)),
+    scored("layers.1.o", 2048.0, (0.07, 0.09, 0.0)),
+)
+FIXED = (FixedGroup("layers.0.mlp", 4096.0, lm=True), FixedGroup("visual.proj", 2048.0, lm=False))
+ORDER = ("visual.proj", "layers.0.q", "layers.0.o", "layers.0.mlp", "layers.1.q", "layers.1.o")
+RUN_BUDGET = 9.0
+
+
+def run_folder(tmp_path: Path, *, with_pipeline: bool = False, with_state: bool = False) -> Path:
+    """A finished run folder whose manifest's best formats are the frontier's own at 9 bits."""
+    space, _ = search_space(GROUPS, "gradient", order=ORDER, fixed=FIXED)
+    chosen = dict(zip(*_mix(solve_frontier(space, (RUN_BUDGET,), workers=1)), strict=True))
+    groups = tuple(attrs.evolve(g, best_format=chosen[g.name]) for g in GROUPS)
+    run = scores(
+        *groups, method="gradient", effective_bits_target=RUN_BUDGET, search_order=ORDER, fixed_groups=FIXED
+    )
+    folder = tmp_path / "run"
+    write_reports(
+        build_manifest(run, ManifestSpec(scheme="t"), model=TEST_MODEL, dataset=None), folder, plots=False
+    )
+    if with_pipeline:
+        spec = spec_from_dict({"model": {"path": "builtin:tiny-qwen3-vl"}}, source="t")
+        (folder / PIPELINE_FILE).write_text(spec_to_toml(spec, header="Effective pipeline written by aqm"))
+    if with_state:
+        (folder / STATE_FILE).write_bytes(b"state")
+    return folder
+
+
+def _mix(frontier: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return frontier.groups, frontier.point(RUN_BUDGET).formats
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
 
 NOISE = (0.05, -0.05, 0.0)
 """ln of the measurement noise, point by point (budgets ascending): mean 0, sd 0.05."""
