@@ -80,7 +80,7 @@ def test_head_chunks_follow_the_hook_device() -> None:
 
 def test_calibration_step_sends_chunks_to_the_head_device() -> None:
     root = lm_forward.TextLM(FakeDecoder(), FakeHead(SimpleNamespace(execution_device="meta")))
-    lm: Any = SimpleNamespace(prefix="model", head_name="lm_head")
+    lm: Any = SimpleNamespace(prefix="model", head_name="lm_head", pad_token_id=0)
     lm_forward.calibration_step_for(lm, root)(root, _batch())
     assert root.lm_head.seen == [torch.device("meta")]
 
