@@ -4,6 +4,11 @@ A driver script runs exactly ``aqm run`` in a subprocess with one hook added tha
 process (a) in the middle of scoring, (b) once scoring is saved (at the manifest stage). The
 rerun's forward-step counts (``run.json``) prove what was skipped; its manifest must equal an
 uninterrupted run's.
+
+Only the killed runs need a process of their own (SIGKILL ends it, mid-stage). The uninterrupted
+reference and the reruns run in this process through ``cli.main``, the command's own entry point:
+all they share with the killed run is the folder on disk, which is what resuming reads, and each
+fresh interpreter would add ~13 s of library imports to a test about the folder.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from auto_quantize_model.app import cli
 from builders import comparable_manifest, tiny_pipeline_toml
 
 pytestmark = pytest.mark.slow
@@ -82,8 +88,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "p.toml").write_text(tiny_pipeline_toml(), encoding="utf-8")
     (root / "driver.py").write_text(DRIVER, encoding="utf-8")
     reference = root / "reference"
-    done = aqm("run", str(root / "p.toml"), "--output", str(reference))
-    assert done.returncode == 0, done.stderr
+    assert cli.main(["run", str(root / "p.toml"), "--output", str(reference)]) == 0
     record = run_record(reference)
     assert record["status"] == "complete"
     assert record["forward_steps"]["calibration"] > 0
@@ -91,7 +96,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"pipeline": root / "p.toml", "driver": root / "driver.py", "reference": reference}
 
 
-def test_killed_during_scoring_resumes_without_calibrating(files: dict[str, Path], tmp_path: Path) -> None:
+def test_killed_during_scoring_resumes_without_calibrating(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     pipeline = str(files["pipeline"])
     killed = aqm("run", pipeline, "--output", str(out), driver=files["driver"], mode="scoring")
@@ -106,14 +113,14 @@ def test_killed_during_scoring_resumes_without_calibrating(files: dict[str, Path
     assert "Traceback" not in changed.stderr
     assert contents(out) == before
 
-    resumed = aqm("run", pipeline, "--output", str(out))
-    assert resumed.returncode == 0, resumed.stderr
+    capsys.readouterr()
+    assert cli.main(["run", pipeline, "--output", str(out)]) == 0
     record = run_record(out)
     assert record["status"] == "complete"
     assert record["resumed"] is True
     reference_steps = run_record(files["reference"])["forward_steps"]
     assert record["forward_steps"] == {"calibration": 0, "scoring": reference_steps["scoring"]}
-    assert "AutoQuant forward steps: calibration 0, scoring" in resumed.stderr
+    assert "AutoQuant forward steps: calibration 0, scoring" in capsys.readouterr().err
     assert comparable_manifest(out) == comparable_manifest(files["reference"])
 
     again = aqm("run", pipeline, "--output", str(out))
@@ -129,8 +136,7 @@ def test_killed_after_scoring_resumes_without_forward_steps(files: dict[str, Pat
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert run_record(out)["status"] == "running"
 
-    resumed = aqm("resume", str(out))
-    assert resumed.returncode == 0, resumed.stderr
+    assert cli.main(["resume", str(out)]) == 0
     record = run_record(out)
     assert record["status"] == "complete"
     assert record["resumed"] is True

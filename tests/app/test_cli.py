@@ -22,7 +22,7 @@ from auto_quantize_model.io.pipeline_file import load_pipeline, spec_from_dict
 from auto_quantize_model.manifest_records import Manifest, ModelInfo
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import PipelineSpec
-from builders import INT8, REPO, SEEDS, descending, manifest
+from builders import INT8, REPO, SEEDS, AqmRun, descending, manifest
 
 TINY = REPO / "pipelines" / "tiny-qwen3-vl.toml"
 
@@ -405,10 +405,12 @@ def test_legacy_report_only_without_a_manifest(tmp_path: Path, capsys: pytest.Ca
 
 
 @pytest.mark.slow
-def test_run_the_tiny_pipeline(tmp_path: Path) -> None:
-    result = run_cli("run", str(TINY), cwd=tmp_path, timeout=600)
+def test_run_the_tiny_pipeline(tiny_default_run: AqmRun, tmp_path: Path) -> None:
+    """``aqm run pipelines/tiny-qwen3-vl.toml`` in a fresh interpreter from an empty folder: the
+    session's one such run (``tiny_default_run``), read here, not run again."""
+    result = tiny_default_run
     assert result.returncode == 0, result.stderr
-    (folder,) = (tmp_path / "runs").iterdir()
+    (folder,) = (result.cwd / "runs").iterdir()
     assert folder.name.endswith("-tiny-qwen3-vl")
     for name in (
         "pipeline.toml",
@@ -457,22 +459,26 @@ def test_run_the_tiny_pipeline(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_legacy_driver_runs_with_the_previous_file_names(tmp_path: Path) -> None:
+def test_legacy_driver_runs_with_the_previous_file_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In this process: the driver's flags and file names are the point, not a fresh interpreter."""
     out = tmp_path / "legacy"
-    result = run_cli(
-        "qwen3-lm-int8",
-        "--model-dir=builtin:tiny-qwen3-vl",
-        "--device=cpu",
-        "--max-calib-samples=16",
-        "--calib-seq-len=32",
-        "--batch-size=4",
-        "--auto-quantize-score-size=8",
-        "--effective-bits=12",
-        f"--output-dir={out}",
-        cwd=tmp_path,
-        timeout=600,
+    code = cli.main(
+        [
+            "qwen3-lm-int8",
+            "--model-dir=builtin:tiny-qwen3-vl",
+            "--device=cpu",
+            "--max-calib-samples=16",
+            "--calib-seq-len=32",
+            "--batch-size=4",
+            "--auto-quantize-score-size=8",
+            "--effective-bits=12",
+            f"--output-dir={out}",
+        ]
     )
-    assert result.returncode == 0, result.stderr
+    result = capsys.readouterr()
+    assert code == 0, result.err
     for name in (
         "int8_autoquant_lm_default_quant_manifest.json",
         "int8_autoquant_lm_default_autoquant_state.pt",
@@ -482,7 +488,7 @@ def test_legacy_driver_runs_with_the_previous_file_names(tmp_path: Path) -> None
         "pipeline.toml",
     ):
         assert (out / name).is_file(), name
-        assert str(out / name) in result.stdout
+        assert str(out / name) in result.out
     spec = load_pipeline(out / "pipeline.toml")
     assert spec.calib.layout == "padded"
     manifest = json.loads((out / "int8_autoquant_lm_default_quant_manifest.json").read_text("utf-8"))

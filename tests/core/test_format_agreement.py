@@ -9,6 +9,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from auto_quantize_model.app import cli
 from auto_quantize_model.artifacts import GroupScore
 from auto_quantize_model.core.format_agreement import default_k, format_agreement, format_agreement_markdown
 from auto_quantize_model.core.scores import rank_order
@@ -17,7 +18,7 @@ from auto_quantize_model.manifest_records import FormatAgreement, Manifest
 from auto_quantize_model.render.reports import render_markdown
 from auto_quantize_model.specs import ManifestSpec
 from auto_quantize_model.stages.build_manifest import build_manifest
-from builders import FP8, INT8, NONE, TEST_MODEL, TINY_DEFAULT, group, run_aqm, scores
+from builders import FP8, INT8, NONE, TEST_MODEL, TINY_DEFAULT, group, scores
 
 W4 = "wint4-b128_a16"
 
@@ -164,23 +165,20 @@ def test_markdown_section() -> None:
 
 @pytest.mark.slow
 def test_three_formats_in_one_pass_on_the_tiny_default(tmp_path: Path) -> None:
-    """INT8, FP8 and INT4 weight-only scored in one AutoQuant search (CPU), reported per format."""
+    """INT8, FP8 and INT4 weight-only scored in one AutoQuant search (CPU), reported per format.
+
+    ``aqm run`` in this process: nothing here is about a fresh interpreter, which would only add
+    library imports.
+    """
     formats = [INT8, FP8, W4]
     out = tmp_path / "out"
-    run = run_aqm(
-        "run",
-        str(TINY_DEFAULT),
-        "--output",
-        str(out),
-        "--set",
+    settings = [
         f"autoquant.formats={json.dumps(formats)}",
-        "--set",
         "manifest.scheme=tiny_three",
-        "--set",
         "reports.plots=false",
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stderr
+    ]
+    argv = ["run", str(TINY_DEFAULT), "--output", str(out)]
+    assert cli.main([*argv, *(part for setting in settings for part in ("--set", setting))]) == 0
     data = json.loads((out / "tiny_three_quant_manifest.json").read_text(encoding="utf-8"))
     manifest = manifest_from_dict(data, "tiny_three")
     assert manifest.scheme.formats == tuple(formats)

@@ -4,8 +4,6 @@ points share (one model load, verified copies, shared calibration, budgets re-so
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +235,8 @@ plots = false
 
 @pytest.mark.slow
 def test_two_point_sweep_on_the_tiny_model(tmp_path: Path) -> None:
+    """The real run service end to end, in this process: a fresh interpreter would only add library
+    imports, which ``aqm run``'s own tests time."""
     pipeline = tmp_path / "sweep.toml"
     pipeline.write_text(
         TINY_SWEEP
@@ -245,14 +245,7 @@ def test_two_point_sweep_on_the_tiny_model(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "auto_quantize_model", "run", str(pipeline), "--output", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
+    assert cli.main(["run", str(pipeline), "--output", str(out)]) == 0
     index = (out / INDEX_NAME).read_text(encoding="utf-8")
     assert "2 of 2 points run, 0 failed." in index
     for method in ("gradient", "kl_div"):
