@@ -78,6 +78,19 @@ def captions_file(tmp_path: Path) -> Path:
 TINY_DEFAULT_FIXTURE = "tiny_default_run"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the test files that read the tiny default run last, each file's tests in their order.
+
+    The run starts with the session (``_tiny_default_process``) and takes ~15 s in its own
+    process; the later its first reader comes, the more of that the other tests hide. Whole
+    files move, so a module-scoped fixture is still built once.
+    """
+    readers = {item.path for item in items if TINY_DEFAULT_FIXTURE in getattr(item, "fixturenames", ())}
+    items[:] = [item for item in items if item.path not in readers] + [
+        item for item in items if item.path in readers
+    ]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _tiny_default_process(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
