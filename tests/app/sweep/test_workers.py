@@ -364,28 +364,29 @@ def torchrun_losing_a_worker(*argv: str, cwd: Path, sweep: Path) -> tuple[int, s
     return code, (cwd / "torchrun.log").read_text("utf-8", errors="replace")
 
 
-def aqm(*argv: str) -> int:
-    """``aqm ARGV`` as one plain process: this one, through the command's entry point.
-
-    A plain run needs no process of its own; a fresh interpreter would only add ~13 s of library
-    imports. It runs on one thread, as the workers do (``_env``), whatever this session uses.
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return cli.main(list(argv))
-    finally:
-        torch.set_num_threads(threads)
+def aqm(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "auto_quantize_model", *argv]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=600)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The sweep run by one plain process."""
+    """The sweep run by one plain process: this one, through the command's entry point.
+
+    Computing the same scores needs no process of its own (a fresh interpreter would add ~13 s of
+    library imports). It runs on one thread, as the workers do (``_env``), whatever this session
+    uses, so float sums run in the same order.
+    """
+    import torch
+
     root = tmp_path_factory.mktemp("dsweep")
     (root / "sweep.toml").write_text(tiny_pipeline_toml(max_samples=12) + SWEEP, "utf-8")
-    assert aqm("run", str(root / "sweep.toml"), "--output", str(root / "one")) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["run", str(root / "sweep.toml"), "--output", str(root / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return root / "one"
 
 
@@ -433,7 +434,10 @@ def test_a_killed_workers_points_are_finished_by_a_plain_rerun(reference: Path) 
     assert record is not None
     assert record.status.startswith("failed"), "rank 0 recorded the sweep stopped"
 
-    assert aqm("run", str(root / "sweep.toml"), "--output", str(out)) == 0
+    # a fresh interpreter, as after a real kill: it resumes a point a fresh worker saved, which this
+    # session's ModelOpt registrations (test_resume says which) would not match
+    rerun = aqm("run", "sweep.toml", "--output", "killed", cwd=root)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
     for point in POINTS:
         assert comparable_manifest(out / point) == comparable_manifest(reference / point), point
     finished = read_run(first_of_rank_1)
