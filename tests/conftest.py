@@ -6,33 +6,26 @@ Plain helpers live in ``builders.py`` (values, tiny models, ``run_aqm``) and ``f
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-# One OpenMP thread per process, in this one and in every aqm process a test starts (they inherit
-# the environment). The tiny models' matrices are far too small for a second thread to pay off;
-# on a shared 2-core machine a second thread spins waiting for a core another process holds, and
-# the same measurement then takes 10 to 20 times longer at random (seen: 0.5 s or 8 s). One
-# thread also keeps in-process and subprocess runs summing in the same order, so their manifests
-# compare exactly. Set OMP_NUM_THREADS yourself to run the tests with more.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
+from auto_quantize_model.app.defaults import idle_threads_sleep
 from auto_quantize_model.data import builtin_captions_path
 from builders import TINY_DEFAULT, AqmProcess, AqmRun
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import LoadedModel
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Pin torch too when a plugin imported it before the environment above was set."""
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# torch's idle OpenMP threads sleep instead of spinning, in this process as in every aqm process
+# (aqm sets the same before it loads torch; the tests here load torch themselves). A spinning
+# thread takes the core the working one needs whenever another process is busy: on the shared
+# 2-core machine the same in-process measurement took 0.5 s or 8 s at random, and the slow tier
+# 982 s at load 4-7 instead of 345 s at load 3. Nothing computed changes (the same threads split
+# the same work), and a value in the environment still wins.
+idle_threads_sleep()
 
 
 TINY_SEED = 0

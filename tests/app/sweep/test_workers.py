@@ -4,6 +4,7 @@ one-process sweep, and a killed worker's points finished by a plain rerun."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -351,9 +352,14 @@ def torchrun_losing_a_worker(*argv: str, cwd: Path, sweep: Path) -> tuple[int, s
         deadline = time.monotonic() + 600
         while process.poll() is None and time.monotonic() < deadline:
             record = read_run(sweep)
-            stopped = record is not None and record.status.startswith("failed")
-            if stopped and record is not None and record.owner and not (sweep / LOCK_NAME).exists():
-                os.kill(record.owner.pid, signal.SIGKILL)
+            if (
+                record is not None
+                and record.status.startswith("failed")
+                and record.owner is not None
+                and not (sweep / LOCK_NAME).exists()
+            ):
+                with contextlib.suppress(ProcessLookupError):  # it left on its own meanwhile
+                    os.kill(record.owner.pid, signal.SIGKILL)
                 break
             time.sleep(0.2)
         code = process.wait(timeout=60)
