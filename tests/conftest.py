@@ -6,6 +6,10 @@ Plain helpers live in ``builders.py`` (values, tiny models, ``run_aqm``) and ``f
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,6 +88,69 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     ]
 
 
+# Under pytest-xdist (``nox -s slow`` runs two workers) the tiny default run is started once, by
+# the controller, as soon as it starts its workers, and every worker reads that one run.
+SHARED_RUN_KEY = "aqm_tiny_default_dir"
+SHARED_RUN_STASH = pytest.StashKey["SharedRun"]()
+RETURNCODE_FILE = "aqm.returncode"
+
+
+class SharedRun:
+    """The controller's tiny default run; a thread writes its exit code to a file once it ends,
+    which is how the workers (other processes) learn it is done."""
+
+    def __init__(self) -> None:
+        self.cwd = Path(tempfile.mkdtemp(prefix="aqm-tiny-default-"))
+        self.process = AqmProcess("run", str(TINY_DEFAULT), cwd=self.cwd)
+        threading.Thread(target=self._record_exit, daemon=True).start()
+
+    def _record_exit(self) -> None:
+        code = self.process.wait().returncode
+        partial = self.cwd / f"{RETURNCODE_FILE}.partial"
+        partial.write_text(str(code), encoding="utf-8")
+        partial.replace(self.cwd / RETURNCODE_FILE)
+
+    def close(self) -> None:
+        self.process.stop()
+        shutil.rmtree(self.cwd, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist's controller, for each worker it starts: start the shared run once, tell the worker where."""
+    shared = node.config.stash.get(SHARED_RUN_STASH, None)
+    if shared is None:
+        shared = node.config.stash[SHARED_RUN_STASH] = SharedRun()
+    node.workerinput[SHARED_RUN_KEY] = str(shared.cwd)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shared = config.stash.get(SHARED_RUN_STASH, None)
+    if shared is not None:
+        shared.close()
+
+
+def _shared_run_dir(config: pytest.Config) -> Path | None:
+    """The folder of the controller's run when this process is an xdist worker, else None."""
+    found = getattr(config, "workerinput", {}).get(SHARED_RUN_KEY)
+    return None if found is None else Path(found)
+
+
+def _read_shared_run(folder: Path, timeout: float = 600) -> AqmRun:
+    deadline = time.monotonic() + timeout
+    while not (folder / RETURNCODE_FILE).is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the shared tiny default run in {folder} did not end in {timeout:.0f} s")
+        time.sleep(0.2)
+    return AqmRun(
+        ("run", str(TINY_DEFAULT)),
+        folder,
+        int((folder / RETURNCODE_FILE).read_text(encoding="utf-8")),
+        (folder / "aqm.stdout").read_text(encoding="utf-8", errors="replace"),
+        (folder / "aqm.stderr").read_text(encoding="utf-8", errors="replace"),
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _tiny_default_process(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -93,9 +160,11 @@ def _tiny_default_process(
     It then runs in its own process while the tests before its first user run here: on a
     2-core machine that hides most of its ~30 s of CPU (library imports, AutoQuant, plots)
     behind the pure tests instead of adding it to the session's wall time. A session that
-    ends without waiting for it kills it.
+    ends without waiting for it kills it. An xdist worker starts none: it reads the controller's.
     """
     needed = any(TINY_DEFAULT_FIXTURE in getattr(item, "fixturenames", ()) for item in request.session.items)
+    if _shared_run_dir(request.config) is not None:
+        needed = False
     process = (
         AqmProcess("run", str(TINY_DEFAULT), cwd=tmp_path_factory.mktemp("tiny-default")) if needed else None
     )
@@ -106,17 +175,23 @@ def _tiny_default_process(
 
 @pytest.fixture(scope="session")
 def tiny_default_run(
-    _tiny_default_process: AqmProcess | None, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    _tiny_default_process: AqmProcess | None,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AqmRun:
     """``aqm run pipelines/tiny-qwen3-vl.toml`` (the README's first command), once per session.
 
     It runs in a fresh interpreter from an empty folder, so the run folder is the default
     ``runs/<time>-tiny-qwen3-vl`` (:attr:`AqmRun.folder`). Every stage runs for real: library
     imports, ModelOpt AutoQuant, validation, plots. The process starts with the session's first
-    test (``_tiny_default_process``); this fixture waits for it. It does not judge the run:
-    tests assert on ``returncode`` themselves. Treat the folder as read-only: it is shared by
-    every test that asks for it; copy it (``shutil.copytree``) to change anything.
+    test (``_tiny_default_process``), or with the xdist controller; this fixture waits for it. It
+    does not judge the run: tests assert on ``returncode`` themselves. Treat the folder as
+    read-only: it is shared by every test (and xdist worker) that asks for it; copy it
+    (``shutil.copytree``) to change anything.
     """
+    shared = _shared_run_dir(request.config)
+    if shared is not None:
+        return _read_shared_run(shared)
     process = _tiny_default_process
     if process is None:  # requested dynamically (getfixturevalue): start it now
         process = AqmProcess("run", str(TINY_DEFAULT), cwd=tmp_path_factory.mktemp("tiny-default"))
