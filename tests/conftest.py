@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 # torch's idle OpenMP threads sleep instead of spinning, in this process as in every aqm process
 # (aqm sets the same before it loads torch; the tests here load torch themselves). A spinning
 # thread takes the core the working one needs whenever another process is busy: on the shared
-# 2-core machine the same in-process measurement took 0.5 s or 8 s at random, and the slow tier
-# 982 s at load 4-7 instead of 345 s at load 3. Nothing computed changes (the same threads split
-# the same work), and a value in the environment still wins.
+# 2-core machine, one slow-tier run took 13.6 s for test_layer_cache's replay test and 25.6 s
+# for test_packed_vs_reference with spinning threads, 1.1 s and 5.1 s without. Nothing computed
+# changes (the same threads split the same work), and a value in the environment still wins.
 idle_threads_sleep()
 
 
@@ -97,7 +97,9 @@ RETURNCODE_FILE = "aqm.returncode"
 
 class SharedRun:
     """The controller's tiny default run; a thread writes its exit code to a file once it ends,
-    which is how the workers (other processes) learn it is done."""
+    which is how the workers (other processes) learn it is done. The controller does not know
+    which tests the workers will select, so it starts the run whenever it starts workers (a
+    selection without a reader pays ~15 s of CPU in the background for nothing)."""
 
     def __init__(self) -> None:
         self.cwd = Path(tempfile.mkdtemp(prefix="aqm-tiny-default-"))
