@@ -7,10 +7,11 @@ fetched once from PyPI) end to end and checks the predicted ranking against meas
 (``.ci/run``) runs all three, then lint and typecheck.
 
 ``tests`` and ``slow`` run on two pytest-xdist workers (pass ``-n 0`` after ``--`` for one
-process). Most slow tests are one process computing on one core, so two workers use the
-2-core machine's second core: measured there, the slow tier 272 s -> 144 s and the fast tier
-~60 s -> 52 s. Each test file stays on one worker (``--dist loadscope``), so a module fixture is
-built once, and the tiny default run is started once, by the controller (tests/conftest.py).
+process). Most slow tests are one process computing on one core, so two workers use the 2-core
+machine's second core: measured there (shared, load 1-2), the slow tier 246 s -> 141 s and the
+fast tier ~65 s -> 55 s. Each test file stays on one worker (``--dist loadscope``), so a module
+fixture is built once, and the tiny default run is started once, by the controller
+(tests/conftest.py).
 """
 
 from __future__ import annotations
