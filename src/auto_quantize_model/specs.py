@@ -482,7 +482,8 @@ class FrontierSpec:
     workers: int | None = attrs.field(default=None, validator=positive)
     """Processes for the gradient method's CBC solves (~0.25 s each); None: in process for a small
     problem, else one per available CPU
-    (:func:`~auto_quantize_model.core.frontier_replay.solver_processes`)."""
+    (:func:`~auto_quantize_model.core.frontier_replay.solver_processes`). Only ModelOpt's replay (the run
+    check) uses them; the frontier itself is solved exactly in this process."""
 
 
 def _export_bits(instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:

@@ -522,7 +522,7 @@ def test_aqm_frontier_on_the_tiny_default_run_folder(tiny_default_run: AqmRun, t
     assert data["run_matches"] is True
     assert data["seconds"] < 60
     assert (tmp_path / "plots" / "frontier-formats.png").is_file()
-    assert "one CBC solve each" in done.stderr
+    assert "exact least-score search" in done.stderr
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
 
 

@@ -18,8 +18,9 @@ from auto_quantize_model.core.frontier_points import search_space
 from auto_quantize_model.io.manifest_file import read_manifest
 from auto_quantize_model.manifest_records import ModelInfo
 from auto_quantize_model.pipeline import Artifacts
+from auto_quantize_model.render.figures import symlog_tick_values
 from auto_quantize_model.render.frontier import write_frontier
-from auto_quantize_model.render.plots import _scatter, symlog_tick_values, write_plots
+from auto_quantize_model.render.plots import _scatter, write_plots
 from auto_quantize_model.render.reports import LAYER_MD, layer_cell, render_markdown, write_reports
 from auto_quantize_model.specs import PipelineSpec
 from builders import NONE, TINY_DEFAULT, fp8, group, int8, ranked_group, scores

@@ -202,7 +202,7 @@ def test_the_png_is_what_savefig_writes_and_the_svg_has_its_layout(tmp_path: Pat
 
     from matplotlib.figure import Figure
 
-    from auto_quantize_model.render.plots import DPI, save_figure
+    from auto_quantize_model.render.figures import DPI, save_figure
 
     def figure() -> Figure:
         made = Figure(figsize=(4, 3), layout="constrained")

@@ -156,7 +156,8 @@ def _report_names() -> list[str]:
 
 def _frontier_names() -> list[str]:
     """Every file ``aqm frontier`` may write into an output folder."""
-    from auto_quantize_model.render import frontier
+    from auto_quantize_model.render import frontier, frontier_figures
 
-    pictures = [f"{PLOTS_DIR}/{stem}{suffix}" for stem in frontier.STEMS for suffix in PLOT_SUFFIXES]
+    stems = frontier_figures.STEMS
+    pictures = [f"{PLOTS_DIR}/{stem}{suffix}" for stem in stems for suffix in PLOT_SUFFIXES]
     return [frontier.MARKDOWN_FILE, frontier.JSON_FILE, *pictures]

@@ -175,7 +175,6 @@ class FinishedRun:
         """
         from auto_quantize_model.artifacts import GroupScore
         from auto_quantize_model.core.frontier_points import search_method, search_space, solve_budgets
-        from auto_quantize_model.core.frontier_replay import solver_processes
         from auto_quantize_model.io.convert import project
         from auto_quantize_model.io.manifest import check_solvable
         from auto_quantize_model.specs import parse_budgets
@@ -201,20 +200,13 @@ class FinishedRun:
                 "budgets are bits over every costed weight, as its own auto_quantize_bits were",
             )
         budgets = parse_budgets(spec.bits)
-        if space.method == "gradient":
-            log.info(
-                "frontier: %d budget(s) over %d groups: one CBC solve each (about 0.25 s per budget on one "
-                "core), %d process(es)",
-                len(budgets),
-                len(space.rows),
-                solver_processes(len(space.rows), len(budgets), spec.workers),
-            )
-        else:
-            log.info(
-                "frontier: %d budget(s) over %d groups (kl_div bisection, no solver)",
-                len(budgets),
-                len(space.rows),
-            )
+        log.info(
+            "frontier: %d budget(s) over %d groups (%s scores): exact least-score search, the run's own "
+            "budget replayed through ModelOpt's search as a check",
+            len(budgets),
+            len(space.rows),
+            space.method,
+        )
         return solve_budgets(
             space,
             budgets,

@@ -15,7 +15,6 @@ plot was not drawn, for the report to show instead.
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -27,7 +26,15 @@ import attrs
 from auto_quantize_model.core.experts import display_name, expert_slot
 from auto_quantize_model.core.noise import random_weights_banner
 from auto_quantize_model.core.scores import coefficient_text, group_name, worst
-from auto_quantize_model.io.atomic import atomic_write_bytes, own_folder
+from auto_quantize_model.io.atomic import own_folder
+from auto_quantize_model.render.figures import (
+    clip,
+    clipped_note,
+    positive_finite,
+    save_figure,
+    symlog_ticks,
+    titled,
+)
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import Interval, ValidatedGroup, ValidationReport
@@ -45,18 +52,12 @@ MAX_HEATMAP_COLUMNS = 40
 of 64 or 94 layers is too thin to read once a report page scales it to its width."""
 
 HEAD_COLUMN = "head"
-PLOT_MIN = 1e-100
-PLOT_MAX = 1e100
-"""Magnitudes drawn as they are; smaller or larger finite ones are drawn at these edges (see the
-module docstring) and counted in the plot's title."""
 TOP_GROUPS = 30
-DPI = 150
 
 HEATMAP_STEM = "sensitivity-heatmap"
 TOP_STEM = "sensitivity-top"
 SCATTER_STEM = "validation-scatter"
 EXPERTS_STEM = "sensitivity-experts"
-FORMATS = ("png", "svg")
 
 _PROJECTION_KIND = {
     "q_proj": "q/k/v",
@@ -172,129 +173,6 @@ def panels(count: int, most: int = MAX_HEATMAP_COLUMNS) -> list[range]:
     return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
 
-def _positive_finite(values: Iterable[float]) -> list[float]:
-    return [v for v in values if math.isfinite(v) and v > 0]
-
-
-def _titled(header: str, notes: Sequence[str], width: int = 90) -> str:
-    """``header``, then the notes in parentheses, a new line whenever one would pass ``width``
-    characters (a note is never split), so a long list stays inside the figure."""
-    if not notes:
-        return header
-    lines = [notes[0]]
-    for note in notes[1:]:
-        if len(lines[-1]) + 2 + len(note) > width:
-            lines[-1] += ";"
-            lines.append(note)
-        else:
-            lines[-1] += f"; {note}"
-    return header + "\n(" + "\n".join(lines) + ")"
-
-
-SYMLOG_TICKS_A_SIDE = 4
-"""Most labelled decades on either side of 0 on a symlog axis: more would overlap on a panel."""
-LINEAR_HALF_BAND = 1.0 / (1.0 - 1.0 / 10.0)
-"""Decades of display width matplotlib gives each half of symlog's linear band (linscale 1, base 10)."""
-
-
-def symlog_tick_values(
-    linthresh: float, low: float, high: float, most: int = SYMLOG_TICKS_A_SIDE
-) -> list[float]:
-    """Tick positions for a symlog axis spanning [``low``, ``high``]: 0 and powers of ten of either sign.
-
-    matplotlib's symlog locator also labels decades inside the linear band (below ``linthresh``),
-    which sit a fraction of a decade from the 0 label and overlap it, and labels every decade of
-    a range that spans tens of them. Here only decades at or beyond ``linthresh`` are kept, every
-    ``stride``-th one (always the largest), at most ``most`` a side, so the labels never touch.
-    """
-    ticks = [0.0] if low <= 0.0 <= high else []
-    first = math.ceil(math.log10(linthresh) - 1e-9)
-    for sign, end in ((1.0, high), (-1.0, -low)):
-        if end < linthresh:
-            continue
-        last = math.floor(math.log10(end) + 1e-9)
-        if last < first:
-            continue
-        stride = max(1, math.ceil((last - first + 1) / most))
-        # a decade sits (its distance above linthresh) + ~1.1 decades (the linear half-band) from 0:
-        # keep it only that far from the 0 label as from its neighbour, or the two labels touch
-        ticks += [
-            sign * 10.0**k
-            for k in range(last, first - 1, -stride)
-            if k - math.log10(linthresh) + LINEAR_HALF_BAND >= stride - 1e-9
-        ]
-    return sorted(ticks)
-
-
-def symlog_ticks(axis: Any, values: Sequence[float]) -> None:
-    """Place :func:`symlog_tick_values` on ``axis`` (already symlog) for the range of ``values``."""
-    from matplotlib.ticker import FixedLocator, NullLocator
-
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return
-    linthresh = axis.get_transform().linthresh
-    axis.set_major_locator(FixedLocator(symlog_tick_values(linthresh, min(finite), max(finite))))
-    axis.set_minor_locator(NullLocator())
-
-
-def _clip(value: float) -> float:
-    """``value`` with its magnitude held to [PLOT_MIN, PLOT_MAX]; 0 and non-finite unchanged."""
-    if value == 0 or not math.isfinite(value):
-        return value
-    return math.copysign(min(max(abs(value), PLOT_MIN), PLOT_MAX), value)
-
-
-def _clipped_note(values: Iterable[float], what: str) -> list[str]:
-    count = sum(1 for v in values if math.isfinite(v) and _clip(v) != v)
-    return [f"{count} {what} beyond 1e±100 drawn at the edge"] if count else []
-
-
-_NO_SOFTWARE: Any = {"Software": None}
-"""PNG metadata as ``savefig`` gets it here: no Matplotlib version, so files compare across versions."""
-
-
-def save_figure(
-    figure: Any, directory: Path, stem: str, *, salt: str, dpi: int = DPI, banner: str = ""
-) -> list[Path]:
-    """``<stem>.png`` and ``<stem>.svg`` from one layout and one raster drawing of ``figure``.
-
-    ``savefig`` per format would lay the figure out and draw it twice for each (a layout pass,
-    then the real drawing): four passes, most of a report's plotting time. Here the figure is
-    drawn once on its Agg canvas (which runs the layout), the PNG is encoded from that canvas as
-    ``savefig`` would (same bytes), and the SVG drawing reuses that layout: two passes, and both
-    pictures have the same layout. The figure keeps no layout engine afterwards. No dates, a
-    fixed SVG id ``salt``, SVG text kept as text: the same input gives byte-identical, selectable
-    files. Each file is written atomically. A ``banner`` (the random-weights warning) is put
-    above everything, in red, so the picture says it even when shown without its report.
-    """
-    import matplotlib
-    import matplotlib.image
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    if banner:
-        figure.suptitle(banner, color="#c00000", fontsize=8, fontweight="bold")
-
-    canvas: Any = FigureCanvasAgg(figure)
-    figure.set_dpi(dpi)
-    canvas.draw()
-    png = io.BytesIO()
-    matplotlib.image.imsave(
-        png, canvas.buffer_rgba(), format="png", origin="upper", dpi=dpi, metadata=_NO_SOFTWARE
-    )
-    # Laid out above: the SVG drawing keeps those positions. No engine at all (not "none", whose
-    # placeholder engine still makes savefig run a layout pass first).
-    with matplotlib.rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
-        figure.set_layout_engine(None)
-    svg = io.BytesIO()
-    with matplotlib.rc_context({"svg.hashsalt": salt, "svg.fonttype": "none"}):
-        figure.savefig(svg, format="svg", dpi=dpi, metadata={"Date": None})
-    written = []
-    for kind, data in zip(FORMATS, (png, svg), strict=True):
-        written.append(atomic_write_bytes(directory / f"{stem}.{kind}", data.getvalue()))
-    return written
-
-
 def _save(figure: Any, directory: Path, stem: str, banner: str = "") -> list[Path]:
     return save_figure(figure, directory, stem, salt="auto-quantize-model", banner=banner)
 
@@ -306,10 +184,10 @@ def _heatmap(grid: ImportanceGrid, title: str) -> Any:
     from matplotlib.figure import Figure
 
     values = [v for row in grid.values for v in row]
-    data = np.array([[_clip(v) for v in row] for row in grid.values], dtype=float)
-    positive = _positive_finite(data.ravel().tolist())
+    data = np.array([[clip(v) for v in row] for row in grid.values], dtype=float)
+    positive = positive_finite(data.ravel().tolist())
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9", under="#ffffff")
-    notes = ["grey: no group or non-finite", *_clipped_note(values, "importance(s)")]
+    notes = ["grey: no group or non-finite", *clipped_note(values, "importance(s)")]
     if grid.experts_per_cell > 1:
         notes.append(f"expert rows: the worst of up to {grid.experts_per_cell} expert groups per layer")
     if positive:
@@ -339,7 +217,7 @@ def _heatmap(grid: ImportanceGrid, title: str) -> Any:
         axes.set_xticks(ticks, [columns[i] for i in ticks], fontsize=7)
         axes.set_yticks(range(len(grid.kinds)), grid.kinds, fontsize=8)
     axes_list[-1].set_xlabel("decoder layer")
-    axes_list[0].set_title(_titled(title, notes), fontsize=9)
+    axes_list[0].set_title(titled(title, notes), fontsize=9)
     colorbar = figure.colorbar(
         image, ax=list(axes_list), extend="min" if "white: scored ≤ 0" in notes else "neither", fraction=0.04
     )
@@ -364,7 +242,7 @@ def _top_bars(groups: Sequence[RankedGroup], scored: int, non_finite: int, title
     axes = figure.add_subplot()
     kinds = [(grid_slot(g.name, g.module_names) or (None, "other"))[1] for g in groups]
     positions = range(len(groups))
-    values = [_clip(g.importance) for g in groups]
+    values = [clip(g.importance) for g in groups]
     axes.barh(positions, values, color=[_KIND_COLOURS[k] for k in kinds])
     labels = [f"{g.rank}. {short_name(display_name(g.name, g.module_names))}" for g in groups]
     axes.set_yticks(positions, labels, fontsize=7)
@@ -375,10 +253,10 @@ def _top_bars(groups: Sequence[RankedGroup], scored: int, non_finite: int, title
     axes.set_xlabel("importance (log)")
     notes = [
         *([f"{non_finite} group(s) with a non-finite importance not drawn"] if non_finite else []),
-        *_clipped_note((g.importance for g in groups), "importance(s)"),
+        *clipped_note((g.importance for g in groups), "importance(s)"),
     ]
     header = f"{title}: top {len(groups)} of {scored} groups scored above 0"
-    axes.set_title(_titled(header, notes), fontsize=9)
+    axes.set_title(titled(header, notes), fontsize=9)
     present = list(dict.fromkeys(kinds))
     axes.legend(
         handles=[Patch(color=_KIND_COLOURS[k], label=k) for k in present], fontsize=7, loc="lower right"
@@ -422,10 +300,10 @@ def _expert_map(grid: ExpertGrid, title: str) -> Any:
     from matplotlib.figure import Figure
 
     values = [v for row in grid.values for v in row]
-    data = np.array([[_clip(v) for v in row] for row in grid.values], dtype=float)
-    positive = _positive_finite(data.ravel().tolist())
+    data = np.array([[clip(v) for v in row] for row in grid.values], dtype=float)
+    positive = positive_finite(data.ravel().tolist())
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9", under="#ffffff")
-    notes = ["grey: no group or non-finite", *_clipped_note(values, "importance(s)")]
+    notes = ["grey: no group or non-finite", *clipped_note(values, "importance(s)")]
     if grid.groups_per_expert > 1:
         notes.append("each cell: the worse of the expert's gate+up and down")
     if positive:
@@ -450,7 +328,7 @@ def _expert_map(grid: ExpertGrid, title: str) -> Any:
     axes.set_yticks(list(rows), [str(grid.layers[i]) for i in rows], fontsize=7)
     axes.set_xlabel("expert")
     axes.set_ylabel("decoder layer")
-    axes.set_title(_titled(title, notes, width=70), fontsize=9)
+    axes.set_title(titled(title, notes, width=70), fontsize=9)
     colorbar = figure.colorbar(image, ax=axes, fraction=0.04)
     colorbar.set_label("importance (log)" if positive else "importance")
     return figure
@@ -474,8 +352,8 @@ def _scatter_panel(axes: Any, validation: ValidationReport, title: str, measure:
         chosen = [g for g in points if g.selection == selection]
         if not chosen:
             continue
-        xs = [_clip(g.score) for g in chosen]
-        ys = [_clip(value(g)) for g in chosen]
+        xs = [clip(g.score) for g in chosen]
+        ys = [clip(value(g)) for g in chosen]
         drawn = axes.scatter(xs, ys, marker=marker, label=selection)
         bars = [
             (x, y, interval(g)) for x, y, g in zip(xs, ys, chosen, strict=True) if interval(g) is not None
@@ -485,8 +363,8 @@ def _scatter_panel(axes: Any, validation: ValidationReport, title: str, measure:
                 [x for x, _, _ in bars],
                 [y for _, y, _ in bars],
                 yerr=[
-                    [max(y - _clip(i.low), 0.0) for _, y, i in bars if i is not None],
-                    [max(_clip(i.high) - y, 0.0) for _, y, i in bars if i is not None],
+                    [max(y - clip(i.low), 0.0) for _, y, i in bars if i is not None],
+                    [max(clip(i.high) - y, 0.0) for _, y, i in bars if i is not None],
                 ],
                 fmt="none",
                 ecolor=drawn.get_facecolor()[0],
@@ -495,19 +373,19 @@ def _scatter_panel(axes: Any, validation: ValidationReport, title: str, measure:
                 alpha=0.7,
             )
     notes = [
-        *_clipped_note((g.score for g in points), "score(s)"),
-        *_clipped_note((value(g) for g in points), f"{what} value(s)"),
+        *clipped_note((g.score for g in points), "score(s)"),
+        *clipped_note((value(g) for g in points), f"{what} value(s)"),
     ]
-    ends = [_clip(end) for g in points if (i := interval(g)) is not None for end in (i.low, i.high)]
+    ends = [clip(end) for g in points if (i := interval(g)) is not None for end in (i.low, i.high)]
     for values, set_scale, label, extra in (
-        ([_clip(g.score) for g in points], axes.set_xscale, "score", []),
-        ([_clip(value(g)) for g in points], axes.set_yscale, what, ends),
+        ([clip(g.score) for g in points], axes.set_xscale, "score", []),
+        ([clip(value(g)) for g in points], axes.set_yscale, what, ends),
     ):
         if values and all(v > 0 for v in (*values, *extra)):
             set_scale("log")
         elif values:
             # symlog: linear within ±linthresh, logarithmic beyond, so ≤ 0 stays visible.
-            magnitudes = _positive_finite(abs(v) for v in values)
+            magnitudes = positive_finite(abs(v) for v in values)
             set_scale("symlog", linthresh=min(magnitudes) if magnitudes else 1e-6)
             symlog_ticks(axes.xaxis if label == "score" else axes.yaxis, [*values, *extra])
             below = sum(v <= 0 for v in values)
@@ -531,7 +409,7 @@ def _scatter_panel(axes: Any, validation: ValidationReport, title: str, measure:
         f"{title}{' (headline)' if headline else ''}: Spearman {coefficient_text(spearman)}, "
         f"Kendall {coefficient_text(kendall)}, n={len(points)}"
     )
-    axes.set_title(_titled(header, notes, width=60), fontsize=9)
+    axes.set_title(titled(header, notes, width=60), fontsize=9)
     if points:
         axes.legend(fontsize=8)
     axes.grid(True, which="major", alpha=0.3)

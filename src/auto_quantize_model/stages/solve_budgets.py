@@ -19,14 +19,13 @@ log = logging.getLogger("auto_quantize_model")
 
 @attrs.frozen
 class SolveBudgets:
-    """ModelOpt's format choice at every budget of ``spec.bits``, from the scores alone.
+    """The least-score format mix at every budget of ``spec.bits``, from the scores alone.
 
     Pure: reads :class:`SensitivityScores` (its groups, costs, ModelOpt's group order and fixed
-    groups) and solves ModelOpt's own search again per budget, so it runs on scores read from
-    disk too. The run's own budget is always among the points and its re-solved choice is
-    compared with the one ModelOpt made (:attr:`BudgetFrontier.run_mismatches`). The gradient
-    method runs CBC once per budget (about 0.25 s on one core for a small model), spread over
-    ``spec.workers`` processes.
+    groups) and solves every budget exactly (:func:`~auto_quantize_model.core.frontier.solve_frontier`),
+    so it runs on scores read from disk too. The run's own budget is always among the points, and
+    ModelOpt's own search is replayed there and compared with the choice ModelOpt made
+    (:attr:`BudgetFrontier.run_mismatches`): the records still rebuild the run.
     """
 
     requires: ClassVar[tuple[type, ...]] = (SensitivityScores,)
@@ -44,11 +43,10 @@ class SolveBudgets:
         )
         budgets = parse_budgets(self.spec.bits)
         log.info(
-            "frontier: re-solving %d budget(s) of %d groups (%s%s)",
+            "frontier: solving %d budget(s) of %d groups exactly (%s scores)",
             len(budgets),
             len(scores.groups),
             scores.method,
-            ", one CBC solve each" if scores.method == "gradient" else "",
         )
         result = solve_budgets(
             space,
