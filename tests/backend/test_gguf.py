@@ -540,3 +540,18 @@ def test_an_unwritable_cache_costs_a_conversion_not_the_run(
 )
 def test_size_text(count: int, text: str) -> None:
     assert size_text(count) == text
+
+
+def test_a_folder_under_the_copys_name_that_aqm_did_not_make_is_left_alone(tmp_path: Path) -> None:
+    """Only a stale copy of ours (it holds the marker) is replaced: someone else's folder stays."""
+
+    class NeverSaved:
+        def save_pretrained(self, path: str) -> None:
+            raise AssertionError("nothing may be written over a folder aqm did not make")
+
+    folder = tmp_path / "model.converted-float32-transformers-x"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep", encoding="utf-8")
+    gguf_backend._save_converted(NeverSaved(), NeverSaved(), folder, tmp_path / "model.gguf", {})  # type: ignore[arg-type]
+    assert [p.name for p in folder.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]

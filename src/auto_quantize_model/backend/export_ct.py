@@ -27,23 +27,20 @@ def write_ct_checkpoint(
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
     """Quantize the fresh model, write it as compressed-tensors into ``out``, read it back, write README."""
     from auto_quantize_model.backend import compressed_tensors as ct
-    from auto_quantize_model.backend.lm_forward import calibration_step_for, decoder_and_head
-    from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.export_check import export_check
     from auto_quantize_model.backend.modelopt.quant_config import linear_modules
-    from auto_quantize_model.core.validation import held_out_set
 
-    fresh, lm = inputs.fresh, inputs.lm
+    fresh = inputs.fresh
     plan = plan_ct(config, linear_modules(fresh.model))
-    held_out = held_out_set(inputs.holdout, inputs.calib, fresh.tokenizer)
-    decoder_path, head_path = decoder_and_head(lm, fresh.model)
-    evaluate = ex.holdout_evaluator(held_out.token_lists, lm.pad_token_id, decoder_path, head_path)
+    check = export_check(inputs)
+    held_out, evaluate, head_path = check.held_out, check.evaluate, check.head_path
     written = ct.export_ct_checkpoint(
         fresh.model,
         fresh.tokenizer,
         config,
         plan,
         inputs.calib.batches,
-        calibration_step_for(lm, fresh.model),
+        check.calibration_step,
         out,
         evaluate=evaluate,
     )

@@ -209,20 +209,18 @@ def export_mix(
 def _write_checkpoint(
     config: Any, out: Path, inputs: CheckpointInputs
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
-    from auto_quantize_model.backend.lm_forward import calibration_step_for, decoder_and_head
+    from auto_quantize_model.backend.export_check import export_check
     from auto_quantize_model.backend.modelopt import export as ex
-    from auto_quantize_model.core.validation import held_out_set
 
-    fresh, lm = inputs.fresh, inputs.lm
-    held_out = held_out_set(inputs.holdout, inputs.calib, fresh.tokenizer)
-    decoder_path, head_path = decoder_and_head(lm, fresh.model)
-    evaluate = ex.holdout_evaluator(held_out.token_lists, lm.pad_token_id, decoder_path, head_path)
+    fresh = inputs.fresh
+    check = export_check(inputs)
+    held_out, evaluate = check.held_out, check.evaluate
     written = ex.export_checkpoint(
         fresh.model,
         fresh.tokenizer,
         config,
         inputs.calib.batches,
-        calibration_step_for(lm, fresh.model),
+        check.calibration_step,
         out,
         evaluate=evaluate,
     )

@@ -422,11 +422,21 @@ def _save_converted(
     """Keep the converted model beside ``file``; written aside and renamed, never half there.
 
     Best effort: a folder that cannot be written (read-only cache, full disk) costs the next run
-    another conversion and a log line, nothing else.
+    another conversion and a log line, nothing else. An existing folder under the copy's name is
+    replaced only when it carries aqm's marker (a stale copy of ours); anything else is left alone.
     """
     import json
     import shutil
 
+    if (folder.exists() or folder.is_symlink()) and (
+        folder.is_symlink() or not (folder / CONVERTED_MARKER).is_file()
+    ):
+        log.info(
+            "%s is not a converted copy aqm made (no %s in it): left as it is; the next run converts again",
+            folder,
+            CONVERTED_MARKER,
+        )
+        return
     scratch = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     try:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -434,7 +444,7 @@ def _save_converted(
         model.save_pretrained(str(scratch))
         tokenizer.save_pretrained(str(scratch))
         (scratch / CONVERTED_MARKER).write_text(json.dumps(record), encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # our own stale copy (its marker checked above)
         scratch.replace(folder)
         log.info(
             "kept the converted copy of %s in %s (%s; delete it to reclaim the space)",
