@@ -20,6 +20,7 @@ from auto_quantize_model.artifacts import (
     FixedGroup,
     FrontierSummary,
     GroupScore,
+    RoutingStats,
     StageTiming,
     ValidationReport,
 )
@@ -126,6 +127,9 @@ class Manifest:
     format_agreement: FormatAgreement | None = None
     """For runs of two or more formats: each format's top-k groups and which are sensitive under
     every format vs only some. Left out when absent."""
+    routing: RoutingStats | None = None
+    """Mixture-of-experts runs: tokens routed to each expert of each layer during calibration.
+    Left out when absent (dense models, manifests written before aqm counted them)."""
 
 
 @attrs.frozen

@@ -31,7 +31,7 @@ from typing import Any
 import attrs
 
 from auto_quantize_model.artifacts import ReportPaths, StageTiming
-from auto_quantize_model.core.experts import experts_markdown
+from auto_quantize_model.core.experts import experts_markdown, routed_tokens
 from auto_quantize_model.core.noise import random_weights_notice
 from auto_quantize_model.core.scores import NO_QUANT, headline_index
 from auto_quantize_model.errors import ConfigError, InputError
@@ -159,7 +159,11 @@ def render_layer_json(manifest: Manifest, *, state_file: str | None = None) -> d
         "state_file": state_file,
     }
     document["origin"] = manifest.origin
-    document["layer_sensitivity"] = [layer_row(group) for group in manifest.groups]
+    tokens = routed_tokens(manifest.groups, manifest.routing)
+    document["layer_sensitivity"] = [
+        layer_row(group) | ({"routed_tokens": tokens[group.name]} if group.name in tokens else {})
+        for group in manifest.groups
+    ]
     return document
 
 
@@ -377,7 +381,7 @@ def render_markdown(manifest: Manifest, *, health_section: str = "", plots_secti
         lines += ["", health_section.strip()]
     if plots_section.strip():
         lines += ["", "## Plots", "", plots_section.strip()]
-    lines += experts_markdown(manifest.groups)
+    lines += experts_markdown(manifest.groups, manifest.routing)
     lines += format_agreement_section(manifest)
     lines += validation_markdown(manifest)
     lines += _table(manifest.groups)
