@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 import attrs
 
-from auto_quantize_model.frontier_records import Frontier
+from auto_quantize_model.frontier_records import CostModel, Frontier
 from auto_quantize_model.specs import ValidateSpec
 
 if TYPE_CHECKING:
@@ -221,6 +221,10 @@ class SensitivityScores:
     routing: RoutingStats | None = None
     """Tokens routed to each expert during calibration; None for a dense model (or when they
     could not be counted, which a warning says)."""
+    rare_expert_tokens: int = 0
+    """``autoquant.rare_expert_tokens`` of the run: the solver's rare-expert rule (0: off)."""
+    cost_model: CostModel = "storage"
+    """``autoquant.cost_model`` of the run: what the solver's budgets count."""
 
 
 @attrs.frozen(eq=False)

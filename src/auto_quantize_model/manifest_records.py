@@ -24,6 +24,7 @@ from auto_quantize_model.artifacts import (
     StageTiming,
     ValidationReport,
 )
+from auto_quantize_model.frontier_records import CostModel
 
 
 @attrs.frozen
@@ -40,6 +41,11 @@ class SchemeInfo:
     score_samples: int
     calib_steps: int | None
     score_steps: int | None
+    rare_expert_tokens: int = 0
+    """The solver's rare-expert rule (:mod:`auto_quantize_model.core.routing`); 0 (off) in manifests
+    written before it existed."""
+    cost_model: CostModel = "storage"
+    """What the solver's budgets count (``storage`` in manifests written before the choice existed)."""
 
 
 @attrs.frozen

@@ -275,11 +275,8 @@ def experts_markdown(
             f"{_spread(routed.get(summary.layer))} |"
         )
     if rare:
-        lines += [
-            "",
-            f"Rare-expert rule applied to {len(rare)} expert group(s): "
-            + ", ".join(f"`{display_name(name)}`" for name in rare[:10])
-            + (", ..." if len(rare) > 10 else "")
-            + ".",
-        ]
+        modules = {group.name: group.module_names for group in groups}
+        shown = ", ".join(f"`{display_name(name, modules.get(name, ()))}`" for name in rare[:10])
+        more = ", ..." if len(rare) > 10 else ""
+        lines += ["", f"Rare-expert rule applied to {len(rare)} expert group(s): {shown}{more}."]
     return lines

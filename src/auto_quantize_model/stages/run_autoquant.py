@@ -146,7 +146,12 @@ class RunAutoQuant:
             warnings=steps.unmet,
         )
         review_search(reading, spec.allow_nonfinite, plan.other_weights)
-        scores = attrs.evolve(reading.scores, routing=_routing_stats(routing))
+        scores = attrs.evolve(
+            reading.scores,
+            routing=_routing_stats(routing),
+            rare_expert_tokens=spec.rare_expert_tokens,
+            cost_model=spec.cost_model,
+        )
         log.info(
             "AutoQuant: %d LM groups scored in %.1f s; effective bits %.3f (LM), %.3f (all costed weights)",
             len(scores.groups),
