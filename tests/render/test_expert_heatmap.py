@@ -28,8 +28,8 @@ def moe_30b(grouping: str) -> Any:
 
 
 def images(figure: Any) -> dict[str, Any]:
-    """The panels of an expert map by title: each one's axes."""
-    return {axes.get_title(): axes for axes in figure.axes if axes.get_xlabel() == "expert"}
+    """The panels of an expert map by name: each one's axes."""
+    return {axes.get_label(): axes for axes in figure.axes if axes.get_xlabel() == "expert"}
 
 
 def test_the_expert_map_holds_layers_by_experts_of_scores_and_tokens() -> None:

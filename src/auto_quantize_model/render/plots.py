@@ -368,8 +368,11 @@ def _expert_map(grid: ExpertGrid, title: str) -> Any:
         notes.append("experts scored as one group per layer: no per-expert importance")
     for axes, (rows, what) in zip(axes_list, panels_shown, strict=True):
         notes += _expert_panel(figure, axes, grid, rows, what)
+        axes.set_label(what)  # names the panel for readers of the figure object (tests)
         axes.set_title(what, fontsize=9)
-    figure.suptitle(titled(title, notes, width=70), fontsize=9)
+    # The whole figure's title (with its notes) heads the first panel: the random-weights banner
+    # takes the figure's own title (render.figures.save_figure).
+    axes_list[0].set_title(titled(f"{title}: {panels_shown[0][1]}", notes, width=70), fontsize=9)
     return figure
 
 
