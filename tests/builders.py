@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from auto_quantize_model.artifacts import GroupScore, SensitivityScores, ValidationReport
+from auto_quantize_model.artifacts import (
+    GroupScore,
+    LayerRouting,
+    RoutingStats,
+    SensitivityScores,
+    ValidationReport,
+)
 from auto_quantize_model.io.manifest import SCHEMA_VERSION
 from auto_quantize_model.manifest_records import Manifest, ModelInfo, RankedGroup, SchemeInfo
 
@@ -486,3 +492,58 @@ def tree(folder: Path) -> list[str]:
 def error_lines(err: str) -> list[str]:
     assert "Traceback" not in err
     return [line for line in err.splitlines() if line.startswith("aqm: error:")]
+
+
+MOE_LAYERS = "model.language_model.layers"
+
+
+def moe_manifest(layers: int, experts: int, grouping: str) -> Any:
+    """A ranked manifest shaped like 30B-A3B scored with ``grouping`` (importances made up).
+
+    Importances fall with the position in network order, so ranks are predictable: each layer's
+    attention first, expert ``e`` of layer ``l`` below every expert of earlier layers.
+    """
+    rows: list[tuple[str, float, tuple[str, ...]]] = []
+    for layer in range(layers):
+        qkv = f"{MOE_LAYERS}.{layer}.self_attn.q_proj"
+        rows.append((qkv, 1.0, (qkv, qkv[:-6] + "k_proj", qkv[:-6] + "v_proj")))
+        rows.append(
+            (f"{MOE_LAYERS}.{layer}.self_attn.o_proj", 0.5, (f"{MOE_LAYERS}.{layer}.self_attn.o_proj",))
+        )
+        if grouping == "layer":
+            rows.append((f"{MOE_LAYERS}.{layer}.mlp.experts", 0.25, (f"{MOE_LAYERS}.{layer}.mlp.experts",)))
+            continue
+        for expert in range(experts):
+            stem = f"{MOE_LAYERS}.{layer}.mlp.experts.{expert}"
+            value = 1e-3 / (1 + layer * experts + expert)
+            if grouping == "expert":
+                rows.append(
+                    (
+                        f"{stem}.gate_proj",
+                        value,
+                        (f"{stem}.gate_proj", f"{stem}.up_proj", f"{stem}.down_proj"),
+                    )
+                )
+            else:
+                rows.append((f"{stem}.gate_proj", value, (f"{stem}.gate_proj", f"{stem}.up_proj")))
+                rows.append((f"{stem}.down_proj", value / 2, (f"{stem}.down_proj",)))
+    rows.append(("lm_head", 2.0, ("lm_head",)))
+    ordered = sorted(rows, key=lambda row: -row[1])
+    built = manifest([(name, value) for name, value, _ in ordered], scheme=f"moe_{grouping}")
+    modules = {name: mods for name, _, mods in rows}
+    return attrs.evolve(
+        built, groups=tuple(attrs.evolve(g, module_names=modules[g.name]) for g in built.groups)
+    )
+
+
+def routing(*layers: Sequence[int], top_k: int = 2) -> RoutingStats:
+    """Routed-token counts, one tuple per layer (layer numbers 0, 1, ...); the tokens counted are
+    what the first layer's counts imply (every token goes to ``top_k`` experts)."""
+    return RoutingStats(
+        real_tokens=sum(layers[0]) // top_k,
+        batches=1,
+        layers=tuple(
+            LayerRouting(index, f"{MOE_LAYERS}.{index}.mlp.experts", top_k, tuple(tokens))
+            for index, tokens in enumerate(layers)
+        ),
+    )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 import attrs
 
-from auto_quantize_model.frontier_records import Frontier
+from auto_quantize_model.frontier_records import CostModel, Frontier
 from auto_quantize_model.specs import ValidateSpec
 
 if TYPE_CHECKING:
@@ -152,6 +152,39 @@ class FixedGroup:
 
 
 @attrs.frozen
+class LayerRouting:
+    """How one MoE layer's router spread the calibration tokens over its experts."""
+
+    layer: int
+    """Decoder layer number (``layers.<L>``)."""
+    name: str
+    """Full-model name of the layer's experts container (``...layers.<L>.mlp.experts``)."""
+    top_k: int
+    """Experts each token is sent to."""
+    tokens: tuple[int, ...]
+    """Real tokens routed to each expert (index = expert number); they sum to ``top_k`` x the
+    tokens counted, since every token goes to ``top_k`` distinct experts."""
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.tokens)
+
+
+@attrs.frozen
+class RoutingStats:
+    """Tokens routed to each expert of each MoE layer, over the calibration batches, padding left out.
+
+    Counted once per calibration batch (the first time the batch runs through the decoder,
+    before any quantizer acts on the forward), from the router's own top-k choice.
+    """
+
+    real_tokens: int
+    """Real tokens counted: each reached every MoE layer once."""
+    batches: int
+    layers: tuple[LayerRouting, ...]
+
+
+@attrs.frozen
 class SensitivityScores:
     """AutoQuant's result reduced to plain numbers (no ModelOpt objects)."""
 
@@ -185,6 +218,13 @@ class SensitivityScores:
     unknown. The budget frontier re-solves in this order so that CBC breaks ties as it did."""
     fixed_groups: tuple[FixedGroup, ...] = ()
     """The groups of the search with no format to choose (see :class:`FixedGroup`)."""
+    routing: RoutingStats | None = None
+    """Tokens routed to each expert during calibration; None for a dense model (or when they
+    could not be counted, which a warning says)."""
+    rare_expert_tokens: int = 0
+    """``autoquant.rare_expert_tokens`` of the run: the solver's rare-expert rule (0: off)."""
+    cost_model: CostModel = "storage"
+    """``autoquant.cost_model`` of the run: what the solver's budgets count."""
 
 
 @attrs.frozen(eq=False)

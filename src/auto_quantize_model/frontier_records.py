@@ -13,6 +13,10 @@ import attrs
 
 Method = Literal["gradient", "kl_div"]
 """ModelOpt's two search methods (the score the frontier minimises comes from one of them)."""
+CostModel = Literal["storage", "active"]
+"""What a weight counts for in a budget: ``storage``, every weight once (every expert's, as ModelOpt's
+``weight`` cost model); ``active``, the weights a token uses, each routed expert's at its layer's
+``top_k / experts`` share (ModelOpt's ``active_moe`` cost model, with each layer's own share)."""
 
 
 @attrs.frozen
@@ -36,6 +40,12 @@ class FrontierPoint:
     ModelOpt's ``is_satisfied``, CBC proved an optimum (gradient) or the last threshold fits (kl_div)."""
     non_monotone: bool = False
     """This budget is above the previous point's and the predicted score is worse (higher)."""
+    storage_bits_lm: float | None = None
+    """LM bits of the mix counting every weight once; None where only one cost model was solved
+    (dense models, files written before both were recorded)."""
+    active_bits_lm: float | None = None
+    """LM bits of the mix counting each routed expert at its ``top_k / experts`` share; None for a
+    dense model or without routing counts."""
 
 
 @attrs.frozen
@@ -58,6 +68,9 @@ class Frontier:
     """See :attr:`SearchSpace.exact_order`."""
     seconds: float
     """Wall time of the solve (CBC runs included in the replay)."""
+    cost_model: CostModel = "storage"
+    """What the budgets count (:data:`CostModel`): :attr:`FrontierPoint.effective_bits_lm` is in
+    these bits."""
 
     def point(self, budget: float) -> FrontierPoint:
         """The point of ``budget`` (to 1e-9), for looking up e.g. the run's own budget."""

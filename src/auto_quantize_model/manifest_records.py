@@ -20,9 +20,11 @@ from auto_quantize_model.artifacts import (
     FixedGroup,
     FrontierSummary,
     GroupScore,
+    RoutingStats,
     StageTiming,
     ValidationReport,
 )
+from auto_quantize_model.frontier_records import CostModel
 
 
 @attrs.frozen
@@ -39,6 +41,11 @@ class SchemeInfo:
     score_samples: int
     calib_steps: int | None
     score_steps: int | None
+    rare_expert_tokens: int = 0
+    """The solver's rare-expert rule (:mod:`auto_quantize_model.core.routing`); 0 (off) in manifests
+    written before it existed."""
+    cost_model: CostModel = "storage"
+    """What the solver's budgets count (``storage`` in manifests written before the choice existed)."""
 
 
 @attrs.frozen
@@ -126,6 +133,9 @@ class Manifest:
     format_agreement: FormatAgreement | None = None
     """For runs of two or more formats: each format's top-k groups and which are sensitive under
     every format vs only some. Left out when absent."""
+    routing: RoutingStats | None = None
+    """Mixture-of-experts runs: tokens routed to each expert of each layer during calibration.
+    Left out when absent (dense models, manifests written before aqm counted them)."""
 
 
 @attrs.frozen

@@ -424,6 +424,15 @@ class AutoQuantSpec:
     """Keep going when a score is NaN/inf instead of failing."""
     checkpoint: str | None = None
     """ModelOpt search-state file: saved after scoring, restored (skipping scoring) when present."""
+    rare_expert_tokens: int = attrs.field(default=16, validator=not_negative)
+    """MoE runs: an expert group routed fewer calibration tokens than this has a noise-level score, so
+    aqm's solver (frontier, export) gives it the mean scores of its layer's other experts; 0 turns
+    the rule off. ModelOpt's own choice in the run is not changed."""
+    cost_model: Literal["storage", "active"] = "storage"
+    """What the solver's budgets (``[frontier] bits``, ``aqm export --bits``) count: ``storage``, every
+    weight (every expert's); ``active``, the weights a token uses (each routed expert at its layer's
+    top-k / experts share, ModelOpt's ``active_moe``). Reports show both. ModelOpt's own search in
+    the run always counts storage at ``effective_bits``."""
     kernels: Literal["extension", "pytorch"] = "extension"
     """Fake quantization on CUDA: ``extension`` uses ModelOpt's CUDA extensions, JIT-built on their first
     use on a machine (INT8 + FP8: 126 s on an H200, once); ``pytorch`` uses ModelOpt's plain-PyTorch path

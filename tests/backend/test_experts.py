@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import builders
 from auto_quantize_model.artifacts import LanguageModel, LoadedModel, SensitivityScores
 from auto_quantize_model.backend.experts import (
     UnfusedExperts,
@@ -301,47 +302,7 @@ def test_projection_grouping_then_fused_search_in_one_process() -> None:
 # --------------------------------------------------------------------------------------------------
 
 P = "model.language_model.layers"
-
-
-def moe_manifest(layers: int, experts: int, grouping: str) -> Any:
-    """A ranked manifest shaped like 30B-A3B scored with ``grouping`` (importances made up).
-
-    Importances fall with the position in network order, so ranks are predictable: each layer's
-    attention first, expert ``e`` of layer ``l`` below every expert of earlier layers.
-    """
-    import attrs
-
-    from builders import manifest
-
-    rows: list[tuple[str, float, tuple[str, ...]]] = []
-    for layer in range(layers):
-        qkv = f"{P}.{layer}.self_attn.q_proj"
-        rows.append((qkv, 1.0, (qkv, qkv[:-6] + "k_proj", qkv[:-6] + "v_proj")))
-        rows.append((f"{P}.{layer}.self_attn.o_proj", 0.5, (f"{P}.{layer}.self_attn.o_proj",)))
-        if grouping == "layer":
-            rows.append((f"{P}.{layer}.mlp.experts", 0.25, (f"{P}.{layer}.mlp.experts",)))
-            continue
-        for expert in range(experts):
-            stem = f"{P}.{layer}.mlp.experts.{expert}"
-            value = 1e-3 / (1 + layer * experts + expert)
-            if grouping == "expert":
-                rows.append(
-                    (
-                        f"{stem}.gate_proj",
-                        value,
-                        (f"{stem}.gate_proj", f"{stem}.up_proj", f"{stem}.down_proj"),
-                    )
-                )
-            else:
-                rows.append((f"{stem}.gate_proj", value, (f"{stem}.gate_proj", f"{stem}.up_proj")))
-                rows.append((f"{stem}.down_proj", value / 2, (f"{stem}.down_proj",)))
-    rows.append(("lm_head", 2.0, ("lm_head",)))
-    ordered = sorted(rows, key=lambda row: -row[1])
-    built = manifest([(name, value) for name, value, _ in ordered], scheme=f"moe_{grouping}")
-    modules = {name: mods for name, _, mods in rows}
-    return attrs.evolve(
-        built, groups=tuple(attrs.evolve(g, module_names=modules[g.name]) for g in built.groups)
-    )
+moe_manifest = builders.moe_manifest
 
 
 def dense_manifest(layers: int) -> Any:

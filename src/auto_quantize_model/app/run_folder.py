@@ -214,6 +214,9 @@ class FinishedRun:
             run_choice=groups,
             workers=spec.workers,
             notes=notes,
+            routing=manifest.routing,
+            rare_expert_tokens=manifest.scheme.rare_expert_tokens,
+            cost_model=manifest.scheme.cost_model,
         )
 
     # ------------------------------------------------------------------------------ measured damage

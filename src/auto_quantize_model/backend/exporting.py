@@ -80,6 +80,9 @@ def solve_one(scores: SensitivityScores, budget: float) -> BudgetFrontier:
         run_choice=scores.groups,
         workers=1,
         notes=notes,
+        routing=scores.routing,
+        rare_expert_tokens=scores.rare_expert_tokens,
+        cost_model=scores.cost_model,
     )
 
 

@@ -9,6 +9,7 @@ sides import it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from auto_quantize_model.core.scores import NO_QUANT
@@ -21,6 +22,19 @@ if TYPE_CHECKING:
 def effective_bits(cost: float, weights: float) -> float:
     """Bits per weight of ``weights`` weights that cost ``cost`` in ModelOpt's units."""
     return 16.0 * cost / weights
+
+
+def shared_bits(items: Iterable[tuple[float, float, float]]) -> float:
+    """Effective bits of ``(cost, weights, share)`` items, each weight counted at its ``share``.
+
+    Shares of 1 give the storage figure; an expert's ``top_k / experts`` the active one. Scaling
+    a cost and its weights alike keeps :func:`effective_bits` the one formula for both.
+    """
+    cost = weights = 0.0
+    for item_cost, item_weights, share in items:
+        cost += share * item_cost
+        weights += share * item_weights
+    return effective_bits(cost, weights)
 
 
 def unquantized_weights(group: GroupScore) -> float:

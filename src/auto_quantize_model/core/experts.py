@@ -18,11 +18,14 @@ import math
 import re
 import statistics
 from collections.abc import Iterable, Sequence
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import attrs
 
 from auto_quantize_model.core.scores import group_name, worst
+
+if TYPE_CHECKING:
+    from auto_quantize_model.artifacts import LayerRouting, RoutingStats
 
 Part = Literal["all", "gate/up", "down"]
 Grouping = Literal["layer", "expert", "projection"]
@@ -164,36 +167,116 @@ def layer_summaries(groups: Iterable[ImportantGroup]) -> tuple[LayerExperts, ...
     return tuple(summaries)
 
 
+def routing_by_layer(routing: RoutingStats | None) -> dict[int, LayerRouting]:
+    return {} if routing is None else {layer.layer: layer for layer in routing.layers}
+
+
+def routed_tokens(groups: Iterable[NamedGroup], routing: RoutingStats | None) -> dict[str, int]:
+    """Calibration tokens behind each expert group's score, by group name.
+
+    A group of one expert (``"expert"``) or of one of its projections (``"projection"``) rests on
+    the tokens routed to that expert; a layer's fused experts (``"layer"``) on every token the
+    layer routed (``top_k`` per token). Groups without experts, or in a layer the counts do not
+    cover, are left out.
+    """
+    layers = routing_by_layer(routing)
+    found: dict[str, int] = {}
+    for group in groups:
+        slot = _slot(group)
+        layer = None if slot is None else layers.get(slot.layer)
+        if slot is None or layer is None:
+            continue
+        if slot.expert is None:
+            found[group.name] = sum(layer.tokens)
+        elif slot.expert < layer.num_experts:
+            found[group.name] = layer.tokens[slot.expert]
+    return found
+
+
 def _num(value: float) -> str:
     return "NaN" if math.isnan(value) else format(value, ".3e")
 
 
-def experts_markdown(groups: Sequence[ImportantGroup]) -> list[str]:
+def _spread(layer: LayerRouting | None) -> str:
+    if layer is None:
+        return "n/a"
+    low, high = min(layer.tokens), max(layer.tokens)
+    return f"{low} / {statistics.median(layer.tokens):g} / {high}"
+
+
+def _routing_lines(routing: RoutingStats | None) -> list[str]:
+    if routing is None:
+        return [
+            "",
+            "Routed tokens per expert were not counted for this run (a manifest written before aqm "
+            "counted them, or a count that did not cover every calibration batch).",
+        ]
+    return [
+        "",
+        f"Routed tokens: the calibration's {routing.real_tokens} real tokens ({routing.batches} batches, "
+        "padding left out), each sent by every MoE layer's router to its top-k experts; an expert's "
+        "score rests on the tokens it was sent, so one that saw a handful has a noise-level score.",
+    ]
+
+
+def experts_markdown(
+    groups: Sequence[ImportantGroup], routing: RoutingStats | None = None, rare: Sequence[str] = ()
+) -> list[str]:
     """The report's "Experts" section; empty for a model without experts.
 
-    Says what one expert group stands for and, when experts were scored apart, a row per layer
-    (worst, median and least sensitive expert), which stays readable where the ranked table of
-    6,000 expert groups cannot.
+    Says what one expert group stands for, how many calibration tokens the routers sent each
+    expert, and, when experts were scored apart, a row per layer (worst, median and least
+    sensitive expert, and the tokens behind the worst), which stays readable where the ranked
+    table of 6,000 expert groups cannot. ``rare`` names the groups the solver's rare-expert rule
+    applied to (see :mod:`auto_quantize_model.core.routing`).
     """
     grouping = grouping_of(groups)
     if grouping is None:
         return []
     layers = layer_summaries(groups)
+    routed = routing_by_layer(routing)
+    tokens = routed_tokens(groups, routing)
     lines = ["", "## Experts", "", f"Mixture of experts, {len(layers)} layers: {MEANING[grouping]}."]
+    lines += _routing_lines(routing)
     if grouping == "layer":
+        if routing is not None:
+            lines += [
+                "",
+                "| Layer | Experts | Top-k | Tokens per expert (fewest / median / most) "
+                "| Experts sent none |",
+                "| ---: | ---: | ---: | ---: | ---: |",
+            ]
+            for layer in routing.layers:
+                idle = sum(1 for count in layer.tokens if count == 0)
+                lines.append(
+                    f"| {layer.layer} | {layer.num_experts} | {layer.top_k} | {_spread(layer)} | {idle} |"
+                )
         return lines
     lines += [
         "",
         "Importance per layer over its expert groups (the heatmap shows the worst; every group is in the "
-        "JSON and the manifest).",
+        "JSON and the manifest), and the tokens routed to its experts.",
         "",
-        "| Layer | Expert groups | Worst | Worst expert | Median | Least |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| Layer | Expert groups | Worst | Worst expert | Its tokens | Median | Least "
+        "| Tokens per expert (fewest / median / most) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    worst_tokens = {
+        (slot.layer, slot.expert): tokens[group.name]
+        for group in groups
+        if (slot := _slot(group)) is not None and group.name in tokens
+    }
     for summary in layers:
         which = "" if summary.worst_expert is None else str(summary.worst_expert)
+        its = worst_tokens.get((summary.layer, summary.worst_expert))
         lines.append(
             f"| {summary.layer} | {summary.groups} | {_num(summary.worst)} | {which} | "
-            f"{_num(summary.median)} | {_num(summary.best)} |"
+            f"{'' if its is None else its} | {_num(summary.median)} | {_num(summary.best)} | "
+            f"{_spread(routed.get(summary.layer))} |"
         )
+    if rare:
+        modules = {group.name: group.module_names for group in groups}
+        shown = ", ".join(f"`{display_name(name, modules.get(name, ()))}`" for name in rare[:10])
+        more = ", ..." if len(rare) > 10 else ""
+        lines += ["", f"Rare-expert rule applied to {len(rare)} expert group(s): {shown}{more}."]
     return lines

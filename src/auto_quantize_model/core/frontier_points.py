@@ -23,14 +23,23 @@ from auto_quantize_model.artifacts import (
     GroupScore,
     MeasuredFrontier,
     MeasuredPoint,
+    RoutingStats,
 )
 from auto_quantize_model.core import stats
 from auto_quantize_model.core.bits import unquantized_weights
 from auto_quantize_model.core.frontier import modelopt_frontier, solve_frontier
 from auto_quantize_model.core.frontier_space import SearchRow, SearchSpace, fixed_row, space_from_scores
+from auto_quantize_model.core.routing import (
+    apply_rare_rule,
+    check_cost_model,
+    group_shares,
+    mix_bits,
+    rescored_space,
+    scaled_space,
+)
 from auto_quantize_model.core.scores import NO_QUANT, has_quantized_format
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.frontier_records import Frontier, FrontierPoint, Method
+from auto_quantize_model.frontier_records import CostModel, Frontier, FrontierPoint, Method
 
 METHODS: tuple[Method, ...] = ("gradient", "kl_div")
 
@@ -93,6 +102,9 @@ def solve_budgets(
     run_choice: Sequence[GroupScore] = (),
     workers: int | None = None,
     notes: Sequence[str] = (),
+    routing: RoutingStats | None = None,
+    rare_expert_tokens: int = 0,
+    cost_model: CostModel = "storage",
 ) -> BudgetFrontier:
     """The frontier at ``budgets`` plus the run's own budget, checked against the run's choice.
 
@@ -101,7 +113,17 @@ def solve_budgets(
     replays ModelOpt's own search at the run's budget (:func:`modelopt_frontier`, one CBC solve):
     matching it proves the records rebuild ModelOpt's search. The frontier itself is the exact
     optimum, which may beat ModelOpt's choice there; a note then says by how much.
+
+    MoE runs (``routing``): the frontier solves ``space`` under the rare-expert rule and the cost
+    model (:mod:`auto_quantize_model.core.routing`), the replay the plain ``space`` (ModelOpt's own
+    search knows neither); every point carries its LM bits under both cost models.
     """
+    check_cost_model(cost_model, routing, "the frontier")
+    rescored, rule = apply_rare_rule(run_choice, routing, rare_expert_tokens)
+    shares = group_shares(run_choice, routing)
+    solved_space = rescored_space(space, rescored) if rule.applied else space
+    if cost_model == "active":
+        solved_space = scaled_space(solved_space, shares)
     asked = tuple(budgets)
     solved = set(asked)
     extra: list[str] = []
@@ -113,7 +135,17 @@ def solve_budgets(
             )
     else:
         run_budget = None
-    frontier = solve_frontier(space, sorted(solved), workers=workers)
+    frontier = _both_bits(
+        solve_frontier(solved_space, sorted(solved), workers=workers), space, shares, routing
+    )
+    frontier = attrs.evolve(frontier, cost_model=cost_model)
+    if rule.applied or rule.kept:
+        extra.append(rule.note())
+    if cost_model == "active":
+        extra.append(
+            "budgets count active weights (autoquant.cost_model = 'active'): each routed expert at its "
+            "layer's top-k / experts share; ModelOpt's choice in the run counted storage"
+        )
     checked, mismatches = False, tuple[str, ...]()
     if run_budget is not None and _choice_recorded(frontier, run_choice):
         replay = modelopt_frontier(space, (run_budget,), workers=1)
@@ -123,7 +155,7 @@ def solve_budgets(
                 f"at the run's own budget {len(mismatches)} group(s) differ from ModelOpt's choice in the "
                 f"run (first: {mismatches[0]})"
             )
-        else:
+        elif solved_space is space:
             extra.extend(_beyond_modelopt(frontier.point(run_budget), replay.point(run_budget)))
     return BudgetFrontier(
         frontier=frontier,
@@ -132,6 +164,24 @@ def solve_budgets(
         run_mismatches=mismatches,
         notes=(*notes, *extra),
     )
+
+
+def _both_bits(
+    frontier: Frontier, space: SearchSpace, shares: dict[str, float], routing: RoutingStats | None
+) -> Frontier:
+    """Every point with its LM bits under both cost models; a frontier without routing counts (a
+    dense model) is left as it is, its one cost model being storage."""
+    if routing is None:
+        return frontier
+    points = tuple(
+        attrs.evolve(
+            point,
+            storage_bits_lm=mix_bits(space, frontier, point, {}),
+            active_bits_lm=mix_bits(space, frontier, point, shares),
+        )
+        for point in frontier.points
+    )
+    return attrs.evolve(frontier, points=points)
 
 
 def _choice_recorded(frontier: Frontier, run_choice: Sequence[GroupScore]) -> bool:

@@ -29,6 +29,7 @@ from typing import Any
 import attrs
 import cattrs
 
+from auto_quantize_model.artifacts import RoutingStats
 from auto_quantize_model.core.noise import random_weights_notice
 from auto_quantize_model.core.scores import importance
 from auto_quantize_model.errors import InputError
@@ -68,7 +69,7 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     data: dict[str, Any] = JSON_CONVERTER.unstructure(manifest)
     if not data["warnings"]:
         del data["warnings"]  # files of runs without warnings stay as they always were
-    for optional in ("search_order", "fixed_groups", "frontier", "format_agreement"):
+    for optional in ("search_order", "fixed_groups", "frontier", "format_agreement", "routing"):
         if not data[optional]:
             del data[optional]  # likewise for runs without them
     if data["validation"] is not None:
@@ -272,6 +273,28 @@ def _dataset_problems(dataset: DatasetInfo | None) -> Iterator[str]:
         )
 
 
+def _routing_problems(routing: RoutingStats | None) -> Iterator[str]:
+    if routing is None:
+        return
+    if routing.real_tokens < 0 or routing.batches < 0:
+        yield "routing.real_tokens and routing.batches are counts >= 0"
+    seen: set[int] = set()
+    for index, layer in enumerate(routing.layers):
+        where = f"routing.layers[{index}] (layer {layer.layer})"
+        if layer.layer in seen:
+            yield f"{where} is listed twice"
+        seen.add(layer.layer)
+        if not 0 < layer.top_k <= layer.num_experts:
+            yield f"{where} has top_k {layer.top_k} for {layer.num_experts} experts"
+        if any(count < 0 for count in layer.tokens):
+            yield f"{where} gives an expert a negative token count"
+        elif sum(layer.tokens) != layer.top_k * routing.real_tokens:
+            yield (
+                f"{where} routed {sum(layer.tokens)} tokens; {routing.real_tokens} tokens to top-"
+                f"{layer.top_k} experts each make {layer.top_k * routing.real_tokens}"
+            )
+
+
 def manifest_problems(manifest: Manifest) -> Iterator[str]:
     """Every value of ``manifest`` that no run can have produced, one sentence each, in file order.
 
@@ -295,6 +318,7 @@ def manifest_problems(manifest: Manifest) -> Iterator[str]:
         if not (math.isfinite(timing.seconds) and timing.seconds >= 0.0):
             yield f"timings[{index}] ({timing.stage}) took {_number(timing.seconds)} s; a time is >= 0"
     yield from _fixed_problems(manifest)
+    yield from _routing_problems(manifest.routing)
 
 
 def check_manifest(manifest: Manifest, source_path: str | os.PathLike[str]) -> None:

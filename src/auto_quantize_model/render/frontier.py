@@ -92,6 +92,7 @@ def frontier_to_dict(
         points.append(record)
     data: dict[str, Any] = {
         "method": frontier.method,
+        "cost_model": frontier.cost_model,
         "run_budget": run_budget,
         "exact_order": frontier.exact_order,
         "lm_weights": frontier.lm_weights,
@@ -210,6 +211,10 @@ def _measured_markdown(measured: MeasuredFrontier) -> list[str]:
     return lines
 
 
+def _bits_cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def render_markdown(
     frontier: Frontier,
     *,
@@ -278,9 +283,18 @@ def render_markdown(
     if bound is not None:
         lines += [f"**{bound.lines()[0][0].upper()}{bound.lines()[0][1:]}.**", ""]
     kl_head, kl_rule = (" predicted KL [95%] |", " ---: |") if damage is not None else ("", "")
+    both = any(point.active_bits_lm is not None for point in points)
+    moe_head, moe_rule = (" storage bits | active bits |", " ---: | ---: |") if both else ("", "")
+    if both:
+        lines += [
+            f"Mixture of experts: budgets and LM bits count **{frontier.cost_model}** weights; storage bits "
+            "count every expert's weights, active bits each layer's top-k share of its experts (the "
+            "weights a token uses).",
+            "",
+        ]
     lines += [
-        f"| budget | LM bits | model bits | predicted score |{kl_head} formats | changed | flags |",
-        f"| ---: | ---: | ---: | ---: |{kl_rule} :--- | ---: | :--- |",
+        f"| budget | LM bits |{moe_head} model bits | predicted score |{kl_head} formats | changed | flags |",
+        f"| ---: | ---: |{moe_rule} ---: | ---: |{kl_rule} :--- | ---: | :--- |",
     ]
     changes = step_changes(frontier)
     for point, changed in zip(points, changes, strict=True):
@@ -288,8 +302,10 @@ def render_markdown(
         if bound is not None and point == bound.point:
             marker += " (max KL)"
         kl = f" {_prediction_cell(damage, point)} |" if damage is not None else ""
+        moe = f" {_bits_cell(point.storage_bits_lm)} | {_bits_cell(point.active_bits_lm)} |" if both else ""
         lines.append(
-            f"| {point.budget:g}{marker} | {point.effective_bits_lm:.3f} | {point.effective_bits_model:.3f} "
+            f"| {point.budget:g}{marker} | {point.effective_bits_lm:.3f} |{moe} "
+            f"{point.effective_bits_model:.3f} "
             f"| {point.total_score:.4e} |{kl} {_format_counts(point, order)} | {len(changed)} "
             f"| {', '.join(_flags(point))} |"
         )

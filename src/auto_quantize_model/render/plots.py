@@ -37,7 +37,7 @@ from auto_quantize_model.render.figures import (
 )
 
 if TYPE_CHECKING:
-    from auto_quantize_model.artifacts import Interval, ValidatedGroup, ValidationReport
+    from auto_quantize_model.artifacts import Interval, RoutingStats, ValidatedGroup, ValidationReport
     from auto_quantize_model.manifest_records import Manifest, RankedGroup
 
 EXPERT_KINDS = ("experts", "experts gate/up", "experts down")
@@ -266,71 +266,113 @@ def _top_bars(groups: Sequence[RankedGroup], scored: int, non_finite: int, title
 
 @attrs.frozen
 class ExpertGrid:
-    """Per-expert importances: ``values[layer][expert]``, the worst of the expert's groups."""
+    """Per-expert importances and routed tokens: ``values[row][expert]`` (the worst of the expert's
+    groups; NaN when experts were scored as one group per layer) and ``tokens[row][expert]``."""
 
     layers: tuple[int, ...]
     experts: int
     values: tuple[tuple[float, ...], ...]
     groups_per_expert: int
-    """1 when each expert was one group, 2 when gate+up and down were scored apart."""
+    """1 when each expert was one group, 2 when gate+up and down were scored apart, 0 when the
+    experts were not scored apart (fused: one score per layer, no importance panel)."""
+    tokens: tuple[tuple[float, ...], ...] | None = None
+    """Routed calibration tokens per expert (NaN where a layer was not counted); None without counts."""
 
 
-def expert_grid(groups: Iterable[RankedGroup]) -> ExpertGrid | None:
-    """Layers by experts, when experts were scored apart (None for fused or no experts)."""
+def expert_grid(groups: Iterable[RankedGroup], routing: RoutingStats | None = None) -> ExpertGrid | None:
+    """Layers by experts, when experts were scored apart or their routing was counted (else None)."""
     cells: dict[tuple[int, int], list[float]] = {}
     for group in groups:
         slot = expert_slot(group.name, group.module_names)
         if slot is not None and slot.expert is not None:
             cells.setdefault((slot.layer, slot.expert), []).append(group.importance)
-    if not cells:
+    counted = {} if routing is None else {layer.layer: layer.tokens for layer in routing.layers}
+    if not cells and not counted:
         return None
-    layers = tuple(sorted({layer for layer, _ in cells}))
-    experts = max(expert for _, expert in cells) + 1
+    layers = tuple(sorted({layer for layer, _ in cells} | set(counted)))
+    experts = max([expert + 1 for _, expert in cells] + [len(tokens) for tokens in counted.values()])
     values = tuple(
         tuple(worst(cells[(layer, e)]) if (layer, e) in cells else math.nan for e in range(experts))
         for layer in layers
     )
-    return ExpertGrid(layers, experts, values, max(len(v) for v in cells.values()))
+    tokens = None
+    if counted:
+        tokens = tuple(
+            tuple(
+                float(counted[layer][e]) if layer in counted and e < len(counted[layer]) else math.nan
+                for e in range(experts)
+            )
+            for layer in layers
+        )
+    per_expert = max((len(v) for v in cells.values()), default=0)
+    return ExpertGrid(layers, experts, values, per_expert, tokens)
 
 
-def _expert_map(grid: ExpertGrid, title: str) -> Any:
+def _expert_panel(
+    figure: Any, axes: Any, grid: ExpertGrid, rows: Sequence[Sequence[float]], what: str
+) -> list[str]:
+    """One layers x experts image on ``axes``, log-coloured; returns the notes for the title."""
     import matplotlib
     import numpy as np
     from matplotlib.colors import LogNorm, Normalize
-    from matplotlib.figure import Figure
 
-    values = [v for row in grid.values for v in row]
-    data = np.array([[clip(v) for v in row] for row in grid.values], dtype=float)
+    values = [v for row in rows for v in row]
+    data = np.array([[clip(v) for v in row] for row in rows], dtype=float)
     positive = positive_finite(data.ravel().tolist())
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9", under="#ffffff")
-    notes = ["grey: no group or non-finite", *clipped_note(values, "importance(s)")]
-    if grid.groups_per_expert > 1:
-        notes.append("each cell: the worse of the expert's gate+up and down")
+    cmap = matplotlib.colormaps["viridis" if what == "importance" else "magma"].with_extremes(
+        bad="#d9d9d9", under="#ffffff"
+    )
+    notes = [*clipped_note(values, f"{what}(s)")]
     if positive:
         low, high = min(positive), max(positive)
         norm: Any = LogNorm(vmin=low, vmax=high if high > low else low * 10)
         zero = np.isfinite(data) & (data <= 0)
         if zero.any():
             data = np.where(zero, low / 10, data)
-            notes.append("white: scored ≤ 0")
+            notes.append(f"white: {what} ≤ 0")
     else:
         norm = Normalize(vmin=0.0, vmax=1.0)
-    width = min(max(6.5, 2.0 + 0.08 * grid.experts), 16.0)
-    figure = Figure(figsize=(width, min(max(3.0, 1.4 + 0.16 * len(grid.layers)), 14.0)), layout="constrained")
-    axes = figure.add_subplot()
     image = axes.imshow(data, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     x_step = max(1, math.ceil(grid.experts / 32))
     axes.set_xticks(
         range(0, grid.experts, x_step), [str(e) for e in range(0, grid.experts, x_step)], fontsize=7
     )
     y_step = max(1, math.ceil(len(grid.layers) / 48))
-    rows = range(0, len(grid.layers), y_step)
-    axes.set_yticks(list(rows), [str(grid.layers[i]) for i in rows], fontsize=7)
+    shown = range(0, len(grid.layers), y_step)
+    axes.set_yticks(list(shown), [str(grid.layers[i]) for i in shown], fontsize=7)
     axes.set_xlabel("expert")
     axes.set_ylabel("decoder layer")
-    axes.set_title(titled(title, notes, width=70), fontsize=9)
     colorbar = figure.colorbar(image, ax=axes, fraction=0.04)
-    colorbar.set_label("importance (log)" if positive else "importance")
+    colorbar.set_label(f"{what} (log)" if positive else what)
+    return notes
+
+
+def _expert_map(grid: ExpertGrid, title: str) -> Any:
+    """Importance (when experts were scored apart) above routed tokens (when counted): stacked, so
+    that 128 experts keep their width on a report page."""
+    from matplotlib.figure import Figure
+
+    panels_shown: list[tuple[Sequence[Sequence[float]], str]] = []
+    if grid.groups_per_expert:
+        panels_shown.append((grid.values, "importance"))
+    if grid.tokens is not None:
+        panels_shown.append((grid.tokens, "routed tokens"))
+    width = min(max(6.5, 2.0 + 0.08 * grid.experts), 16.0)
+    height = min(max(3.0, 1.4 + 0.16 * len(grid.layers)), 14.0) * len(panels_shown)
+    figure = Figure(figsize=(width, height), layout="constrained")
+    axes_list = figure.subplots(len(panels_shown), 1, squeeze=False)[:, 0]
+    notes = ["grey: no group, not counted or non-finite"]
+    if grid.groups_per_expert > 1:
+        notes.append("importance: the worse of the expert's gate+up and down")
+    if not grid.groups_per_expert:
+        notes.append("experts scored as one group per layer: no per-expert importance")
+    for axes, (rows, what) in zip(axes_list, panels_shown, strict=True):
+        notes += _expert_panel(figure, axes, grid, rows, what)
+        axes.set_label(what)  # names the panel for readers of the figure object (tests)
+        axes.set_title(what, fontsize=9)
+    # The whole figure's title (with its notes) heads the first panel: the random-weights banner
+    # takes the figure's own title (render.figures.save_figure).
+    axes_list[0].set_title(titled(f"{title}: {panels_shown[0][1]}", notes, width=70), fontsize=9)
     return figure
 
 
@@ -454,9 +496,9 @@ def write_plots(
         top = _top_bars(scored[:TOP_GROUPS], len(scored), non_finite, scheme)
         written += _save(top, directory, TOP_STEM, banner)
 
-    experts = expert_grid(manifest.groups)
+    experts = expert_grid(manifest.groups, manifest.routing)
     if experts is not None:
-        title = f"{scheme}: importance of each expert"
+        title = f"{scheme}: each expert by layer"
         written += _save(_expert_map(experts, title), directory, EXPERTS_STEM, banner)
 
     if validation is not None and validation.groups:
@@ -493,7 +535,7 @@ def missing_plots(manifest: Manifest, validation: ValidationReport | None = None
 _CAPTIONS = {
     HEATMAP_STEM: "Importance by decoder layer and module kind (log colour scale)",
     TOP_STEM: f"Top {TOP_GROUPS} groups by importance (log scale)",
-    EXPERTS_STEM: "Importance of each expert, by layer (log colour scale)",
+    EXPERTS_STEM: "Each expert by layer: importance and routed calibration tokens (log colour scales)",
     SCATTER_STEM: "Predicted score vs measured ΔNLL and KL (bars: bootstrap intervals)",
 }
 

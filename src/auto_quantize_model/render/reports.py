@@ -30,13 +30,14 @@ from typing import Any
 
 import attrs
 
-from auto_quantize_model.artifacts import ReportPaths, StageTiming
-from auto_quantize_model.core.experts import experts_markdown
+from auto_quantize_model.artifacts import GroupScore, ReportPaths, StageTiming
+from auto_quantize_model.core.experts import experts_markdown, routed_tokens
 from auto_quantize_model.core.noise import random_weights_notice
+from auto_quantize_model.core.routing import RareRule, apply_rare_rule, chosen_bits, group_shares
 from auto_quantize_model.core.scores import NO_QUANT, headline_index
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.io.atomic import atomic_copy, atomic_write_text
-from auto_quantize_model.io.convert import dumps_json
+from auto_quantize_model.io.convert import dumps_json, project
 from auto_quantize_model.io.manifest import manifest_to_json
 from auto_quantize_model.io.manifest_file import MANIFEST_SUFFIX, read_manifest
 from auto_quantize_model.manifest_records import Manifest, RankedGroup
@@ -159,7 +160,11 @@ def render_layer_json(manifest: Manifest, *, state_file: str | None = None) -> d
         "state_file": state_file,
     }
     document["origin"] = manifest.origin
-    document["layer_sensitivity"] = [layer_row(group) for group in manifest.groups]
+    tokens = routed_tokens(manifest.groups, manifest.routing)
+    document["layer_sensitivity"] = [
+        layer_row(group) | ({"routed_tokens": tokens[group.name]} if group.name in tokens else {})
+        for group in manifest.groups
+    ]
     return document
 
 
@@ -229,8 +234,44 @@ def _header(manifest: Manifest) -> list[str]:
         f"- **Constraint satisfied:** {'yes' if scheme.satisfied else 'no'}",
         f"- **Scoring:** {scheme.score_samples} samples, {_or_na(scheme.score_steps)} score steps, "
         f"{_or_na(scheme.calib_steps)} calibration steps",
+        *_moe_lines(manifest),
     ]
     return [*lines, *_timings(manifest)]
+
+
+def _score_groups(manifest: Manifest) -> tuple[GroupScore, ...]:
+    return tuple(project(group, GroupScore) for group in manifest.groups)
+
+
+def rare_rule_of(manifest: Manifest) -> RareRule:
+    """The solver's rare-expert rule as it applies to this run's groups."""
+    _, rule = apply_rare_rule(_score_groups(manifest), manifest.routing, manifest.scheme.rare_expert_tokens)
+    return rule
+
+
+def _moe_lines(manifest: Manifest) -> list[str]:
+    """MoE runs: the choice's bits under both cost models and what the rare-expert rule did."""
+    if manifest.routing is None:
+        return []
+    scheme, groups = manifest.scheme, _score_groups(manifest)
+    fixed = sum(group.weights for group in manifest.fixed_groups if group.lm)
+    active = chosen_bits(groups, fixed, group_shares(groups, manifest.routing))
+    rule = rare_rule_of(manifest)
+    rule_text = (
+        f"expert groups routed fewer than {scheme.rare_expert_tokens} calibration tokens take the mean "
+        "scores of their layer's other experts (same part) in aqm's solver (frontier, export); "
+        f"applied to {len(rule.applied)} expert group(s)"
+        + (f", {len(rule.kept)} kept their own (no well-routed peer)" if rule.kept else "")
+        if scheme.rare_expert_tokens
+        else "off (autoquant.rare_expert_tokens = 0)"
+    )
+    return [
+        "- **Effective bits by cost model (LM, the run's choice):** "
+        f"storage {_bits(scheme.effective_bits_lm)} "
+        f"(every expert's weights), active {_bits(active)} (each layer's top-k of its experts, the weights a "
+        f"token uses); aqm's solver budgets count `{scheme.cost_model}`",
+        f"- **Rare-expert rule:** {rule_text}",
+    ]
 
 
 IMPORTS_STAGE = "library_imports"
@@ -377,7 +418,7 @@ def render_markdown(manifest: Manifest, *, health_section: str = "", plots_secti
         lines += ["", health_section.strip()]
     if plots_section.strip():
         lines += ["", "## Plots", "", plots_section.strip()]
-    lines += experts_markdown(manifest.groups)
+    lines += experts_markdown(manifest.groups, manifest.routing, rare_rule_of(manifest).applied)
     lines += format_agreement_section(manifest)
     lines += validation_markdown(manifest)
     lines += _table(manifest.groups)

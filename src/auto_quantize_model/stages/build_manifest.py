@@ -92,6 +92,7 @@ def build_manifest(
         fixed_groups=scores.fixed_groups,
         frontier=None if frontier is None else frontier_summary(frontier, measured),
         format_agreement=format_agreement(rank_groups(scores.groups), order=scores.formats),
+        routing=scores.routing,
     )
 
 

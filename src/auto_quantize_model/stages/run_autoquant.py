@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -41,9 +42,39 @@ from auto_quantize_model.errors import AqmError
 from auto_quantize_model.specs import AutoQuantSpec
 
 if TYPE_CHECKING:
+    from auto_quantize_model.artifacts import RoutingStats
+    from auto_quantize_model.backend.routing import RoutingCounter
     from auto_quantize_model.pipeline import Artifacts
 
 log = logging.getLogger("auto_quantize_model")
+
+
+def _restorable(state: str | None) -> bool:
+    """A saved search state is there to restore: its calibration pass may never run."""
+    return state is not None and Path(state).is_file()
+
+
+def _routing_stats(routing: RoutingCounter | None) -> RoutingStats | None:
+    if routing is None:
+        return None
+    stats = routing.stats()
+    if stats is None:
+        log.warning(
+            "MoE routing: not every router saw every calibration batch (%d call(s) did not match "
+            "their batch); routed-token counts are left out of the manifest and the rare-expert rule "
+            "applies to no expert",
+            routing.mismatched,
+        )
+    else:
+        rare = sum(1 for layer in stats.layers for count in layer.tokens if count == 0)
+        log.info(
+            "MoE routing: %d real tokens over %d batch(es) counted in %d layer(s); %d expert(s) got none",
+            stats.real_tokens,
+            stats.batches,
+            len(stats.layers),
+            rare,
+        )
+    return stats
 
 
 @attrs.frozen
@@ -66,6 +97,7 @@ class RunAutoQuant:
 
     def run(self, inputs: Artifacts) -> tuple[SensitivityScores, QuantSearch]:
         from auto_quantize_model.backend.lm_forward import input_device
+        from auto_quantize_model.backend.routing import RoutingCounter
 
         lm, calib, spec = inputs.get(LanguageModel), inputs.get(CalibData), self.spec
         device = input_device(lm.module)
@@ -90,7 +122,10 @@ class RunAutoQuant:
         self._announce(lm, plan, steps, data.score_samples, device.type, str(device))
         search = mtq.auto_quantize if self.auto_quantize is None else self.auto_quantize
         kernels = pytorch_fake_quant() if spec.kernels == "pytorch" else contextlib.nullcontext()
-        with kernels:
+        routing = RoutingCounter.for_lm(lm, data.batches[: steps.calib_steps])
+        with kernels, routing.installed() if routing is not None else contextlib.nullcontext():
+            if routing is not None and _restorable(checkpoint.modelopt_path):
+                routing.count_now(data.batches[: steps.calib_steps])  # no calibration pass may run
             outcome = run_search(search, lm, plan, data, steps, spec, checkpoint)
         reading = scores_from_state(
             outcome.state,
@@ -111,7 +146,12 @@ class RunAutoQuant:
             warnings=steps.unmet,
         )
         review_search(reading, spec.allow_nonfinite, plan.other_weights)
-        scores = reading.scores
+        scores = attrs.evolve(
+            reading.scores,
+            routing=_routing_stats(routing),
+            rare_expert_tokens=spec.rare_expert_tokens,
+            cost_model=spec.cost_model,
+        )
         log.info(
             "AutoQuant: %d LM groups scored in %.1f s; effective bits %.3f (LM), %.3f (all costed weights)",
             len(scores.groups),

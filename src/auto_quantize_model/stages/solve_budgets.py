@@ -55,6 +55,9 @@ class SolveBudgets:
             run_choice=scores.groups,
             workers=self.spec.workers,
             notes=notes,
+            routing=scores.routing,
+            rare_expert_tokens=scores.rare_expert_tokens,
+            cost_model=scores.cost_model,
         )
         for note in result.notes:
             log.info("frontier: %s", note)
