@@ -114,15 +114,21 @@ def _reference_source() -> str:
 
 @functools.cache
 def _eager_source(cls: type) -> str | None:
-    """The source of the eager forward transformers' ``use_experts_implementation`` wrapped, if any."""
+    """The source of the eager forward transformers' ``use_experts_implementation`` wrapped, if any.
+
+    The first ``forward`` below ModelOpt's wrapper classes decides: a subclass that overrides it
+    without transformers' wrapper has no eager source to compare.
+    """
     for klass in cls.__mro__:
-        forward = vars(klass).get("forward")
-        wrapped = getattr(forward, "__wrapped__", None)
-        if wrapped is not None:
-            try:
-                return inspect.getsource(wrapped)
-            except (OSError, TypeError):
-                return None
+        if klass.__module__.startswith("modelopt.") or "forward" not in vars(klass):
+            continue
+        wrapped = getattr(vars(klass)["forward"], "__wrapped__", None)
+        if wrapped is None:
+            return None
+        try:
+            return inspect.getsource(wrapped)
+        except (OSError, TypeError):
+            return None
     return None
 
 
