@@ -13,6 +13,12 @@ time limit keeps what it measured.
         --case config:qwen3-vl-4b=INT8_DEFAULT_CFG+FP8_DEFAULT_CFG+NVFP4_DEFAULT_CFG+W4A8_AWQ_BETA_CFG
     python benchmarks/gpu_scale.py --device cpu --max-samples 16 --seq-len 64 --score-size 8 \\
         --case builtin:tiny-qwen3-vl=INT8_DEFAULT_CFG        # the plumbing, on CPU
+    python benchmarks/gpu_scale.py --kernels pytorch --out moe.jsonl \\
+        --fused-experts modelopt --fused-experts batched \\
+        --case config:qwen3-vl-30b-a3b=INT8_DEFAULT_CFG      # MoE: ModelOpt's expert loop, then batched
+
+With several ``--fused-experts`` every case runs once per path, in the order given (case numbers
+for ``--profile`` / ``--python-profile`` count those runs).
 
 Peak memory is ``torch.cuda.max_memory_allocated`` over the AutoQuant stage, kept across ModelOpt's
 own reset of the peak statistics before scoring (``track_peak_gpu_memory``).
@@ -59,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         "--experts", choices=("layer", "expert", "projection"), default="layer", help="extract.experts"
     )
     parser.add_argument(
+        "--fused-experts",
+        choices=("batched", "modelopt"),
+        action="append",
+        default=[],
+        help="autoquant.fused_experts (repeat to run each case under each; default batched)",
+    )
+    parser.add_argument(
         "--python-profile",
         type=int,
         action="append",
@@ -93,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         layout="packed",
     )
 
-    def settings(model: str, formats: tuple[str, ...], calib_size: int | None = None) -> BenchSettings:
+    paths = tuple(args.fused_experts) or ("batched",)
+    runs = [(model, formats, calib_size, path) for model, formats, calib_size in cases for path in paths]
+
+    def settings(
+        model: str, formats: tuple[str, ...], calib_size: int | None = None, path: str = "batched"
+    ) -> BenchSettings:
         return BenchSettings(
             load=LoadSpec(path=model, device=args.device, dtype="auto", seed=0),
             extract=ExtractSpec(experts=args.experts),
@@ -104,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 score_size=args.score_size,
                 calib_size=calib_size,
                 kernels=args.kernels,
+                fused_experts=path,  # type: ignore[arg-type]
             ),
             layouts=("packed",),
             pipeline=False,
@@ -124,13 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name,
         "kernels": args.kernels,
         "experts": args.experts,
+        "fused_experts": list(paths),
     }
     with args.out.open("a", encoding="utf-8") as out:
         out.write(json.dumps(header) + "\n")
     print(json.dumps(header), flush=True)
 
-    for number, (model, formats, calib_size) in enumerate(cases, start=1):
-        s = settings(model, formats, calib_size)
+    for number, (model, formats, calib_size, path) in enumerate(runs, start=1):
+        s = settings(model, formats, calib_size, path)
         case_started = time.perf_counter()
         try:
             run = run_layout(s, "packed", calib, args.score_size)
@@ -138,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             record: dict[str, object] = {
                 "model": model,
                 "formats": formats,
+                "fused_experts": path,
                 "error": f"{type(err).__name__}: {err}",
             }
             release_memory(args.device)
@@ -145,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             record = {
                 "model": model,
                 "formats": formats,
+                "fused_experts": path,
                 "calib_size": calib_size,
                 "autoquant_s": round(run.autoquant_seconds, 2),
                 "case_wall_s": round(time.perf_counter() - case_started, 2),

@@ -439,6 +439,11 @@ class AutoQuantSpec:
     (what runs on CPU) and builds nothing. On an H200 both score Qwen3-VL-4B INT8+FP8 in the same time
     (8.5 vs 8.7 s warm); scores differ by rounding (up to 2.4%, Spearman 0.99999, same top 20). The
     default stays the extension: ModelOpt's own path, the one other tools' numbers come from."""
+    fused_experts: Literal["batched", "modelopt"] = "batched"
+    """MoE experts scored one group per layer (``extract.experts = "layer"``): ``batched`` runs each
+    layer's experts as grouped tensor work (same calibrated ranges, same arithmetic; on CPU bit for
+    bit, on a GPU to bfloat16 rounding); ``modelopt`` keeps ModelOpt's per-expert loop, four quantizer
+    calls per routed expert per forward (the path to compare against)."""
 
 
 @attrs.frozen

@@ -19,6 +19,7 @@ import attrs
 
 from auto_quantize_model.artifacts import CalibData, LanguageModel
 from auto_quantize_model.backend.modelopt import patches
+from auto_quantize_model.backend.modelopt.batched_experts import batched_fused_experts
 from auto_quantize_model.backend.modelopt.checkpoint import SearchCheckpoint
 from auto_quantize_model.backend.modelopt.plan import SearchPlan, Steps, limit_scored_captions
 from auto_quantize_model.backend.modelopt.state import RawScores, collect_raw_scores
@@ -306,6 +307,11 @@ def run_search(
         stack.enter_context(patches.scoring_phase(scoring_started))
         stack.enter_context(patches.candidate_stats_fix())
         stack.enter_context(patches.expert_search_rules(lm.expert_grouping if lm.experts else "layer"))
+        paths = (
+            stack.enter_context(batched_fused_experts())
+            if spec.fused_experts == "batched" and lm.experts
+            else None
+        )
         stack.enter_context(patches.checked_state_load(checkpoint.loaded, checkpoint.unreadable))
         stack.enter_context(patches.atomic_state_save(checkpoint.before_replace))
         stack.enter_context(patches.frozen_heap())
@@ -326,6 +332,8 @@ def run_search(
             **method_args,
         )
     seconds = time.perf_counter() - started
+    if paths is not None and (paths.batched or paths.fallback):
+        log.info("MoE fused experts forwards: %s", paths.summary())
     log.info("AutoQuant forward steps: calibration %d, scoring %d", counter.calibration, counter.scoring)
     raw = collect_raw_scores(root) if counter.scoring else checkpoint.raw
     return SearchOutcome(state, raw, seconds, counter.calibration, counter.scoring)

@@ -1,0 +1,257 @@
+"""The batched fused-experts path against ModelOpt's per-expert loop, on ``builtin:tiny-qwen3-vl-moe``.
+
+The tiny MoE (2 layers of 4 fused experts, top-2) uses Qwen3-VL-30B-A3B's transformers classes,
+so ModelOpt wraps it exactly as it wraps the real model. On CPU in float32 the batched path
+gives ModelOpt's results bit for bit (same rows through the same ``F.linear`` per expert, same
+element-wise fake quantization, same accumulation order), so the comparisons are exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from auto_quantize_model.artifacts import LoadedModel, SensitivityScores  # noqa: E402
+from auto_quantize_model.backend.modelopt.batched_experts import (  # noqa: E402
+    batched_fused_experts,
+    standard_eager_experts,
+)
+from auto_quantize_model.backend.models import build_builtin  # noqa: E402
+from auto_quantize_model.pipeline import Pipeline  # noqa: E402
+from auto_quantize_model.sources import TINY_QWEN3_VL_MOE  # noqa: E402
+from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec  # noqa: E402
+from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader  # noqa: E402
+from auto_quantize_model.stages.extract_lm import ExtractLM  # noqa: E402
+from auto_quantize_model.stages.run_autoquant import RunAutoQuant  # noqa: E402
+
+LAYERS = 2
+EXPERTS = 4
+
+
+def tiny_moe() -> LoadedModel:
+    return build_builtin(TINY_QWEN3_VL_MOE, seed=0, dtype="float32", device="cpu")
+
+
+def text_model(loaded: LoadedModel) -> Any:
+    model: Any = loaded.model
+    return model.model.language_model
+
+
+def token_batches(loaded: LoadedModel, count: int = 2) -> list[Any]:
+    generator = torch.Generator().manual_seed(1)
+    vocab = int(text_model(loaded).config.vocab_size)
+    return [torch.randint(0, vocab, (2, 12), generator=generator) for _ in range(count)]
+
+
+def quantized(loaded: LoadedModel, config: str, batched: bool) -> tuple[Any, dict[str, int]]:
+    """``mtq.quantize`` of the text model (eager experts), calibrated through one path or the other."""
+    import modelopt.torch.quantization as mtq
+
+    from auto_quantize_model.backend.experts import use_eager_experts
+
+    use_eager_experts(loaded.model)
+    model = text_model(loaded)
+    batches = token_batches(loaded)
+
+    def loop(m: Any) -> None:
+        for ids in batches:
+            m(input_ids=ids)
+
+    with batched_fused_experts() if batched else _nothing() as counts:
+        mtq.quantize(model, getattr(mtq, config), forward_loop=loop)
+    found = {"batched": counts.batched, "fallback": sum(counts.fallback.values())} if counts else {}
+    return model, found
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def amaxes(model: Any) -> dict[str, Any]:
+    return {name: tensor for name, tensor in model.named_buffers() if name.endswith("_amax")}
+
+
+def expert_amax_names(model: Any) -> list[str]:
+    return [name for name in amaxes(model) if ".mlp.experts." in name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration and quantized forwards, one module at a time (mtq.quantize, no search)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "weight_path"),
+    [
+        ("INT8_DEFAULT_CFG", "per-channel ranges stacked"),
+        ("FP8_DEFAULT_CFG", "per-tensor ranges stacked"),
+        ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "each expert's quantizer (static blocks)"),
+    ],
+)
+def test_calibration_and_quantized_forward_match_modelopts_loop(config: str, weight_path: str) -> None:
+    loaded = tiny_moe()
+    twin = copy.deepcopy(loaded)
+    loop_model, _ = quantized(loaded, config, batched=False)
+    batched_model, counts = quantized(twin, config, batched=True)
+    # every calibration forward of both layers went the batched way
+    assert counts == {"batched": LAYERS * len(token_batches(loaded)), "fallback": 0}
+    expected, got = amaxes(loop_model), amaxes(batched_model)
+    assert expected.keys() == got.keys()
+    names = expert_amax_names(loop_model)
+    # both input quantizers and every expert's gate_up and down weight quantizer hold a range
+    per_layer = 2 + 2 * EXPERTS if config != "INT4_BLOCKWISE_WEIGHT_ONLY_CFG" else 2 * EXPERTS
+    assert len(names) == LAYERS * per_layer, weight_path
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    ids = token_batches(loaded, 3)[-1]
+    with torch.no_grad():
+        reference = loop_model(input_ids=ids).last_hidden_state
+        with batched_fused_experts() as counts_now:
+            through_batched = batched_model(input_ids=ids).last_hidden_state
+    assert counts_now.batched == LAYERS
+    assert not counts_now.fallback
+    assert torch.equal(through_batched, reference)
+    # and the quantization really acted: disabling every quantizer changes the output
+    import modelopt.torch.quantization as mtq
+
+    mtq.disable_quantizer(loop_model, "*")
+    with torch.no_grad():
+        plain = loop_model(input_ids=ids).last_hidden_state
+    assert not torch.equal(plain, reference)
+
+
+def test_gradients_through_the_batched_experts_match_the_loop() -> None:
+    """Scoring back-propagates through the experts (quantizers off): the same input gradients."""
+    loaded = tiny_moe()
+    model, _ = quantized(loaded, "INT8_DEFAULT_CFG", batched=False)
+    import modelopt.torch.quantization as mtq
+
+    mtq.disable_quantizer(model, "*")
+    ids = token_batches(loaded, 1)[0]
+
+    def input_grad(batched: bool) -> Any:
+        embeds = model.embed_tokens(ids).detach().requires_grad_(True)
+        with batched_fused_experts() if batched else _nothing():
+            out = model(inputs_embeds=embeds).last_hidden_state
+        (out.square().sum()).backward()
+        return embeds.grad
+
+    loop_grad, batched_grad = input_grad(False), input_grad(True)
+    assert float(loop_grad.abs().sum()) > 0
+    torch.testing.assert_close(batched_grad, loop_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_range_that_depends_on_row_grouping_runs_modelopts_loop() -> None:
+    """A per-tensor dynamic input range would change if rows were quantized together: not batched."""
+    loaded = tiny_moe()
+    model, _ = quantized(loaded, "INT8_DEFAULT_CFG", batched=False)
+    experts = model.layers[0].mlp.experts
+    experts.gate_up_proj_input_quantizer._dynamic = True
+    ids = token_batches(loaded, 1)[0]
+    with torch.no_grad():
+        reference = model(input_ids=ids).last_hidden_state
+        with batched_fused_experts() as counts:
+            got = model(input_ids=ids).last_hidden_state
+    assert counts.batched == LAYERS - 1
+    assert counts.fallback == {"input quantizer depends on row grouping": 1}
+    assert torch.equal(got, reference)
+
+
+def test_only_experts_with_qwen3_vl_moes_eager_forward_are_batched() -> None:
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+    assert standard_eager_experts(Qwen3VLMoeTextExperts)
+    assert standard_eager_experts(MixtralExperts)  # same eager source, character for character
+
+    class Custom(Qwen3VLMoeTextExperts):  # type: ignore[misc]
+        def forward(self, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+            return hidden_states
+
+    assert not standard_eager_experts(Custom)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole search
+# --------------------------------------------------------------------------------------------------
+
+
+def search(loaded: LoadedModel, path: str, formats: tuple[str, ...]) -> SensitivityScores:
+    store = Pipeline(
+        [
+            ExtractLM(ExtractSpec()),
+            BuildCalibLoader(CalibSpec(max_samples=8, seq_len=32, batch_size=4)),
+            RunAutoQuant(
+                AutoQuantSpec(formats=formats, effective_bits=12.0, score_size=8, fused_experts=path)  # type: ignore[arg-type]
+            ),
+        ],
+        supplied=[loaded],
+    ).run()
+    return store.get(SensitivityScores)
+
+
+def recipe_amaxes(model: Any) -> Iterator[tuple[tuple[str, str, str, int], Any]]:
+    """Every fused-experts quantizer's range under every recipe the search calibrated."""
+    from modelopt.torch.opt.utils import named_hparams
+
+    for name, hparam in named_hparams(model, unique=True):
+        if ".mlp.experts" not in name:
+            continue
+        for recipe, modules in hparam._all_quantizer_choices.items():
+            for quantizers in modules.values():
+                for attr, quantizer in quantizers.items():
+                    members = list(quantizer) if isinstance(quantizer, torch.nn.ModuleList) else [quantizer]
+                    for index, member in enumerate(members):
+                        yield (name, str(recipe), attr, index), getattr(member, "_amax", None)
+
+
+@pytest.mark.slow
+def test_search_scores_and_ranges_match_modelopts_loop_and_the_patch_is_undone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from modelopt.torch.quantization.plugins.huggingface import _QuantFusedExperts
+
+    own_forward = vars(_QuantFusedExperts)["forward"]
+    formats = ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG")
+    loop_loaded, batched_loaded = tiny_moe(), tiny_moe()
+    loop = search(loop_loaded, "modelopt", formats)
+    with caplog.at_level(logging.INFO, logger="auto_quantize_model"):
+        batched = search(batched_loaded, "batched", formats)
+    # per layer: 2 formats x 2 calibration batches, then per scoring batch (2) the unquantized
+    # forward and one per format (no checkpointed recompute on CPU): 4 + 6, in both layers
+    assert "MoE fused experts forwards: batched 20, ModelOpt's loop 0" in caplog.text
+    assert vars(_QuantFusedExperts)["forward"] is own_forward  # undone after the search
+    assert [g.name for g in batched.groups] == [g.name for g in loop.groups]
+    for ours, theirs in zip(batched.groups, loop.groups, strict=True):
+        assert ours.scores == theirs.scores, ours.name
+        assert ours.best_format == theirs.best_format
+    expert_groups = [g for g in batched.groups if g.name.endswith(".mlp.experts")]
+    assert len(expert_groups) == LAYERS
+    assert all(s > 0 for g in expert_groups for s in g.scores[: len(formats)])
+    expected = dict(recipe_amaxes(loop_loaded.model))
+    got = dict(recipe_amaxes(batched_loaded.model))
+    assert expected.keys() == got.keys()
+    calibrated = [key for key, value in expected.items() if value is not None]
+    # per layer and format: two input ranges and 2 x 4 expert weight ranges
+    assert len(calibrated) == LAYERS * len(formats) * (2 + 2 * EXPERTS)
+    for key in expected:
+        if expected[key] is None:
+            assert got[key] is None, key
+        else:
+            assert torch.equal(expected[key], got[key]), key
+    # after the search both models run ModelOpt's loop again, with the formats it chose
+    ids = token_batches(loop_loaded, 1)[0]
+    with torch.no_grad():
+        a = text_model(loop_loaded)(input_ids=ids).last_hidden_state
+        b = text_model(batched_loaded)(input_ids=ids).last_hidden_state
+    assert torch.equal(a, b)
