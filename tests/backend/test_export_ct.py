@@ -5,6 +5,12 @@ core/test_ct_config.py). The slow ones export the tiny model's INT8 W8A8 run (th
 ``tiny_default_run``) and one tiny run that mixes FP8 with max-calibrated INT4 blocks, then load
 each folder with ``from_pretrained`` through transformers' own compressed-tensors quantizer, not
 our code.
+
+NVFP4: ModelOpt fake-quantizes it only with CUDA kernels, so on CPU the tiny model's NVFP4
+quantizers run ModelOpt's own NVFP4 export arithmetic (``NVFP4QTensor``, plain torch) as a
+registered ModelOpt quant backend; the export itself (calibration, fusion, scales, compressed-tensors'
+packing, transformers' read-back) runs as it does on a GPU. The ``gpu`` test runs the same mixes
+with ModelOpt's real kernels.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import pytest
 
 from auto_quantize_model.app.cli import main
 from auto_quantize_model.app.run_service import RunService
+from auto_quantize_model.core.export_labels import export_format
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.io.manifest import manifest_to_json
 from builders import TINY_DEFAULT, AqmRun, manifest
@@ -53,6 +60,8 @@ def test_aqm_formats_lists_the_export_formats(capsys: pytest.CaptureFixture[str]
     assert column["INT4_AWQ_CFG"] == "modelopt"
     assert column["wfp8_a16"] == "compressed-tensors"
     assert column["MXFP4_DEFAULT_CFG"] == "-"
+    assert column["NVFP4_DEFAULT_CFG"] == "modelopt, compressed-tensors"
+    assert column["W4A16_NVFP4_CFG"] == "modelopt, compressed-tensors"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,3 +281,190 @@ def test_fp8_and_int4_mix_exports_as_mixed_precision_and_reads_back(
         assert {f"{packed}.weight_packed", f"{packed}.weight_shape", f"{packed}.weight_scale"} <= names
         assert f"{packed}.weight" not in names
         assert str(tensors.get_tensor(f"{fp8['targets'][0]}.weight").dtype) == "torch.float8_e4m3fn"
+
+
+# --------------------------------------------------------------------------------------------------
+# NVFP4 (nvfp4-pack-quantized): the tiny model on CPU through ModelOpt's own NVFP4 arithmetic
+# --------------------------------------------------------------------------------------------------
+
+NVFP4_REFERENCE = "aqm-test-nvfp4-reference"
+LAYERS = "model.language_model.layers"
+
+
+def nvfp4_reference(inputs: Any, quantizer: Any) -> Any:
+    """ModelOpt's NVFP4 fake quantization on CPU: its export arithmetic applied and undone.
+
+    Blocks of 16 along the last dimension, each scaled by an FP8 E4M3 scale under the quantizer's
+    per-tensor range (its ``amax``), as ModelOpt's CUDA kernel and its exporter both compute.
+    """
+    from auto_quantize_model.backend.compressed_tensors import nvfp4_weight
+
+    shape = inputs.shape
+    values, _, _ = nvfp4_weight(inputs.reshape(-1, shape[-1]), quantizer.amax, quantizer.block_sizes[-1])
+    return values.reshape(shape).to(inputs.dtype)
+
+
+@pytest.fixture
+def nvfp4_on_cpu() -> Any:
+    from modelopt.torch.quantization.nn.modules import tensor_quantizer as tq
+
+    tq.register_quant_backend(NVFP4_REFERENCE, nvfp4_reference)
+    yield NVFP4_REFERENCE
+    tq.unregister_quant_backend(NVFP4_REFERENCE)
+
+
+def nvfp4_choices(attention: str, mlp: str, head: str) -> list[Any]:
+    """The tiny Qwen3-VL's groups (q/k/v and gate/up together) on three formats; odd o_proj NONE."""
+    from auto_quantize_model.core.export_choice import GroupChoice
+
+    choices = []
+    for i in range(4):
+        attn, mlp_path = f"{LAYERS}.{i}.self_attn", f"{LAYERS}.{i}.mlp"
+        choices += [
+            GroupChoice(f"{attn}.q_proj", (f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"), attention),
+            GroupChoice(f"{attn}.o_proj", (f"{attn}.o_proj",), NO_QUANT if i % 2 else attention),
+            GroupChoice(f"{mlp_path}.gate_proj", (f"{mlp_path}.gate_proj", f"{mlp_path}.up_proj"), mlp),
+            GroupChoice(f"{mlp_path}.down_proj", (f"{mlp_path}.down_proj",), mlp),
+        ]
+    choices.append(GroupChoice("lm_head", ("lm_head",), head))
+    return choices
+
+
+def export_tiny_ct(
+    out: Path, choices: list[Any], *, device: str, dtype: str, backend: str | None = None
+) -> tuple[Any, Any]:
+    """The tiny model quantized with ``choices``, written as compressed-tensors and read back.
+
+    ``backend`` names a registered ModelOpt quant backend for the FP4 quantizers (None: ModelOpt's
+    own kernels, CUDA only). Returns (the written checkpoint, the read-back figures).
+    """
+    import attrs
+
+    from auto_quantize_model.backend import compressed_tensors as ct
+    from auto_quantize_model.backend.lm_forward import as_tensors, calibration_step_for
+    from auto_quantize_model.backend.locate import extract_language_model
+    from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt import quant_config as qc
+    from auto_quantize_model.backend.models import build_builtin
+    from auto_quantize_model.core.batching import encode, holdout_columns, scorable
+    from auto_quantize_model.core.captions import read_caption_file
+    from auto_quantize_model.core.ct_config import ct_export_format, plan_ct
+    from auto_quantize_model.data import builtin_captions_path
+    from auto_quantize_model.sources import TINY_QWEN3_VL
+    from auto_quantize_model.specs import ExtractSpec
+
+    loaded = build_builtin(TINY_QWEN3_VL, seed=0, dtype=dtype, device=device)  # type: ignore[arg-type]
+    lm = extract_language_model(loaded.model, loaded.tokenizer, ExtractSpec())
+    config = qc.prepare_export(
+        choices,
+        device="cuda",  # what the checkpoint is made for; on CPU the FP4 quantizers run ``backend``
+        vision_prefixes=lm.vision_modules,
+        known_modules=qc.linear_modules(loaded.model),
+        exportable=ct_export_format,
+    )
+    if backend is not None:
+
+        def on_backend(entry: dict[str, Any]) -> dict[str, Any]:
+            cfg = entry.get("cfg")
+            if isinstance(cfg, dict) and tuple(cfg.get("num_bits") or ()) == (2, 1):
+                return {**entry, "cfg": {**cfg, "backend": backend}}
+            return entry
+
+        quant = dict(config.quant_config)
+        quant["quant_cfg"] = [on_backend(entry) for entry in quant["quant_cfg"]]
+        config = attrs.evolve(config, quant_config=quant)
+    captions = read_caption_file(builtin_captions_path())
+    calib = scorable(encode(loaded.tokenizer, captions[:32]), 64)
+    held_out = scorable(encode(loaded.tokenizer, captions[-64:]), 64)
+    batches = [as_tensors(c) for c in holdout_columns(calib, lm.pad_token_id)]
+    evaluate = ex.holdout_evaluator(held_out, lm.pad_token_id, lm.prefix, lm.head_name)
+    plan = plan_ct(config, qc.linear_modules(loaded.model))
+    written = ct.export_ct_checkpoint(
+        loaded.model,
+        loaded.tokenizer,
+        config,
+        plan,
+        batches,
+        calibration_step_for(lm, loaded.model),
+        out,
+        evaluate=evaluate,
+    )
+    return written, ct.read_back_ct(written, evaluate, lm.head_name, device=device)
+
+
+def check_nvfp4_folder(out: Path, written: Any, back: Any, nvfp4: dict[str, str]) -> None:
+    """Each NVFP4 group (format -> one of its layers) holds compressed-tensors' packing, and
+    transformers reads the folder back within tolerance."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    assert back.ok, back
+    assert back.tolerance == 3e-3  # read back in bfloat16 (see NVFP4_DTYPE_NOTE)
+    assert back.weight_tolerance == 2.0**-7
+    per_format = {fmt: relative for fmt, _, _, relative in back.per_format}
+    quant = json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+    for fmt, layer in nvfp4.items():
+        assert per_format[fmt] <= 1e-6, per_format  # the same codes and scales as ModelOpt's
+        group = quant["config_groups"][fmt]
+        activations = export_format(fmt).label == "NVFP4"
+        assert group["format"] == "nvfp4-pack-quantized"
+        assert (group["weights"]["strategy"], group["weights"]["group_size"]) == ("tensor_group", 16)
+        assert (group["input_activations"] or {}).get("dynamic") == ("local" if activations else None)
+        assert layer in group["targets"]
+        with safe_open(str(out / "model.safetensors"), "pt") as tensors:
+            names = set(tensors.keys())
+            packed = tensors.get_tensor(f"{layer}.weight_packed")
+            scales = tensors.get_tensor(f"{layer}.weight_scale")
+            global_scale = tensors.get_tensor(f"{layer}.weight_global_scale")
+        rows, columns = written.reference[layer].shape
+        assert (packed.dtype, tuple(packed.shape)) == (torch.uint8, (rows, columns // 2))
+        assert (scales.dtype, tuple(scales.shape)) == (torch.float8_e4m3fn, (rows, columns // 16))
+        # The global scale is ModelOpt's weight_scale_2 inverted (6 * 448 / amax): the block
+        # holding the layer's largest weight gets FP8's largest scale, 448.
+        assert float(scales.float().max()) == 448.0
+        assert global_scale.dtype == torch.float32
+        assert f"{layer}.weight" not in names
+        assert (f"{layer}.input_global_scale" in names) == activations
+    model = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[3, 17, 42, 99, 5, 8]])).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_nvfp4_mix_exports_as_nvfp4_pack_quantized_and_reads_back_on_cpu(
+    nvfp4_on_cpu: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "ct"
+    choices = nvfp4_choices("NVFP4_DEFAULT_CFG", "W4A16_NVFP4_CFG", "FP8_DEFAULT_CFG")
+    written, back = export_tiny_ct(out, choices, device="cpu", dtype="bfloat16", backend=nvfp4_on_cpu)
+    check_nvfp4_folder(
+        out,
+        written,
+        back,
+        {"NVFP4_DEFAULT_CFG": f"{LAYERS}.0.self_attn.q_proj", "W4A16_NVFP4_CFG": f"{LAYERS}.0.mlp.down_proj"},
+    )
+    assert written.plan.compression == "mixed-precision"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("attention", "mlp", "head"),
+    [
+        ("NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG", NO_QUANT),
+        ("W4A16_NVFP4_CFG", "INT8_DEFAULT_CFG", "INT8_DEFAULT_CFG"),
+    ],
+)
+def test_nvfp4_mixes_export_as_compressed_tensors_and_read_back_on_cuda(
+    tmp_path: Path, attention: str, mlp: str, head: str
+) -> None:
+    """ModelOpt's own NVFP4 kernels quantize; the weights it computed with must read back exactly."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    out = tmp_path / "ct"
+    written, back = export_tiny_ct(out, nvfp4_choices(attention, mlp, head), device="cuda", dtype="bfloat16")
+    print(f"{attention} + {mlp} + head {head}: {back}")
+    check_nvfp4_folder(out, written, back, {attention: f"{LAYERS}.0.self_attn.q_proj"})

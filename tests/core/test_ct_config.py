@@ -37,6 +37,21 @@ CT = "compressed-tensors"
         ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", ("int", 4, "group", 128), None, "pack-quantized"),
         ("wint4-b128_a16", ("int", 4, "group", 128), None, "pack-quantized"),
         ("wint4-b32_a16", ("int", 4, "group", 32), None, "pack-quantized"),
+        # NVFP4: FP8 block scales of 16 under a global scale; W4A4's input blocks are dynamic
+        (
+            "NVFP4_DEFAULT_CFG",
+            ("float", 4, "tensor_group", 16),
+            ("float", "tensor_group", "local"),
+            "nvfp4-pack-quantized",
+        ),
+        (
+            "wfp4_afp4",
+            ("float", 4, "tensor_group", 16),
+            ("float", "tensor_group", "local"),
+            "nvfp4-pack-quantized",
+        ),
+        ("W4A16_NVFP4_CFG", ("float", 4, "tensor_group", 16), None, "nvfp4-pack-quantized"),
+        ("wfp4_a16", ("float", 4, "tensor_group", 16), None, "nvfp4-pack-quantized"),
     ],
 )
 def test_each_written_format_has_its_scheme(
@@ -47,6 +62,7 @@ def test_each_written_format_has_its_scheme(
     assert found.scheme is not None
     w = found.scheme.weights
     assert (w.type, w.num_bits, w.strategy, w.group_size, w.dynamic) == (*weights, False)
+    assert w.as_dict().get("scale_dtype") == (None if w.strategy != "tensor_group" else "torch.float8_e4m3fn")
     a = found.scheme.inputs
     assert (None if a is None else (a.type, a.strategy, a.dynamic)) == inputs
     assert found.scheme.compression == packing
@@ -57,14 +73,27 @@ def test_the_schemes_are_what_compressed_tensors_itself_packs_that_way() -> None
     import torch
     from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import NVFP4, NVFP4A16
 
-    for name in ("INT8_DEFAULT_CFG", "INT8_WEIGHT_ONLY_CFG", "FP8_DEFAULT_CFG", "wfp8_a16", "wint4-b64_a16"):
+    names = ("INT8_DEFAULT_CFG", "INT8_WEIGHT_ONLY_CFG", "FP8_DEFAULT_CFG", "wfp8_a16", "wint4-b64_a16")
+    for name in (*names, "NVFP4_DEFAULT_CFG", "W4A16_NVFP4_CFG"):
         scheme = cc.ct_format(name).scheme
         assert scheme is not None
         spelled = scheme.as_dict(["layer"])
         spelled.pop("format")
         inferred = infer_module_format(torch.nn.Linear, QuantizationScheme.model_validate(spelled))
         assert inferred.value == scheme.compression, name
+    # NVFP4 as compressed-tensors' own presets spell it (what vLLM's NVFP4 schemes recognise),
+    # apart from the input observer, which only calibration with llm-compressor reads.
+    ours = {
+        key: QuantizationScheme.model_validate(cc.ct_format(key).scheme.as_dict(["layer"]))  # type: ignore[union-attr]
+        for key in ("NVFP4_DEFAULT_CFG", "W4A16_NVFP4_CFG")
+    }
+    assert ours["NVFP4_DEFAULT_CFG"].weights == NVFP4["weights"]
+    theirs = NVFP4["input_activations"].model_copy(update={"observer": None})
+    assert ours["NVFP4_DEFAULT_CFG"].input_activations.model_copy(update={"observer": None}) == theirs
+    assert ours["W4A16_NVFP4_CFG"].weights == NVFP4A16["weights"]
+    assert ours["W4A16_NVFP4_CFG"].input_activations is None
 
 
 @pytest.mark.parametrize(
@@ -75,8 +104,15 @@ def test_the_schemes_are_what_compressed_tensors_itself_packs_that_way() -> None
             "awq_lite calibration scales each layer's input by a per-input-channel pre_quant_scale",
         ),
         ("INT8_SMOOTHQUANT_CFG", "smoothquant calibration scales each layer's input"),
-        ("NVFP4_DEFAULT_CFG", "compressed-tensors writes NVFP4 as nvfp4-pack-quantized, but converting"),
-        ("W4A16_NVFP4_CFG", "nvfp4-pack-quantized"),
+        (
+            "wfp4_afp8",
+            "NVFP4 weights with FP8 E4M3 per tensor, static activations have no compressed-tensors "
+            "scheme an engine runs (vLLM's NVFP4 schemes are W4A4 and W4A16: use NVFP4_DEFAULT_CFG or "
+            "W4A16_NVFP4_CFG)",
+        ),
+        ("wfp4_aint8", "NVFP4 weights with INT8 per tensor, static activations have no compressed-tensors"),
+        ("W4A8_NVFP4_FP8_CFG", "has no compressed-tensors scheme this export writes"),
+        ("NVFP4_AWQ_LITE_CFG", "awq_lite calibration"),
         ("wint8-pic_a16", "never per input channel"),
         ("FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", "FP8 E4M3 in 128x128 blocks; activations 16-bit"),
         ("MXFP8_DEFAULT_CFG", "has no compressed-tensors scheme this export writes"),
@@ -120,6 +156,10 @@ def test_a_refused_choice_is_one_line_naming_group_format_and_what_to_use() -> N
         ("wfp8_a16", (CT,)),  # ModelOpt's exporter would record it as FP8 W8A8
         ("wint8-pc_aint8-token", (CT,)),
         ("MXFP4_DEFAULT_CFG", ()),
+        ("NVFP4_DEFAULT_CFG", ("modelopt", CT)),
+        ("W4A16_NVFP4_CFG", ("modelopt", CT)),
+        ("wfp4_afp8", ("modelopt",)),
+        ("W4A8_NVFP4_FP8_CFG", ()),
     ],
 )
 def test_the_formats_export_column(name: str, taken: tuple[str, ...]) -> None:

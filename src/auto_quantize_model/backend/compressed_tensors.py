@@ -43,7 +43,7 @@ import attrs
 
 from auto_quantize_model.backend.modelopt import export as ex
 from auto_quantize_model.backend.modelopt import import_modelopt
-from auto_quantize_model.core.ct_config import CtArgs, CtPlan
+from auto_quantize_model.core.ct_config import FP8_MAX, CtArgs, CtPlan
 from auto_quantize_model.core.export_config import ExportConfig
 from auto_quantize_model.errors import AqmError, ConfigError
 
@@ -61,6 +61,13 @@ READ_BACK_NOTE = (
     "compressed-tensors' dynamic INT8 per-token scale is amax/127.5 where ModelOpt's is amax/127."
 )
 """Why a correct checkpoint does not read back to the exact NLL; measured on CPU, float32, tiny model."""
+
+NVFP4_DTYPE_NOTE = (
+    "transformers reads NVFP4 layers back in bfloat16 whatever the model's dtype (compressed-tensors "
+    "0.20.1 decompresses them to bfloat16; a float32 model then fails in its first NVFP4 layer), so "
+    "this checkpoint is read back, and should be loaded, with dtype=torch.bfloat16."
+)
+"""Why an NVFP4 checkpoint is read back in bfloat16; measured on CPU, transformers 5.17."""
 
 WEIGHT_TOLERANCE = 1e-5
 """Largest accepted |decompressed - fake-quantized| of a layer, relative to its largest |weight|, float32.
@@ -145,39 +152,96 @@ def _expected_ranges(args: CtArgs, weight: torch.Tensor) -> int:
     return 1
 
 
-def _layer_tensors(
-    name: str, module: Any, args: CtArgs, inputs: CtArgs | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A chosen layer's fake-quantized weight, its weight scales and (static inputs) its input scale."""
-    import torch
+@attrs.frozen(eq=False)
+class LayerTensors:
+    """What compressed-tensors is given for one chosen layer, and what the read-back must reproduce."""
 
-    weight_q, input_q = module.weight_quantizer, module.input_quantizer
-    if not weight_q.is_enabled:
-        raise AqmError(f"{name}: ModelOpt left its weight quantizer off, contrary to the chosen format")
-    with torch.no_grad():
-        fake = weight_q(module.weight).detach()
+    weight: torch.Tensor
+    """On the format's grid of ``weight_scale`` (and ``weight_global_scale``): the compressor packs it."""
+    reference: torch.Tensor
+    """The weight the fake-quantized model computed with (ModelOpt's quantizer applied to it)."""
+    weight_scale: torch.Tensor
+    weight_global_scale: torch.Tensor | None = None
+    """NVFP4: ``6 * 448 / amax``, compressed-tensors' inverse of ModelOpt's ``weight_scale_2``."""
+    input_scale: torch.Tensor | None = None
+    input_global_scale: torch.Tensor | None = None
+    """NVFP4 W4A4: ``6 * 448 / amax`` of the calibrated input range (the blocks are dynamic)."""
+
+
+def _weight_ranges(name: str, weight_q: Any, args: CtArgs, weight: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():
         # An all-zero weight row (a padding token's row of a tied head) gets a stand-in positive
         # range; its codes are zero whatever the scale, so ModelOpt's warning says nothing here.
         warnings.filterwarnings("ignore", message=r".*amax entries of this TensorQuantizer are zero")
         amax = weight_q.export_amax()
-    expected = _expected_ranges(args, module.weight)
+    expected = _expected_ranges(args, weight)
     if amax is None or amax.numel() != expected:
         found = "no" if amax is None else str(amax.numel())
         raise AqmError(
             f"{name}: ModelOpt's weight quantizer holds {found} ranges, the compressed-tensors "
             f"{args.strategy} scheme needs {expected}"
         )
+    result: torch.Tensor = amax
+    return result
+
+
+def nvfp4_weight(weight: torch.Tensor, amax: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
+    """ModelOpt's NVFP4 export arithmetic (``NVFP4QTensor``, plain torch, any device) for one weight.
+
+    ``amax`` is the weight quantizer's per-tensor range. Returns the dequantized weight (the
+    codes times their scales, float32), the FP8 block scales as float32 and compressed-tensors'
+    global scale ``6 * 448 / amax`` (float32, shape ``[1]``). These are the codes and block scales
+    ModelOpt's own HF exporter writes for the layer.
+    """
+    import torch
+
+    qtensor = import_modelopt("modelopt.torch.quantization.qtensor").NVFP4QTensor
+    scale_2 = amax.float().reshape(()) / (6.0 * FP8_MAX)
+    block_scale, _ = qtensor.get_weights_scaling_factor(weight, block, scale_2)
+    packed, _, _ = qtensor.quantize(weight, block, block_scale, scale_2)
+    values = packed.dequantize(
+        dtype=torch.float32, scale=block_scale, double_scale=scale_2, block_sizes={-1: block}
+    )
+    return values, block_scale.float(), (1.0 / scale_2).reshape(1)
+
+
+def _layer_tensors(name: str, module: Any, args: CtArgs, inputs: CtArgs | None) -> LayerTensors:
+    """A chosen layer's weight on its grid, the fake-quantized reference and its scales."""
+    import torch
+
+    weight_q, input_q = module.weight_quantizer, module.input_quantizer
+    if not weight_q.is_enabled:
+        raise AqmError(f"{name}: ModelOpt left its weight quantizer off, contrary to the chosen format")
+    amax = _weight_ranges(name, weight_q, args, module.weight)
+    with torch.no_grad():
+        fake = weight_q(module.weight).detach()
     if bool(input_q.is_enabled) != (inputs is not None):
         state = "on" if input_q.is_enabled else "off"
         raise AqmError(f"{name}: ModelOpt's input quantizer is {state}, contrary to the chosen format")
-    input_scale = None
-    if inputs is not None and not inputs.dynamic:
+    input_scale = input_global = None
+    if inputs is not None and inputs.static_input:
         input_amax = input_q.export_amax()
         if input_amax is None or input_amax.numel() != 1:
             raise AqmError(f"{name}: ModelOpt calibrated no per-tensor input range for its static scheme")
-        input_scale = input_amax.float().reshape(1) / inputs.bound
-    return fake, amax.float() / args.bound, input_scale
+        if inputs.strategy == "tensor_group":
+            input_global = inputs.global_bound / input_amax.float().reshape(1)
+        else:
+            input_scale = input_amax.float().reshape(1) / inputs.bound
+    if args.strategy == "tensor_group":
+        with torch.no_grad():
+            values, block_scale, global_scale = nvfp4_weight(
+                module.weight.detach(), amax, int(args.group_size or 16)
+            )
+        return LayerTensors(
+            weight=values.to(fake.dtype),
+            reference=fake,
+            weight_scale=block_scale,
+            weight_global_scale=global_scale,
+            input_global_scale=input_global,
+        )
+    return LayerTensors(
+        weight=fake, reference=fake, weight_scale=amax.float() / args.bound, input_scale=input_scale
+    )
 
 
 def _build_ct_config(plan: CtPlan) -> Any:
@@ -254,18 +318,21 @@ def export_ct_checkpoint(
     if untied is not None:
         notes.append(untied)
     with torch.no_grad():
-        for name, (fake, _, _) in tensors.items():
+        for name, layer in tensors.items():
             # A new Parameter: the head's weight may be the embedding table's too.
-            pristine.get_submodule(name).weight = torch.nn.Parameter(fake.clone(), requires_grad=False)
+            weight = torch.nn.Parameter(layer.weight.clone(), requires_grad=False)
+            pristine.get_submodule(name).weight = weight
     with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
         quantization.apply_quantization_config(pristine, ct_config)
     with torch.no_grad():
-        for name, (_, weight_scale, input_scale) in tensors.items():
+        for name, layer in tensors.items():
             module: Any = pristine.get_submodule(name)
-            module.weight_scale.copy_(weight_scale.reshape(module.weight_scale.shape))
-            if input_scale is not None:
-                module.input_scale.copy_(input_scale.reshape(module.input_scale.shape))
-    reference = {name: fake.to("cpu", copy=True) for name, (fake, _, _) in tensors.items()}
+            for key in ("weight_scale", "weight_global_scale", "input_scale", "input_global_scale"):
+                value = getattr(layer, key)
+                if value is not None:
+                    target = getattr(module, key)
+                    target.copy_(value.reshape(target.shape))
+    reference = {name: layer.reference.to("cpu", copy=True) for name, layer in tensors.items()}
     del tensors
     compressor = compressor_cls(quantization_config=ct_config)
     with contextlib.redirect_stderr(io.StringIO()):
@@ -449,6 +516,8 @@ def read_back_ct(
     """
     import torch
 
+    if dtype is None and written.plan.holds_nvfp4:
+        dtype = "bfloat16"  # see NVFP4_DTYPE_NOTE
     model, loader = load_ct(written.directory, device=device, dtype=dtype)
     _check_schemes(model, written.plan)
     worst = ("", 0.0, -1.0)

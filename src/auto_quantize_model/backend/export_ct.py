@@ -61,6 +61,7 @@ def write_ct_checkpoint(
         f"|difference| {back.weight_max_diff:.2e} ({back.weight_relative:.1e} of its largest weight, "
         f"tolerance {back.weight_tolerance:.0e}).",
         ct.READ_BACK_NOTE,
+        *((ct.NVFP4_DTYPE_NOTE,) if plan.holds_nvfp4 else ()),
     )
     model_class = back.loader.split(".", 1)[0]
     atomic_write_text(

@@ -20,10 +20,18 @@ scale symmetrically by ``amax / bound`` (``bound`` 127 for INT8, 7 for INT4, 448
 ``TensorQuantizer.maxbound``), which is compressed-tensors' ``scale`` for a symmetric scheme, so
 weights and static activation ranges carry over as scales. SmoothQuant and AWQ fold a
 per-input-channel ``pre_quant_scale`` into the layer's input that compressed-tensors has no field
-for (llm-compressor folds it into the previous layer instead); NVFP4 and MX formats are written by
-compressed-tensors in their own layouts (``nvfp4-pack-quantized``, ``mxfp4-pack-quantized``...)
-whose scales this export does not derive from ModelOpt's yet, and ModelOpt quantizes them only
-with CUDA kernels; per-input-channel weights have no compressed-tensors strategy.
+for (llm-compressor folds it into the previous layer instead); per-input-channel weights have no
+compressed-tensors strategy.
+
+NVFP4 (FP4 E2M1 codes in blocks of 16, each block's scale in FP8 E4M3 under one float32 scale per
+tensor) is compressed-tensors' ``nvfp4-pack-quantized``, strategy ``tensor_group``: the same codes
+and block scales as ModelOpt's, with the per-tensor scale inverted (``weight_global_scale`` is
+``1 / weight_scale_2`` = ``6 * 448 / amax``; compressed-tensors' own ModelOpt converter does the
+same). NVFP4 activations (W4A4) are dynamic blocks of 16 under a static global scale
+(``input_global_scale`` = ``6 * 448 / amax`` of the calibrated input range); weight-only NVFP4 is
+W4A16. vLLM runs both (``CompressedTensorsW4A4Fp4``, ``CompressedTensorsW4A16Fp4``); it has no
+compressed-tensors scheme for NVFP4 weights with FP8 or INT8 activations, so those are refused, as
+are MX formats (E8M0 block scales ModelOpt quantizes only with CUDA kernels, not written here).
 """
 
 from __future__ import annotations
@@ -48,9 +56,14 @@ MODELOPT, COMPRESSED_TENSORS = EXPORT_FORMATS
 MIXED_PRECISION = "mixed-precision"
 """compressed-tensors' top-level ``format`` when the groups pack their weights differently."""
 
-Compression = Literal["int-quantized", "pack-quantized", "float-quantized", "naive-quantized"]
+Compression = Literal[
+    "int-quantized", "pack-quantized", "float-quantized", "naive-quantized", "nvfp4-pack-quantized"
+]
 
-_BOUND = {("int", 8): 127.0, ("int", 4): 7.0, ("float", 8): 448.0}
+FP8_MAX = 448.0
+"""The largest FP8 E4M3 value: NVFP4's block scales are FP8, so its global scale is ``amax / (6 * 448)``."""
+
+_BOUND = {("int", 8): 127.0, ("int", 4): 7.0, ("float", 8): FP8_MAX, ("float", 4): 6.0}
 """ModelOpt's ``maxbound`` for each quantized type: a scale is ``amax / bound``."""
 
 
@@ -60,14 +73,25 @@ class CtArgs:
 
     num_bits: int
     type: Literal["int", "float"]
-    strategy: Literal["tensor", "channel", "group", "token"]
+    strategy: Literal["tensor", "channel", "group", "token", "tensor_group"]
     group_size: int | None = None
-    dynamic: bool = False
+    dynamic: bool | Literal["local"] = False
+    """``local``: scales computed on the fly per group, under a static global scale (NVFP4 inputs)."""
 
     @property
     def bound(self) -> float:
         """The largest code: a scale is ``amax / bound``."""
         return _BOUND[(self.type, self.num_bits)]
+
+    @property
+    def global_bound(self) -> float:
+        """``tensor_group`` only: the global scale is ``global_bound / amax`` (FP4 max times FP8 max)."""
+        return self.bound * FP8_MAX
+
+    @property
+    def static_input(self) -> bool:
+        """Whether the checkpoint stores an input range for it (a scale, or NVFP4's global scale)."""
+        return self.dynamic is not True
 
     def as_dict(self) -> dict[str, Any]:
         """The keyword arguments of ``QuantizationArgs``."""
@@ -80,6 +104,8 @@ class CtArgs:
         }
         if self.group_size is not None:
             args["group_size"] = self.group_size
+        if self.strategy == "tensor_group":
+            args["scale_dtype"] = "torch.float8_e4m3fn"  # NVFP4's block scales, as its presets say
         return args
 
 
@@ -110,6 +136,8 @@ _INT8_STATIC = CtArgs(8, "int", "tensor")
 _INT8_TOKEN = CtArgs(8, "int", "token", dynamic=True)
 _FP8_STATIC = CtArgs(8, "float", "tensor")
 _FP8_TOKEN = CtArgs(8, "float", "token", dynamic=True)
+_NVFP4 = CtArgs(4, "float", "tensor_group", 16)
+_NVFP4_INPUT = CtArgs(4, "float", "tensor_group", 16, dynamic="local")
 
 _SCHEMES: dict[tuple[str, str, str, str | None], CtScheme] = {
     # W8A8 INT8 (vLLM: CompressedTensorsW8A8Int8, static or dynamic activations)
@@ -130,13 +158,17 @@ _SCHEMES: dict[tuple[str, str, str, str | None], CtScheme] = {
         ("int4", f"b{size}", "16", None): CtScheme(CtArgs(4, "int", "group", size), None, "pack-quantized")
         for size in (32, 64, 128)
     },
+    # NVFP4 W4A4 (vLLM: CompressedTensorsW4A4Fp4) and weight-only (CompressedTensorsW4A16Fp4)
+    ("fp4", "b16", "fp4", "b16"): CtScheme(_NVFP4, _NVFP4_INPUT, "nvfp4-pack-quantized"),
+    ("fp4", "b16", "16", None): CtScheme(_NVFP4, None, "nvfp4-pack-quantized"),
 }
 """Every custom layout (weights, weight granularity, activations, activation granularity) written."""
 
 WRITTEN = (
     "INT8 W8A8 (INT8_DEFAULT_CFG, wint8-pc_aint8-token), INT8 W8A16 (INT8_WEIGHT_ONLY_CFG), FP8 "
     "(FP8_DEFAULT_CFG, FP8_PER_CHANNEL_PER_TOKEN_CFG, wfp8_a16) and max-calibrated INT4 weight-only "
-    "(INT4_BLOCKWISE_WEIGHT_ONLY_CFG, wint4-b128_a16, -b64, -b32)"
+    "(INT4_BLOCKWISE_WEIGHT_ONLY_CFG, wint4-b128_a16, -b64, -b32), NVFP4 W4A4 (NVFP4_DEFAULT_CFG, "
+    "wfp4_afp4) and NVFP4 W4A16 (W4A16_NVFP4_CFG, wfp4_a16)"
 )
 """The formats this export writes, for refusals to point at."""
 
@@ -152,11 +184,13 @@ class CtFormat:
 
 
 def _layout_refusal(spec: CustomFormat) -> str:
+    if spec.weight == "fp4" and spec.weight_granularity != "b16":
+        return "compressed-tensors' NVFP4 (nvfp4-pack-quantized) scales FP4 weights in blocks of 16 only"
     if spec.weight == "fp4":
         return (
-            "compressed-tensors writes NVFP4 as nvfp4-pack-quantized, but converting ModelOpt's NVFP4 "
-            "scales (FP8 block scales under a global scale) to it is not implemented here, and ModelOpt "
-            "quantizes NVFP4 only with CUDA kernels"
+            f"NVFP4 weights with {spec.describe_activations()} activations have no compressed-tensors "
+            "scheme an engine runs (vLLM's NVFP4 schemes are W4A4 and W4A16: use NVFP4_DEFAULT_CFG or "
+            "W4A16_NVFP4_CFG)"
         )
     if spec.weight_granularity == "pic":
         return (
@@ -280,6 +314,11 @@ class CtPlan:
         packings = {group.scheme.compression for group in self.groups}
         return packings.pop() if len(packings) == 1 else MIXED_PRECISION
 
+    @property
+    def holds_nvfp4(self) -> bool:
+        """Whether a group is NVFP4 (transformers decompresses those layers to bfloat16)."""
+        return any(group.scheme.compression == "nvfp4-pack-quantized" for group in self.groups)
+
     def scheme_of(self) -> dict[str, CtScheme]:
         """Module -> its scheme."""
         return {module: group.scheme for group in self.groups for module in group.modules}
@@ -328,10 +367,26 @@ VLLM_NEEDS = (
 )
 
 
+NVFP4_NEEDS = (
+    "NVFP4 groups: vLLM reads them with its compressed-tensors NVFP4 schemes (CompressedTensorsW4A4Fp4, "
+    "CompressedTensorsW4A16Fp4); llm-compressor's scheme table lists NVFP4 as accelerated from compute "
+    "capability 10.0 (Blackwell); whether a given vLLM runs them on an older GPU was not checked here"
+)
+
+NVFP4_TRANSFORMERS = (
+    "transformers 5.17 with compressed-tensors 0.20.1 decompresses NVFP4 layers to bfloat16 whatever "
+    "the model's dtype, so load this folder with dtype=torch.bfloat16 (a float32 load fails in the "
+    "first NVFP4 layer)"
+)
+
+
 def _describe(args: CtArgs | None) -> str:
     if args is None:
         return "16-bit"
     kind = f"{'FP' if args.type == 'float' else 'INT'}{args.num_bits}"
+    if args.strategy == "tensor_group":
+        scales = "FP8 scales per block of 16 under a global scale"
+        return f"NVFP4 ({kind} E2M1, {scales}" + (", blocks dynamic)" if args.dynamic else ")")
     if args.strategy == "group":
         return f"{kind} groups of {args.group_size}"
     return f"{kind} per {args.strategy}" + (", dynamic" if args.dynamic else "")
@@ -383,16 +438,26 @@ def ct_readme_text(
         "```",
         "",
         f"Needs {VLLM_NEEDS}. vLLM was not run on this folder by auto-quantize-model.",
+    ]
+    if plan.holds_nvfp4:
+        lines += ["", f"{NVFP4_NEEDS}."]
+    load = f'model = {model_class}.from_pretrained("THIS_FOLDER")  # needs compressed-tensors installed'
+    if plan.holds_nvfp4:
+        load = f'model = {model_class}.from_pretrained("THIS_FOLDER", dtype=torch.bfloat16)'
+    lines += [
         "",
         "## Load with transformers",
         "",
         "```python",
+        *(["import torch"] if plan.holds_nvfp4 else []),
         f"from transformers import {model_class}",
         "",
-        f'model = {model_class}.from_pretrained("THIS_FOLDER")  # needs compressed-tensors installed',
+        load,
         "# on a CPU, or to get dense weights: quantization_config=CompressedTensorsConfig(dequantize=True)",
         "```",
     ]
+    if plan.holds_nvfp4:
+        lines += ["", f"Needs compressed-tensors installed; {NVFP4_TRANSFORMERS}."]
     if checked:
         lines += ["", "## Checked by auto-quantize-model", "", *(f"- {line}" for line in checked)]
     if notes:
