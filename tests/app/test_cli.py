@@ -251,7 +251,7 @@ def test_formats_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert int8.split()[1] == "8"
     assert re.split(r"\s{2,}", int8.rstrip())[-2:] == ["CPU and CUDA", "modelopt, compressed-tensors"]
     nvfp4 = next(line for line in lines if line.startswith("NVFP4_DEFAULT_CFG "))
-    assert re.split(r"\s{2,}", nvfp4.rstrip())[-2:] == ["CUDA only", "modelopt"]
+    assert re.split(r"\s{2,}", nvfp4.rstrip())[-2:] == ["CUDA only", "modelopt, compressed-tensors"]
     assert any(line.startswith("wint4-b128_aint8-token ") for line in lines)
     assert "Your own weight/activation pairs" in out
 
