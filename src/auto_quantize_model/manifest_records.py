@@ -20,6 +20,7 @@ from auto_quantize_model.artifacts import (
     FixedGroup,
     FrontierSummary,
     GroupScore,
+    ImageMix,
     StageTiming,
     ValidationReport,
 )
@@ -63,6 +64,8 @@ class DatasetInfo:
     real_tokens: int | None
     total_tokens: int
     batches: int
+    images: ImageMix | None = None
+    """The image + caption mix of image-conditioned calibration; None for captions alone."""
 
 
 @attrs.frozen
