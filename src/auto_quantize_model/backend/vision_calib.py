@@ -195,9 +195,9 @@ def pair_layouts(
         if len(layout.input_ids) > seq_len:
             width, height = pair.size
             raise ConfigError(
-                f"{pair.origin}: the pair takes {len(layout.input_ids)} tokens ({layout.image_tokens} for its "
-                f"{width}x{height} image) but calib.seq_len is {seq_len}; raise calib.seq_len to at least "
-                f"{len(layout.input_ids)} or use a smaller image"
+                f"{pair.origin}: the pair takes {len(layout.input_ids)} tokens "
+                f"({layout.image_tokens} for its {width}x{height} image) but calib.seq_len is {seq_len}; "
+                f"raise calib.seq_len to at least {len(layout.input_ids)} or use a smaller image"
             )
         layouts.append(layout)
     return tuple(layouts)
@@ -210,7 +210,7 @@ def rope_positions(vlm: Any, layout: PairLayout, grid: torch.Tensor) -> torch.Te
     """``[3, n]`` rotary positions of one pair alone, from the model's own ``get_rope_index``."""
     ids = torch.tensor([layout.input_ids], dtype=torch.int64)
     types = (ids == int(vlm.config.image_token_id)).to(torch.int64)
-    positions, _ = vlm.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)
+    positions: torch.Tensor = vlm.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)[0]
     return positions[:, 0, :].to(torch.int64)
 
 
@@ -244,7 +244,7 @@ class BatchBuilder:
         order = [index for row in rows for index in row]
         pixels, grid = self.pixels([layouts[i].pair for i in order])
         embeds, deepstack = self.encode(pixels, grid)
-        grid_of = dict(zip(order, grid.split(1), strict=True))
+        grid_of = {index: grid[place : place + 1] for place, index in enumerate(order)}
         width = max(sum(len(layouts[i].input_ids) for i in row) for row in rows)
         columns: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
         for row in rows:

@@ -172,8 +172,8 @@ def take_pairs(
     if available < count:
         taken = f" after the {skip} used for calibration" if skip else ""
         raise ConfigError(
-            f"calib.images: {source.label} holds {max(available, 0)} pairs{taken} but {key} asks for {count}: "
-            f"lower {key} or add pairs"
+            f"calib.images: {source.label} holds {max(available, 0)} pairs{taken} but {key} asks "
+            f"for {count}: lower {key} or add pairs"
         )
     return source.pairs[skip : skip + count]
 
