@@ -89,11 +89,16 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     An image batch (:mod:`.vision_calib`) carries the decoder's inputs ready made: embeddings
     with the image features in place, and positions as Qwen3VLTextModel takes them with packing,
     ``[4, B, L]``: the text positions (restarting per sample, from which the packed-sequence
-    mask is built) stacked on the three rotary ones.
+    mask is built) stacked on the three rotary ones. With gradients on, the embeddings enter as a
+    leaf that requires a gradient: gradient scoring needs every layer's output gradient, and in
+    text batches that path starts at the embedding weight, which the ready-made embeddings skip.
     """
     if "inputs_embeds" in batch:
+        embeds = batch["inputs_embeds"]
+        if torch.is_grad_enabled():
+            embeds = embeds.detach().requires_grad_(True)
         return {
-            "inputs_embeds": batch["inputs_embeds"],
+            "inputs_embeds": embeds,
             "position_ids": torch.cat((batch["position_ids"][None], batch["mrope_position_ids"]), dim=0),
             "visual_pos_masks": batch["visual_pos_masks"],
             "deepstack_visual_embeds": list(batch["deepstack_visual_embeds"].unbind(0)),

@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from auto_quantize_model.artifacts import ReportPaths, StageTiming
+from auto_quantize_model.artifacts import ImageMix, ReportPaths, StageTiming
 from auto_quantize_model.core.experts import experts_markdown
 from auto_quantize_model.core.noise import random_weights_notice
 from auto_quantize_model.core.scores import NO_QUANT, headline_index
@@ -149,6 +149,8 @@ def render_layer_json(manifest: Manifest, *, state_file: str | None = None) -> d
             "total_tokens": dataset.total_tokens,
             "padding_fraction": padding_fraction(dataset.real_tokens, dataset.total_tokens),
         }
+        if dataset.images is not None:
+            document["dataset"]["images"] = attrs.asdict(dataset.images)
     document["autoquant_state"] = {
         "constraints": {"effective_bits": scheme.effective_bits_model},
         "score": scheme.total_score,
@@ -218,6 +220,7 @@ def _header(manifest: Manifest) -> list[str]:
             f"layout `{dataset.layout}`",
             f"- **Tokens:** {_or_na(dataset.real_tokens)} real of {dataset.total_tokens} total "
             f"(padding {NOT_AVAILABLE if padding is None else f'{padding:.1%}'})",
+            *_image_mix(dataset.images),
         ]
     lines += [
         "",
@@ -231,6 +234,22 @@ def _header(manifest: Manifest) -> list[str]:
         f"{_or_na(scheme.calib_steps)} calibration steps",
     ]
     return [*lines, *_timings(manifest)]
+
+
+def _image_mix(mix: ImageMix | None) -> list[str]:
+    """The image + caption mix: what share of the LM's tokens were image tokens, and of what sizes."""
+    if mix is None:
+        return []
+    total = mix.image_tokens + mix.text_tokens
+    share = mix.image_tokens / total if total else 0.0
+    sizes = ", ".join(f"{w}x{h} ({n})" for w, h, n in mix.image_sizes[:6])
+    more = f" and {len(mix.image_sizes) - 6} more sizes" if len(mix.image_sizes) > 6 else ""
+    return [
+        f"- **Images:** {mix.pairs} image + caption pairs, prompt {mix.prompt!r}; {mix.image_tokens} image "
+        f"tokens and {mix.text_tokens} text tokens ({share:.1%} image), {mix.caption_tokens} caption "
+        "tokens scored",
+        f"- **Image sizes (pairs):** {sizes}{more}",
+    ]
 
 
 IMPORTS_STAGE = "library_imports"
