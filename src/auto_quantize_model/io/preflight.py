@@ -10,7 +10,8 @@ What is checked here, beyond the ranges the spec classes check themselves:
 * the model: a built-in name, or a folder with a ``config.json`` that parses to an object whose
   ``model_type`` transformers loads as a language model, and a tokenizer next to it (or at
   ``model.tokenizer``);
-* the captions: readable, UTF-8, not empty, and holding at least ``calib.max_samples`` captions.
+* the captions: readable, UTF-8, not empty, and holding at least ``calib.max_samples`` captions;
+  with ``calib.images``, the first ``calib.max_samples`` pairs and every image they name.
   Too few is an error, not a warning: the manifest records ``max_samples`` as what was used, so
   a silent shortfall would make it lie; the held-out file must be readable and not empty;
 * something left to measure: held-out text (``validate``, measured ``frontier`` points, an
@@ -30,6 +31,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from auto_quantize_model.core.image_pairs import pairs_problem
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.io.convert import did_you_mean, toml_value
 from auto_quantize_model.io.hf_config import read_config_json, supported_model_type
@@ -56,6 +58,10 @@ def preflight(spec: PipelineSpec, *, source: str | None = None) -> None:
     calib_ok = _check_file(("calib", "captions"), spec.calib.captions, bad) and _check_captions(
         ("calib", "captions"), spec.calib.captions, spec.calib.max_samples, bad
     )
+    if spec.calib.images is not None:
+        problem = pairs_problem(spec.calib.images, spec.calib.max_samples)
+        if problem is not None:
+            bad("calib.images", problem.removeprefix("calib.images: "), InputError)
     for held_out in _held_out_sources(spec):
         _, setting, value = held_out
         if _check_file(setting, value, bad) and _check_captions(setting, value, None, bad) and calib_ok:
