@@ -1,0 +1,185 @@
+"""Image + caption batches on the tiny Qwen3-VL: the chat turn, the vision tower run once per batch,
+and packed pairs computing exactly what each pair computes alone in the full model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import torch
+
+from auto_quantize_model.artifacts import CalibData, LoadedModel
+from auto_quantize_model.backend import vision_calib as vc
+from auto_quantize_model.backend.lm_forward import (
+    calibration_step_for,
+    chunked_loss_backward,
+    decoder_hidden,
+    real_index,
+    target_index,
+)
+from auto_quantize_model.core.image_pairs import BUILTIN, ImagePair, check_pairs, read_pair_source, take_pairs
+from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.pipeline import Artifacts
+from auto_quantize_model.specs import CalibSpec
+from auto_quantize_model.stages.extract_lm import ExtractLM
+
+pytestmark = pytest.mark.slow
+
+PAD = 0
+
+
+def _pairs(count: int) -> tuple[ImagePair, ...]:
+    return check_pairs(take_pairs(read_pair_source(BUILTIN), count))
+
+
+def _data(loaded: LoadedModel, count: int, encode: vc.VisionEncoder | None = None, **calib: Any) -> CalibData:
+    spec = CalibSpec(images=BUILTIN, max_samples=count, **{"seq_len": 512, "batch_size": 2, **calib})
+    return vc.image_calib_data(loaded, _pairs(count), spec, pad_id=PAD, label="l", sha256="s", encode=encode)
+
+
+def _token_logprobs(loaded: LoadedModel, batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Log-probability of every scored next token, batch by batch, row by row."""
+    model: Any = loaded.model
+    found = []
+    with torch.no_grad():
+        for batch in batches:
+            hidden = decoder_hidden(model.model.language_model, batch)
+            flat, targets = target_index(batch)
+            logits = model.lm_head(hidden.reshape(-1, hidden.shape[-1])[flat]).log_softmax(-1)
+            found.append(logits.gather(1, targets[:, None])[:, 0])
+    return torch.cat(found)
+
+
+def _full_model_logprobs(loaded: LoadedModel, pairs: Sequence[ImagePair]) -> torch.Tensor:
+    """The reference: each pair alone through Qwen3VLForConditionalGeneration with its pixels."""
+    model: Any = loaded.model
+    processor = vc.image_processor(loaded)
+    pieces = vc.chat_pieces(loaded.tokenizer, model.config.image_token_id)
+    builder = vc.BatchBuilder(
+        model.model, processor, vc.vision_encoder(model), model.get_input_embeddings(), PAD
+    )
+    found = []
+    for pair in pairs:
+        pixels, grid = builder.pixels([pair])
+        caption = loaded.tokenizer(pair.text, add_special_tokens=False)["input_ids"]
+        layout = vc.pair_layout(pair, caption, int(grid.prod()) // 4, pieces)
+        ids = torch.tensor([layout.input_ids])
+        types = (ids == model.config.image_token_id).long()
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=types)
+        labels = torch.tensor(layout.labels)
+        keep = labels[1:] != -100
+        logprobs = out.logits[0, :-1].log_softmax(-1)[keep]
+        found.append(logprobs.gather(1, labels[1:][keep][:, None])[:, 0])
+    return torch.cat(found)
+
+
+def test_a_pair_is_the_chat_turn_with_only_its_caption_scored(tiny_loaded: LoadedModel) -> None:
+    tokenizer = tiny_loaded.tokenizer
+    data = _data(tiny_loaded, 1)
+    batch = data.batches[0]
+    ids = batch["input_ids"][0].tolist()
+    text = tokenizer.decode(ids)
+    caption = "A red circle in the middle of a blue picture."
+    # 64x64 is resized up to Qwen3-VL's 65,536-pixel minimum: 256x256, 16x16 patches of 16, 64 after 2x2 merge
+    assert text == (
+        "<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * 64 + "<|vision_end|>Describe this image."
+        f"<|im_end|>\n<|im_start|>assistant\n{caption}<|im_end|>"
+    )
+    scored = [label for label in batch["labels"][0].tolist() if label != -100]
+    assert scored == tokenizer(caption, add_special_tokens=False)["input_ids"]
+    assert int(batch["visual_pos_masks"].sum()) == 64
+    # calibration sees every token of the turn, image tokens included; scoring only the caption
+    assert real_index(batch).numel() == len(ids)
+    assert target_index(batch)[1].tolist() == scored
+
+
+def test_the_vision_tower_runs_once_per_batch_whatever_autoquant_does(tiny_loaded: LoadedModel) -> None:
+    model: Any = tiny_loaded.model
+    real = vc.vision_encoder(model)
+    calls: list[int] = []
+    tower_calls: list[int] = []
+
+    def counting(pixels: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        calls.append(int(grid.shape[0]))
+        return real(pixels, grid)
+
+    hook = model.model.visual.register_forward_hook(lambda *_: tower_calls.append(1))
+    data = _data(tiny_loaded, 12, encode=counting, batch_size=1)
+    assert len(data.batches) >= 3
+    assert calls == list(data.captions_per_batch)  # one call per batch, all its images at once
+    lm = ExtractLM().run(Artifacts.of([tiny_loaded]))
+    calibrate = calibration_step_for(lm, model)
+    for _ in range(3):  # as calibration per format and scoring would
+        for batch in data.batches:
+            calibrate(model, batch)
+            chunked_loss_backward(lm.module, lm.lm_head, batch, normalizer=1.0)
+    hook.remove()
+    assert len(calls) == len(data.batches)
+    assert len(tower_calls) == len(data.batches)
+
+
+def test_packed_pairs_score_each_token_as_alone_and_in_the_full_model(
+    tiny_loaded: LoadedModel,
+) -> None:
+    pairs = 6
+    packed = _data(tiny_loaded, pairs, layout="packed", batch_size=2)
+    alone = _data(tiny_loaded, pairs, layout="padded", batch_size=1)
+    assert [b["input_ids"].shape[0] for b in packed.batches] == [2]  # 6 pairs in 2 rows: 3 a row
+    assert len(alone.batches) == pairs
+    packed_lp = _token_logprobs(tiny_loaded, packed.batches)
+    alone_lp = _token_logprobs(tiny_loaded, alone.batches)
+    full_lp = _full_model_logprobs(tiny_loaded, _pairs(pairs))
+    assert packed_lp.shape == alone_lp.shape == full_lp.shape
+    assert packed_lp.shape[0] == packed.stats.images.caption_tokens  # type: ignore[union-attr]
+    assert torch.allclose(packed_lp, alone_lp, atol=1e-5)
+    assert torch.allclose(packed_lp, full_lp, atol=1e-5)
+    # negative control: the image's 3-D rotary positions matter, so this comparison can fail
+    flat = [dict(b, mrope_position_ids=b["position_ids"][None].expand(3, -1, -1)) for b in packed.batches]
+    assert float((_token_logprobs(tiny_loaded, flat) - full_lp).abs().max()) > 1e-3
+
+
+def test_packing_keeps_padding_under_ten_percent_and_counts_the_mix(tiny_loaded: LoadedModel) -> None:
+    data = _data(tiny_loaded, 24, seq_len=512, batch_size=2)
+    stats, mix = data.stats, data.stats.images
+    assert mix is not None
+    assert stats.padding_fraction < 0.10
+    visual = sum(int(b["visual_pos_masks"].sum()) for b in data.batches)
+    real = sum(int(b["real_mask"].sum()) for b in data.batches)
+    scored = sum(int(target_index(b)[1].numel()) for b in data.batches)
+    assert (mix.pairs, mix.image_tokens, mix.text_tokens, mix.caption_tokens) == (
+        24,
+        visual,
+        real - visual,
+        scored,
+    )
+    assert stats.real_tokens == real
+    assert sum(count for _, _, count in mix.image_sizes) == 24
+    # six sizes, four pairs each: equal counts are listed by size
+    assert mix.image_sizes == ((48, 48, 4), (64, 64, 4), (64, 96, 4), (80, 80, 4), (96, 64, 4), (128, 64, 4))
+
+
+def test_a_pair_longer_than_seq_len_names_its_line_and_the_length_needed(tiny_loaded: LoadedModel) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _data(tiny_loaded, 1, seq_len=64)
+    origin = _pairs(1)[0].origin
+    assert str(caught.value) == (
+        f"{origin}: the pair takes 107 tokens (64 for its 64x64 image) but calib.seq_len is 64; "
+        "raise calib.seq_len to at least 107 or use a smaller image"
+    )
+
+
+def test_a_checkouts_own_processor_settings_are_used(tiny_loaded: LoadedModel, tmp_path: Path) -> None:
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"size": {"shortest_edge": 4096, "longest_edge": 16777216}, "patch_size": 16}),
+        encoding="utf-8",
+    )
+    checkout = attrs.evolve(tiny_loaded, source=str(tmp_path))
+    data = _data(checkout, 1)
+    # 64x64 is already 4,096 pixels: 4x4 patches, 4 image tokens instead of 64
+    assert data.stats.images is not None
+    assert data.stats.images.image_tokens == 4
