@@ -38,7 +38,9 @@ def _pairs(count: int) -> tuple[ImagePair, ...]:
 
 def _data(loaded: LoadedModel, count: int, encode: vc.VisionEncoder | None = None, **calib: Any) -> CalibData:
     spec = CalibSpec(images=BUILTIN, max_samples=count, **{"seq_len": 512, "batch_size": 2, **calib})
-    return vc.image_calib_data(loaded, _pairs(count), spec, pad_id=PAD, label="l", sha256="s", encode=encode)
+    return vc.image_calib_data(
+        loaded, _pairs(count), spec, pad_id=PAD, label=BUILTIN, sha256="s", encode=encode
+    )
 
 
 def _token_logprobs(loaded: LoadedModel, batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -183,3 +185,30 @@ def test_a_checkouts_own_processor_settings_are_used(tiny_loaded: LoadedModel, t
     # 64x64 is already 4,096 pixels: 4x4 patches, 4 image tokens instead of 64
     assert data.stats.images is not None
     assert data.stats.images.image_tokens == 4
+
+
+def test_held_out_pairs_are_the_ones_after_calibrations(tiny_loaded: LoadedModel) -> None:
+    from auto_quantize_model.backend.vision_holdout import held_out_pairs
+
+    calib = _data(tiny_loaded, 16)
+    held, batches = held_out_pairs(calib, tiny_loaded, PAD, 20)
+    assert held.texts == tuple(pair.text for pair in _pairs(24)[16:])
+    assert (held.skipped, held.source) == (16, "builtin")
+    assert held.notes == (
+        "validate.holdout_samples = 20 asked, 8 used: builtin has 8 pair(s) calibration did not use",
+    )
+    assert [batch["input_ids"].shape[0] for batch in batches] == [8]  # one pair a row
+    assert [len(ids) for ids in held.token_lists] == [
+        int((row != -100).sum()) for row in batches[0]["labels"]
+    ]
+
+
+def test_no_pair_left_for_held_out_is_refused(tiny_loaded: LoadedModel) -> None:
+    from auto_quantize_model.backend.vision_holdout import held_out_pairs
+
+    with pytest.raises(ConfigError) as caught:
+        held_out_pairs(_data(tiny_loaded, 24), tiny_loaded, PAD, 8, "frontier")
+    assert str(caught.value) == (
+        "frontier: calib.images builtin has 24 pairs and calibration uses all 24, so none is left to "
+        "measure on; add pairs or lower calib.max_samples"
+    )

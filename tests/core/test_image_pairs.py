@@ -185,3 +185,18 @@ def test_preflight_refuses_a_bad_pair_before_any_model_loads(tmp_path: Path) -> 
         f"p.toml: calib.images: {tmp_path / 'pairs.jsonl'}:1: image {tmp_path / 'gone.png'} does not exist; "
         "fix the path or remove the pair"
     )
+
+
+def test_preflight_wants_pairs_left_for_validation(tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(
+        '[model]\npath = "builtin:tiny-qwen3-vl"\n[calib]\nimages = "builtin"\nmax_samples = 24\n'
+        "[validate]\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        preflight(load_pipeline(pipeline, []), source="p.toml")
+    assert str(caught.value) == (
+        "p.toml: validate.holdout_samples: calib.images holds 24 pairs and calib.max_samples takes all of "
+        "them, so none is left to measure on; add pairs or lower calib.max_samples"
+    )

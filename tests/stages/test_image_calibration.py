@@ -74,6 +74,8 @@ def test_the_image_pipeline_runs_from_the_command_line(tmp_path: Path) -> None:
     mix = manifest["dataset"]["images"]
     assert (manifest["dataset"]["samples"], mix["pairs"], mix["prompt"]) == (16, 16, "Describe this image.")
     assert mix["image_tokens"] + mix["text_tokens"] == manifest["dataset"]["real_tokens"]
+    validation = manifest["validation"]  # measured on the 8 bundled pairs calibration did not take
+    assert (validation["holdout_samples"], validation["holdout_source"]) == (8, "builtin")
     report = (out / "per-layer-sensitivity.md").read_text(encoding="utf-8")
     assert (
         f"- **Images:** 16 image + caption pairs, prompt 'Describe this image.'; {mix['image_tokens']} image"
