@@ -92,6 +92,20 @@ class ImageMix:
     """``(width, height, pairs)`` of the pictures as read, most frequent first."""
     prompt: str
     """The user turn's question asked with every image."""
+    ranges: tuple[ActivationRange, ...] = ()
+    """Per linear layer of the language model, its input's largest magnitude on image tokens and
+    on text tokens, unquantized, over the calibration batches: what a static activation scale
+    is fitted to (empty when not measured)."""
+
+
+@attrs.frozen
+class ActivationRange:
+    """The input range of one linear layer of the language model, split by token kind."""
+
+    name: str
+    """Full-model module name (``model.language_model.layers.0.self_attn.q_proj``, ``lm_head``)."""
+    image_absmax: float
+    text_absmax: float
 
 
 @attrs.frozen

@@ -212,3 +212,22 @@ def test_no_pair_left_for_held_out_is_refused(tiny_loaded: LoadedModel) -> None:
         "frontier: calib.images builtin has 24 pairs and calibration uses all 24, so none is left to "
         "measure on; add pairs or lower calib.max_samples"
     )
+
+
+def test_activation_ranges_split_image_and_text_tokens(tiny_loaded: LoadedModel) -> None:
+    model: Any = tiny_loaded.model
+    data = _data(tiny_loaded, 4)
+    assert data.stats.images is not None
+    ranges = {entry.name: entry for entry in data.stats.images.ranges}
+    assert len(ranges) == 4 * 7 + 1  # q, k, v, o, gate, up, down per layer, and lm_head
+    first = ranges["model.language_model.layers.0.self_attn.q_proj"]
+    assert first == attrs.evolve(ranges["model.language_model.layers.0.self_attn.k_proj"], name=first.name)
+    # layer 0's attention input is its input norm of the ready-made embeddings: computed apart here
+    norm = model.model.language_model.layers[0].input_layernorm
+    with torch.no_grad():
+        peak = norm(data.batches[0]["inputs_embeds"]).abs().amax(-1)
+    visual = data.batches[0]["visual_pos_masks"]
+    real = data.batches[0]["real_mask"] != 0
+    assert first.image_absmax == pytest.approx(float(peak[visual].max()), rel=1e-6)
+    assert first.text_absmax == pytest.approx(float(peak[~visual & real].max()), rel=1e-6)
+    assert first.image_absmax != pytest.approx(first.text_absmax)

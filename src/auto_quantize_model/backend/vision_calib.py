@@ -38,7 +38,7 @@ import attrs
 import torch
 from torch import nn
 
-from auto_quantize_model.artifacts import CalibData, CalibStats, ImageMix, LoadedModel
+from auto_quantize_model.artifacts import ActivationRange, CalibData, CalibStats, ImageMix, LoadedModel
 from auto_quantize_model.core.batching import IGNORE_INDEX, pack_rows
 from auto_quantize_model.core.image_pairs import ImagePair
 from auto_quantize_model.errors import ConfigError, InputError
@@ -290,7 +290,20 @@ class BatchBuilder:
         return batch
 
 
-def image_mix(layouts: Sequence[PairLayout], prompt: str = PROMPT) -> ImageMix:
+def _ranges(
+    model: nn.Module, vlm: Any, batches: Sequence[dict[str, torch.Tensor]]
+) -> tuple[ActivationRange, ...]:
+    from auto_quantize_model.backend.vision_ranges import activation_ranges
+
+    full: Any = model
+    head = full.get_output_embeddings()
+    head_name = next((name for name, module in model.named_modules() if module is head), "lm_head")
+    return activation_ranges(model, vlm.language_model, head_name, batches)
+
+
+def image_mix(
+    layouts: Sequence[PairLayout], prompt: str = PROMPT, ranges: tuple[ActivationRange, ...] = ()
+) -> ImageMix:
     sizes = collections.Counter(layout.pair.size for layout in layouts)
     image = sum(layout.image_tokens for layout in layouts)
     total = sum(len(layout.input_ids) for layout in layouts)
@@ -303,6 +316,7 @@ def image_mix(layouts: Sequence[PairLayout], prompt: str = PROMPT) -> ImageMix:
             (w, h, n) for (w, h), n in sorted(sizes.items(), key=lambda item: (-item[1], item[0]))
         ),
         prompt=prompt,
+        ranges=ranges,
     )
 
 
@@ -315,10 +329,13 @@ def image_calib_data(
     label: str,
     sha256: str,
     encode: VisionEncoder | None = None,
+    ranges: bool = True,
 ) -> CalibData:
     """Checked pairs -> :class:`CalibData` whose batches carry the decoder's inputs ready made.
 
-    ``encode`` replaces the model's vision tower (tests count its calls).
+    ``encode`` replaces the model's vision tower (tests count its calls). ``ranges``: also record
+    the per-layer input ranges on image vs text tokens (one more unquantized pass,
+    :mod:`.vision_ranges`).
     """
     vlm = _vlm(loaded.model)
     processor = image_processor(loaded)
@@ -349,7 +366,7 @@ def image_calib_data(
         total_tokens=sum(int(batch["input_ids"].numel()) for batch in batches),
         batches=len(batches),
         truncated_samples=0,
-        images=image_mix(layouts),
+        images=image_mix(layouts, ranges=_ranges(loaded.model, vlm, batches) if ranges else ()),
     )
     return CalibData(
         batches=tuple(batches),

@@ -50,7 +50,7 @@ def held_out_pairs(
         layout="padded",
     )
     data = image_calib_data(
-        loaded, pairs, spec, pad_id=pad_id, label=source.label, sha256=pairs_sha256(pairs)
+        loaded, pairs, spec, pad_id=pad_id, label=source.label, sha256=pairs_sha256(pairs), ranges=False
     )
     scored = tuple(
         tuple(label for label in row if label != IGNORE_INDEX)

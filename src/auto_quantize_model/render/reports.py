@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from auto_quantize_model.artifacts import ImageMix, ReportPaths, StageTiming
+from auto_quantize_model.artifacts import ReportPaths, StageTiming
 from auto_quantize_model.core.experts import experts_markdown
 from auto_quantize_model.core.noise import random_weights_notice
 from auto_quantize_model.core.scores import NO_QUANT, headline_index
@@ -41,6 +41,7 @@ from auto_quantize_model.io.manifest import manifest_to_json
 from auto_quantize_model.io.manifest_file import MANIFEST_SUFFIX, read_manifest
 from auto_quantize_model.manifest_records import Manifest, RankedGroup
 from auto_quantize_model.render.cells import NOT_AVAILABLE, number
+from auto_quantize_model.render.image_mix import image_mix_lines
 from auto_quantize_model.render.validation import validation_markdown
 
 log = logging.getLogger("auto_quantize_model")
@@ -214,13 +215,13 @@ def _header(manifest: Manifest) -> list[str]:
         padding = padding_fraction(dataset.real_tokens, dataset.total_tokens)
         sha = "" if dataset.captions_sha256 is None else f" (sha256 `{dataset.captions_sha256[:16]}…`)"
         lines += [
-            f"- **Captions:** `{dataset.captions_path}`{sha}",
+            f"- **{'Image pairs' if dataset.images else 'Captions'}:** `{dataset.captions_path}`{sha}",
             f"- **Samples:** {dataset.samples} used of {dataset.max_samples} asked, "
             f"{dataset.batches} batches of {dataset.batch_size}, seq_len {dataset.seq_len}, "
             f"layout `{dataset.layout}`",
             f"- **Tokens:** {_or_na(dataset.real_tokens)} real of {dataset.total_tokens} total "
             f"(padding {NOT_AVAILABLE if padding is None else f'{padding:.1%}'})",
-            *_image_mix(dataset.images),
+            *image_mix_lines(dataset.images),
         ]
     lines += [
         "",
@@ -234,22 +235,6 @@ def _header(manifest: Manifest) -> list[str]:
         f"{_or_na(scheme.calib_steps)} calibration steps",
     ]
     return [*lines, *_timings(manifest)]
-
-
-def _image_mix(mix: ImageMix | None) -> list[str]:
-    """The image + caption mix: what share of the LM's tokens were image tokens, and of what sizes."""
-    if mix is None:
-        return []
-    total = mix.image_tokens + mix.text_tokens
-    share = mix.image_tokens / total if total else 0.0
-    sizes = ", ".join(f"{w}x{h} ({n})" for w, h, n in mix.image_sizes[:6])
-    more = f" and {len(mix.image_sizes) - 6} more sizes" if len(mix.image_sizes) > 6 else ""
-    return [
-        f"- **Images:** {mix.pairs} image + caption pairs, prompt {mix.prompt!r}; {mix.image_tokens} image "
-        f"tokens and {mix.text_tokens} text tokens ({share:.1%} image), {mix.caption_tokens} caption "
-        "tokens scored",
-        f"- **Image sizes (pairs):** {sizes}{more}",
-    ]
 
 
 IMPORTS_STAGE = "library_imports"
