@@ -448,6 +448,9 @@ class ReportSpec:
     save_state: bool = False
     """Also copy ModelOpt's search state to ``<scheme>_autoquant_state.pt``."""
     plots: bool = True
+    compare_to: str | None = None
+    """A run folder or manifest (e.g. the same settings on captions alone) to rank against:
+    ``ranking-diff.md`` says how the ranking moved, as ``aqm diff`` would."""
 
 
 @attrs.frozen

@@ -48,6 +48,7 @@ PATH_KEYS: frozenset[tuple[str, str]] = frozenset(
         ("validate", "holdout_captions"),
         ("frontier", "holdout_captions"),
         ("reports", "output_dir"),
+        ("reports", "compare_to"),
         ("autoquant", "checkpoint"),
     }
 )

@@ -64,6 +64,12 @@ def preflight(spec: PipelineSpec, *, source: str | None = None) -> None:
         _, setting, value = held_out
         if _check_file(setting, value, bad) and _check_captions(setting, value, None, bad) and calib_ok:
             _check_something_held_out(held_out, spec, bad)
+    if spec.reports.compare_to is not None and not Path(spec.reports.compare_to).exists():
+        bad(
+            "reports.compare_to",
+            f"{spec.reports.compare_to} does not exist; give a run folder or a manifest",
+            InputError,
+        )
     if spec.reports.output_dir is not None:
         out = Path(spec.reports.output_dir)
         if out.exists() and not out.is_dir():
