@@ -231,3 +231,19 @@ def test_activation_ranges_split_image_and_text_tokens(tiny_loaded: LoadedModel)
     assert first.image_absmax == pytest.approx(float(peak[visual].max()), rel=1e-6)
     assert first.text_absmax == pytest.approx(float(peak[~visual & real].max()), rel=1e-6)
     assert first.image_absmax != pytest.approx(first.text_absmax)
+
+
+def test_rows_laid_end_to_end_compute_the_same_as_rows(tiny_loaded: LoadedModel) -> None:
+    """The flash-attention path flattens a batch's rows into one (:func:`one_row`); on sdpa both
+    layouts are exact, so they must agree for image batches too (3-D positions, deepstack)."""
+    from auto_quantize_model.backend.lm_forward import model_inputs, one_row
+
+    decoder: Any = tiny_loaded.model.model.language_model  # type: ignore[union-attr]
+    batch = _data(tiny_loaded, 6, batch_size=2).batches[0]
+    rows, length = batch["input_ids"].shape
+    assert rows == 2
+    with torch.no_grad():
+        apart = decoder(**model_inputs(batch)).last_hidden_state
+        flat = decoder(**one_row(model_inputs(batch), rows * length)).last_hidden_state
+    assert flat.shape == (1, rows * length, apart.shape[-1])
+    assert torch.allclose(flat.reshape(apart.shape), apart, atol=1e-5)
