@@ -18,7 +18,9 @@ cost the language model's tokens and nothing more. The vision tower is outside w
 searches and holds no quantizer.
 
 Batches are packed like captions (:func:`~auto_quantize_model.core.batching.pack_rows`: whole
-samples laid end to end, greedily in order, rows padded to the batch's longest). A sample keeps
+samples laid end to end, greedily in order, rows padded to the batch's longest); ``padded`` puts
+one pair in each row, padded to the batch's longest pair, never to ``seq_len``. A pair longer
+than ``seq_len`` is refused, not cut: an image's tokens are all or nothing. A sample keeps
 its own positions: ``position_ids`` (``[B, L]``) restart at 0 for every sample and are the text
 positions the decoder's packed-sequence mask is built from, ``mrope_position_ids``
 (``[3, B, L]``) are the rotary positions the sample would have alone. ``real_mask`` marks every
