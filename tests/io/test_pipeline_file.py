@@ -261,7 +261,8 @@ def test_type_and_range_problems_of_one_table_come_together_in_field_order(tmp_p
         f"{path}: calib.max_samples: must be > 0, got 0",
         f'{path}: calib.seq_len: expected int, got str "64"',
         f"{path}: calib.batch_size: must be > 0, got 0",
-        f"{path}: calib.bogus: unknown key (allowed: captions, max_samples, seq_len, batch_size, layout, images)",
+        f"{path}: calib.bogus: unknown key "
+        "(allowed: captions, max_samples, seq_len, batch_size, layout, images)",
     ]
 
 
