@@ -56,10 +56,9 @@ def run_case(args: argparse.Namespace, images: str | None) -> dict[str, Any]:
     from auto_quantize_model.stages.load_model import LoadModel
     from auto_quantize_model.stages.run_autoquant import RunAutoQuant
 
-    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    store = Pipeline(
-        [LoadModel(LoadSpec(path=args.model, device=args.device, dtype=dtype)), ExtractLM()]
-    ).run()
+    cuda = args.device.startswith("cuda")
+    load = LoadModel(LoadSpec(path=args.model, device=args.device, dtype="bfloat16" if cuda else "float32"))
+    store = Pipeline([load, ExtractLM()]).run()
     calib = CalibSpec(
         captions="builtin",
         images=images,
