@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
+import attrs
+
 from auto_quantize_model.artifacts import ActivationRange, ImageMix
+from auto_quantize_model.io.manifest import manifest_from_dict, manifest_to_json
+from auto_quantize_model.manifest_records import DatasetInfo
 from auto_quantize_model.render.image_mix import image_mix_lines
+from builders import manifest
 
 
 def test_the_mix_and_the_widest_image_ranges_are_reported() -> None:
@@ -36,3 +43,21 @@ def test_the_mix_and_the_widest_image_ranges_are_reported() -> None:
 
 def test_captions_alone_add_nothing() -> None:
     assert image_mix_lines(None) == []
+
+
+def test_the_mix_survives_the_manifest_file_and_old_manifests_have_none() -> None:
+    mix = ImageMix(
+        pairs=2,
+        image_tokens=128,
+        text_tokens=40,
+        caption_tokens=12,
+        image_sizes=((64, 64, 2),),
+        prompt="Describe this image.",
+        ranges=(ActivationRange("lm_head", 1.5, 0.75),),
+    )
+    dataset = DatasetInfo("builtin", "ab", "packed", 512, 2, 2, 2, 168, 170, 1, images=mix)
+    written = attrs.evolve(manifest([("a", 1.0)]), dataset=dataset)
+    data = json.loads(manifest_to_json(written))
+    assert manifest_from_dict(data, "m.json") == written
+    del data["dataset"]["images"]
+    assert manifest_from_dict(data, "m.json").dataset == attrs.evolve(dataset, images=None)
