@@ -247,3 +247,12 @@ def test_rows_laid_end_to_end_compute_the_same_as_rows(tiny_loaded: LoadedModel)
         flat = decoder(**one_row(model_inputs(batch), rows * length)).last_hidden_state
     assert flat.shape == (1, rows * length, apart.shape[-1])
     assert torch.allclose(flat.reshape(apart.shape), apart, atol=1e-5)
+
+
+def test_building_a_processor_leaves_the_published_settings_alone(
+    tiny_loaded: LoadedModel, tmp_path: Path
+) -> None:
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 1024}), encoding="utf-8")
+    processor = vc.image_processor(attrs.evolve(tiny_loaded, source=str(tmp_path)))
+    assert processor.size["shortest_edge"] == 1024
+    assert vc.QWEN3_VL_IMAGE_SETTINGS["size"] == {"shortest_edge": 65536, "longest_edge": 16777216}

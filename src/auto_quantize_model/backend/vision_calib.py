@@ -30,6 +30,7 @@ non-padding token, image tokens included, for calibration (:func:`~.lm_forward.r
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -101,7 +102,7 @@ def image_processor(loaded: LoadedModel) -> Any:
 
     vision: Any = _vlm(loaded.model).config.vision_config
     settings: dict[str, Any] = {
-        **QWEN3_VL_IMAGE_SETTINGS,
+        **copy.deepcopy(QWEN3_VL_IMAGE_SETTINGS),  # the processor edits the size dict it is given
         "patch_size": vision.patch_size,
         "temporal_patch_size": vision.temporal_patch_size,
         "merge_size": vision.spatial_merge_size,
@@ -112,7 +113,7 @@ def image_processor(loaded: LoadedModel) -> Any:
             found = json.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise InputError(f"{config_file} cannot be read as JSON: {err}") from err
-        settings |= {key: found[key] for key in PROCESSOR_KEYS if key in found}
+        settings |= {key: copy.deepcopy(found[key]) for key in PROCESSOR_KEYS if key in found}
     kwargs: Any = settings
     return Qwen2VLImageProcessorPil(**kwargs)
 
