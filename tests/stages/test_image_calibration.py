@@ -13,7 +13,7 @@ import pytest
 from auto_quantize_model.artifacts import CalibData, LoadedModel, SensitivityScores
 from auto_quantize_model.core.scores import importance
 from auto_quantize_model.pipeline import Pipeline
-from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, LoadSpec
+from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec, LoadSpec
 from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
 from auto_quantize_model.stages.extract_lm import ExtractLM
 from auto_quantize_model.stages.load_model import LoadModel
@@ -81,3 +81,22 @@ def test_the_image_pipeline_runs_from_the_command_line(tmp_path: Path) -> None:
         f"- **Images:** 16 image + caption pairs, prompt 'Describe this image.'; {mix['image_tokens']} image"
         in report
     )
+
+
+def test_in_full_model_scope_the_vision_tower_quantizers_stay_off(tmp_path: Path) -> None:
+    """ModelOpt puts quantizers into every module of the root it searches; in ``full_model`` scope
+    the vision tower's are disabled (and its features were computed before they existed)."""
+    store = Pipeline(
+        [
+            LoadModel(LoadSpec(path="builtin:tiny-qwen3-vl", device="cpu", dtype="float32")),
+            ExtractLM(ExtractSpec(scope="full_model")),
+            BuildCalibLoader(CalibSpec(images="builtin", max_samples=8, seq_len=512, batch_size=2)),
+            RunAutoQuant(AutoQuantSpec(effective_bits=12.0, score_size=4, checkpoint=str(tmp_path / "s.pt"))),
+        ]
+    ).run()
+    model: Any = store.get(LoadedModel).model
+    vision = [
+        m for n, m in model.named_modules() if n.startswith("model.visual") and n.endswith("_quantizer")
+    ]
+    assert len(vision) > 0
+    assert [m for m in vision if m.is_enabled] == []
