@@ -194,6 +194,8 @@ def pair_layouts(
     for pair, caption in zip(pairs, captions, strict=True):
         if not caption:
             raise InputError(f"{pair.origin}: the caption {pair.text[:40]!r} gives no tokens; give it words")
+        if image_token in caption:
+            raise InputError(f"{pair.origin}: the caption holds the image placeholder token; take it out")
         layout = pair_layout(pair, caption, image_token_count(processor, pair.size), pieces)
         if len(layout.input_ids) > seq_len:
             width, height = pair.size
