@@ -22,7 +22,7 @@ from auto_quantize_model.backend.lm_forward import (
     target_index,
 )
 from auto_quantize_model.core.image_pairs import BUILTIN, ImagePair, check_pairs, read_pair_source, take_pairs
-from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import CalibSpec
 from auto_quantize_model.stages.extract_lm import ExtractLM
@@ -256,3 +256,12 @@ def test_building_a_processor_leaves_the_published_settings_alone(
     processor = vc.image_processor(attrs.evolve(tiny_loaded, source=str(tmp_path)))
     assert processor.size["shortest_edge"] == 1024
     assert vc.QWEN3_VL_IMAGE_SETTINGS["size"] == {"shortest_edge": 65536, "longest_edge": 16777216}
+
+
+def test_a_caption_holding_the_image_placeholder_names_its_line(tiny_loaded: LoadedModel) -> None:
+    model: Any = tiny_loaded.model
+    pair = attrs.evolve(_pairs(1)[0], text="A <|image_pad|> here.")
+    processor = vc.image_processor(tiny_loaded)
+    with pytest.raises(InputError) as caught:
+        vc.pair_layouts([pair], tiny_loaded.tokenizer, processor, model.config.image_token_id, 512)
+    assert str(caught.value) == f"{pair.origin}: the caption holds the image placeholder token; take it out"
