@@ -39,7 +39,8 @@ def load(path: Path, checkpoint: Path, *extra: str) -> PipelineSpec:
 
 def test_the_promised_files_exist() -> None:
     names = {path.stem for path in FILES}
-    assert {"tiny-qwen3-vl", "qwen3-vl-4b-random-bench", *LM_4B} <= names
+    images = {"tiny-qwen3-vl-images", "qwen3-vl-4b-images"}
+    assert {"tiny-qwen3-vl", "qwen3-vl-4b-random-bench", *images, *LM_4B} <= names
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)

@@ -78,6 +78,37 @@ class LanguageModel:
 
 
 @attrs.frozen
+class ImageMix:
+    """What image-conditioned calibration fed the language model (``[calib] images``)."""
+
+    pairs: int
+    image_tokens: int
+    """Vision placeholders the image features filled, over all pairs."""
+    text_tokens: int
+    """Every other real token: chat markup, the prompt and the captions."""
+    caption_tokens: int
+    """The scored part of ``text_tokens``."""
+    image_sizes: tuple[tuple[int, int, int], ...]
+    """``(width, height, pairs)`` of the pictures as read, most frequent first."""
+    prompt: str
+    """The user turn's question asked with every image."""
+    ranges: tuple[ActivationRange, ...] = ()
+    """Per linear layer of the language model, its input's largest magnitude on image tokens and
+    on text tokens, unquantized, over the calibration batches: what a static activation scale
+    is fitted to (empty when not measured)."""
+
+
+@attrs.frozen
+class ActivationRange:
+    """The input range of one linear layer of the language model, split by token kind."""
+
+    name: str
+    """Full-model module name (``model.language_model.layers.0.self_attn.q_proj``, ``lm_head``)."""
+    image_absmax: float
+    text_absmax: float
+
+
+@attrs.frozen
 class CalibStats:
     """How much text the calibration really saw; padding is counted apart on purpose."""
 
@@ -93,6 +124,8 @@ class CalibStats:
     batches: int
     truncated_samples: int
     """Captions longer than ``seq_len`` that were cut."""
+    images: ImageMix | None = None
+    """The image + caption mix; None for captions alone."""
 
     @property
     def padding_fraction(self) -> float:
@@ -104,7 +137,10 @@ class CalibData:
     """Tokenised calibration batches.
 
     Each batch is a dict with ``input_ids``, ``position_ids`` and ``labels`` (all ``[B, L]``
-    int64, on CPU), plus ``attention_mask`` for the padded layout. ``labels`` are unshifted
+    int64, on CPU), plus ``attention_mask`` for the padded layout. Image batches
+    (:mod:`~auto_quantize_model.backend.vision_calib`) add the decoder's ready-made inputs:
+    ``inputs_embeds``, ``mrope_position_ids``, ``visual_pos_masks``, ``deepstack_visual_embeds``
+    and ``real_mask``. ``labels`` are unshifted
     (Hugging Face convention) and hold -100 wherever no prediction should be scored: padding
     and, in the packed layout, the first token of every caption so nothing is predicted across
     a caption boundary.

@@ -20,6 +20,7 @@ from auto_quantize_model.artifacts import (
     FixedGroup,
     FrontierSummary,
     GroupScore,
+    ImageMix,
     RoutingStats,
     StageTiming,
     ValidationReport,
@@ -70,6 +71,8 @@ class DatasetInfo:
     real_tokens: int | None
     total_tokens: int
     batches: int
+    images: ImageMix | None = None
+    """The image + caption mix of image-conditioned calibration; None for captions alone."""
 
 
 @attrs.frozen

@@ -403,6 +403,9 @@ class CalibSpec:
     layout: Literal["packed", "padded"] = "packed"
     """``packed`` joins captions into rows of real tokens; ``padded`` pads each caption to
     ``seq_len`` like the previous tool did."""
+    images: str | None = None
+    """Image + caption pairs (a folder, a JSON-lines or COCO captions file, or ``builtin``) to
+    calibrate on instead of ``captions``; see :mod:`auto_quantize_model.core.image_pairs`."""
 
 
 @attrs.frozen
@@ -459,6 +462,9 @@ class ReportSpec:
     save_state: bool = False
     """Also copy ModelOpt's search state to ``<scheme>_autoquant_state.pt``."""
     plots: bool = True
+    compare_to: str | None = None
+    """A run folder or manifest (e.g. the same settings on captions alone) to rank against:
+    ``ranking-diff.md`` says how the ranking moved, as ``aqm diff`` would."""
 
 
 @attrs.frozen
@@ -544,7 +550,7 @@ def is_bundled(table: str, key: str, value: str) -> bool:
         return value.startswith(("builtin:", "config:", "pypi:"))
     if (table, key) in {("validate", "holdout_captions"), ("frontier", "holdout_captions")}:
         return value in {"builtin", "builtin-holdout"}
-    if (table, key) == ("calib", "captions"):
+    if (table, key) in {("calib", "captions"), ("calib", "images")}:
         return value == "builtin"
     return False
 

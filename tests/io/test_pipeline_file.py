@@ -83,7 +83,7 @@ def test_unknown_key_names_file_key_and_allowed_keys(tmp_path: Path) -> None:
     path = write(tmp_path, TINY + "[calib]\nnmu_samples = 3\n")
     assert problems(path) == [
         f"{path}: calib.nmu_samples: unknown key (did you mean max_samples?) "
-        "(allowed: captions, max_samples, seq_len, batch_size, layout)"
+        "(allowed: captions, max_samples, seq_len, batch_size, layout, images)"
     ]
 
 
@@ -261,7 +261,8 @@ def test_type_and_range_problems_of_one_table_come_together_in_field_order(tmp_p
         f"{path}: calib.max_samples: must be > 0, got 0",
         f'{path}: calib.seq_len: expected int, got str "64"',
         f"{path}: calib.batch_size: must be > 0, got 0",
-        f"{path}: calib.bogus: unknown key (allowed: captions, max_samples, seq_len, batch_size, layout)",
+        f"{path}: calib.bogus: unknown key "
+        "(allowed: captions, max_samples, seq_len, batch_size, layout, images)",
     ]
 
 

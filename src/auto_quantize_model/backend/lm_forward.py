@@ -84,7 +84,26 @@ class TextLM(nn.Module):
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Keyword arguments for the decoder; labels never go in (Qwen3VLTextModel ignores them)."""
+    """Keyword arguments for the decoder; labels never go in (Qwen3VLTextModel ignores them).
+
+    An image batch (:mod:`.vision_calib`) carries the decoder's inputs ready made: embeddings
+    with the image features in place, and positions as Qwen3VLTextModel takes them with packing,
+    ``[4, B, L]``: the text positions (restarting per sample, from which the packed-sequence
+    mask is built) stacked on the three rotary ones. With gradients on, the embeddings enter as a
+    leaf that requires a gradient: gradient scoring needs every layer's output gradient, and in
+    text batches that path starts at the embedding weight, which the ready-made embeddings skip.
+    """
+    if "inputs_embeds" in batch:
+        embeds = batch["inputs_embeds"]
+        if torch.is_grad_enabled():
+            embeds = embeds.detach().requires_grad_(True)
+        return {
+            "inputs_embeds": embeds,
+            "position_ids": torch.cat((batch["position_ids"][None], batch["mrope_position_ids"]), dim=0),
+            "visual_pos_masks": batch["visual_pos_masks"],
+            "deepstack_visual_embeds": list(batch["deepstack_visual_embeds"].unbind(0)),
+            "use_cache": False,
+        }
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     if "attention_mask" in batch:
         kwargs["attention_mask"] = batch["attention_mask"]
@@ -122,7 +141,9 @@ def real_index(batch: dict[str, torch.Tensor], pad_id: int | None = None) -> tor
     """
     labels = batch["labels"]
     rows, length = labels.shape
-    if "attention_mask" in batch:
+    if "real_mask" in batch:  # image batches: image and prompt tokens have no label yet are real
+        real = batch["real_mask"].to(labels.device) != 0
+    elif "attention_mask" in batch:
         real = batch["attention_mask"].to(labels.device) != 0
     else:
         real = labels != IGNORE_INDEX
@@ -153,13 +174,30 @@ def decoder_hidden(decoder: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     inputs = model_inputs(batch)
     rows, length = batch["input_ids"].shape
     if rows > 1 and "attention_mask" not in batch and uses_flash_attention(decoder):
-        inputs["input_ids"] = inputs["input_ids"].reshape(1, rows * length)
-        if "position_ids" in inputs:
-            inputs["position_ids"] = inputs["position_ids"].reshape(1, rows * length)
+        inputs = one_row(inputs, rows * length)
     out = decoder(**inputs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     assert isinstance(hidden, torch.Tensor)
     return hidden.reshape(rows, length, hidden.shape[-1])
+
+
+def one_row(inputs: dict[str, Any], positions: int) -> dict[str, Any]:
+    """``inputs`` with a batch's rows laid end to end as one row (the flash-attention path).
+
+    Samples in a row and rows alike are told apart by the text positions restarting at 0, so the
+    result is the same; image features stay in order (row-major both ways).
+    """
+    flat = dict(inputs)
+    for key in ("input_ids", "visual_pos_masks"):
+        if key in flat:
+            flat[key] = flat[key].reshape(1, positions)
+    if "inputs_embeds" in flat:
+        flat["inputs_embeds"] = flat["inputs_embeds"].reshape(1, positions, -1)
+    if "position_ids" in flat:
+        position_ids = flat["position_ids"]
+        lead = position_ids.shape[:-2]
+        flat["position_ids"] = position_ids.reshape(*lead, 1, positions)
+    return flat
 
 
 def selected_logits(decoder: nn.Module, lm_head: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -376,7 +376,8 @@ class ActivationRecorder:
     def batch(self, batch: dict[str, torch.Tensor]) -> None:
         from auto_quantize_model.core.batching import IGNORE_INDEX
 
-        self.mask = batch["labels"] != IGNORE_INDEX
+        # image batches: image and prompt tokens are real without a label, and static scales see them
+        self.mask = batch["real_mask"] != 0 if "real_mask" in batch else batch["labels"] != IGNORE_INDEX
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:

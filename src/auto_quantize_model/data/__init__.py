@@ -33,3 +33,9 @@ def tiny_tokenizer_dir() -> Path:
     Qwen-VL vision/chat special tokens; it adds no BOS/EOS when encoding, like Qwen's tokenizer.
     """
     return DATA_DIR / "tiny-tokenizer"
+
+
+def builtin_images_dir() -> Path:
+    """24 small generated pictures with a caption each (``pairs.jsonl``), rebuilt by
+    ``_build_images.py``: the ``builtin`` source of ``[calib] images``."""
+    return DATA_DIR / "images"

@@ -44,9 +44,11 @@ PATH_KEYS: frozenset[tuple[str, str]] = frozenset(
         ("model", "path"),
         ("model", "tokenizer"),
         ("calib", "captions"),
+        ("calib", "images"),
         ("validate", "holdout_captions"),
         ("frontier", "holdout_captions"),
         ("reports", "output_dir"),
+        ("reports", "compare_to"),
         ("autoquant", "checkpoint"),
     }
 )

@@ -10,7 +10,8 @@ What is checked here, beyond the ranges the spec classes check themselves:
 * the model: a built-in name, or a folder with a ``config.json`` that parses to an object whose
   ``model_type`` transformers loads as a language model, and a tokenizer next to it (or at
   ``model.tokenizer``);
-* the captions: readable, UTF-8, not empty, and holding at least ``calib.max_samples`` captions.
+* the captions: readable, UTF-8, not empty, and holding at least ``calib.max_samples`` captions;
+  with ``calib.images``, the first ``calib.max_samples`` pairs and every image they name.
   Too few is an error, not a warning: the manifest records ``max_samples`` as what was used, so
   a silent shortfall would make it lie; the held-out file must be readable and not empty;
 * something left to measure: held-out text (``validate``, measured ``frontier`` points, an
@@ -30,6 +31,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from auto_quantize_model.core.image_pairs import pairs_problem, read_pair_source
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.io.convert import did_you_mean, toml_value
 from auto_quantize_model.io.hf_config import read_config_json, supported_model_type
@@ -56,10 +58,18 @@ def preflight(spec: PipelineSpec, *, source: str | None = None) -> None:
     calib_ok = _check_file(("calib", "captions"), spec.calib.captions, bad) and _check_captions(
         ("calib", "captions"), spec.calib.captions, spec.calib.max_samples, bad
     )
+    if spec.calib.images is not None:
+        _check_pairs(spec, bad)
     for held_out in _held_out_sources(spec):
         _, setting, value = held_out
         if _check_file(setting, value, bad) and _check_captions(setting, value, None, bad) and calib_ok:
             _check_something_held_out(held_out, spec, bad)
+    if spec.reports.compare_to is not None and not Path(spec.reports.compare_to).exists():
+        bad(
+            "reports.compare_to",
+            f"{spec.reports.compare_to} does not exist; give a run folder or a manifest",
+            InputError,
+        )
     if spec.reports.output_dir is not None:
         out = Path(spec.reports.output_dir)
         if out.exists() and not out.is_dir():
@@ -171,6 +181,25 @@ def _check_captions(key: tuple[str, str], value: str, max_samples: int | None, b
 
 HeldOutSource = tuple[str, tuple[str, str], str]
 """(the key problems are reported under, the setting whose bundled names apply, its value)."""
+
+
+def _check_pairs(spec: PipelineSpec, bad: Report) -> None:
+    """The pairs calibration uses, and some left after them when a stage measures on held-out pairs."""
+    assert spec.calib.images is not None
+    problem = pairs_problem(spec.calib.images, spec.calib.max_samples)
+    if problem is not None:
+        bad("calib.images", problem.removeprefix("calib.images: "), InputError)
+        return
+    validate = spec.validate is not None
+    frontier = spec.frontier is not None and bool(spec.frontier.measure)
+    measuring = [table for table, on in (("validate", validate), ("frontier", frontier)) if on]
+    total = len(read_pair_source(spec.calib.images).pairs)
+    if measuring and total <= spec.calib.max_samples:
+        bad(
+            f"{measuring[0]}.holdout_samples",
+            f"calib.images holds {total} pairs and calib.max_samples takes all of them, so none is left "
+            "to measure on; add pairs or lower calib.max_samples",
+        )
 
 
 def _held_out_sources(spec: PipelineSpec) -> list[HeldOutSource]:

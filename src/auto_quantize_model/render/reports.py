@@ -42,6 +42,7 @@ from auto_quantize_model.io.manifest import manifest_to_json
 from auto_quantize_model.io.manifest_file import MANIFEST_SUFFIX, read_manifest
 from auto_quantize_model.manifest_records import Manifest, RankedGroup
 from auto_quantize_model.render.cells import NOT_AVAILABLE, number
+from auto_quantize_model.render.image_mix import image_mix_lines
 from auto_quantize_model.render.validation import validation_markdown
 
 log = logging.getLogger("auto_quantize_model")
@@ -150,6 +151,8 @@ def render_layer_json(manifest: Manifest, *, state_file: str | None = None) -> d
             "total_tokens": dataset.total_tokens,
             "padding_fraction": padding_fraction(dataset.real_tokens, dataset.total_tokens),
         }
+        if dataset.images is not None:
+            document["dataset"]["images"] = attrs.asdict(dataset.images)
     document["autoquant_state"] = {
         "constraints": {"effective_bits": scheme.effective_bits_model},
         "score": scheme.total_score,
@@ -217,12 +220,13 @@ def _header(manifest: Manifest) -> list[str]:
         padding = padding_fraction(dataset.real_tokens, dataset.total_tokens)
         sha = "" if dataset.captions_sha256 is None else f" (sha256 `{dataset.captions_sha256[:16]}…`)"
         lines += [
-            f"- **Captions:** `{dataset.captions_path}`{sha}",
+            f"- **{'Image pairs' if dataset.images else 'Captions'}:** `{dataset.captions_path}`{sha}",
             f"- **Samples:** {dataset.samples} used of {dataset.max_samples} asked, "
             f"{dataset.batches} batches of {dataset.batch_size}, seq_len {dataset.seq_len}, "
             f"layout `{dataset.layout}`",
             f"- **Tokens:** {_or_na(dataset.real_tokens)} real of {dataset.total_tokens} total "
             f"(padding {NOT_AVAILABLE if padding is None else f'{padding:.1%}'})",
+            *image_mix_lines(dataset.images),
         ]
     lines += [
         "",

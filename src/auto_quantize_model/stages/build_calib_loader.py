@@ -1,4 +1,4 @@
-"""The ``BuildCalibLoader`` stage: captions file -> tokenised calibration batches.
+"""The ``BuildCalibLoader`` stage: captions file (or image + caption pairs) -> calibration batches.
 
 The batching rules are pure (:mod:`auto_quantize_model.core.batching`, lists of ints); this module
 reads the file, asks the tokenizer and turns the rows into the int64 tensors :class:`CalibData`
@@ -23,6 +23,7 @@ from auto_quantize_model.core.batching import (
     tokenize_captions,
 )
 from auto_quantize_model.core.captions import captions_label, captions_sha256, read_captions
+from auto_quantize_model.core.image_pairs import check_pairs, pairs_sha256, read_pair_source, take_pairs
 from auto_quantize_model.io.memory_limits import HostMemory, available_memory
 from auto_quantize_model.specs import CalibSpec
 
@@ -85,6 +86,39 @@ def memory_budget(
     )
 
 
+def image_calib(loaded: LoadedModel, spec: CalibSpec) -> CalibData:
+    """``calib.images``: pairs checked, then encoded through the model's processor and vision tower
+    (:mod:`auto_quantize_model.backend.vision_calib`)."""
+    from auto_quantize_model.backend.vision_calib import image_calib_data
+
+    assert spec.images is not None
+    source = read_pair_source(spec.images)
+    pairs = check_pairs(take_pairs(source, spec.max_samples))
+    data = image_calib_data(
+        loaded,
+        pairs,
+        spec,
+        pad_id=pad_token_id(loaded.tokenizer, getattr(loaded.model, "config", None)),
+        label=source.label,
+        sha256=pairs_sha256(pairs),
+    )
+    stats, mix = data.stats, data.stats.images
+    assert mix is not None
+    log.info(
+        "calibration: %d image + caption pairs, %d image and %d text tokens (%d scored) in %d "
+        "(%.1f%% padding), %d %s batches",
+        stats.samples,
+        mix.image_tokens,
+        mix.text_tokens,
+        mix.caption_tokens,
+        stats.total_tokens,
+        100.0 * stats.padding_fraction,
+        stats.batches,
+        stats.layout,
+    )
+    return data
+
+
 @attrs.frozen
 class BuildCalibLoader:
     """Captions file -> :class:`CalibData`; only the loaded model's tokenizer and config are used."""
@@ -98,6 +132,8 @@ class BuildCalibLoader:
         spec = self.spec
         check_calib_spec(spec)
         loaded = inputs.get(LoadedModel)
+        if spec.images is not None:
+            return image_calib(loaded, spec)
         tokenizer = loaded.tokenizer
         captions = read_captions(spec.captions, spec.max_samples)
         token_lists = tokenize_captions(tokenizer, captions)

@@ -42,7 +42,11 @@ def model_info(loaded: LoadedModel | None) -> ModelInfo:
 
 
 def dataset_info(stats: CalibStats | None) -> DatasetInfo | None:
-    return None if stats is None else project(stats, DatasetInfo)
+    """The manifest's record of the calibration data; the image mix is the artifact's own record
+    (projection structures plain fields only)."""
+    if stats is None:
+        return None
+    return attrs.evolve(project(attrs.evolve(stats, images=None), DatasetInfo), images=stats.images)
 
 
 def scheme_info(scores: SensitivityScores, name: str) -> SchemeInfo:

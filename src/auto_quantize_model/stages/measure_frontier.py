@@ -18,10 +18,10 @@ from auto_quantize_model.artifacts import (
     QuantSearch,
     SensitivityScores,
 )
-from auto_quantize_model.backend.measure import HeldOutEval, measure_mixes
+from auto_quantize_model.backend.measure import measure_mixes
+from auto_quantize_model.backend.vision_holdout import held_out_eval
 from auto_quantize_model.core.frontier_points import measured_budgets, measured_frontier
 from auto_quantize_model.core.scores import NO_QUANT
-from auto_quantize_model.core.validation import held_out_set
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.specs import FrontierSpec, ValidateSpec
 
@@ -76,7 +76,8 @@ class MeasureFrontier:
         holdout_spec = ValidateSpec(
             holdout_captions=spec.holdout_captions, holdout_samples=spec.holdout_samples
         )
-        held_out = held_out_set(holdout_spec, inputs.get(CalibData), inputs.get(LoadedModel).tokenizer)
+        calib, loaded, lm = inputs.get(CalibData), inputs.get(LoadedModel), inputs.get(LanguageModel)
+        held_out, evaluator = held_out_eval(holdout_spec, calib, loaded, lm, "frontier")
         notes += [note.replace("validate.", "frontier.") for note in held_out.notes]
 
         switch = RecipeSwitch(inputs.get(QuantSearch).model)
@@ -95,7 +96,6 @@ class MeasureFrontier:
             ", ".join(f"{p.effective_bits_lm:.3f}" for p in points),
             len(held_out.token_lists),
         )
-        evaluator = HeldOutEval.on(inputs.get(LanguageModel), held_out.token_lists)
         passes = measure_mixes(evaluator, switch, mixes)
         measured = [
             MeasuredPoint(

@@ -16,10 +16,10 @@ from auto_quantize_model.artifacts import (
     SensitivityScores,
     ValidationReport,
 )
-from auto_quantize_model.backend.measure import HeldOutEval, measure
+from auto_quantize_model.backend.measure import measure
+from auto_quantize_model.backend.vision_holdout import held_out_eval
 from auto_quantize_model.core.validation import (
     RefinePlan,
-    held_out_set,
     rank_candidates,
     refine_sets,
     select_groups,
@@ -72,7 +72,9 @@ class ValidateSensitivity:
         scores = inputs.get(SensitivityScores)
         candidates, left_out = rank_candidates(scores.groups)
         selection = select_groups(candidates, spec.k, spec.seed)
-        held_out = held_out_set(spec, inputs.get(CalibData), inputs.get(LoadedModel).tokenizer)
+        held_out, evaluator = held_out_eval(
+            spec, inputs.get(CalibData), inputs.get(LoadedModel), inputs.get(LanguageModel)
+        )
         short = (*selection_notes(spec.k, len(candidates), selection), *held_out.notes)
         for note in short:
             log.warning("validation: %s", note)
@@ -91,7 +93,6 @@ class ValidateSensitivity:
                 short = (*short, note)
 
         switch = RecipeSwitch(inputs.get(QuantSearch).model)
-        evaluator = HeldOutEval.on(inputs.get(LanguageModel), held_out.token_lists)
         measurement = measure(
             evaluator,
             switch,

@@ -1,0 +1,97 @@
+"""Activation ranges of the language model's linear layers on image tokens vs text tokens.
+
+A static INT8/FP8 activation scale is the largest input magnitude seen in calibration (ModelOpt's
+max calibrator). Calibrated on captions alone it never sees image tokens, whose hidden states
+come from the vision tower (and its deepstack features in the first layers) and can be far
+larger or smaller; the scale then clips them, or wastes its range. One unquantized pass over the
+calibration batches records, for every ``nn.Linear`` of the decoder and for lm_head, that largest
+magnitude on each kind of token, so the report can show where the two differ. Fused MoE experts
+are not ``nn.Linear`` and are left out. The pass runs once, when the batches are built, before any
+quantizer exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from auto_quantize_model.artifacts import ActivationRange
+from auto_quantize_model.backend.lm_forward import decoder_hidden
+
+
+class RangeRecorder:
+    """Forward pre-hooks keeping each linear input's largest magnitude per token kind."""
+
+    def __init__(self, modules: Sequence[tuple[str, nn.Module]]) -> None:
+        self.modules = modules
+        self.image: dict[str, float] = dict.fromkeys((name for name, _ in modules), 0.0)
+        self.text: dict[str, float] = dict.fromkeys((name for name, _ in modules), 0.0)
+        self.visual: torch.Tensor | None = None
+        self.real: torch.Tensor | None = None
+
+    def see(self, name: str, x: torch.Tensor) -> None:
+        """Fold ``x`` (``[B, L, H]``, the batch being run) into ``name``'s ranges."""
+        assert self.visual is not None
+        assert self.real is not None
+        peak = x.detach().abs().amax(dim=-1).float()
+        visual, real = self.visual.to(peak.device), self.real.to(peak.device)
+        for kind, mask in ((self.image, visual & real), (self.text, ~visual & real)):
+            if bool(mask.any()):
+                kind[name] = max(kind[name], float(peak[mask].max()))
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        def hook(name: str) -> Any:
+            def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+                if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
+                    self.see(name, args[0])
+
+            return record
+
+        handles = [module.register_forward_pre_hook(hook(name)) for name, module in self.modules]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def linear_layers(model: nn.Module, decoder: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Full-model names of the decoder's linear layers, in order."""
+    prefix = next((name for name, module in model.named_modules() if module is decoder), "")
+    return [
+        (f"{prefix}.{name}" if prefix else name, module)
+        for name, module in decoder.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+
+
+def activation_ranges(
+    model: nn.Module, decoder: nn.Module, head_name: str, batches: Sequence[dict[str, torch.Tensor]]
+) -> tuple[ActivationRange, ...]:
+    """Image vs text input ranges of every linear layer (and lm_head, whose input is the decoder's
+    output) over ``batches`` (image batches on CPU; run where the decoder is)."""
+    from auto_quantize_model.backend.lm_forward import input_device, to_device
+
+    recorder = RangeRecorder(linear_layers(model, decoder))
+    head: dict[str, float] = {"image": 0.0, "text": 0.0}
+    device = input_device(decoder)
+    with torch.no_grad(), recorder.hooked():
+        for cpu_batch in batches:
+            batch = to_device(cpu_batch, device)
+            recorder.visual = batch["visual_pos_masks"]
+            recorder.real = batch["real_mask"] != 0
+            hidden = decoder_hidden(decoder, batch)
+            peak = hidden.abs().amax(dim=-1).float()
+            for kind, mask in (
+                ("image", recorder.visual & recorder.real),
+                ("text", ~recorder.visual & recorder.real),
+            ):
+                if bool(mask.any()):
+                    head[kind] = max(head[kind], float(peak[mask.to(peak.device)].max()))
+    found = [ActivationRange(name, recorder.image[name], recorder.text[name]) for name, _ in recorder.modules]
+    return (*found, ActivationRange(head_name, head["image"], head["text"]))
