@@ -130,10 +130,11 @@ class MeasureFrontier:
             log.warning("frontier: %s", note)
         log.info(
             "frontier: measured %d point(s) in %.1f s; Spearman(predicted, dNLL) %.3f; %d measured "
-            "non-monotone step(s)",
+            "non-monotone step(s); %.1f s of it generating greedily",
             len(report.points),
             report.seconds,
             report.spearman_nll,
             sum(p.non_monotone for p in report.points),
+            passes.greedy_seconds,
         )
         return report
