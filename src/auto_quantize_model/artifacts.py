@@ -429,6 +429,31 @@ class ValidatedGroup:
 
 
 @attrs.frozen
+class LastPosition:
+    """Damage where a deployed model generates: at each held-out caption's last real token.
+
+    ΔNLL and KL average over the positions whose next token is in the caption; the last one has
+    none, yet every generated token is computed from exactly there (and a static activation scale
+    fitted without it clips there). Compared with the same 16-bit model on the same captions
+    (:mod:`auto_quantize_model.core.last_position` defines each figure).
+    """
+
+    captions: int
+    kl: float
+    """Mean over the captions of KL(16-bit || quantized) of the next token after the caption."""
+    top1: float
+    """Share of the captions whose most likely next token is the 16-bit model's."""
+    greedy_tokens: int = 0
+    """Tokens generated greedily after each caption; 0: no generation check."""
+    greedy_captions: int = 0
+    greedy_agreement: float = math.nan
+    """Mean share of the generated tokens that come before the first one differing from the 16-bit
+    model's: 1.0 is the same text throughout, 0.0 a different first token."""
+    greedy_identical: float = math.nan
+    """Share of the captions continued exactly as the 16-bit model continues them."""
+
+
+@attrs.frozen
 class ValidationReport:
     """How well the predicted ranking matches measured damage on held-out captions."""
 
@@ -464,6 +489,8 @@ class ValidationReport:
     """``[validate]`` settings that could not be honoured as written (``k`` beyond the groups,
     ``holdout_samples`` beyond the text), one sentence each: the report lists them with the run's
     warnings, ahead of the ranking, and not again among :attr:`notes`."""
+    last_position: LastPosition | None = None
+    """AutoQuant's chosen mix at the captions' last positions; None before aqm measured it."""
 
 
 @attrs.frozen
@@ -510,6 +537,8 @@ class MeasuredPoint:
     """Groups of the mix on a quantized format."""
     non_monotone: bool = False
     """More bits than the previous measured point, yet a larger measured ΔNLL."""
+    last_position: LastPosition | None = None
+    """The mix at the held-out captions' last positions; None before aqm measured it."""
 
 
 @attrs.frozen

@@ -165,6 +165,23 @@ def _resamples(instance: object, attribute: attrs.Attribute[Any], value: int) ->
         )
 
 
+MAX_GREEDY_TOKENS = 64
+"""Most tokens a generation check continues each caption by: every token is a forward pass over
+those captions, with the 16-bit model and each quantized one, and two texts that differ once are
+compared no further."""
+
+
+def _greedy_tokens(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    not_negative(instance, attribute, value)
+    if value > MAX_GREEDY_TOKENS:
+        raise SpecError(
+            _owner(instance),
+            attribute.name,
+            f"must be at most {MAX_GREEDY_TOKENS} (0 = no generation check), got {value}: each token costs a "
+            "forward pass of every greedy caption with both models",
+        )
+
+
 def _budgets(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
     try:
         parse_budgets(value)
@@ -484,6 +501,11 @@ class ValidateSpec:
     refine: int = attrs.field(default=0, validator=not_negative)
     """Measure the single-group KL of the top ``refine`` predicted groups (and as many random
     others, as a control) and reorder them by it; 0 = off."""
+    greedy_tokens: int = attrs.field(default=8, validator=_greedy_tokens)
+    """Generation check: continue held-out captions by this many tokens greedily, with the chosen
+    mix and the 16-bit model, and count the agreement; 0 = off, at most :data:`MAX_GREEDY_TOKENS`."""
+    greedy_samples: int = attrs.field(default=16, validator=positive)
+    """The first this many held-out captions are continued (all of them when there are fewer)."""
 
 
 @attrs.frozen
@@ -499,6 +521,9 @@ class FrontierSpec:
     holdout_captions: str = "builtin-holdout"
     """Held-out text for the measured points, as ``validate.holdout_captions``."""
     holdout_samples: int = attrs.field(default=64, validator=positive)
+    greedy_tokens: int = attrs.field(default=8, validator=_greedy_tokens)
+    """The generation check of each measured mix, as ``validate.greedy_tokens``."""
+    greedy_samples: int = attrs.field(default=16, validator=positive)
     workers: int | None = attrs.field(default=None, validator=positive)
     """Processes for the gradient method's CBC solves (~0.25 s each); None: in process for a small
     problem, else one per available CPU

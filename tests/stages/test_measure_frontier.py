@@ -70,6 +70,13 @@ def test_measuring_the_frontier_restores_the_model_exactly(tmp_path: Path) -> No
     assert len(points) == 3
     assert [p.budget for p in points] == sorted(p.budget for p in points)
     assert all(p.quantized_groups > 0 and math.isfinite(p.delta_nll) and p.kl_div > 0.0 for p in points)
+    # each mix at the captions' last positions, and 8 greedy tokens after each of the 12 (fewer than 16)
+    checked = [p.last_position for p in points]
+    assert all(
+        c is not None and (c.captions, c.greedy_tokens, c.greedy_captions) == (12, 8, 12) for c in checked
+    )
+    assert all(c is not None and 0.0 <= c.top1 <= 1.0 and 0.0 <= c.greedy_agreement <= 1.0 for c in checked)
+    assert all(c is not None and math.isfinite(c.kl) and c.kl > 0.0 for c in checked)
     frontier = store.get(BudgetFrontier).frontier
     assert all(p.predicted_score == frontier.point(p.budget).total_score for p in points)
     assert measured.chosen_delta_nll == pytest.approx(

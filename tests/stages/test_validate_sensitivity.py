@@ -727,3 +727,46 @@ def test_per_caption_sums_add_up_to_the_pass_totals(int8_run: Run) -> None:
     again, _ = evaluator.run(reference=kept)
     assert again.caption_kl == (0.0,) * len(held.token_lists)  # the same model: no divergence at all
     assert again.caption_nll == first.caption_nll
+
+
+def one_at_a_time(decoder: Any, head: Any, prompt: tuple[int, ...], steps: int) -> tuple[int, ...]:
+    """Greedy tokens after ``prompt``, one unpadded row per forward: no batching to get wrong."""
+    import torch
+
+    from auto_quantize_model.backend.lm_forward import decoder_hidden
+
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(steps):
+            batch = {"input_ids": torch.tensor([ids]), "position_ids": torch.arange(len(ids))[None]}
+            ids.append(int(head(decoder_hidden(decoder, batch)[0, -1:]).argmax(-1)))
+    return tuple(ids[len(prompt) :])
+
+
+@pytest.mark.slow
+def test_the_chosen_mix_is_checked_where_it_generates(int8_run: Run) -> None:
+    """Top-1 and greedy agreement of the chosen mix, redone one caption at a time by hand."""
+    from auto_quantize_model.core.last_position import greedy_agreement
+
+    figures = int8_run.report.last_position
+    assert figures is not None
+    spec = ValidateSpec()
+    assert (figures.captions, figures.greedy_tokens, figures.greedy_captions) == (20, 8, spec.greedy_samples)
+    held = held_out_set(
+        ValidateSpec(holdout_captions=int8_run.report.holdout_source, holdout_samples=20),
+        int8_run.inputs.get(CalibData),
+        int8_run.inputs.get(LoadedModel).tokenizer,
+    )
+    lm = int8_run.inputs.get(LanguageModel)  # the model as AutoQuant chose it, put back after validation
+    pristine = int8_run.pristine  # every group unquantized: the baseline
+    chosen = [one_at_a_time(lm.module, lm.lm_head, p, 8) for p in held.token_lists]
+    reference = [
+        one_at_a_time(pristine.model.language_model, pristine.lm_head, p, 8) for p in held.token_lists
+    ]
+    same_first = sum(c[0] == r[0] for c, r in zip(chosen, reference, strict=True))
+    assert figures.top1 == same_first / 20
+    agreement, identical = greedy_agreement(tuple(chosen[:16]), tuple(reference[:16]), 8)
+    assert (figures.greedy_agreement, figures.greedy_identical) == (agreement, identical)
+    assert 0.0 <= figures.greedy_agreement <= 1.0
+    assert math.isfinite(figures.kl)
+    assert figures.kl >= 0.0

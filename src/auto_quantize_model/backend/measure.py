@@ -15,22 +15,29 @@ can be trusted (:mod:`auto_quantize_model.core.noise`). The same passes feed the
 (:mod:`auto_quantize_model.core.proxies`: input activations recorded in the baseline pass, each
 format's weight quantization error read while the model is switched) and the measured
 refinement (the top N predicted groups and a control set, measured alone).
+
+Every pass also reads each caption's last position, which has no target and so is never scored,
+yet is where a deployed model generates from: the most likely next token there and, against
+the baseline, its KL. With a :class:`~auto_quantize_model.backend.generation.Greedy` plan the
+baseline and the chosen model (or each mix) also continue a few captions greedily; what those
+figures mean is :mod:`auto_quantize_model.core.last_position`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
 from auto_quantize_model.backend import layer_cache as lc
-from auto_quantize_model.core.batching import holdout_columns
+from auto_quantize_model.backend.activations import ActivationRecorder
+from auto_quantize_model.core.batching import IGNORE_INDEX, holdout_columns
+from auto_quantize_model.core.last_position import last_position
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.core.validation import Candidate, GroupSelection, Measurement, mean_delta_nll
 
@@ -38,9 +45,11 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from auto_quantize_model.artifacts import GroupScore, LanguageModel
+    from auto_quantize_model.artifacts import GroupScore, LanguageModel, LastPosition
+    from auto_quantize_model.backend.generation import Greedy
     from auto_quantize_model.backend.modelopt.recipe_switch import RecipeSwitch
-    from auto_quantize_model.core.proxies import ActivationStats, WeightStats
+    from auto_quantize_model.core.last_position import Continuations
+    from auto_quantize_model.core.proxies import WeightStats
 
 log = logging.getLogger("auto_quantize_model")
 
@@ -62,6 +71,12 @@ class PassResult:
     """KL summed per caption likewise; empty when there was no reference."""
     caption_tokens: tuple[int, ...] = ()
     """Scored tokens per caption, in the same order."""
+    last_top: tuple[int, ...] = ()
+    """Most likely next token at each caption's last position (no target there), in the same order."""
+    last_kl: tuple[float, ...] = ()
+    """KL(unquantized || this model) at each caption's last position; empty without a reference."""
+    last_log_probs: tuple[torch.Tensor, ...] = ()
+    """The last positions' log-probabilities per batch, kept (``keep``) to become a reference."""
 
     @property
     def nll(self) -> float:
@@ -88,10 +103,15 @@ class Reference:
     """
 
     log_probs: tuple[torch.Tensor, ...]
+    """Per batch, at the positions with a target; empty in a :meth:`last_only` reference."""
     probs: tuple[torch.Tensor | None, ...]
+    last: tuple[torch.Tensor, ...] = ()
+    """Per batch, at each caption's last position (``[captions, vocab]``, small); empty: no KL there."""
 
     @classmethod
-    def of(cls, log_probs: Sequence[torch.Tensor], precompute: bool = True) -> Reference:
+    def of(
+        cls, log_probs: Sequence[torch.Tensor], precompute: bool = True, last: Sequence[torch.Tensor] = ()
+    ) -> Reference:
         import torch
 
         probs: list[torch.Tensor | None] = []
@@ -104,7 +124,18 @@ class Reference:
             fits = size <= room[device]
             room[device] -= size if fits else 0
             probs.append(torch.exp(logp) if fits else None)
-        return cls(tuple(log_probs), tuple(probs))
+        return cls(tuple(log_probs), tuple(probs), tuple(last))
+
+    def last_only(self) -> Reference:
+        """The last positions' part alone: what checking the chosen model needs, without the big part."""
+        return Reference((), (), self.last)
+
+    def last_kl(self, index: int, logq: torch.Tensor) -> torch.Tensor:
+        """``KL(reference || q)`` at each caption's last position of batch ``index``."""
+        import torch
+
+        ref = self.last[index].to(logq.device)
+        return (torch.exp(ref) * (ref - logq)).sum(-1)
 
     def kl_per_position(self, index: int, logq: torch.Tensor, in_place: bool) -> torch.Tensor:
         """``KL(reference || q)`` of each position of batch ``index``, summed over the vocabulary.
@@ -198,10 +229,11 @@ class HeldOutEval:
     ) -> tuple[PassResult, list[torch.Tensor]]:
         import torch
 
-        from auto_quantize_model.backend.lm_forward import selected_logits, target_index
+        from auto_quantize_model.backend.lm_forward import decoder_hidden, target_index, to_head
 
         if reference is not None and not isinstance(reference, Reference):
             reference = Reference.of(reference, precompute=False)
+        scored = reference is not None and bool(reference.log_probs)
         nll_sum = 0.0
         kl_sum = 0.0
         tokens = 0
@@ -210,14 +242,30 @@ class HeldOutEval:
         caption_nll: list[torch.Tensor] = []
         caption_kl: list[torch.Tensor] = []
         caption_tokens: list[torch.Tensor] = []
+        last_top: list[torch.Tensor] = []
+        last_kl: list[torch.Tensor] = []
+        last_kept: list[torch.Tensor] = []
         with torch.inference_mode():
             for index, batch in enumerate(self.batches):
                 if observe is not None:
                     observe(batch)
                 batch_index(index)
-                logits = selected_logits(self.decoder, self.lm_head, batch)
-                logq = torch.log_softmax(logits.double(), dim=-1)
+                hidden = decoder_hidden(self.decoder, batch)
+                hidden = hidden.reshape(-1, hidden.shape[-1])
                 flat, targets = target_index(batch)
+                # as selected_logits computes them, so the scored figures keep their bits
+                logits = self.lm_head(to_head(hidden.index_select(0, flat.to(hidden.device)), self.lm_head))
+                at_last = self.lm_head(
+                    to_head(hidden.index_select(0, last_index(batch).to(hidden.device)), self.lm_head)
+                )
+                last_logq = torch.log_softmax(at_last.double(), dim=-1)
+                last_top.append(last_logq.argmax(-1).cpu())
+                if reference is not None and reference.last:
+                    last_kl.append(reference.last_kl(index, last_logq).cpu())
+                if keep:
+                    last_kept.append(last_logq)
+                del hidden, at_last
+                logq = torch.log_softmax(logits.double(), dim=-1)
                 nll = -logq.gather(1, targets.to(logq.device)[:, None]).squeeze(1)
                 nll_sum += nll.sum().item()
                 tokens += int(nll.numel())
@@ -226,7 +274,7 @@ class HeldOutEval:
                 row = (flat // length).to(logq.device)
                 caption_nll.append(nll.new_zeros(rows).index_add_(0, row, nll).cpu())
                 caption_tokens.append(torch.bincount(row, minlength=rows).cpu())
-                if reference is not None:
+                if reference is not None and scored:
                     per_position = reference.kl_per_position(index, logq, in_place=not keep)
                     kl_sum += per_position.sum().item()
                     caption_kl.append(per_position.new_zeros(rows).index_add_(0, row, per_position).cpu())
@@ -234,14 +282,28 @@ class HeldOutEval:
                     kept.append(logq)
         result = PassResult(
             nll_sum=nll_sum,
-            kl_sum=max(kl_sum, 0.0) if reference is not None else math.nan,
+            kl_sum=max(kl_sum, 0.0) if scored else math.nan,
             tokens=tokens,
             token_nll=torch.cat(token_nll),
             caption_nll=tuple(torch.cat(caption_nll).tolist()),
             caption_kl=tuple(torch.cat(caption_kl).tolist()) if caption_kl else (),
             caption_tokens=tuple(int(n) for n in torch.cat(caption_tokens).tolist()),
+            last_top=tuple(int(t) for t in torch.cat(last_top).tolist()) if last_top else (),
+            last_kl=tuple(torch.cat(last_kl).tolist()) if last_kl else (),
+            last_log_probs=tuple(last_kept),
         )
         return result, kept
+
+
+def last_index(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Flat index of each row's last real token in a held-out batch (one caption per row,
+    right-padded, every real token labelled)."""
+    import torch
+
+    labels = batch["labels"]
+    rows, length = labels.shape
+    real = (labels != IGNORE_INDEX).sum(1)
+    return torch.arange(rows, device=labels.device) * length + real - 1
 
 
 @attrs.frozen(eq=False)
@@ -258,9 +320,34 @@ class MixPasses:
     """Switches, folded weights, the baseline and the chosen model all came back bit for bit."""
     seconds: tuple[float, ...] = ()
     """Wall time of each mix's pass, in the order given."""
+    chosen_last: PassResult | None = None
+    """The chosen model again, once put back: its last positions measured against the baseline."""
+    greedy_steps: int = 0
+    """Tokens of each greedy continuation; 0 without a generation check."""
+    baseline_greedy: Continuations = ()
+    chosen_greedy: Continuations = ()
+    """Empty unless the chosen model was asked to generate."""
+    mix_greedy: tuple[Continuations, ...] = ()
+    """One per mix when the mixes were asked to generate, else empty."""
+    greedy_seconds: float = 0.0
 
     def delta_nll(self, result: PassResult) -> float:
         return mean_delta_nll(result, self.baseline)
+
+    def chosen_last_position(self) -> LastPosition | None:
+        """The chosen model's figures at the last positions; None when it was not measured."""
+        if self.chosen_last is None:
+            return None
+        return self._figures(self.chosen_last, self.chosen_greedy)
+
+    def mix_last_position(self, index: int) -> LastPosition:
+        return self._figures(self.mixes[index], self.mix_greedy[index] if self.mix_greedy else ())
+
+    def _figures(self, result: PassResult, continuations: Continuations) -> LastPosition:
+        steps = self.greedy_steps if continuations else 0
+        return last_position(
+            result, self.baseline, steps=steps, continuations=continuations, reference=self.baseline_greedy
+        )
 
 
 def changed_modules(switch: RecipeSwitch, mix: Mapping[int, str]) -> list[nn.Module]:
@@ -289,6 +376,8 @@ def measure_mixes(
     *,
     recorder: ActivationRecorder | None = None,
     while_switched: Callable[[], None] | None = None,
+    greedy: Greedy | None = None,
+    greedy_mixes: bool = False,
 ) -> MixPasses:
     """Measure each mix (hparam ``id`` -> format; every other group on NONE), then put the model back.
 
@@ -298,11 +387,15 @@ def measure_mixes(
     ``while_switched`` runs after the mixes, before the model is put back, so whatever it
     switches is covered by the same restore and checks. On a CPU, freed host memory is reused
     meanwhile (:func:`~auto_quantize_model.backend.host_memory.host_memory_kept`).
+
+    The chosen model's last positions are measured against the baseline's once it is back.
+    ``greedy``: the baseline continues its prompts, and so does the chosen model, or with
+    ``greedy_mixes`` each mix instead (validation measures single groups, which nobody deploys).
     """
     from auto_quantize_model.backend.host_memory import host_memory_kept
 
     with host_memory_kept(evaluator.device):
-        return _measure_mixes(evaluator, switch, mixes, recorder, while_switched)
+        return _measure_mixes(evaluator, switch, mixes, recorder, while_switched, greedy, greedy_mixes)
 
 
 def _measure_mixes(
@@ -311,11 +404,24 @@ def _measure_mixes(
     mixes: Sequence[Mapping[int, str]],
     recorder: ActivationRecorder | None,
     while_switched: Callable[[], None] | None,
+    greedy: Greedy | None,
+    greedy_mixes: bool,
 ) -> MixPasses:
     results: list[PassResult] = []
     seconds: list[float] = []
     cache = evaluator.cache
     replayed = 0
+    generated: list[Continuations] = []
+    greedy_seconds = [0.0]
+
+    def generate() -> Continuations:
+        if greedy is None:
+            return ()
+        started = time.perf_counter()
+        tokens = greedy.run(evaluator.decoder, evaluator.lm_head, evaluator.device)
+        greedy_seconds[0] += time.perf_counter() - started
+        return tokens
+
     try:
         chosen_before, _ = evaluator.run()
         switch.apply({})
@@ -324,8 +430,10 @@ def _measure_mixes(
         else:
             with recorder.recording():
                 baseline, kept = evaluator.run(keep=True, observe=recorder.batch, record=True)
-        reference = Reference.of(kept)
+        reference = Reference.of(kept, last=baseline.last_log_probs)
+        baseline = attrs.evolve(baseline, last_log_probs=())
         del kept
+        baseline_greedy = generate()
         for mix in mixes:
             started = time.perf_counter()
             switch.apply(mix)
@@ -334,6 +442,8 @@ def _measure_mixes(
             result, _ = evaluator.run(reference, start=start)
             results.append(result)
             seconds.append(time.perf_counter() - started)
+            if greedy_mixes:
+                generated.append(generate())
         if while_switched is not None:
             while_switched()
         if cache is not None and cache.ready and mixes:
@@ -345,76 +455,33 @@ def _measure_mixes(
             )
         switch.apply({})
         baseline_after, _ = evaluator.run(reference)
+        last_reference = reference.last_only()
         del reference
     finally:
         if cache is not None:
             cache.clear()
         weights_back = switch.restore()
-    chosen_after, _ = evaluator.run()
+    chosen_after, _ = evaluator.run(last_reference)
+    chosen_greedy = () if greedy_mixes else generate()
     restored = (
         weights_back
         and baseline_after.same_as(baseline)
         and baseline_after.kl_sum == 0.0
         and chosen_after.same_as(chosen_before)
     )
-    return MixPasses(chosen_before, baseline, tuple(results), restored, tuple(seconds))
-
-
-class ActivationRecorder:
-    """Input statistics of chosen modules over the held-out captions' real tokens.
-
-    Forward pre-hooks see each module's input; decoder inputs ``[rows, length, hidden]`` are
-    cut to the real tokens with the batch's labels (padding carries ``IGNORE_INDEX``), the
-    lm_head's input is already one row per scored position. Sums are float64 on the host.
-    """
-
-    def __init__(self, modules: Mapping[str, Sequence[nn.Module]]) -> None:
-        self.modules = modules
-        self.sums: dict[str, list[float]] = {}
-        self.mask: torch.Tensor | None = None
-
-    def batch(self, batch: dict[str, torch.Tensor]) -> None:
-        from auto_quantize_model.core.batching import IGNORE_INDEX
-
-        # image batches: image and prompt tokens are real without a label, and static scales see them
-        self.mask = batch["real_mask"] != 0 if "real_mask" in batch else batch["labels"] != IGNORE_INDEX
-
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        handles = [
-            module.register_forward_pre_hook(functools.partial(self._hook, name))
-            for name, modules in self.modules.items()
-            for module in modules
-        ]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _hook(self, group: str, module: nn.Module, args: tuple[Any, ...]) -> None:
-        import torch
-
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or x.numel() == 0:
-            return
-        mask = self.mask
-        if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            x = x[mask.to(x.device)]
-        magnitude = x.detach().double().abs()
-        sums = self.sums.setdefault(group, [0.0, 0.0, 0.0, 0.0])
-        sums[0] = max(sums[0], float(magnitude.max()))
-        sums[1] += float(magnitude.sum())
-        sums[2] += float(magnitude.square().sum())
-        sums[3] += magnitude.numel()
-
-    def result(self) -> dict[str, ActivationStats]:
-        from auto_quantize_model.core.proxies import ActivationStats
-
-        return {
-            name: ActivationStats(top, abs_sum, square_sum, int(count))
-            for name, (top, abs_sum, square_sum, count) in self.sums.items()
-        }
+    return MixPasses(
+        chosen_before,
+        baseline,
+        tuple(results),
+        restored,
+        tuple(seconds),
+        chosen_last=chosen_after,
+        greedy_steps=0 if greedy is None else greedy.steps,
+        baseline_greedy=baseline_greedy,
+        chosen_greedy=chosen_greedy,
+        mix_greedy=tuple(generated),
+        greedy_seconds=greedy_seconds[0],
+    )
 
 
 def measure(
@@ -425,13 +492,15 @@ def measure(
     additivity: bool,
     extra: Sequence[Candidate] = (),
     proxies: bool = False,
+    greedy: Greedy | None = None,
 ) -> Measurement:
     """Measure each selected group alone (and the top ones together), then put the model back
     (:func:`measure_mixes`).
 
     ``extra``: further groups to measure alone (the refinement's, beyond the selection).
     ``proxies``: also record the selected groups' input activations (in the baseline pass) and
-    their weights' quantization error on each of their quantized formats.
+    their weights' quantization error on each of their quantized formats. ``greedy``: the chosen
+    model's generation check.
     """
     by_name = {g.name: g for g in groups}
     labelled = selection.labelled()
@@ -461,7 +530,12 @@ def measure(
         proxy_seconds[0] = time.perf_counter() - started
 
     passes = measure_mixes(
-        evaluator, switch, mixes, recorder=recorder, while_switched=weight_errors if proxies else None
+        evaluator,
+        switch,
+        mixes,
+        recorder=recorder,
+        while_switched=weight_errors if proxies else None,
+        greedy=greedy,
     )
     single = tuple(
         (candidate, label, result)
@@ -483,4 +557,6 @@ def measure(
         weights=weights,
         activations={} if recorder is None else recorder.result(),
         proxy_seconds=proxy_seconds[0],
+        last_position=passes.chosen_last_position(),
+        greedy_seconds=passes.greedy_seconds,
     )

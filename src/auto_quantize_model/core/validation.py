@@ -29,7 +29,7 @@ from auto_quantize_model.core.scores import has_quantized_format, headline_index
 from auto_quantize_model.errors import AqmError
 
 if TYPE_CHECKING:
-    from auto_quantize_model.artifacts import CalibData, GroupScore
+    from auto_quantize_model.artifacts import CalibData, GroupScore, LastPosition
     from auto_quantize_model.core.proxies import ActivationStats, WeightStats
     from auto_quantize_model.specs import ValidateSpec
 
@@ -291,6 +291,10 @@ class Measurement:
     """Selected group -> its input activations in the baseline pass (for the proxies)."""
     proxy_seconds: float = 0.0
     """Wall time spent on the proxies' weight errors (the activation hooks ride the baseline pass)."""
+    last_position: LastPosition | None = None
+    """The chosen model at each held-out caption's last position (and its generation check)."""
+    greedy_seconds: float = 0.0
+    """Wall time of the greedy continuations (the baseline's and the chosen model's)."""
 
     def delta_nll(self, result: PassSums) -> float:
         return mean_delta_nll(result, self.baseline)

@@ -352,4 +352,5 @@ def validation_report(
         noise=noise,
         proxies=proxies,
         refinement=refined,
+        last_position=measurement.last_position,
     )

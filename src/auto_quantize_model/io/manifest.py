@@ -76,6 +76,9 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
         _drop_unset(data["validation"], VALIDATION_ADDITIONS)
         for group in data["validation"]["groups"]:
             _drop_unset(group, VALIDATED_GROUP_ADDITIONS)
+    measured = (data.get("frontier") or {}).get("measured")
+    for point in measured["points"] if measured else ():
+        _drop_unset(point, MEASURED_POINT_ADDITIONS)
     notice = random_weights_notice(manifest.model.source)
     if notice:  # derived from the model source, first so that no reader misses it
         data = {"schema_version": data.pop("schema_version"), NOTICE_KEY: notice, **data}
@@ -85,10 +88,11 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
 NOTICE_KEY = "notice"
 """Top-level key of the random-weights sentence (:func:`random_weights_notice`); derived from
 ``model.source`` when written, dropped when read."""
-VALIDATION_ADDITIONS = ("noise", "proxies", "refinement", "unmet")
+VALIDATION_ADDITIONS = ("noise", "proxies", "refinement", "unmet", "last_position")
 VALIDATED_GROUP_ADDITIONS = ("delta_nll_ci", "kl_ci")
-"""Validation fields added after schema 1 was first written: left out when unset, so a manifest
-without them reads and writes as it always did."""
+MEASURED_POINT_ADDITIONS = ("last_position",)
+"""Validation and measured-frontier fields added after schema 1 was first written: left out when
+unset, so a manifest without them reads and writes as it always did."""
 
 
 def _drop_unset(record: dict[str, Any], keys: Sequence[str]) -> None:

@@ -31,11 +31,12 @@ from auto_quantize_model.core.frontier import step_changes
 from auto_quantize_model.frontier_records import Frontier, FrontierPoint
 from auto_quantize_model.io.atomic import atomic_write_text, own_folder
 from auto_quantize_model.io.convert import dumps_json
+from auto_quantize_model.render.cells import NOT_AVAILABLE, number
 from auto_quantize_model.render.frontier_figures import frontier_pictures
 from auto_quantize_model.render.plots import short_name
 
 if TYPE_CHECKING:
-    from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier
+    from auto_quantize_model.artifacts import BudgetFrontier, LastPosition, MeasuredFrontier
     from auto_quantize_model.core.damage import BoundChoice, DamageModel
 
 MARKDOWN_FILE = "frontier.md"
@@ -173,6 +174,14 @@ def _format_counts(point: FrontierPoint, order: Sequence[str]) -> str:
     return ", ".join(f"{name} {counts[name]}" for name in order if counts[name])
 
 
+def _last_cells(figures: LastPosition | None) -> str:
+    """The last-token KL, top-1 and greedy cells of a measured point; ``n/a`` where not measured."""
+    if figures is None:
+        return " | ".join([NOT_AVAILABLE] * 3)
+    greedy = number(figures.greedy_agreement, ".3f") if figures.greedy_tokens else NOT_AVAILABLE
+    return f"{number(figures.kl)} | {number(figures.top1, '.3f')} | {greedy}"
+
+
 def _measured_markdown(measured: MeasuredFrontier) -> list[str]:
     """Predicted vs measured, side by side, with the rank agreement and the measured flags."""
     lines = [
@@ -184,18 +193,31 @@ def _measured_markdown(measured: MeasuredFrontier) -> list[str]:
         f"`{measured.holdout_source}`): baseline NLL {measured.baseline_nll:.6f}; the run's own choice "
         f"ΔNLL {measured.chosen_delta_nll:.4e}; {measured.seconds:.1f} s.",
         "",
-        "| budget | LM bits | quantized groups | predicted score | measured ΔNLL | measured KL | flags |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | :--- |",
+        "| budget | LM bits | quantized groups | predicted score | measured ΔNLL | measured KL "
+        "| last-token KL | last-token top-1 | greedy agreement | flags |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :--- |",
     ]
     for point in measured.points:
         lines.append(
             f"| {point.budget:g} | {point.effective_bits_lm:.3f} | {point.quantized_groups} "
             f"| {point.predicted_score:.4e} | {point.delta_nll:.4e} | {point.kl_div:.4e} "
-            f"| {'non-monotone' if point.non_monotone else ''} |"
+            f"| {_last_cells(point.last_position)} | {'non-monotone' if point.non_monotone else ''} |"
         )
     steps = [p for p in measured.points if p.non_monotone]
+    checked = [p.last_position for p in measured.points if p.last_position is not None]
+    greedy = next((figures for figures in checked if figures.greedy_tokens), None)
     lines += [
         "",
+        "- *Last-token* columns: each mix vs the 16-bit model at each held-out caption's last token, the "
+        "position a deployed model generates from, which the ΔNLL and KL columns never score (no next "
+        "token there): KL, and the share of captions with the same most likely next token."
+        + (
+            f" *Greedy agreement*: {greedy.greedy_captions} captions continued by {greedy.greedy_tokens} "
+            "tokens greedily by both models; the mean share of the tokens generated before the first one "
+            "that differs (1 = the same text throughout)."
+            if greedy is not None
+            else ""
+        ),
         f"- Spearman(predicted score, measured ΔNLL) along the frontier: {measured.spearman_nll:.3f}; "
         f"with measured KL: {measured.spearman_kl:.3f}.",
         (

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from auto_quantize_model.artifacts import Interval, ValidationReport
+from auto_quantize_model.core.last_position import last_position_text
 from auto_quantize_model.core.noise import NAN_INTERVAL, noise_sentences, random_weights_notice
 from auto_quantize_model.core.proxies import beats
 from auto_quantize_model.core.scores import coefficient_text
@@ -219,6 +220,11 @@ def validation_markdown(manifest: Manifest) -> list[str]:
         f"- **Additivity:** joint ΔNLL {report.joint_delta_nll:.4g} vs sum of single ΔNLL "
         f"{report.sum_delta_nll:.4g}",
         f"- **AutoQuant's chosen mix:** ΔNLL {report.chosen_delta_nll:.4g}",
+        *(
+            [f"- **Where a deployed model generates (chosen mix vs 16-bit):** {last_position_text(last)}"]
+            if (last := report.last_position) is not None
+            else []
+        ),
         *(f"- Note: {note}" for note in report.notes),
     ]
     return [*lines, *_measured_table(report), *_proxy_table(report), *_refinement(report)]

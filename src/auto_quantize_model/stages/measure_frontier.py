@@ -18,6 +18,7 @@ from auto_quantize_model.artifacts import (
     QuantSearch,
     SensitivityScores,
 )
+from auto_quantize_model.backend.generation import Greedy
 from auto_quantize_model.backend.measure import measure_mixes
 from auto_quantize_model.backend.vision_holdout import held_out_eval
 from auto_quantize_model.core.frontier_points import measured_budgets, measured_frontier
@@ -38,8 +39,9 @@ class MeasureFrontier:
     The budgets are spread over the frontier's range, one per distinct mix. Each mix is set on
     the searched model through ModelOpt's recipe switches (:class:`QuantSearch`: every format's
     quantizers are calibrated already, so nothing is calibrated again) and measured against the
-    unquantized model with ValidateSensitivity's held-out evaluation. The model is put back
-    exactly afterwards, also on failure, and that is checked (:attr:`MeasuredFrontier.restored_exactly`).
+    unquantized model with ValidateSensitivity's held-out evaluation, its last positions and its
+    generation check included (``spec.greedy_tokens``). The model is put back exactly afterwards,
+    also on failure, and that is checked (:attr:`MeasuredFrontier.restored_exactly`).
     """
 
     requires: ClassVar[tuple[type, ...]] = (
@@ -96,7 +98,12 @@ class MeasureFrontier:
             ", ".join(f"{p.effective_bits_lm:.3f}" for p in points),
             len(held_out.token_lists),
         )
-        passes = measure_mixes(evaluator, switch, mixes)
+        lm = inputs.get(LanguageModel)
+        greedy = None
+        if spec.greedy_tokens and inputs.get(CalibData).stats.images is None:
+            # an image run's held-out captions continue their pictures: greedy text alone would not
+            greedy = Greedy(held_out.token_lists[: spec.greedy_samples], spec.greedy_tokens, lm.pad_token_id)
+        passes = measure_mixes(evaluator, switch, mixes, greedy=greedy, greedy_mixes=True)
         measured = [
             MeasuredPoint(
                 budget=point.budget,
@@ -105,8 +112,9 @@ class MeasureFrontier:
                 delta_nll=passes.delta_nll(result),
                 kl_div=result.kl,
                 quantized_groups=sum(fmt != NO_QUANT for fmt in point.formats),
+                last_position=passes.mix_last_position(index),
             )
-            for point, result in zip(points, passes.mixes, strict=True)
+            for index, (point, result) in enumerate(zip(points, passes.mixes, strict=True))
         ]
         report = measured_frontier(
             measured,
@@ -123,10 +131,11 @@ class MeasureFrontier:
             log.warning("frontier: %s", note)
         log.info(
             "frontier: measured %d point(s) in %.1f s; Spearman(predicted, dNLL) %.3f; %d measured "
-            "non-monotone step(s)",
+            "non-monotone step(s); %.1f s of it generating greedily",
             len(report.points),
             report.seconds,
             report.spearman_nll,
             sum(p.non_monotone for p in report.points),
+            passes.greedy_seconds,
         )
         return report

@@ -16,8 +16,10 @@ from auto_quantize_model.artifacts import (
     SensitivityScores,
     ValidationReport,
 )
+from auto_quantize_model.backend.generation import Greedy
 from auto_quantize_model.backend.measure import measure
 from auto_quantize_model.backend.vision_holdout import held_out_eval
+from auto_quantize_model.core.last_position import last_position_text
 from auto_quantize_model.core.validation import (
     RefinePlan,
     rank_candidates,
@@ -51,6 +53,10 @@ class ValidateSensitivity:
     the headline measure; free proxies (weight quantization error, activation range) are rated
     against the same measurements. ``refine = N`` also measures the top N predicted groups (and
     N random controls) and reorders them by measured KL.
+
+    The chosen mix is also compared with the 16-bit model where ΔNLL and KL never look, at each
+    caption's last token (KL and top-1 agreement), and by continuing the first ``greedy_samples``
+    captions ``greedy_tokens`` tokens greedily with both (``greedy_tokens = 0``: not).
     """
 
     requires: ClassVar[tuple[type, ...]] = (
@@ -93,6 +99,12 @@ class ValidateSensitivity:
                 short = (*short, note)
 
         switch = RecipeSwitch(inputs.get(QuantSearch).model)
+        lm = inputs.get(LanguageModel)
+        greedy = None
+        if spec.greedy_tokens and inputs.get(CalibData).stats.images is None:
+            # an image run's held-out captions continue their pictures: greedy text alone would not
+            prompts = held_out.token_lists[: spec.greedy_samples]
+            greedy = Greedy(prompts, spec.greedy_tokens, lm.pad_token_id)
         measurement = measure(
             evaluator,
             switch,
@@ -101,6 +113,7 @@ class ValidateSensitivity:
             spec.additivity,
             extra=() if plan is None else plan.sets.extra(selection),
             proxies=True,
+            greedy=greedy,
         )
         report = validation_report(
             measurement,
@@ -127,6 +140,12 @@ class ValidateSensitivity:
             noise.topk_overlap_kl if noise is not None and noise.headline == "kl" else report.topk_overlap,
             report.seconds,
         )
+        if report.last_position is not None:
+            log.info(
+                "validation: chosen mix: %s (%.1f s generating)",
+                last_position_text(report.last_position),
+                measurement.greedy_seconds,
+            )
         if report.refinement is not None:
             refined = report.refinement
             log.info(
