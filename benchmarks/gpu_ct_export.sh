@@ -8,7 +8,9 @@
 #
 # The GPU image lacks ModelOpt and compressed-tensors: pass the folders of their wheels (default:
 # shared/wheels and wheels, the latter filled here beforehand with
-# `pip download compressed-tensors==0.20.1 loguru --no-deps -d wheels`, then carried).
+# `pip download compressed-tensors==0.20.1 loguru pytest pluggy iniconfig --no-deps -d wheels`
+# (and `cp /work/shared/wheels/*.whl wheels/` where the checkout has no shared/), then carried:
+# run(command="bash benchmarks/gpu_ct_export.sh $OUT wheels", carry=["wheels"]). About 6-8 minutes.
 set -u
 out=$(realpath -m "$1")
 shift
