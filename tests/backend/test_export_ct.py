@@ -155,7 +155,9 @@ def check_export(folder: Path, choice: dict[str, str]) -> dict[str, Any]:
     assert record["format"] == CT
     back = record["read_back"]
     assert back["ok"] is True
-    assert abs(back["difference"]) <= back["tolerance"] == 5e-4
+    # 1e-2 with quantized activations (READ_BACK_NOTE); the tiny model reads back within 5e-4.
+    assert back["tolerance"] == 1e-2
+    assert abs(back["difference"]) <= 5e-4
     assert back["weights"]["relative"] <= back["weights"]["tolerance"] == 1e-5
     assert "CompressedTensorsHfQuantizer" in back["loader"]
     quant = json.loads((folder / "config.json").read_text(encoding="utf-8"))["quantization_config"]
@@ -400,7 +402,8 @@ def check_nvfp4_folder(out: Path, written: Any, back: Any, nvfp4: dict[str, str]
     from transformers import AutoModelForImageTextToText
 
     assert back.ok, back
-    assert back.tolerance == 3e-3  # read back in bfloat16 (see NVFP4_DTYPE_NOTE)
+    assert back.tolerance == 1e-2  # activations quantized (READ_BACK_NOTE); bfloat16 alone: 3e-3
+    assert abs(back.difference) <= 3e-3  # measured 4.8e-4 on CPU
     assert back.weight_tolerance == 2.0**-7
     per_format = {fmt: relative for fmt, _, _, relative in back.per_format}
     quant = json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]

@@ -211,3 +211,42 @@ def test_plan_groups_by_format_with_exact_names_and_ignores_the_rest() -> None:
     for group in parsed.config_groups.values():
         for name in linears:
             assert any(match_name(name, t) for t in group.targets) == (name in group.targets)
+
+
+# --------------------------------------------------------------------------------------------------
+# The export folder's README
+# --------------------------------------------------------------------------------------------------
+
+
+def readme_of(*formats: str) -> str:
+    groups = []
+    for i, name in enumerate(formats):
+        scheme = cc.ct_format(name).scheme
+        assert scheme is not None
+        groups.append(cc.CtGroup(name, scheme, (f"l{i}.q_proj",)))
+    plan = cc.CtPlan(tuple(groups), ("lm_head",))
+    return cc.ct_readme_text(plan, model_class="AutoModelForCausalLM", checked=("Read back with X.",))
+
+
+def test_the_readme_says_how_to_serve_and_load_and_claims_no_run_it_did_not_make() -> None:
+    text = readme_of("INT8_DEFAULT_CFG", "wint4-b64_a16")
+    assert "```\nvllm serve THIS_FOLDER\n```" in text
+    assert "## Serve with vLLM (not run here)" in text
+    assert "vllm-project/vllm#22468" in text  # per-group formats: what format: mixed-precision needs
+    assert "vLLM was not run on this folder by auto-quantize-model." in text
+    assert 'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")  # needs compressed-tensors' in text
+    assert "## Checked by auto-quantize-model\n\n- Read back with X." in text
+    assert "NVFP4" not in text
+    assert "bfloat16" not in text
+
+
+def test_an_nvfp4_readme_names_vllms_schemes_and_the_bfloat16_load() -> None:
+    text = readme_of("NVFP4_DEFAULT_CFG", "W4A16_NVFP4_CFG", "FP8_DEFAULT_CFG")
+    nvfp4 = "NVFP4 (FP4 E2M1, FP8 scales per block of 16 under a global scale)"
+    assert f"| `NVFP4_DEFAULT_CFG` | 1 | {nvfp4} | {nvfp4[:-1]}, blocks dynamic) |" in text
+    assert f"| `W4A16_NVFP4_CFG` | 1 | {nvfp4} | 16-bit |" in text
+    assert "CompressedTensorsW4A4Fp4, CompressedTensorsW4A16Fp4" in text
+    assert "whether a given vLLM runs them on an older GPU was not checked here" in text
+    assert 'from_pretrained("THIS_FOLDER", dtype=torch.bfloat16)' in text
+    assert "import torch\nfrom transformers import AutoModelForCausalLM" in text
+    assert "`weight_packed` (two FP4 codes a byte)" in text

@@ -55,12 +55,26 @@ log = logging.getLogger("auto_quantize_model")
 
 READ_BACK_NOTE = (
     "The held-out NLL tolerance is the ModelOpt export's (5e-4 nats/token in float32, 3e-3 in 16 "
-    "bits) because the same roundings differ: ModelOpt multiplies by bound/amax where "
-    "compressed-tensors divides by amax/bound, so an activation on a rounding tie can land on "
-    "either side (one tie in the tiny model's first layer moved INT8 W8A8 by 3.7e-5), and "
-    "compressed-tensors' dynamic INT8 per-token scale is amax/127.5 where ModelOpt's is amax/127."
+    "bits) for weight-only mixes, whose read-back is exact up to float rounding; with quantized "
+    "activations it is 1e-2, because compressed-tensors rounds them differently: it divides by "
+    "amax/bound where ModelOpt multiplies by bound/amax, and its INT8 codes reach -128 where "
+    "ModelOpt's stop at -127 (its dynamic per-token INT8 scale is amax/127.5 too). A value on a "
+    "rounding tie then lands on the other code, and a trained model amplifies such flips: on "
+    "SmolLM2-135M (hidden states up to ~6000) every layer in FP8 W8A8 read back +6.3e-3 off and in "
+    "INT8 W8A8 -5.5e-3, with every weight exact and layer 0's outputs equal to 1e-4 of 41."
 )
-"""Why a correct checkpoint does not read back to the exact NLL; measured on CPU, float32, tiny model."""
+"""Why a correct checkpoint does not read back to the exact NLL; measured on CPU, float32."""
+
+ACTIVATION_TOLERANCE = 1e-2
+"""The held-out NLL tolerance (nats/token) when a group quantizes activations; see READ_BACK_NOTE."""
+
+
+def nll_tolerance(plan: CtPlan, dtype: str) -> float:
+    """The read-back NLL tolerance of ``plan`` read back in ``dtype``: see :data:`READ_BACK_NOTE`."""
+    base = ex.read_back_tolerance(dtype)
+    activations = any(group.scheme.inputs is not None for group in plan.groups)
+    return max(base, ACTIVATION_TOLERANCE) if activations else base
+
 
 NVFP4_DTYPE_NOTE = (
     "transformers reads NVFP4 layers back in bfloat16 whatever the model's dtype (compressed-tensors "
@@ -509,8 +523,7 @@ def read_back_ct(
 
     (a) every chosen layer's decompressed weight against ModelOpt's fake-quantized one (the worst
     layer relative to its largest weight, within :func:`weight_tolerance`); (b) the held-out NLL
-    against :attr:`CtCheckpoint.exported_nll`, within the ModelOpt export's tolerance
-    (:func:`~auto_quantize_model.backend.modelopt.export.read_back_tolerance`): see
+    against :attr:`CtCheckpoint.exported_nll`, within :func:`nll_tolerance`: see
     :data:`READ_BACK_NOTE` for why it is not zero. Does not raise on a difference, so the
     caller can record the numbers either way.
     """
@@ -545,7 +558,7 @@ def read_back_ct(
         in_memory_nll=written.in_memory_nll,
         exported_nll=written.exported_nll,
         read_back_nll=nll,
-        tolerance=ex.read_back_tolerance(weight_dtype) if tolerance is None else tolerance,
+        tolerance=nll_tolerance(written.plan, weight_dtype) if tolerance is None else tolerance,
         worst_layer=worst[0],
         weight_max_diff=worst[1],
         weight_relative=max(worst[2], 0.0),

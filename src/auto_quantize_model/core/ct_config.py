@@ -426,7 +426,14 @@ def ct_readme_text(
         "| `config.json` | the model config; `quantization_config` is compressed-tensors' (`config_groups` "
         "with exact module names as `targets`, `ignore`) |",
         "| `*.safetensors` | weights: quantized layers hold packed codes with `weight_scale` "
-        "(and `input_scale` for static activations) |",
+        "(and `input_scale` for static activations)"
+        + (
+            "; NVFP4 layers hold `weight_packed` (two FP4 codes a byte), FP8 `weight_scale` per block "
+            "of 16, `weight_global_scale` and, with FP4 activations, `input_global_scale`"
+            if plan.holds_nvfp4
+            else ""
+        )
+        + " |",
         "| `quant_config.json`, `quant_recipe.yaml` | the same mix as a ModelOpt quantize config and "
         "PTQ recipe |",
         "| `export.json` | the budget, the mix and the read-back figures |",
@@ -453,7 +460,7 @@ def ct_readme_text(
         f"from transformers import {model_class}",
         "",
         load,
-        "# on a CPU, or to get dense weights: quantization_config=CompressedTensorsConfig(dequantize=True)",
+        "# dense weights in memory: also pass quantization_config=CompressedTensorsConfig(dequantize=True)",
         "```",
     ]
     if plan.holds_nvfp4:
