@@ -40,8 +40,11 @@ step() {
 }
 
 aqm=(python3 -m auto_quantize_model)
+# AQM_KERNELS=pytorch skips ModelOpt's two-minute JIT build of its CUDA extensions on a fresh machine
+run_set=()
+[ -n "${AQM_KERNELS:-}" ] && run_set=(--set "autoquant.kernels=\"$AQM_KERNELS\"")
 for kind in nvfp4-fp8 int8-fp8; do
-    step "run_$kind" "${aqm[@]}" run "pipelines/qwen3-vl-4b-ship-$kind.toml" --output "$work/ship-$kind"
+    step "run_$kind" "${aqm[@]}" run "pipelines/qwen3-vl-4b-ship-$kind.toml" --output "$work/ship-$kind" "${run_set[@]}"
     step "ct_$kind" "${aqm[@]}" export "$work/ship-$kind" --output "$work/ct-$kind" --checkpoint \
         --format compressed-tensors
 done
