@@ -174,7 +174,7 @@ def test_only_experts_with_qwen3_vl_moes_eager_forward_are_batched() -> None:
     assert standard_eager_experts(Qwen3VLMoeTextExperts)
     assert standard_eager_experts(MixtralExperts)  # same eager source, character for character
 
-    class Custom(Qwen3VLMoeTextExperts):  # type: ignore[misc]
+    class Custom(Qwen3VLMoeTextExperts):
         def forward(self, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
             return hidden_states
 

@@ -119,16 +119,12 @@ def test_copies_are_independent_quantizers() -> None:
 
 
 def test_a_config_that_names_one_expert_is_left_to_modelopt() -> None:
-    """A pattern matching expert 1's quantizer only: copying expert 0's would be wrong, so ModelOpt configures all."""
+    """A pattern matching expert 1's quantizers only: copies of expert 0's would be wrong, so ModelOpt
+    configures every one."""
     import modelopt.torch.quantization as mtq
 
-    fmt = {
-        "quant_cfg": [
-            *mtq.INT8_DEFAULT_CFG["quant_cfg"],
-            {"quantizer_name": "*weight_quantizers.1", "enable": False},
-        ]
-    }
-    fmt["algorithm"] = "max"
+    off_for_one: dict[str, Any] = {"quantizer_name": "*weight_quantizers.1", "enable": False}
+    fmt: dict[str, Any] = {"quant_cfg": [*mtq.INT8_DEFAULT_CFG["quant_cfg"], off_for_one], "algorithm": "max"}
     counts = assert_same_quantizers(fmt)
     assert counts.declined == {"config pattern names expert indices": 2 * LAYERS}  # its recipe, each list
     modules, hparams, _ = recipes_built(True, fmt)
