@@ -12,11 +12,12 @@ as a tree. Each node's self time (its time minus its children's) goes to the cod
   that called them (``torch_ops_by_caller_s``: is a matmul ModelOpt's, transformers' or ours?).
 
 GPU kernel time is reported as one total (``device_busy_s``; null when torch's own event parse
-fails, as it can on an event name that is not UTF-8), and the wall time of the stage beside it. The profiler's own overhead inflates the wall time (most where Python calls are many:
-ModelOpt's per-expert loop); the split is the point, not the total.
+fails, as it can on an event name that is not UTF-8), and the wall time of the stage beside it.
+The profiler's own overhead inflates the wall time (most where Python calls are many: ModelOpt's
+per-expert loop); the split is the point, not the total.
 
-    python benchmarks/moe_profile.py --out moe-profile.json --fused-experts modelopt
-    python benchmarks/moe_profile.py --out moe-profile.json --fused-experts batched
+    python benchmarks/moe_profile.py --out moe-profile-loop.json --fused-experts modelopt
+    python benchmarks/moe_profile.py --out moe-profile-batched.json --fused-experts batched
     python benchmarks/moe_profile.py --device cpu --model builtin:tiny-qwen3-vl-moe \\
         --max-samples 8 --seq-len 32 --batch-size 4 --score-size 8 --out tiny.json   # on CPU
 
