@@ -20,9 +20,9 @@ import attrs
 from auto_quantize_model.artifacts import CalibData, LanguageModel
 from auto_quantize_model.backend.modelopt import patches
 from auto_quantize_model.backend.modelopt.batched_experts import batched_fused_experts
-from auto_quantize_model.backend.modelopt.quantizer_setup import fast_fused_experts_setup
 from auto_quantize_model.backend.modelopt.checkpoint import SearchCheckpoint
 from auto_quantize_model.backend.modelopt.plan import SearchPlan, Steps, limit_scored_captions
+from auto_quantize_model.backend.modelopt.quantizer_setup import fast_fused_experts_setup
 from auto_quantize_model.backend.modelopt.state import RawScores, collect_raw_scores
 from auto_quantize_model.specs import AutoQuantSpec
 
@@ -307,6 +307,7 @@ def run_search(
             stack.enter_context(patches.textlm_support())
         stack.enter_context(patches.scoring_phase(scoring_started))
         stack.enter_context(patches.candidate_stats_fix())
+        stack.enter_context(patches.registrations_undone())
         stack.enter_context(patches.expert_search_rules(lm.expert_grouping if lm.experts else "layer"))
         paths, setup = None, None
         if spec.fused_experts == "batched" and lm.experts:
