@@ -11,12 +11,13 @@ as a tree. Each node's self time (its time minus its children's) goes to the cod
 * ``torch ops``: the host side of aten operators, also split by the package of the Python code
   that called them (``torch_ops_by_caller_s``: is a matmul ModelOpt's, transformers' or ours?).
 
-GPU kernel time is reported as one total (``device_busy_s``), and the wall time of the stage
-beside it. The profiler's own overhead inflates the wall time (most where Python calls are many:
-ModelOpt's per-expert loop); the split is the point, not the total.
+GPU kernel time is reported as one total (``device_busy_s``; null when torch's own event parse
+fails, as it can on an event name that is not UTF-8), and the wall time of the stage beside it.
+The profiler's own overhead inflates the wall time (most where Python calls are many: ModelOpt's
+per-expert loop); the split is the point, not the total.
 
-    python benchmarks/moe_profile.py --out moe-profile.json --fused-experts modelopt
-    python benchmarks/moe_profile.py --out moe-profile.json --fused-experts batched
+    python benchmarks/moe_profile.py --out moe-profile-loop.json --fused-experts modelopt
+    python benchmarks/moe_profile.py --out moe-profile-batched.json --fused-experts batched
     python benchmarks/moe_profile.py --device cpu --model builtin:tiny-qwen3-vl-moe \\
         --max-samples 8 --seq-len 32 --batch-size 4 --score-size 8 --out tiny.json   # on CPU
 
@@ -62,6 +63,14 @@ def package_of(name: str) -> str:
     return "other"
 
 
+def _name(node: Any) -> str:
+    """The event's name; torch's profiler sometimes holds one that is not valid UTF-8."""
+    try:
+        return str(node.name)
+    except UnicodeDecodeError:
+        return "<name not readable>"
+
+
 def _children(node: Any) -> list[Any]:
     return list(getattr(node, "children", ()) or ())
 
@@ -73,7 +82,7 @@ def _walk(roots: Iterable[Any]) -> Iterator[tuple[Any, str]]:
         node, caller = stack.pop()
         yield node, caller
         kind = str(node.tag).rsplit(".", 1)[-1]
-        here = package_of(node.name) if kind == "PyCall" else caller
+        here = package_of(_name(node)) if kind == "PyCall" else caller
         stack.extend((child, here) for child in reversed(_children(node)))
 
 
@@ -95,16 +104,17 @@ def split_tree(roots: Iterable[Any]) -> dict[str, Any]:
         inner = sum(max(0, int(child.duration_time_ns)) for child in _children(node))
         own = max(0, duration - inner) / 1e9
         kind = str(node.tag).rsplit(".", 1)[-1]
+        name = _name(node)
         if kind == "PyCall":
-            package = package_of(node.name)
+            package = package_of(name)
             by_package[package] += own
-            functions[(package, node.name)] += own
-            function_calls[(package, node.name)] += 1
+            functions[(package, name)] += own
+            function_calls[(package, name)] += 1
         elif kind == "TorchOp":
             by_package[TORCH_OPS] += own
             ops_by_caller[caller] += own
-            ops[node.name] += own
-            op_calls[node.name] += 1
+            ops[name] += own
+            op_calls[name] += 1
         else:  # a built-in called from Python, allocations, ...: the caller's cost
             by_package[caller] += own
     top_functions = sorted(functions.items(), key=lambda kv: -kv[1])[:TOP]
@@ -239,7 +249,10 @@ def _profiled_search(load: Any, extract: Any, calib: Any, spec: Any, *, profile:
         activities.append(ProfilerActivity.CUDA)
     paths = _PathLine()
     logger = logging.getLogger("auto_quantize_model")
+    level = logger.level
     logger.addHandler(paths)
+    if not logger.isEnabledFor(logging.INFO):
+        logger.setLevel(logging.INFO)  # the line is logged at INFO
     try:
         with torch.profiler.profile(activities=activities, with_stack=True) as prof:
             started = time.perf_counter()
@@ -249,6 +262,7 @@ def _profiled_search(load: Any, extract: Any, calib: Any, spec: Any, *, profile:
             wall = time.perf_counter() - started
     finally:
         logger.removeHandler(paths)
+        logger.setLevel(level)
     record: dict[str, Any] = {"wall_s": round(wall, 2)}
     assert isinstance(scores, SensitivityScores)
     record.update(
@@ -262,8 +276,12 @@ def _profiled_search(load: Any, extract: Any, calib: Any, spec: Any, *, profile:
         }
     )
     record.update(split_tree(prof.profiler.kineto_results.experimental_event_tree()))
-    averages = prof.key_averages()
-    record["device_busy_s"] = round(sum(event.self_device_time_total for event in averages) / 1e6, 3)
+    try:
+        averages = prof.key_averages()
+    except UnicodeDecodeError:  # torch's own parse trips on an event name that is not UTF-8
+        record["device_busy_s"] = None
+    else:
+        record["device_busy_s"] = round(sum(event.self_device_time_total for event in averages) / 1e6, 3)
     del store, scores
     release_memory(load.device)
     return record

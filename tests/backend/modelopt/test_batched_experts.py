@@ -174,7 +174,7 @@ def test_only_experts_with_qwen3_vl_moes_eager_forward_are_batched() -> None:
     assert standard_eager_experts(Qwen3VLMoeTextExperts)
     assert standard_eager_experts(MixtralExperts)  # same eager source, character for character
 
-    class Custom(Qwen3VLMoeTextExperts):  # type: ignore[misc]
+    class Custom(Qwen3VLMoeTextExperts):
         def forward(self, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
             return hidden_states
 
@@ -255,3 +255,58 @@ def test_search_scores_and_ranges_match_modelopts_loop_and_the_patch_is_undone(
         a = text_model(loop_loaded)(input_ids=ids).last_hidden_state
         b = text_model(batched_loaded)(input_ids=ids).last_hidden_state
     assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# The grouped GEMM's calling convention (on CUDA in bfloat16 only; checked here with stand-ins)
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_grouped_mm(rows: Any, weights: Any, *, offs: Any) -> Any:
+    """What torch's grouped GEMM computes: rows ``offs[e-1]:offs[e]`` times ``weights[e]`` ([E, in, out])."""
+    out, start = [], 0
+    for expert, end in enumerate(offs.tolist()):
+        out.append(rows[start:end] @ weights[expert])
+        start = end
+    return torch.cat(out)
+
+
+def test_the_grouped_gemm_gets_each_experts_rows_and_weight() -> None:
+    from auto_quantize_model.backend.modelopt import batched_experts
+
+    generator = torch.Generator().manual_seed(0)
+    sizes = [3, 0, 2, 4]
+    rows = torch.randn(sum(sizes), 8, generator=generator)
+    weights = torch.randn(len(sizes), 5, 8, generator=generator)  # [E, out, in] as stored
+    counts = torch.tensor(sizes)
+    looped = batched_experts._per_expert_linear(rows, weights, sizes, counts, None)
+    grouped = batched_experts._per_expert_linear(rows, weights, sizes, counts, reference_grouped_mm)
+    torch.testing.assert_close(grouped, looped)
+    assert looped.shape == (9, 5)
+    torch.testing.assert_close(looped[3:5], rows[3:5] @ weights[2].T)
+
+
+def test_a_grouped_gemm_that_fails_is_replaced_by_the_loop_once(caplog: pytest.LogCaptureFixture) -> None:
+    from auto_quantize_model.backend.modelopt import batched_experts
+
+    calls = []
+
+    def refusing(rows: Any, weights: Any, *, offs: Any) -> Any:
+        calls.append(1)
+        raise RuntimeError("grouped_mm: unsupported layout")
+
+    sizes = [2, 1]
+    rows, weights, counts = torch.ones(3, 4), torch.ones(2, 6, 4), torch.tensor(sizes)
+    try:
+        with caplog.at_level(logging.WARNING, logger="auto_quantize_model"):
+            first = batched_experts._per_expert_linear(rows, weights, sizes, counts, refusing)
+            second = batched_experts._per_expert_linear(rows, weights, sizes, counts, refusing)
+    finally:
+        batched_experts._GROUPED_FAILED.clear()
+    assert calls == [1]  # not tried again
+    assert torch.equal(first, torch.full((3, 6), 4.0))
+    assert torch.equal(second, first)
+    assert (
+        caplog.text.count("grouped GEMM failed for the MoE experts (RuntimeError: grouped_mm: unsupported")
+        == 1
+    )

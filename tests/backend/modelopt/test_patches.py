@@ -368,3 +368,44 @@ def test_frozen_heap_leaves_a_callers_freeze_alone() -> None:
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+# --------------------------------------------------------------------------------------------------
+# ModelOpt's process-wide class registrations
+# --------------------------------------------------------------------------------------------------
+
+
+def _tiny_search(scope: str) -> Any:
+    from auto_quantize_model.backend.models import build_builtin
+    from auto_quantize_model.pipeline import Pipeline
+    from auto_quantize_model.sources import TINY_QWEN3_VL
+    from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec
+    from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
+    from auto_quantize_model.stages.extract_lm import ExtractLM
+    from auto_quantize_model.stages.run_autoquant import RunAutoQuant
+
+    loaded = build_builtin(TINY_QWEN3_VL, seed=0, dtype="float32", device="cpu")
+    Pipeline(
+        [
+            ExtractLM(ExtractSpec(scope=scope)),  # type: ignore[arg-type]
+            BuildCalibLoader(CalibSpec(max_samples=4, seq_len=16, batch_size=4)),
+            RunAutoQuant(AutoQuantSpec(formats=("INT8_DEFAULT_CFG",), effective_bits=12.0, score_size=4)),
+        ],
+        supplied=[loaded],
+    ).run()
+    return loaded.model
+
+
+@pytest.mark.slow
+def test_a_full_model_search_leaves_no_registration_behind(modelopt: Any) -> None:
+    """ModelOpt registers the VLM's attention classes for KV-cache quantization while converting the
+    full model; left registered, the next language-model search would convert its attention too
+    (extra ``bmm_quantizer`` keys that an in-process resume rejects)."""
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+
+    before = set(QuantModuleRegistry._registry)
+    full = _tiny_search("full_model")
+    assert any("bmm_quantizer" in name for name, _ in full.named_modules())  # it did register them
+    assert set(QuantModuleRegistry._registry) == before
+    text_only = _tiny_search("language_model")
+    assert not [name for name, _ in text_only.named_modules() if "bmm_quantizer" in name]

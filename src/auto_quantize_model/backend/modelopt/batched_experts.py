@@ -41,12 +41,15 @@ import collections
 import contextlib
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from auto_quantize_model.backend.modelopt.patches import swapped
+
+log = logging.getLogger("auto_quantize_model")
 
 if TYPE_CHECKING:
     import torch
@@ -246,29 +249,18 @@ def batched_forward(
         order = torch.argsort(flat * (top_k * tokens_total) + slot * tokens_total + token)
         token, slot, expert_of_pair = token[order], slot[order], flat[order]
         counts = torch.bincount(expert_of_pair, minlength=experts)
+    sizes = [int(c) for c in counts.tolist()]
+    routed = [expert for expert, size in enumerate(sizes) if size]
     grouped = _grouped_mm_for(hidden_states)
-    sizes: list[int] = [] if grouped is not None else [int(c) for c in counts.tolist()]
-    routed = (
-        [e for e, size in enumerate(sizes) if size]
-        if grouped is None
-        else [int(e) for e in torch.nonzero(counts).flatten().tolist()]
-    )
 
     gate_up = _expert_weights(module.gate_up_proj, module.gate_up_proj_weight_quantizers, routed)
     down = _expert_weights(module.down_proj, module.down_proj_weight_quantizers, routed)
 
     pairs = module.gate_up_proj_input_quantizer(hidden_states)[token]
-    if grouped is not None:
-        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        projected = grouped(pairs, gate_up.transpose(-2, -1), offs=offsets)
-    else:
-        projected = _looped_linear(pairs, gate_up, sizes)
+    projected = _per_expert_linear(pairs, gate_up, sizes, counts, grouped)
     gate, up = projected.chunk(2, dim=-1)
     inner = module.down_proj_input_quantizer(module.act_fn(gate) * up)
-    if grouped is not None:
-        out = grouped(inner, down.transpose(-2, -1), offs=offsets)
-    else:
-        out = _looped_linear(inner, down, sizes)
+    out = _per_expert_linear(inner, down, sizes, counts, grouped)
     out = out * top_k_weights[token, slot, None]
     final.index_add_(0, token, out.to(final.dtype))
     return final
@@ -284,6 +276,37 @@ def _grouped_mm_for(hidden_states: torch.Tensor) -> Callable[..., torch.Tensor] 
     if grouped is None or torch.cuda.get_device_capability(hidden_states.device) < (8, 0):
         return None
     return grouped  # type: ignore[no-any-return]
+
+
+_GROUPED_FAILED: list[str] = []
+"""The error that made torch's grouped GEMM fail once in this process (then the loop is used)."""
+
+
+def _per_expert_linear(
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    sizes: list[int],
+    counts: torch.Tensor,
+    grouped: Callable[..., torch.Tensor] | None,
+) -> torch.Tensor:
+    """Rows grouped by expert times their expert's weight: one grouped GEMM where it runs, else a loop.
+
+    A grouped GEMM that refuses these tensors (a torch build without it for this GPU or layout)
+    is logged once and not tried again in this process: the loop computes the same products.
+    """
+    import torch
+
+    if grouped is not None and not _GROUPED_FAILED:
+        try:
+            offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+            return grouped(rows, weights.transpose(-2, -1), offs=offsets)
+        except (RuntimeError, NotImplementedError, TypeError) as err:
+            _GROUPED_FAILED.append(f"{type(err).__name__}: {err}")
+            log.warning(
+                "torch's grouped GEMM failed for the MoE experts (%s); looping over the experts instead",
+                _GROUPED_FAILED[0].splitlines()[0],
+            )
+    return _looped_linear(rows, weights, sizes)
 
 
 def _looped_linear(rows: torch.Tensor, weights: torch.Tensor, sizes: list[int]) -> torch.Tensor:

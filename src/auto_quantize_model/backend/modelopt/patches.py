@@ -251,6 +251,30 @@ def expert_search_rules(grouping: ExpertGrouping) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def registrations_undone() -> Iterator[None]:
+    """Every class ModelOpt registers for quantization during a search is unregistered afterwards.
+
+    ModelOpt registers model classes on the fly, process-wide, when it converts a model (a Hugging
+    Face model's attention classes for KV-cache quantization, fused experts, split MoE blocks).
+    Left behind, they change what a later conversion in the same process does: after a
+    ``full_model`` search, a ``language_model`` search of the same architecture also converts its
+    attention modules, whose extra ``bmm_quantizer`` keys then fail an in-process resume. The
+    modules converted meanwhile keep working (they are instances of ModelOpt's classes), and a
+    later conversion or restore registers what it needs again. Undo: the registry holds the
+    classes it held before.
+    """
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+
+    before = set(QuantModuleRegistry._registry)
+    try:
+        yield
+    finally:
+        for cls in list(QuantModuleRegistry._registry):
+            if cls not in before:
+                QuantModuleRegistry.unregister(cls)
+
+
 class StateNotSaved(InputError):
     """The search state could not be written for want of room; the message says what is kept."""
 

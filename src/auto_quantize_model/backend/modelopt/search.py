@@ -22,6 +22,7 @@ from auto_quantize_model.backend.modelopt import patches
 from auto_quantize_model.backend.modelopt.batched_experts import batched_fused_experts
 from auto_quantize_model.backend.modelopt.checkpoint import SearchCheckpoint
 from auto_quantize_model.backend.modelopt.plan import SearchPlan, Steps, limit_scored_captions
+from auto_quantize_model.backend.modelopt.quantizer_setup import fast_fused_experts_setup
 from auto_quantize_model.backend.modelopt.state import RawScores, collect_raw_scores
 from auto_quantize_model.specs import AutoQuantSpec
 
@@ -306,12 +307,12 @@ def run_search(
             stack.enter_context(patches.textlm_support())
         stack.enter_context(patches.scoring_phase(scoring_started))
         stack.enter_context(patches.candidate_stats_fix())
+        stack.enter_context(patches.registrations_undone())
         stack.enter_context(patches.expert_search_rules(lm.expert_grouping if lm.experts else "layer"))
-        paths = (
-            stack.enter_context(batched_fused_experts())
-            if spec.fused_experts == "batched" and lm.experts
-            else None
-        )
+        paths, setup = None, None
+        if spec.fused_experts == "batched" and lm.experts:
+            paths = stack.enter_context(batched_fused_experts())
+            setup = stack.enter_context(fast_fused_experts_setup())
         stack.enter_context(patches.checked_state_load(checkpoint.loaded, checkpoint.unreadable))
         stack.enter_context(patches.atomic_state_save(checkpoint.before_replace))
         stack.enter_context(patches.frozen_heap())
@@ -334,6 +335,8 @@ def run_search(
     seconds = time.perf_counter() - started
     if paths is not None and (paths.batched or paths.fallback):
         log.info("MoE fused experts forwards: %s", paths.summary())
+    if setup is not None and (setup.copied or setup.declined):
+        log.info("MoE fused experts quantizer set-up: %s", setup.summary())
     log.info("AutoQuant forward steps: calibration %d, scoring %d", counter.calibration, counter.scoring)
     raw = collect_raw_scores(root) if counter.scoring else checkpoint.raw
     return SearchOutcome(state, raw, seconds, counter.calibration, counter.scoring)

@@ -1,0 +1,285 @@
+"""Fused experts' per-expert quantizers configured once per list and copied, not built one by one.
+
+ModelOpt 0.47 gives a fused experts module (``_QuantFusedExperts``) one ``TensorQuantizer`` per
+expert and projection, and builds every one of them through its pydantic attribute config: at
+conversion (``_setup``), then again for every recipe of the search (``QuantRecipeHparam``:
+``_make_fresh_quantizer_for_attr`` and ``set_quantizer_by_cfg`` per module). On Qwen3-VL-30B-A3B
+that was 38,892 ``TensorQuantizer.__init__`` and 103,906 ``set_from_attribute_config`` calls,
+about 31 s of a 59 s AutoQuant (BENCHMARKS.md, fourth wave). Every quantizer of such a list
+starts the same and receives the same configuration (the config's names are matched with the
+expert index stripped), so while :func:`fast_fused_experts_setup` lasts:
+
+* ``_setup`` builds each list's first quantizer as ModelOpt does and copies it for the others;
+* ``_make_fresh_quantizer_for_attr`` does the same for a fresh list;
+* ``set_quantizer_by_cfg`` (as called by ``auto_quantize`` on the model and by each recipe on its
+  module) shortens every list of identical, unused quantizers to its first member, lets ModelOpt
+  configure that one, and fills the list again with copies of it.
+
+A copy (:func:`copies_of`) is a new object with the same attribute values; torch's own
+containers (buffers, hooks, ...) and the calibrator are its own, as a freshly built quantizer's
+are, while values ModelOpt's path shares between the quantizers it configures from one config
+(a ``block_sizes`` dict) stay shared. Lists whose members differ, hold ranges or hooks, or are
+not plain ``TensorQuantizer``\\ s, and configs that could tell experts apart (a name pattern with a
+digit, ``?`` or ``[`` that matches some indices and not others, or a filter function), are left to
+ModelOpt unchanged (counted in :class:`SetupCounts`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import fnmatch
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+
+from auto_quantize_model.backend.modelopt.patches import swapped
+
+_LISTS = ("gate_up_proj_weight_quantizers", "up_proj_weight_quantizers", "down_proj_weight_quantizers")
+"""ModelOpt's per-expert quantizer lists on fused experts (gated and non-gated layouts)."""
+
+
+@attrs.define
+class SetupCounts:
+    """What the fast set-up did during one search (mutable: filled while the patch is in place)."""
+
+    copied: int = 0
+    """Quantizers made by copying a configured one instead of building and configuring them."""
+    declined: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """Lists left to ModelOpt, by reason."""
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.declined.items()))
+        return f"{self.copied} quantizers copied" + (
+            f"; lists left to ModelOpt: {reasons}" if reasons else ""
+        )
+
+
+@contextlib.contextmanager
+def fast_fused_experts_setup() -> Iterator[SetupCounts]:
+    """ModelOpt builds fused experts' quantizer lists by configuring one and copying it; undone after.
+
+    Undo: ``_QuantFusedExperts._setup`` and the ``_make_fresh_quantizer_for_attr`` and
+    ``set_quantizer_by_cfg`` names of ModelOpt's ``algorithms`` and ``model_quant`` modules are put
+    back; quantizers made meanwhile are ordinary ``TensorQuantizer`` objects.
+    """
+    from modelopt.torch.quantization import algorithms, model_quant
+    from modelopt.torch.quantization.plugins.huggingface import _QuantFusedExperts
+
+    counts = SetupCounts()
+    original_setup = vars(_QuantFusedExperts)["_setup"]
+    original_fresh = algorithms._make_fresh_quantizer_for_attr
+    original_configure = algorithms.set_quantizer_by_cfg
+
+    def setup(self: Any) -> None:
+        experts = self.__dict__.get("num_experts")
+        if not isinstance(experts, int) or experts < 2:
+            original_setup(self)
+            return
+        self.num_experts = 1  # ModelOpt builds one quantizer per list ...
+        try:
+            original_setup(self)
+        finally:
+            self.num_experts = experts
+        for attr in _LISTS:  # ... and the others are copies of it
+            members = getattr(self, attr, None)
+            if members is not None and len(members) == 1:
+                members.extend(copies_of(members[0], experts - 1))
+                counts.copied += experts - 1
+
+    def fresh(module: Any, attr_name: str) -> Any:
+        from torch import nn
+
+        current = getattr(module, attr_name, None)
+        if attr_name not in _LISTS or not isinstance(current, nn.ModuleList) or len(current) < 2:
+            return original_fresh(module, attr_name)
+        from modelopt.torch.quantization.nn import TensorQuantizer
+
+        first = TensorQuantizer()  # what ModelOpt builds for each member
+        counts.copied += len(current) - 1
+        return nn.ModuleList([first, *copies_of(first, len(current) - 1)])
+
+    def configure(quant_model: Any, quant_cfg: Any) -> Any:
+        with _lists_shortened(quant_model, quant_cfg, counts) as refill:
+            result = original_configure(quant_model, quant_cfg)
+            refill()
+        return result
+
+    with (
+        swapped(_QuantFusedExperts, "_setup", setup),
+        swapped(algorithms, "_make_fresh_quantizer_for_attr", fresh),
+        swapped(algorithms, "set_quantizer_by_cfg", configure),
+        swapped(model_quant, "set_quantizer_by_cfg", configure),
+    ):
+        yield counts
+
+
+@contextlib.contextmanager
+def _lists_shortened(root: Any, quant_cfg: Any, counts: SetupCounts) -> Iterator[Callable[[], None]]:
+    """Every uniform per-expert list under ``root`` cut to its first member; the yielded call refills them.
+
+    Refilling copies the (now configured) first member into the list's other places. If the block
+    fails, the lists get their original members back.
+    """
+    from modelopt.torch.quantization.conversion import normalize_quant_cfg_list
+    from modelopt.torch.quantization.plugins.huggingface import _QuantFusedExperts
+
+    entries = normalize_quant_cfg_list(quant_cfg)
+    cut: list[tuple[Any, list[Any]]] = []
+    for name, module in root.named_modules():
+        if not isinstance(module, _QuantFusedExperts):
+            continue
+        for attr in _LISTS:
+            members = getattr(module, attr, None)
+            if members is None or len(members) < 2:
+                continue
+            prefix = f"{name}.{attr}" if name else attr
+            reason = _why_not_uniform(list(members)) or _why_index_matters(entries, prefix, len(members))
+            if reason is not None:
+                counts.declined[reason] += 1
+                continue
+            cut.append((members, list(members)))
+            del members[1:]
+    done = False
+
+    def refill() -> None:
+        nonlocal done
+        for members, original in cut:
+            members.extend(copies_of(members[0], len(original) - 1))
+            counts.copied += len(original) - 1
+        done = True
+
+    try:
+        yield refill
+    finally:
+        if not done:
+            for members, original in cut:
+                del members[:]
+                members.extend(original)
+
+
+def _why_index_matters(entries: list[Any], prefix: str, size: int) -> str | None:
+    """Why the config might treat experts of the list ``prefix`` differently, or None when it cannot.
+
+    A wildcard of ``*`` and literals without digits matches ``prefix.0`` exactly when it matches
+    ``prefix.17`` (the trailing index can only be eaten by a ``*``); other wildcards are tried on
+    every index.
+    """
+    for entry in entries:
+        pattern = entry["quantizer_name"]
+        if not isinstance(pattern, str):
+            return "filter function in the config"
+        if not any(ch.isdigit() or ch in "?[" for ch in pattern):
+            continue
+        if len({fnmatch.fnmatch(f"{prefix}.{index}", pattern) for index in range(size)}) > 1:
+            return "config pattern names expert indices"
+    return None
+
+
+def _why_not_uniform(members: list[Any]) -> str | None:
+    """Why the list's quantizers are not interchangeable unused copies of its first, or None."""
+    first = members[0]
+    if not _plain(first):
+        return "quantizer in use or not a plain TensorQuantizer"
+    for member in members[1:]:
+        if not _plain(member):
+            return "quantizer in use or not a plain TensorQuantizer"
+        if not _same_settings(first, member):
+            return "quantizers configured differently"
+    return None
+
+
+_MODULE_CONTAINERS: frozenset[str] | None = None
+
+
+def _module_containers() -> frozenset[str]:
+    """The attributes ``nn.Module.__init__`` creates (containers every module owns alone)."""
+    global _MODULE_CONTAINERS
+    if _MODULE_CONTAINERS is None:
+        from torch import nn
+
+        _MODULE_CONTAINERS = frozenset(nn.Module().__dict__)
+    return _MODULE_CONTAINERS
+
+
+def _plain(quantizer: Any) -> bool:
+    """Whether copying ``quantizer`` attribute by attribute gives what building it afresh would.
+
+    Plain means: exactly ``TensorQuantizer``; no parameters, buffers (ranges), children or hooks;
+    no tensor or module held directly; no calibrator state (a max calibrator that has seen nothing,
+    or none) and no bias calibrator or backend cache.
+    """
+    import torch
+    from modelopt.torch.quantization.calib import MaxCalibrator
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    if type(quantizer) is not TensorQuantizer:
+        return False
+    state = quantizer.__dict__
+    containers = _module_containers()
+    for key, value in state.items():
+        if key in containers and isinstance(value, dict | set):
+            if value:
+                return False
+        elif isinstance(value, torch.Tensor | torch.nn.Module):
+            return False
+    calibrator = state.get("_calibrator")
+    if calibrator is not None and (
+        type(calibrator) is not MaxCalibrator or calibrator._calib_amax is not None or calibrator._track_amax
+    ):
+        return False
+    return state.get("_bias_calibrator") is None and state.get("_quantizer_cache") is None
+
+
+def _same_settings(first: Any, other: Any) -> bool:
+    """Whether two plain quantizers hold equal settings (their calibrators' included)."""
+    mine, theirs = first.__dict__, other.__dict__
+    if mine.keys() != theirs.keys():
+        return False
+    containers = _module_containers()
+    for key, value in mine.items():
+        counterpart = theirs[key]
+        if key == "_calibrator":
+            if type(value) is not type(counterpart) or (
+                value is not None and vars(value) != vars(counterpart)
+            ):
+                return False
+        elif key in containers and isinstance(value, dict | set):
+            continue  # empty in both (plain)
+        elif value is not counterpart and value != counterpart:
+            return False
+    return True
+
+
+def copies_of(quantizer: Any, count: int) -> list[Any]:
+    """``count`` quantizers equal to ``quantizer`` as freshly built, identically configured ones would be.
+
+    Plain quantizers (:func:`_plain`) are copied attribute by attribute: torch's (empty) containers
+    and the calibrator are each copy's own, other values are shared as ModelOpt shares them
+    between quantizers configured from one config. Anything else is deep-copied.
+    """
+    if not _plain(quantizer):
+        return [copy.deepcopy(quantizer) for _ in range(count)]
+    state = quantizer.__dict__
+    containers = _module_containers()
+    own = [
+        (key, type(value))
+        for key, value in state.items()
+        if key in containers and isinstance(value, dict | set)
+    ]
+    calibrator = state.get("_calibrator")
+    made = []
+    for _ in range(count):
+        new = object.__new__(type(quantizer))
+        fields = dict(state)
+        for key, kind in own:
+            fields[key] = kind()
+        if calibrator is not None:
+            twin = object.__new__(type(calibrator))
+            twin.__dict__.update(calibrator.__dict__)
+            fields["_calibrator"] = twin
+        new.__dict__.update(fields)
+        made.append(new)
+    return made
