@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from auto_quantize_model.backend import layer_cache
+from auto_quantize_model.backend.activations import ActivationRecorder
 from auto_quantize_model.backend.host_memory import host_memory_kept
-from auto_quantize_model.backend.measure import ActivationRecorder, HeldOutEval, Reference
+from auto_quantize_model.backend.measure import HeldOutEval, Reference
 from auto_quantize_model.core.batching import holdout_columns
 from builders import tiny_llama
 
