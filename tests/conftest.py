@@ -119,7 +119,14 @@ class SharedRun:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """xdist's controller, for each worker it starts: start the shared run once, tell the worker where."""
+    """xdist's controller, for each worker it starts: start the shared run once, tell the worker where.
+
+    Not under ``-m "not slow ..."`` (the fast tier): every reader of the run is a slow test, and the
+    run's ~15 s of CPU would be taken from the two workers for nothing. A worker that is told no
+    folder starts its own run if one of its tests asks after all (``_tiny_default_process``).
+    """
+    if _slow_left_out(node.config):
+        return
     shared = node.config.stash.get(SHARED_RUN_STASH, None)
     if shared is None:
         shared = node.config.stash[SHARED_RUN_STASH] = SharedRun()
@@ -130,6 +137,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shared = config.stash.get(SHARED_RUN_STASH, None)
     if shared is not None:
         shared.close()
+
+
+def _slow_left_out(config: pytest.Config) -> bool:
+    """Whether ``-m`` reads ``not slow`` or ``not slow and ...`` (the fast tier's expression)."""
+    expression = " ".join(str(config.getoption("markexpr", "") or "").split())
+    return expression == "not slow" or expression.startswith("not slow and ")
 
 
 def _shared_run_dir(config: pytest.Config) -> Path | None:
