@@ -186,10 +186,12 @@ def test_only_experts_with_qwen3_vl_moes_eager_forward_are_batched() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def search(loaded: LoadedModel, path: str, formats: tuple[str, ...]) -> SensitivityScores:
+def search(
+    loaded: LoadedModel, path: str, formats: tuple[str, ...], experts: str = "layer"
+) -> SensitivityScores:
     store = Pipeline(
         [
-            ExtractLM(ExtractSpec()),
+            ExtractLM(ExtractSpec(experts=experts)),  # type: ignore[arg-type]
             BuildCalibLoader(CalibSpec(max_samples=8, seq_len=32, batch_size=4)),
             RunAutoQuant(
                 AutoQuantSpec(formats=formats, effective_bits=12.0, score_size=8, fused_experts=path)  # type: ignore[arg-type]
@@ -201,18 +203,20 @@ def search(loaded: LoadedModel, path: str, formats: tuple[str, ...]) -> Sensitiv
 
 
 def recipe_amaxes(model: Any) -> Iterator[tuple[tuple[str, str, str, int], Any]]:
-    """Every fused-experts quantizer's range under every recipe the search calibrated."""
+    """Every experts quantizer's range under every recipe the search calibrated (fused or split)."""
     from modelopt.torch.opt.utils import named_hparams
 
+    names = {id(module): name for name, module in model.named_modules()}
     for name, hparam in named_hparams(model, unique=True):
         if ".mlp.experts" not in name:
             continue
         for recipe, modules in hparam._all_quantizer_choices.items():
-            for quantizers in modules.values():
+            for module, quantizers in modules.items():  # ModelOpt keeps them in a set's order
                 for attr, quantizer in quantizers.items():
                     members = list(quantizer) if isinstance(quantizer, torch.nn.ModuleList) else [quantizer]
                     for index, member in enumerate(members):
-                        yield (name, str(recipe), attr, index), getattr(member, "_amax", None)
+                        key = (names[id(module)], str(recipe), attr, index)
+                        yield key, getattr(member, "_amax", None)
 
 
 @pytest.mark.slow
@@ -310,3 +314,27 @@ def test_a_grouped_gemm_that_fails_is_replaced_by_the_loop_once(caplog: pytest.L
         caplog.text.count("grouped GEMM failed for the MoE experts (RuntimeError: grouped_mm: unsupported")
         == 1
     )
+
+
+@pytest.mark.slow
+def test_split_experts_search_with_copied_quantizers_matches_modelopts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``experts = "expert"``: no fused module to batch, but the quantizer set-up is copied."""
+    formats = ("INT8_DEFAULT_CFG",)
+    loop_loaded, fast_loaded = tiny_moe(), tiny_moe()
+    loop = search(loop_loaded, "modelopt", formats, experts="expert")
+    with caplog.at_level(logging.INFO, logger="auto_quantize_model"):
+        fast = search(fast_loaded, "batched", formats, experts="expert")
+    assert "MoE fused experts quantizer set-up: " in caplog.text
+    assert "lists left to ModelOpt" not in caplog.text
+    assert len([g for g in fast.groups if ".experts." in g.name]) == LAYERS * EXPERTS
+    for ours, theirs in zip(fast.groups, loop.groups, strict=True):
+        assert ours.name == theirs.name
+        assert ours.scores == theirs.scores, ours.name
+    expected = dict(recipe_amaxes(loop_loaded.model))
+    got = dict(recipe_amaxes(fast_loaded.model))
+    assert expected.keys() == got.keys()
+    assert len([v for v in expected.values() if v is not None]) == LAYERS * EXPERTS * 3 * 2
+    for key, value in expected.items():
+        assert (value is None and got[key] is None) or torch.equal(value, got[key]), key
