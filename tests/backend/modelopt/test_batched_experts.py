@@ -130,6 +130,26 @@ def test_calibration_and_quantized_forward_match_modelopts_loop(config: str, wei
     assert not torch.equal(plain, reference)
 
 
+@pytest.mark.parametrize("config", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 128 * 128, 1 << 26])
+def test_stacked_weights_equal_each_experts_quantizer(config: str, chunk_elements: int) -> None:
+    """One expert per call, three (a partial last chunk of one), or all four at once: the same bits."""
+    from auto_quantize_model.backend.modelopt.batched_experts import _stacked_fake_quant
+
+    model, _ = quantized(tiny_moe(), config, batched=False)
+    experts = model.layers[1].mlp.experts
+    for weight, quantizers in (
+        (experts.gate_up_proj, experts.gate_up_proj_weight_quantizers),
+        (experts.down_proj, experts.down_proj_weight_quantizers),
+    ):
+        with torch.no_grad():
+            each = torch.stack([quantizers[e](weight[e]) for e in range(EXPERTS)])
+            stacked = _stacked_fake_quant(weight, quantizers, chunk_elements)
+        assert stacked is not None
+        assert torch.equal(stacked, each)
+        assert not torch.equal(stacked, weight)
+
+
 def test_gradients_through_the_batched_experts_match_the_loop() -> None:
     """Scoring back-propagates through the experts (quantizers off): the same input gradients."""
     loaded = tiny_moe()
