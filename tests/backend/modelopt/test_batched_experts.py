@@ -22,6 +22,7 @@ from auto_quantize_model.backend.modelopt.batched_experts import (  # noqa: E402
     batched_fused_experts,
     standard_eager_experts,
 )
+from auto_quantize_model.backend.modelopt.patches import registrations_undone  # noqa: E402
 from auto_quantize_model.backend.models import build_builtin  # noqa: E402
 from auto_quantize_model.pipeline import Pipeline  # noqa: E402
 from auto_quantize_model.sources import TINY_QWEN3_VL_MOE  # noqa: E402
@@ -63,7 +64,7 @@ def quantized(loaded: LoadedModel, config: str, batched: bool) -> tuple[Any, dic
         for ids in batches:
             m(input_ids=ids)
 
-    with batched_fused_experts() if batched else _nothing() as counts:
+    with registrations_undone(), batched_fused_experts() if batched else _nothing() as counts:
         mtq.quantize(model, getattr(mtq, config), forward_loop=loop)
     found = {"batched": counts.batched, "fallback": sum(counts.fallback.values())} if counts else {}
     return model, found

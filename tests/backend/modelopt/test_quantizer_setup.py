@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from auto_quantize_model.backend.experts import use_eager_experts  # noqa: E402
+from auto_quantize_model.backend.modelopt.patches import registrations_undone  # noqa: E402
 from auto_quantize_model.backend.modelopt.quantizer_setup import (  # noqa: E402
     SetupCounts,
     fast_fused_experts_setup,
@@ -52,7 +53,10 @@ def recipes_built(
     model: Any = loaded.model
     text = model.model.language_model
     recipe = QuantRecipe(fmt) if isinstance(fmt, str) else QuantRecipe(fmt, name="CUSTOM")
-    with fast_fused_experts_setup() if fast else contextlib.nullcontext() as counts:
+    with (
+        registrations_undone(),  # converting a split MoE registers its block class process-wide
+        fast_fused_experts_setup() if fast else contextlib.nullcontext() as counts,
+    ):
         text = apply_mode(text, mode="auto_quantize", registry=QuantizeModeRegistry)
         model_quant.set_quantizer_by_cfg(text, [{"quantizer_name": "*", "enable": False}])
         searched = _AutoQuantizeBaseSearcher._is_auto_quantize_module  # what AutoQuant gives a recipe
