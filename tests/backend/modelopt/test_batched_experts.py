@@ -22,6 +22,7 @@ from auto_quantize_model.backend.modelopt.batched_experts import (  # noqa: E402
     batched_fused_experts,
     standard_eager_experts,
 )
+from auto_quantize_model.backend.modelopt.patches import registrations_undone  # noqa: E402
 from auto_quantize_model.backend.models import build_builtin  # noqa: E402
 from auto_quantize_model.pipeline import Pipeline  # noqa: E402
 from auto_quantize_model.sources import TINY_QWEN3_VL_MOE  # noqa: E402
@@ -63,7 +64,7 @@ def quantized(loaded: LoadedModel, config: str, batched: bool) -> tuple[Any, dic
         for ids in batches:
             m(input_ids=ids)
 
-    with batched_fused_experts() if batched else _nothing() as counts:
+    with registrations_undone(), batched_fused_experts() if batched else _nothing() as counts:
         mtq.quantize(model, getattr(mtq, config), forward_loop=loop)
     found = {"batched": counts.batched, "fallback": sum(counts.fallback.values())} if counts else {}
     return model, found
@@ -130,6 +131,26 @@ def test_calibration_and_quantized_forward_match_modelopts_loop(config: str, wei
     assert not torch.equal(plain, reference)
 
 
+@pytest.mark.parametrize("config", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 128 * 128, 1 << 26])
+def test_stacked_weights_equal_each_experts_quantizer(config: str, chunk_elements: int) -> None:
+    """One expert per call, three (a partial last chunk of one), or all four at once: the same bits."""
+    from auto_quantize_model.backend.modelopt.batched_experts import _stacked_fake_quant
+
+    model, _ = quantized(tiny_moe(), config, batched=False)
+    experts = model.layers[1].mlp.experts
+    for weight, quantizers in (
+        (experts.gate_up_proj, experts.gate_up_proj_weight_quantizers),
+        (experts.down_proj, experts.down_proj_weight_quantizers),
+    ):
+        with torch.no_grad():
+            each = torch.stack([quantizers[e](weight[e]) for e in range(EXPERTS)])
+            stacked = _stacked_fake_quant(weight, quantizers, chunk_elements)
+        assert stacked is not None
+        assert torch.equal(stacked, each)
+        assert not torch.equal(stacked, weight)
+
+
 def test_gradients_through_the_batched_experts_match_the_loop() -> None:
     """Scoring back-propagates through the experts (quantizers off): the same input gradients."""
     loaded = tiny_moe()
@@ -186,10 +207,12 @@ def test_only_experts_with_qwen3_vl_moes_eager_forward_are_batched() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def search(loaded: LoadedModel, path: str, formats: tuple[str, ...]) -> SensitivityScores:
+def search(
+    loaded: LoadedModel, path: str, formats: tuple[str, ...], experts: str = "layer"
+) -> SensitivityScores:
     store = Pipeline(
         [
-            ExtractLM(ExtractSpec()),
+            ExtractLM(ExtractSpec(experts=experts)),  # type: ignore[arg-type]
             BuildCalibLoader(CalibSpec(max_samples=8, seq_len=32, batch_size=4)),
             RunAutoQuant(
                 AutoQuantSpec(formats=formats, effective_bits=12.0, score_size=8, fused_experts=path)  # type: ignore[arg-type]
@@ -201,18 +224,20 @@ def search(loaded: LoadedModel, path: str, formats: tuple[str, ...]) -> Sensitiv
 
 
 def recipe_amaxes(model: Any) -> Iterator[tuple[tuple[str, str, str, int], Any]]:
-    """Every fused-experts quantizer's range under every recipe the search calibrated."""
+    """Every experts quantizer's range under every recipe the search calibrated (fused or split)."""
     from modelopt.torch.opt.utils import named_hparams
 
+    names = {id(module): name for name, module in model.named_modules()}
     for name, hparam in named_hparams(model, unique=True):
         if ".mlp.experts" not in name:
             continue
         for recipe, modules in hparam._all_quantizer_choices.items():
-            for quantizers in modules.values():
+            for module, quantizers in modules.items():  # ModelOpt keeps them in a set's order
                 for attr, quantizer in quantizers.items():
                     members = list(quantizer) if isinstance(quantizer, torch.nn.ModuleList) else [quantizer]
                     for index, member in enumerate(members):
-                        yield (name, str(recipe), attr, index), getattr(member, "_amax", None)
+                        key = (names[id(module)], str(recipe), attr, index)
+                        yield key, getattr(member, "_amax", None)
 
 
 @pytest.mark.slow
@@ -310,3 +335,27 @@ def test_a_grouped_gemm_that_fails_is_replaced_by_the_loop_once(caplog: pytest.L
         caplog.text.count("grouped GEMM failed for the MoE experts (RuntimeError: grouped_mm: unsupported")
         == 1
     )
+
+
+@pytest.mark.slow
+def test_split_experts_search_with_copied_quantizers_matches_modelopts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``experts = "expert"``: no fused module to batch, but the quantizer set-up is copied."""
+    formats = ("INT8_DEFAULT_CFG",)
+    loop_loaded, fast_loaded = tiny_moe(), tiny_moe()
+    loop = search(loop_loaded, "modelopt", formats, experts="expert")
+    with caplog.at_level(logging.INFO, logger="auto_quantize_model"):
+        fast = search(fast_loaded, "batched", formats, experts="expert")
+    assert "MoE fused experts quantizer set-up: " in caplog.text
+    assert "lists left to ModelOpt" not in caplog.text
+    assert len([g for g in fast.groups if ".experts." in g.name]) == LAYERS * EXPERTS
+    for ours, theirs in zip(fast.groups, loop.groups, strict=True):
+        assert ours.name == theirs.name
+        assert ours.scores == theirs.scores, ours.name
+    expected = dict(recipe_amaxes(loop_loaded.model))
+    got = dict(recipe_amaxes(fast_loaded.model))
+    assert expected.keys() == got.keys()
+    assert len([v for v in expected.values() if v is not None]) == LAYERS * EXPERTS * 3 * 2
+    for key, value in expected.items():
+        assert (value is None and got[key] is None) or torch.equal(value, got[key]), key

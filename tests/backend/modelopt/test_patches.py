@@ -403,6 +403,9 @@ def test_a_full_model_search_leaves_no_registration_behind(modelopt: Any) -> Non
     (extra ``bmm_quantizer`` keys that an in-process resume rejects)."""
     from modelopt.torch.quantization.nn import QuantModuleRegistry
 
+    for cls in list(QuantModuleRegistry._registry):  # left by conversions of earlier tests
+        if cls.__name__.endswith("Attention"):
+            QuantModuleRegistry.unregister(cls)
     before = set(QuantModuleRegistry._registry)
     full = _tiny_search("full_model")
     assert any("bmm_quantizer" in name for name, _ in full.named_modules())  # it did register them

@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from auto_quantize_model.backend.experts import use_eager_experts  # noqa: E402
+from auto_quantize_model.backend.modelopt.patches import registrations_undone  # noqa: E402
 from auto_quantize_model.backend.modelopt.quantizer_setup import (  # noqa: E402
     SetupCounts,
     fast_fused_experts_setup,
@@ -27,23 +28,40 @@ EXPERTS = 4
 LAYERS = 2
 
 
-def recipes_built(fast: bool, fmt: Any) -> tuple[list[Any], list[Any], SetupCounts | None]:
-    """The tiny MoE converted as ``auto_quantize`` converts it, and one recipe hparam per fused module."""
+def recipes_built(
+    fast: bool, fmt: Any, split: bool = False
+) -> tuple[list[Any], list[Any], SetupCounts | None]:
+    """The tiny MoE converted as ``auto_quantize`` converts it, and one recipe hparam per fused
+    module (``split``: per quantized linear layer, the experts split into one per projection)."""
     from modelopt.torch.opt.conversion import apply_mode
     from modelopt.torch.quantization import model_quant
-    from modelopt.torch.quantization.algorithms import QuantRecipe, QuantRecipeHparam
+    from modelopt.torch.quantization.algorithms import (
+        QuantRecipe,
+        QuantRecipeHparam,
+        _AutoQuantizeBaseSearcher,
+    )
     from modelopt.torch.quantization.mode import QuantizeModeRegistry
+    from modelopt.torch.quantization.nn import QuantModule
     from modelopt.torch.quantization.plugins.huggingface import _QuantFusedExperts
+
+    from auto_quantize_model.backend.experts import unfuse_experts
 
     loaded = build_builtin(TINY_QWEN3_VL_MOE, seed=0, dtype="float32", device="cpu")
     use_eager_experts(loaded.model)
+    if split:
+        unfuse_experts(loaded.model)
     model: Any = loaded.model
     text = model.model.language_model
     recipe = QuantRecipe(fmt) if isinstance(fmt, str) else QuantRecipe(fmt, name="CUSTOM")
-    with fast_fused_experts_setup() if fast else contextlib.nullcontext() as counts:
+    with (
+        registrations_undone(),  # converting a split MoE registers its block class process-wide
+        fast_fused_experts_setup() if fast else contextlib.nullcontext() as counts,
+    ):
         text = apply_mode(text, mode="auto_quantize", registry=QuantizeModeRegistry)
         model_quant.set_quantizer_by_cfg(text, [{"quantizer_name": "*", "enable": False}])
-        modules = [m for m in text.modules() if isinstance(m, _QuantFusedExperts)]
+        searched = _AutoQuantizeBaseSearcher._is_auto_quantize_module  # what AutoQuant gives a recipe
+        kind = QuantModule if split else _QuantFusedExperts
+        modules = [m for m in text.modules() if isinstance(m, kind) and searched(m)]
         hparams = [
             QuantRecipeHparam(
                 [recipe], quant_modules=[m], score_modules=[m], name="g", quant_module_names=["g"]
@@ -62,9 +80,9 @@ def quantizers(hparam: Any, module: Any) -> list[tuple[str, str, int, Any]]:
     return found
 
 
-def assert_same_quantizers(fmt: Any) -> SetupCounts:
-    theirs_modules, theirs, _ = recipes_built(False, fmt)
-    ours_modules, ours, counts = recipes_built(True, fmt)
+def assert_same_quantizers(fmt: Any, split: bool = False) -> SetupCounts:
+    theirs_modules, theirs, _ = recipes_built(False, fmt, split)
+    ours_modules, ours, counts = recipes_built(True, fmt, split)
     assert counts is not None
     for their_module, their_hparam, our_module, our_hparam in zip(
         theirs_modules, theirs, ours_modules, ours, strict=True
@@ -97,9 +115,22 @@ def _leaves(quantizer: Any) -> list[Any]:
 )
 def test_every_quantizer_equals_what_modelopt_builds(fmt: str) -> None:
     counts = assert_same_quantizers(fmt)
-    # per layer and list (2): E - 1 copies at conversion, for the model-wide "disable all", and for
-    # each recipe (the format and no quantization) when made fresh and when configured
-    assert counts.copied == LAYERS * 2 * (EXPERTS - 1) * 6
+    # per layer, for each list (2): E - 1 copies at conversion and for the model-wide "disable
+    # all", and for each recipe (the format and no quantization) E made fresh and E - 1 configured;
+    # for each shared input quantizer (2): one made fresh per recipe
+    per_list = 2 * (EXPERTS - 1) + 2 * (EXPERTS + EXPERTS - 1)
+    assert counts.copied == LAYERS * (2 * per_list + 2 * 2)
+    assert not counts.declined
+
+
+@pytest.mark.parametrize("fmt", ["INT8_DEFAULT_CFG", "W4A8_AWQ_BETA_CFG"])
+def test_split_experts_linear_layers_get_what_modelopt_builds(fmt: str) -> None:
+    """Experts split into linear layers: each recipe configures the first layer of a kind and copies it."""
+    counts = assert_same_quantizers(fmt, split=True)
+    linears = LAYERS * (3 * EXPERTS + 4)  # gate, up, down per expert; q, k, v, o
+    # per recipe (the format and no quantization): three quantizers per linear layer made fresh,
+    # and those of every linear layer but the first configured by copying
+    assert counts.copied == 2 * (3 * linears + 3 * (linears - 1))
     assert not counts.declined
 
 

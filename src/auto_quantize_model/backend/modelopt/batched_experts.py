@@ -59,6 +59,10 @@ REFERENCE_EXPERTS = ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "
 (transformers 5.17: 48 of them, Qwen2/3-MoE, Mixtral, Qwen3-Next, ...) is handled too."""
 
 
+CHUNK_ELEMENTS = 1 << 26
+"""Weights fake-quantized per call (64 Mi: 256 MiB of float32 temporaries)."""
+
+
 @attrs.define
 class ExpertPathCounts:
     """Fused-experts forwards run during a search: batched, and ModelOpt's own path by reason.
@@ -381,13 +385,17 @@ def _state(quantizer: Any) -> str:
     return "other"
 
 
-def _stacked_fake_quant(weight: torch.Tensor, quantizers: Any) -> torch.Tensor | None:
-    """All experts' weights fake-quantized in one call, or None when their ranges do not stack.
+def _stacked_fake_quant(
+    weight: torch.Tensor, quantizers: Any, chunk_elements: int = CHUNK_ELEMENTS
+) -> torch.Tensor | None:
+    """All experts' weights fake-quantized a few at a time, or None when their ranges do not stack.
 
-    Per-channel ranges (``[out, 1]``) become one ``[E * out, 1]`` range over the ``[E * out, in]``
-    view, the 2-D per-channel case ModelOpt's kernels see for one expert; per-tensor ranges become
-    ``[E, 1, 1]``. The first expert's quantizer runs it with the stacked range swapped in, so every
-    other setting is its own; all experts must agree on those settings.
+    Per-channel ranges (``[out, 1]``) become one ``[n * out, 1]`` range over the ``[n * out, in]``
+    view of ``n`` experts, the 2-D per-channel case ModelOpt's kernels see for one expert;
+    per-tensor ranges become ``[n, 1, 1]``. The first expert's quantizer runs each call with the
+    stacked range swapped in, so every other setting is its own; all experts must agree on those
+    settings. Experts go ``chunk_elements`` weights at a time: ModelOpt's plain-PyTorch fake
+    quantization works in float32, and a whole 30B-A3B layer at once would take ~5 GB extra.
     """
     import torch
 
@@ -401,21 +409,25 @@ def _stacked_fake_quant(weight: torch.Tensor, quantizers: Any) -> torch.Tensor |
             return None
         amaxes.append(quantizer._amax)
     experts, out_features, in_features = weight.shape
-    shape = tuple(amaxes[0].shape)
-    if amaxes[0].numel() == 1:
-        target, ranges = weight, torch.stack([a.reshape(()) for a in amaxes]).reshape(experts, 1, 1)
-    elif shape == (out_features, 1) and first.axis in (0, (0,)):
-        target = weight.reshape(experts * out_features, in_features)
-        ranges = torch.cat(amaxes)
-    else:
+    per_tensor = amaxes[0].numel() == 1
+    if not per_tensor and (tuple(amaxes[0].shape) != (out_features, 1) or first.axis not in (0, (0,))):
         return None
+    quantized = torch.empty_like(weight)
+    step = max(1, chunk_elements // max(1, out_features * in_features))
     original = first._amax
     try:
-        first._amax = ranges
-        quantized = first._fake_quantize(target)
+        for start in range(0, experts, step):
+            part = slice(start, min(experts, start + step))
+            if per_tensor:
+                target = weight[part]
+                first._amax = torch.stack([a.reshape(()) for a in amaxes[part]]).reshape(-1, 1, 1)
+            else:
+                target = weight[part].reshape(-1, in_features)
+                first._amax = torch.cat(amaxes[part])
+            quantized[part] = first._fake_quantize(target).reshape(quantized[part].shape)
     finally:
         first._amax = original
-    return quantized.reshape(weight.shape)  # type: ignore[no-any-return]
+    return quantized
 
 
 def _fake_settings(quantizer: Any) -> tuple[Any, ...]:

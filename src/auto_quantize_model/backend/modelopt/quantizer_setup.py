@@ -66,7 +66,9 @@ def fast_fused_experts_setup() -> Iterator[SetupCounts]:
     back; quantizers made meanwhile are ordinary ``TensorQuantizer`` objects.
     """
     from modelopt.torch.quantization import algorithms, model_quant
+    from modelopt.torch.quantization.nn import TensorQuantizer
     from modelopt.torch.quantization.plugins.huggingface import _QuantFusedExperts
+    from torch import nn
 
     counts = SetupCounts()
     original_setup = vars(_QuantFusedExperts)["_setup"]
@@ -89,22 +91,32 @@ def fast_fused_experts_setup() -> Iterator[SetupCounts]:
                 members.extend(copies_of(members[0], experts - 1))
                 counts.copied += experts - 1
 
+    default = TensorQuantizer()  # what ModelOpt builds for every fresh quantizer
+    templates: dict[tuple[Any, ...], dict[str, Any]] = {}
+
     def fresh(module: Any, attr_name: str) -> Any:
-        from torch import nn
-
         current = getattr(module, attr_name, None)
-        if attr_name not in _LISTS or not isinstance(current, nn.ModuleList) or len(current) < 2:
-            return original_fresh(module, attr_name)
-        from modelopt.torch.quantization.nn import TensorQuantizer
-
-        first = TensorQuantizer()  # what ModelOpt builds for each member
-        counts.copied += len(current) - 1
-        return nn.ModuleList([first, *copies_of(first, len(current) - 1)])
+        if isinstance(current, nn.ModuleList):
+            if attr_name not in _LISTS or len(current) < 2:
+                return original_fresh(module, attr_name)
+            counts.copied += len(current)
+            return nn.ModuleList(copies_of(default, len(current)))
+        counts.copied += 1
+        return copies_of(default, 1)[0]
 
     def configure(quant_model: Any, quant_cfg: Any) -> Any:
+        key = _module_key(quant_model, quant_cfg, default)
+        template = templates.get(key) if key is not None else None
+        if template is not None:
+            for name, configured in template.items():
+                setattr(quant_model, name, copies_of(configured, 1)[0])
+            counts.copied += len(template)
+            return None
         with _lists_shortened(quant_model, quant_cfg, counts) as refill:
             result = original_configure(quant_model, quant_cfg)
             refill()
+        if key is not None:
+            templates[key] = {name: copies_of(child, 1)[0] for name, child in quant_model.named_children()}
         return result
 
     with (
@@ -158,6 +170,32 @@ def _lists_shortened(root: Any, quant_cfg: Any, counts: SetupCounts) -> Iterator
             for members, original in cut:
                 del members[:]
                 members.extend(original)
+
+
+def _module_key(module: Any, quant_cfg: Any, default: Any) -> tuple[Any, ...] | None:
+    """What ModelOpt's configuration of ``module`` depends on, when it depends on nothing else.
+
+    ``set_quantizer_by_cfg`` called on one quantized module (as each recipe does) matches names
+    relative to it (``weight_quantizer``) and parent classes (the module's type), so for a module
+    whose children are all freshly built quantizers the result is fixed by its type, their names
+    and the config: modules alike (every expert projection of a split MoE, every ``q_proj``) get
+    copies of the first one's result. None for anything else (fused experts, a model, quantizers
+    already configured or calibrated).
+    """
+    from modelopt.torch.quantization.conversion import normalize_quant_cfg_list
+    from modelopt.torch.quantization.nn import QuantModule
+    from modelopt.torch.quantization.plugins.huggingface import _QuantFusedExperts
+
+    if not isinstance(module, QuantModule) or isinstance(module, _QuantFusedExperts):
+        return None
+    names = []
+    for name, child in module.named_children():
+        if not _plain(child) or not _same_settings(default, child):
+            return None
+        names.append(name)
+    if not names:
+        return None
+    return (type(module), tuple(names), repr(normalize_quant_cfg_list(quant_cfg)))
 
 
 def _why_index_matters(entries: list[Any], prefix: str, size: int) -> str | None:
