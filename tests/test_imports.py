@@ -125,6 +125,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow  # renders, exports or spawns for real: slow tier (fast one under a minute)
 def test_stays_free_of_heavy_imports(case: str, files: Path) -> None:
     code, forbidden, expected = CASES[case]
     body = textwrap.indent(code.replace("{files}", str(files)), " " * 8)

@@ -181,6 +181,7 @@ def test_measured_points_in_frontier_json_give_the_known_curve(measured_run: Pat
     assert "- KL = score x 0.02 (geometric mean of KL/score over 3 measured mix(es))" in text
 
 
+@pytest.mark.slow  # renders, exports or spawns for real: slow tier (fast one under a minute)
 def test_max_kl_chooses_the_cheapest_mix_whose_upper_end_is_within_the_bound(
     measured_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -45,6 +45,7 @@ def test_export_force_refuses_a_folder_that_holds_no_export(
     assert (docs / "thesis.tex").read_text("utf-8") == "years of work"
 
 
+@pytest.mark.slow  # renders, exports or spawns for real: slow tier (fast one under a minute)
 def test_export_force_replaces_only_the_files_the_earlier_export_recorded(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

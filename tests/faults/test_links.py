@@ -75,6 +75,7 @@ def test_a_planted_report_file_link_is_not_written_through(
     assert victim.read_text("utf-8") == "precious"
 
 
+@pytest.mark.slow  # renders, exports or spawns for real: slow tier (fast one under a minute)
 def test_export_force_removes_nothing_through_a_link(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

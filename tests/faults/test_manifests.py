@@ -333,6 +333,7 @@ def one_line_refusal(bad: Path, code: int, out: str, err: str, says: str) -> lis
     return wrong
 
 
+@pytest.mark.slow  # renders, exports or spawns for real: slow tier (fast one under a minute)
 def test_fuzzed_manifests_are_read_or_refused_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

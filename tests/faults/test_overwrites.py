@@ -19,6 +19,7 @@ def manifest_of(tmp_path: Path) -> Path:
     return run / "tiny_wint8_aint8_quant_manifest.json"
 
 
+@pytest.mark.slow  # renders, exports or spawns for real: slow tier (fast one under a minute)
 def test_report_keeps_a_users_same_named_file_and_rewrites_its_own(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

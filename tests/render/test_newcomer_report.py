@@ -142,6 +142,7 @@ def svg(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
+@pytest.mark.slow  # renders, exports or spawns for real: slow tier (fast one under a minute)
 def test_every_plot_of_a_random_weights_run_carries_the_warning(tmp_path: Path) -> None:
     random = make_manifest(ENTRIES, validation=VALIDATION, model=RANDOM)
     pictures = [p for p in write_plots(random, tmp_path / "random") if p.suffix == ".svg"]
@@ -153,6 +154,7 @@ def test_every_plot_of_a_random_weights_run_carries_the_warning(tmp_path: Path) 
     )
 
 
+@pytest.mark.slow  # renders, exports or spawns for real: slow tier (fast one under a minute)
 def test_every_frontier_plot_of_a_random_weights_run_carries_the_warning(tmp_path: Path) -> None:
     costs = (0.5, 0.5, 1.0)  # weights x bits / 16 of a one-weight group
     run = scores(
@@ -207,6 +209,7 @@ def overlapping_labels(figure: Any) -> list[tuple[str, str]]:
         [(30.0, 2.0, 1.0), (1e-12, -1e-12, 1e-12), (-5.0, -3.0, 1e-3), (2e-6, 5.0, 0.2), (0.0, 1e-7, 0.0)],
     ],
 )
+@pytest.mark.slow  # renders, exports or spawns for real: slow tier (fast one under a minute)
 def test_symlog_validation_panels_have_no_overlapping_tick_labels(
     values: list[tuple[float, float, float]],
 ) -> None:

@@ -28,6 +28,8 @@ from auto_quantize_model.render.plots import (
 from builders import SEEDS
 from builders import manifest as make_manifest
 
+pytestmark = pytest.mark.slow  # matplotlib renders every figure: slow tier (fast one under a minute)
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

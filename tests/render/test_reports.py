@@ -426,6 +426,7 @@ def test_health_section_is_in_the_markdown(tmp_path: Path) -> None:
     assert not (tmp_path / "plots").exists()
 
 
+@pytest.mark.slow  # renders, exports or spawns for real: slow tier (fast one under a minute)
 def test_plots_are_written_and_embedded(tmp_path: Path) -> None:
     pytest.importorskip("auto_quantize_model.render.plots")
     paths = write_reports(crafted_manifest(), tmp_path, write_manifest=False, plots=True)

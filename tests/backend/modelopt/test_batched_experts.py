@@ -99,6 +99,7 @@ def expert_amax_names(model: Any) -> list[str]:
         ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "each expert's quantizer (static blocks)"),
     ],
 )
+@pytest.mark.slow  # ModelOpt quantizes the tiny MoE per format: slow tier
 def test_calibration_and_quantized_forward_match_modelopts_loop(config: str, weight_path: str) -> None:
     loaded = tiny_moe()
     twin = copy.deepcopy(loaded)

@@ -124,6 +124,7 @@ def test_every_quantizer_equals_what_modelopt_builds(fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["INT8_DEFAULT_CFG", "W4A8_AWQ_BETA_CFG"])
+@pytest.mark.slow  # ModelOpt quantizes the tiny MoE per format: slow tier
 def test_split_experts_linear_layers_get_what_modelopt_builds(fmt: str) -> None:
     """Experts split into linear layers: each recipe configures the first layer of a kind and copies it."""
     counts = assert_same_quantizers(fmt, split=True)
