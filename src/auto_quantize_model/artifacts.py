@@ -4,6 +4,11 @@ Artifacts holding modules or tensors are ``eq=False``: comparing two models elem
 what anyone means, and frozen does not deep-freeze a module anyway. Everything from
 :class:`SensitivityScores` on is plain data (floats, strings, tuples) so it can be written to
 JSON, compared in tests and read back without torch or ModelOpt installed.
+
+One module (about 600 lines) on purpose: every stage's ``requires``/``produces`` names a class
+here, so the contract between stages reads in one file; records that only one command reads
+(:mod:`~auto_quantize_model.frontier_records`, :mod:`~auto_quantize_model.manifest_records`) live
+apart.
 """
 
 from __future__ import annotations
