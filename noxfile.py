@@ -1,17 +1,17 @@
 """Sessions for tests, lint and type checking; ``nox -s bench`` is opt-in (needs a GPU).
 
 ``tests`` is the fast tier a contributor runs all day (``pytest -m "not slow"``: fakes for every
-stage plus one real run of the tiny default). ``slow`` is the rest: real ModelOpt end to end,
-packed vs reference, determinism, resume kills. ``real`` runs a trained model (SmolLM2-135M,
+stage and pure logic, under a minute). ``slow`` is the rest: real ModelOpt end to end, the tiny
+default run, plots, real exports, packed vs reference, determinism, resume kills. ``real`` runs a trained model (SmolLM2-135M,
 fetched once from PyPI) end to end and checks the predicted ranking against measured damage. CI
 (``.ci/run``) runs all three, then lint and typecheck.
 
 ``tests`` and ``slow`` run on two pytest-xdist workers (pass ``-n 0`` after ``--`` for one
 process). Most slow tests are one process computing on one core, so two workers use the 2-core
-machine's second core: measured there (shared, load 1-2), the slow tier 246 s -> 141 s and the
-fast tier ~65 s -> 55 s. Each test file stays on one worker (``--dist loadscope``), so a module
-fixture is built once, and the tiny default run is started once, by the controller
-(tests/conftest.py).
+machine's second core (measured there, idle: fast 53-54 s, slow 237 s; README "Development").
+Each test file stays on one worker (``--dist loadscope``), so a module fixture is built once, and
+the tiny default run is started once, by the controller, unless the fast tier's ``-m`` selects
+none of its readers (tests/conftest.py).
 """
 
 from __future__ import annotations
