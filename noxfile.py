@@ -2,9 +2,9 @@
 
 ``tests`` is the fast tier a contributor runs all day (``pytest -m "not slow"``: fakes for every
 stage and pure logic, under a minute). ``slow`` is the rest: real ModelOpt end to end, the tiny
-default run, plots, real exports, packed vs reference, determinism, resume kills. ``real`` runs a trained model (SmolLM2-135M,
-fetched once from PyPI) end to end and checks the predicted ranking against measured damage. CI
-(``.ci/run``) runs all three, then lint and typecheck.
+default run, plots, real exports, packed vs reference, determinism, resume kills. ``real`` runs a
+trained model (SmolLM2-135M, fetched once from PyPI) end to end and checks the predicted ranking
+against measured damage. CI (``.ci/run``) runs all three, then lint and typecheck.
 
 ``tests`` and ``slow`` run on two pytest-xdist workers (pass ``-n 0`` after ``--`` for one
 process). Most slow tests are one process computing on one core, so two workers use the 2-core
