@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
     model = torch.nn.Sequential(layer)
     mtq.quantize(model, mtq.W4A8_NVFP4_FP8_CFG, forward_loop)
-    quantizer = model[0].weight_quantizer
+    linear: Any = model[0]  # ModelOpt swapped in its quantized Linear, with a weight_quantizer
+    quantizer: Any = linear.weight_quantizer
     with torch.no_grad():
-        fake = quantizer(model[0].weight).float()
-    weight = model[0].weight.float()
+        fake = quantizer(linear.weight).float()
+    weight = linear.weight.float()
     result: dict[str, object] = {
         "device": torch.cuda.get_device_name(0),
         "capability": list(torch.cuda.get_device_capability(0)),
