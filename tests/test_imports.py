@@ -411,6 +411,7 @@ LAYER_OF: dict[str, str] = {
     "pipeline": "nouns",
     "manifest_records": "nouns",
     "frontier_records": "nouns",
+    "validation_records": "nouns",
     "sources": "nouns",
     "core": "core",
     "io": "io",
