@@ -406,6 +406,7 @@ LAYER_OF: dict[str, str] = {
     # The nouns: records, names and settings that every layer passes around.
     "artifacts": "nouns",
     "specs": "nouns",
+    "spec_values": "nouns",
     "errors": "nouns",
     "data": "nouns",
     "pipeline": "nouns",

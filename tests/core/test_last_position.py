@@ -30,7 +30,8 @@ from auto_quantize_model.io.pipeline_file import load_pipeline
 from auto_quantize_model.manifest_records import Manifest
 from auto_quantize_model.render.frontier import render_markdown as frontier_markdown
 from auto_quantize_model.render.validation import validation_markdown
-from auto_quantize_model.specs import FrontierSpec, ManifestSpec, SpecError, ValidateSpec
+from auto_quantize_model.spec_values import SpecError
+from auto_quantize_model.specs import FrontierSpec, ManifestSpec, ValidateSpec
 from auto_quantize_model.stages.build_manifest import build_manifest
 from auto_quantize_model.validation_records import LastPosition, ValidatedGroup, ValidationReport
 from builders import TEST_MODEL, int8, scores
