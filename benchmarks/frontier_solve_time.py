@@ -19,7 +19,7 @@ import time
 from auto_quantize_model.artifacts import GroupScore
 from auto_quantize_model.core.frontier import solve_frontier
 from auto_quantize_model.core.frontier_space import space_from_scores
-from auto_quantize_model.specs import parse_budgets
+from auto_quantize_model.spec_values import parse_budgets
 
 FORMATS = (("NVFP4", 4.5), ("INT4_BLOCK", 4.25), ("FP8", 8.0), ("INT8", 8.0), ("NONE", 16.0))
 

@@ -18,15 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from auto_quantize_model.artifacts import (
-    GroupScore,
-    LayerRouting,
-    RoutingStats,
-    SensitivityScores,
-    ValidationReport,
-)
+from auto_quantize_model.artifacts import GroupScore, LayerRouting, RoutingStats, SensitivityScores
 from auto_quantize_model.io.manifest import SCHEMA_VERSION
 from auto_quantize_model.manifest_records import Manifest, ModelInfo, RankedGroup, SchemeInfo
+from auto_quantize_model.validation_records import ValidationReport
 
 if TYPE_CHECKING:
     from transformers import Qwen3VLForConditionalGeneration

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from auto_quantize_model.artifacts import LanguageModel, SensitivityScores, ValidationReport
+from auto_quantize_model.artifacts import LanguageModel, SensitivityScores
 from auto_quantize_model.manifest_records import Manifest
+from auto_quantize_model.validation_records import ValidationReport
 from builders import six_stages
 
 torch = pytest.importorskip("torch")

@@ -406,11 +406,13 @@ LAYER_OF: dict[str, str] = {
     # The nouns: records, names and settings that every layer passes around.
     "artifacts": "nouns",
     "specs": "nouns",
+    "spec_values": "nouns",
     "errors": "nouns",
     "data": "nouns",
     "pipeline": "nouns",
     "manifest_records": "nouns",
     "frontier_records": "nouns",
+    "validation_records": "nouns",
     "sources": "nouns",
     "core": "core",
     "io": "io",

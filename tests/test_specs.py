@@ -8,15 +8,8 @@ import pytest
 
 from auto_quantize_model.errors import ConfigError
 from auto_quantize_model.io.pipeline_file import spec_from_dict
-from auto_quantize_model.specs import (
-    AutoQuantSpec,
-    ExportSpec,
-    FrontierSpec,
-    LoadSpec,
-    SpecError,
-    parse_budgets,
-    size_bytes,
-)
+from auto_quantize_model.spec_values import SpecError, parse_budgets, size_bytes
+from auto_quantize_model.specs import AutoQuantSpec, ExportSpec, FrontierSpec, LoadSpec
 
 # --------------------------------------------------------------------------------------------------
 # AutoQuantSpec: formats

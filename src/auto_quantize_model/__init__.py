@@ -23,7 +23,6 @@ if TYPE_CHECKING:
         ReportPaths,
         RunTimings,
         SensitivityScores,
-        ValidationReport,
     )
     from auto_quantize_model.errors import AqmError
     from auto_quantize_model.io.manifest_file import read_manifest
@@ -53,6 +52,7 @@ if TYPE_CHECKING:
     from auto_quantize_model.stages.solve_budgets import SolveBudgets
     from auto_quantize_model.stages.validate_sensitivity import ValidateSensitivity
     from auto_quantize_model.stages.write_reports import WriteReports
+    from auto_quantize_model.validation_records import ValidationReport
 
 _EXPORTS = {
     "Pipeline": "pipeline",
@@ -73,7 +73,7 @@ _EXPORTS = {
     "LanguageModel": "artifacts",
     "CalibData": "artifacts",
     "SensitivityScores": "artifacts",
-    "ValidationReport": "artifacts",
+    "ValidationReport": "validation_records",
     "BudgetFrontier": "artifacts",
     "MeasuredFrontier": "artifacts",
     "ExportedMix": "artifacts",

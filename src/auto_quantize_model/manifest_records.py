@@ -23,9 +23,9 @@ from auto_quantize_model.artifacts import (
     ImageMix,
     RoutingStats,
     StageTiming,
-    ValidationReport,
 )
 from auto_quantize_model.frontier_records import CostModel
+from auto_quantize_model.validation_records import ValidationReport
 
 
 @attrs.frozen

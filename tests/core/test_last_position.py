@@ -15,14 +15,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from auto_quantize_model.artifacts import (
-    FrontierSummary,
-    LastPosition,
-    MeasuredFrontier,
-    MeasuredPoint,
-    ValidatedGroup,
-    ValidationReport,
-)
+from auto_quantize_model.artifacts import FrontierSummary, MeasuredFrontier, MeasuredPoint
 from auto_quantize_model.core.last_position import (
     greedy_agreement,
     last_position,
@@ -37,8 +30,10 @@ from auto_quantize_model.io.pipeline_file import load_pipeline
 from auto_quantize_model.manifest_records import Manifest
 from auto_quantize_model.render.frontier import render_markdown as frontier_markdown
 from auto_quantize_model.render.validation import validation_markdown
-from auto_quantize_model.specs import FrontierSpec, ManifestSpec, SpecError, ValidateSpec
+from auto_quantize_model.spec_values import SpecError
+from auto_quantize_model.specs import FrontierSpec, ManifestSpec, ValidateSpec
 from auto_quantize_model.stages.build_manifest import build_manifest
+from auto_quantize_model.validation_records import LastPosition, ValidatedGroup, ValidationReport
 from builders import TEST_MODEL, int8, scores
 from builders import group as score_group
 

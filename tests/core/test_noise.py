@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from auto_quantize_model.artifacts import Interval
 from auto_quantize_model.core import stats
 from auto_quantize_model.core.noise import (
     Resamples,
@@ -22,6 +21,7 @@ from auto_quantize_model.core.noise import (
     spearman_draws,
     within_noise,
 )
+from auto_quantize_model.validation_records import Interval
 
 
 def fixed(counts: list[list[int]], tokens: list[int]) -> Resamples:

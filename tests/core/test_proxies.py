@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from auto_quantize_model.artifacts import Interval, ProxyRating
 from auto_quantize_model.core.noise import Resamples
 from auto_quantize_model.core.proxies import (
     ActivationStats,
@@ -18,6 +17,7 @@ from auto_quantize_model.core.proxies import (
     rate,
     rate_proxies,
 )
+from auto_quantize_model.validation_records import Interval, ProxyRating
 
 INT8, FP8 = "INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"
 

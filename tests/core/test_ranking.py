@@ -161,7 +161,7 @@ def test_scheme_name_needs_a_quantized_format() -> None:
 
 def test_a_format_option_becomes_a_file_name_safe_scheme_part() -> None:
     from auto_quantize_model.core.ranking import scheme_name
-    from auto_quantize_model.specs import scheme_name_problem
+    from auto_quantize_model.spec_values import scheme_name_problem
 
     name = scheme_name(["INT8_DEFAULT_CFG", "W4A8_AWQ_BETA_CFG:alpha_step=0.25"])
     assert name == "wint8_aint8+wint4_afp8_awq-a0.25"

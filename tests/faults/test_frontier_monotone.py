@@ -24,7 +24,8 @@ from auto_quantize_model.core.frontier import solve_frontier
 from auto_quantize_model.core.frontier_points import search_space
 from auto_quantize_model.core.frontier_space import SearchSpace
 from auto_quantize_model.frontier_records import Frontier
-from auto_quantize_model.specs import FrontierSpec, parse_budgets
+from auto_quantize_model.spec_values import parse_budgets
+from auto_quantize_model.specs import FrontierSpec
 from builders import AqmRun, scores
 
 FORMATS = (("W4", 4.0), ("INT8", 8.0), ("NONE", 16.0))

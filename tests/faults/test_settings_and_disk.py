@@ -39,7 +39,8 @@ from auto_quantize_model.core.batching import MemoryBudget, calib_columns, check
 from auto_quantize_model.errors import ConfigError
 from auto_quantize_model.io.memory_limits import HostMemory, available_memory, cgroup_headroom
 from auto_quantize_model.pipeline import Artifacts
-from auto_quantize_model.specs import CalibSpec, PipelineSpec, SpecError, ValidateSpec
+from auto_quantize_model.spec_values import SpecError
+from auto_quantize_model.specs import CalibSpec, PipelineSpec, ValidateSpec
 from auto_quantize_model.stages.build_calib_loader import memory_budget
 from fakes import FakeTokenizer, fake_loaded
 

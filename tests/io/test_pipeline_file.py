@@ -17,6 +17,7 @@ from auto_quantize_model.io.pipeline_file import (
     spec_from_dict,
     spec_to_toml,
 )
+from auto_quantize_model.spec_values import SpecError
 from auto_quantize_model.specs import (
     AutoQuantSpec,
     CalibSpec,
@@ -24,7 +25,6 @@ from auto_quantize_model.specs import (
     ManifestSpec,
     PipelineSpec,
     ReportSpec,
-    SpecError,
     ValidateSpec,
 )
 from auto_quantize_model.stages import stage_names

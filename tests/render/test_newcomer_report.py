@@ -12,7 +12,7 @@ import pytest
 
 from auto_quantize_model.app.cli import main
 from auto_quantize_model.app.run_service import RunService
-from auto_quantize_model.artifacts import RunTimings, StageTiming, ValidatedGroup, ValidationReport
+from auto_quantize_model.artifacts import RunTimings, StageTiming
 from auto_quantize_model.core.frontier import solve_frontier
 from auto_quantize_model.core.frontier_points import search_space
 from auto_quantize_model.io.manifest_file import read_manifest
@@ -23,6 +23,7 @@ from auto_quantize_model.render.frontier import write_frontier
 from auto_quantize_model.render.plots import _scatter, write_plots
 from auto_quantize_model.render.reports import LAYER_MD, layer_cell, render_markdown, write_reports
 from auto_quantize_model.specs import PipelineSpec
+from auto_quantize_model.validation_records import ValidatedGroup, ValidationReport
 from builders import NONE, TINY_DEFAULT, fp8, group, int8, ranked_group, scores
 from builders import manifest as make_manifest
 

@@ -13,7 +13,6 @@ from typing import Any
 import attrs
 import pytest
 
-from auto_quantize_model.artifacts import ValidatedGroup, ValidationReport
 from auto_quantize_model.render.plots import (
     HEATMAP_STEM,
     SCATTER_STEM,
@@ -25,6 +24,7 @@ from auto_quantize_model.render.plots import (
     short_name,
     write_plots,
 )
+from auto_quantize_model.validation_records import ValidatedGroup, ValidationReport
 from builders import SEEDS
 from builders import manifest as make_manifest
 

@@ -13,19 +13,7 @@ import pytest
 from pytest_mock import MockerFixture
 
 import builders
-from auto_quantize_model.artifacts import (
-    GroupScore,
-    Interval,
-    NoiseFloor,
-    ProxyRating,
-    RefinedGroup,
-    Refinement,
-    ReportPaths,
-    SensitivityScores,
-    StageTiming,
-    ValidatedGroup,
-    ValidationReport,
-)
+from auto_quantize_model.artifacts import GroupScore, ReportPaths, SensitivityScores, StageTiming
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.io.manifest import (
     SCHEMA_VERSION,
@@ -47,6 +35,15 @@ from auto_quantize_model.render.reports import (
 from auto_quantize_model.specs import ManifestSpec, ReportSpec
 from auto_quantize_model.stages.build_manifest import BuildManifest, build_manifest
 from auto_quantize_model.stages.write_reports import WriteReports
+from auto_quantize_model.validation_records import (
+    Interval,
+    NoiseFloor,
+    ProxyRating,
+    RefinedGroup,
+    Refinement,
+    ValidatedGroup,
+    ValidationReport,
+)
 from builders import scores
 
 INT8 = "INT8_DEFAULT_CFG"

@@ -34,7 +34,8 @@ from auto_quantize_model.core.frontier import modelopt_frontier
 from auto_quantize_model.core.frontier_space import fixed_row, space_from_scores, space_from_state
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.pipeline import Artifacts
-from auto_quantize_model.specs import AutoQuantSpec, parse_budgets
+from auto_quantize_model.spec_values import parse_budgets
+from auto_quantize_model.specs import AutoQuantSpec
 from auto_quantize_model.stages.run_autoquant import RunAutoQuant
 from builders import tiny_qwen3_vl
 

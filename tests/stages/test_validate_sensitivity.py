@@ -18,7 +18,6 @@ from auto_quantize_model.artifacts import (
     LoadedModel,
     QuantSearch,
     SensitivityScores,
-    ValidationReport,
 )
 from auto_quantize_model.core.batching import encode, holdout_columns, scorable
 from auto_quantize_model.core.captions import captions_sha256, read_caption_file
@@ -38,6 +37,7 @@ from auto_quantize_model.errors import AqmError, WiringError
 from auto_quantize_model.pipeline import Artifacts, Pipeline
 from auto_quantize_model.specs import ValidateSpec
 from auto_quantize_model.stages.validate_sensitivity import ValidateSensitivity
+from auto_quantize_model.validation_records import ValidationReport
 from builders import NONE, fp8, group, int8, scores, search_text_lm, tiny_qwen3_vl
 from fakes import FakeTokenizer, fake_loaded
 

@@ -72,7 +72,7 @@ class ExportJob:
 
 def parse_bits(text: str) -> float:
     """One effective-bits budget from ``--bits``; a one-line ConfigError naming the flag otherwise."""
-    from auto_quantize_model.specs import parse_budgets
+    from auto_quantize_model.spec_values import parse_budgets
 
     try:
         budgets = parse_budgets(text)
@@ -90,7 +90,7 @@ def plan_export(request: ExportRequest) -> ExportJob:
     """
     from auto_quantize_model.backend.exporting import refuse_taken
     from auto_quantize_model.core.ct_config import COMPRESSED_TENSORS
-    from auto_quantize_model.specs import EXPORT_FORMATS
+    from auto_quantize_model.spec_values import EXPORT_FORMATS
 
     if request.format not in EXPORT_FORMATS:
         raise ConfigError(f"--format {request.format}: choose one of {', '.join(EXPORT_FORMATS)}")

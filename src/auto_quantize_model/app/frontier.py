@@ -112,7 +112,8 @@ def plan_frontier(request: FrontierRequest) -> FrontierJob:
     Called with the source folder's lock held (:func:`~auto_quantize_model.app.run_folder.reading`).
     """
     from auto_quantize_model.io.manifest import check_solvable
-    from auto_quantize_model.specs import FrontierSpec, parse_budgets
+    from auto_quantize_model.spec_values import parse_budgets
+    from auto_quantize_model.specs import FrontierSpec
 
     run = FinishedRun.open(request.source)
     check_solvable(run.manifest, run.manifest_path)  # measured or not, the search runs on these scores

@@ -177,7 +177,7 @@ class FinishedRun:
         from auto_quantize_model.core.frontier_points import search_method, search_space, solve_budgets
         from auto_quantize_model.io.convert import project
         from auto_quantize_model.io.manifest import check_solvable
-        from auto_quantize_model.specs import parse_budgets
+        from auto_quantize_model.spec_values import parse_budgets
 
         where, manifest = self.manifest_path, self.manifest
         check_solvable(manifest, where)

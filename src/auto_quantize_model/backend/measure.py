@@ -45,11 +45,12 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from auto_quantize_model.artifacts import GroupScore, LanguageModel, LastPosition
+    from auto_quantize_model.artifacts import GroupScore, LanguageModel
     from auto_quantize_model.backend.generation import Greedy
     from auto_quantize_model.backend.modelopt.recipe_switch import RecipeSwitch
     from auto_quantize_model.core.last_position import Continuations
     from auto_quantize_model.core.proxies import WeightStats
+    from auto_quantize_model.validation_records import LastPosition
 
 log = logging.getLogger("auto_quantize_model")
 

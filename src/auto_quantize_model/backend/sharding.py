@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 from auto_quantize_model.backend.devices import resolve_device
 from auto_quantize_model.errors import ConfigError
 from auto_quantize_model.io.convert import did_you_mean
-from auto_quantize_model.specs import DeviceMap, LoadSpec, size_bytes
+from auto_quantize_model.spec_values import DeviceMap, size_bytes
+from auto_quantize_model.specs import LoadSpec
 
 if TYPE_CHECKING:
     import torch

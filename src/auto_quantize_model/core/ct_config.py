@@ -48,7 +48,7 @@ from auto_quantize_model.core.format_grammar import CustomFormat, parse_custom
 from auto_quantize_model.core.formats import resolve_format
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import ConfigError
-from auto_quantize_model.specs import EXPORT_FORMATS
+from auto_quantize_model.spec_values import EXPORT_FORMATS
 
 MODELOPT, COMPRESSED_TENSORS = EXPORT_FORMATS
 """What ``aqm export --format`` and ``[export] format`` accept; ``modelopt`` is the default."""

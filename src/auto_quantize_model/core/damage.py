@@ -40,11 +40,12 @@ from collections.abc import Sequence
 
 import attrs
 
-from auto_quantize_model.artifacts import MeasuredFrontier, MeasuredPoint, ValidationReport
+from auto_quantize_model.artifacts import MeasuredFrontier, MeasuredPoint
 from auto_quantize_model.core.frontier_points import measured_frontier
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.frontier_records import FrontierPoint
+from auto_quantize_model.validation_records import ValidationReport
 
 LEVEL = 0.95
 """Two-sided level of the prediction intervals."""

@@ -28,7 +28,7 @@ import math
 from collections.abc import Sequence
 from typing import Protocol
 
-from auto_quantize_model.artifacts import LastPosition
+from auto_quantize_model.validation_records import LastPosition
 
 Continuations = tuple[tuple[int, ...], ...]
 """The tokens generated after each prompt, one tuple per prompt, in prompt order."""

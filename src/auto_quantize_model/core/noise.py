@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
-from auto_quantize_model.artifacts import Interval
+from auto_quantize_model.validation_records import Interval
 
 if TYPE_CHECKING:
     import numpy as np

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from auto_quantize_model.artifacts import Interval, ProxyRating
 from auto_quantize_model.core import stats
 from auto_quantize_model.core.noise import NAN_INTERVAL, Resamples, spearman_draws
+from auto_quantize_model.validation_records import Interval, ProxyRating
 
 if TYPE_CHECKING:
     from auto_quantize_model.core.noise import Floats

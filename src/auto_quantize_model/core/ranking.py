@@ -21,7 +21,7 @@ from auto_quantize_model.core.scores import (
 )
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.manifest_records import RankedGroup
-from auto_quantize_model.specs import scheme_name_problem
+from auto_quantize_model.spec_values import scheme_name_problem
 
 
 def rank_groups(groups: Sequence[GroupScore]) -> tuple[RankedGroup, ...]:

@@ -29,9 +29,10 @@ from auto_quantize_model.core.scores import has_quantized_format, headline_index
 from auto_quantize_model.errors import AqmError
 
 if TYPE_CHECKING:
-    from auto_quantize_model.artifacts import CalibData, GroupScore, LastPosition
+    from auto_quantize_model.artifacts import CalibData, GroupScore
     from auto_quantize_model.core.proxies import ActivationStats, WeightStats
     from auto_quantize_model.specs import ValidateSpec
+    from auto_quantize_model.validation_records import LastPosition
 
 Selection = Literal["top", "bottom", "random"]
 

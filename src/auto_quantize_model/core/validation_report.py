@@ -1,7 +1,7 @@
 """What validation's measurements say: the report of ValidateSensitivity.
 
 Reads the sums the torch passes left in a :class:`~auto_quantize_model.core.validation.Measurement`
-and turns them into a :class:`~auto_quantize_model.artifacts.ValidationReport`: rank agreement
+and turns them into a :class:`~auto_quantize_model.validation_records.ValidationReport`: rank agreement
 between prediction and measurement, top-k overlap, additivity, bootstrap intervals over the
 held-out captions and what lies within the noise (:mod:`auto_quantize_model.core.noise`), the
 free proxies rated on the same draws (:mod:`auto_quantize_model.core.proxies`) and the measured
@@ -20,15 +20,6 @@ from typing import TYPE_CHECKING, Literal
 
 import attrs
 
-from auto_quantize_model.artifacts import (
-    Interval,
-    NoiseFloor,
-    ProxyRating,
-    RefinedGroup,
-    Refinement,
-    ValidatedGroup,
-    ValidationReport,
-)
 from auto_quantize_model.core import stats
 from auto_quantize_model.core.noise import (
     CONFIDENCE,
@@ -42,6 +33,15 @@ from auto_quantize_model.core.noise import (
 from auto_quantize_model.core.proxies import GroupInputs, rate_proxies
 from auto_quantize_model.core.scores import rank_order
 from auto_quantize_model.core.validation import Candidate, HeldOut, Measurement, RefinePlan, RefineSets
+from auto_quantize_model.validation_records import (
+    Interval,
+    NoiseFloor,
+    ProxyRating,
+    RefinedGroup,
+    Refinement,
+    ValidatedGroup,
+    ValidationReport,
+)
 
 if TYPE_CHECKING:
     from auto_quantize_model.core.noise import Floats

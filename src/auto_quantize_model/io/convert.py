@@ -47,13 +47,8 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn
 
 from auto_quantize_model.errors import InputError
-from auto_quantize_model.specs import (
-    STAGE_TABLES,
-    DeviceMapSetting,
-    MemoryLimitsSetting,
-    SpecError,
-    SweepTable,
-)
+from auto_quantize_model.spec_values import DeviceMapSetting, MemoryLimitsSetting, SpecError
+from auto_quantize_model.specs import STAGE_TABLES, SweepTable
 
 T = TypeVar("T")
 Record = TypeVar("Record", bound=attrs.AttrsInstance)

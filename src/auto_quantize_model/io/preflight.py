@@ -36,7 +36,8 @@ from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.io.convert import did_you_mean, toml_value
 from auto_quantize_model.io.hf_config import read_config_json, supported_model_type
 from auto_quantize_model.sources import BUILTIN_SOURCES, PYPI_MODELS, PYPI_PREFIX, TOKENIZER_FILES
-from auto_quantize_model.specs import PipelineSpec, ValidateSpec, is_bundled, scheme_name_problem
+from auto_quantize_model.spec_values import scheme_name_problem
+from auto_quantize_model.specs import PipelineSpec, ValidateSpec, is_bundled
 
 _DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+")
 Report = Callable[..., None]

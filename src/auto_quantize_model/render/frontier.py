@@ -36,8 +36,9 @@ from auto_quantize_model.render.frontier_figures import frontier_pictures
 from auto_quantize_model.render.plots import short_name
 
 if TYPE_CHECKING:
-    from auto_quantize_model.artifacts import BudgetFrontier, LastPosition, MeasuredFrontier
+    from auto_quantize_model.artifacts import BudgetFrontier, MeasuredFrontier
     from auto_quantize_model.core.damage import BoundChoice, DamageModel
+    from auto_quantize_model.validation_records import LastPosition
 
 MARKDOWN_FILE = "frontier.md"
 JSON_FILE = "frontier.json"

@@ -37,8 +37,9 @@ from auto_quantize_model.render.figures import (
 )
 
 if TYPE_CHECKING:
-    from auto_quantize_model.artifacts import Interval, RoutingStats, ValidatedGroup, ValidationReport
+    from auto_quantize_model.artifacts import RoutingStats
     from auto_quantize_model.manifest_records import Manifest, RankedGroup
+    from auto_quantize_model.validation_records import Interval, ValidatedGroup, ValidationReport
 
 EXPERT_KINDS = ("experts", "experts gate/up", "experts down")
 """Heatmap rows of a mixture-of-experts layer: all its experts (fused, or each expert whole),

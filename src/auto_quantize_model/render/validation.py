@@ -1,6 +1,6 @@
 """The Validation section of ``per-layer-sensitivity.md``: how well the scores predicted measured damage.
 
-Rendered from the manifest's :class:`~auto_quantize_model.artifacts.ValidationReport` (assembled in
+Rendered from the manifest's :class:`~auto_quantize_model.validation_records.ValidationReport` (assembled in
 :mod:`auto_quantize_model.core.validation_report`): rank agreement with its noise floor, the
 measured groups, the free proxy predictors rated against the same damage and the measured
 refinement of the top of the ranking. Plain text in, Markdown lines out; the rest of the report
@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from auto_quantize_model.artifacts import Interval, ValidationReport
 from auto_quantize_model.core.last_position import last_position_text
 from auto_quantize_model.core.noise import NAN_INTERVAL, noise_sentences, random_weights_notice
 from auto_quantize_model.core.proxies import beats
 from auto_quantize_model.core.scores import coefficient_text
 from auto_quantize_model.manifest_records import Manifest
 from auto_quantize_model.render.cells import NOT_AVAILABLE, number
+from auto_quantize_model.validation_records import Interval, ValidationReport
 
 
 def _cell(text: str) -> str:

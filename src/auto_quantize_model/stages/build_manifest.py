@@ -22,7 +22,6 @@ from auto_quantize_model.artifacts import (
     RunTimings,
     SensitivityScores,
     StageTiming,
-    ValidationReport,
 )
 from auto_quantize_model.core.format_agreement import format_agreement
 from auto_quantize_model.core.frontier_points import frontier_summary
@@ -32,6 +31,7 @@ from auto_quantize_model.io.manifest import SCHEMA_VERSION, installed_versions, 
 from auto_quantize_model.manifest_records import DatasetInfo, Manifest, ModelInfo, SchemeInfo
 from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.specs import ManifestSpec
+from auto_quantize_model.validation_records import ValidationReport
 
 
 def model_info(loaded: LoadedModel | None) -> ModelInfo:

@@ -9,7 +9,8 @@ import attrs
 
 from auto_quantize_model.artifacts import BudgetFrontier, SensitivityScores
 from auto_quantize_model.core.frontier_points import search_method, search_space, solve_budgets
-from auto_quantize_model.specs import FrontierSpec, parse_budgets
+from auto_quantize_model.spec_values import parse_budgets
+from auto_quantize_model.specs import FrontierSpec
 
 if TYPE_CHECKING:
     from auto_quantize_model.pipeline import Artifacts

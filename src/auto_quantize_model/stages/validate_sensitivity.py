@@ -14,7 +14,6 @@ from auto_quantize_model.artifacts import (
     LoadedModel,
     QuantSearch,
     SensitivityScores,
-    ValidationReport,
 )
 from auto_quantize_model.backend.generation import Greedy
 from auto_quantize_model.backend.measure import measure
@@ -29,6 +28,7 @@ from auto_quantize_model.core.validation import (
 )
 from auto_quantize_model.core.validation_report import validation_report
 from auto_quantize_model.specs import ValidateSpec
+from auto_quantize_model.validation_records import ValidationReport
 
 if TYPE_CHECKING:
     from auto_quantize_model.pipeline import Artifacts
