@@ -75,10 +75,8 @@ class ExpertPathCounts:
     fallback: collections.Counter[str] = attrs.field(factory=collections.Counter)
 
     def summary(self) -> str:
-        reasons = by_reason(self.fallback)
-        return f"batched {self.batched}, ModelOpt's loop {sum(self.fallback.values())}" + (
-            f" ({reasons})" if reasons else ""
-        )
+        loop = sum(self.fallback.values())
+        return f"batched {self.batched}, ModelOpt's loop {loop}" + by_reason(self.fallback, " ({})")
 
 
 @contextlib.contextmanager

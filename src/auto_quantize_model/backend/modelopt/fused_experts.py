@@ -30,6 +30,11 @@ def quantizer_lists(module: Any, names: Sequence[str] = QUANTIZER_LISTS) -> Iter
             yield name, members
 
 
-def by_reason(tally: Mapping[str, int]) -> str:
-    """``reason: count, ...`` in reason order (stable across runs, so logs can be compared)."""
-    return ", ".join(f"{reason}: {count}" for reason, count in sorted(tally.items()))
+def by_reason(tally: Mapping[str, int], template: str = "{}") -> str:
+    """``reason: count, ...`` in reason order (stable, so logs compare) put in ``template``.
+
+    An empty tally gives ``""``, not an empty template: a summary only explains what happened.
+    """
+    if not tally:
+        return ""
+    return template.format(", ".join(f"{reason}: {count}" for reason, count in sorted(tally.items())))

@@ -49,10 +49,7 @@ class SetupCounts:
     """Lists left to ModelOpt, by reason."""
 
     def summary(self) -> str:
-        reasons = by_reason(self.declined)
-        return f"{self.copied} quantizers copied" + (
-            f"; lists left to ModelOpt: {reasons}" if reasons else ""
-        )
+        return f"{self.copied} quantizers copied" + by_reason(self.declined, "; lists left to ModelOpt: {}")
 
 
 @contextlib.contextmanager
