@@ -50,26 +50,23 @@ def parse_case(text: str) -> tuple[str, tuple[str, ...], int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from auto_quantize_model.bench.settings import BenchSettings, add_spec_options
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append", required=True, metavar="MODEL=FMT[+FMT...]")
     parser.add_argument("--out", type=Path, required=True, help="JSON-lines file (appended)")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--captions", default="builtin")
-    parser.add_argument("--max-samples", type=int, default=512)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--score-size", type=int, default=128)
-    parser.add_argument("--effective-bits", type=float, default=8.0)
-    parser.add_argument("--kernels", choices=("extension", "pytorch"), default="extension")
-    parser.add_argument(
-        "--experts", choices=("layer", "expert", "projection"), default="layer", help="extract.experts"
-    )
-    parser.add_argument(
-        "--fused-experts",
-        choices=("batched", "modelopt"),
-        action="append",
-        default=[],
-        help="autoquant.fused_experts (repeat to run each case under each; default batched)",
+    add_spec_options(
+        parser,
+        *("--device", "--captions", "--max-samples", "--seq-len", "--batch-size", "--score-size"),
+        *("--effective-bits", "--kernels", "--experts", "--fused-experts"),
+        changes={
+            "--experts": {"help": "extract.experts"},
+            "--fused-experts": {
+                "action": "append",
+                "default": [],
+                "help": "autoquant.fused_experts (repeat to run each case under each; default batched)",
+            },
+        },
     )
     parser.add_argument(
         "--python-profile",
@@ -94,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     from auto_quantize_model.bench.harness import release_memory, run_layout, warm_up
-    from auto_quantize_model.bench.settings import BenchSettings
     from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec, LoadSpec
 
     cases = [parse_case(text) for text in args.case]

@@ -106,17 +106,21 @@ def run_case(args: argparse.Namespace, images: str | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from auto_quantize_model.bench.settings import add_spec_options
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="config:qwen3-vl-4b")
-    parser.add_argument("--device", default="cuda")
+    add_spec_options(parser, "--device")
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--size", type=int, default=448)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--score-size", type=int, default=128)
+    add_spec_options(
+        parser,
+        *("--seq-len", "--batch-size", "--score-size"),
+        changes={"--seq-len": {"default": 2048}, "--batch-size": {"default": 4}},
+    )
     parser.add_argument("--formats", default="INT8_DEFAULT_CFG+FP8_DEFAULT_CFG")
     parser.add_argument("--bits", type=float, default=8.0)
-    parser.add_argument("--kernels", default="pytorch", choices=("pytorch", "extension"))
+    add_spec_options(parser, "--kernels", changes={"--kernels": {"default": "pytorch"}})
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

@@ -148,21 +148,20 @@ def _calls(counts: Counter[tuple[str, str]]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from auto_quantize_model.bench.settings import add_spec_options
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file (written whole at the end)")
     parser.add_argument("--model", default="config:qwen3-vl-30b-a3b")
     parser.add_argument("--formats", default="INT8_DEFAULT_CFG", help="FMT[+FMT...]")
-    parser.add_argument("--device", default="cuda")
+    add_spec_options(parser, "--device")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--captions", default="builtin")
-    parser.add_argument("--max-samples", type=int, default=512)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--score-size", type=int, default=128)
-    parser.add_argument("--effective-bits", type=float, default=8.0)
-    parser.add_argument("--kernels", choices=("extension", "pytorch"), default="pytorch")
-    parser.add_argument("--experts", choices=("layer", "expert", "projection"), default="layer")
-    parser.add_argument("--fused-experts", choices=("batched", "modelopt"), default="batched")
+    add_spec_options(
+        parser,
+        *("--captions", "--max-samples", "--seq-len", "--batch-size", "--score-size", "--effective-bits"),
+        *("--kernels", "--experts", "--fused-experts"),
+        changes={"--kernels": {"default": "pytorch"}},
+    )
     parser.add_argument(
         "--no-warm-up",
         action="store_true",

@@ -41,8 +41,8 @@ import attrs
 import torch
 from torch import nn
 
-from auto_quantize_model.artifacts import ActivationRange, CalibData, CalibStats, ImageMix, LoadedModel
-from auto_quantize_model.core.batching import IGNORE_INDEX, pack_rows
+from auto_quantize_model.artifacts import ActivationRange, CalibData, ImageMix, LoadedModel
+from auto_quantize_model.core.batching import IGNORE_INDEX, calib_stats, pack_rows
 from auto_quantize_model.core.image_pairs import ImagePair
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.specs import CalibSpec
@@ -359,18 +359,12 @@ def image_calib_data(
         group = rows[start : start + spec.batch_size]
         batches.append(builder.batch(layouts, group))
         counts.append(sum(len(row) for row in group))
-    stats = CalibStats(
+    stats = calib_stats(
+        spec,
         captions_path=label,
         captions_sha256=sha256,
-        layout=spec.layout,
-        seq_len=spec.seq_len,
-        batch_size=spec.batch_size,
-        max_samples=spec.max_samples,
-        samples=len(layouts),
-        real_tokens=sum(len(layout.input_ids) for layout in layouts),
-        total_tokens=sum(int(batch["input_ids"].numel()) for batch in batches),
-        batches=len(batches),
-        truncated_samples=0,
+        sample_tokens=[len(layout.input_ids) for layout in layouts],
+        batch_positions=[int(batch["input_ids"].numel()) for batch in batches],
         images=image_mix(layouts, ranges=_ranges(loaded.model, vlm, batches) if ranges else ()),
     )
     return CalibData(

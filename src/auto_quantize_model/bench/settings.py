@@ -8,6 +8,12 @@ reach the benchmark without a second declaration here. Pure: no torch.
 
 from __future__ import annotations
 
+import argparse
+import functools
+import typing
+from collections.abc import Mapping
+from typing import Any
+
 import attrs
 
 from auto_quantize_model.errors import ConfigError
@@ -26,6 +32,59 @@ class ScalingSource:
     source: str
     captions: int | None = None
     """None means every caption in the file."""
+
+
+SPEC_FLAGS: dict[str, tuple[type, str]] = {
+    "--captions": (CalibSpec, "captions"),
+    "--max-samples": (CalibSpec, "max_samples"),
+    "--seq-len": (CalibSpec, "seq_len"),
+    "--batch-size": (CalibSpec, "batch_size"),
+    "--score-size": (AutoQuantSpec, "score_size"),
+    "--effective-bits": (AutoQuantSpec, "effective_bits"),
+    "--kernels": (AutoQuantSpec, "kernels"),
+    "--experts": (ExtractSpec, "experts"),
+    "--fused-experts": (AutoQuantSpec, "fused_experts"),
+}
+"""The benchmark scripts' flags that stand for one spec field each, and that field."""
+SCRIPT_DEVICE = "cuda"
+"""``--device`` of the scripts in ``benchmarks/``: they measure GPUs, so no ``auto`` guessing."""
+
+
+@functools.cache
+def _spec_keywords() -> dict[str, dict[str, Any]]:
+    """argparse keywords of every :data:`SPEC_FLAGS` flag, read off its field (default, type, choices)."""
+    keywords: dict[str, dict[str, Any]] = {"--device": {"default": SCRIPT_DEVICE}}
+    for flag, (spec, name) in SPEC_FLAGS.items():
+        hint = typing.get_type_hints(spec)[name]
+        options: dict[str, Any] = {}
+        if typing.get_origin(hint) is typing.Literal:
+            options["choices"] = typing.get_args(hint)
+        elif hint in (int, float):
+            options["type"] = hint
+        options["default"] = attrs.fields_dict(spec)[name].default
+        keywords[flag] = options
+    return keywords
+
+
+def add_spec_options(
+    parser: argparse.ArgumentParser, *flags: str, changes: Mapping[str, Mapping[str, Any]] | None = None
+) -> None:
+    """Add ``flags`` to ``parser`` in the order given, typed, defaulted and bounded as their spec fields.
+
+    The scripts in ``benchmarks/`` each pick the settings they vary, in their own order (it is
+    their ``--help``), so a spec's default or choices reach them all from one place. ``changes``:
+    argparse keywords a script sets otherwise for a flag (its own default, help or ``append``).
+    A flag not known here is a programming error, raised at once.
+    """
+    known = _spec_keywords()
+    unknown = sorted({*flags, *(changes or {})} - known.keys())
+    if unknown:
+        raise ValueError(f"no spec option {', '.join(unknown)}; known: {', '.join(known)}")
+    stray = sorted(set(changes or {}) - set(flags))
+    if stray:
+        raise ValueError(f"changes for {', '.join(stray)}, which are not added here")
+    for flag in flags:
+        parser.add_argument(flag, **{**known[flag], **(changes or {}).get(flag, {})})
 
 
 def parse_scaling_item(text: str) -> ScalingSource:

@@ -42,7 +42,7 @@ from typing import Any
 
 import attrs
 
-from auto_quantize_model.artifacts import CalibStats
+from auto_quantize_model.artifacts import CalibStats, ImageMix
 from auto_quantize_model.errors import ConfigError, InputError
 from auto_quantize_model.specs import CalibSpec
 
@@ -381,17 +381,44 @@ def calib_columns(
         )
     build = packed_columns if spec.layout == "packed" else padded_columns
     batches, counts = build(cut_lists, spec.seq_len, spec.batch_size, pad_id)
-    stats = CalibStats(
+    stats = calib_stats(
+        spec,
+        captions_path=captions_path,
+        captions_sha256=captions_sha256,
+        sample_tokens=[len(ids) for ids in cut_lists],
+        batch_positions=[_positions(batch) for batch in batches],
+        truncated_samples=truncated,
+    )
+    return CalibColumns(batches=tuple(batches), captions_per_batch=tuple(counts), stats=stats)
+
+
+def calib_stats(
+    spec: CalibSpec,
+    *,
+    captions_path: str,
+    captions_sha256: str,
+    sample_tokens: Sequence[int],
+    batch_positions: Sequence[int],
+    truncated_samples: int = 0,
+    images: ImageMix | None = None,
+) -> CalibStats:
+    """What a calibration saw, counted the same way for captions alone and image + caption pairs.
+
+    ``sample_tokens``: the real tokens of each sample as calibrated (after any cut);
+    ``batch_positions``: the positions of each batch, padding included. Both loaders report
+    through here so that ``padding_fraction`` and the token totals mean one thing in every manifest.
+    """
+    return CalibStats(
         captions_path=captions_path,
         captions_sha256=captions_sha256,
         layout=spec.layout,
         seq_len=spec.seq_len,
         batch_size=spec.batch_size,
         max_samples=spec.max_samples,
-        samples=len(cut_lists),
-        real_tokens=sum(len(ids) for ids in cut_lists),
-        total_tokens=sum(_positions(batch) for batch in batches),
-        batches=len(batches),
-        truncated_samples=truncated,
+        samples=len(sample_tokens),
+        real_tokens=sum(sample_tokens),
+        total_tokens=sum(batch_positions),
+        batches=len(batch_positions),
+        truncated_samples=truncated_samples,
+        images=images,
     )
-    return CalibColumns(batches=tuple(batches), captions_per_batch=tuple(counts), stats=stats)

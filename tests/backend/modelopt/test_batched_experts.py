@@ -21,6 +21,7 @@ from auto_quantize_model.artifacts import LoadedModel, SensitivityScores  # noqa
 from auto_quantize_model.backend.modelopt.batched_experts import (  # noqa: E402
     batched_fused_experts,
     standard_eager_experts,
+    unsupported,
 )
 from auto_quantize_model.backend.modelopt.patches import registrations_undone  # noqa: E402
 from auto_quantize_model.backend.models import build_builtin  # noqa: E402
@@ -187,6 +188,20 @@ def test_a_range_that_depends_on_row_grouping_runs_modelopts_loop() -> None:
     assert counts.batched == LAYERS - 1
     assert counts.fallback == {"input quantizer depends on row grouping": 1}
     assert torch.equal(got, reference)
+
+
+def test_experts_missing_a_full_weight_quantizer_list_are_not_batched() -> None:
+    loaded = tiny_moe()
+    model, _ = quantized(loaded, "INT8_DEFAULT_CFG", batched=False)
+    experts = model.layers[0].mlp.experts
+    hidden = torch.zeros(3, experts.gate_up_proj.shape[-1])
+    args = (hidden, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
+    assert unsupported(experts, args, {}) is None
+    down = experts.down_proj_weight_quantizers
+    del down[-1]
+    assert unsupported(experts, args, {}) == "per-expert weight quantizers missing"
+    del experts.down_proj_weight_quantizers
+    assert unsupported(experts, args, {}) == "per-expert weight quantizers missing"
 
 
 def test_only_experts_with_qwen3_vl_moes_eager_forward_are_batched() -> None:

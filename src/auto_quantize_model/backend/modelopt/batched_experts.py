@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from auto_quantize_model.backend.modelopt.fused_experts import GATED_LISTS, by_reason, quantizer_lists
 from auto_quantize_model.backend.modelopt.patches import swapped
 
 log = logging.getLogger("auto_quantize_model")
@@ -74,10 +75,8 @@ class ExpertPathCounts:
     fallback: collections.Counter[str] = attrs.field(factory=collections.Counter)
 
     def summary(self) -> str:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.fallback.items()))
-        return f"batched {self.batched}, ModelOpt's loop {sum(self.fallback.values())}" + (
-            f" ({reasons})" if reasons else ""
-        )
+        loop = sum(self.fallback.values())
+        return f"batched {self.batched}, ModelOpt's loop {loop}" + by_reason(self.fallback, " ({})")
 
 
 @contextlib.contextmanager
@@ -217,10 +216,9 @@ def unsupported(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> s
     for attr in ("gate_up_proj_input_quantizer", "down_proj_input_quantizer"):
         if not _row_separable(getattr(module, attr, None)):
             return "input quantizer depends on row grouping"
-    for attr in ("gate_up_proj_weight_quantizers", "down_proj_weight_quantizers"):
-        quantizers = getattr(module, attr, None)
-        if quantizers is None or len(quantizers) != int(module.num_experts):
-            return "per-expert weight quantizers missing"
+    lists = list(quantizer_lists(module, GATED_LISTS))
+    if len(lists) != len(GATED_LISTS) or any(len(members) != int(module.num_experts) for _, members in lists):
+        return "per-expert weight quantizers missing"
     return None
 
 

@@ -35,10 +35,8 @@ from typing import Any
 
 import attrs
 
+from auto_quantize_model.backend.modelopt.fused_experts import QUANTIZER_LISTS, by_reason, quantizer_lists
 from auto_quantize_model.backend.modelopt.patches import swapped
-
-_LISTS = ("gate_up_proj_weight_quantizers", "up_proj_weight_quantizers", "down_proj_weight_quantizers")
-"""ModelOpt's per-expert quantizer lists on fused experts (gated and non-gated layouts)."""
 
 
 @attrs.define
@@ -51,10 +49,7 @@ class SetupCounts:
     """Lists left to ModelOpt, by reason."""
 
     def summary(self) -> str:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.declined.items()))
-        return f"{self.copied} quantizers copied" + (
-            f"; lists left to ModelOpt: {reasons}" if reasons else ""
-        )
+        return f"{self.copied} quantizers copied" + by_reason(self.declined, "; lists left to ModelOpt: {}")
 
 
 @contextlib.contextmanager
@@ -85,9 +80,8 @@ def fast_fused_experts_setup() -> Iterator[SetupCounts]:
             original_setup(self)
         finally:
             self.num_experts = experts
-        for attr in _LISTS:  # ... and the others are copies of it
-            members = getattr(self, attr, None)
-            if members is not None and len(members) == 1:
+        for _, members in quantizer_lists(self):  # ... and the others are copies of it
+            if len(members) == 1:
                 members.extend(copies_of(members[0], experts - 1))
                 counts.copied += experts - 1
 
@@ -97,7 +91,7 @@ def fast_fused_experts_setup() -> Iterator[SetupCounts]:
     def fresh(module: Any, attr_name: str) -> Any:
         current = getattr(module, attr_name, None)
         if isinstance(current, nn.ModuleList):
-            if attr_name not in _LISTS or len(current) < 2:
+            if attr_name not in QUANTIZER_LISTS or len(current) < 2:
                 return original_fresh(module, attr_name)
             counts.copied += len(current)
             return nn.ModuleList(copies_of(default, len(current)))
@@ -143,9 +137,8 @@ def _lists_shortened(root: Any, quant_cfg: Any, counts: SetupCounts) -> Iterator
     for name, module in root.named_modules():
         if not isinstance(module, _QuantFusedExperts):
             continue
-        for attr in _LISTS:
-            members = getattr(module, attr, None)
-            if members is None or len(members) < 2:
+        for attr, members in quantizer_lists(module):
+            if len(members) < 2:
                 continue
             prefix = f"{name}.{attr}" if name else attr
             reason = _why_not_uniform(list(members)) or _why_index_matters(entries, prefix, len(members))
