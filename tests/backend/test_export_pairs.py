@@ -241,6 +241,7 @@ def test_vision_weights_written_wrong_fail_the_read_back(image_run: Any, fmt: st
     assert damage_vision(out) == 2  # weight and bias
     assert on_captions(reload(fmt, out)) == captions_before  # captions alone cannot tell
 
+    back: Any
     if fmt == MODELOPT:
         back = ex.read_back_nll(written, check.evaluate)
     else:
@@ -273,3 +274,35 @@ def test_an_image_run_without_pairs_left_reads_back_on_captions(image_run: Any) 
         "the read-back measured held-out captions (builtin-holdout), not pairs: calib.images builtin has "
         "24 pairs and calibration used all 24; add pairs to read back on image + caption turns"
     )
+
+
+@pytest.mark.slow
+def test_a_text_run_still_reads_back_on_its_held_out_captions() -> None:
+    """Captions as before: the same evaluator the export always had, recorded as captions."""
+    from auto_quantize_model.artifacts import CalibData, CheckpointInputs, LanguageModel, LoadedModel
+    from auto_quantize_model.backend.export_check import export_check
+    from auto_quantize_model.backend.measure import HeldOutEval
+    from auto_quantize_model.backend.modelopt.export import holdout_evaluator
+    from auto_quantize_model.core.validation import held_out_set
+    from auto_quantize_model.pipeline import Pipeline
+    from auto_quantize_model.specs import CalibSpec, LoadSpec, ValidateSpec
+    from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
+    from auto_quantize_model.stages.extract_lm import ExtractLM
+    from auto_quantize_model.stages.load_model import LoadModel
+
+    load = LoadSpec(path="builtin:tiny-qwen3-vl", device="cpu", dtype="float32")
+    calib = CalibSpec(captions="builtin", max_samples=16, seq_len=64, batch_size=4)
+    run = Pipeline([LoadModel(load), ExtractLM(), BuildCalibLoader(calib)]).run()
+    loaded, lm, data = run.get(LoadedModel), run.get(LanguageModel), run.get(CalibData)
+    check = export_check(CheckpointInputs(loaded, lm, data, ValidateSpec(holdout_samples=32)))
+    captions = held_out_set(ValidateSpec(holdout_samples=32), data, loaded.tokenizer).token_lists
+    assert check.held_out.token_lists == captions
+    tokens = HeldOutEval.on(lm, captions).run()[0].tokens
+    assert (check.data.kind, check.data.samples, check.data.tokens, check.data.image_tokens) == (
+        "captions",
+        32,
+        tokens,
+        0,
+    )
+    before = holdout_evaluator(captions, lm.pad_token_id, lm.prefix, lm.head_name)(loaded.model)
+    assert check.evaluate(loaded.model) == before

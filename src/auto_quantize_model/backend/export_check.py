@@ -82,6 +82,7 @@ class ExportCheck:
     calibration_step: Any
     """ModelOpt's calibration forward over the run's batches."""
     data: HeldOutData
+    """What :attr:`evaluate` measures on, for ``export.json`` and the README."""
 
 
 def export_check(inputs: CheckpointInputs) -> ExportCheck:
@@ -135,10 +136,9 @@ def _pairs(
     held, batches = held_out_pairs(calib, fresh, pad_id, samples)
     image_tokens = sum(int(batch["visual_pos_masks"].sum()) for batch in batches)
     data = HeldOutData(PAIRS, len(held.token_lists), sum(map(len, held.token_lists)), image_tokens)
+    del batches  # the unquantized model's: each model measured builds its own
     # The last model's batches: the in-memory and exported figures measure the same model twice.
-    built: list[tuple[weakref.ref[nn.Module], tuple[dict[str, torch.Tensor], ...]]] = [
-        (weakref.ref(fresh.model), batches)
-    ]
+    built: list[tuple[weakref.ref[nn.Module], tuple[dict[str, torch.Tensor], ...]]] = []
 
     def batches_of(model: nn.Module) -> tuple[dict[str, torch.Tensor], ...]:
         if built and built[0][0]() is model:
