@@ -432,6 +432,14 @@ class ExportedMix:
     weight_tolerance: float = math.nan
     weight_per_format: tuple[tuple[str, str, float, float], ...] = ()
     """compressed-tensors: each format's worst layer, max |difference| and relative difference."""
+    held_out: str = ""
+    """What the read-back NLL was measured on: ``pairs`` (an image run's held-out image + caption
+    turns) or ``captions``; empty without a checkpoint."""
+    held_out_samples: int = 0
+    held_out_tokens: int = 0
+    """Tokens scored (caption tokens only, for pairs)."""
+    held_out_image_tokens: int = 0
+    """Image tokens the held-out pairs fed each model (0 for captions)."""
 
     @property
     def difference(self) -> float:

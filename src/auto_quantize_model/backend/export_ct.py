@@ -55,8 +55,8 @@ def write_ct_checkpoint(
     notes = (*written.notes, *held_out.notes)
     checked = (
         f"Read back with {back.loader}: held-out NLL {back.read_back_nll:.6f} nats/token against "
-        f"{back.exported_nll:.6f} for the fake-quantized model ({len(held_out.token_lists)} captions, "
-        f"difference {back.difference:+.1e}, tolerance {back.tolerance:.0e}).",
+        f"{back.exported_nll:.6f} for the fake-quantized model, on {check.data.describe()}; "
+        f"difference {back.difference:+.1e}, tolerance {back.tolerance:.0e}.",
         f"Decompressed weights against the fake-quantized ones: worst layer {back.worst_layer}, max "
         f"|difference| {back.weight_max_diff:.2e} ({back.weight_relative:.1e} of its largest weight, "
         f"tolerance {back.weight_tolerance:.0e}).",
@@ -81,6 +81,7 @@ def write_ct_checkpoint(
         "weight_relative": back.weight_relative,
         "weight_tolerance": back.weight_tolerance,
         "weight_per_format": back.per_format,
+        **check.data.figures(),
     }
     return figures, notes
 

@@ -214,6 +214,7 @@ def _write_checkpoint(
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
     from auto_quantize_model.backend.export_check import export_check
     from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt.quant_config import write_readme
 
     fresh = inputs.fresh
     check = export_check(inputs)
@@ -235,6 +236,12 @@ def _write_checkpoint(
         written.export_seconds,
         time.perf_counter() - started,
     )
+    checked = (
+        f"Read back with load_exported: held-out NLL {back.read_back_nll:.6f} nats/token against "
+        f"{back.exported_nll:.6f} for the fake-quantized model, on {check.data.describe()}; difference "
+        f"{back.difference:+.1e}, tolerance {back.tolerance:.0e}."
+    )
+    write_readme(out, config, (*written.notes, checked))  # the exporter's README, with what was checked
     figures = {
         "quant_algo": written.quant_algo,
         "in_memory_nll": back.in_memory_nll,
@@ -242,6 +249,7 @@ def _write_checkpoint(
         "read_back_nll": back.read_back_nll,
         "tolerance": back.tolerance,
         "ok": back.ok,
+        **check.data.figures(),
     }
     return figures, (*written.notes, *held_out.notes)
 
@@ -273,6 +281,12 @@ def export_json(mix: ExportedMix) -> str:
             "difference": _number(mix.difference),
             "tolerance": _number(mix.tolerance),
             "ok": mix.ok,
+            "held_out": {
+                "data": mix.held_out,
+                "samples": mix.held_out_samples,
+                "scored_tokens": mix.held_out_tokens,
+                "image_tokens": mix.held_out_image_tokens,
+            },
         }
         if mix.format == COMPRESSED_TENSORS:
             from auto_quantize_model.backend.export_ct import weights_record
@@ -290,7 +304,8 @@ def summary_line(mix: ExportedMix) -> str:
     )
     if mix.checkpoint:
         text += (
-            f"; {mix.quant_algo} {mix.format} checkpoint, held-out NLL {mix.in_memory_nll:.5f} in memory, "
+            f"; {mix.quant_algo} {mix.format} checkpoint, held-out NLL ({mix.held_out_samples} "
+            f"{mix.held_out}) {mix.in_memory_nll:.5f} in memory, "
             f"{mix.exported_nll:.5f} exported, {mix.read_back_nll:.5f} read back "
             f"(difference {mix.difference:+.1e}, tolerance {mix.tolerance:.0e}, "
             f"{'ok' if mix.ok else 'FAILED'})"
