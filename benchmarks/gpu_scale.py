@@ -50,7 +50,7 @@ def parse_case(text: str) -> tuple[str, tuple[str, ...], int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from auto_quantize_model.bench.settings import BenchSettings, add_spec_options
+    from auto_quantize_model.bench.settings import BenchSettings, add_spec_options, packed_calib
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append", required=True, metavar="MODEL=FMT[+FMT...]")
@@ -91,16 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     from auto_quantize_model.bench.harness import release_memory, run_layout, warm_up
-    from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec, LoadSpec
+    from auto_quantize_model.specs import AutoQuantSpec, ExtractSpec, LoadSpec
 
     cases = [parse_case(text) for text in args.case]
-    calib = CalibSpec(
-        captions=args.captions,
-        max_samples=args.max_samples,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        layout="packed",
-    )
+    calib = packed_calib(args)
 
     paths = tuple(args.fused_experts) or ("batched",)
     runs = [(model, formats, calib_size, path) for model, formats, calib_size in cases for path in paths]

@@ -148,7 +148,7 @@ def _calls(counts: Counter[tuple[str, str]]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from auto_quantize_model.bench.settings import add_spec_options
+    from auto_quantize_model.bench.settings import add_spec_options, packed_calib
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file (written whole at the end)")
@@ -174,13 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load = LoadSpec(path=args.model, device=args.device, dtype=args.dtype, seed=0)
     extract = ExtractSpec(experts=args.experts)
-    calib = CalibSpec(
-        captions=args.captions,
-        max_samples=args.max_samples,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        layout="packed",
-    )
+    calib = packed_calib(args)
     spec = AutoQuantSpec(
         formats=tuple(args.formats.split("+")),
         effective_bits=args.effective_bits,

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+import attrs
 import pytest
 
-from auto_quantize_model.bench.settings import ScalingSource, add_spec_options, parse_scaling_item
+from auto_quantize_model.bench.settings import (
+    ScalingSource,
+    add_spec_options,
+    packed_calib,
+    parse_scaling_item,
+)
 from auto_quantize_model.errors import ConfigError
+from auto_quantize_model.specs import CalibSpec
 
 # --------------------------------------------------------------------------------------------------
 # Scaling items
@@ -75,3 +82,13 @@ def test_spec_options_refuse_unknown_flags_and_stray_changes() -> None:
         _parser("--seq-length")
     with pytest.raises(ValueError, match=r"changes for --kernels, which are not added here"):
         _parser("--seq-len", kernels={"default": "pytorch"})
+
+
+def test_packed_calib_reads_the_four_calibration_flags() -> None:
+    parser = _parser("--captions", "--max-samples", "--seq-len", "--batch-size")
+    args = parser.parse_args(["--captions", "caps.txt", "--max-samples", "96", "--seq-len", "256"])
+    defaults = CalibSpec()
+    assert packed_calib(args) == CalibSpec(
+        captions="caps.txt", max_samples=96, seq_len=256, batch_size=defaults.batch_size, layout="packed"
+    )
+    assert packed_calib(parser.parse_args([])) == attrs.evolve(defaults, layout="packed")

@@ -87,6 +87,18 @@ def add_spec_options(
         parser.add_argument(flag, **{**known[flag], **(changes or {}).get(flag, {})})
 
 
+def packed_calib(args: argparse.Namespace) -> CalibSpec:
+    """The packed calibration of a script that added ``--captions``, ``--max-samples``, ``--seq-len``
+    and ``--batch-size`` through :func:`add_spec_options`: the layout every GPU figure is timed with."""
+    return CalibSpec(
+        captions=args.captions,
+        max_samples=args.max_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        layout="packed",
+    )
+
+
 def parse_scaling_item(text: str) -> ScalingSource:
     """``PATH``, ``PATH:N``, ``builtin`` or ``builtin:N`` (N captions from the start of the file)."""
     source, sep, count = text.rpartition(":")
