@@ -215,9 +215,9 @@ def test_a_small_problem_is_solved_in_process_by_default(monkeypatch: pytest.Mon
     asked: list[int] = []
     solve_lp = frontier_replay._solve_lp
 
-    def spy(rows: Any, max_weights: Any, workers: int) -> Any:
+    def spy(rows: Any, max_weights: Any, workers: int, *bounds: Any) -> Any:
         asked.append(workers)
-        return solve_lp(rows, max_weights, workers)
+        return solve_lp(rows, max_weights, workers, *bounds)
 
     monkeypatch.setattr(frontier_replay, "_solve_lp", spy)
     assert modelopt_frontier(space, budgets).points == serial.points

@@ -37,7 +37,12 @@ import attrs
 
 from auto_quantize_model.core.bits import effective_bits, model_constraint
 from auto_quantize_model.core.frontier_exact import exact_select
-from auto_quantize_model.core.frontier_replay import replay_select, solver_processes
+from auto_quantize_model.core.frontier_replay import (
+    LOWER_BOUNDS,
+    LowerBounds,
+    replay_select,
+    solver_processes,
+)
 from auto_quantize_model.core.frontier_space import SearchRow, SearchSpace, cheapest, sequential_sum
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import ConfigError, InputError
@@ -125,13 +130,13 @@ def _exact_selector(
     return exact_select(rows, [mw + slack for mw in max_weights])
 
 
-def _modelopt_selector(workers: int | None, method: Method) -> Selector:
+def _modelopt_selector(workers: int | None, method: Method, lower_bounds: LowerBounds) -> Selector:
     """ModelOpt's searches check a budget against its weight size as given (no slack)."""
 
     def select(
         rows: Sequence[SearchRow], max_weights: Sequence[float], slack: float
     ) -> list[tuple[tuple[int, ...], bool]]:
-        return replay_select(rows, max_weights, method=method, workers=workers)
+        return replay_select(rows, max_weights, method=method, workers=workers, lower_bounds=lower_bounds)
 
     return select
 
@@ -172,7 +177,11 @@ def solve_frontier(space: SearchSpace, budgets: Iterable[float], *, workers: int
 
 
 def modelopt_frontier(
-    space: SearchSpace, budgets: Iterable[float], *, workers: int | None = None
+    space: SearchSpace,
+    budgets: Iterable[float],
+    *,
+    workers: int | None = None,
+    lower_bounds: LowerBounds = LOWER_BOUNDS,
 ) -> Frontier:
     """ModelOpt's format choice at every budget (LM effective bits), as its own search would make it.
 
@@ -183,8 +192,10 @@ def modelopt_frontier(
     available CPU, see :func:`~auto_quantize_model.core.frontier_replay.solver_processes`; 1
     solves in this process); measured for 299 budgets x 250 groups x 5 formats: 28 s on one
     core, 2.6 s on 16. kl_div needs no CBC and always runs here (1.7-4.8 s for the same).
+    ``lower_bounds`` is the cost-floor schedule of ModelOpt's cost model
+    (:data:`~auto_quantize_model.core.frontier_replay.ACTIVE_MOE_LOWER_BOUNDS` for ``active_moe``).
     """
-    return _frontier(space, budgets, _modelopt_selector(workers, space.method))
+    return _frontier(space, budgets, _modelopt_selector(workers, space.method, lower_bounds))
 
 
 def _frontier(space: SearchSpace, budgets: Iterable[float], select: Selector) -> Frontier:

@@ -27,7 +27,9 @@ from auto_quantize_model.artifacts import (
 )
 from auto_quantize_model.core import stats
 from auto_quantize_model.core.bits import unquantized_weights
+from auto_quantize_model.core.experts import expert_slot, routing_by_layer
 from auto_quantize_model.core.frontier import modelopt_frontier, solve_frontier
+from auto_quantize_model.core.frontier_replay import ACTIVE_MOE_LOWER_BOUNDS, LOWER_BOUNDS
 from auto_quantize_model.core.frontier_space import SearchRow, SearchSpace, fixed_row, space_from_scores
 from auto_quantize_model.core.routing import (
     apply_rare_rule,
@@ -115,15 +117,19 @@ def solve_budgets(
     optimum, which may beat ModelOpt's choice there; a note then says by how much.
 
     MoE runs (``routing``): the frontier solves ``space`` under the rare-expert rule and the cost
-    model (:mod:`auto_quantize_model.core.routing`), the replay the plain ``space`` (ModelOpt's own
-    search knows neither); every point carries its LM bits under both cost models.
+    model (:mod:`auto_quantize_model.core.routing`); every point carries its LM bits under both cost
+    models. The replay solves the space ModelOpt searched: ModelOpt's own scores (it knows no
+    rare-expert rule), and under ``active`` its ``active_moe`` cost model, which ``aqm run`` hands
+    it for an MoE model: expert rows costed at their share and its cost floors tried first.
     """
     check_cost_model(cost_model, routing, "the frontier")
     rescored, rule = apply_rare_rule(run_choice, routing, rare_expert_tokens)
-    shares = group_shares(run_choice, routing)
+    shares = _row_shares(space, run_choice, routing)
     solved_space = rescored_space(space, rescored) if rule.applied else space
+    replay_space, lower_bounds = space, LOWER_BOUNDS
     if cost_model == "active":
         solved_space = scaled_space(solved_space, shares)
+        replay_space, lower_bounds = scaled_space(space, shares), ACTIVE_MOE_LOWER_BOUNDS
     asked = tuple(budgets)
     solved = set(asked)
     extra: list[str] = []
@@ -144,18 +150,19 @@ def solve_budgets(
     if cost_model == "active":
         extra.append(
             "budgets count active weights (autoquant.cost_model = 'active'): each routed expert at its "
-            "layer's top-k / experts share; ModelOpt's choice in the run counted storage"
+            "layer's top-k / experts share; ModelOpt's choice in the run counted them the same way (its "
+            "active_moe cost model)"
         )
     checked, mismatches = False, tuple[str, ...]()
     if run_budget is not None and _choice_recorded(frontier, run_choice):
-        replay = modelopt_frontier(space, (run_budget,), workers=1)
+        replay = modelopt_frontier(replay_space, (run_budget,), workers=1, lower_bounds=lower_bounds)
         checked, mismatches = run_check(replay, run_budget, run_choice)
         if mismatches:
             extra.append(
                 f"at the run's own budget {len(mismatches)} group(s) differ from ModelOpt's choice in the "
                 f"run (first: {mismatches[0]})"
             )
-        elif solved_space is space:
+        elif not rule.applied:  # then the frontier solved the space ModelOpt searched
             extra.extend(_beyond_modelopt(frontier.point(run_budget), replay.point(run_budget)))
     return BudgetFrontier(
         frontier=frontier,
@@ -164,6 +171,22 @@ def solve_budgets(
         run_mismatches=mismatches,
         notes=(*notes, *extra),
     )
+
+
+def _row_shares(
+    space: SearchSpace, run_choice: Sequence[GroupScore], routing: RoutingStats | None
+) -> dict[str, float]:
+    """Each expert row's active share: the scored groups' (:func:`group_shares`) and the fixed
+    expert rows' (experts in ``autoquant.disabled_layers``), which ModelOpt's ``active_moe`` costs
+    at the same share."""
+    shares = group_shares(run_choice, routing)
+    layers = routing_by_layer(routing)
+    for row in space.rows:
+        slot = None if row.name in shares else expert_slot(row.name)
+        layer = None if slot is None else layers.get(slot.layer)
+        if layer is not None:
+            shares[row.name] = layer.top_k / layer.num_experts
+    return shares
 
 
 def _both_bits(

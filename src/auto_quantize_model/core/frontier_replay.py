@@ -9,8 +9,9 @@ the exact one (:mod:`auto_quantize_model.core.frontier_exact`). How ModelOpt sea
 * ``gradient``: a 0/1 integer program solved by CBC through PuLP (``LPS`` in
   ``modelopt/torch/opt/searcher.py``): one binary per (group, format), one-hot rows, total cost
   at most the budget; tried again with the cost also at least 99 %, then 90 % of the budget if
-  CBC reports anything but ``Optimal``. Equal (score, cost) pairs are common (FP8 clamped to
-  INT8's score) and CBC breaks such ties by the problem's exact layout: column names
+  CBC reports anything but ``Optimal`` (under the ``active_moe`` cost model the floors come first:
+  99 %, 90 %, then none, :data:`ACTIVE_MOE_LOWER_BOUNDS`). Equal (score, cost) pairs are common
+  (FP8 clamped to INT8's score) and CBC breaks such ties by the problem's exact layout: column names
   ``z<row>_<format>`` sorted as text, rows in order. The same problem is built here, row for
   row (:func:`lp_problem`), so CBC makes the same choice; groups with one format only (disabled
   layers, a vision tower) are rows too and must stay in place, or the tie-breaks move. CBC's
@@ -40,8 +41,14 @@ from auto_quantize_model.core.frontier_space import SearchRow
 from auto_quantize_model.errors import ConfigError
 from auto_quantize_model.frontier_records import Method
 
-LOWER_BOUNDS: tuple[float | None, ...] = (None, 0.99, 0.90)
+LowerBounds = tuple[float | None, ...]
+
+LOWER_BOUNDS: LowerBounds = (None, 0.99, 0.90)
 """ModelOpt's retry schedule for the gradient search (weight cost model): cost floors as budget fractions."""
+
+ACTIVE_MOE_LOWER_BOUNDS: LowerBounds = (0.99, 0.90, None)
+"""The same under ModelOpt's ``active_moe`` cost model (``_get_search_lower_bounds``): a mix
+spending at least 99 % of the budget first, the unfloored search last."""
 
 KL_DIV_STEPS = 100
 """Bisection steps of ModelOpt's threshold search."""
@@ -79,7 +86,10 @@ def lp_problem(
 
 
 def _lp_select(
-    costs: Sequence[Sequence[float]], scores: Sequence[Sequence[float]], max_weight: float
+    costs: Sequence[Sequence[float]],
+    scores: Sequence[Sequence[float]],
+    max_weight: float,
+    lower_bounds: LowerBounds = LOWER_BOUNDS,
 ) -> tuple[tuple[int, ...], str]:
     """CBC on :func:`lp_problem` with ModelOpt's cost-floor retries; each row's index and the status.
 
@@ -89,7 +99,7 @@ def _lp_select(
 
     selection: tuple[int, ...] = ()
     status = "Not Solved"
-    for lower in LOWER_BOUNDS:
+    for lower in lower_bounds:
         problem, variables = lp_problem(costs, scores, max_weight, lower)
         problem.solve(pulp.PULP_CBC_CMD(msg=False))
         status = pulp.LpStatus[problem.status]
@@ -108,11 +118,11 @@ def _first_largest(values: Sequence[float]) -> int:
 
 
 def _lp_select_many(
-    job: tuple[Sequence[Sequence[float]], Sequence[Sequence[float]], Sequence[float]],
+    job: tuple[Sequence[Sequence[float]], Sequence[Sequence[float]], Sequence[float], LowerBounds],
 ) -> list[tuple[tuple[int, ...], str]]:
     """Worker entry point: several budgets of one search space (a top-level function for pickling)."""
-    costs, scores, max_weights = job
-    return [_lp_select(costs, scores, max_weight) for max_weight in max_weights]
+    costs, scores, max_weights, lower_bounds = job
+    return [_lp_select(costs, scores, max_weight, lower_bounds) for max_weight in max_weights]
 
 
 def _threshold_select(rows: Sequence[SearchRow], max_weight: float) -> tuple[tuple[int, ...], bool]:
@@ -181,12 +191,16 @@ def run_worker(job_path: str) -> None:
     so the worker's problems are the parent's to the last bit.
     """
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    results = _lp_select_many((job["costs"], job["scores"], job["max_weights"]))
+    bounds = tuple(job.get("lower_bounds", LOWER_BOUNDS))
+    results = _lp_select_many((job["costs"], job["scores"], job["max_weights"], bounds))
     sys.stdout.write(json.dumps([[list(selection), status] for selection, status in results]))
 
 
 def _solve_lp(
-    rows: Sequence[SearchRow], max_weights: Sequence[float], workers: int
+    rows: Sequence[SearchRow],
+    max_weights: Sequence[float],
+    workers: int,
+    lower_bounds: LowerBounds = LOWER_BOUNDS,
 ) -> list[tuple[tuple[int, ...], str]]:
     """CBC for every budget, in several worker processes when there is more than one budget.
 
@@ -200,7 +214,7 @@ def _solve_lp(
     costs = [list(row.costs) for row in rows]
     scores = [list(row.scores) for row in rows]
     if workers <= 1 or len(max_weights) <= 1:
-        return _lp_select_many((costs, scores, max_weights))
+        return _lp_select_many((costs, scores, max_weights, lower_bounds))
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
@@ -211,7 +225,10 @@ def _solve_lp(
             job = Path(scratch) / f"job-{start}.json"
             chunk = list(max_weights[start::workers])
             job.write_text(
-                json.dumps({"costs": costs, "scores": scores, "max_weights": chunk}), encoding="utf-8"
+                json.dumps(
+                    {"costs": costs, "scores": scores, "max_weights": chunk, "lower_bounds": [*lower_bounds]}
+                ),
+                encoding="utf-8",
             )
             command = [sys.executable, "-c", _WORKER_CODE, str(job)]
             processes.append(
@@ -228,13 +245,20 @@ def _solve_lp(
 
 
 def replay_select(
-    rows: Sequence[SearchRow], max_weights: Sequence[float], *, method: Method, workers: int | None
+    rows: Sequence[SearchRow],
+    max_weights: Sequence[float],
+    *,
+    method: Method,
+    workers: int | None,
+    lower_bounds: LowerBounds = LOWER_BOUNDS,
 ) -> list[tuple[tuple[int, ...], bool]]:
     """ModelOpt's choice for each weight budget, and whether its search calls it satisfied.
 
     kl_div's bisection always runs here; gradient's CBC solves go to :func:`solver_processes`
-    processes (``workers`` as requested, None for the default)."""
+    processes (``workers`` as requested, None for the default), each trying ``lower_bounds`` in
+    turn as ModelOpt's cost model does."""
     if method == "kl_div":
         return [_threshold_select(rows, max_weight) for max_weight in max_weights]
-    results = _solve_lp(rows, max_weights, solver_processes(len(rows), len(max_weights), workers))
+    processes = solver_processes(len(rows), len(max_weights), workers)
+    results = _solve_lp(rows, max_weights, processes, lower_bounds)
     return [(selection, status == "Optimal") for selection, status in results]

@@ -145,7 +145,7 @@ class RunAutoQuant:
             score_forward_steps=outcome.score_forward_steps,
             warnings=steps.unmet,
         )
-        review_search(reading, spec.allow_nonfinite, plan.other_weights)
+        review_search(reading, spec.allow_nonfinite, plan.other_weights, (plan.cost_model, plan.expert_ratio))
         scores = attrs.evolve(
             reading.scores,
             routing=_routing_stats(routing),

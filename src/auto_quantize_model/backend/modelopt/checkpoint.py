@@ -214,6 +214,9 @@ def search_settings(
         # the plain-PyTorch fallback rounds differently (scores within ~2%): never mix the two;
         # recorded only when not the default, so records written before the setting still match
         **({"kernels": spec.kernels} if spec.kernels != "extension" else {}),
+        # ModelOpt's saved costs are scaled by its cost model and it refuses a state made under
+        # another one (with a traceback); recorded only when not the default, like kernels
+        **({"cost_model": spec.cost_model} if spec.cost_model != "storage" else {}),
     }
 
 

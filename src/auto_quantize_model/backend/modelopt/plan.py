@@ -8,6 +8,11 @@ packed and padded layouts. ``scope="language_model"`` searches a
 ``scope="full_model"`` the whole VLM with the vision modules disabled. ModelOpt costs disabled
 groups at 16 bits, which would dilute the budget, so the constraint passed is raised until the LM
 alone meets the user's target (:func:`~auto_quantize_model.core.bits.model_constraint`).
+
+``autoquant.cost_model = "active"`` on an MoE model hands ModelOpt its ``active_moe`` cost model
+(:func:`search_constraints`): every group holding a routed expert is costed, in numerator and
+denominator alike, at the experts' ``top_k / num_experts`` share, so the budget counts the weights
+one token uses. The weight counts behind the constraint count those experts at the same share.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import logging
+import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -30,6 +36,8 @@ from auto_quantize_model.specs import AutoQuantSpec
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from auto_quantize_model.backend.experts import ExpertLayer
 
 log = logging.getLogger("auto_quantize_model")
 
@@ -204,27 +212,110 @@ class SearchPlan:
     """Whether a full-model name belongs to the language model."""
     disabled: tuple[str, ...]
     """Patterns (names inside ``root``) ModelOpt must leave unquantized."""
-    lm_weights: int
+    lm_weights: float
+    """LM weights as ModelOpt's cost model counts them: routed experts at :attr:`expert_ratio`."""
     other_weights: int
     """Weights ModelOpt costs outside the LM (vision, at 16 bits); 0 in language_model scope."""
     constraint: float
     """Effective bits over every costed weight, so that the LM alone lands on the target."""
+    expert_ratio: float | None = None
+    """``top_k / num_experts`` of the routed experts when ModelOpt counts active weights
+    (``active_moe``); None when it counts every weight (``weight``, a dense model or storage)."""
+
+    @property
+    def cost_model(self) -> str:
+        """ModelOpt's name of the cost model its search is given."""
+        return ACTIVE_MOE if self.expert_ratio is not None else WEIGHT_COST
+
+    @property
+    def constraints(self) -> dict[str, Any]:
+        """``mtq.auto_quantize``'s ``constraints`` argument."""
+        return search_constraints(self.constraint, self.expert_ratio)
 
 
-def quantizable_weights(root: nn.Module, skip: Callable[[str], bool]) -> int:
-    """Weights of the layers ModelOpt costs (linear, convolution, fused MoE experts), outside ``skip``."""
+WEIGHT_COST = "weight"
+ACTIVE_MOE = "active_moe"
+"""ModelOpt 0.47's cost models (``_auto_quantize_cost.py``): every weight once, or routed experts
+at their active share."""
+
+_ROUTED_EXPERT = re.compile(r"(?:^|\.)experts(?:\.|$)")
+
+
+def is_routed_expert(name: str) -> bool:
+    """Whether ModelOpt's ``active_moe`` counts the module ``name`` (inside the searched root) at the
+    experts' share: a dotted component exactly ``experts``, and no ``shared_expert`` anywhere in
+    the name (shared experts run for every token). ModelOpt scales a whole recipe group when any of
+    its modules is one; aqm's groups never mix experts with other layers, so per module is the same.
+    """
+    return "shared_expert" not in name and _ROUTED_EXPERT.search(name) is not None
+
+
+def search_constraints(constraint: float, expert_ratio: float | None) -> dict[str, Any]:
+    """ModelOpt's constraints: the effective bits and, for active weights, the cost model and ratio."""
+    if expert_ratio is None:
+        return {"effective_bits": constraint}
+    return {
+        "effective_bits": constraint,
+        "cost_model": ACTIVE_MOE,
+        "cost": {"active_moe_expert_ratio": expert_ratio},
+    }
+
+
+def active_expert_ratio(layers: Sequence[ExpertLayer]) -> float:
+    """The one ``top_k / num_experts`` ModelOpt's ``active_moe`` takes for every routed expert.
+
+    ModelOpt accepts a single ratio, so layers that disagree (or a router that does not say its
+    top-k) cannot be costed by it: refused, naming the layers.
+    """
+    unknown = [layer.name for layer in layers if layer.top_k is None or layer.num_experts <= 0]
+    if unknown:
+        raise ConfigError(
+            f"autoquant.cost_model = 'active': the router of {', '.join(unknown[:3])} does not say how many "
+            "experts a token uses (top_k); use cost_model = 'storage'"
+        )
+    ratios: dict[float, list[str]] = {}
+    for layer in layers:
+        assert layer.top_k is not None
+        ratios.setdefault(layer.top_k / layer.num_experts, []).append(layer.name)
+    if len(ratios) > 1:
+        shown = "; ".join(
+            f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''}: {ratio:g}"
+            for ratio, names in ratios.items()
+        )
+        raise ConfigError(
+            f"autoquant.cost_model = 'active': the MoE layers use different top_k / num_experts ratios "
+            f"({shown}) and ModelOpt's active_moe cost model takes one; use cost_model = 'storage'"
+        )
+    return next(iter(ratios))
+
+
+def quantizable_weights(
+    root: nn.Module, skip: Callable[[str], bool], expert_ratio: float | None = None
+) -> float:
+    """Weights of the layers ModelOpt costs (linear, convolution, fused MoE experts), outside ``skip``.
+
+    With ``expert_ratio`` each routed expert's weights count at that share, as ``active_moe``
+    costs them (each module's count times the ratio, then summed: ModelOpt's order of operations).
+    Without it the count is an integer (returned as ``int``).
+    """
     from torch import nn
 
     from auto_quantize_model.backend.experts import fused_expert_weights
 
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
-    total = 0
+    total: float = 0
     for name, module in root.named_modules():
+        if skip(name):
+            continue
         weight = getattr(module, "weight", None)
-        if isinstance(module, kinds) and weight is not None and not skip(name):
-            total += int(weight.numel())
-        elif not skip(name):
-            total += fused_expert_weights(module)  # ModelOpt costs gate_up_proj + down_proj
+        if isinstance(module, kinds) and weight is not None:
+            count = int(weight.numel())
+        else:
+            count = fused_expert_weights(module)  # ModelOpt costs gate_up_proj + down_proj
+        if count and expert_ratio is not None and is_routed_expert(name):
+            total += count * expert_ratio
+        else:
+            total += count
     return total
 
 
@@ -247,15 +338,23 @@ def matching_layers(root: nn.Module, name_map: Callable[[str], str], patterns: S
 
 
 def plan_search(lm: LanguageModel, spec: AutoQuantSpec) -> SearchPlan:
-    """The root for ``lm.scope``, user patterns resolved to its names, and the raised constraint."""
+    """The root for ``lm.scope``, user patterns resolved to its names, and the raised constraint.
+
+    ``spec.cost_model = "active"`` gives ModelOpt ``active_moe`` on an MoE model (the ratio read
+    off its routers); a dense model has nothing to scale and keeps ``weight``.
+    """
+    from auto_quantize_model.backend.experts import expert_layers
     from auto_quantize_model.backend.lm_forward import TextLM
 
+    ratio: float | None = None
+    if spec.cost_model == "active" and lm.experts:
+        ratio = active_expert_ratio(expert_layers(lm.full_model))
     if lm.scope == "language_model":
         root: nn.Module = TextLM(lm.module, lm.lm_head)
         name_map = textlm_name_map(lm.prefix, lm.head_name)
         is_lm: Callable[[str], bool] = _everything
         disabled = matching_layers(root, name_map, (*spec.disabled_layers, *lm.routers))
-        lm_weights = quantizable_weights(root, _nothing)
+        lm_weights = quantizable_weights(root, _nothing, ratio)
         other_weights = 0
     else:
         root = lm.full_model
@@ -263,8 +362,8 @@ def plan_search(lm: LanguageModel, spec: AutoQuantSpec) -> SearchPlan:
         is_lm = lm_membership(lm.prefix, lm.head_name)
         vision = [pattern for v in lm.vision_modules for pattern in (v, f"{v}.*")]
         disabled = vision + matching_layers(root, name_map, (*spec.disabled_layers, *lm.routers))
-        lm_weights = quantizable_weights(root, lambda name: not is_lm(name))
-        other_weights = quantizable_weights(root, is_lm)
+        lm_weights = quantizable_weights(root, lambda name: not is_lm(name), ratio)
+        other_weights = int(quantizable_weights(root, is_lm))
     if lm_weights == 0:
         raise AqmError("the language model has no linear layers for AutoQuant to quantize")
     return SearchPlan(
@@ -275,4 +374,5 @@ def plan_search(lm: LanguageModel, spec: AutoQuantSpec) -> SearchPlan:
         lm_weights=lm_weights,
         other_weights=other_weights,
         constraint=model_constraint(spec.effective_bits, lm_weights, other_weights),
+        expert_ratio=ratio,
     )

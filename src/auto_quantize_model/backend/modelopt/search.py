@@ -297,6 +297,12 @@ def run_search(
         counter.start_scoring()
         checkpoint.scoring_started()
 
+    if plan.expert_ratio is not None:
+        log.info(
+            "AutoQuant budget counts active weights (ModelOpt's active_moe): routed experts at %g of "
+            "their weights",
+            plan.expert_ratio,
+        )
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         stack.enter_context(patches.modes_restored(lm.full_model, root))
@@ -321,7 +327,7 @@ def run_search(
         stack.callback(counter.remove_hooks)
         _, state = auto_quantize(
             root,
-            constraints={"effective_bits": plan.constraint},
+            constraints=plan.constraints,
             quantization_formats=quantization_formats,
             data_loader=data.batches,
             forward_step=counter.step,

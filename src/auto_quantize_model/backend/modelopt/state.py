@@ -18,6 +18,9 @@ from auto_quantize_model.core.bits import effective_bits
 from auto_quantize_model.core.scores import NO_QUANT, group_name, has_quantized_format, parse_label
 from auto_quantize_model.errors import AqmError
 
+WEIGHT_COST = "weight"
+"""ModelOpt's default cost model, and the one a state saved before cost models records."""
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -60,6 +63,11 @@ class StateReading:
     """Groups outside the language model (vision), all of them costed too."""
     lm_weights: float
     other_weights: float
+    cost_model: str = WEIGHT_COST
+    """ModelOpt's cost model as its state records it (``weight`` or ``active_moe``): what its
+    budget counted. The scores hold storage figures either way."""
+    expert_ratio: float | None = None
+    """The routed experts' share under ``active_moe``."""
 
 
 def scores_from_state(
@@ -100,6 +108,13 @@ def scores_from_state(
     one listed before it (``min(score, previous)``): that hides non-monotone formats and gives a
     second same-bit format (FP8 after INT8) the first one's score. The search result still comes
     from the clamped scores, as ModelOpt ran it.
+
+    Under ModelOpt's ``active_moe`` cost model (``state["cost_model"]``) each group's ``costs`` and
+    ``uncompressed_cost`` come multiplied by its ``cost_weight`` (a routed expert's active share).
+    Everything downstream of the scores assumes storage figures and applies shares itself
+    (:mod:`auto_quantize_model.core.routing`), so they are divided back here: the groups' costs,
+    the fixed groups' weights and both effective bits are storage figures whatever ModelOpt's
+    budget counted (:attr:`StateReading.cost_model` says what it did count).
     """
     stats: Mapping[str, Mapping[str, Any]] = state["candidate_stats"]
     best: Mapping[str, Any] = state.get("best", {})
@@ -118,13 +133,14 @@ def scores_from_state(
         modules = tuple(name_map(m) for m in entry.get("module_names", ())) or (name,)
         labels = [parse_label(str(recipe)) for recipe in entry["formats"]]
         names = tuple(label for label, _ in labels)
-        costs = tuple(_number(c) for c in entry["costs"])
+        share = _cost_weight(key, entry)
+        costs = tuple(_number(c) / share for c in entry["costs"])
         scores = tuple(_number(s) for s in entry["scores"])
         raw = (raw_scores or {}).get(key)
         if raw is not None and all(str(recipe) in raw for recipe in entry["formats"]):
             scores = tuple(_number(raw[str(recipe)]) for recipe in entry["formats"])
         if "uncompressed_cost" in entry:
-            weights = _number(entry["uncompressed_cost"])
+            weights = _number(entry["uncompressed_cost"]) / share
         else:
             weights = costs[names.index(NO_QUANT)]
         picked = chosen.get(key)
@@ -159,7 +175,8 @@ def scores_from_state(
         )
 
     constraints = best.get("constraints", {})
-    if "effective_bits" in constraints:
+    cost_model = str(state.get("cost_model", WEIGHT_COST))
+    if "effective_bits" in constraints and cost_model == WEIGHT_COST:
         bits_model = _number(constraints["effective_bits"])
     else:
         bits_model = effective_bits(all_cost, all_weights) if all_weights else math.nan
@@ -196,7 +213,26 @@ def scores_from_state(
         other=tuple(other),
         lm_weights=lm_weights,
         other_weights=all_weights - lm_weights,
+        cost_model=cost_model,
+        expert_ratio=_ratio(state) if cost_model != WEIGHT_COST else None,
     )
+
+
+def _cost_weight(key: str, entry: Mapping[str, Any]) -> float:
+    """The factor ModelOpt multiplied a group's costs by (1 under ``weight``, and in states saved
+    before ModelOpt recorded it); a group costed at nothing cannot be read back as storage."""
+    share = _number(entry.get("cost_weight", 1.0))
+    if not share > 0.0:
+        raise AqmError(
+            f"ModelOpt's search state costs recipe group {group_name(key)} at weight {share:g}: its storage "
+            "cost cannot be recovered (aqm never passes excluded_module_name_patterns); search again"
+        )
+    return share
+
+
+def _ratio(state: Mapping[str, Any]) -> float | None:
+    value = state.get("active_moe_expert_ratio")
+    return None if value is None else _number(value)
 
 
 def nonfinite_message(names: Sequence[str], limit: int = 5) -> str:
@@ -231,11 +267,25 @@ def quantized_in_place(model: nn.Module) -> bool:
     return any(isinstance(module, TensorQuantizer) for module in model.modules())
 
 
-def review_search(reading: StateReading, allow_nonfinite: bool, other_weights: int) -> None:
-    """Refuse a result that is not what was asked for; log what is merely imperfect."""
+def review_search(
+    reading: StateReading,
+    allow_nonfinite: bool,
+    other_weights: int,
+    cost_model: tuple[str, float | None] = (WEIGHT_COST, None),
+) -> None:
+    """Refuse a result that is not what was asked for; log what is merely imperfect.
+
+    ``cost_model`` is the cost model and expert ratio the search was given
+    (:attr:`~.plan.SearchPlan.cost_model`): a state that counted anything else is refused.
+    """
     asked = reading.scores.method
     if reading.ran_method != asked:
         raise AqmError(f"ModelOpt ran method {reading.ran_method!r}, asked for {asked!r}")
+    if (reading.cost_model, reading.expert_ratio) != cost_model:
+        raise AqmError(
+            f"ModelOpt's search counted cost model {reading.cost_model!r} (expert ratio "
+            f"{reading.expert_ratio}), asked for {cost_model[0]!r} (expert ratio {cost_model[1]})"
+        )
     if reading.nonfinite:
         if not allow_nonfinite:
             raise AqmError(nonfinite_message(reading.nonfinite))
