@@ -269,7 +269,9 @@ class SensitivityScores:
     rare_expert_tokens: int = 0
     """``autoquant.rare_expert_tokens`` of the run: the solver's rare-expert rule (0: off)."""
     cost_model: CostModel = "storage"
-    """``autoquant.cost_model`` of the run: what the solver's budgets count."""
+    """``autoquant.cost_model`` of the run: what the solver's budgets count and, on an MoE model, what
+    ModelOpt's budget in the run counted (``active``: its ``active_moe``). Costs and bits here are
+    storage figures either way."""
 
 
 @attrs.frozen(eq=False)

@@ -158,8 +158,8 @@ class AutoQuantSpec:
     cost_model: Literal["storage", "active"] = "storage"
     """What the solver's budgets (``[frontier] bits``, ``aqm export --bits``) count: ``storage``, every
     weight (every expert's); ``active``, the weights a token uses (each routed expert at its layer's
-    top-k / experts share, ModelOpt's ``active_moe``). Reports show both. ModelOpt's own search in
-    the run always counts storage at ``effective_bits``."""
+    top-k / experts share, ModelOpt's ``active_moe``). Reports show both. On an MoE model ModelOpt's
+    own search in the run counts the same at ``effective_bits`` (``active`` hands it ``active_moe``)."""
     kernels: Literal["extension", "pytorch"] = "extension"
     """Fake quantization on CUDA: ``extension`` uses ModelOpt's CUDA extensions, JIT-built on their first
     use on a machine (INT8 + FP8: 126 s on an H200, once); ``pytorch`` uses ModelOpt's plain-PyTorch path

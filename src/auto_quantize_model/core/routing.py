@@ -1,8 +1,9 @@
 """How aqm's solver uses the routed-token counts: the rare-expert rule and the active cost model.
 
-Pure (no torch). Both act on the solver's search space (the frontier, ``aqm export``), never on
-ModelOpt's own search in the run, whose choice is recorded as ModelOpt made it and still checked
-against a replay of ModelOpt's search on the plain space.
+Pure (no torch). Both act on the solver's search space (the frontier, ``aqm export``). ModelOpt's
+own search in the run knows no rare-expert rule; it counts the same cost model (``aqm run`` hands
+it ``active_moe`` under ``active``), and its choice, recorded as it made it, is checked against a
+replay on ModelOpt's scores under that cost model.
 
 **The rare-expert rule.** An expert group whose expert was routed fewer than ``min_tokens``
 calibration tokens (``autoquant.rare_expert_tokens``) has a score that rests on too few tokens

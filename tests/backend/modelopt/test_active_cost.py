@@ -19,10 +19,10 @@ import pytest
 from torch import nn
 
 from auto_quantize_model.artifacts import BudgetFrontier, LanguageModel, LoadedModel, SensitivityScores
-from auto_quantize_model.backend.models import build_builtin
 from auto_quantize_model.backend.modelopt.checkpoint import SearchCheckpoint, StateFiles, search_settings
 from auto_quantize_model.backend.modelopt.plan import plan_search
 from auto_quantize_model.backend.modelopt.state import review_search, scores_from_state
+from auto_quantize_model.backend.models import build_builtin
 from auto_quantize_model.core.routing import chosen_bits, group_shares
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.pipeline import Artifacts, Pipeline
@@ -305,5 +305,6 @@ def test_a_real_active_search_counts_active_bits_and_its_run_check_replays_it(tm
     assert any("ModelOpt's choice in the run counted them the same way" in n for n in frontier.notes)
 
     # the saved state was costed under active_moe: a storage search may not resume it
+    resumed = AutoQuantSpec(formats=(INT8, FP8), effective_bits=12.0, score_size=8, checkpoint=checkpoint)
     with pytest.raises(AqmError, match=re.escape("saved with other settings (cost_model: 'active' -> None)")):
-        search(AutoQuantSpec(formats=(INT8, FP8), effective_bits=12.0, score_size=8, checkpoint=checkpoint), tiny())
+        search(resumed, tiny())
