@@ -267,16 +267,18 @@ def active_expert_ratio(layers: Sequence[ExpertLayer]) -> float:
     ModelOpt accepts a single ratio, so layers that disagree (or a router that does not say its
     top-k) cannot be costed by it: refused, naming the layers.
     """
-    unknown = [layer.name for layer in layers if layer.top_k is None or layer.num_experts <= 0]
+    ratios: dict[float, list[str]] = {}
+    unknown: list[str] = []
+    for layer in layers:
+        if layer.top_k is None or layer.num_experts <= 0:
+            unknown.append(layer.name)
+        else:
+            ratios.setdefault(layer.top_k / layer.num_experts, []).append(layer.name)
     if unknown:
         raise ConfigError(
             f"autoquant.cost_model = 'active': the router of {', '.join(unknown[:3])} does not say how many "
             "experts a token uses (top_k); use cost_model = 'storage'"
         )
-    ratios: dict[float, list[str]] = {}
-    for layer in layers:
-        assert layer.top_k is not None
-        ratios.setdefault(layer.top_k / layer.num_experts, []).append(layer.name)
     if len(ratios) > 1:
         shown = "; ".join(
             f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''}: {ratio:g}"
