@@ -243,6 +243,7 @@ def python_profile_case(settings: object, calib: object, score_size: int, path: 
     run_layout(settings, "packed", calib, score_size)  # type: ignore[arg-type]
     profiler.disable()
     wall = time.perf_counter() - started
+    profiler.dump_stats(path.with_suffix(".prof"))  # for pstats' print_callers: who calls a hot function
     stats = pstats.Stats(profiler)
     by_package: dict[str, float] = {}
     raw: dict[tuple[str, int, str], tuple[int, int, float, float, object]] = stats.stats  # type: ignore[attr-defined]

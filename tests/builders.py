@@ -14,7 +14,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
@@ -448,6 +448,33 @@ def search_text_lm(decoder: Any, head: Any, formats: Sequence[Any], batches: Seq
     )
     searched: dict[str, Any] = state
     return searched
+
+
+def tiny_moe_search(
+    loaded: Any,
+    experts: Literal["layer", "expert", "projection"] = "layer",
+    formats: Sequence[str] = (INT8, FP8),
+    fused_experts: Literal["batched", "modelopt"] = "batched",
+) -> Any:
+    """The three search stages of a real AutoQuant on ``loaded`` (a tiny MoE): 8 captions of 32
+    tokens, 12 effective bits, score size 8. Returns the pipeline's store (scores, calibration)."""
+    from auto_quantize_model.pipeline import Pipeline
+    from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec
+    from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
+    from auto_quantize_model.stages.extract_lm import ExtractLM
+    from auto_quantize_model.stages.run_autoquant import RunAutoQuant
+
+    spec = AutoQuantSpec(
+        formats=tuple(formats), effective_bits=12.0, score_size=8, fused_experts=fused_experts
+    )
+    return Pipeline(
+        [
+            ExtractLM(ExtractSpec(experts=experts)),
+            BuildCalibLoader(CalibSpec(max_samples=8, seq_len=32, batch_size=4)),
+            RunAutoQuant(spec),
+        ],
+        supplied=[loaded],
+    ).run()
 
 
 def tiny_llama(vocab_size: int = 96, layers: int = 3, seed: int = 0) -> Any:

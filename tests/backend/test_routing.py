@@ -21,6 +21,7 @@ from auto_quantize_model.pipeline import Artifacts
 from auto_quantize_model.sources import TINY_QWEN3_VL_MOE
 from auto_quantize_model.specs import ExtractSpec
 from auto_quantize_model.stages.extract_lm import ExtractLM
+from builders import tiny_moe_search
 
 # Six positions (2 rows x 3): rows [a b pad] and [c pad pad]; real flat positions 0, 1 and 3.
 MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -164,23 +165,10 @@ def test_autoquant_records_the_routing_of_its_first_calibration_pass() -> None:
     """The real search on CPU: the counts taken while ModelOpt calibrates (twice: two formats) and
     scores equal one plain pass of the unquantized model over the same batches."""
     from auto_quantize_model.artifacts import CalibData, LanguageModel, SensitivityScores
-    from auto_quantize_model.pipeline import Pipeline
-    from auto_quantize_model.specs import AutoQuantSpec, CalibSpec
-    from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader
-    from auto_quantize_model.stages.run_autoquant import RunAutoQuant
 
-    store = Pipeline(
-        [
-            ExtractLM(ExtractSpec(experts="expert")),
-            BuildCalibLoader(CalibSpec(max_samples=8, seq_len=32, batch_size=4)),
-            RunAutoQuant(
-                AutoQuantSpec(
-                    formats=("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"), effective_bits=12.0, score_size=8
-                )
-            ),
-        ],
-        supplied=[build_builtin(TINY_QWEN3_VL_MOE, seed=0, dtype="float32", device="cpu")],
-    ).run()
+    store = tiny_moe_search(
+        build_builtin(TINY_QWEN3_VL_MOE, seed=0, dtype="float32", device="cpu"), experts="expert"
+    )
     routing = store.get(SensitivityScores).routing
     calib = store.get(CalibData)
     assert routing is not None

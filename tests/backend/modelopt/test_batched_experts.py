@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -25,12 +25,8 @@ from auto_quantize_model.backend.modelopt.batched_experts import (  # noqa: E402
 )
 from auto_quantize_model.backend.modelopt.patches import registrations_undone  # noqa: E402
 from auto_quantize_model.backend.models import build_builtin  # noqa: E402
-from auto_quantize_model.pipeline import Pipeline  # noqa: E402
 from auto_quantize_model.sources import TINY_QWEN3_VL_MOE  # noqa: E402
-from auto_quantize_model.specs import AutoQuantSpec, CalibSpec, ExtractSpec  # noqa: E402
-from auto_quantize_model.stages.build_calib_loader import BuildCalibLoader  # noqa: E402
-from auto_quantize_model.stages.extract_lm import ExtractLM  # noqa: E402
-from auto_quantize_model.stages.run_autoquant import RunAutoQuant  # noqa: E402
+from builders import tiny_moe_search  # noqa: E402
 
 LAYERS = 2
 EXPERTS = 4
@@ -224,19 +220,13 @@ def test_only_experts_with_qwen3_vl_moes_eager_forward_are_batched() -> None:
 
 
 def search(
-    loaded: LoadedModel, path: str, formats: tuple[str, ...], experts: str = "layer"
+    loaded: LoadedModel,
+    path: Literal["batched", "modelopt"],
+    formats: tuple[str, ...],
+    experts: Literal["layer", "expert"] = "layer",
 ) -> SensitivityScores:
-    store = Pipeline(
-        [
-            ExtractLM(ExtractSpec(experts=experts)),  # type: ignore[arg-type]
-            BuildCalibLoader(CalibSpec(max_samples=8, seq_len=32, batch_size=4)),
-            RunAutoQuant(
-                AutoQuantSpec(formats=formats, effective_bits=12.0, score_size=8, fused_experts=path)  # type: ignore[arg-type]
-            ),
-        ],
-        supplied=[loaded],
-    ).run()
-    return store.get(SensitivityScores)
+    scores: SensitivityScores = tiny_moe_search(loaded, experts, formats, path).get(SensitivityScores)
+    return scores
 
 
 def recipe_amaxes(model: Any) -> Iterator[tuple[tuple[str, str, str, int], Any]]:

@@ -21,6 +21,7 @@ from auto_quantize_model.artifacts import CalibData, LanguageModel
 from auto_quantize_model.backend.modelopt import patches
 from auto_quantize_model.backend.modelopt.batched_experts import batched_fused_experts
 from auto_quantize_model.backend.modelopt.checkpoint import SearchCheckpoint
+from auto_quantize_model.backend.modelopt.fsdp_lookup import fsdp_lookup_skipped
 from auto_quantize_model.backend.modelopt.plan import SearchPlan, Steps, limit_scored_captions
 from auto_quantize_model.backend.modelopt.quantizer_setup import fast_fused_experts_setup
 from auto_quantize_model.backend.modelopt.state import RawScores, collect_raw_scores
@@ -319,6 +320,7 @@ def run_search(
         if spec.fused_experts == "batched" and lm.experts:
             paths = stack.enter_context(batched_fused_experts())
             setup = stack.enter_context(fast_fused_experts_setup())
+        stack.enter_context(fsdp_lookup_skipped(root))
         stack.enter_context(patches.checked_state_load(checkpoint.loaded, checkpoint.unreadable))
         stack.enter_context(patches.atomic_state_save(checkpoint.before_replace))
         stack.enter_context(patches.frozen_heap())
