@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from auto_quantize_model.backend.models import _special_token_ids, load_tokenizer
     from auto_quantize_model.data import tiny_tokenizer_dir
 
+    auto_class: Any = AutoModelForImageTextToText  # from_config is untyped
     tokenizer = load_tokenizer(tiny_tokenizer_dir())
     text = tiny_moe_text(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     text.update(
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        model = auto_class.from_config(config, dtype=torch.float32)
     model.eval()
     args.output.mkdir(parents=True)
     model.save_pretrained(args.output)
