@@ -477,6 +477,20 @@ def tiny_moe_search(
     ).run()
 
 
+def benchmark_script(name: str) -> Any:
+    """``benchmarks/<name>.py`` imported as a module (the folder is not a package), registered in
+    ``sys.modules`` so that dataclasses and pickling inside it find their module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_llama(vocab_size: int = 96, layers: int = 3, seed: int = 0) -> Any:
     """A small Llama (SmolLM2's architecture) with tied embeddings and seeded weights, in eval mode."""
     import torch

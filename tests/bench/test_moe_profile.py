@@ -6,26 +6,19 @@ tree and the whole script once on the tiny MoE on CPU (that it runs and writes w
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_profile.py"
+from builders import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def moe_profile() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("moe_profile", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["moe_profile"] = module
-    spec.loader.exec_module(module)
+    module: ModuleType = benchmark_script("moe_profile")
     return module
 
 
