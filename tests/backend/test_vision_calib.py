@@ -265,3 +265,49 @@ def test_a_caption_holding_the_image_placeholder_names_its_line(tiny_loaded: Loa
     with pytest.raises(InputError) as caught:
         vc.pair_layouts([pair], tiny_loaded.tokenizer, processor, model.config.image_token_id, 512)
     assert str(caught.value) == f"{pair.origin}: the caption holds the image placeholder token; take it out"
+
+
+def test_fused_experts_gate_up_input_range_splits_image_and_text_tokens() -> None:
+    """On the MoE the fused experts module is a row of its own: its input (every token's hidden
+    state after the post-attention norm, flattened to ``[B * L, H]``) split by token kind."""
+    from auto_quantize_model.backend.models import build_builtin
+    from auto_quantize_model.sources import TINY_QWEN3_VL_MOE
+
+    loaded = build_builtin(TINY_QWEN3_VL_MOE, seed=0, dtype="float32", device="cpu")
+    data = _data(loaded, 4)
+    assert data.stats.images is not None
+    ranges = {entry.name: entry for entry in data.stats.images.ranges}
+    experts = "model.language_model.layers.0.mlp.experts"
+    assert experts in ranges
+    assert len([name for name in ranges if name.endswith(".mlp.experts")]) == 2
+    # the block's input, computed apart: the decoder's layer 0 run by hand up to its MLP norm
+    model: Any = loaded.model
+    captured: list[torch.Tensor] = []
+    block = model.model.language_model.layers[0].mlp
+    handle = block.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            decoder_hidden(model.model.language_model, data.batches[0])
+    finally:
+        handle.remove()
+    peak = captured[0].abs().amax(-1)
+    visual = data.batches[0]["visual_pos_masks"]
+    real = data.batches[0]["real_mask"] != 0
+    want_image = float(peak[visual & real].max())
+    want_text = float(peak[~visual & real].max())
+    for batch in data.batches[1:]:  # the recorded range is over every batch
+        captured.clear()
+        handle = block.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+        try:
+            with torch.no_grad():
+                decoder_hidden(model.model.language_model, batch)
+        finally:
+            handle.remove()
+        peak = captured[0].abs().amax(-1)
+        visual, real = batch["visual_pos_masks"], batch["real_mask"] != 0
+        if bool((visual & real).any()):
+            want_image = max(want_image, float(peak[visual & real].max()))
+        want_text = max(want_text, float(peak[~visual & real].max()))
+    assert ranges[experts].image_absmax == pytest.approx(want_image, rel=1e-6)
+    assert ranges[experts].text_absmax == pytest.approx(want_text, rel=1e-6)
+    assert ranges[experts].image_absmax != pytest.approx(ranges[experts].text_absmax)

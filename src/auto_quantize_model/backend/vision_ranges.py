@@ -5,9 +5,11 @@ max calibrator). Calibrated on captions alone it never sees image tokens, whose 
 come from the vision tower (and its deepstack features in the first layers) and can be far
 larger or smaller; the scale then clips them, or wastes its range. One unquantized pass over the
 calibration batches records, for every ``nn.Linear`` of the decoder and for lm_head, that largest
-magnitude on each kind of token, so the report can show where the two differ. Fused MoE experts
-are not ``nn.Linear`` and are left out. The pass runs once, when the batches are built, before any
-quantizer exists.
+magnitude on each kind of token, so the report can show where the two differ. A fused MoE experts
+module (``gate_up_proj`` ``[E, ...]``) is recorded too, under its own name: its input is every
+token's hidden state, which ModelOpt quantizes with one gate/up input quantizer shared by all
+experts; the down projection's input exists only inside its forward and is not recorded. The pass
+runs once, when the batches are built, before any quantizer exists.
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ class RangeRecorder:
         self.real: torch.Tensor | None = None
 
     def see(self, name: str, x: torch.Tensor) -> None:
-        """Fold ``x`` (``[B, L, H]``, the batch being run) into ``name``'s ranges."""
+        """Fold ``x`` (``[B, L, H]``, the batch being run, or ``[B * L, H]`` as fused experts take
+        it, rows in the batch's order) into ``name``'s ranges."""
         assert self.visual is not None
         assert self.real is not None
         peak = x.detach().abs().amax(dim=-1).float()
         visual, real = self.visual.to(peak.device), self.real.to(peak.device)
+        if peak.dim() == 1:
+            visual, real = visual.reshape(-1), real.reshape(-1)
         for kind, mask in ((self.image, visual & real), (self.text, ~visual & real)):
             if bool(mask.any()):
                 kind[name] = max(kind[name], float(peak[mask].max()))
@@ -47,8 +52,11 @@ class RangeRecorder:
     def hooked(self) -> Iterator[None]:
         def hook(name: str) -> Any:
             def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-                if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
-                    self.see(name, args[0])
+                if not args or not isinstance(args[0], torch.Tensor) or self.visual is None:
+                    return
+                x = args[0]
+                if x.dim() == 3 or (x.dim() == 2 and x.shape[0] == self.visual.numel()):
+                    self.see(name, x)
 
             return record
 
@@ -61,12 +69,14 @@ class RangeRecorder:
 
 
 def linear_layers(model: nn.Module, decoder: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Full-model names of the decoder's linear layers, in order."""
+    """Full-model names of the decoder's linear layers and fused experts modules, in order."""
+    from auto_quantize_model.backend.experts import is_fused_experts
+
     prefix = next((name for name, module in model.named_modules() if module is decoder), "")
     return [
         (f"{prefix}.{name}" if prefix else name, module)
         for name, module in decoder.named_modules()
-        if isinstance(module, nn.Linear)
+        if isinstance(module, nn.Linear) or is_fused_experts(module)
     ]
 
 

@@ -32,7 +32,8 @@ def range_lines(ranges: tuple[ActivationRange, ...]) -> list[str]:
         "",
         "### Activation ranges: image vs text tokens",
         "",
-        "Largest input magnitude of each linear layer over the calibration batches, unquantized. "
+        "Largest input magnitude of each linear layer (of a fused MoE experts module: its gate/up "
+        "input, one quantizer for all experts) over the calibration batches, unquantized. "
         f"In {beyond} of {len(ranges)} layers image tokens reach beyond the text tokens' range (median "
         "image/text ratio "
         f"{statistics.median(ratios):.2f}): there a static activation scale fitted on captions alone would "
