@@ -24,9 +24,8 @@ for dir in "${wheels[@]}"; do
     python3 -m pip install -q --no-index --no-deps --upgrade --target "$site" "$dir"/*.whl || exit 1
 done
 export PYTHONPATH="$PWD/src:$PWD/tests:$site"
-work=/tmp/aqm-ct
-rm -rf "$work"
-mkdir -p "$work"
+work=$(mktemp -d /tmp/aqm-ct.XXXXXX)  # a folder of this run's own: nothing else is cleared
+echo "runs and exports in $work" | tee "$out/work.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 
 step() {

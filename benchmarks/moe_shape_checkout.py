@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         model = auto_class.from_config(config, dtype=torch.float32)
     model.eval()
-    args.output.mkdir(parents=True)
-    model.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    # written beside the target under a name of its own, then renamed: a failed save leaves no
+    # half-written checkout under the asked-for name, and only the folder made here is removed
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{args.output.name}.partial-", dir=args.output.parent))
+    try:
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        scratch.rename(args.output)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     parameters = sum(p.numel() for p in model.parameters())
     print(
         json.dumps(
