@@ -311,3 +311,42 @@ def test_fused_experts_gate_up_input_range_splits_image_and_text_tokens() -> Non
     assert ranges[experts].image_absmax == pytest.approx(want_image, rel=1e-6)
     assert ranges[experts].text_absmax == pytest.approx(want_text, rel=1e-6)
     assert ranges[experts].image_absmax != pytest.approx(ranges[experts].text_absmax)
+
+
+def test_fused_experts_down_input_range_is_each_tokens_largest_over_its_routed_experts() -> None:
+    """The second row of a fused experts module: ``act(gate) * up`` of every routed expert, computed
+    here token by token (the recorder goes expert by expert), split by token kind."""
+    from auto_quantize_model.backend.models import build_builtin
+    from auto_quantize_model.sources import TINY_QWEN3_VL_MOE
+
+    loaded = build_builtin(TINY_QWEN3_VL_MOE, seed=0, dtype="float32", device="cpu")
+    data = _data(loaded, 4)
+    assert data.stats.images is not None
+    ranges = {entry.name: entry for entry in data.stats.images.ranges}
+    name = "model.language_model.layers.1.mlp.experts"
+    assert [row for row in ranges if row.startswith(name)] == [name, f"{name}.down_proj"]
+    model: Any = loaded.model
+    experts = model.model.language_model.layers[1].mlp.experts
+    want = {"image": 0.0, "text": 0.0}
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = experts.register_forward_pre_hook(lambda module, args: seen.append((args[0], args[1])))
+    try:
+        with torch.no_grad():
+            for batch in data.batches:
+                decoder_hidden(model.model.language_model, batch)
+    finally:
+        handle.remove()
+    for batch, (x, routed) in zip(data.batches, seen, strict=True):
+        visual = batch["visual_pos_masks"].reshape(-1)
+        real = (batch["real_mask"] != 0).reshape(-1)
+        for token in (index for index in range(x.shape[0]) if bool(real[index])):
+            peak = 0.0
+            for expert in routed[token].tolist():
+                gate, up = (experts.gate_up_proj[expert].detach() @ x[token]).chunk(2)
+                peak = max(peak, float((torch.nn.functional.silu(gate) * up).abs().max()))
+            kind = "image" if bool(visual[token]) else "text"
+            want[kind] = max(want[kind], peak)
+    down = ranges[f"{name}.down_proj"]
+    assert down.image_absmax == pytest.approx(want["image"], rel=1e-5)
+    assert down.text_absmax == pytest.approx(want["text"], rel=1e-5)
+    assert down.image_absmax != pytest.approx(ranges[name].image_absmax)

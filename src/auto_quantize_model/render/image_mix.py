@@ -32,8 +32,9 @@ def range_lines(ranges: tuple[ActivationRange, ...]) -> list[str]:
         "",
         "### Activation ranges: image vs text tokens",
         "",
-        "Largest input magnitude of each linear layer (of a fused MoE experts module: its gate/up "
-        "input, one quantizer for all experts) over the calibration batches, unquantized. "
+        "Largest input magnitude of each linear layer over the calibration batches, unquantized (a "
+        "fused MoE experts module has two rows, each one quantizer for all experts: its gate/up input, "
+        "and `.down_proj`, the down projection's input over the routed experts). "
         f"In {beyond} of {len(ranges)} layers image tokens reach beyond the text tokens' range (median "
         "image/text ratio "
         f"{statistics.median(ratios):.2f}): there a static activation scale fitted on captions alone would "
