@@ -9,9 +9,6 @@ from typing import Any
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("modelopt")
-
-from modelopt.torch.quantization.utils import core_utils  # noqa: E402
 
 from auto_quantize_model.artifacts import LoadedModel, SensitivityScores  # noqa: E402
 from auto_quantize_model.backend.modelopt import search as search_module  # noqa: E402
@@ -21,11 +18,23 @@ from auto_quantize_model.sources import TINY_QWEN3_VL_MOE  # noqa: E402
 from builders import tiny_moe_search  # noqa: E402
 
 
+@pytest.fixture
+def core_utils() -> Any:
+    """ModelOpt's module holding the lookup, imported when a test runs: importing ModelOpt costs
+    seconds, and every xdist worker collects every test file."""
+    pytest.importorskip("modelopt")
+    from modelopt.torch.quantization.utils import core_utils
+
+    return core_utils
+
+
 def tiny_moe() -> LoadedModel:
     return build_builtin(TINY_QWEN3_VL_MOE, seed=0, dtype="float32", device="cpu")
 
 
-def test_the_roots_modules_get_modelopts_answer_without_a_name_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_roots_modules_get_modelopts_answer_without_a_name_scan(
+    monkeypatch: pytest.MonkeyPatch, core_utils: Any
+) -> None:
     root = tiny_moe().model
     modules = list(root.modules())
     original = core_utils._get_enclosing_fsdp_module
@@ -47,7 +56,7 @@ def test_the_roots_modules_get_modelopts_answer_without_a_name_scan(monkeypatch:
     assert core_utils._get_enclosing_fsdp_module is original
 
 
-def test_another_root_goes_to_modelopts_own_lookup() -> None:
+def test_another_root_goes_to_modelopts_own_lookup(core_utils: Any) -> None:
     root = tiny_moe().model
     other = root.get_submodule("model.language_model")
     module = other.get_submodule("layers.0.mlp.experts")
@@ -58,7 +67,7 @@ def test_another_root_goes_to_modelopts_own_lookup() -> None:
     assert counts == LookupCounts(skipped=0, passed=2)
 
 
-def test_the_lookup_is_put_back_after_an_error() -> None:
+def test_the_lookup_is_put_back_after_an_error(core_utils: Any) -> None:
     original = core_utils._get_enclosing_fsdp_module
     with pytest.raises(RuntimeError, match="boom"), fsdp_lookup_skipped(torch.nn.Linear(2, 2)):
         raise RuntimeError("boom")
