@@ -434,6 +434,15 @@ class ExportedMix:
     weight_tolerance: float = math.nan
     weight_per_format: tuple[tuple[str, str, float, float], ...] = ()
     """compressed-tensors: each format's worst layer, max |difference| and relative difference."""
+    fused_nll: float = math.nan
+    """compressed-tensors: the fake-quantized model after the fusion; differs from
+    :attr:`exported_nll` where ModelOpt's exporter arithmetic rounds weights the other way (NVFP4)."""
+    flipped_weights: int = 0
+    """compressed-tensors: read-back weights off the fake-quantized ones by such a rounding flip."""
+    flip_weights: int = 0
+    """compressed-tensors: weights of the layers where flips can occur (NVFP4 layers)."""
+    flip_relative: float = 0.0
+    """compressed-tensors: the largest flip over its layer's largest |weight|."""
     held_out: str = ""
     """What the read-back NLL was measured on: ``pairs`` (an image run's held-out image + caption
     turns) or ``captions``; empty without a checkpoint."""

@@ -451,6 +451,85 @@ def test_nvfp4_mix_exports_as_nvfp4_pack_quantized_and_reads_back_on_cpu(
     assert written.plan.compression == "mixed-precision"
 
 
+NVFP4_FLIPPING = "aqm-test-nvfp4-flipping"
+FP4_STEPS = (
+    (0.25, 0.0, 0.5),
+    (0.75, 0.5, 1.0),
+    (1.25, 1.0, 1.5),
+    (1.75, 1.5, 2.0),
+    (2.5, 2.0, 3.0),
+    (3.5, 3.0, 4.0),
+    (5.0, 4.0, 6.0),
+)
+"""FP4 (E2M1) decision boundaries with the grid values below and above them."""
+
+
+def nvfp4_flipping(inputs: Any, quantizer: Any) -> Any:
+    """ModelOpt's NVFP4 arithmetic, except that a value within 0.01 of an FP4 decision boundary (in
+    units of its block scale) rounds to the other side: a stand-in for a fake quantizer that divides
+    in another order than the exporter (ModelOpt's Triton kernel on a GPU), with more flips."""
+    import torch
+
+    from auto_quantize_model.backend.compressed_tensors import nvfp4_weight
+
+    shape, block = inputs.shape, quantizer.block_sizes[-1]
+    rows = inputs.reshape(-1, shape[-1]).float()
+    values, block_scale, global_scale = nvfp4_weight(rows, quantizer.amax, block)
+    step = (block_scale / global_scale).repeat_interleave(block, dim=-1)
+    scaled = rows.abs() / step
+    codes = values.abs() / step
+    for bound, below, above in FP4_STEPS:
+        codes = torch.where((scaled > bound - 0.01) & (scaled <= bound), above, codes)
+        codes = torch.where((scaled > bound) & (scaled < bound + 0.01), below, codes)
+    return (torch.sign(rows) * codes * step).reshape(shape).to(inputs.dtype)
+
+
+@pytest.mark.slow
+def test_nvfp4_codes_that_round_otherwise_than_the_fake_quantizer_are_counted_not_failed(
+    tmp_path: Path,
+) -> None:
+    """The checkpoint holds ModelOpt's exporter codes; where the fake quantizer rounded a weight the
+    other way, the read-back still matches the written weights, and the flips are counted."""
+    from modelopt.torch.quantization.nn.modules import tensor_quantizer as tq
+
+    from auto_quantize_model.backend.compressed_tensors import nvfp4_weight
+    from auto_quantize_model.backend.export_ct import flip_lines
+    from auto_quantize_model.backend.models import build_builtin
+    from auto_quantize_model.sources import TINY_QWEN3_VL
+
+    tq.register_quant_backend(NVFP4_FLIPPING, nvfp4_flipping)
+    try:
+        out = tmp_path / "ct"
+        choices = nvfp4_choices("W4A16_NVFP4_CFG", "W4A16_NVFP4_CFG", NO_QUANT)
+        written, back = export_tiny_ct(out, choices, device="cpu", dtype="bfloat16", backend=NVFP4_FLIPPING)
+    finally:
+        tq.unregister_quant_backend(NVFP4_FLIPPING)
+    assert back.ok, back
+    assert back.weight_relative <= 1e-6  # the decompressed weights are the written codes
+    # the flips, counted apart: the fake-quantized weight against the exporter's codes of the
+    # same original weight (the tiny model is rebuilt from its seed; siblings sharing an input
+    # share one per-tensor range after ModelOpt's fusion)
+    original: Any = build_builtin(TINY_QWEN3_VL, seed=0, dtype="bfloat16", device="cpu").model
+    siblings = {module: choice.module_names for choice in choices for module in choice.module_names}
+    flips = weights = 0
+    for name, reference in written.reference.items():
+        weight = original.get_submodule(name).weight.detach()
+        amax = max(original.get_submodule(m).weight.detach().float().abs().max() for m in siblings[name])
+        codes, _, _ = nvfp4_weight(weight, amax, 16)
+        scale = float(reference.float().abs().max())
+        flips += int(((reference.float() - codes.to(reference.dtype).float()).abs() > 2.0**-7 * scale).sum())
+        weights += reference.numel()
+    assert set(written.written) == set(written.reference)
+    assert (back.flipped, back.flip_weights) == (flips, weights)
+    assert 0 < back.flipped < weights // 20
+    assert 0 < back.flip_relative <= 0.5  # one FP4 step of a block: at most 2 of the block's 6
+    assert back.exported_nll != back.fused_nll
+    assert abs(back.difference) <= 3e-3
+    (line,) = flip_lines(back)
+    assert f"{back.flipped:,} of {back.flip_weights:,} weights" in line
+    assert f"({back.exported_nll - back.fused_nll:+.1e})" in line
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ reads it back through transformers and returns the figures ``ExportedMix`` recor
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from auto_quantize_model.io.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import CheckpointInputs, ExportedMix
+    from auto_quantize_model.backend import compressed_tensors as ct
     from auto_quantize_model.core.export_config import ExportConfig
 
 log = logging.getLogger("auto_quantize_model")
@@ -55,11 +57,12 @@ def write_ct_checkpoint(
     notes = (*written.notes, *held_out.notes)
     checked = (
         f"Read back with {back.loader}: held-out NLL {back.read_back_nll:.6f} nats/token against "
-        f"{back.exported_nll:.6f} for the fake-quantized model, on {check.data.describe()}; "
-        f"difference {back.difference:+.1e}, tolerance {back.tolerance:.0e}.",
-        f"Decompressed weights against the fake-quantized ones: worst layer {back.worst_layer}, max "
+        f"{back.exported_nll:.6f} for the quantized model computing with the written weights, on "
+        f"{check.data.describe()}; difference {back.difference:+.1e}, tolerance {back.tolerance:.0e}.",
+        f"Decompressed weights against the written ones: worst layer {back.worst_layer}, max "
         f"|difference| {back.weight_max_diff:.2e} ({back.weight_relative:.1e} of its largest weight, "
         f"tolerance {back.weight_tolerance:.0e}).",
+        *(flip_lines(back) if back.flip_weights else ()),
         ct.READ_BACK_NOTE,
         *((ct.NVFP4_DTYPE_NOTE,) if plan.holds_nvfp4 else ()),
     )
@@ -81,14 +84,33 @@ def write_ct_checkpoint(
         "weight_relative": back.weight_relative,
         "weight_tolerance": back.weight_tolerance,
         "weight_per_format": back.per_format,
+        "fused_nll": back.fused_nll,
+        "flipped_weights": back.flipped,
+        "flip_weights": back.flip_weights,
+        "flip_relative": back.flip_relative,
         **check.data.figures(),
     }
     return figures, notes
 
 
+def flip_lines(back: ct.CtReadBack) -> tuple[str, ...]:
+    """What the NVFP4 layers' written codes (ModelOpt's exporter arithmetic) differ by from the model
+    that was scored (its fake quantizer), said so that nobody mistakes it for a reading error."""
+    share = back.flipped / back.flip_weights if back.flip_weights else 0.0
+    return (
+        f"NVFP4 layers hold ModelOpt's exporter codes, as its own HF export writes them: {back.flipped:,} "
+        f"of {back.flip_weights:,} weights ({share:.2e}) round to the neighbouring FP4 value of the "
+        f"fake-quantized model's (largest {back.flip_relative:.1e} of the layer's largest weight); the "
+        f"fake-quantized model's NLL {back.fused_nll:.6f}, the written weights' {back.exported_nll:.6f} "
+        f"({back.exported_nll - back.fused_nll:+.1e}).",
+    )
+
+
 def weights_record(mix: ExportedMix) -> dict[str, Any]:
-    """``export.json``'s ``read_back.weights``: how far the decompressed weights are from ModelOpt's."""
+    """``export.json``'s ``read_back.weights``: how far the decompressed weights are from the written
+    ones, and (``flips``) how many differ from the fake-quantized model's by a rounding flip."""
     return {
+        "against": "written weights (ModelOpt's fake-quantized ones; NVFP4: its exporter's codes)",
         "worst_layer": mix.weight_worst_layer,
         "max_abs_diff": mix.weight_max_diff,
         "relative": mix.weight_relative,
@@ -98,6 +120,12 @@ def weights_record(mix: ExportedMix) -> dict[str, Any]:
             fmt: {"worst_layer": layer, "max_abs_diff": diff, "relative": relative}
             for fmt, layer, diff, relative in mix.weight_per_format
         },
+        "flips": {
+            "weights": mix.flipped_weights,
+            "of": mix.flip_weights,
+            "largest_relative": mix.flip_relative,
+            "fused_fake_quant_nll": None if math.isnan(mix.fused_nll) else mix.fused_nll,
+        },
     }
 
 
@@ -106,7 +134,7 @@ def failure_line(mix: ExportedMix, target: Path) -> str:
     if not mix.weight_relative <= mix.weight_tolerance:
         return (
             f"{target}: transformers reads {mix.weight_worst_layer}'s weights back {mix.weight_relative:.1e} "
-            f"(of its largest weight) off the fake-quantized ones (tolerance {mix.weight_tolerance:.0e}); "
+            f"(of its largest weight) off the written ones (tolerance {mix.weight_tolerance:.0e}); "
             f"the figures are in {target / 'export.json'}"
         )
     return (
