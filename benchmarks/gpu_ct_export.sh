@@ -39,15 +39,26 @@ step() {
 }
 
 aqm=(python3 -m auto_quantize_model)
-# AQM_KERNELS=pytorch skips ModelOpt's two-minute JIT build of its CUDA extensions on a fresh machine
+step w4a8_block python3 benchmarks/w4a8_block_check.py --out "$out/w4a8_block.json"
+# AQM_KERNELS=pytorch skips ModelOpt's two-minute JIT build of its CUDA extensions on a fresh machine;
+# AQM_SHIP_QUICK=1 runs the pipelines without their own export and measured points (the exports
+# below are the two formats' `aqm export --checkpoint`, ModelOpt's format last)
 run_set=()
-[ -n "${AQM_KERNELS:-}" ] && run_set=(--set "autoquant.kernels=\"$AQM_KERNELS\"")
+[ -n "${AQM_KERNELS:-}" ] && run_set+=(--set "autoquant.kernels=\"$AQM_KERNELS\"")
+[ -n "${AQM_SHIP_QUICK:-}" ] && run_set+=(--set "export.checkpoint=false" --set "frontier.measure=0")
 for kind in nvfp4-fp8 int8-fp8; do
     step "run_$kind" "${aqm[@]}" run "pipelines/qwen3-vl-4b-ship-$kind.toml" --output "$work/ship-$kind" "${run_set[@]}"
     step "ct_$kind" "${aqm[@]}" export "$work/ship-$kind" --output "$work/ct-$kind" --checkpoint \
         --format compressed-tensors
+    cp "$work/ct-$kind/export.json" "$out/ct_$kind.export.json" 2>/dev/null
 done
 step gpu_tests python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/backend/test_export_ct.py
+if [ -n "${AQM_SHIP_QUICK:-}" ]; then
+    for kind in nvfp4-fp8 int8-fp8; do
+        step "modelopt_$kind" "${aqm[@]}" export "$work/ship-$kind" --output "$work/modelopt-$kind" --checkpoint
+        cp "$work/modelopt-$kind/export.json" "$out/modelopt_$kind.export.json" 2>/dev/null
+    done
+fi
 
 python3 - "$work" <<'PY'
 import json, sys
