@@ -40,6 +40,7 @@ step() {
 
 aqm=(python3 -m auto_quantize_model)
 step w4a8_block python3 benchmarks/w4a8_block_check.py --out "$out/w4a8_block.json"
+step gpu_tests python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/backend/test_export_ct.py
 # AQM_KERNELS=pytorch skips ModelOpt's two-minute JIT build of its CUDA extensions on a fresh machine;
 # AQM_SHIP_QUICK=1 runs the pipelines without their own export and measured points (the exports
 # below are the two formats' `aqm export --checkpoint`, ModelOpt's format last)
@@ -52,7 +53,6 @@ for kind in nvfp4-fp8 int8-fp8; do
         --format compressed-tensors
     cp "$work/ct-$kind/export.json" "$out/ct_$kind.export.json" 2>/dev/null
 done
-step gpu_tests python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/backend/test_export_ct.py
 if [ -n "${AQM_SHIP_QUICK:-}" ]; then
     for kind in nvfp4-fp8 int8-fp8; do
         step "modelopt_$kind" "${aqm[@]}" export "$work/ship-$kind" --output "$work/modelopt-$kind" --checkpoint
