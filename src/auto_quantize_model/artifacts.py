@@ -288,6 +288,8 @@ class QuantSearch:
     """The full model (module names as in :attr:`GroupScore.module_names`), quantizers inside."""
     formats: tuple[str, ...]
     method: Method
+    kernels: str = "extension"
+    """The fake-quantization kernels of the search (``autoquant.kernels``): later stages use them too."""
 
 
 @attrs.frozen
@@ -468,3 +470,5 @@ class CheckpointInputs:
     """The run's language model: only its names (decoder, head, vision towers, pad id) are used."""
     calib: CalibData
     holdout: ValidateSpec = attrs.field(factory=ValidateSpec)
+    kernels: str = "extension"
+    """The run's ``autoquant.kernels``: the export quantizes and measures with the same arithmetic."""

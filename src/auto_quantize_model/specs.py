@@ -165,7 +165,9 @@ class AutoQuantSpec:
     use on a machine (INT8 + FP8: 126 s on an H200, once); ``pytorch`` uses ModelOpt's plain-PyTorch path
     (what runs on CPU) and builds nothing. On an H200 both score Qwen3-VL-4B INT8+FP8 in the same time
     (8.5 vs 8.7 s warm); scores differ by rounding (up to 2.4%, Spearman 0.99999, same top 20). The
-    default stays the extension: ModelOpt's own path, the one other tools' numbers come from."""
+    default stays the extension: ModelOpt's own path, the one other tools' numbers come from. The
+    choice holds for the whole run: validation, measured frontier points and the export checkpoint
+    (``aqm export`` of the run too) fake-quantize with the same path."""
     fused_experts: Literal["batched", "modelopt"] = "batched"
     """MoE experts scored one group per layer (``extract.experts = "layer"``): ``batched`` runs each
     layer's experts as grouped tensor work (same calibrated ranges, same arithmetic; on CPU bit for

@@ -394,9 +394,12 @@ def export_tiny_ct(
     return written, ct.read_back_ct(written, evaluate, lm.head_name, device=device)
 
 
-def check_nvfp4_folder(out: Path, written: Any, back: Any, nvfp4: dict[str, str]) -> None:
+def check_nvfp4_folder(
+    out: Path, written: Any, back: Any, nvfp4: dict[str, str], *, exact: float = 1e-6
+) -> None:
     """Each NVFP4 group (format -> one of its layers) holds compressed-tensors' packing, and
-    transformers reads the folder back within tolerance."""
+    transformers reads the folder back within tolerance; its decompressed NVFP4 weights are the
+    written codes within ``exact`` of the layer's largest weight."""
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText
@@ -408,7 +411,7 @@ def check_nvfp4_folder(out: Path, written: Any, back: Any, nvfp4: dict[str, str]
     per_format = {fmt: relative for fmt, _, _, relative in back.per_format}
     quant = json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]
     for fmt, layer in nvfp4.items():
-        assert per_format[fmt] <= 1e-6, per_format  # the same codes and scales as ModelOpt's
+        assert per_format[fmt] <= exact, per_format  # the same codes and scales as ModelOpt's exporter
         group = quant["config_groups"][fmt]
         activations = export_format(fmt).label == "NVFP4"
         assert group["format"] == "nvfp4-pack-quantized"
@@ -549,4 +552,11 @@ def test_nvfp4_mixes_export_as_compressed_tensors_and_read_back_on_cuda(
     out = tmp_path / "ct"
     written, back = export_tiny_ct(out, nvfp4_choices(attention, mlp, head), device="cuda", dtype="bfloat16")
     print(f"{attention} + {mlp} + head {head}: {back}")
-    check_nvfp4_folder(out, written, back, {attention: f"{LAYERS}.0.self_attn.q_proj"})
+    # On CUDA compressed-tensors decompresses NVFP4 in bfloat16 (code x scale rounded once more):
+    # measured on an H100, the worst NVFP4 weight 3.3e-3 of its layer's largest, half a bfloat16 step
+    check_nvfp4_folder(out, written, back, {attention: f"{LAYERS}.0.self_attn.q_proj"}, exact=2.0**-7)
+    # ModelOpt's Triton kernel rounded some weights otherwise than its exporter's codes: counted, one
+    # FP4 step at most (H100: 60 of 114,688 weights, the largest 0.085 of the layer's largest weight)
+    assert back.flipped < back.flip_weights // 100
+    assert back.flip_relative <= 0.5
+    assert abs(back.exported_nll - back.fused_nll) <= 1e-3  # H100: +1.3e-4 and +4.5e-5

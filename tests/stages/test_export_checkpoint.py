@@ -30,3 +30,43 @@ def test_export_table_runs_the_stage_after_solve_budgets(tmp_path: Path) -> None
     assert record["budget"] == 9.0
     assert record["effective_bits_lm"] <= 9.0
     shutil.rmtree(run_dir / "export")
+
+
+@pytest.mark.slow
+def test_the_runs_kernels_reach_validation_the_measured_points_and_the_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``autoquant.kernels = "pytorch"``: every later stage that fake-quantizes runs ModelOpt's plain
+    PyTorch path too (scores and measurements from one arithmetic, and no JIT build on a GPU)."""
+    import contextlib
+    from collections.abc import Iterator
+
+    from modelopt.torch.quantization import extensions
+
+    from auto_quantize_model.backend.modelopt import patches
+    from auto_quantize_model.stages import run_autoquant
+
+    seen: list[tuple[str, object, object]] = []
+    real = patches.fake_quant_kernels
+
+    @contextlib.contextmanager
+    def recorded(kernels: str) -> Iterator[None]:
+        with real(kernels):
+            seen.append((kernels, extensions.get_cuda_ext(), extensions.get_cuda_ext_fp8()))
+            yield
+
+    monkeypatch.setattr(patches, "fake_quant_kernels", recorded)
+    monkeypatch.setattr(run_autoquant, "fake_quant_kernels", recorded)
+    toml = tmp_path / "p.toml"
+    text = TINY_DEFAULT.read_text(encoding="utf-8").replace(
+        "[validate]", '[frontier]\nbits = "9,12"\nmeasure = 1\n\n[validate]'
+    )
+    toml.write_text(text + "\n[export]\nbits = 9\ncheckpoint = true\n", encoding="utf-8")
+    run_dir = tmp_path / "run"
+    args = ["run", str(toml), "--output", str(run_dir), "--set", 'autoquant.kernels="pytorch"']
+    assert main(args) == 0
+    # the search, validation, the measured frontier point and the export
+    assert [kernels for kernels, _, _ in seen] == ["pytorch"] * 4
+    assert all(ext is None and fp8 is None for _, ext, fp8 in seen)
+    record = json.loads((run_dir / "export" / "export.json").read_text(encoding="utf-8"))
+    assert record["read_back"]["ok"] is True

@@ -153,7 +153,13 @@ def load_run_model(pipeline: PipelineSpec) -> CheckpointInputs:
     holdout = ValidateSpec(
         holdout_captions=validate.holdout_captions, holdout_samples=validate.holdout_samples
     )
-    return CheckpointInputs(store.get(LoadedModel), store.get(LanguageModel), store.get(CalibData), holdout)
+    return CheckpointInputs(
+        store.get(LoadedModel),
+        store.get(LanguageModel),
+        store.get(CalibData),
+        holdout,
+        kernels=pipeline.autoquant.kernels,
+    )
 
 
 def run_export(job: ExportJob, loader: ExportLoader) -> ExportedMix:

@@ -26,7 +26,8 @@ NVFP4 is the one format whose written codes are not the fake quantizer's own out
 ModelOpt's exporter arithmetic (``NVFP4QTensor``, plain torch), as ModelOpt's HF export writes them,
 while on a CUDA GPU of compute capability 8.9+ the fake quantizer is a Triton kernel that divides in
 another order, so a weight lying within a float rounding of an FP4 decision boundary can round to
-the neighbouring value (measured on an H100: one layer's worst weight one 0.5-step of its block off).
+the neighbouring value (measured on an H100, tiny model: 60 of 114,688 NVFP4 weights, the largest
+0.085 of its layer's largest weight; the held-out NLL moved 4.5e-5 to 1.3e-4).
 The read-back is therefore checked against the written weights (float rounding only), and the
 rounding flips against the fake-quantized weights are counted and reported; the "exported" NLL is
 measured with the written weights in place of the fake-quantized ones, so the NLL comparison is
@@ -102,7 +103,8 @@ in float32 (measured: at most 1.0e-7 for INT8, FP8 and INT4 layers); a wrong sca
 
 WEIGHT_TOLERANCE_16BIT = 2.0**-7
 """The same for bfloat16/float16 weights, where compressed-tensors keeps each scale in the weight's
-dtype (2^-9 relative rounding) and the product is rounded again; not measured on a 16-bit model."""
+dtype (2^-9 relative rounding) and the product is rounded again. Measured on an H100 (tiny model,
+bfloat16): worst layer 6.0e-3 (FP8 and INT8 layers), NVFP4 layers 3.3e-3."""
 
 
 def weight_tolerance(dtype: str) -> float:

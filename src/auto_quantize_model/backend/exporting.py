@@ -179,8 +179,11 @@ def export_mix(
         figures: dict[str, Any] = {}
         extra_notes: tuple[str, ...] = ()
         if checkpoint is not None:
+            from auto_quantize_model.backend.modelopt.patches import fake_quant_kernels
+
             write = export_ct.write_ct_checkpoint if compressed else _write_checkpoint
-            figures, extra_notes = write(config, scratch, checkpoint)
+            with fake_quant_kernels(checkpoint.kernels):
+                figures, extra_notes = write(config, scratch, checkpoint)
         counts: dict[str, int] = {}
         for choice in choices:
             counts[choice.format] = counts.get(choice.format, 0) + 1

@@ -18,6 +18,7 @@ from auto_quantize_model.artifacts import (
     ExportedMix,
     LanguageModel,
     LoadedModel,
+    QuantSearch,
     SensitivityScores,
 )
 from auto_quantize_model.backend.exporting import (
@@ -49,7 +50,8 @@ class ExportCheckpoint:
 
     spec: ExportSpec
 
-    optional: ClassVar[tuple[type, ...]] = ()
+    optional: ClassVar[tuple[type, ...]] = (QuantSearch,)
+    """Where the pipeline searched, its kernels (``autoquant.kernels``) quantize the checkpoint too."""
     produces: ClassVar[type] = ExportedMix
 
     @property
@@ -80,8 +82,12 @@ class ExportCheckpoint:
             log.info(
                 "export: loading %s again (the run's copy carries AutoQuant's quantizers)", loaded.source
             )
+            search = inputs.find(QuantSearch)
             checkpoint = CheckpointInputs(
-                load(loaded.load_spec), inputs.get(LanguageModel), inputs.get(CalibData)
+                load(loaded.load_spec),
+                inputs.get(LanguageModel),
+                inputs.get(CalibData),
+                kernels="extension" if search is None else search.kernels,
             )
         target = Path(self.spec.output_dir)
         mix = export_mix(

@@ -57,6 +57,7 @@ class MeasureFrontier:
     spec: FrontierSpec
 
     def run(self, inputs: Artifacts) -> MeasuredFrontier:
+        from auto_quantize_model.backend.modelopt.patches import fake_quant_kernels
         from auto_quantize_model.backend.modelopt.recipe_switch import RecipeSwitch
 
         started = time.perf_counter()
@@ -82,7 +83,8 @@ class MeasureFrontier:
         held_out, evaluator = held_out_eval(holdout_spec, calib, loaded, lm, "frontier")
         notes += [note.replace("validate.", "frontier.") for note in held_out.notes]
 
-        switch = RecipeSwitch(inputs.get(QuantSearch).model)
+        search = inputs.get(QuantSearch)
+        switch = RecipeSwitch(search.model)
         by_name = {group.name: group for group in inputs.get(SensitivityScores).groups}
         missing = [name for name in frontier.groups if name not in by_name]
         if missing:
@@ -103,7 +105,8 @@ class MeasureFrontier:
         if spec.greedy_tokens and inputs.get(CalibData).stats.images is None:
             # an image run's held-out captions continue their pictures: greedy text alone would not
             greedy = Greedy(held_out.token_lists[: spec.greedy_samples], spec.greedy_tokens, lm.pad_token_id)
-        passes = measure_mixes(evaluator, switch, mixes, greedy=greedy, greedy_mixes=True)
+        with fake_quant_kernels(search.kernels):
+            passes = measure_mixes(evaluator, switch, mixes, greedy=greedy, greedy_mixes=True)
         measured = [
             MeasuredPoint(
                 budget=point.budget,

@@ -28,7 +28,7 @@ from auto_quantize_model.backend.modelopt.checkpoint import (
     model_fingerprint,
     search_settings,
 )
-from auto_quantize_model.backend.modelopt.patches import pytorch_fake_quant
+from auto_quantize_model.backend.modelopt.patches import fake_quant_kernels
 from auto_quantize_model.backend.modelopt.plan import (
     SearchPlan,
     Steps,
@@ -121,7 +121,7 @@ class RunAutoQuant:
         data = search_data(lm, calib, steps, spec.score_size)
         self._announce(lm, plan, steps, data.score_samples, device.type, str(device))
         search = mtq.auto_quantize if self.auto_quantize is None else self.auto_quantize
-        kernels = pytorch_fake_quant() if spec.kernels == "pytorch" else contextlib.nullcontext()
+        kernels = fake_quant_kernels(spec.kernels)
         routing = RoutingCounter.for_lm(lm, data.batches[: steps.calib_steps])
         with kernels, routing.installed() if routing is not None else contextlib.nullcontext():
             if routing is not None and _restorable(checkpoint.modelopt_path):
@@ -159,7 +159,9 @@ class RunAutoQuant:
             scores.effective_bits_lm,
             scores.effective_bits_model,
         )
-        return scores, QuantSearch(model=lm.full_model, formats=tuple(spec.formats), method=spec.method)
+        return scores, QuantSearch(
+            model=lm.full_model, formats=tuple(spec.formats), method=spec.method, kernels=spec.kernels
+        )
 
     def _announce(
         self, lm: LanguageModel, plan: SearchPlan, steps: Steps, scored: int, device_type: str, device: str

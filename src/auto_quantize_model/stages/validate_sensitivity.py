@@ -71,6 +71,7 @@ class ValidateSensitivity:
     spec: ValidateSpec = attrs.field(factory=ValidateSpec)
 
     def run(self, inputs: Artifacts) -> ValidationReport:
+        from auto_quantize_model.backend.modelopt.patches import fake_quant_kernels
         from auto_quantize_model.backend.modelopt.recipe_switch import RecipeSwitch
 
         started = time.perf_counter()
@@ -98,23 +99,25 @@ class ValidateSensitivity:
                 log.warning("validation: %s", note)
                 short = (*short, note)
 
-        switch = RecipeSwitch(inputs.get(QuantSearch).model)
+        search = inputs.get(QuantSearch)
+        switch = RecipeSwitch(search.model)
         lm = inputs.get(LanguageModel)
         greedy = None
         if spec.greedy_tokens and inputs.get(CalibData).stats.images is None:
             # an image run's held-out captions continue their pictures: greedy text alone would not
             prompts = held_out.token_lists[: spec.greedy_samples]
             greedy = Greedy(prompts, spec.greedy_tokens, lm.pad_token_id)
-        measurement = measure(
-            evaluator,
-            switch,
-            scores.groups,
-            selection,
-            spec.additivity,
-            extra=() if plan is None else plan.sets.extra(selection),
-            proxies=True,
-            greedy=greedy,
-        )
+        with fake_quant_kernels(search.kernels):
+            measurement = measure(
+                evaluator,
+                switch,
+                scores.groups,
+                selection,
+                spec.additivity,
+                extra=() if plan is None else plan.sets.extra(selection),
+                proxies=True,
+                greedy=greedy,
+            )
         report = validation_report(
             measurement,
             held_out,

@@ -573,3 +573,10 @@ def pytorch_fake_quant() -> Iterator[None]:
         for loader in ("get_cuda_ext", "get_cuda_ext_fp8"):
             stack.enter_context(swapped(getattr(extensions, loader), "extension", None))
         yield
+
+
+def fake_quant_kernels(kernels: str) -> contextlib.AbstractContextManager[None]:
+    """The fake-quantization kernels a run chose (``autoquant.kernels``), for every stage that
+    fake-quantizes after its search: validation, measured frontier points and the export measure
+    with the arithmetic the scores came from, and a run on ``pytorch`` never starts the JIT build."""
+    return pytorch_fake_quant() if kernels == "pytorch" else contextlib.nullcontext()
