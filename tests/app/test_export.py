@@ -224,3 +224,19 @@ def test_force_replaces_an_existing_export_and_nothing_else(
     assert (out / "old.txt").read_text(encoding="utf-8") == "mine"
     assert json.loads((out / "export.json").read_text(encoding="utf-8"))["budget"] == 12.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.slow
+def test_aqm_export_quantizes_with_the_runs_kernels() -> None:
+    """``aqm export --checkpoint`` loads the run's model with its pipeline's ``autoquant.kernels``,
+    so the checkpoint is quantized and measured with the arithmetic the scores came from."""
+    import attrs
+
+    from auto_quantize_model.app.export import load_run_model
+    from auto_quantize_model.io.pipeline_file import load_pipeline
+    from builders import TINY_DEFAULT
+
+    pipeline = load_pipeline(TINY_DEFAULT)
+    assert load_run_model(pipeline).kernels == "extension"
+    on_pytorch = attrs.evolve(pipeline, autoquant=attrs.evolve(pipeline.autoquant, kernels="pytorch"))
+    assert load_run_model(on_pytorch).kernels == "pytorch"
