@@ -454,7 +454,6 @@ def test_nvfp4_mix_exports_as_nvfp4_pack_quantized_and_reads_back_on_cpu(
     assert written.plan.compression == "mixed-precision"
 
 
-NVFP4_FLIPPING = "aqm-test-nvfp4-flipping"
 FP4_STEPS = (
     (0.25, 0.0, 0.5),
     (0.75, 0.5, 1.0),
@@ -467,24 +466,42 @@ FP4_STEPS = (
 """FP4 (E2M1) decision boundaries with the grid values below and above them."""
 
 
-def nvfp4_flipping(inputs: Any, quantizer: Any) -> Any:
-    """ModelOpt's NVFP4 arithmetic, except that a value within 0.01 of an FP4 decision boundary (in
-    units of its block scale) rounds to the other side: a stand-in for a fake quantizer that divides
-    in another order than the exporter (ModelOpt's Triton kernel on a GPU), with more flips."""
-    import torch
+def nvfp4_flipping(margin: float) -> Any:
+    """ModelOpt's NVFP4 arithmetic, except that a value within ``margin`` of an FP4 decision boundary
+    (in units of its block scale) rounds to the other side: a stand-in for a fake quantizer that
+    divides in another order than the exporter (ModelOpt's Triton kernel on a GPU), with more flips."""
 
-    from auto_quantize_model.backend.compressed_tensors import nvfp4_weight
+    def backend(inputs: Any, quantizer: Any) -> Any:
+        import torch
 
-    shape, block = inputs.shape, quantizer.block_sizes[-1]
-    rows = inputs.reshape(-1, shape[-1]).float()
-    values, block_scale, global_scale = nvfp4_weight(rows, quantizer.amax, block)
-    step = (block_scale / global_scale).repeat_interleave(block, dim=-1)
-    scaled = rows.abs() / step
-    codes = values.abs() / step
-    for bound, below, above in FP4_STEPS:
-        codes = torch.where((scaled > bound - 0.01) & (scaled <= bound), above, codes)
-        codes = torch.where((scaled > bound) & (scaled < bound + 0.01), below, codes)
-    return (torch.sign(rows) * codes * step).reshape(shape).to(inputs.dtype)
+        from auto_quantize_model.backend.compressed_tensors import nvfp4_weight
+
+        shape, block = inputs.shape, quantizer.block_sizes[-1]
+        rows = inputs.reshape(-1, shape[-1]).float()
+        values, block_scale, global_scale = nvfp4_weight(rows, quantizer.amax, block)
+        step = (block_scale / global_scale).repeat_interleave(block, dim=-1)
+        scaled = rows.abs() / step
+        codes = values.abs() / step
+        for bound, below, above in FP4_STEPS:
+            codes = torch.where((scaled > bound - margin) & (scaled <= bound), above, codes)
+            codes = torch.where((scaled > bound) & (scaled < bound + margin), below, codes)
+        return (torch.sign(rows) * codes * step).reshape(shape).to(inputs.dtype)
+
+    return backend
+
+
+def export_flipping(out: Path, margin: float) -> tuple[list[Any], Any, Any]:
+    """The tiny model's weight-only NVFP4 mix exported with :func:`nvfp4_flipping` as fake quantizer."""
+    from modelopt.torch.quantization.nn.modules import tensor_quantizer as tq
+
+    name = f"aqm-test-nvfp4-flipping-{margin}"
+    tq.register_quant_backend(name, nvfp4_flipping(margin))
+    try:
+        choices = nvfp4_choices("W4A16_NVFP4_CFG", "W4A16_NVFP4_CFG", NO_QUANT)
+        written, back = export_tiny_ct(out, choices, device="cpu", dtype="bfloat16", backend=name)
+    finally:
+        tq.unregister_quant_backend(name)
+    return choices, written, back
 
 
 @pytest.mark.slow
@@ -493,20 +510,13 @@ def test_nvfp4_codes_that_round_otherwise_than_the_fake_quantizer_are_counted_no
 ) -> None:
     """The checkpoint holds ModelOpt's exporter codes; where the fake quantizer rounded a weight the
     other way, the read-back still matches the written weights, and the flips are counted."""
-    from modelopt.torch.quantization.nn.modules import tensor_quantizer as tq
-
     from auto_quantize_model.backend.compressed_tensors import nvfp4_weight
     from auto_quantize_model.backend.export_ct import flip_lines
     from auto_quantize_model.backend.models import build_builtin
+    from auto_quantize_model.core.ct_config import FLIP_SHARE
     from auto_quantize_model.sources import TINY_QWEN3_VL
 
-    tq.register_quant_backend(NVFP4_FLIPPING, nvfp4_flipping)
-    try:
-        out = tmp_path / "ct"
-        choices = nvfp4_choices("W4A16_NVFP4_CFG", "W4A16_NVFP4_CFG", NO_QUANT)
-        written, back = export_tiny_ct(out, choices, device="cpu", dtype="bfloat16", backend=NVFP4_FLIPPING)
-    finally:
-        tq.unregister_quant_backend(NVFP4_FLIPPING)
+    choices, written, back = export_flipping(tmp_path / "ct", 0.002)
     assert back.ok, back
     assert back.weight_relative <= 1e-6  # the decompressed weights are the written codes
     # the flips, counted apart: the fake-quantized weight against the exporter's codes of the
@@ -524,13 +534,51 @@ def test_nvfp4_codes_that_round_otherwise_than_the_fake_quantizer_are_counted_no
         weights += reference.numel()
     assert set(written.written) == set(written.reference)
     assert (back.flipped, back.flip_weights) == (flips, weights)
-    assert 0 < back.flipped < weights // 20
+    assert 0 < back.flipped <= FLIP_SHARE * weights
     assert 0 < back.flip_relative <= 0.5  # one FP4 step of a block: at most 2 of the block's 6
     assert back.exported_nll != back.fused_nll
     assert abs(back.difference) <= 3e-3
     (line,) = flip_lines(back)
     assert f"{back.flipped:,} of {back.flip_weights:,} weights" in line
     assert f"({back.exported_nll - back.fused_nll:+.1e})" in line
+
+
+@pytest.mark.slow
+def test_a_checkpoint_too_far_from_the_scored_model_fails_its_read_back(tmp_path: Path) -> None:
+    """Flips beyond FLIP_SHARE (a fake quantizer on another grid than the export) fail the read-back,
+    though every weight reads back as written."""
+    import attrs
+
+    from auto_quantize_model.artifacts import ExportedMix
+    from auto_quantize_model.backend.export_ct import failure_line, weights_record
+    from auto_quantize_model.core.ct_config import FLIP_SHARE
+
+    _, _, back = export_flipping(tmp_path / "ct", 0.05)
+    assert back.weights_ok
+    assert abs(back.difference) <= back.tolerance
+    assert back.flipped > FLIP_SHARE * back.flip_weights
+    assert not back.flips_ok
+    assert not back.ok
+    mix = attrs.evolve(
+        ExportedMix(
+            directory="d",
+            budget=4.5,
+            effective_bits_lm=4.5,
+            groups=1,
+            quantized_layers=1,
+            formats=(),
+            files=(),
+            checkpoint=True,
+        ),
+        flipped_weights=back.flipped,
+        flip_weights=back.flip_weights,
+        ok=back.ok,
+    )
+    assert weights_record(mix)["flips"]["ok"] is False
+    line = failure_line(mix, tmp_path / "out")
+    assert f"{back.flipped:,} of {back.flip_weights:,} NVFP4 weights" in line
+    assert "not the model that was scored" in line
+    assert "\n" not in line
 
 
 @pytest.mark.gpu

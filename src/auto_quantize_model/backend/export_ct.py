@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from auto_quantize_model.core.ct_config import COMPRESSED_TENSORS, ct_readme_text, plan_ct
+from auto_quantize_model.core.ct_config import COMPRESSED_TENSORS, FLIP_SHARE, ct_readme_text, plan_ct
 from auto_quantize_model.io.atomic import atomic_write_text
 
 if TYPE_CHECKING:
@@ -125,12 +125,24 @@ def weights_record(mix: ExportedMix) -> dict[str, Any]:
             "of": mix.flip_weights,
             "largest_relative": mix.flip_relative,
             "fused_fake_quant_nll": None if math.isnan(mix.fused_nll) else mix.fused_nll,
+            "largest_share": FLIP_SHARE,
+            "ok": _flips_ok(mix),
         },
     }
 
 
+def _flips_ok(mix: ExportedMix) -> bool:
+    return mix.flipped_weights <= FLIP_SHARE * mix.flip_weights
+
+
 def failure_line(mix: ExportedMix, target: Path) -> str:
     """The one-line error of a compressed-tensors read-back outside tolerance (files kept as evidence)."""
+    if not _flips_ok(mix):
+        return (
+            f"{target}: {mix.flipped_weights:,} of {mix.flip_weights:,} NVFP4 weights are written otherwise "
+            f"than the fake-quantized model computed them (at most {FLIP_SHARE:.0%} may be): the checkpoint "
+            f"is not the model that was scored; the figures are in {target / 'export.json'}"
+        )
     if not mix.weight_relative <= mix.weight_tolerance:
         return (
             f"{target}: transformers reads {mix.weight_worst_layer}'s weights back {mix.weight_relative:.1e} "
