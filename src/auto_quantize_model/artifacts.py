@@ -440,11 +440,14 @@ class ExportedMix:
     """compressed-tensors: the fake-quantized model after the fusion; differs from
     :attr:`exported_nll` where ModelOpt's exporter arithmetic rounds weights the other way (NVFP4)."""
     flipped_weights: int = 0
-    """compressed-tensors: read-back weights off the fake-quantized ones by such a rounding flip."""
+    """Read-back weights off the fake-quantized ones by a rounding flip (compressed-tensors: all
+    NVFP4 layers; modelopt: the :attr:`flip_layers` sampled layers, a diagnostic)."""
     flip_weights: int = 0
-    """compressed-tensors: weights of the layers where flips can occur (NVFP4 layers)."""
+    """Weights of the layers compared."""
     flip_relative: float = 0.0
-    """compressed-tensors: the largest flip over its layer's largest |weight|."""
+    """The largest flip over its layer's largest |weight|."""
+    flip_layers: int = 0
+    """modelopt: how many quantized layers were compared (``SAMPLE_LAYERS``)."""
     held_out: str = ""
     """What the read-back NLL was measured on: ``pairs`` (an image run's held-out image + caption
     turns) or ``captions``; empty without a checkpoint."""

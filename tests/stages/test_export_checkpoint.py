@@ -70,3 +70,6 @@ def test_the_runs_kernels_reach_validation_the_measured_points_and_the_export(
     assert all(ext is None and fp8 is None for _, ext, fp8 in seen)
     record = json.loads((run_dir / "export" / "export.json").read_text(encoding="utf-8"))
     assert record["read_back"]["ok"] is True
+    sample = record["read_back"]["weights_sample"]
+    assert sample["layers"] > 0
+    assert 0 <= sample["differing"] <= sample["of"] // 100  # float32: rounding ties only

@@ -603,8 +603,7 @@ def read_back_ct(
     per_format: dict[str, tuple[str, float, float]] = {}
     weight_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     within = weight_tolerance(weight_dtype)
-    flipped = flip_weights = 0
-    flip_relative = 0.0
+    flips = ex.FlipCount(within)
     with torch.no_grad():
         for name, reference in written.reference.items():
             layer: Any = model.get_submodule(name)
@@ -614,10 +613,7 @@ def read_back_ct(
             scale = float(reference.float().abs().max())
             expected = written.written.get(name)
             if expected is not None:
-                apart = (got - reference.float()).abs()
-                flipped += int((apart > within * scale).sum())
-                flip_weights += apart.numel()
-                flip_relative = max(flip_relative, float(apart.max()) / scale if scale > 0 else 0.0)
+                flips.add(got, reference.float())
             diff = float((got - (reference if expected is None else expected).float()).abs().max())
             relative = diff / scale if scale > 0 else diff
             if relative > worst[2]:
@@ -639,7 +635,7 @@ def read_back_ct(
         per_format=tuple((fmt, *found) for fmt, found in per_format.items()),
         weight_tolerance=within,
         fused_nll=written.fused_nll,
-        flipped=flipped,
-        flip_weights=flip_weights,
-        flip_relative=flip_relative,
+        flipped=flips.flipped,
+        flip_weights=flips.weights,
+        flip_relative=flips.largest,
     )

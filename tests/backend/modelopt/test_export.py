@@ -182,6 +182,10 @@ def test_int8_fp8_mix_exports_a_mixed_precision_checkpoint_that_reads_back(tmp_p
     assert math.isfinite(back.in_memory_nll)
     assert back.ok, back
     assert abs(back.difference) < 2e-4  # measured 9e-5 (see READ_BACK_TOLERANCE)
+    # the sampled layers decode to the fake-quantized weights but for rare rounding ties
+    assert back.sampled_layers == len(result.sample) == ex.SAMPLE_LAYERS
+    assert back.flip_weights == sum(t.numel() for t in result.sample.values())
+    assert back.flipped <= back.flip_weights // 1000, back
 
     # A checkpoint with one wrong scale is caught by the same check.
     broken = tmp_path / "broken"
@@ -193,6 +197,9 @@ def test_int8_fp8_mix_exports_a_mixed_precision_checkpoint_that_reads_back(tmp_p
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     wrong = ex.read_back_nll(ex.CheckpointExport(**{**_fields(result), "directory": str(broken)}), evaluate)
     assert not wrong.ok  # measured 1.9e-3, with every other tensor intact
+    # and the weight sample shows it: nearly every weight of that layer is off
+    down = result.sample[f"{LAYERS}.0.mlp.down_proj"]
+    assert wrong.flipped - back.flipped >= 0.9 * int((down != 0).sum())
 
 
 def _fields(result: Any) -> dict[str, Any]:
@@ -225,6 +232,9 @@ def test_a_bfloat16_export_reads_back_within_the_16_bit_tolerance(tmp_path: Path
     back = ex.read_back_nll(result, evaluate)
     assert back.tolerance == ex.READ_BACK_TOLERANCE_16BIT
     assert back.ok, back  # measured 1.5e-4
+    print(f"bfloat16 read-back: {back}")
+    assert back.sampled_layers > 0
+    assert back.flipped <= back.flip_weights // 20, back  # the exporter's 16-bit scales: a few
     assert ex.read_back_tolerance("float32") == ex.READ_BACK_TOLERANCE < ex.READ_BACK_TOLERANCE_16BIT
 
 

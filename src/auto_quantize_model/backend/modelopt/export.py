@@ -129,6 +129,19 @@ class CheckpointExport:
     export_seconds: float
     notes: tuple[str, ...] = ()
     """What was adjusted so that the checkpoint says what it holds, one sentence each."""
+    sample: Mapping[str, torch.Tensor] = attrs.field(factory=dict)
+    """A few quantized layers' fake-quantized weights after the fusion (on the CPU): the read-back
+    compares them with what it decodes (:data:`SAMPLE_LAYERS`)."""
+
+
+SAMPLE_LAYERS = 16
+"""Quantized layers whose decoded weights the read-back compares with the fake-quantized ones.
+
+A diagnostic beside the NLL check: ModelOpt's exporter rounds some weights otherwise than its fake
+quantizer (16-bit scales; on a GPU its Triton NVFP4 kernel), which moves the read-back NLL without a
+reading error, while a reading error (a wrong scale or packing) changes nearly every weight. A
+sample keeps the copies small on a 32B model; layers with a pre-quantization scale (AWQ,
+SmoothQuant) are skipped, their stored weight being the scaled one."""
 
 
 def _device_of(model: nn.Module) -> str:
@@ -278,6 +291,7 @@ def export_checkpoint(
         with contextlib.redirect_stdout(io.StringIO()):
             fuse(model)
         exported = evaluate(model)
+    sample = _sample_weights(model, quant_config)
 
     export_hf = import_modelopt("modelopt.torch.export").export_hf_checkpoint
     started = time.perf_counter()
@@ -306,7 +320,24 @@ def export_checkpoint(
         quantize_seconds=quantize_seconds,
         export_seconds=export_seconds,
         notes=tuple(notes),
+        sample=sample,
     )
+
+
+def _sample_weights(model: nn.Module, config: xc.ExportConfig) -> dict[str, torch.Tensor]:
+    """The first :data:`SAMPLE_LAYERS` quantized layers' fake-quantized weights, on the CPU."""
+    import torch
+
+    sample: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for layer in config.quantized:
+            module: Any = model.get_submodule(layer.module)
+            if getattr(module.input_quantizer, "pre_quant_scale", None) is not None:
+                continue
+            sample[layer.module] = module.weight_quantizer(module.weight).detach().float().cpu()
+            if len(sample) == SAMPLE_LAYERS:
+                break
+    return sample
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,6 +556,14 @@ class ReadBack:
     read_back_nll: float
     """The checkpoint loaded back by :func:`load_exported`."""
     tolerance: float
+    sampled_layers: int = 0
+    """Layers whose decoded weights were compared with the fake-quantized ones (:data:`SAMPLE_LAYERS`)."""
+    flipped: int = 0
+    """Of their weights, those off the fake-quantized value by more than 2^-7 of the layer's largest
+    (1e-5 in float32): the exporter rounding otherwise, or a reading error if nearly all are."""
+    flip_weights: int = 0
+    flip_relative: float = 0.0
+    """The largest such difference over its layer's largest |weight|."""
 
     @property
     def difference(self) -> float:
@@ -558,9 +597,44 @@ def read_back_nll(
     """
     if math.isnan(exported.exported_nll):
         raise ConfigError("no in-memory NLL to compare with: pass evaluate= to export_checkpoint")
+    import torch
+
     model = load_exported(exported.directory, device=device, dtype=dtype)
+    weight_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     if tolerance is None:
-        tolerance = read_back_tolerance(str(next(model.parameters()).dtype).removeprefix("torch."))
+        tolerance = read_back_tolerance(weight_dtype)
+    flips = FlipCount(2.0**-7 if weight_dtype in ("bfloat16", "float16") else 1e-5)
+    with torch.no_grad():
+        for name, reference in exported.sample.items():
+            layer: Any = model.get_submodule(name)
+            flips.add(layer.weight.detach().float().cpu(), reference)
     return ReadBack(
-        exported.directory, exported.in_memory_nll, exported.exported_nll, evaluate(model), tolerance
+        exported.directory,
+        exported.in_memory_nll,
+        exported.exported_nll,
+        evaluate(model),
+        tolerance,
+        sampled_layers=len(exported.sample),
+        flipped=flips.flipped,
+        flip_weights=flips.weights,
+        flip_relative=flips.largest,
     )
+
+
+@attrs.define
+class FlipCount:
+    """Read-back weights off the fake-quantized ones by more than ``within`` of their layer's largest."""
+
+    within: float
+    flipped: int = 0
+    weights: int = 0
+    largest: float = 0.0
+    """The largest difference over its layer's largest |weight|."""
+
+    def add(self, got: torch.Tensor, reference: torch.Tensor) -> None:
+        """Count one layer (both float32, same shape)."""
+        scale = float(reference.abs().max())
+        apart = (got - reference).abs()
+        self.flipped += int((apart > self.within * scale).sum())
+        self.weights += apart.numel()
+        self.largest = max(self.largest, float(apart.max()) / scale if scale > 0 else 0.0)
