@@ -343,6 +343,7 @@ def export_tiny_ct(
     import attrs
 
     from auto_quantize_model.backend import compressed_tensors as ct
+    from auto_quantize_model.backend import ct_read_back as rb
     from auto_quantize_model.backend.lm_forward import as_tensors, calibration_step_for
     from auto_quantize_model.backend.locate import extract_language_model
     from auto_quantize_model.backend.modelopt import export as ex
@@ -391,7 +392,7 @@ def export_tiny_ct(
         out,
         evaluate=evaluate,
     )
-    return written, ct.read_back_ct(written, evaluate, lm.head_name, device=device)
+    return written, rb.read_back_ct(written, evaluate, lm.head_name, device=device)
 
 
 def check_nvfp4_folder(

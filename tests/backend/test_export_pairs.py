@@ -116,7 +116,7 @@ def reload(fmt: str, folder: Path) -> Any:
         from auto_quantize_model.backend.modelopt.export import load_exported
 
         return load_exported(folder)
-    from auto_quantize_model.backend.compressed_tensors import load_ct
+    from auto_quantize_model.backend.ct_read_back import load_ct
 
     return load_ct(folder)[0]
 
@@ -205,9 +205,11 @@ def damage_vision(folder: Path) -> int:
 def test_vision_weights_written_wrong_fail_the_read_back(image_run: Any, fmt: str, tmp_path: Path) -> None:
     """A fault only pictures reveal: the read-back is off, where the held-out captions see nothing."""
     from auto_quantize_model.backend import compressed_tensors as ct
+    from auto_quantize_model.backend import ct_read_back as ctb
     from auto_quantize_model.backend.export_check import export_check
     from auto_quantize_model.backend.modelopt import export as ex
     from auto_quantize_model.backend.modelopt import quant_config as qc
+    from auto_quantize_model.backend.modelopt import read_back as rb
     from auto_quantize_model.core.ct_config import ct_export_format, plan_ct
     from auto_quantize_model.core.export_labels import export_format
     from auto_quantize_model.core.validation import held_out_set
@@ -243,9 +245,9 @@ def test_vision_weights_written_wrong_fail_the_read_back(image_run: Any, fmt: st
 
     back: Any
     if fmt == MODELOPT:
-        back = ex.read_back_nll(written, check.evaluate)
+        back = rb.read_back_nll(written, check.evaluate)
     else:
-        back = ct.read_back_ct(written, check.evaluate, check.head_path)
+        back = ctb.read_back_ct(written, check.evaluate, check.head_path)
     assert back.ok is False
     assert abs(back.difference) > 2 * back.tolerance
 

@@ -18,7 +18,7 @@ from auto_quantize_model.io.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from auto_quantize_model.artifacts import CheckpointInputs, ExportedMix
-    from auto_quantize_model.backend import compressed_tensors as ct
+    from auto_quantize_model.backend import ct_read_back as rb
     from auto_quantize_model.core.export_config import ExportConfig
 
 log = logging.getLogger("auto_quantize_model")
@@ -29,6 +29,7 @@ def write_ct_checkpoint(
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
     """Quantize the fresh model, write it as compressed-tensors into ``out``, read it back, write README."""
     from auto_quantize_model.backend import compressed_tensors as ct
+    from auto_quantize_model.backend import ct_read_back as rb
     from auto_quantize_model.backend.export_check import export_check
     from auto_quantize_model.backend.modelopt.quant_config import linear_modules
 
@@ -47,7 +48,7 @@ def write_ct_checkpoint(
         evaluate=evaluate,
     )
     started = time.perf_counter()
-    back = ct.read_back_ct(written, evaluate, head_path, device=fresh.device)
+    back = rb.read_back_ct(written, evaluate, head_path, device=fresh.device)
     log.info(
         "export: quantized in %.1f s, written in %.1f s, read back through transformers in %.1f s",
         written.quantize_seconds,
@@ -63,8 +64,8 @@ def write_ct_checkpoint(
         f"|difference| {back.weight_max_diff:.2e} ({back.weight_relative:.1e} of its largest weight, "
         f"tolerance {back.weight_tolerance:.0e}).",
         *(flip_lines(back) if back.flip_weights else ()),
-        ct.READ_BACK_NOTE,
-        *((ct.NVFP4_DTYPE_NOTE,) if plan.holds_nvfp4 else ()),
+        rb.READ_BACK_NOTE,
+        *((rb.NVFP4_DTYPE_NOTE,) if plan.holds_nvfp4 else ()),
     )
     model_class = back.loader.split(".", 1)[0]
     atomic_write_text(
@@ -93,7 +94,7 @@ def write_ct_checkpoint(
     return figures, notes
 
 
-def flip_lines(back: ct.CtReadBack) -> tuple[str, ...]:
+def flip_lines(back: rb.CtReadBack) -> tuple[str, ...]:
     """What the NVFP4 layers' written codes (ModelOpt's exporter arithmetic) differ by from the model
     that was scored (its fake quantizer), said so that nobody mistakes it for a reading error."""
     share = back.flipped / back.flip_weights if back.flip_weights else 0.0

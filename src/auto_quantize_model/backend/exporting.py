@@ -218,6 +218,7 @@ def _write_checkpoint(
     from auto_quantize_model.backend.export_check import export_check
     from auto_quantize_model.backend.modelopt import export as ex
     from auto_quantize_model.backend.modelopt.quant_config import write_readme
+    from auto_quantize_model.backend.modelopt.read_back import read_back_nll
 
     fresh = inputs.fresh
     check = export_check(inputs)
@@ -232,7 +233,7 @@ def _write_checkpoint(
         evaluate=evaluate,
     )
     started = time.perf_counter()
-    back = ex.read_back_nll(written, evaluate, device=fresh.device)
+    back = read_back_nll(written, evaluate, device=fresh.device)
     log.info(
         "export: quantized in %.1f s, exported in %.1f s, read back in %.1f s",
         written.quantize_seconds,

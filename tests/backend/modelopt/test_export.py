@@ -148,6 +148,7 @@ def tiny_export(
 @pytest.mark.slow
 def test_int8_fp8_mix_exports_a_mixed_precision_checkpoint_that_reads_back(tmp_path: Path) -> None:
     from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt import read_back as rb
 
     config, result, evaluate, _ = tiny_export(tmp_path, layer_choices(INT8, FP8, INT8))
     out = Path(result.directory)
@@ -178,7 +179,7 @@ def test_int8_fp8_mix_exports_a_mixed_precision_checkpoint_that_reads_back(tmp_p
     assert any("tie_word_embeddings false" in note for note in result.notes)
     assert "tie_word_embeddings false" in (out / "README.md").read_text(encoding="utf-8")
 
-    back = ex.read_back_nll(result, evaluate)
+    back = rb.read_back_nll(result, evaluate)
     assert math.isfinite(back.in_memory_nll)
     assert back.ok, back
     assert abs(back.difference) < 2e-4  # measured 9e-5 (see READ_BACK_TOLERANCE)
@@ -195,7 +196,7 @@ def test_int8_fp8_mix_exports_a_mixed_precision_checkpoint_that_reads_back(tmp_p
     tensors = load_file(str(broken / "model.safetensors"))
     tensors[f"{LAYERS}.0.mlp.down_proj.weight_scale"] *= 1.5
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    wrong = ex.read_back_nll(ex.CheckpointExport(**{**_fields(result), "directory": str(broken)}), evaluate)
+    wrong = rb.read_back_nll(ex.CheckpointExport(**{**_fields(result), "directory": str(broken)}), evaluate)
     assert not wrong.ok  # measured 1.9e-3, with every other tensor intact
     # and the weight sample shows it: nearly every weight of that layer is off
     down = result.sample[f"{LAYERS}.0.mlp.down_proj"]
@@ -210,7 +211,7 @@ def _fields(result: Any) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_one_format_exports_with_exclusions_and_int4_reads_back_exactly(tmp_path: Path) -> None:
-    from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt import read_back as rb
 
     int4 = "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"
     config, result, evaluate, _ = tiny_export(tmp_path, layer_choices(int4, int4, "NONE"))
@@ -220,28 +221,29 @@ def test_one_format_exports_with_exclusions_and_int4_reads_back_exactly(tmp_path
     assert any(fnmatch.fnmatchcase("lm_head", p) for p in quantization["exclude_modules"])
     assert xc.checkpoint_mismatches(hf_quant, config) == ()
     assert result.notes == ()  # lm_head is NONE: the embeddings stay tied
-    back = ex.read_back_nll(result, evaluate)
+    back = rb.read_back_nll(result, evaluate)
     assert abs(back.difference) < 1e-6  # weight-only INT4 dequantizes exactly (measured 4e-9)
 
 
 @pytest.mark.slow
 def test_a_bfloat16_export_reads_back_within_the_16_bit_tolerance(tmp_path: Path) -> None:
-    from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt import read_back as rb
 
     _, result, evaluate, _ = tiny_export(tmp_path, layer_choices(INT8, FP8, "NONE"), dtype="bfloat16")
-    back = ex.read_back_nll(result, evaluate)
-    assert back.tolerance == ex.READ_BACK_TOLERANCE_16BIT
+    back = rb.read_back_nll(result, evaluate)
+    assert back.tolerance == rb.READ_BACK_TOLERANCE_16BIT
     assert back.ok, back  # measured 1.5e-4
     print(f"bfloat16 read-back: {back}")
     assert back.sampled_layers > 0
     assert back.flipped <= back.flip_weights // 20, back  # the exporter's 16-bit scales: a few
-    assert ex.read_back_tolerance("float32") == ex.READ_BACK_TOLERANCE < ex.READ_BACK_TOLERANCE_16BIT
+    assert rb.read_back_tolerance("float32") == rb.READ_BACK_TOLERANCE < rb.READ_BACK_TOLERANCE_16BIT
 
 
 @pytest.mark.slow
 def test_export_refuses_a_used_folder_and_a_quantized_model(tmp_path: Path) -> None:
     from auto_quantize_model.backend.modelopt import export as ex
     from auto_quantize_model.backend.modelopt import quant_config as qc
+    from auto_quantize_model.backend.modelopt import read_back as rb
     from auto_quantize_model.backend.models import build_builtin
     from auto_quantize_model.sources import TINY_QWEN3_VL
 
@@ -264,7 +266,7 @@ def test_export_refuses_a_used_folder_and_a_quantized_model(tmp_path: Path) -> N
     with pytest.raises(InputError, match=r"has no config\.json"):
         ex.load_exported(tmp_path / "new")
     with pytest.raises(AqmError, match="pass evaluate="):
-        ex.read_back_nll(
+        rb.read_back_nll(
             ex.CheckpointExport(str(tmp_path), (), "FP8", math.nan, math.nan, 0.0, 0.0), lambda m: 0.0
         )
 
@@ -340,7 +342,7 @@ def test_nvfp4_mixes_export_and_read_back_on_cuda(
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from auto_quantize_model.backend.modelopt import export as ex
+    from auto_quantize_model.backend.modelopt import read_back as rb
 
     config, result, evaluate, _ = tiny_export(
         tmp_path, layer_choices(attention, mlp, head), device="cuda", dtype=dtype
@@ -351,7 +353,7 @@ def test_nvfp4_mixes_export_and_read_back_on_cuda(
     assert layers[f"{LAYERS}.0.self_attn.q_proj"]["quant_algo"] == export_format(attention).label
     assert layers[f"{LAYERS}.0.self_attn.q_proj"]["group_size"] == 16
     assert xc.checkpoint_mismatches(hf_quant, config) == ()
-    back = ex.read_back_nll(result, evaluate, device="cuda")
+    back = rb.read_back_nll(result, evaluate, device="cuda")
     print(f"{attention} + {mlp} + head {head} ({dtype}): {back}, difference {back.difference:.3g}")
     assert back.ok, back
 

@@ -1,0 +1,147 @@
+"""The exported checkpoint loaded back (:func:`~auto_quantize_model.backend.modelopt.export.load_exported`)
+and compared with the model that was written: held-out NLL within a dtype's tolerance, and a
+sample of decoded weights against the fake-quantized ones.
+
+Apart from the writer (:mod:`auto_quantize_model.backend.modelopt.export`) because it is the check,
+not the checkpoint: its tolerances are measured figures, and the compressed-tensors read-back
+(:mod:`auto_quantize_model.backend.ct_read_back`) shares them and :class:`FlipCount`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from auto_quantize_model.backend.modelopt.export import CheckpointExport, Evaluate, load_exported
+from auto_quantize_model.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+READ_BACK_TOLERANCE = 5e-4
+"""Largest accepted |NLL(read back) - NLL(written)| for a float32 model, in nats per token.
+
+Not zero, because ModelOpt rounds twice. Its exporter stores ``w / s`` rounded with ``s = amax /
+maxbound``, while the in-memory fake quantizer rounds ``w * (maxbound / amax)``; a value lying
+exactly on a rounding tie can land on either side (FP8's coarse grid makes such ties real), and
+activation ranges come back as ``input_scale * maxbound``, one float rounding off. Measured on
+the tiny model (float32, 64 held-out captions): INT4 weight-only 4e-9, INT8 W8A8 6e-6, W8A16 +
+FP8 per-token 5e-6, SmoothQuant 2e-5, INT8 + FP8 mixes 5e-5 to 9e-5, FP8 everywhere 1.2e-4 (one
+tied weight alone moved it 2e-5: random tiny weights are unusually sensitive). One FP8 layer's
+weight scale off by 1.5x, everything else intact, moved it 1.9e-3 (the test checks this is caught);
+a misread format or packing moves it far more."""
+
+READ_BACK_TOLERANCE_16BIT = 3e-3
+"""The same for bfloat16/float16 models, where ModelOpt's exporter rounds more than its fake quantizer.
+
+With 16-bit weights the exporter derives each weight scale from the 16-bit ``amax`` and stores it
+rounded to that precision (``0.00018310546875`` = 3 x 2^-14 for an FP8 layer of the tiny model),
+while the fake quantizer divides by the same ``amax`` in float32; the two grids differ by up to
+2^-9 relative, so thousands of weights round the other way (12,402 of the tiny model's FP8
+weights). Replacing them with the in-memory values gives back the in-memory NLL exactly, so the
+checkpoint is read correctly; it is the exporter's own rounding. Measured (tiny model, bfloat16):
+INT8 + FP8 1.5e-4, INT4 weight-only 3.7e-4, FP8 everywhere 1.8e-3 on CPU; NVFP4 + FP8 1.1e-3 on
+an H200."""
+
+
+def read_back_tolerance(dtype: str) -> float:
+    """The tolerance for a checkpoint whose weights are in ``dtype`` (``config.json``'s ``dtype``)."""
+    return READ_BACK_TOLERANCE_16BIT if dtype in ("bfloat16", "float16") else READ_BACK_TOLERANCE
+
+
+@attrs.frozen
+class ReadBack:
+    """The exported checkpoint's held-out NLL against the quantized model's, in nats per token."""
+
+    directory: str
+    in_memory_nll: float
+    """The quantized, calibrated model (:attr:`CheckpointExport.in_memory_nll`)."""
+    exported_nll: float
+    """The same after the exporter's fusion step: what the checkpoint should hold."""
+    read_back_nll: float
+    """The checkpoint loaded back by :func:`load_exported`."""
+    tolerance: float
+    sampled_layers: int = 0
+    """Layers whose decoded weights were compared with the fake-quantized ones (:data:`SAMPLE_LAYERS`)."""
+    flipped: int = 0
+    """Of their weights, those off the fake-quantized value by more than 2^-7 of the layer's largest
+    (1e-5 in float32): the exporter rounding otherwise, or a reading error if nearly all are."""
+    flip_weights: int = 0
+    flip_relative: float = 0.0
+    """The largest such difference over its layer's largest |weight|."""
+
+    @property
+    def difference(self) -> float:
+        """Read back minus what was written; float rounding only when the checkpoint is right."""
+        return self.read_back_nll - self.exported_nll
+
+    @property
+    def fusion_shift(self) -> float:
+        """What ModelOpt's fusion of sibling ranges (q/k/v, gate/up) changed, before packing."""
+        return self.exported_nll - self.in_memory_nll
+
+    @property
+    def ok(self) -> bool:
+        return abs(self.difference) <= self.tolerance
+
+
+def read_back_nll(
+    exported: CheckpointExport,
+    evaluate: Evaluate,
+    *,
+    tolerance: float | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+) -> ReadBack:
+    """Load the checkpoint as its README says (:func:`load_exported`) and measure ``evaluate`` on it.
+
+    ``evaluate`` must be the one given to :func:`export_checkpoint`. The result says whether
+    the checkpoint reproduces the written model within ``tolerance`` (default:
+    :func:`read_back_tolerance` of the loaded weights' dtype); it does not raise, so a caller can
+    report the numbers either way.
+    """
+    if math.isnan(exported.exported_nll):
+        raise ConfigError("no in-memory NLL to compare with: pass evaluate= to export_checkpoint")
+    import torch
+
+    model = load_exported(exported.directory, device=device, dtype=dtype)
+    weight_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if tolerance is None:
+        tolerance = read_back_tolerance(weight_dtype)
+    flips = FlipCount(2.0**-7 if weight_dtype in ("bfloat16", "float16") else 1e-5)
+    with torch.no_grad():
+        for name, reference in exported.sample.items():
+            layer: Any = model.get_submodule(name)
+            flips.add(layer.weight.detach().float().cpu(), reference)
+    return ReadBack(
+        exported.directory,
+        exported.in_memory_nll,
+        exported.exported_nll,
+        evaluate(model),
+        tolerance,
+        sampled_layers=len(exported.sample),
+        flipped=flips.flipped,
+        flip_weights=flips.weights,
+        flip_relative=flips.largest,
+    )
+
+
+@attrs.define
+class FlipCount:
+    """Read-back weights off the fake-quantized ones by more than ``within`` of their layer's largest."""
+
+    within: float
+    flipped: int = 0
+    weights: int = 0
+    largest: float = 0.0
+    """The largest difference over its layer's largest |weight|."""
+
+    def add(self, got: torch.Tensor, reference: torch.Tensor) -> None:
+        """Count one layer (both float32, same shape)."""
+        scale = float(reference.abs().max())
+        apart = (got - reference).abs()
+        self.flipped += int((apart > self.within * scale).sum())
+        self.weights += apart.numel()
+        self.largest = max(self.largest, float(apart.max()) / scale if scale > 0 else 0.0)
