@@ -416,7 +416,8 @@ class ExportedMix:
     in_memory_nll: float = math.nan
     """Held-out NLL of the quantized, calibrated model (nats per token); NaN without a checkpoint."""
     exported_nll: float = math.nan
-    """The same after the exporter's sibling fusion: what the checkpoint holds."""
+    """The quantized model computing with the weights the checkpoint holds (after the exporter's
+    sibling fusion and rounding): what the read-back must reproduce."""
     read_back_nll: float = math.nan
     """The checkpoint loaded back as its README says."""
     tolerance: float = math.nan
@@ -437,8 +438,8 @@ class ExportedMix:
     weight_per_format: tuple[tuple[str, str, float, float], ...] = ()
     """compressed-tensors: each format's worst layer, max |difference| and relative difference."""
     fused_nll: float = math.nan
-    """compressed-tensors: the fake-quantized model after the fusion; differs from
-    :attr:`exported_nll` where ModelOpt's exporter arithmetic rounds weights the other way (NVFP4)."""
+    """The fake-quantized model after the fusion; differs from :attr:`exported_nll` where ModelOpt's
+    exporter arithmetic rounds weights the other way (NVFP4 codes; 16-bit weight scales)."""
     flipped_weights: int = 0
     """Read-back weights off the fake-quantized ones by a rounding flip (compressed-tensors: all
     NVFP4 layers; modelopt: the :attr:`flip_layers` sampled layers, a diagnostic)."""

@@ -73,3 +73,8 @@ def test_the_runs_kernels_reach_validation_the_measured_points_and_the_export(
     sample = record["read_back"]["weights_sample"]
     assert sample["layers"] > 0
     assert 0 <= sample["differing"] <= sample["of"] // 100  # float32: rounding ties only
+    rounding = record["read_back"]["exporter_rounding"]
+    assert rounding["written_weights_nll"] == record["read_back"]["exported_nll"]
+    fake_quant = rounding["fused_fake_quant_nll"]
+    assert rounding["shift"] == pytest.approx(rounding["written_weights_nll"] - fake_quant)
+    assert abs(rounding["shift"]) <= record["read_back"]["tolerance"]

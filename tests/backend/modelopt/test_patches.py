@@ -359,12 +359,24 @@ def test_frozen_heap_skips_old_objects_but_collects_new_garbage() -> None:
     assert gc.get_freeze_count() == 0
 
 
+def test_frozen_heap_freezes_what_was_made_inside_when_asked_and_thaws_it_all() -> None:
+    assert gc.get_freeze_count() == 0
+    with frozen_heap() as freeze_more:
+        before = gc.get_freeze_count()
+        made = [_Cycle() for _ in range(1000)]
+        freeze_more()
+        assert gc.get_freeze_count() >= before + len(made)
+    assert gc.get_freeze_count() == 0
+
+
 def test_frozen_heap_leaves_a_callers_freeze_alone() -> None:
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
-        with frozen_heap():
-            pass
+        with frozen_heap() as freeze_more:
+            _ = [_Cycle() for _ in range(100)]
+            freeze_more()
+            assert gc.get_freeze_count() == frozen
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()

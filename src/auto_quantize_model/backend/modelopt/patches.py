@@ -478,7 +478,7 @@ def modes_restored(*models: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def frozen_heap() -> Iterator[None]:
+def frozen_heap() -> Iterator[Callable[[], None]]:
     """Keep the objects that exist now out of the garbage collector's passes for a while.
 
     ModelOpt runs two full ``gc.collect()`` passes around scoring to free GPU memory. Each walks
@@ -487,17 +487,25 @@ def frozen_heap() -> Iterator[None]:
     (``benchmarks/frozen_heap_ab.py``, BENCHMARKS.md): 2.29 -> 1.56 s for the tiny model on CPU;
     within noise for a packed 4B run on an H100 host (3.00 vs 2.99 s). What those passes are for
     (tensors left over from calibration) is created after this point and stays collectable.
-    Undo: the frozen objects go back to the collector. A process that froze its heap itself is
-    left as it is, since unfreezing would undo its freeze.
+
+    The callable it yields freezes what exists by then too: the search calls it when scoring
+    starts, since the quantizers ModelOpt inserted meanwhile (75,846 on Qwen3-VL-30B-A3B, with
+    their modules and configs) are what made those two passes cost 2.2 s there (H100 profile).
+    Undo: every frozen object goes back to the collector. A process that froze its heap itself is
+    left as it is, since unfreezing would undo its freeze (the callable then does nothing).
     """
     if gc.get_freeze_count():
-        yield
+        yield _nothing
         return
     gc.freeze()
     try:
-        yield
+        yield gc.freeze
     finally:
         gc.unfreeze()
+
+
+def _nothing() -> None:
+    """A freeze that leaves a caller's own frozen heap as it is."""
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
 """The exported checkpoint loaded back (:func:`~auto_quantize_model.backend.modelopt.export.load_exported`)
-and compared with the model that was written: held-out NLL within a dtype's tolerance, and a
+and compared with the model that was written: held-out NLL like for like, and a
 sample of decoded weights against the fake-quantized ones.
 
 Apart from the writer (:mod:`auto_quantize_model.backend.modelopt.export`) because it is the check,
@@ -21,33 +21,40 @@ if TYPE_CHECKING:
     import torch
 
 READ_BACK_TOLERANCE = 5e-4
-"""Largest accepted |NLL(read back) - NLL(written)| for a float32 model, in nats per token.
+"""Largest accepted |NLL(read back) - NLL(written)| in nats per token, float32 models.
 
-Not zero, because ModelOpt rounds twice. Its exporter stores ``w / s`` rounded with ``s = amax /
-maxbound``, while the in-memory fake quantizer rounds ``w * (maxbound / amax)``; a value lying
-exactly on a rounding tie can land on either side (FP8's coarse grid makes such ties real), and
-activation ranges come back as ``input_scale * maxbound``, one float rounding off. Measured on
-the tiny model (float32, 64 held-out captions): INT4 weight-only 4e-9, INT8 W8A8 6e-6, W8A16 +
-FP8 per-token 5e-6, SmoothQuant 2e-5, INT8 + FP8 mixes 5e-5 to 9e-5, FP8 everywhere 1.2e-4 (one
-tied weight alone moved it 2e-5: random tiny weights are unusually sensitive). One FP8 layer's
-weight scale off by 1.5x, everything else intact, moved it 1.9e-3 (the test checks this is caught);
-a misread format or packing moves it far more."""
+Used as is by the compressed-tensors read-back (:mod:`~auto_quantize_model.backend.ct_read_back`),
+whose "written" model carries the exported scales. Not zero, because ModelOpt rounds twice: its
+exporter stores ``w / s`` rounded with ``s = amax / maxbound``, while the fake quantizer rounds
+``w * (maxbound / amax)``; a value exactly on a rounding tie can land on either side, and
+activation ranges come back as ``input_scale * maxbound``, one float rounding off. Measured on the
+tiny model (float32, 64 held-out captions) against the fake-quantized model: INT4 weight-only 4e-9,
+INT8 W8A8 6e-6, W8A16 + FP8 per-token 5e-6, SmoothQuant 2e-5, INT8 + FP8 mixes 5e-5 to 9e-5, FP8
+everywhere 1.2e-4. One FP8 layer's weight scale off by 1.5x, everything else intact, moved it
+1.9e-3 (the tests check this is caught); a misread format or packing moves it far more.
+
+ModelOpt's own format is checked tighter, like for like, at this figure whatever the dtype: its
+"written" model computes with the weights decoded from the files (:attr:`CheckpointExport.exported_nll`),
+so only the reading is left to differ (0.0 for the tiny model's FP8 mix in bfloat16 on CPU) and the
+exporter's rounding is reported apart (:attr:`ReadBack.exporter_shift`)."""
 
 READ_BACK_TOLERANCE_16BIT = 3e-3
-"""The same for bfloat16/float16 models, where ModelOpt's exporter rounds more than its fake quantizer.
+"""The compressed-tensors read-back's tolerance for bfloat16/float16 weights, where the exporter rounds
+more than the fake quantizer, and ModelOpt's exporter rounding beyond which a ModelOpt-format export
+says so in a warning.
 
-With 16-bit weights the exporter derives each weight scale from the 16-bit ``amax`` and stores it
-rounded to that precision (``0.00018310546875`` = 3 x 2^-14 for an FP8 layer of the tiny model),
-while the fake quantizer divides by the same ``amax`` in float32; the two grids differ by up to
-2^-9 relative, so thousands of weights round the other way (12,402 of the tiny model's FP8
+With 16-bit weights ModelOpt's exporter derives each weight scale from the 16-bit ``amax`` and
+stores it rounded to that precision (``0.00018310546875`` = 3 x 2^-14 for an FP8 layer of the tiny
+model), while the fake quantizer divides by the same ``amax`` in float32; the two grids differ by
+up to 2^-9 relative, so thousands of weights round the other way (12,402 of the tiny model's FP8
 weights). Replacing them with the in-memory values gives back the in-memory NLL exactly, so the
 checkpoint is read correctly; it is the exporter's own rounding. Measured (tiny model, bfloat16):
 INT8 + FP8 1.5e-4, INT4 weight-only 3.7e-4, FP8 everywhere 1.8e-3 on CPU; NVFP4 + FP8 1.1e-3 on
-an H200."""
+an H200; on the 4B with random weights (H100) -3.4e-3 (INT8 + FP8) and +9.4e-3 (NVFP4 + FP8)."""
 
 
 def read_back_tolerance(dtype: str) -> float:
-    """The tolerance for a checkpoint whose weights are in ``dtype`` (``config.json``'s ``dtype``)."""
+    """The compressed-tensors tolerance for a checkpoint whose weights are in ``dtype``."""
     return READ_BACK_TOLERANCE_16BIT if dtype in ("bfloat16", "float16") else READ_BACK_TOLERANCE
 
 
@@ -59,10 +66,14 @@ class ReadBack:
     in_memory_nll: float
     """The quantized, calibrated model (:attr:`CheckpointExport.in_memory_nll`)."""
     exported_nll: float
-    """The same after the exporter's fusion step: what the checkpoint should hold."""
+    """The quantized model computing with the written weights (:attr:`CheckpointExport.exported_nll`)."""
     read_back_nll: float
     """The checkpoint loaded back by :func:`load_exported`."""
     tolerance: float
+    fused_nll: float = math.nan
+    """The fake-quantized model after the exporter's fusion step (:attr:`CheckpointExport.fused_nll`)."""
+    dtype: str = ""
+    """The loaded weights' dtype (``bfloat16``...)."""
     sampled_layers: int = 0
     """Layers whose decoded weights were compared with the fake-quantized ones (:data:`SAMPLE_LAYERS`)."""
     flipped: int = 0
@@ -80,7 +91,12 @@ class ReadBack:
     @property
     def fusion_shift(self) -> float:
         """What ModelOpt's fusion of sibling ranges (q/k/v, gate/up) changed, before packing."""
-        return self.exported_nll - self.in_memory_nll
+        return self.fused_nll - self.in_memory_nll
+
+    @property
+    def exporter_shift(self) -> float:
+        """What ModelOpt's exporter rounding the weights otherwise than its fake quantizer changed."""
+        return self.exported_nll - self.fused_nll
 
     @property
     def ok(self) -> bool:
@@ -98,9 +114,9 @@ def read_back_nll(
     """Load the checkpoint as its README says (:func:`load_exported`) and measure ``evaluate`` on it.
 
     ``evaluate`` must be the one given to :func:`export_checkpoint`. The result says whether
-    the checkpoint reproduces the written model within ``tolerance`` (default:
-    :func:`read_back_tolerance` of the loaded weights' dtype); it does not raise, so a caller can
-    report the numbers either way.
+    the checkpoint reproduces the model computing with the written weights within ``tolerance``
+    (default: :data:`READ_BACK_TOLERANCE`); it does not raise, so a caller can report the numbers
+    either way.
     """
     if math.isnan(exported.exported_nll):
         raise ConfigError("no in-memory NLL to compare with: pass evaluate= to export_checkpoint")
@@ -109,7 +125,7 @@ def read_back_nll(
     model = load_exported(exported.directory, device=device, dtype=dtype)
     weight_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     if tolerance is None:
-        tolerance = read_back_tolerance(weight_dtype)
+        tolerance = READ_BACK_TOLERANCE
     flips = FlipCount(2.0**-7 if weight_dtype in ("bfloat16", "float16") else 1e-5)
     with torch.no_grad():
         for name, reference in exported.sample.items():
@@ -121,6 +137,8 @@ def read_back_nll(
         exported.exported_nll,
         evaluate(model),
         tolerance,
+        fused_nll=exported.fused_nll,
+        dtype=weight_dtype,
         sampled_layers=len(exported.sample),
         flipped=flips.flipped,
         flip_weights=flips.weights,

@@ -297,6 +297,7 @@ def run_search(
     def scoring_started() -> None:
         counter.start_scoring()
         checkpoint.scoring_started()
+        freeze_heap()
 
     if plan.expert_ratio is not None:
         log.info(
@@ -323,7 +324,7 @@ def run_search(
         stack.enter_context(fsdp_lookup_skipped(root))
         stack.enter_context(patches.checked_state_load(checkpoint.loaded, checkpoint.unreadable))
         stack.enter_context(patches.atomic_state_save(checkpoint.before_replace))
-        stack.enter_context(patches.frozen_heap())
+        freeze_heap = stack.enter_context(patches.frozen_heap())
         stack.enter_context(seeded_rng(root))
         stack.enter_context(host_memory_kept(input_device(lm.module)))
         stack.callback(counter.remove_hooks)
