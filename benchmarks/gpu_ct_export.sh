@@ -78,5 +78,8 @@ for record in sorted(work.glob("*/export.json")) + sorted(work.glob("ship-*/expo
     if weights:
         print(f"  weights: worst {weights['worst_layer']} relative {weights['relative']:.2e} "
               f"(tolerance {weights['tolerance']:.1e}); per format {weights['per_format']}")
+    for key in ("exporter_rounding", "weights_sample"):
+        if back.get(key):
+            print(f"  {key}: {back[key]}")
 PY
 grep -h "passed\|failed\|NVFP4.*CtReadBack" "$out/gpu_tests.log" | cut -c1-600

@@ -120,6 +120,36 @@ def test_unfused_experts_compute_what_the_fused_ones_do_on_the_same_storage() ->
     assert expert_layers(model)[1].weights == EXPERTS * EXPERT_WEIGHTS
 
 
+def _per_expert_loop(
+    split: Any, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' eager experts loop, one ``torch.where`` per routed expert."""
+    final = torch.zeros_like(hidden)
+    routed = torch.nn.functional.one_hot(index, num_classes=len(split)).permute(2, 1, 0)
+    for expert in range(len(split)):
+        slot, tokens = torch.where(routed[expert])
+        if tokens.numel():
+            final.index_add_(0, tokens, split[expert](hidden[tokens]) * weights[tokens, slot, None])
+    return final
+
+
+def test_split_experts_route_with_one_sort_to_the_same_bits_and_skip_unrouted_experts(mocker: Any) -> None:
+    model = tiny_moe().model
+    use_eager_experts(model)
+    unfuse_experts(model)
+    split = experts_of(model, 0)
+    hidden = torch.randn(13, HIDDEN)
+    index = torch.randint(0, EXPERTS - 1, (13, 2))  # the last expert is never routed
+    index[:, 1] = (index[:, 0] + 1) % (EXPERTS - 1)  # two different experts a token, as a router picks
+    weights = torch.rand(13, 2)
+    unrouted = mocker.spy(split[EXPERTS - 1], "forward")
+    with torch.no_grad():
+        got = split(hidden, index, weights)
+        expected = _per_expert_loop(split, hidden, index, weights)
+    assert torch.equal(got, expected)
+    assert unrouted.call_count == 0
+
+
 def test_unfusing_twice_changes_nothing_and_dense_models_have_no_experts() -> None:
     model = tiny_moe().model
     unfuse_experts(model)

@@ -224,10 +224,20 @@ class UnfusedExperts(nn.ModuleList):
     ) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
-            routed = torch.nn.functional.one_hot(top_k_index, num_classes=len(self)).permute(2, 1, 0)
-            hit = torch.greater(routed.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
-        for index in hit:
-            slot, tokens = torch.where(routed[index])
+            # Every routed (slot, token) pair grouped by expert with one sort and one transfer, not
+            # one nonzero per expert (each a GPU sync: 6,144 a forward on Qwen3-VL-30B-A3B). A stable
+            # sort of the slot-major indices keeps eager's order within an expert: slot, then token.
+            slot_major = top_k_index.t().reshape(-1)
+            order = torch.argsort(slot_major, stable=True)
+            counts = torch.bincount(slot_major, minlength=len(self)).tolist()
+            count_tokens = top_k_index.shape[0]
+            all_tokens, all_slots = order % count_tokens, order // count_tokens
+        start = 0
+        for index, count in enumerate(counts):
+            if not count:
+                continue
+            tokens, slot = all_tokens[start : start + count], all_slots[start : start + count]
+            start += count
             out = self[index](hidden_states[tokens]) * top_k_weights[tokens, slot, None]
             final.index_add_(0, tokens, out.to(final.dtype))
         return final
