@@ -254,6 +254,9 @@ def test_formats_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert re.split(r"\s{2,}", nvfp4.rstrip())[-2:] == ["CUDA only", "modelopt, compressed-tensors"]
     assert any(line.startswith("wint4-b128_aint8-token ") for line in lines)
     assert "Your own weight/activation pairs" in out
+    unchecked = out.split("Exported in ModelOpt's format without --checkpoint only", 1)[1].splitlines()[1:]
+    assert "  W4A8_AWQ_BETA_CFG (W4A8_AWQ)" in unchecked
+    assert not any(line.startswith("  INT8_DEFAULT_CFG") for line in unchecked)
 
 
 @pytest.mark.parametrize("name", ["wint8_aint8", "wfp8_afp8", "int8_lm_default_legacy"])

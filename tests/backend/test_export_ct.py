@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,14 +93,15 @@ def test_an_unknown_format_is_refused_by_the_parser(
     assert "invalid choice: 'gguf'" in capsys.readouterr().err
 
 
-def test_a_refused_format_in_the_mix_stops_before_the_model_is_loaded(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def run_of_one_format(
+    tmp_path: Path, modules: list[str], fmt: str
+) -> tuple[Path, list[object], Callable[[object], Any]]:
+    """A finished-looking run folder whose manifest gives ``modules`` the format ``fmt``, and an export
+    loader that records and refuses every load (the refusals must come before any)."""
     run = tmp_path / "run"
     run.mkdir()
     shutil.copyfile(TINY_DEFAULT, run / "pipeline.toml")
-    modules = ["model.language_model.layers.0.mlp.down_proj", "model.language_model.layers.1.mlp.down_proj"]
-    data = manifest([(name, 1.0) for name in modules], fmt="INT4_AWQ_CFG", target=8.0)
+    data = manifest([(name, 1.0) for name in modules], fmt=fmt, target=8.0)
     (run / "test_scheme_quant_manifest.json").write_text(manifest_to_json(data), encoding="utf-8")
     loads: list[object] = []
 
@@ -107,27 +109,48 @@ def test_a_refused_format_in_the_mix_stops_before_the_model_is_loaded(
         loads.append(pipeline)
         raise AssertionError("the model must not be loaded")
 
+    return run, loads, loader
+
+
+@pytest.mark.parametrize(
+    ("fmt", "flags", "says", "hint"),
+    [
+        (
+            "INT4_AWQ_CFG",
+            ("--format", CT),
+            "format INT4_AWQ_CFG cannot be exported as compressed-tensors: its awq_lite calibration",
+            "export it with --format modelopt",
+        ),
+        (
+            "W4A8_AWQ_BETA_CFG",
+            (),
+            "format W4A8_AWQ_BETA_CFG is written as W4A8_AWQ, which aqm's read-back cannot decode",
+            "export it without --checkpoint",
+        ),
+    ],
+)
+def test_a_refused_format_in_the_mix_stops_before_the_model_is_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str, flags: tuple[str, ...], says: str, hint: str
+) -> None:
+    modules = ["model.language_model.layers.0.mlp.down_proj", "model.language_model.layers.1.mlp.down_proj"]
+    run, loads, loader = run_of_one_format(tmp_path, modules, fmt)
     out = tmp_path / "out"
+    service = RunService(export_loader=loader)
     code, stdout, err = export(
-        capsys,
-        str(run),
-        "--output",
-        str(out),
-        "--checkpoint",
-        "--format",
-        CT,
-        service=RunService(export_loader=loader),
+        capsys, str(run), "--output", str(out), "--checkpoint", *flags, service=service
     )
     assert code == 2
     assert stdout == ""
     [line] = error_lines(err)
-    assert line.startswith(
-        f"aqm: error: group {modules[0]}: format INT4_AWQ_CFG cannot be exported as compressed-tensors: "
-        "its awq_lite calibration"
-    )
-    assert "export it with --format modelopt" in line
+    assert line.startswith(f"aqm: error: group {modules[0]}: {says}")
+    assert hint in line
     assert loads == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    if not flags:  # without --checkpoint the same mix is written as ModelOpt's config and recipe
+        code, stdout, err = export(capsys, str(run), "--output", str(out), service=service)
+        assert code == 0, err
+        assert (out / "quant_config.json").is_file()
+        assert loads == []
 
 
 # --------------------------------------------------------------------------------------------------

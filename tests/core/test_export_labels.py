@@ -24,6 +24,7 @@ from auto_quantize_model.core.export_labels import export_format
 from auto_quantize_model.core.format_grammar import parse_custom
 from auto_quantize_model.core.formats import all_formats, resolve_format
 from auto_quantize_model.core.presets import preset
+from auto_quantize_model.core.scores import NO_QUANT
 
 GRAMMAR_NAMES = tuple(
     f"w{weight}-{granularity}_{activation}"
@@ -197,3 +198,37 @@ def test_formats_the_exporter_would_mislabel_are_refused_with_the_label(name: st
     assert found.label is None
     assert found.refused is not None
     assert reason in found.refused
+
+
+def test_checkpoints_the_read_back_cannot_decode_are_refused_by_group_and_label() -> None:
+    from auto_quantize_model.core.export_choice import GroupChoice
+    from auto_quantize_model.core.export_labels import READABLE_LABELS, check_checkpoint_choices
+    from auto_quantize_model.errors import ConfigError
+
+    readable = [
+        GroupChoice(f"g{i}", (f"m{i}",), name)
+        for i, name in enumerate(
+            (
+                "INT8_DEFAULT_CFG",
+                "FP8_DEFAULT_CFG",
+                "INT4_AWQ_CFG",
+                "NVFP4_DEFAULT_CFG",
+                "wfp4_afp8",
+                NO_QUANT,
+            )
+        )
+    ]
+    check_checkpoint_choices(readable)
+    assert {export_format(c.format).label for c in readable[:-1]} <= set(READABLE_LABELS)
+    for name, label in (
+        ("W4A8_AWQ_BETA_CFG", "W4A8_AWQ"),
+        ("MXFP8_DEFAULT_CFG", "MXFP8"),
+        ("NVFP4_AWQ_LITE_CFG", "NVFP4_AWQ"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            check_checkpoint_choices([*readable, GroupChoice("late", ("x",), name)])
+        message = str(caught.value)
+        assert message.startswith(f"group late: format {name} is written as {label}, which aqm's read-back")
+        assert "\n" not in message
+    # a format ModelOpt cannot export at all is left to the export's own refusal (its reason)
+    check_checkpoint_choices([GroupChoice("g", ("m",), "W4A8_NVFP4_FP8_CFG")])

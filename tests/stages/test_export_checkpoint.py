@@ -78,3 +78,32 @@ def test_the_runs_kernels_reach_validation_the_measured_points_and_the_export(
     fake_quant = rounding["fused_fake_quant_nll"]
     assert rounding["shift"] == pytest.approx(rounding["written_weights_nll"] - fake_quant)
     assert abs(rounding["shift"]) <= record["read_back"]["tolerance"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "checkpoint_format", "says"),
+    [
+        ("W4A8_AWQ_BETA_CFG", "modelopt", "is written as W4A8_AWQ, which aqm's read-back cannot decode"),
+        ("INT4_AWQ_CFG", "compressed-tensors", "cannot be exported as compressed-tensors"),
+    ],
+)
+def test_a_checkpoint_of_a_refused_format_stops_before_the_copy_is_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, checkpoint_format: str, says: str
+) -> None:
+    import auto_quantize_model.backend.models as models
+    from auto_quantize_model.errors import ConfigError
+    from auto_quantize_model.pipeline import Artifacts
+    from auto_quantize_model.specs import ExportSpec
+    from auto_quantize_model.stages.export_checkpoint import ExportCheckpoint
+    from builders import NONE, group, scores
+
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the unquantized copy must not be loaded")
+
+    monkeypatch.setattr(models, "load", load)
+    down = "model.language_model.layers.0.mlp.down_proj"
+    run = scores(group(down, (fmt, 4.0, 0.5), NONE, costs=(400.0, 1600.0)), formats=(fmt,))  # budget 8: fmt
+    spec = ExportSpec(checkpoint=True, output_dir=str(tmp_path / "export"), format=checkpoint_format)
+    with pytest.raises(ConfigError, match=f"^group {down}: format {fmt} {says}"):
+        ExportCheckpoint(spec).run(Artifacts.of([run]))
+    assert list(tmp_path.iterdir()) == []

@@ -112,22 +112,25 @@ def cmd_report(args: argparse.Namespace, service: RunService) -> int:
 
 def cmd_formats(args: argparse.Namespace, service: RunService) -> int:
     from auto_quantize_model.core.ct_config import export_formats_of
-    from auto_quantize_model.core.export_labels import export_format
+    from auto_quantize_model.core.export_labels import READABLE_LABELS, export_format
     from auto_quantize_model.core.format_grammar import CUSTOM_GRAMMAR
     from auto_quantize_model.core.formats import FORMAT_OPTIONS, all_formats
 
     rows = [("name", "bits", "weights", "activations", "runs on", "export")]
     refused: list[str] = []
     not_exported: list[str] = []
+    unchecked: list[str] = []
     for info in all_formats():
         if info.refused is not None:
             where = "not usable (see below)"
             refused.append(f"  {info.name}: {info.refused}")
         else:
             where = "CUDA only" if info.needs_cuda else "CPU and CUDA"
-            export_refused = export_format(info.name).refused
-            if export_refused is not None:
-                not_exported.append(f"  {info.name}: {export_refused}")
+            exported = export_format(info.name)
+            if exported.refused is not None:
+                not_exported.append(f"  {info.name}: {exported.refused}")
+            elif exported.label not in READABLE_LABELS:
+                unchecked.append(f"  {info.name} ({exported.label})")
         taken = ", ".join(export_formats_of(info.name)) if info.refused is None else ""
         rows.append((info.name, f"{info.bits:g}", info.weights, info.activations, where, taken or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -143,6 +146,12 @@ def cmd_formats(args: argparse.Namespace, service: RunService) -> int:
     if not_exported:
         print("\nUsable for AutoQuant but not exportable (aqm export refuses them):")
         print("\n".join(not_exported))
+    if unchecked:
+        print(
+            "\nExported in ModelOpt's format without --checkpoint only (aqm's read-back cannot decode "
+            "their labels, so a checkpoint of them is refused before any work):"
+        )
+        print("\n".join(unchecked))
     return 0
 
 

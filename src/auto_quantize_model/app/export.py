@@ -176,6 +176,10 @@ def run_export(job: ExportJob, loader: ExportLoader) -> ExportedMix:
         from auto_quantize_model.core.ct_config import check_ct_choices
 
         check_ct_choices(choices)  # before the model is loaded
+    elif job.pipeline is not None:
+        from auto_quantize_model.core.export_labels import check_checkpoint_choices
+
+        check_checkpoint_choices(choices)  # before the model is loaded
     checkpoint = loader(job.pipeline) if job.pipeline is not None else None
     with contextlib.redirect_stdout(sys.stderr):
         return export_mix(

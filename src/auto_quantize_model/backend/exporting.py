@@ -32,7 +32,7 @@ from auto_quantize_model.core.ct_config import (
     ct_export_format,
 )
 from auto_quantize_model.core.export_choice import GroupChoice, choices_at
-from auto_quantize_model.core.export_labels import export_format
+from auto_quantize_model.core.export_labels import check_checkpoint_choices, export_format
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.io.atomic import LinkRefused
@@ -158,6 +158,8 @@ def export_mix(
                 "--format compressed-tensors writes a checkpoint (the weights are the format): "
                 "add --checkpoint"
             )
+    elif checkpoint is not None:
+        check_checkpoint_choices(choices)
     exportable = ct_export_format if compressed else export_format
     started = time.perf_counter()
     shown, target = target, target.absolute()

@@ -16,12 +16,19 @@ grammar name against the exporter itself. Pure: no torch, no ModelOpt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import attrs
 
 from auto_quantize_model.core.format_grammar import CustomFormat, parse_custom
 from auto_quantize_model.core.formats import resolve_format
 from auto_quantize_model.core.presets import preset
 from auto_quantize_model.core.scores import NO_QUANT
+from auto_quantize_model.errors import ConfigError
+
+if TYPE_CHECKING:
+    from auto_quantize_model.core.export_choice import GroupChoice
 
 _LABEL_MEANING = {
     "W8A8_SQ_PER_CHANNEL": "INT8 per-channel weights with static per-tensor INT8 activations",
@@ -131,3 +138,41 @@ def export_format(name: str) -> ExportFormat:
             ),
         )
     return ExportFormat(name=name, label=recorded, group_size=block, needs_cuda=info.needs_cuda)
+
+
+READABLE_LABELS = (
+    "W8A8_SQ_PER_CHANNEL",
+    "W8A16",
+    "FP8",
+    "FP8_PER_CHANNEL_PER_TOKEN",
+    "W4A16_AWQ",
+    "NVFP4",
+    "W4A16_NVFP4",
+    "W4A8_NVFP4_FP8",
+)
+"""Labels whose layers ``aqm export --checkpoint`` can decode to read the checkpoint back
+(:func:`~auto_quantize_model.backend.modelopt.export.load_exported`). Others (``W4A8_AWQ``,
+``NVFP4_AWQ``, ``MXFP8``, ``W4A8_MXFP4_FP8``) are written by ModelOpt's exporter but would stop the
+read-back after the quantization, the export and the writing had been paid for, so
+:func:`check_checkpoint_choices` refuses them first."""
+
+
+def check_checkpoint_choices(choices: Sequence[GroupChoice]) -> None:
+    """Refuse, in one line naming the group and format, a ModelOpt-format checkpoint we could not read back.
+
+    Run before any model is loaded. Formats ModelOpt cannot export at all are refused later, by
+    the export's own check, with their reason.
+    """
+    seen: set[str] = set()
+    for choice in choices:
+        if choice.format == NO_QUANT or choice.format in seen:
+            continue
+        seen.add(choice.format)
+        label = export_format(choice.format).label
+        if label is not None and label not in READABLE_LABELS:
+            raise ConfigError(
+                f"group {choice.name}: format {choice.format} is written as {label}, which aqm's read-back "
+                f"cannot decode (it reads {', '.join(READABLE_LABELS)}), so its checkpoint would go "
+                "unchecked: export it without --checkpoint (quant_config.json and quant_recipe.yaml, for "
+                "ModelOpt's own PTQ), or search with other formats"
+            )

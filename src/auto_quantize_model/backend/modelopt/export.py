@@ -49,6 +49,7 @@ from auto_quantize_model.backend.modelopt.quant_config import (
     write_readme,
 )
 from auto_quantize_model.core import export_config as xc
+from auto_quantize_model.core.export_labels import READABLE_LABELS
 from auto_quantize_model.errors import AqmError, ConfigError, InputError
 from auto_quantize_model.io.atomic import atomic_write_text
 
@@ -63,18 +64,6 @@ Forward = Callable[["nn.Module", Any], Any]
 
 Evaluate = Callable[["nn.Module"], float]
 """Held-out NLL (nats per token) of a full model; see :func:`holdout_evaluator`."""
-
-READABLE_LABELS = (
-    "W8A8_SQ_PER_CHANNEL",
-    "W8A16",
-    "FP8",
-    "FP8_PER_CHANNEL_PER_TOKEN",
-    "W4A16_AWQ",
-    "NVFP4",
-    "W4A16_NVFP4",
-)
-"""Per-layer formats :func:`load_exported` can rebuild (dequantize) from a checkpoint."""
-
 
 # --------------------------------------------------------------------------------------------------
 # 2. The checkpoint
@@ -332,7 +321,7 @@ def _written_nll(
 
     tensors = _read_safetensors(out)
     with torch.no_grad():
-        for name, record in _layer_records(hf_quant, tensors).items():
+        for name, record in _readable_records(out, hf_quant, tensors).items():
             module: Any = model.get_submodule(name)
             decoded = _dequantize(name, str(record["quant_algo"]), tensors, record.get("group_size"))
             device = module.weight.device
@@ -362,6 +351,20 @@ def _sample_weights(model: nn.Module, config: xc.ExportConfig) -> dict[str, torc
 # --------------------------------------------------------------------------------------------------
 # 3. Reading the checkpoint back
 # --------------------------------------------------------------------------------------------------
+
+
+def _readable_records(
+    directory: Path, hf_quant: Mapping[str, Any], tensors: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """:func:`_layer_records`, refusing in one line a layer whose label this module cannot decode."""
+    records = _layer_records(hf_quant, tensors)
+    for name, record in records.items():
+        if record.get("quant_algo") not in READABLE_LABELS:
+            raise ConfigError(
+                f"{directory}: layer {name} is {record.get('quant_algo')}; reading it back is implemented "
+                f"for {', '.join(READABLE_LABELS)} only"
+            )
+    return records
 
 
 def _layer_records(hf_quant: Mapping[str, Any], tensors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -476,13 +479,7 @@ def load_exported(export_dir: str | Path, *, device: str = "cpu", dtype: str | N
             raise InputError(f"{directory} has no {required}: not a checkpoint written by export_checkpoint")
     hf_quant = json.loads((directory / HF_QUANT_CONFIG_FILE).read_text(encoding="utf-8"))
     tensors = _read_safetensors(directory)
-    records = _layer_records(hf_quant, tensors)
-    for name, record in records.items():
-        if record.get("quant_algo") not in READABLE_LABELS:
-            raise ConfigError(
-                f"{directory}: layer {name} is {record.get('quant_algo')}; reading it back is implemented "
-                f"for {', '.join(READABLE_LABELS)} only"
-            )
+    records = _readable_records(directory, hf_quant, tensors)
 
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     if hasattr(config, "quantization_config"):
