@@ -230,18 +230,23 @@ def test_one_format_exports_with_exclusions_and_int4_reads_back_exactly(tmp_path
 
 
 @pytest.mark.slow
-def test_a_bfloat16_export_reads_back_like_for_like_and_the_exporter_rounding_apart(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("attention", "mlp", "head"), [(INT8, FP8, "NONE"), (FP8, FP8, FP8)])
+def test_a_bfloat16_export_reads_back_like_for_like_and_the_exporter_rounding_apart(
+    tmp_path: Path, attention: str, mlp: str, head: str
+) -> None:
     from auto_quantize_model.backend.modelopt import read_back as rb
 
-    _, result, evaluate, _ = tiny_export(tmp_path, layer_choices(INT8, FP8, "NONE"), dtype="bfloat16")
+    _, result, evaluate, _ = tiny_export(tmp_path, layer_choices(attention, mlp, head), dtype="bfloat16")
     back = rb.read_back_nll(result, evaluate)
-    print(f"bfloat16 read-back: {back}")
+    print(
+        f"bfloat16 read-back, {attention} + {mlp} + head {head}: {back}, exporter {back.exporter_shift:+.1e}"
+    )
     assert back.tolerance == rb.READ_BACK_TOLERANCE
     assert back.dtype == "bfloat16"
     # the written weights in the quantized model and the loaded checkpoint: the same computation
     assert abs(back.difference) <= 1e-6, back
     # ModelOpt's exporter rounds with 16-bit scales: the written model is not the fake-quantized one
-    # (against the fake-quantized model this read-back used to be 1.5e-4 off)
+    # (measured +5.3e-5 for INT8 + FP8, -7.3e-4 for FP8 everywhere)
     assert back.exporter_shift != 0.0
     assert abs(back.exporter_shift) <= rb.READ_BACK_TOLERANCE_16BIT, back
     assert abs(back.fusion_shift) <= rb.READ_BACK_TOLERANCE, back
