@@ -35,7 +35,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -319,7 +319,7 @@ def _written_nll(
     """
     import torch
 
-    tensors = _read_safetensors(out)
+    tensors = _ShardedTensors(out)  # one layer's tensors in host memory at a time, not the checkpoint
     with torch.no_grad():
         for name, record in _readable_records(out, hf_quant, tensors).items():
             module: Any = model.get_submodule(name)
@@ -456,6 +456,31 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     for shard in shards:
         tensors.update(load_file(str(shard)))
     return tensors
+
+
+class _ShardedTensors(Mapping[str, "torch.Tensor"]):
+    """The tensors of a folder's ``*.safetensors`` shards by name, each read from disk when asked for."""
+
+    def __init__(self, directory: Path) -> None:
+        from safetensors import safe_open
+
+        shards = sorted(directory.glob("*.safetensors"))
+        if not shards:
+            raise InputError(f"{directory} holds no .safetensors weights: not an exported checkpoint")
+        self._where: dict[str, Any] = {}
+        for shard in shards:
+            handle: Any = safe_open(str(shard), framework="pt")
+            self._where.update(dict.fromkeys(handle.keys(), handle))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        tensor: torch.Tensor = self._where[key].get_tensor(key)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def load_exported(export_dir: str | Path, *, device: str = "cpu", dtype: str | None = None) -> nn.Module:
