@@ -355,6 +355,11 @@ def test_split_experts_search_with_copied_quantizers_matches_modelopts(
         fast = search(fast_loaded, "batched", formats, experts="expert")
     assert "MoE fused experts quantizer set-up: " in caplog.text
     assert "lists left to ModelOpt" not in caplog.text
+    # calibration (2 layers x 2 batches) batched; the scoring forwards, gradients on, loop
+    assert (
+        "MoE split experts forwards: batched calibration 4, per-expert loop 4 "
+        "(gradients on (not a calibration forward): 4)"
+    ) in caplog.text
     assert len([g for g in fast.groups if ".experts." in g.name]) == LAYERS * EXPERTS
     for ours, theirs in zip(fast.groups, loop.groups, strict=True):
         assert ours.name == theirs.name
@@ -365,3 +370,89 @@ def test_split_experts_search_with_copied_quantizers_matches_modelopts(
     assert len([v for v in expected.values() if v is not None]) == LAYERS * EXPERTS * 3 * 2
     for key, value in expected.items():
         assert (value is None and got[key] is None) or torch.equal(value, got[key]), key
+
+
+def split_quantized(loaded: LoadedModel, config: str, batched: bool) -> tuple[Any, Any, Any]:
+    """``mtq.quantize`` of the text model with its experts split, calibrated through one path or the
+    other; returns the model, the split-calibration counts (None for the loop) and the output of a
+    calibration-mode forward (quantizers collecting, nothing quantized)."""
+    import modelopt.torch.quantization as mtq
+
+    from auto_quantize_model.backend.experts import unfuse_experts, use_eager_experts
+    from auto_quantize_model.backend.modelopt.split_calibration import batched_split_calibration
+
+    use_eager_experts(loaded.model)
+    unfuse_experts(loaded.model)
+    model = text_model(loaded)
+    batches = token_batches(loaded)
+    outputs: list[Any] = []
+
+    def loop(m: Any) -> None:
+        for ids in batches:
+            outputs.append(m(input_ids=ids).last_hidden_state)
+
+    with registrations_undone(), batched_split_calibration() if batched else _nothing() as counts:
+        mtq.quantize(model, getattr(mtq, config), forward_loop=loop)
+    return model, counts, torch.cat(outputs)
+
+
+def quantizer_states(model: Any) -> dict[str, tuple[Any, ...]]:
+    """Every quantizer's range (if any) and the input dtype it recorded."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {
+        name: (getattr(module, "_amax", None), getattr(module, "_input_dtype", None))
+        for name, module in model.named_modules()
+        if isinstance(module, TensorQuantizer)
+    }
+
+
+@pytest.mark.parametrize(
+    ("config", "batched_forwards"),
+    [
+        ("INT8_DEFAULT_CFG", LAYERS * 2),
+        ("FP8_DEFAULT_CFG", LAYERS * 2),
+        ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", 0),
+    ],
+)
+@pytest.mark.slow
+def test_split_experts_calibrate_batched_to_the_same_ranges_dtypes_and_outputs(
+    config: str, batched_forwards: int
+) -> None:
+    from auto_quantize_model.backend.experts import UnfusedExperts
+
+    own_forward = vars(UnfusedExperts)["forward"]
+    loaded = tiny_moe()
+    twin = copy.deepcopy(loaded)
+    loop_model, _, loop_out = split_quantized(loaded, config, batched=False)
+    batched_model, counts, batched_out = split_quantized(twin, config, batched=True)
+    assert vars(UnfusedExperts)["forward"] is own_forward  # undone
+    assert counts.batched == batched_forwards
+    if not batched_forwards:  # INT4 weights in static blocks: the loop, with its reason
+        assert dict(counts.fallback) == {"a weight quantizer quantizes or has no range yet": LAYERS * 2}
+    assert torch.equal(batched_out, loop_out)
+    expected, got = quantizer_states(loop_model), quantizer_states(batched_model)
+    assert expected.keys() == got.keys()
+    ranged = [name for name, (amax, _) in expected.items() if amax is not None and ".experts." in name]
+    assert len(ranged) >= LAYERS * EXPERTS * 3  # every expert projection's weight at least
+    for name, (amax, dtype) in expected.items():
+        other_amax, other_dtype = got[name]
+        assert dtype == other_dtype, name
+        assert (amax is None and other_amax is None) or torch.equal(amax, other_amax), name
+
+
+def test_split_calibration_merges_ranges_like_modelopts_collect_and_defers_bad_values_to_it() -> None:
+    from modelopt.torch.quantization.calib import MaxCalibrator
+
+    from auto_quantize_model.backend.modelopt.split_calibration import _merge
+
+    fresh, held = MaxCalibrator(), MaxCalibrator()
+    held._calib_amax = torch.tensor(2.0)
+    _merge([(fresh, torch.tensor(1.5)), (held, torch.tensor(1.0)), (fresh, torch.tensor(0.5))])
+    assert torch.equal(fresh._calib_amax, torch.tensor(1.5))
+    assert torch.equal(held._calib_amax, torch.tensor(2.0))
+    twin = MaxCalibrator()
+    twin.collect(torch.tensor([1.5]))
+    assert twin._calib_amax.shape == fresh._calib_amax.shape  # 0-d, as collect leaves it
+    with pytest.raises(AssertionError, match="nan"):
+        _merge([(MaxCalibrator(), torch.tensor(float("nan")))])

@@ -24,6 +24,7 @@ from auto_quantize_model.backend.modelopt.checkpoint import SearchCheckpoint
 from auto_quantize_model.backend.modelopt.fsdp_lookup import fsdp_lookup_skipped
 from auto_quantize_model.backend.modelopt.plan import SearchPlan, Steps, limit_scored_captions
 from auto_quantize_model.backend.modelopt.quantizer_setup import fast_fused_experts_setup
+from auto_quantize_model.backend.modelopt.split_calibration import batched_split_calibration
 from auto_quantize_model.backend.modelopt.state import RawScores, collect_raw_scores
 from auto_quantize_model.specs import AutoQuantSpec
 
@@ -317,10 +318,12 @@ def run_search(
         stack.enter_context(patches.candidate_stats_fix())
         stack.enter_context(patches.registrations_undone())
         stack.enter_context(patches.expert_search_rules(lm.expert_grouping if lm.experts else "layer"))
-        paths, setup = None, None
+        paths, setup, split = None, None, None
         if spec.fused_experts == "batched" and lm.experts:
             paths = stack.enter_context(batched_fused_experts())
             setup = stack.enter_context(fast_fused_experts_setup())
+            if lm.expert_grouping != "layer":
+                split = stack.enter_context(batched_split_calibration())
         stack.enter_context(fsdp_lookup_skipped(root))
         stack.enter_context(patches.checked_state_load(checkpoint.loaded, checkpoint.unreadable))
         stack.enter_context(patches.atomic_state_save(checkpoint.before_replace))
@@ -346,6 +349,8 @@ def run_search(
         log.info("MoE fused experts forwards: %s", paths.summary())
     if setup is not None and (setup.copied or setup.declined):
         log.info("MoE fused experts quantizer set-up: %s", setup.summary())
+    if split is not None and (split.batched or split.fallback):
+        log.info("MoE split experts forwards: %s", split.summary())
     log.info("AutoQuant forward steps: calibration %d, scoring %d", counter.calibration, counter.scoring)
     raw = collect_raw_scores(root) if counter.scoring else checkpoint.raw
     return SearchOutcome(state, raw, seconds, counter.calibration, counter.scoring)
