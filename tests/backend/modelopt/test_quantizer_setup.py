@@ -188,3 +188,56 @@ def test_the_patches_are_undone() -> None:
         model_quant.set_quantizer_by_cfg,
     )
     assert after == before
+
+
+def converted_quantizers(fast: bool, split: bool) -> tuple[dict[str, tuple[Any, ...]], SetupCounts | None]:
+    """Every quantizer of the tiny MoE right after ``auto_quantize``'s conversion: type, ModelOpt state
+    and calibrator, by name."""
+    from modelopt.torch.opt.conversion import apply_mode
+    from modelopt.torch.quantization.mode import QuantizeModeRegistry
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from auto_quantize_model.backend.experts import unfuse_experts
+
+    loaded = build_builtin(TINY_QWEN3_VL_MOE, seed=0, dtype="float32", device="cpu")
+    use_eager_experts(loaded.model)
+    if split:
+        unfuse_experts(loaded.model)
+    model: Any = loaded.model
+    text = model.model.language_model
+    with registrations_undone(), fast_fused_experts_setup() if fast else contextlib.nullcontext() as counts:
+        text = apply_mode(text, mode="auto_quantize", registry=QuantizeModeRegistry)
+    found = {
+        name: (
+            type(q),
+            q.get_modelopt_state(),
+            type(q._calibrator),
+            vars(q._calibrator) if q._calibrator else None,
+        )
+        for name, q in text.named_modules()
+        if isinstance(q, TensorQuantizer)
+    }
+    return found, counts
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_quantizers_built_from_a_template_equal_modelopts_own(split: bool) -> None:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    theirs, _ = converted_quantizers(False, split)
+    ours, counts = converted_quantizers(True, split)
+    assert ours.keys() == theirs.keys()
+    for name, state in theirs.items():
+        assert ours[name] == state, name
+    assert counts is not None
+    linears = [name for name in ours if name.endswith(".weight_quantizer")]
+    assert len(linears) > (LAYERS * 3 * EXPERTS if split else 0)  # each split expert's three too
+    assert counts.initialised >= 3 * len(linears)  # at least input, weight and output of each
+    # a quantizer built with an amax or in calibration mode is ModelOpt's own __init__ again
+    with fast_fused_experts_setup() as again:
+        TensorQuantizer(amax=torch.tensor(1.0))
+        TensorQuantizer(if_calib=True)
+        first, second = TensorQuantizer(), TensorQuantizer()
+    assert again.initialised == 2
+    assert first is not second
+    assert first._calibrator is not second._calibrator

@@ -13,7 +13,10 @@ expert index stripped), so while :func:`fast_fused_experts_setup` lasts:
 * ``_make_fresh_quantizer_for_attr`` does the same for a fresh list;
 * ``set_quantizer_by_cfg`` (as called by ``auto_quantize`` on the model and by each recipe on its
   module) shortens every list of identical, unused quantizers to its first member, lets ModelOpt
-  configure that one, and fills the list again with copies of it.
+  configure that one, and fills the list again with copies of it;
+* ``TensorQuantizer(descriptor)``, as every quantized module's ``_setup`` calls it at conversion
+  (three per linear layer: 55,878 quantizers for the split experts of Qwen3-VL-30B-A3B), builds
+  one quantizer per descriptor through ModelOpt's pydantic config and copies it for the others.
 
 A copy (:func:`copies_of`) is a new object with the same attribute values; torch's own
 containers (buffers, hooks, ...) and the calibrator are its own, as a freshly built quantizer's
@@ -47,18 +50,24 @@ class SetupCounts:
     """Quantizers made by copying a configured one instead of building and configuring them."""
     declined: collections.Counter[str] = attrs.field(factory=collections.Counter)
     """Lists left to ModelOpt, by reason."""
+    initialised: int = 0
+    """Quantizers whose ``__init__`` copied a template built once for their descriptor."""
 
     def summary(self) -> str:
-        return f"{self.copied} quantizers copied" + by_reason(self.declined, "; lists left to ModelOpt: {}")
+        built = f", {self.initialised} built from a template" if self.initialised else ""
+        return f"{self.copied} quantizers copied{built}" + by_reason(
+            self.declined, "; lists left to ModelOpt: {}"
+        )
 
 
 @contextlib.contextmanager
 def fast_fused_experts_setup() -> Iterator[SetupCounts]:
     """ModelOpt builds fused experts' quantizer lists by configuring one and copying it; undone after.
 
-    Undo: ``_QuantFusedExperts._setup`` and the ``_make_fresh_quantizer_for_attr`` and
-    ``set_quantizer_by_cfg`` names of ModelOpt's ``algorithms`` and ``model_quant`` modules are put
-    back; quantizers made meanwhile are ordinary ``TensorQuantizer`` objects.
+    Undo: ``_QuantFusedExperts._setup``, ``TensorQuantizer.__init__`` and the
+    ``_make_fresh_quantizer_for_attr`` and ``set_quantizer_by_cfg`` names of ModelOpt's
+    ``algorithms`` and ``model_quant`` modules are put back; quantizers made meanwhile are ordinary
+    ``TensorQuantizer`` objects.
     """
     from modelopt.torch.quantization import algorithms, model_quant
     from modelopt.torch.quantization.nn import TensorQuantizer
@@ -113,13 +122,45 @@ def fast_fused_experts_setup() -> Iterator[SetupCounts]:
             templates[key] = {name: copies_of(child, 1)[0] for name, child in quant_model.named_children()}
         return result
 
+    original_init = vars(TensorQuantizer)["__init__"]
+    made: dict[int, tuple[Any, Any]] = {}  # id(descriptor) -> (the descriptor, kept alive; template)
+
+    def init(
+        self: Any,
+        quant_attribute_cfg: Any = None,
+        if_quant: bool = True,
+        if_calib: bool = False,
+        amax: Any = None,
+    ) -> None:
+        plain_call = amax is None and if_quant is True and if_calib is False
+        if type(self) is not TensorQuantizer or not plain_call or not _shared_descriptor(quant_attribute_cfg):
+            original_init(self, quant_attribute_cfg, if_quant, if_calib, amax)
+            return
+        entry = made.get(id(quant_attribute_cfg))
+        if entry is None:
+            template = object.__new__(TensorQuantizer)
+            original_init(template, quant_attribute_cfg)
+            entry = made[id(quant_attribute_cfg)] = (quant_attribute_cfg, template)
+        vars(self).update(vars(copies_of(entry[1], 1)[0]))
+        counts.initialised += 1
+
     with (
+        swapped(TensorQuantizer, "__init__", init),
         swapped(_QuantFusedExperts, "_setup", setup),
         swapped(algorithms, "_make_fresh_quantizer_for_attr", fresh),
         swapped(algorithms, "set_quantizer_by_cfg", configure),
         swapped(model_quant, "set_quantizer_by_cfg", configure),
     ):
         yield counts
+
+
+def _shared_descriptor(descriptor: Any) -> bool:
+    """None (ModelOpt's default) or a ``QuantizerAttributeConfig``: what quantized modules' ``_setup``
+    passes (their class's ``default_quant_desc_*``, module constants nobody edits), so a template
+    built from the first call stands for every later one. A plain dict is built each time."""
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+
+    return descriptor is None or type(descriptor) is QuantizerAttributeConfig
 
 
 @contextlib.contextmanager
