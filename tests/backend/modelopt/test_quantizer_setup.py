@@ -28,6 +28,18 @@ EXPERTS = 4
 LAYERS = 2
 
 
+def tiny_text_model(split: bool) -> Any:
+    """The tiny MoE's text model, experts eager (and split into linear layers if ``split``)."""
+    from auto_quantize_model.backend.experts import unfuse_experts
+
+    loaded = build_builtin(TINY_QWEN3_VL_MOE, seed=0, dtype="float32", device="cpu")
+    use_eager_experts(loaded.model)
+    if split:
+        unfuse_experts(loaded.model)
+    model: Any = loaded.model
+    return model.model.language_model
+
+
 def recipes_built(
     fast: bool, fmt: Any, split: bool = False
 ) -> tuple[list[Any], list[Any], SetupCounts | None]:
@@ -44,14 +56,7 @@ def recipes_built(
     from modelopt.torch.quantization.nn import QuantModule
     from modelopt.torch.quantization.plugins.huggingface import _QuantFusedExperts
 
-    from auto_quantize_model.backend.experts import unfuse_experts
-
-    loaded = build_builtin(TINY_QWEN3_VL_MOE, seed=0, dtype="float32", device="cpu")
-    use_eager_experts(loaded.model)
-    if split:
-        unfuse_experts(loaded.model)
-    model: Any = loaded.model
-    text = model.model.language_model
+    text = tiny_text_model(split)
     recipe = QuantRecipe(fmt) if isinstance(fmt, str) else QuantRecipe(fmt, name="CUSTOM")
     with (
         registrations_undone(),  # converting a split MoE registers its block class process-wide
@@ -197,14 +202,7 @@ def converted_quantizers(fast: bool, split: bool) -> tuple[dict[str, tuple[Any, 
     from modelopt.torch.quantization.mode import QuantizeModeRegistry
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from auto_quantize_model.backend.experts import unfuse_experts
-
-    loaded = build_builtin(TINY_QWEN3_VL_MOE, seed=0, dtype="float32", device="cpu")
-    use_eager_experts(loaded.model)
-    if split:
-        unfuse_experts(loaded.model)
-    model: Any = loaded.model
-    text = model.model.language_model
+    text = tiny_text_model(split)
     with registrations_undone(), fast_fused_experts_setup() if fast else contextlib.nullcontext() as counts:
         text = apply_mode(text, mode="auto_quantize", registry=QuantizeModeRegistry)
     found = {
