@@ -11,7 +11,9 @@ Three steps, each usable alone (the stage and the CLI compose them):
    on the given batches) and writes it with ModelOpt's ``export_hf_checkpoint``
    (``modelopt/torch/export/unified_export_hf.py:1495``), then checks that ``hf_quant_config.json``
    records every layer's chosen format. The exporter packs the weights *in place* (the model's
-   quantized layers hold int8/fp8 weights afterwards), so the in-memory model is measured before.
+   quantized layers hold int8/fp8 weights afterwards), so the fake-quantized model is measured
+   before, and afterwards the same model again with the weights decoded from the files put in
+   place: the reference the read-back must meet.
 3. :func:`~auto_quantize_model.backend.modelopt.read_back.read_back_nll` rebuilds the model from
    the checkpoint (:func:`load_exported`) and measures the same held-out NLL.
 
