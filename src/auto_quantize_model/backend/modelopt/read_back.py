@@ -49,8 +49,8 @@ model), while the fake quantizer divides by the same ``amax`` in float32; the tw
 up to 2^-9 relative, so thousands of weights round the other way (12,402 of the tiny model's FP8
 weights). Replacing them with the in-memory values gives back the in-memory NLL exactly, so the
 checkpoint is read correctly; it is the exporter's own rounding. Measured (tiny model, bfloat16,
-CPU): INT8 + FP8 +5.3e-5 and FP8 everywhere -7.3e-4 now (eighth wave; 1.5e-4 and 1.8e-3 with the
-torch and ModelOpt builds of the second), INT4 weight-only 3.7e-4; NVFP4 + FP8 1.1e-3 on an H200;
+CPU): INT8 + FP8 +5.3e-5 and FP8 everywhere -7.3e-4 in the eighth wave (1.5e-4 and 1.8e-3 in an
+earlier one), INT4 weight-only 3.7e-4; NVFP4 + FP8 1.1e-3 on an H200;
 the 4B with random weights on an H100 read back -3.4e-3 (INT8 + FP8) and +9.4e-3 (NVFP4 + FP8)
 from the fake-quantized model, exporter rounding and reading not yet told apart there."""
 
