@@ -355,11 +355,10 @@ def test_split_experts_search_with_copied_quantizers_matches_modelopts(
         fast = search(fast_loaded, "batched", formats, experts="expert")
     assert "MoE fused experts quantizer set-up: " in caplog.text
     assert "lists left to ModelOpt" not in caplog.text
-    # calibration (2 layers x 2 batches) batched; the scoring forwards, gradients on, loop
-    assert (
-        "MoE split experts forwards: batched calibration 4, per-expert loop 4 "
-        "(gradients on (not a calibration forward): 4)"
-    ) in caplog.text
+    # calibration and scoring (2 layers x 2 batches each) batched, none through ModelOpt's linears
+    assert "MoE split experts forwards: batched calibration 4, batched scoring 4, per-expert loop 0" in (
+        caplog.text
+    )
     assert len([g for g in fast.groups if ".experts." in g.name]) == LAYERS * EXPERTS
     for ours, theirs in zip(fast.groups, loop.groups, strict=True):
         assert ours.name == theirs.name
@@ -370,6 +369,32 @@ def test_split_experts_search_with_copied_quantizers_matches_modelopts(
     assert len([v for v in expected.values() if v is not None]) == LAYERS * EXPERTS * 3 * 2
     for key, value in expected.items():
         assert (value is None and got[key] is None) or torch.equal(value, got[key]), key
+
+
+@pytest.mark.slow
+def test_split_experts_scoring_under_reentrant_checkpointing_matches_modelopts(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU's scoring path on CPU: each decoder layer runs once without gradients, then again
+    during backward, where the score hooks are registered and fire."""
+    from auto_quantize_model.backend.modelopt import patches
+
+    monkeypatch.setattr(patches, "CHECKPOINT_ON_CPU", True)
+    formats = ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG")
+    loop_loaded, fast_loaded = tiny_moe(), tiny_moe()
+    loop = search(loop_loaded, "modelopt", formats, experts="expert")
+    with caplog.at_level(logging.INFO, logger="auto_quantize_model"):
+        fast = search(fast_loaded, "batched", formats, experts="expert")
+    # calibration: 2 layers x 2 batches x 2 formats; scoring: 2 layers x 2 batches, twice each
+    assert "MoE split experts forwards: batched calibration 8, batched scoring 8, per-expert loop 0" in (
+        caplog.text
+    )
+    expert_groups = [g for g in fast.groups if ".experts." in g.name]
+    assert len(expert_groups) == LAYERS * EXPERTS
+    assert any(s > 0 for g in expert_groups for s in g.scores[: len(formats)])
+    for ours, theirs in zip(fast.groups, loop.groups, strict=True):
+        assert ours.name == theirs.name
+        assert ours.scores == theirs.scores, ours.name
 
 
 def split_quantized(loaded: LoadedModel, config: str, batched: bool) -> tuple[Any, Any, Any]:

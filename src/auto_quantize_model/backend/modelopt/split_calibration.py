@@ -38,13 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from auto_quantize_model.backend.modelopt import split_scoring
 from auto_quantize_model.backend.modelopt.fused_experts import by_reason
 from auto_quantize_model.backend.modelopt.patches import swapped
 
 if TYPE_CHECKING:
     import torch
-
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @attrs.define
@@ -55,18 +54,24 @@ class SplitCalibrationCounts:
     """
 
     batched: int = 0
+    """Calibration forwards batched here."""
+    scored: int = 0
+    """Scoring forwards run by :func:`~auto_quantize_model.backend.modelopt.split_scoring.scoring_forward`."""
     fallback: collections.Counter[str] = attrs.field(factory=collections.Counter)
 
     def summary(self) -> str:
         loop = sum(self.fallback.values())
-        return f"batched calibration {self.batched}, per-expert loop {loop}" + by_reason(
-            self.fallback, " ({})"
+        return (
+            f"batched calibration {self.batched}, batched scoring {self.scored}, per-expert loop {loop}"
+            + (by_reason(self.fallback, " ({})"))
         )
 
 
 @contextlib.contextmanager
 def batched_split_calibration() -> Iterator[SplitCalibrationCounts]:
-    """``UnfusedExperts`` calibrates in batched form for a while; undone after.
+    """``UnfusedExperts`` calibrates and scores in batched form for a while; undone after.
+
+    Scoring forwards go to :mod:`~auto_quantize_model.backend.modelopt.split_scoring`.
 
     Undo: the class gets its own ``forward`` back (:func:`swapped`); nothing else is changed.
     """
@@ -76,12 +81,18 @@ def batched_split_calibration() -> Iterator[SplitCalibrationCounts]:
     counts = SplitCalibrationCounts()
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        reason = why_not_batched(self, args, kwargs)
-        if reason is not None:
-            counts.fallback[reason] += 1
-            return original(self, *args, **kwargs)
-        counts.batched += 1
-        return calibration_forward(self, *args)
+        if split_scoring.in_scoring(self):
+            reason = split_scoring.why_not_scored(self, args, kwargs)
+            if reason is None:
+                counts.scored += 1
+                return split_scoring.scoring_forward(self, *args)
+        else:
+            reason = why_not_batched(self, args, kwargs)
+            if reason is None:
+                counts.batched += 1
+                return calibration_forward(self, *args)
+        counts.fallback[reason] += 1
+        return original(self, *args, **kwargs)
 
     with swapped(UnfusedExperts, "forward", forward):
         yield counts
@@ -142,21 +153,11 @@ def _linear_reason(linear: Any) -> str | None:
 
 def why_not_batched(experts: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     """Why ``experts`` must run the per-expert loop this time, or None when the batched calibration fits."""
-    if kwargs or len(args) != 3:
-        return "arguments passed by name"
     import torch
 
     if torch.is_grad_enabled():
         return "gradients on (not a calibration forward)"
-    hidden, index, _ = args
-    if hidden.dim() != 2 or index.dim() != 2:
-        return "unexpected input shapes"
-    for expert in experts:
-        for projection in PROJECTIONS:
-            reason = _linear_reason(getattr(expert, projection, None))
-            if reason is not None:
-                return reason
-    return None
+    return split_scoring.first_reason(experts, args, kwargs, _linear_reason)
 
 
 # --------------------------------------------------------------------------------------------------
