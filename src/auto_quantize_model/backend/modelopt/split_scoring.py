@@ -7,7 +7,7 @@ every linear of the group), computes the output, then for each format sets the g
 format, computes the output again and keeps the difference; a full backward hook on the linear
 then adds ``(grad_output * difference)^2`` to the format's score. With ``extract.experts =
 "expert"`` that is 18,432 linears a forward on Qwen3-VL-30B-A3B, each with three group switches
-(nine quantizer assignments through ModelOpt's dynamic-module ``__setattr__``) and a full
+of nine quantizer assignments each (through ModelOpt's dynamic-module ``__setattr__``) and a full
 backward hook: the part of an ``expert`` search that was left after its calibration was batched.
 
 :func:`scoring_forward` computes, per routed expert and projection, the same tensors from the
