@@ -172,14 +172,10 @@ def run_export(job: ExportJob, loader: ExportLoader) -> ExportedMix:
     groups = [project(group, GroupScore) for group in job.run.manifest.groups]
     solved = job.run.frontier(FrontierSpec(bits=repr(job.budget), workers=1))
     choices, bits = choice_at(solved, job.budget, groups)
-    if job.format == "compressed-tensors":
-        from auto_quantize_model.core.ct_config import check_ct_choices
+    if job.pipeline is not None:  # a checkpoint (compressed-tensors always is one)
+        from auto_quantize_model.core.ct_config import check_checkpoint_format
 
-        check_ct_choices(choices)  # before the model is loaded
-    elif job.pipeline is not None:
-        from auto_quantize_model.core.export_labels import check_checkpoint_choices
-
-        check_checkpoint_choices(choices)  # before the model is loaded
+        check_checkpoint_format(choices, job.format)  # before the model is loaded
     checkpoint = loader(job.pipeline) if job.pipeline is not None else None
     with contextlib.redirect_stdout(sys.stderr):
         return export_mix(

@@ -59,40 +59,21 @@ NVFP4_DTYPE_NOTE = (
 )
 """Why an NVFP4 checkpoint is read back in bfloat16; measured on CPU, transformers 5.17."""
 
-WEIGHT_TOLERANCE = 1e-5
-"""Largest accepted |decompressed - fake-quantized| of a layer, relative to its largest |weight|, float32.
-
-The stored codes are ModelOpt's own, so the two differ only by how each multiplies code and scale
-in float32 (measured: at most 1.0e-7 for INT8, FP8 and INT4 layers); a wrong scale convention
-(amax/128 for amax/127, say) moves the worst weight by about half a step, 4e-3 for INT8."""
-
-WEIGHT_TOLERANCE_16BIT = 2.0**-7
-"""The same for bfloat16/float16 weights, where compressed-tensors keeps each scale in the weight's
-dtype (2^-9 relative rounding) and the product is rounded again. Measured on an H100 (tiny model,
-bfloat16): worst layer 6.0e-3 (FP8 and INT8 layers), NVFP4 layers 3.3e-3."""
-
-
-def weight_tolerance(dtype: str) -> float:
-    """The weight tolerance for weights of ``dtype`` (``float32``, ``bfloat16``...)."""
-    return WEIGHT_TOLERANCE_16BIT if dtype in ("bfloat16", "float16") else WEIGHT_TOLERANCE
-
-
 # --------------------------------------------------------------------------------------------------
 # Reading back through transformers
 # --------------------------------------------------------------------------------------------------
 
 
-@attrs.frozen
-class CtReadBack:
-    """How the checkpoint read back through transformers compares with the fake-quantized model."""
+@attrs.frozen(kw_only=True)
+class CtReadBack(rb.NllCheck):
+    """How the checkpoint read back through transformers compares with the model that was written.
 
-    directory: str
+    Flips are counted over every layer whose written weight is not the fake-quantized one (NVFP4
+    on a GPU: the exporter's codes); 0 elsewhere.
+    """
+
     loader: str
     """The class and quantizer that loaded it, with the library versions."""
-    in_memory_nll: float
-    exported_nll: float
-    read_back_nll: float
-    tolerance: float
     worst_layer: str
     """The layer whose decompressed weight is furthest (relative to its largest weight) from the written."""
     weight_max_diff: float
@@ -102,19 +83,6 @@ class CtReadBack:
     weight_tolerance: float
     per_format: tuple[tuple[str, str, float, float], ...] = ()
     """Each format's worst layer: ``(format, layer, max |difference|, relative)``."""
-    fused_nll: float = float("nan")
-    """The fake-quantized model's NLL after the fusion (:attr:`CtCheckpoint.fused_nll`)."""
-    flipped: int = 0
-    """Decompressed weights that differ from ModelOpt's fake-quantized ones beyond the weight
-    tolerance: the exporter arithmetic rounding the other way (NVFP4 on a GPU), 0 elsewhere."""
-    flip_weights: int = 0
-    """Weights in the layers whose written weight is not the fake-quantized one."""
-    flip_relative: float = 0.0
-    """The largest such difference over its layer's largest |weight|."""
-
-    @property
-    def difference(self) -> float:
-        return self.read_back_nll - self.exported_nll
 
     @property
     def weights_ok(self) -> bool:
@@ -126,7 +94,7 @@ class CtReadBack:
 
     @property
     def ok(self) -> bool:
-        return self.weights_ok and self.flips_ok and abs(self.difference) <= self.tolerance
+        return self.weights_ok and self.flips_ok and super().ok
 
 
 @contextlib.contextmanager
@@ -243,7 +211,7 @@ def read_back_ct(
     """Load the folder with transformers (:func:`load_ct`) and compare it with the fake-quantized model.
 
     (a) every chosen layer's decompressed weight against the written one (the worst layer relative
-    to its largest weight, within :func:`weight_tolerance`; the written weight is ModelOpt's
+    to its largest weight, within ``rb.weight_tolerance``; the written weight is ModelOpt's
     fake-quantized one except for NVFP4, whose rounding flips against it are counted and bounded
     by ``FLIP_SHARE``: see the module docstring); (b) the held-out NLL
     against :attr:`CtCheckpoint.exported_nll`, within :func:`nll_tolerance`: see
@@ -260,7 +228,7 @@ def read_back_ct(
     format_of = {module: group.format for group in written.plan.groups for module in group.modules}
     per_format: dict[str, tuple[str, float, float]] = {}
     weight_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    within = weight_tolerance(weight_dtype)
+    within = rb.weight_tolerance(weight_dtype)
     flips = rb.FlipCount(within)
     with torch.no_grad():
         for name, reference in written.reference.items():

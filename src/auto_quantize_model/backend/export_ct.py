@@ -74,21 +74,13 @@ def write_ct_checkpoint(
     figures = {
         "format": COMPRESSED_TENSORS,
         "quant_algo": plan.compression,
-        "in_memory_nll": back.in_memory_nll,
-        "exported_nll": back.exported_nll,
-        "read_back_nll": back.read_back_nll,
-        "tolerance": back.tolerance,
-        "ok": back.ok,
+        **back.figures(),
         "loader": back.loader,
         "weight_worst_layer": back.worst_layer,
         "weight_max_diff": back.weight_max_diff,
         "weight_relative": back.weight_relative,
         "weight_tolerance": back.weight_tolerance,
         "weight_per_format": back.per_format,
-        "fused_nll": back.fused_nll,
-        "flipped_weights": back.flipped,
-        "flip_weights": back.flip_weights,
-        "flip_relative": back.flip_relative,
         **check.data.figures(),
     }
     return figures, notes

@@ -28,11 +28,11 @@ from auto_quantize_model.artifacts import (
 from auto_quantize_model.core.ct_config import (
     COMPRESSED_TENSORS,
     MODELOPT,
-    check_ct_choices,
+    check_checkpoint_format,
     ct_export_format,
 )
 from auto_quantize_model.core.export_choice import GroupChoice, choices_at
-from auto_quantize_model.core.export_labels import check_checkpoint_choices, export_format
+from auto_quantize_model.core.export_labels import export_format
 from auto_quantize_model.core.scores import NO_QUANT
 from auto_quantize_model.errors import AqmError, ConfigError
 from auto_quantize_model.io.atomic import LinkRefused
@@ -151,15 +151,12 @@ def export_mix(
     from auto_quantize_model.backend.modelopt import quant_config as qc
 
     compressed = checkpoint_format == COMPRESSED_TENSORS
-    if compressed:
-        check_ct_choices(choices)
-        if checkpoint is None:
-            raise ConfigError(
-                "--format compressed-tensors writes a checkpoint (the weights are the format): "
-                "add --checkpoint"
-            )
-    elif checkpoint is not None:
-        check_checkpoint_choices(choices)
+    if compressed or checkpoint is not None:
+        check_checkpoint_format(choices, checkpoint_format)
+    if compressed and checkpoint is None:
+        raise ConfigError(
+            "--format compressed-tensors writes a checkpoint (the weights are the format): add --checkpoint"
+        )
     exportable = ct_export_format if compressed else export_format
     started = time.perf_counter()
     shown, target = target, target.absolute()
@@ -264,16 +261,8 @@ def _write_checkpoint(
     write_readme(out, config, (*written.notes, *checked))  # the exporter's README, with what was checked
     figures = {
         "quant_algo": written.quant_algo,
-        "in_memory_nll": back.in_memory_nll,
-        "fused_nll": back.fused_nll,
-        "exported_nll": back.exported_nll,
-        "read_back_nll": back.read_back_nll,
-        "tolerance": back.tolerance,
-        "ok": back.ok,
+        **back.figures(),
         "flip_layers": back.sampled_layers,
-        "flipped_weights": back.flipped,
-        "flip_weights": back.flip_weights,
-        "flip_relative": back.flip_relative,
         **check.data.figures(),
     }
     return figures, (*written.notes, *held_out.notes)

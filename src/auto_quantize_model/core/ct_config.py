@@ -43,7 +43,7 @@ import attrs
 
 from auto_quantize_model.core.export_choice import GroupChoice
 from auto_quantize_model.core.export_config import ExportConfig
-from auto_quantize_model.core.export_labels import ExportFormat, export_format
+from auto_quantize_model.core.export_labels import ExportFormat, check_checkpoint_choices, export_format
 from auto_quantize_model.core.format_grammar import CustomFormat, parse_custom
 from auto_quantize_model.core.formats import resolve_format
 from auto_quantize_model.core.scores import NO_QUANT
@@ -285,6 +285,19 @@ def check_ct_choices(choices: Sequence[GroupChoice]) -> None:
                 f"group {choice.name}: format {choice.format} cannot be exported as compressed-tensors: "
                 f"{found.refused}; {refusal_hint(choice.format)}"
             )
+
+
+def check_checkpoint_format(choices: Sequence[GroupChoice], checkpoint_format: str) -> None:
+    """Refuse, in one line, a checkpoint of ``choices`` in ``checkpoint_format`` that would fail late.
+
+    Run before any model is loaded: compressed-tensors refuses what it cannot hold
+    (:func:`check_ct_choices`); ModelOpt's format what aqm's read-back cannot decode
+    (:func:`~auto_quantize_model.core.export_labels.check_checkpoint_choices`).
+    """
+    if checkpoint_format == COMPRESSED_TENSORS:
+        check_ct_choices(choices)
+    else:
+        check_checkpoint_choices(choices)
 
 
 def export_formats_of(name: str) -> tuple[str, ...]:

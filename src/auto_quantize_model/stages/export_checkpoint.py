@@ -72,13 +72,9 @@ class ExportCheckpoint:
         checkpoint = None
         if self.spec.checkpoint:
             from auto_quantize_model.backend.models import load
-            from auto_quantize_model.core.ct_config import COMPRESSED_TENSORS, check_ct_choices
-            from auto_quantize_model.core.export_labels import check_checkpoint_choices
+            from auto_quantize_model.core.ct_config import check_checkpoint_format
 
-            if self.spec.format == COMPRESSED_TENSORS:  # both before the unquantized copy is loaded
-                check_ct_choices(choices)
-            else:
-                check_checkpoint_choices(choices)
+            check_checkpoint_format(choices, self.spec.format)  # before the unquantized copy is loaded
             loaded = inputs.get(LoadedModel)
             if loaded.load_spec is None:
                 raise ConfigError(

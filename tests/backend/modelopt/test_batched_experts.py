@@ -404,7 +404,7 @@ def split_quantized(loaded: LoadedModel, config: str, batched: bool) -> tuple[An
     import modelopt.torch.quantization as mtq
 
     from auto_quantize_model.backend.experts import unfuse_experts, use_eager_experts
-    from auto_quantize_model.backend.modelopt.split_calibration import batched_split_calibration
+    from auto_quantize_model.backend.modelopt.split_calibration import batched_split_experts
 
     use_eager_experts(loaded.model)
     unfuse_experts(loaded.model)
@@ -416,7 +416,7 @@ def split_quantized(loaded: LoadedModel, config: str, batched: bool) -> tuple[An
         for ids in batches:
             outputs.append(m(input_ids=ids).last_hidden_state)
 
-    with registrations_undone(), batched_split_calibration() if batched else _nothing() as counts:
+    with registrations_undone(), batched_split_experts() if batched else _nothing() as counts:
         mtq.quantize(model, getattr(mtq, config), forward_loop=loop)
     return model, counts, torch.cat(outputs)
 

@@ -321,7 +321,7 @@ def _written_nll(
     """
     import torch
 
-    tensors = _ShardedTensors(out)  # one layer's tensors in host memory at a time, not the checkpoint
+    tensors = _ShardedTensors(out)
     with torch.no_grad():
         for name, record in _readable_records(out, hf_quant, tensors).items():
             module: Any = model.get_submodule(name)
@@ -448,20 +448,11 @@ def _input_cfg(label: str) -> tuple[dict[str, Any] | None, float]:
     return None, 1.0
 
 
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    shards = sorted(directory.glob("*.safetensors"))
-    if not shards:
-        raise InputError(f"{directory} holds no .safetensors weights: not an exported checkpoint")
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        tensors.update(load_file(str(shard)))
-    return tensors
-
-
 class _ShardedTensors(Mapping[str, "torch.Tensor"]):
-    """The tensors of a folder's ``*.safetensors`` shards by name, each read from disk when asked for."""
+    """The tensors of a folder's ``*.safetensors`` shards by name, each read from disk when asked for.
+
+    Both readers of a checkpoint go through it: the written-weights pass holds one layer's tensors
+    at a time, and :func:`load_exported` reads each tensor once, straight into its state dict."""
 
     def __init__(self, directory: Path) -> None:
         from safetensors import safe_open
@@ -477,6 +468,9 @@ class _ShardedTensors(Mapping[str, "torch.Tensor"]):
     def __getitem__(self, key: str) -> torch.Tensor:
         tensor: torch.Tensor = self._where[key].get_tensor(key)
         return tensor
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where  # without reading the tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -505,7 +499,7 @@ def load_exported(export_dir: str | Path, *, device: str = "cpu", dtype: str | N
         if not (directory / required).is_file():
             raise InputError(f"{directory} has no {required}: not a checkpoint written by export_checkpoint")
     hf_quant = json.loads((directory / HF_QUANT_CONFIG_FILE).read_text(encoding="utf-8"))
-    tensors = _read_safetensors(directory)
+    tensors = _ShardedTensors(directory)
     records = _readable_records(directory, hf_quant, tensors)
 
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)

@@ -55,33 +55,56 @@ the 4B with random weights on an H100 read back -3.4e-3 (INT8 + FP8) and +9.4e-3
 from the fake-quantized model, exporter rounding and reading not yet told apart there."""
 
 
+WEIGHT_TOLERANCE = 1e-5
+"""Largest accepted |read back - reference| of a weight, relative to its layer's largest |weight|, float32.
+
+The stored codes are ModelOpt's own, so the two differ only by how each multiplies code and scale
+in float32 (measured: at most 1.0e-7 for INT8, FP8 and INT4 layers); a wrong scale convention
+(amax/128 for amax/127, say) moves the worst weight by about half a step, 4e-3 for INT8. Also the
+bound beyond which a weight counts as flipped (:class:`FlipCount`)."""
+
+WEIGHT_TOLERANCE_16BIT = 2.0**-7
+"""The same for bfloat16/float16 weights, where compressed-tensors keeps each scale in the weight's
+dtype (2^-9 relative rounding) and the product is rounded again. Measured on an H100 (tiny model,
+bfloat16): worst layer 6.0e-3 (FP8 and INT8 layers), NVFP4 layers 3.3e-3."""
+
+
+def _is_16bit(dtype: str) -> bool:
+    return dtype in ("bfloat16", "float16")
+
+
 def read_back_tolerance(dtype: str) -> float:
     """The compressed-tensors tolerance for a checkpoint whose weights are in ``dtype``."""
-    return READ_BACK_TOLERANCE_16BIT if dtype in ("bfloat16", "float16") else READ_BACK_TOLERANCE
+    return READ_BACK_TOLERANCE_16BIT if _is_16bit(dtype) else READ_BACK_TOLERANCE
 
 
-@attrs.frozen
-class ReadBack:
-    """The exported checkpoint's held-out NLL against the quantized model's, in nats per token."""
+def weight_tolerance(dtype: str) -> float:
+    """The weight tolerance for weights of ``dtype`` (``float32``, ``bfloat16``...)."""
+    return WEIGHT_TOLERANCE_16BIT if _is_16bit(dtype) else WEIGHT_TOLERANCE
+
+
+@attrs.frozen(kw_only=True)
+class NllCheck:
+    """What both formats' read-backs measure, in nats per token on one held-out set.
+
+    ``in_memory`` (the calibrated fake-quantized model) -> ``fused`` (after ModelOpt's fusion of
+    sibling ranges) -> ``exported`` (computing with the weights the checkpoint holds) ->
+    ``read_back`` (the checkpoint loaded by the format's reader). Only the last step is the check;
+    the others say what the exporter itself changed.
+    """
 
     directory: str
     in_memory_nll: float
-    """The quantized, calibrated model (:attr:`CheckpointExport.in_memory_nll`)."""
     exported_nll: float
-    """The quantized model computing with the written weights (:attr:`CheckpointExport.exported_nll`)."""
+    """The quantized model computing with the written weights."""
     read_back_nll: float
-    """The checkpoint loaded back by :func:`load_exported`."""
     tolerance: float
     fused_nll: float = math.nan
-    """The fake-quantized model after the exporter's fusion step (:attr:`CheckpointExport.fused_nll`)."""
-    dtype: str = ""
-    """The loaded weights' dtype (``bfloat16``...)."""
-    sampled_layers: int = 0
-    """Layers whose decoded weights were compared with the fake-quantized ones (:data:`SAMPLE_LAYERS`)."""
     flipped: int = 0
-    """Of their weights, those off the fake-quantized value by more than 2^-7 of the layer's largest
-    (1e-5 in float32): the exporter rounding otherwise, or a reading error if nearly all are."""
+    """Compared weights off the fake-quantized value by more than :func:`weight_tolerance`: the
+    exporter rounding otherwise (or a reading error, if nearly all are)."""
     flip_weights: int = 0
+    """Weights compared for flips."""
     flip_relative: float = 0.0
     """The largest such difference over its layer's largest |weight|."""
 
@@ -103,6 +126,30 @@ class ReadBack:
     @property
     def ok(self) -> bool:
         return abs(self.difference) <= self.tolerance
+
+    def figures(self) -> dict[str, Any]:
+        """The :class:`~auto_quantize_model.artifacts.ExportedMix` fields both formats fill alike."""
+        return {
+            "in_memory_nll": self.in_memory_nll,
+            "fused_nll": self.fused_nll,
+            "exported_nll": self.exported_nll,
+            "read_back_nll": self.read_back_nll,
+            "tolerance": self.tolerance,
+            "ok": self.ok,
+            "flipped_weights": self.flipped,
+            "flip_weights": self.flip_weights,
+            "flip_relative": self.flip_relative,
+        }
+
+
+@attrs.frozen(kw_only=True)
+class ReadBack(NllCheck):
+    """The ModelOpt-format checkpoint read back by :func:`load_exported`; flips counted over a sample."""
+
+    dtype: str = ""
+    """The loaded weights' dtype (``bfloat16``...)."""
+    sampled_layers: int = 0
+    """Layers whose decoded weights were compared with the fake-quantized ones (:data:`SAMPLE_LAYERS`)."""
 
 
 def read_back_nll(
@@ -128,17 +175,17 @@ def read_back_nll(
     weight_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     if tolerance is None:
         tolerance = READ_BACK_TOLERANCE
-    flips = FlipCount(2.0**-7 if weight_dtype in ("bfloat16", "float16") else 1e-5)
+    flips = FlipCount(weight_tolerance(weight_dtype))
     with torch.no_grad():
         for name, reference in exported.sample.items():
             layer: Any = model.get_submodule(name)
             flips.add(layer.weight.detach().float().cpu(), reference)
     return ReadBack(
-        exported.directory,
-        exported.in_memory_nll,
-        exported.exported_nll,
-        evaluate(model),
-        tolerance,
+        directory=exported.directory,
+        in_memory_nll=exported.in_memory_nll,
+        exported_nll=exported.exported_nll,
+        read_back_nll=evaluate(model),
+        tolerance=tolerance,
         fused_nll=exported.fused_nll,
         dtype=weight_dtype,
         sampled_layers=len(exported.sample),

@@ -24,7 +24,7 @@ from auto_quantize_model.backend.modelopt.checkpoint import SearchCheckpoint
 from auto_quantize_model.backend.modelopt.fsdp_lookup import fsdp_lookup_skipped
 from auto_quantize_model.backend.modelopt.plan import SearchPlan, Steps, limit_scored_captions
 from auto_quantize_model.backend.modelopt.quantizer_setup import fast_fused_experts_setup
-from auto_quantize_model.backend.modelopt.split_calibration import batched_split_calibration
+from auto_quantize_model.backend.modelopt.split_calibration import batched_split_experts
 from auto_quantize_model.backend.modelopt.state import RawScores, collect_raw_scores
 from auto_quantize_model.specs import AutoQuantSpec
 
@@ -323,7 +323,7 @@ def run_search(
             paths = stack.enter_context(batched_fused_experts())
             setup = stack.enter_context(fast_fused_experts_setup())
             if lm.expert_grouping != "layer":
-                split = stack.enter_context(batched_split_calibration())
+                split = stack.enter_context(batched_split_experts())
         stack.enter_context(fsdp_lookup_skipped(root))
         stack.enter_context(patches.checked_state_load(checkpoint.loaded, checkpoint.unreadable))
         stack.enter_context(patches.atomic_state_save(checkpoint.before_replace))

@@ -9,7 +9,7 @@ linears run one by one: each input quantizer collects a max behind three device 
 more the max of a weight it was calibrated on before the forwards. On Qwen3-VL-30B-A3B that was
 17 s a calibration batch on an H100 (BENCHMARKS.md, seventh wave).
 
-While :func:`batched_split_calibration` lasts, ``UnfusedExperts.forward`` does the same
+While :func:`batched_split_experts` lasts, ``UnfusedExperts.forward`` does the same
 arithmetic with the quantizer calls taken out of the loop:
 
 * the routed (token, slot) pairs grouped by expert with one sort, in eager's order;
@@ -23,7 +23,7 @@ arithmetic with the quantizer calls taken out of the loop:
 * weight quantizers skip the repeated max (their calibrator holds it already), and disabled
   quantizers record the dtype they would have seen (ModelOpt saves it with the quantizer state).
 
-Anything else runs the original forward and is counted by reason (:class:`SplitCalibrationCounts`):
+Anything else runs the original forward and is counted by reason (:class:`SplitExpertCounts`):
 a quantizer that quantizes (scoring, validation), per-channel, tracked or non-max calibrators,
 blocks, pre-quant scales, rotations, biases, hooks or a patched ``forward`` on a linear (AutoQuant's
 scoring patches each one), or gradients on.
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 
 @attrs.define
-class SplitCalibrationCounts:
+class SplitExpertCounts:
     """Split-experts forwards during a search: batched calibration, and the original loop by reason.
 
     Mutable on purpose: filled while the patch is in place, read afterwards (logs, tests).
@@ -68,7 +68,7 @@ class SplitCalibrationCounts:
 
 
 @contextlib.contextmanager
-def batched_split_calibration() -> Iterator[SplitCalibrationCounts]:
+def batched_split_experts() -> Iterator[SplitExpertCounts]:
     """``UnfusedExperts`` calibrates and scores in batched form for a while; undone after.
 
     Scoring forwards go to :mod:`~auto_quantize_model.backend.modelopt.split_scoring`.
@@ -78,7 +78,7 @@ def batched_split_calibration() -> Iterator[SplitCalibrationCounts]:
     from auto_quantize_model.backend.experts import UnfusedExperts
 
     original = vars(UnfusedExperts)["forward"]
-    counts = SplitCalibrationCounts()
+    counts = SplitExpertCounts()
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         if split_scoring.in_scoring(self):
